@@ -1,0 +1,36 @@
+"""The NATS subject scheme, in one place.
+
+* Events: ``mc.evt.<tenant>.<aggregate>.<fact>``, e.g. ``mc.evt.acme.run.step_recorded``. The tenant
+  is always the third token, so ``mc.evt.acme.>`` is one tenant's whole history and
+  ``mc.evt.*.run.>`` is every tenant's run events. Tenant ids cannot contain ``.``, ``*`` or ``>``.
+* Dead letters: ``mc.dlq.<consumer>``.
+* Requests: ``mc.rpc.<service>.<method>`` (core NATS request–reply, queue group per service).
+"""
+
+from __future__ import annotations
+
+EVENTS_STREAM = "MC_EVENTS"
+EVENTS_PREFIX = "mc.evt"
+DLQ_STREAM = "MC_DLQ"
+DLQ_PREFIX = "mc.dlq"
+RPC_PREFIX = "mc.rpc"
+
+
+def event_subject(tenant_id: str, event_type: str) -> str:
+    """Subject an event is published on."""
+    return f"{EVENTS_PREFIX}.{tenant_id}.{event_type}"
+
+
+def events_filter(event_type: str = ">", tenant_id: str = "*") -> str:
+    """A consumer filter: one event type (or ``>``), one tenant (or ``*`` for all)."""
+    return f"{EVENTS_PREFIX}.{tenant_id}.{event_type}"
+
+
+def dlq_subject(consumer: str) -> str:
+    """Where a consumer's poison messages go."""
+    return f"{DLQ_PREFIX}.{consumer}"
+
+
+def rpc_subject(service: str, method: str) -> str:
+    """Subject of a request handled by ``service``."""
+    return f"{RPC_PREFIX}.{service}.{method}"

@@ -1,0 +1,84 @@
+"""The one error hierarchy of Mission Control.
+
+Adapters (psycopg, nats, chDB, HTTP) translate their own exceptions into these at the boundary, so
+domain code and handlers never import driver exceptions. ``TransientError`` is the only family that
+is retried.
+"""
+
+from __future__ import annotations
+
+
+class MissionControlError(Exception):
+    """Base class of every error the project raises on purpose."""
+
+    code = "internal"
+    http_status = 500
+
+
+class TransientError(MissionControlError):
+    """A failure that may succeed when tried again (connection lost, timeout, server restarting)."""
+
+    code = "unavailable"
+    http_status = 503
+
+
+class PermanentError(MissionControlError):
+    """A failure that will fail again the same way: retrying only wastes deliveries."""
+
+    code = "permanent"
+    http_status = 422
+
+
+class InvalidInput(PermanentError):
+    """The caller sent something malformed or out of range."""
+
+    code = "invalid_input"
+    http_status = 422
+
+
+class NotFound(PermanentError):
+    """The thing named does not exist (or is not visible to this tenant)."""
+
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(PermanentError):
+    """The request contradicts the current state (for example a step on a stopped run)."""
+
+    code = "conflict"
+    http_status = 409
+
+
+class Unauthorized(PermanentError):
+    """No valid credentials were presented."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class ConcurrencyError(Conflict):
+    """An append found the stream at another version than the caller expected."""
+
+    code = "concurrency_conflict"
+
+    def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, caller expected {expected}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class UnknownEventType(PermanentError):
+    """No model is registered for an event's (type, version)."""
+
+    code = "unknown_event_type"
+
+
+class DeadlineExceeded(TransientError):
+    """A request did not get its answer before its deadline."""
+
+    code = "deadline_exceeded"
+    http_status = 504

@@ -1,0 +1,1 @@
+"""NATS JetStream and the PostgreSQL event store: append, relay, consume, request–reply."""

@@ -1,0 +1,244 @@
+"""Durable pull consumers with explicit ack, bounded redelivery and a dead-letter path.
+
+Idempotency is by construction: :class:`EventConsumer` records ``(consumer, event_id)`` in the
+service's own ``applied_events`` table *in the same transaction* as the handler's effect, and acks
+only after that commit. A crash after the commit and before the ack leads to a redelivery that
+finds the record and is acked without running the effect again.
+
+A message is dead-lettered (published to ``mc.dlq.<consumer>`` and terminated) when it cannot be
+parsed, when its handler raises :class:`~libs.errors.PermanentError`, or when it fails on its last
+allowed delivery. Messages behind it keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from libs.contracts.envelope import EventEnvelope
+from libs.contracts.subjects import dlq_subject
+from libs.errors import PermanentError
+from libs.eventbus.db import AsyncConn, transaction
+from libs.eventbus.jetstream import ConsumerSpec, ensure_consumer
+from libs.observability import bind_from_headers
+
+log = structlog.get_logger("consumer")
+
+Handler = Callable[[AsyncConn, EventEnvelope], Awaitable[None]]
+BatchHandler = Callable[[list[EventEnvelope]], Awaitable[None]]
+
+
+def applied_events_ddl(schema: str) -> str:
+    """DDL of the applied-event record a service keeps in its own schema."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {schema}.applied_events ("
+        " consumer text NOT NULL, event_id uuid NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now(),"
+        " PRIMARY KEY (consumer, event_id))"
+    )
+
+
+@dataclass
+class ConsumerStats:
+    """What a consumer has done since it started."""
+
+    applied: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    last_position: int = 0
+
+
+class _Base:
+    def __init__(self, js: JetStreamContext, spec: ConsumerSpec) -> None:
+        self.js = js
+        self.spec = spec
+        self.stats = ConsumerStats()
+        self._stop = asyncio.Event()
+        self.running = False
+
+    def stop(self) -> None:
+        """Return from ``run`` after the message in hand."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Fetch and handle messages until stopped."""
+        await ensure_consumer(self.js, self.spec)
+        sub = await self.js.pull_subscribe_bind(self.spec.durable, stream=self.spec.stream)
+        self.running = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    msgs = await sub.fetch(self.spec.fetch_batch, timeout=1.0)
+                except (NatsTimeoutError, TimeoutError):
+                    continue
+                except Exception as exc:  # connection blips: the client reconnects by itself
+                    log.warning("consumer.fetch_failed", consumer=self.spec.durable, error=repr(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), 0.5)
+                    continue
+                await self.handle_batch(msgs)
+        finally:
+            self.running = False
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        for m in msgs:
+            await self.handle(m)
+
+    async def handle(self, msg: Msg) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def parse(msg: Msg) -> EventEnvelope:
+        try:
+            return EventEnvelope.model_validate_json(msg.data)
+        except ValidationError as exc:
+            raise PermanentError(f"malformed event: {exc.errors()[0]['msg']}") from exc
+
+    async def fail(self, msg: Msg, exc: BaseException) -> None:
+        """Retry later, or dead-letter when retrying cannot help or attempts are used up."""
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if isinstance(exc, PermanentError) or delivered >= self.spec.max_deliver:
+            await self.dead_letter(msg, exc, delivered)
+            return
+        self.stats.retried += 1
+        log.warning(
+            "consumer.retry",
+            consumer=self.spec.durable,
+            delivery=delivered,
+            error=repr(exc),
+        )
+        await msg.nak(delay=self.spec.delay_for(delivered))
+
+    async def dead_letter(self, msg: Msg, exc: BaseException, delivered: int) -> None:
+        headers = dict(msg.headers or {})
+        seq = msg.metadata.sequence.stream if msg.metadata else 0
+        headers.update(
+            {
+                "Mc-Dlq-Consumer": self.spec.durable,
+                "Mc-Dlq-Reason": repr(exc)[:1000],
+                "Mc-Dlq-Deliveries": str(delivered),
+                "Mc-Dlq-Subject": msg.subject,
+                "Nats-Msg-Id": f"{self.spec.durable}:{seq}",
+            }
+        )
+        await self.js.publish(dlq_subject(self.spec.durable), msg.data, headers=headers)
+        await msg.term()
+        self.stats.dead_lettered += 1
+        log.error("consumer.dead_lettered", consumer=self.spec.durable, reason=repr(exc))
+
+
+class EventConsumer(_Base):
+    """Runs ``handler(conn, envelope)`` once per event, inside a PostgreSQL transaction."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: AsyncConnectionPool,
+        spec: ConsumerSpec,
+        handler: Handler,
+        *,
+        applied_table: str,
+    ) -> None:
+        super().__init__(js, spec)
+        self.pool = pool
+        self.handler = handler
+        self.applied_table = applied_table
+
+    async def handle(self, msg: Msg) -> None:
+        bind_from_headers(msg.headers)
+        try:
+            env = self.parse(msg)
+            applied = await self.apply(env)
+        except Exception as exc:
+            await self.fail(msg, exc)
+            return
+        if applied:
+            self.stats.applied += 1
+        else:
+            self.stats.duplicates += 1
+        self.stats.last_position = max(self.stats.last_position, env.position or 0)
+        await self.ack(msg)
+
+    async def apply(self, env: EventEnvelope) -> bool:
+        """Apply the effect unless already applied; return whether it ran."""
+        async with transaction(self.pool) as conn:
+            cur = await conn.execute(
+                f"INSERT INTO {self.applied_table} (consumer, event_id) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (self.spec.durable, env.event_id),
+            )
+            if cur.rowcount == 0:
+                return False
+            await self.handler(conn, env)
+            return True
+
+    async def ack(self, msg: Msg) -> None:
+        """Acknowledge after the effect committed (a separate step so a crash can fall between)."""
+        await msg.ack()
+
+
+class BatchEventConsumer(_Base):
+    """Hands a whole fetched batch to ``handler`` (for sinks that are idempotent by key).
+
+    If the batch fails, each message is retried alone so one poison message cannot hold back
+    the rest.
+    """
+
+    def __init__(self, js: JetStreamContext, spec: ConsumerSpec, handler: BatchHandler) -> None:
+        super().__init__(js, spec)
+        self.handler = handler
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        envs: list[EventEnvelope] = []
+        good: list[Msg] = []
+        for m in msgs:
+            try:
+                envs.append(self.parse(m))
+                good.append(m)
+            except PermanentError as exc:
+                await self.fail(m, exc)
+        if not envs:
+            return
+        try:
+            await self.handler(envs)
+        except Exception:
+            for m, e in zip(good, envs, strict=True):
+                await self.handle_one(m, e)
+            return
+        for m, e in zip(good, envs, strict=True):
+            self.stats.applied += 1
+            self.stats.last_position = max(self.stats.last_position, e.position or 0)
+            await m.ack()
+
+    async def handle_one(self, msg: Msg, env: EventEnvelope) -> None:
+        try:
+            await self.handler([env])
+        except Exception as exc:
+            await self.fail(msg, exc)
+            return
+        self.stats.applied += 1
+        self.stats.last_position = max(self.stats.last_position, env.position or 0)
+        await msg.ack()
+
+    async def handle(self, msg: Msg) -> None:
+        await self.handle_batch([msg])
+
+
+def event_header_position(msg: Msg) -> int:
+    """The store position a relayed message carries."""
+    return int((msg.headers or {}).get("Mc-Position", "0"))
+
+

@@ -1,0 +1,125 @@
+"""Every JetStream stream and consumer setting, declared in one place.
+
+* ``MC_EVENTS`` holds every event the relay publishes. No age or size limit and ``DiscardNew``:
+  when the server is full a publish fails loudly instead of silently evicting history.
+  ``duplicate_window`` bounds ``Nats-Msg-Id`` deduplication; duplicates older than the window are
+  absorbed by the consumers' applied-event records.
+* ``MC_DLQ`` keeps poison messages for 30 days for inspection and manual replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+
+from libs.contracts.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_PREFIX, EVENTS_STREAM
+
+DUPLICATE_WINDOW_S = 120.0
+
+EVENTS = StreamConfig(
+    name=EVENTS_STREAM,
+    subjects=[f"{EVENTS_PREFIX}.>"],
+    retention=RetentionPolicy.LIMITS,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.NEW,
+    max_msgs=-1,
+    max_bytes=-1,
+    max_age=0,
+    duplicate_window=DUPLICATE_WINDOW_S,
+    num_replicas=1,
+)
+
+DLQ = StreamConfig(
+    name=DLQ_STREAM,
+    subjects=[f"{DLQ_PREFIX}.>"],
+    retention=RetentionPolicy.LIMITS,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.NEW,
+    max_age=30 * 24 * 3600.0,
+    num_replicas=1,
+)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer on ``MC_EVENTS``.
+
+    ``ack_wait`` must exceed the handler's p99, and ``fetch_batch`` stays well below
+    ``max_ack_pending`` so a slow batch never starves the consumer into redelivery storms.
+    """
+
+    durable: str
+    filter_subjects: tuple[str, ...]
+    max_deliver: int = 5
+    backoff: tuple[float, ...] = (0.2, 1.0, 5.0, 15.0)
+    ack_wait: float = 30.0
+    max_ack_pending: int = 1000
+    fetch_batch: int = 100
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL
+    stream: str = EVENTS_STREAM
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> ConsumerConfig:
+        """The JetStream consumer configuration."""
+        subjects = list(self.filter_subjects)
+        return ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=self.deliver_policy,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            # JetStream requires len(backoff) <= max_deliver; the first entry overrides ack_wait
+            # for redelivery after a missed ack, so keep it generous relative to handler time.
+            backoff=None,
+            max_ack_pending=self.max_ack_pending,
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
+        )
+
+    def delay_for(self, delivery: int) -> float:
+        """Delay before redelivering after the ``delivery``-th failed attempt."""
+        if not self.backoff:
+            return 0.0
+        return self.backoff[min(max(delivery, 1), len(self.backoff)) - 1]
+
+
+async def connect(url: str, name: str) -> NATS:
+    """A NATS connection that keeps reconnecting while the server restarts."""
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=5,
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create or update the streams above (idempotent; safe from every process)."""
+    for cfg in (EVENTS, DLQ):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.update_stream(cfg)
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    """Create the durable consumer, or update it to match ``spec``."""
+    try:
+        await js.add_consumer(spec.stream, spec.config())
+    except BadRequestError:
+        await js.update_consumer(spec.stream, spec.config())

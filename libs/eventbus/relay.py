@@ -1,0 +1,211 @@
+"""The transactional-outbox relay: ``eventstore.events`` → JetStream, in store order.
+
+Why it cannot lose or skip an event:
+
+* Appends commit in position order (see ``store.py``), so everything at or below a committed
+  position is visible once that position is; ``position > checkpoint`` never passes a gap.
+* The checkpoint moves only after JetStream acked every publish up to it. A crash in between
+  republishes the tail; ``Nats-Msg-Id`` = event id lets JetStream drop those within its duplicate
+  window, and consumers' applied-event records absorb anything older.
+* One relay is active at a time: it holds a session-level advisory lock, so a second replica
+  (or a restarted one while the old connection lingers) waits as a hot standby.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import psycopg
+import structlog
+from nats.js import JetStreamContext
+from psycopg.rows import dict_row
+
+from libs.contracts.subjects import event_subject
+from libs.errors import TransientError
+from libs.eventbus.db import translate
+from libs.eventbus.store import NOTIFY_CHANNEL
+
+RELAY_LOCK = 7_231_002
+log = structlog.get_logger("relay")
+
+_SELECT = (
+    "SELECT position, event_id, event_type, schema_version, tenant_id, stream_id, stream_version, "
+    "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload "
+    "FROM eventstore.events WHERE position > %s ORDER BY position LIMIT %s"
+)
+
+
+def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
+    """Subject, body and headers of the JetStream message for one stored event."""
+    headers = {
+        "Nats-Msg-Id": str(row["event_id"]),
+        "Mc-Event-Type": row["event_type"],
+        "Mc-Schema-Version": str(row["schema_version"]),
+        "Mc-Tenant": row["tenant_id"],
+        "Mc-Correlation-Id": row["correlation_id"],
+        "Mc-Position": str(row["position"]),
+    }
+    tc = row.get("trace_context") or {}
+    for key in ("traceparent", "tracestate"):
+        if tc.get(key):
+            headers[key] = tc[key]
+    body = orjson.dumps(row)
+    return event_subject(row["tenant_id"], row["event_type"]), body, headers
+
+
+@dataclass
+class RelayStats:
+    """Counters exposed for metrics and benchmarks."""
+
+    published: int = 0
+    checkpoint: int = 0
+    batches: int = 0
+
+
+class Relay:
+    """Publishes committed events to JetStream and checkpoints the position."""
+
+    def __init__(
+        self,
+        database_url: str,
+        js: JetStreamContext,
+        *,
+        name: str = "default",
+        batch_size: int = 500,
+        in_flight: int = 256,
+        idle_wait: float = 1.0,
+    ) -> None:
+        self.database_url = database_url
+        self.js = js
+        self.name = name
+        self.batch_size = batch_size
+        self.in_flight = in_flight
+        self.idle_wait = idle_wait
+        self.stats = RelayStats()
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current batch."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Relay until stopped, reconnecting to PostgreSQL after transient failures."""
+        while not self._stop.is_set():
+            try:
+                await self._run_leader()
+            except (psycopg.Error, OSError, TransientError) as exc:
+                log.warning("relay.retry", error=str(translate(exc) if isinstance(exc, psycopg.Error) else exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    async def _run_leader(self) -> None:
+        listen = await psycopg.AsyncConnection.connect(self.database_url, autocommit=True)
+        work = await psycopg.AsyncConnection.connect(
+            self.database_url, autocommit=True, row_factory=dict_row
+        )
+        try:
+            while not self._stop.is_set():
+                cur = await listen.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK,))
+                got = await cur.fetchone()
+                if got and got[0]:
+                    break
+                # Another relay is active; stay a standby.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 1.0)
+            await listen.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            await work.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES (%s, 0) "
+                "ON CONFLICT (name) DO NOTHING",
+                (self.name,),
+            )
+            notifies = listen.notifies(timeout=self.idle_wait)
+            while not self._stop.is_set():
+                if await self.relay_once(work):
+                    continue
+                # Nothing pending: sleep until an append commits (NOTIFY) or the idle timeout,
+                # which also covers a NOTIFY lost while we were busy.
+                with contextlib.suppress(StopAsyncIteration):
+                    await anext(notifies)
+                notifies = listen.notifies(timeout=self.idle_wait)
+        finally:
+            await work.close()
+            await listen.close()
+
+    async def relay_once(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
+        """Publish the next batch after the checkpoint; return how many were published."""
+        cur = await conn.execute(
+            "SELECT position FROM eventstore.relay_checkpoints WHERE name = %s", (self.name,)
+        )
+        row = await cur.fetchone()
+        checkpoint = int(row["position"]) if row else 0
+        cur = await conn.execute(_SELECT, (checkpoint, self.batch_size))
+        rows = await cur.fetchall()
+        if not rows:
+            self.stats.checkpoint = checkpoint
+            return 0
+        await self.publish_in_order(rows)
+        last = int(rows[-1]["position"])
+        await conn.execute(
+            "UPDATE eventstore.relay_checkpoints SET position = %s, updated_at = now() "
+            "WHERE name = %s AND position < %s",
+            (last, self.name, last),
+        )
+        self.stats.published += len(rows)
+        self.stats.checkpoint = last
+        self.stats.batches += 1
+        return len(rows)
+
+    async def publish_in_order(self, rows: list[dict[str, Any]]) -> None:
+        """Publish ``rows`` keeping store order on the wire; raise if any publish failed.
+
+        Publishes are pipelined (awaiting each ack would cap throughput at one round trip per
+        event), but they leave in order over the one connection. If any fails, the whole batch
+        is retried from its start: JetStream drops the ones it already has by ``Nats-Msg-Id``.
+        """
+        for start in range(0, len(rows), self.in_flight):
+            window = rows[start : start + self.in_flight]
+            results = await asyncio.gather(
+                *(self._publish(r) for r in window), return_exceptions=True
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise TransientError(f"{len(failed)} publishes failed: {failed[0]!r}")
+
+    async def _publish(self, row: dict[str, Any]) -> None:
+        subject, body, headers = message_for(row)
+        await self.js.publish(subject, body, headers=headers, timeout=10)
+
+
+async def _main() -> None:
+    from libs.eventbus.jetstream import connect, ensure_streams
+    from libs.observability import configure_logging
+    from libs.settings import get_settings
+
+    settings = get_settings()
+    configure_logging("relay", settings.log_level)
+    nc = await connect(settings.nats_url, "relay")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    relay = Relay(settings.database_url, js)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop)
+    log.info("relay.started", nats=settings.nats_url)
+    try:
+        await relay.run()
+    finally:
+        await nc.drain()
+
+
+def main() -> None:
+    """Entry point of ``python -m libs.eventbus.relay``."""
+    asyncio.run(_main())
+
+
+if __name__ == "__main__":
+    main()

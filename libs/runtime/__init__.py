@@ -1,0 +1,1 @@
+"""Process runtime: embedded servers, the supervisor and the ``mctl`` command."""
