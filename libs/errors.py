@@ -63,9 +63,7 @@ class ConcurrencyError(Conflict):
     code = "concurrency_conflict"
 
     def __init__(self, stream_id: str, expected: int | None, actual: int) -> None:
-        super().__init__(
-            f"stream {stream_id!r} is at version {actual}, caller expected {expected}"
-        )
+        super().__init__(f"stream {stream_id!r} is at version {actual}, caller expected {expected}")
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from nats.aio.msg import Msg
@@ -83,7 +82,9 @@ class _Base:
                 except (NatsTimeoutError, TimeoutError):
                     continue
                 except Exception as exc:  # connection blips: the client reconnects by itself
-                    log.warning("consumer.fetch_failed", consumer=self.spec.durable, error=repr(exc))
+                    log.warning(
+                        "consumer.fetch_failed", consumer=self.spec.durable, error=repr(exc)
+                    )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 0.5)
                     continue
@@ -240,5 +241,3 @@ class BatchEventConsumer(_Base):
 def event_header_position(msg: Msg) -> int:
     """The store position a relayed message carries."""
     return int((msg.headers or {}).get("Mc-Position", "0"))
-
-

@@ -50,7 +50,9 @@ def translate(exc: BaseException) -> MissionControlError:
     if isinstance(exc, psycopg.errors.UniqueViolation):
         return Conflict(str(exc).splitlines()[0])
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.SerializationFailure):
-        return TransientError(f"database unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        return TransientError(
+            f"database unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        )
     if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.AdminShutdown):
         return TransientError(str(exc).splitlines()[0])
     if exc.__class__.__name__ == "PoolTimeout":

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import nats
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -26,6 +27,8 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError
 
 from libs.contracts.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_PREFIX, EVENTS_STREAM
+
+log = structlog.get_logger("jetstream")
 
 DUPLICATE_WINDOW_S = 120.0
 
@@ -121,5 +124,7 @@ async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
     """Create the durable consumer, or update it to match ``spec``."""
     try:
         await js.add_consumer(spec.stream, spec.config())
-    except BadRequestError:
-        await js.update_consumer(spec.stream, spec.config())
+    except BadRequestError as exc:
+        # An existing durable with other settings keeps its position and old settings; deleting
+        # it to apply new ones would replay or skip history, so that is left to an operator.
+        log.warning("consumer.config_differs", durable=spec.durable, error=str(exc))

@@ -64,7 +64,7 @@ def apply_all(admin_url: str, service_password: str | None = None) -> list[str]:
                     if mid in done:
                         continue
                     with conn.transaction():
-                        conn.execute(f.read_text())  # type: ignore[arg-type]
+                        conn.execute(f.read_text().encode())
                         conn.execute(
                             "INSERT INTO public.schema_migrations (id) VALUES (%s)", (mid,)
                         )

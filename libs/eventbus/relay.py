@@ -99,7 +99,10 @@ class Relay:
             try:
                 await self._run_leader()
             except (psycopg.Error, OSError, TransientError) as exc:
-                log.warning("relay.retry", error=str(translate(exc) if isinstance(exc, psycopg.Error) else exc))
+                log.warning(
+                    "relay.retry",
+                    error=str(translate(exc) if isinstance(exc, psycopg.Error) else exc),
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 1.0)
 

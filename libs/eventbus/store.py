@@ -117,7 +117,10 @@ class EventStore:
     ) -> list[EventEnvelope]:
         """Up to ``limit`` events with ``position > after_position``, in store order."""
         if tenant_id is None:
-            q = f"SELECT {_COLUMNS} FROM eventstore.events WHERE position > %s ORDER BY position LIMIT %s"
+            q = (
+                f"SELECT {_COLUMNS} FROM eventstore.events WHERE position > %s "
+                "ORDER BY position LIMIT %s"
+            )
             args: tuple[Any, ...] = (after_position, limit)
         else:
             q = (
@@ -211,9 +214,11 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
             params,
         )
         returned = await cur.fetchall()
-        for env, r in zip(stamped[start : start + 2000], returned, strict=True):
+        for env, ret in zip(stamped[start : start + 2000], returned, strict=True):
             out.append(
-                env.model_copy(update={"position": r["position"], "recorded_at": r["recorded_at"]})
+                env.model_copy(
+                    update={"position": ret["position"], "recorded_at": ret["recorded_at"]}
+                )
             )
     # Delivered at commit only; wakes the relay without polling.
     await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))

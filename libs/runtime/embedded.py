@@ -118,9 +118,7 @@ def start_nats(data_dir: Path, port: int | None = None) -> ServerProcess:
     )
     log.close()
     wait_for_port(port, 20, proc)
-    return ServerProcess(
-        "nats", proc, port, f"nats://127.0.0.1:{port}", {"monitor": str(monitor)}
-    )
+    return ServerProcess("nats", proc, port, f"nats://127.0.0.1:{port}", {"monitor": str(monitor)})
 
 
 def _pg_bin(name: str) -> str:

@@ -7,10 +7,10 @@ import pytest
 
 from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.events import RunStarted, RunStartedV1, StepRecorded
+from libs.contracts.registry import decode
 from libs.errors import ConcurrencyError
 from libs.eventbus.store import EventStore
 from libs.eventbus.verify import verify_chains
-from libs.contracts.registry import decode
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,10 @@ async def test_read_all_from_position(pool, tenant, unique) -> None:
     ],
 )
 def test_service_role_cannot_rewrite_history(system, statement) -> None:
-    with psycopg.connect(system.service_url) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+    with (
+        psycopg.connect(system.service_url) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
         conn.execute(statement)
 
 
@@ -115,7 +118,9 @@ async def test_tampered_byte_is_found_and_named(own_system, unique) -> None:
     assert report.first_broken[:2] == (target, 3)
 
 
-async def test_v1_event_in_the_store_reads_back_as_current_version(pool, system, tenant, unique) -> None:
+async def test_v1_event_in_the_store_reads_back_as_current_version(
+    pool, system, tenant, unique
+) -> None:
     store = EventStore(pool)
     run = unique("run")
     sid = stream_id_for(tenant, "run", run)
@@ -134,5 +139,3 @@ async def test_v1_event_in_the_store_reads_back_as_current_version(pool, system,
     assert isinstance(current, RunStarted)
     assert current.agent_id == "legacy-agent"
     assert current.labels == {}
-
-
