@@ -1,0 +1,177 @@
+"""Foundation benchmark: event-store appends, relay throughput, publish-to-consume latency.
+
+Each figure is printed beside its floor, measured in the same run on the same servers:
+bare batched INSERT for appends, bare pipelined JetStream publish for the relay.
+
+    python scripts/bench_foundation.py [--events 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+from nats.js.api import StreamConfig
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from libs.contracts import envelope_for, stream_id_for
+from libs.contracts.events import StepRecorded
+from libs.contracts.subjects import events_filter
+from libs.eventbus.db import open_pool
+from libs.eventbus.jetstream import ConsumerSpec, connect, ensure_consumer, ensure_streams
+from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.eventbus.relay import Relay
+from libs.eventbus.store import EventStore
+from libs.runtime.embedded import start_nats, start_postgres
+
+PAYLOAD = {"text": "x" * 800}  # about 1 KB per event, like a step with a short prompt
+
+
+def event(tenant: str, run: str, i: int):  # type: ignore[no-untyped-def]
+    return envelope_for(
+        StepRecorded(run_id=run, agent_id="bench", step_index=i + 1, input=PAYLOAD),
+        tenant_id=tenant,
+        stream_id=stream_id_for(tenant, "run", run),
+        correlation_id="bench",
+        actor="bench",
+    )
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def line(name: str, value: float, unit: str, floor: float | None = None) -> None:
+    if floor:
+        ratio = value / floor
+        print(f"  {name:<44} {value:>12,.0f} {unit:<9} floor {floor:>12,.0f}  ratio {ratio:5.2f}")
+    else:
+        print(f"  {name:<44} {value:>12,.2f} {unit}")
+
+
+async def main(n: int) -> None:
+    base = Path(tempfile.mkdtemp(prefix="mc-bench-"))
+    nats_srv = start_nats(base)
+    pg = start_postgres(base)
+    apply_all(pg.url)
+    url = f"postgresql://{SERVICE_ROLE}@127.0.0.1:{pg.port}/missioncontrol"
+    pool = await open_pool(url, max_size=4)
+    store = EventStore(pool)
+    nc = await connect(nats_srv.url, "bench")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    try:
+        print(f"Mission Control foundation benchmark ({n:,} events of ~1 KB; 2-core machine)")
+
+        # Floor: bare batched INSERT of the same rows into a plain table.
+        with psycopg.connect(pg.url, autocommit=True) as c:
+            c.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
+        t0 = time.perf_counter()
+        async with await psycopg.AsyncConnection.connect(pg.url) as c:
+            for start in range(0, n, 500):
+                async with c.cursor() as cur:
+                    await cur.executemany(
+                        "INSERT INTO bare VALUES (%s, %s, %s, %s)",
+                        [(uuid.uuid4(), "s", i, Jsonb(PAYLOAD)) for i in range(start, start + 500)],
+                    )
+                await c.commit()
+        bare_insert = n / (time.perf_counter() - t0)
+
+        single = min(2000, n // 10)
+        t0 = time.perf_counter()
+        for i in range(single):
+            await store.append(
+                stream_id_for("bench", "run", f"single{i % 50}"),
+                [event("bench", f"single{i % 50}", i)],
+            )
+        append_single = single / (time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        for start in range(0, n, 500):
+            run = f"batch{start // 500}"
+            await store.append(
+                stream_id_for("bench", "run", run), [event("bench", run, i) for i in range(500)]
+            )
+        append_batched = n / (time.perf_counter() - t0)
+
+        print("append (PostgreSQL event store, hash-chained, serialised appends)")
+        line("append, one event per transaction", append_single, "events/s")
+        line("append, 500 events per transaction", append_batched, "events/s", bare_insert)
+
+        # Relay: everything appended so far is pending.
+        pending = single + n
+        relay = Relay(url, js, batch_size=1000, in_flight=512)
+        t0 = time.perf_counter()
+        async with await psycopg.AsyncConnection.connect(
+            url, autocommit=True, row_factory=dict_row
+        ) as c:
+            await c.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
+                "ON CONFLICT DO NOTHING"
+            )
+            published = 0
+            while published < pending:
+                published += await relay.relay_once(c)
+        relay_rate = pending / (time.perf_counter() - t0)
+
+        # Floor: bare pipelined publish of the same number of messages to a scratch stream.
+        await js.add_stream(StreamConfig(name="BARE", subjects=["bare.>"]))
+        body = b"x" * 1100
+        t0 = time.perf_counter()
+        for start in range(0, pending, 512):
+            await asyncio.gather(
+                *(
+                    js.publish("bare.x", body, headers={"Nats-Msg-Id": f"b{i}"})
+                    for i in range(start, min(start + 512, pending))
+                )
+            )
+        bare_pub = pending / (time.perf_counter() - t0)
+        print("relay (store -> JetStream, in store order, Nats-Msg-Id dedup)")
+        line("relay throughput", relay_rate, "events/s", bare_pub)
+
+        # Publish-to-consume latency: append one event at a time, relay running, consumer waiting.
+        relay_task = asyncio.create_task(Relay(url, js, idle_wait=1.0).run())
+        spec = ConsumerSpec(
+            durable="bench-latency", filter_subjects=(events_filter(">", "lat"),), fetch_batch=10
+        )
+        await ensure_consumer(js, spec)
+        sub = await js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+        latencies: list[float] = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            await store.append(stream_id_for("lat", "run", "r"), [event("lat", "r", i)])
+            got = False
+            while not got:
+                try:
+                    msgs = await sub.fetch(1, timeout=2)
+                except Exception:
+                    continue
+                for m in msgs:
+                    await m.ack()
+                    got = True
+            latencies.append((time.perf_counter() - t0) * 1000)
+        relay_task.cancel()
+        print("publish-to-consume (append commit -> relay -> JetStream -> pull consumer)")
+        line("latency p50", statistics.median(latencies), "ms")
+        line("latency p99", pct(latencies, 99), "ms")
+    finally:
+        await nc.close()
+        await pool.close()
+        pg.stop()
+        nats_srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=20000)
+    asyncio.run(main(ap.parse_args().events))

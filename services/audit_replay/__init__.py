@@ -1,0 +1,1 @@
+"""The audit trail: reading the event history back, replaying runs and rebuilding projections."""

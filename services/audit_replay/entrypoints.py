@@ -1,0 +1,474 @@
+"""Audit queries over NATS request–reply (``mc.rpc.audit.<method>``).
+
+Every method is scoped by the request's ``tenant_id`` (set by the gateway from the API key): each
+query filters on it, so no answer ever holds another tenant's rows.
+
+* ``runs``: ``status?`` (running, completed, failed, stopped_by_policy; ``live`` = running and
+  ``completed`` = every finished run), ``agent_id?``, ``limit?`` (<= 500), ``offset?`` →
+  ``{runs, limit, offset}``, each run with ``tokens_used``, ``cost_usd``, ``unpriced_steps``.
+* ``run``: ``run_id`` → the run with ``incident_ids``.
+* ``trace``: ``run_id`` → ``{run, steps, inflection_point}``; each step carries its admission
+  ``decision`` and ``cost``; the denied step appears with status ``denied``.
+* ``incidents``: ``status?`` (open, acknowledged, resolved), ``run_id?``, ``policy_id?``,
+  ``limit?``, ``offset?`` → ``{incidents, limit, offset}``.
+* ``incident``: ``incident_id`` → the incident.
+* ``policies`` → ``{bundle_digest, activated_at, policies}`` with ``incident_count`` and
+  ``open_incidents`` per policy.
+* ``costs``: ``group_by`` (run, agent, model), ``run_id?`` → ``{group_by, rows, totals}``.
+* ``replay``: ``run_id``, ``at_position?``, ``at_version?`` →
+  ``{state, events_applied, inflection_point, at_position}``, folded from the event store.
+* ``export``: ``run_id``, ``format`` (json, csv) → ``{content_type, body}``.
+* ``rebuild`` → ``{events, rows, position, duration_s}``.
+* ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
+
+A run's ``cost_usd`` sums its priced steps only (``null`` when none is priced); steps that could
+not be priced are counted in ``unpriced_steps``, never as zero cost. ``open_incidents`` counts the
+incidents not resolved yet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from psycopg_pool import AsyncConnectionPool
+
+from libs.errors import (
+    InvalidInput,
+    MissionControlError,
+    NotFound,
+    PermanentError,
+    TransientError,
+)
+from libs.eventbus.rpc import RpcServer
+from libs.eventbus.store import EventStore
+from services.audit_replay.clickhouse import Clickhouse
+from services.audit_replay.domain import (
+    IncidentRow,
+    ReplayState,
+    RunRow,
+    evolve_replay,
+    incident_view,
+    inflection_point,
+    iso,
+    replay_answer,
+    run_view,
+    trace_csv,
+    trace_steps,
+    usd,
+)
+from services.audit_replay.handlers import LagMonitor, Projector, read_run_history
+from services.audit_replay.schema import DATABASE as DB
+
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 100
+RUN_STATUSES = ("running", "completed", "failed", "stopped_by_policy")
+INCIDENT_STATUSES = ("open", "acknowledged", "resolved")
+GROUP_KEYS = {"run": "run_id", "agent": "agent_id", "model": "model"}
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+# A cost counts as priced only when it carries an amount; anything else is "unpriced".
+_PRICED = "(pricing_status = 'priced' AND total_cost_usd IS NOT NULL)"
+
+Params = Mapping[str, Any]
+
+
+def _tenant(p: Params) -> str:
+    t = p.get("tenant_id")
+    if not isinstance(t, str) or not _TENANT_RE.fullmatch(t):
+        raise InvalidInput("tenant_id is required and must be a valid tenant id")
+    return t
+
+
+def _text(p: Params, name: str, *, required: bool = False) -> str | None:
+    v = p.get(name)
+    if v is None:
+        if required:
+            raise InvalidInput(f"{name} is required")
+        return None
+    if not isinstance(v, str) or not v or len(v) > 300:
+        raise InvalidInput(f"{name} must be a non-empty string of at most 300 characters")
+    return v
+
+
+def _int(
+    p: Params, name: str, *, default: int | None, low: int, high: int | None = None
+) -> int | None:
+    v = p.get(name)
+    if v is None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool) or v < low or (high is not None and v > high):
+        bound = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise InvalidInput(f"{name} must be an integer {bound}")
+    return v
+
+
+def _choice(
+    p: Params, name: str, choices: tuple[str, ...], *, required: bool = False
+) -> str | None:
+    v = p.get(name)
+    if v is None and not required:
+        return None
+    if v not in choices:
+        raise InvalidInput(f"{name} must be one of {', '.join(choices)}")
+    return str(v)
+
+
+def _page(p: Params) -> tuple[int, int]:
+    limit = _int(p, "limit", default=DEFAULT_LIMIT, low=1, high=MAX_LIMIT)
+    offset = _int(p, "offset", default=0, low=0)
+    return limit or DEFAULT_LIMIT, offset or 0
+
+
+class AuditQueries:
+    """The audit service's read side: ClickHouse for queries, the event store for replay."""
+
+    def __init__(
+        self,
+        ch: Clickhouse,
+        projector: Projector,
+        store: EventStore,
+        pool: AsyncConnectionPool,
+        lag: LagMonitor,
+    ) -> None:
+        self.ch = ch
+        self.projector = projector
+        self.store = store
+        self.pool = pool
+        self.lag_monitor = lag
+
+    def routes(self) -> dict[str, Callable[[Params], Awaitable[Any]]]:
+        """Method name → handler."""
+        return {
+            "runs": self.runs,
+            "run": self.run,
+            "trace": self.trace,
+            "incidents": self.incidents,
+            "incident": self.incident,
+            "policies": self.policies,
+            "costs": self.costs,
+            "replay": self.replay,
+            "export": self.export,
+            "rebuild": self.rebuild,
+            "lag": self.lag,
+        }
+
+    def register(self, server: RpcServer) -> None:
+        """Register every method on ``server``."""
+        for method, fn in self.routes().items():
+            server.route(method, self._adapt(fn))
+
+    def _adapt(
+        self, fn: Callable[[Params], Awaitable[Any]]
+    ) -> Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]:
+        async def handler(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+            try:
+                return await fn(payload)
+            except PermanentError:
+                raise
+            except MissionControlError as exc:
+                if self.projector.rebuilding:
+                    # Tables come and go during a rebuild: tell the caller to try again.
+                    raise TransientError(f"projections are being rebuilt: {exc}") from exc
+                raise
+
+        return handler
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    async def runs(self, p: Params) -> dict[str, Any]:
+        """Runs of the tenant, newest first, with tokens, cost and unpriced steps."""
+        tenant = _tenant(p)
+        status = _choice(p, "status", (*RUN_STATUSES, "live"))
+        agent = _text(p, "agent_id")
+        limit, offset = _page(p)
+        where = ["tenant_id = {tenant:String}"]
+        params: dict[str, Any] = {"tenant": tenant, "limit": limit, "offset": offset}
+        if status == "live":
+            where.append("status = 'running'")
+        elif status == "completed":
+            where.append("status != 'running'")
+        elif status is not None:
+            where.append("status = {status:String}")
+            params["status"] = status
+        if agent is not None:
+            where.append("agent_id = {agent:String}")
+            params["agent"] = agent
+        rows = await self.ch.query(
+            f"SELECT * FROM {DB}.runs FINAL WHERE {' AND '.join(where)} "
+            "ORDER BY started_at DESC, run_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
+            params,
+        )
+        runs = [RunRow.from_row(r) for r in rows]
+        totals = await self._totals(tenant, [r.run_id for r in runs])
+        return {
+            "runs": [run_view(r, **totals.get(r.run_id, _NO_TOTALS)) for r in runs],
+            "limit": limit,
+            "offset": offset,
+        }
+
+    async def _totals(self, tenant: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not run_ids:
+            return {}
+        params = {"tenant": tenant, "ids": run_ids}
+        tokens = await self.ch.query(
+            "SELECT run_id, sum(input_tokens + output_tokens) AS tokens "
+            f"FROM {DB}.steps FINAL WHERE tenant_id = {{tenant:String}} "
+            "AND run_id IN {ids:Array(String)} GROUP BY run_id",
+            params,
+        )
+        costs = await self.ch.query(
+            f"SELECT run_id, sumIf(total_cost_usd, {_PRICED}) AS priced_usd, "
+            f"countIf({_PRICED}) AS priced, countIf(NOT {_PRICED}) AS unpriced "
+            f"FROM {DB}.costs FINAL WHERE tenant_id = {{tenant:String}} "
+            "AND run_id IN {ids:Array(String)} GROUP BY run_id",
+            params,
+        )
+        out: dict[str, dict[str, Any]] = {r: dict(_NO_TOTALS) for r in run_ids}
+        for row in tokens:
+            out[row["run_id"]]["tokens_used"] = int(row["tokens"])
+        for row in costs:
+            t = out[row["run_id"]]
+            t["cost_usd"] = row["priced_usd"] if int(row["priced"]) else None
+            t["unpriced_steps"] = int(row["unpriced"])
+        return out
+
+    async def _run_row(self, tenant: str, run_id: str) -> RunRow:
+        rows = await self.ch.query(
+            f"SELECT * FROM {DB}.runs FINAL WHERE tenant_id = {{tenant:String}} "
+            "AND run_id = {run:String}",
+            {"tenant": tenant, "run": run_id},
+        )
+        if not rows:
+            raise NotFound(f"run {run_id} not found")
+        return RunRow.from_row(rows[0])
+
+    async def _run_view(self, tenant: str, run: RunRow) -> dict[str, Any]:
+        totals = await self._totals(tenant, [run.run_id])
+        view = run_view(run, **totals[run.run_id])
+        ids = await self.ch.query(
+            f"SELECT incident_id FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} "
+            "AND run_id = {run:String} ORDER BY incident_id",
+            {"tenant": tenant, "run": run.run_id},
+        )
+        view["incident_ids"] = [r["incident_id"] for r in ids]
+        return view
+
+    async def run(self, p: Params) -> dict[str, Any]:
+        """One run, with its totals and its incidents' ids."""
+        tenant = _tenant(p)
+        run_id = _text(p, "run_id", required=True)
+        assert run_id is not None
+        return await self._run_view(tenant, await self._run_row(tenant, run_id))
+
+    async def trace(self, p: Params) -> dict[str, Any]:
+        """A run's steps in order with decisions and costs, and where it went wrong."""
+        tenant = _tenant(p)
+        run_id = _text(p, "run_id", required=True)
+        assert run_id is not None
+        return await self._trace(tenant, run_id)
+
+    async def _trace(self, tenant: str, run_id: str) -> dict[str, Any]:
+        run = await self._run_row(tenant, run_id)
+        params = {"tenant": tenant, "run": run_id}
+        scope = "WHERE tenant_id = {tenant:String} AND run_id = {run:String}"
+        steps = await self.ch.query(
+            f"SELECT * FROM {DB}.steps FINAL {scope} ORDER BY step_index", params
+        )
+        decisions = await self.ch.query(
+            f"SELECT * FROM {DB}.decisions FINAL {scope} ORDER BY step_index, version", params
+        )
+        costs = await self.ch.query(
+            f"SELECT * FROM {DB}.costs FINAL {scope} ORDER BY step_index, version", params
+        )
+        inflection = inflection_point(run, decisions)
+        return {
+            "run": await self._run_view(tenant, run),
+            "steps": trace_steps(steps, decisions, costs, inflection),
+            "inflection_point": inflection,
+        }
+
+    # --- incidents and policies -----------------------------------------------------------------
+
+    async def incidents(self, p: Params) -> dict[str, Any]:
+        """Incidents of the tenant, newest first, optionally filtered."""
+        tenant = _tenant(p)
+        status = _choice(p, "status", INCIDENT_STATUSES)
+        run_id = _text(p, "run_id")
+        policy_id = _text(p, "policy_id")
+        limit, offset = _page(p)
+        where = ["tenant_id = {tenant:String}"]
+        params: dict[str, Any] = {"tenant": tenant, "limit": limit, "offset": offset}
+        for column, value in (("status", status), ("run_id", run_id), ("policy_id", policy_id)):
+            if value is not None:
+                where.append(f"{column} = {{{column}:String}}")
+                params[column] = value
+        rows = await self.ch.query(
+            f"SELECT * FROM {DB}.incidents FINAL WHERE {' AND '.join(where)} "
+            "ORDER BY opened_at DESC, incident_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
+            params,
+        )
+        return {
+            "incidents": [incident_view(IncidentRow.from_row(r)) for r in rows],
+            "limit": limit,
+            "offset": offset,
+        }
+
+    async def incident(self, p: Params) -> dict[str, Any]:
+        """One incident."""
+        tenant = _tenant(p)
+        incident_id = _text(p, "incident_id", required=True)
+        rows = await self.ch.query(
+            f"SELECT * FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} "
+            "AND incident_id = {id:String}",
+            {"tenant": tenant, "id": incident_id},
+        )
+        if not rows:
+            raise NotFound(f"incident {incident_id} not found")
+        return incident_view(IncidentRow.from_row(rows[0]))
+
+    async def policies(self, p: Params) -> dict[str, Any]:
+        """The active bundle's policies with this tenant's incident counts."""
+        tenant = _tenant(p)
+        visible = "tenant_id IN ('system', {tenant:String})"
+        latest = await self.ch.query(
+            f"SELECT tenant_id, bundle_digest, activated_at FROM {DB}.policies FINAL "
+            f"WHERE {visible} ORDER BY version DESC LIMIT 1",
+            {"tenant": tenant},
+        )
+        if not latest:
+            return {"bundle_digest": None, "activated_at": None, "policies": []}
+        head = latest[0]
+        rows = await self.ch.query(
+            f"SELECT * FROM {DB}.policies FINAL WHERE tenant_id = {{owner:String}} "
+            "AND bundle_digest = {digest:String} ORDER BY policy_id",
+            {"owner": head["tenant_id"], "digest": head["bundle_digest"]},
+        )
+        counts = await self.ch.query(
+            "SELECT policy_id, count() AS n, countIf(status != 'resolved') AS n_open "
+            f"FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} GROUP BY policy_id",
+            {"tenant": tenant},
+        )
+        by_policy = {c["policy_id"]: c for c in counts}
+        policies = []
+        for r in rows:
+            c = by_policy.get(r["policy_id"], {})
+            policies.append(
+                {
+                    "policy_id": r["policy_id"],
+                    "title": r["title"],
+                    "severity": r["severity"],
+                    "runbook_url": r["runbook_url"],
+                    "description": r["description"],
+                    "incident_count": int(c.get("n", 0)),
+                    "open_incidents": int(c.get("n_open", 0)),
+                }
+            )
+        return {
+            "bundle_digest": head["bundle_digest"],
+            "activated_at": iso(head["activated_at"]),
+            "policies": policies,
+        }
+
+    # --- costs ----------------------------------------------------------------------------------
+
+    async def costs(self, p: Params) -> dict[str, Any]:
+        """Costs grouped by run, agent or model, with totals; unpriced steps counted apart."""
+        tenant = _tenant(p)
+        group_by = _choice(p, "group_by", tuple(GROUP_KEYS), required=True)
+        assert group_by is not None
+        run_id = _text(p, "run_id")
+        column = GROUP_KEYS[group_by]
+        where = "tenant_id = {tenant:String}"
+        params: dict[str, Any] = {"tenant": tenant}
+        if run_id is not None:
+            where += " AND run_id = {run:String}"
+            params["run"] = run_id
+        rows = await self.ch.query(
+            f"SELECT {column} AS group_key, count() AS n_steps, countIf({_PRICED}) AS n_priced, "
+            "sum(input_tokens) AS in_tokens, sum(output_tokens) AS out_tokens, "
+            f"sumIf(total_cost_usd, {_PRICED}) AS priced_usd "
+            f"FROM {DB}.costs FINAL WHERE {where} GROUP BY group_key ORDER BY group_key",
+            params,
+        )
+        out_rows = []
+        total = {"steps": 0, "priced_steps": 0, "unpriced_steps": 0, "input_tokens": 0,
+                 "output_tokens": 0}  # fmt: skip
+        total_usd: Decimal | None = None
+        for r in rows:
+            n, priced = int(r["n_steps"]), int(r["n_priced"])
+            cost = usd(r["priced_usd"]) if priced else None
+            row = {
+                "key": r["group_key"],
+                "steps": n,
+                "priced_steps": priced,
+                "unpriced_steps": n - priced,
+                "input_tokens": int(r["in_tokens"]),
+                "output_tokens": int(r["out_tokens"]),
+                "total_cost_usd": cost,
+            }
+            out_rows.append(row)
+            for k in total:
+                total[k] += int(row[k])
+            if cost is not None:
+                total_usd = (total_usd or Decimal(0)) + Decimal(cost)
+        return {
+            "group_by": group_by,
+            "rows": out_rows,
+            "totals": {**total, "total_cost_usd": usd(total_usd)},
+        }
+
+    # --- replay, export, operations -------------------------------------------------------------
+
+    async def replay(self, p: Params) -> dict[str, Any]:
+        """The run rebuilt from the event store, folded up to a position or run version."""
+        tenant = _tenant(p)
+        run_id = _text(p, "run_id", required=True)
+        assert run_id is not None
+        at_position = _int(p, "at_position", default=None, low=1)
+        at_version = _int(p, "at_version", default=None, low=1)
+        history = await read_run_history(
+            self.pool, tenant, run_id, at_position=at_position, at_version=at_version
+        )
+        if not history:
+            raise NotFound(f"run {run_id} has no events at that point")
+        state = ReplayState()
+        for env in history:
+            state = evolve_replay(state, env)
+        return replay_answer(state)
+
+    async def export(self, p: Params) -> dict[str, Any]:
+        """A run's trace as a JSON document or as CSV (one row per step)."""
+        tenant = _tenant(p)
+        run_id = _text(p, "run_id", required=True)
+        fmt = _choice(p, "format", ("json", "csv"), required=True)
+        assert run_id is not None
+        trace = await self._trace(tenant, run_id)
+        if fmt == "csv":
+            return {"content_type": "text/csv; charset=utf-8", "body": trace_csv(trace)}
+        return {
+            "content_type": "application/json",
+            "body": orjson.dumps(trace, option=orjson.OPT_INDENT_2).decode(),
+        }
+
+    async def rebuild(self, p: Params) -> dict[str, Any]:
+        """Drop and rebuild every projection from the event store."""
+        return await self.projector.rebuild(self.store)
+
+    async def lag(self, p: Params) -> dict[str, Any]:
+        """How far the projections are behind the store."""
+        return await self.lag_monitor.snapshot()
+
+
+_NO_TOTALS: dict[str, Any] = {"tokens_used": 0, "cost_usd": None, "unpriced_steps": 0}
+
+
+def rpc_server(nc: NATS, queries: AuditQueries) -> RpcServer:
+    """An :class:`RpcServer` for ``mc.rpc.audit.*`` with every method registered."""
+    server = RpcServer(nc, "audit")
+    queries.register(server)
+    return server

@@ -1,0 +1,1 @@
+"""Price tables per tenant and the cost attributed to every recorded step."""

@@ -1,0 +1,66 @@
+"""Replay from the event store and rebuild of the projections, against the live projections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.integration.test_projections import Audit, audit, snapshot
+from tests.unit.test_audit_domain import bundle_event, flow
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["audit"]  # the fixture, shared with the projection tests
+
+
+async def test_replay_at_the_last_position_equals_the_projection(audit: Audit, unique: Any) -> None:
+    tenant, run = unique("acme"), unique("run")
+    envs = flow(tenant, run)
+    last = await audit.append([bundle_event(), *envs])
+    # Events of another run after it must not change its replay.
+    last = max(last, await audit.append(flow(tenant, unique("later"))))
+    await audit.projected(last)
+
+    projected = await audit.call("run", tenant, run_id=run)
+    replay = await audit.call("replay", tenant, run_id=run)
+    assert replay["state"] == projected
+    assert replay["events_applied"] == len(envs)
+    assert replay["inflection_point"]["step_index"] == 3
+    assert (
+        replay["inflection_point"]
+        == (await audit.call("trace", tenant, run_id=run))["inflection_point"]
+    )
+    at_last = await audit.call("replay", tenant, run_id=run, at_position=replay["at_position"])
+    assert at_last == replay
+
+
+async def test_replay_at_an_earlier_point_shows_the_run_still_running(
+    audit: Audit, unique: Any
+) -> None:
+    tenant, run = unique("acme"), unique("run")
+    envs = flow(tenant, run)
+    positions = [await audit.append([e]) for e in envs]
+    # envs[2] is step 1 recorded: the run stream is at version 2 there.
+    early = await audit.call("replay", tenant, run_id=run, at_position=positions[2])
+    assert early["state"]["status"] == "running"
+    assert early["state"]["tokens_used"] == 150
+    assert early["inflection_point"] is None
+    assert early["at_position"] == positions[2]
+    by_version = await audit.call("replay", tenant, run_id=run, at_version=2)
+    assert by_version == early
+
+
+async def test_rebuild_from_the_store_gives_identical_answers(audit: Audit, unique: Any) -> None:
+    tenant, run = unique("acme"), unique("run")
+    last = await audit.append([bundle_event(), *flow(tenant, run), *flow(tenant, unique("r"))])
+    await audit.projected(last)
+    before = await snapshot(audit, tenant, run)
+
+    result = await audit.call("rebuild", tenant)
+    assert result["events"] == last  # a fresh store: positions start at 1
+    assert result["position"] == last
+    assert result["rows"]["events"] == last
+    assert await snapshot(audit, tenant, run) == before
+    lag = await audit.call("lag", tenant)
+    assert lag["lag_events"] == 0
