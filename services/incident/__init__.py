@@ -1,0 +1,1 @@
+"""Incidents opened from policy violations, and their acknowledgement and resolution."""

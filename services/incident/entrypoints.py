@@ -1,0 +1,98 @@
+"""The incident service's request routes (``mc.rpc.incident.<method>``) and its consumer spec."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from libs.contracts.envelope import TenantId
+from libs.contracts.subjects import events_filter
+from libs.errors import InvalidInput
+from libs.eventbus.jetstream import ConsumerSpec
+from libs.eventbus.rpc import RpcServer
+from services.incident.domain import MAX_BY, MAX_RESOLUTION
+from services.incident.handlers import IncidentHandlers, RequestMeta
+
+RPC_SERVICE = "incident"
+VIOLATIONS_DURABLE = "incident-violations"
+APPLIED_TABLE = "incident.applied_events"
+
+
+def violation_consumer_spec(
+    durable: str = VIOLATIONS_DURABLE, tenant_id: str = "*"
+) -> ConsumerSpec:
+    """The durable consumer of ``policy.violation_detected`` (tests narrow durable and tenant)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("policy.violation_detected", tenant_id),),
+    )
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tenant_id: TenantId
+    incident_id: UUID
+
+
+class GetRequest(_Request):
+    """``get``."""
+
+
+class AcknowledgeRequest(_Request):
+    """``acknowledge``."""
+
+    by: str = Field(min_length=1, max_length=MAX_BY)
+
+
+class ResolveRequest(_Request):
+    """``resolve``."""
+
+    by: str = Field(min_length=1, max_length=MAX_BY)
+    resolution: str = Field(min_length=1, max_length=MAX_RESOLUTION)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], payload: dict[str, Any]) -> M:
+    """Validate a request body; the error names the first offending field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from None
+
+
+def build_rpc(server: RpcServer, handlers: IncidentHandlers) -> RpcServer:
+    """Register the incident routes on ``server``."""
+
+    async def acknowledge(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(AcknowledgeRequest, payload)
+        state = await handlers.acknowledge(
+            req.tenant_id, str(req.incident_id), req.by, RequestMeta.from_headers(headers)
+        )
+        return state.to_dict()
+
+    async def resolve(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(ResolveRequest, payload)
+        state = await handlers.resolve(
+            req.tenant_id,
+            str(req.incident_id),
+            req.by,
+            req.resolution,
+            RequestMeta.from_headers(headers),
+        )
+        return state.to_dict()
+
+    async def get(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(GetRequest, payload)
+        return (await handlers.get(req.tenant_id, str(req.incident_id))).to_dict()
+
+    server.route("acknowledge", acknowledge)
+    server.route("resolve", resolve)
+    server.route("get", get)
+    return server

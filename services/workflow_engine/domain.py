@@ -1,0 +1,282 @@
+"""The run aggregate: its state, the commands it accepts and the events it emits.
+
+Pure functions only: ``decide(state, command)`` validates a command against the current state and
+returns the events it causes (or raises a project error); ``evolve(state, event)`` applies one
+event; ``fold(state, events)`` applies many. No I/O happens here, so every rule is unit-testable
+and the same code rebuilds a run from its stream.
+
+Lifecycle: ``new`` (no event yet) → ``running`` → ``completed`` | ``failed`` |
+``stopped_by_policy``. The last three are terminal: nothing is recorded on a run after it ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from libs.contracts.envelope import DomainEvent
+from libs.contracts.events import (
+    RunCompleted,
+    RunStarted,
+    RunStoppedByPolicy,
+    StepRecorded,
+    StepStatus,
+)
+from libs.errors import Conflict, InvalidInput, NotFound
+
+Status = Literal["new", "running", "completed", "failed", "stopped_by_policy"]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "stopped_by_policy"})
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run as its events tell it; ``version`` is the stream version it reflects.
+
+    ``status == "new"`` (``version == 0``) is the state of a run nobody has started.
+    """
+
+    tenant_id: str
+    run_id: str
+    agent_id: str = ""
+    status: Status = "new"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    version: int = 0
+    steps: frozenset[int] = frozenset()
+    last_step_index: int = 0
+    tokens_used: int = 0
+    stopped_at_step: int | None = None
+    violation_policy_id: str | None = None
+    end_reason: str | None = None
+
+    @property
+    def exists(self) -> bool:
+        """Whether the run was started."""
+        return self.status != "new"
+
+    @property
+    def is_terminal(self) -> bool:
+        """Whether the run has ended (nothing more may be recorded)."""
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (the ``get_run`` reply)."""
+        return {
+            "run_id": self.run_id,
+            "tenant_id": self.tenant_id,
+            "agent_id": self.agent_id,
+            "status": self.status,
+            "labels": dict(self.labels),
+            "version": self.version,
+            "steps": sorted(self.steps),
+            "last_step_index": self.last_step_index,
+            "tokens_used": self.tokens_used,
+            "stopped_at_step": self.stopped_at_step,
+            "violation_policy_id": self.violation_policy_id,
+            "end_reason": self.end_reason,
+        }
+
+
+def empty_run(tenant_id: str, run_id: str) -> RunState:
+    """The state of a run before its first event."""
+    return RunState(tenant_id=tenant_id, run_id=run_id)
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRun:
+    """Begin a run."""
+
+    run_id: str
+    agent_id: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordStep:
+    """Record the outcome of one step of a run."""
+
+    run_id: str
+    step_index: int
+    kind: str = "llm_call"
+    model: str | None = None
+    tool: str | None = None
+    status: StepStatus = "ok"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    duration_ms: float = 0.0
+    input: Any = None
+    output: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordSteps:
+    """Record several steps of one run at once (all or none)."""
+
+    run_id: str
+    steps: tuple[RecordStep, ...]
+
+
+@dataclass(frozen=True)
+class FinishRun:
+    """End a run on its own terms."""
+
+    run_id: str
+    status: Literal["completed", "failed"]
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StopRunForViolation:
+    """Stop a run because admission denied one of its steps."""
+
+    run_id: str
+    step_index: int
+    policy_id: str
+    decision_id: str
+    reason: str
+
+
+Command = StartRun | RecordStep | RecordSteps | FinishRun | StopRunForViolation
+
+
+# --- decide --------------------------------------------------------------------------------------
+
+
+def decide(state: RunState, command: Command) -> list[DomainEvent]:
+    """The events ``command`` causes on a run in ``state``; raises when it is not allowed."""
+    if command.run_id != state.run_id:
+        raise InvalidInput(f"command for run {command.run_id!r} applied to run {state.run_id!r}")
+    if isinstance(command, StartRun):
+        return _start(state, command)
+    if isinstance(command, RecordStep):
+        return _record(state, (command,))
+    if isinstance(command, RecordSteps):
+        return _record(state, command.steps)
+    if isinstance(command, FinishRun):
+        return _finish(state, command)
+    return _stop(state, command)
+
+
+def _start(state: RunState, cmd: StartRun) -> list[DomainEvent]:
+    if state.exists:
+        raise Conflict(f"run {state.run_id} already exists ({_describe(state)})")
+    if not cmd.agent_id.strip():
+        raise InvalidInput("agent_id must not be empty")
+    return [RunStarted(run_id=cmd.run_id, agent_id=cmd.agent_id, labels=dict(cmd.labels))]
+
+
+def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
+    _require_running(state)
+    seen: set[int] = set()
+    out: list[DomainEvent] = []
+    for s in steps:
+        if s.run_id != state.run_id:
+            raise InvalidInput(f"step for run {s.run_id!r} applied to run {state.run_id!r}")
+        if s.step_index < 1:
+            raise InvalidInput(f"step_index must be >= 1, got {s.step_index}")
+        if s.step_index in state.steps or s.step_index in seen:
+            raise Conflict(f"run {state.run_id}: step {s.step_index} already recorded")
+        seen.add(s.step_index)
+        out.append(
+            StepRecorded(
+                run_id=state.run_id,
+                agent_id=state.agent_id,
+                step_index=s.step_index,
+                kind=s.kind,
+                model=s.model,
+                tool=s.tool,
+                status=s.status,
+                input_tokens=s.input_tokens,
+                output_tokens=s.output_tokens,
+                duration_ms=s.duration_ms,
+                input=s.input,
+                output=s.output,
+                error=s.error,
+            )
+        )
+    return out
+
+
+def _finish(state: RunState, cmd: FinishRun) -> list[DomainEvent]:
+    _require_running(state)
+    return [RunCompleted(run_id=state.run_id, status=cmd.status, reason=cmd.reason)]
+
+
+def _stop(state: RunState, cmd: StopRunForViolation) -> list[DomainEvent]:
+    if not state.exists:
+        raise NotFound(f"run {state.run_id} not found")
+    if state.is_terminal:
+        # A redelivered or second violation for a run that already ended changes nothing.
+        return []
+    return [
+        RunStoppedByPolicy(
+            run_id=state.run_id,
+            step_index=cmd.step_index,
+            policy_id=cmd.policy_id,
+            decision_id=cmd.decision_id,
+            reason=cmd.reason,
+        )
+    ]
+
+
+def _require_running(state: RunState) -> None:
+    if not state.exists:
+        raise NotFound(f"run {state.run_id} not found")
+    if state.status != "running":
+        raise Conflict(f"run {state.run_id} is {_describe(state)}")
+
+
+def _describe(state: RunState) -> str:
+    if state.status == "stopped_by_policy":
+        return (
+            f"stopped_by_policy at step {state.stopped_at_step} "
+            f"(policy {state.violation_policy_id})"
+        )
+    return state.status
+
+
+# --- evolve --------------------------------------------------------------------------------------
+
+
+def evolve(state: RunState, event: DomainEvent) -> RunState:
+    """``state`` after ``event``."""
+    return fold(state, (event,))
+
+
+def fold(state: RunState, events: Iterable[DomainEvent]) -> RunState:
+    """``state`` after every event of ``events``, in order.
+
+    The step set is copied once per call rather than once per event, so catching a long run up
+    by a batch of steps stays linear.
+    """
+    steps: set[int] | None = None
+    for event in events:
+        changes: dict[str, Any] = {"version": state.version + 1}
+        if isinstance(event, RunStarted):
+            changes.update(status="running", agent_id=event.agent_id, labels=dict(event.labels))
+        elif isinstance(event, StepRecorded):
+            if steps is None:
+                steps = set(state.steps)
+            steps.add(event.step_index)
+            changes.update(
+                last_step_index=max(state.last_step_index, event.step_index),
+                tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
+            )
+        elif isinstance(event, RunCompleted):
+            changes.update(status=event.status, end_reason=event.reason)
+        elif isinstance(event, RunStoppedByPolicy):
+            changes.update(
+                status="stopped_by_policy",
+                stopped_at_step=event.step_index,
+                violation_policy_id=event.policy_id,
+                end_reason=event.reason,
+            )
+        # Any other event on the stream only advances the version.
+        state = replace(state, **changes)
+    if steps is not None:
+        state = replace(state, steps=frozenset(steps))
+    return state

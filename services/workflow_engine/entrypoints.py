@@ -1,0 +1,142 @@
+"""The workflow-engine's request routes (``mc.rpc.workflow.<method>``) and its consumer spec."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from libs.contracts import new_uuid7
+from libs.contracts.envelope import TenantId
+from libs.contracts.events import StepStatus
+from libs.contracts.subjects import events_filter
+from libs.errors import InvalidInput
+from libs.eventbus.jetstream import ConsumerSpec
+from libs.eventbus.rpc import RpcServer
+from services.workflow_engine.domain import RecordStep
+from services.workflow_engine.handlers import RequestMeta, WorkflowHandlers
+
+RPC_SERVICE = "workflow"
+VIOLATIONS_DURABLE = "workflow-violations"
+APPLIED_TABLE = "workflow.applied_events"
+MAX_BATCH = 1000
+
+# Run ids become part of a stream id and of log lines: a closed alphabet keeps them unambiguous.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+def violation_consumer_spec(
+    durable: str = VIOLATIONS_DURABLE, tenant_id: str = "*"
+) -> ConsumerSpec:
+    """The durable consumer of ``policy.violation_detected`` (tests narrow durable and tenant)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("policy.violation_detected", tenant_id),),
+    )
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tenant_id: TenantId
+
+
+class StartRunRequest(_Request):
+    """``start_run``: a run id is generated (UUIDv7) when the caller gives none."""
+
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
+    agent_id: str = Field(min_length=1, max_length=200)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class StepItem(BaseModel):
+    """One step outcome in ``record_steps``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    step_index: int = Field(ge=1)
+    kind: str = Field(default="llm_call", min_length=1, max_length=100)
+    model: str | None = Field(default=None, max_length=200)
+    tool: str | None = Field(default=None, max_length=200)
+    status: StepStatus = "ok"
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    duration_ms: float = Field(default=0, ge=0)
+    input: Any = None
+    output: Any = None
+    error: str | None = None
+
+    def command(self) -> RecordStep:
+        """The domain command."""
+        return RecordStep(**self.model_dump())
+
+
+class RecordStepsRequest(_Request):
+    """``record_steps``: a batch of step outcomes, possibly of many runs."""
+
+    items: list[StepItem] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class FinishRunRequest(_Request):
+    """``finish_run``."""
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    status: Literal["completed", "failed"]
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class GetRunRequest(_Request):
+    """``get_run``."""
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse(model: type[M], payload: dict[str, Any]) -> M:
+    """Validate a request body; the error names the first offending field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidInput(f"{where}: {first['msg']}") from None
+
+
+def build_rpc(server: RpcServer, handlers: WorkflowHandlers) -> RpcServer:
+    """Register the workflow routes on ``server``."""
+
+    async def start_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(StartRunRequest, payload)
+        return await handlers.start_run(
+            req.tenant_id,
+            req.run_id or str(new_uuid7()),
+            req.agent_id,
+            req.labels,
+            RequestMeta.from_headers(headers),
+        )
+
+    async def record_steps(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(RecordStepsRequest, payload)
+        return await handlers.record_steps(
+            req.tenant_id, [i.command() for i in req.items], RequestMeta.from_headers(headers)
+        )
+
+    async def finish_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(FinishRunRequest, payload)
+        return await handlers.finish_run(
+            req.tenant_id, req.run_id, req.status, req.reason, RequestMeta.from_headers(headers)
+        )
+
+    async def get_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        req = parse(GetRunRequest, payload)
+        state = await handlers.get_run(req.tenant_id, req.run_id)
+        return state.to_dict()
+
+    server.route("start_run", start_run)
+    server.route("record_steps", record_steps)
+    server.route("finish_run", finish_run)
+    server.route("get_run", get_run)
+    return server
