@@ -1,0 +1,427 @@
+"""``mctl``: start, inspect, stop and check a Mission Control system.
+
+``mctl up`` runs the supervisor (:mod:`libs.runtime.supervisor`) as a child process in its own
+session, in the foreground or detached. Its own session means a Ctrl-C on the terminal reaches
+only ``mctl``, which asks the supervisor to stop; the supervisor then stops the services, the
+relay and the servers in order instead of all of them receiving the signal at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import httpx
+import psycopg
+import typer
+
+from libs.errors import MissionControlError
+from libs.runtime import supervisor as sup
+from libs.runtime.cli_tenant import tenant_app
+
+app = typer.Typer(
+    name="mctl",
+    help="Run and inspect Mission Control.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Infrastructure start (initdb on first use, migrations) comes on top of the supervisor's own
+# 60 s readiness deadline.
+UP_TIMEOUT_S = 180.0
+DOWN_TIMEOUT_S = 60.0
+POLL_S = 0.2
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="MC_DATA_DIR",
+        help="Where the system keeps its data, logs and state.",
+        file_okay=False,
+    ),
+]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", help="PostgreSQL URL of an administrative role."),
+]
+DEFAULT_DATA_DIR = Path("var/mc")
+
+app.add_typer(tenant_app, name="tenant")
+
+
+class CliError(MissionControlError):
+    """A failure reported to the user as one line."""
+
+
+def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Report expected failures as ``error: ...`` and exit 1 instead of printing a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except MissionControlError as exc:
+            # Ours are written for the user; some carry a log excerpt on purpose.
+            typer.echo(f"error: {str(exc).strip() or type(exc).__name__}", err=True)
+            raise typer.Exit(1) from None
+        except (psycopg.Error, OSError, httpx.HTTPError) as exc:
+            text = str(exc).strip()
+            typer.echo(f"error: {text.splitlines()[0] if text else type(exc).__name__}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# --- up -------------------------------------------------------------------------------------------
+
+
+class _StopForwarder:
+    """Turns SIGINT/SIGTERM/SIGHUP to ``mctl`` into one SIGTERM to the supervisor."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopForwarder:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        typer.echo("stopping Mission Control ...", err=True)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+
+def _wait_until_up(
+    proc: subprocess.Popen[bytes], data_dir: Path, stop: _StopForwarder, log: Path | None
+) -> dict[str, Any] | None:
+    """The state once the supervisor reports every service ready; ``None`` if stopped first."""
+    deadline = time.monotonic() + UP_TIMEOUT_S
+    while True:
+        code = proc.poll()
+        if code is not None:
+            if stop.requested:
+                return None
+            raise CliError(f"the supervisor exited with {sup.describe_exit(code)}{_why(log)}")
+        state = sup.read_state(data_dir)
+        if state is not None and state.get("supervisor_pid") == proc.pid:
+            return state
+        if time.monotonic() > deadline:
+            proc.send_signal(signal.SIGTERM)
+            where = log or "the output above"
+            raise CliError(f"the system was not up within {UP_TIMEOUT_S:.0f}s; see {where}")
+        time.sleep(POLL_S)
+
+
+def _why(log: Path | None) -> str:
+    """The supervisor's last ``error:`` report from its log (else the log's last lines)."""
+    if log is None:
+        return ""  # in the foreground it went to the terminal already
+    text = sup.tail(log, 300)
+    start = text.rfind("\nerror: ")
+    return "\n" + (text[start + 1 :] if start >= 0 else sup.tail(log, 25))
+
+
+def _run_demo(state: dict[str, Any], data_dir: Path) -> bool:
+    """Run the gateway's demo against the running system; ``False`` when it failed."""
+    try:
+        # Imported by name: the demo is optional and is not part of every build.
+        run_demo = importlib.import_module("services.gateway.demo").run_demo
+    except (ImportError, AttributeError) as exc:
+        typer.echo(f"note: the demo is not available in this build ({exc}); skipping it")
+        return True
+    gateway = next(c for c in state["children"] if c["name"] == "gateway")
+    try:
+        _resolve(run_demo(gateway["url"], data_dir))
+    except Exception as exc:
+        # The system stays up, so what the demo left behind can still be inspected.
+        text = str(exc).strip()
+        typer.echo(f"error: the demo failed: {text.splitlines()[0] if text else exc!r}", err=True)
+        return False
+    return True
+
+
+def _resolve(result: Any) -> Any:
+    """``result``, awaited first when a coroutine function produced it."""
+    if not inspect.isawaitable(result):
+        return result
+
+    async def _await() -> Any:
+        return await result
+
+    return asyncio.run(_await())
+
+
+@app.command()
+@_one_line_errors
+def up(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Run in the background; return once ready.")
+    ] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="Run the demo once ready.")] = False,
+) -> None:
+    """Start NATS, PostgreSQL, the relay and the six services; supervise them until stopped."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    holder = sup.lock_holder(data_dir)
+    if holder is not None:
+        who = f" (supervisor pid {holder})" if holder > 0 else ""
+        raise sup.AlreadyRunning(f"Mission Control is already running on {data_dir}{who}")
+    cmd = [sys.executable, "-m", "libs.runtime.supervisor", "--data-dir", str(data_dir)]
+    log_path: Path | None = None
+    if detach:
+        log_dir = data_dir / sup.LOG_DIR
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = log_dir / sup.SUPERVISOR_LOG
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=sup.PROJECT_ROOT,
+            )
+    else:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, start_new_session=True, cwd=sup.PROJECT_ROOT
+        )
+    demo_failed = False
+    with _StopForwarder(proc) as stop:
+        try:
+            state = _wait_until_up(proc, data_dir, stop, log_path)
+            if state is not None:
+                if detach:
+                    # In the foreground the supervisor printed the table on our terminal already.
+                    typer.echo(sup.format_table(state))
+                if demo:
+                    demo_failed = not _run_demo(state, data_dir)
+                if detach:
+                    typer.echo(
+                        f"running in the background; `mctl down --data-dir {data_dir}` stops it"
+                    )
+                    if demo_failed:
+                        raise typer.Exit(1)
+                    return
+            code = proc.wait()
+        except BaseException:
+            # In the foreground nothing may outlive `mctl up`; detached, only a ready system may.
+            if proc.poll() is None and (not detach or _state_missing(data_dir, proc.pid)):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(DOWN_TIMEOUT_S)
+            raise
+    if code != 0 or demo_failed:
+        raise typer.Exit(code if code > 0 else 1)
+
+
+def _state_missing(data_dir: Path, pid: int) -> bool:
+    """Whether the supervisor ``pid`` has not (yet) reported a ready system on ``data_dir``."""
+    state = sup.read_state(data_dir)
+    return state is None or state.get("supervisor_pid") != pid
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def _running_state(data_dir: Path) -> dict[str, Any]:
+    state = sup.read_state(data_dir)
+    if state is None:
+        raise CliError(f"Mission Control is not running on {data_dir} (no {sup.STATE_FILE})")
+    if not sup.pid_alive(state.get("supervisor_pid")):
+        raise CliError(
+            f"the supervisor (pid {state.get('supervisor_pid')}) of {data_dir} is not running; "
+            "its state is stale (`mctl down` cleans up)"
+        )
+    return state
+
+
+@app.command()
+@_one_line_errors
+def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Show every process of the system; exit 1 unless all of them are up and ready."""
+    data_dir = data_dir.resolve()
+    state = _running_state(data_dir)
+    rows = [("NAME", "PID", "STATE", "RESTARTS", "URL")]
+    healthy = True
+    with httpx.Client(timeout=2.0) as client:
+        for child in state["children"]:
+            alive = sup.pid_alive(child.get("pid"), child.get("create_time"))
+            if not alive:
+                verdict = "restarting" if child.get("status") == "restarting" else "down"
+            elif child["kind"] == "service":
+                try:
+                    ok = client.get(f"{child['url']}/readyz").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                verdict = "ready" if ok else "not ready"
+            else:
+                verdict = "running"
+            healthy = healthy and verdict in ("ready", "running")
+            rows.append(
+                (
+                    child["name"],
+                    str(child.get("pid") or "-"),
+                    verdict,
+                    str(child.get("restarts", 0)),
+                    child.get("url") or "-",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        typer.echo("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    typer.echo(f"\nsupervisor pid {state['supervisor_pid']}, data dir {state['data_dir']}")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+# --- down -----------------------------------------------------------------------------------------
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sup.pid_alive(pid):
+            return True
+        time.sleep(POLL_S)
+    return not sup.pid_alive(pid)
+
+
+def _stop_orphans(state: dict[str, Any]) -> int:
+    """Stop children a dead supervisor left behind; return how many there were."""
+    orphans = [
+        c for c in state.get("children", []) if sup.pid_alive(c.get("pid"), c.get("create_time"))
+    ]
+    # Services first, servers last: the same order the supervisor stops them in.
+    order = {"service": 0, "relay": 1, "server": 2}
+    for child in sorted(orphans, key=lambda c: order.get(c["kind"], 3)):
+        pid = int(child["pid"])
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        if not _wait_gone(pid, sup.STOP_TIMEOUT_S):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            _wait_gone(pid, 5)
+    return len(orphans)
+
+
+@app.command()
+@_one_line_errors
+def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Stop the system running on the data directory and wait until it has exited."""
+    data_dir = data_dir.resolve()
+    state = sup.read_state(data_dir)
+    # Before the services are ready there is no state.json yet, but the lock names the pid.
+    pid = (state or {}).get("supervisor_pid") or sup.lock_holder(data_dir)
+    if pid is not None and pid > 0 and sup.pid_alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        typer.echo(f"stopping supervisor pid {pid} ...")
+        if not _wait_gone(pid, DOWN_TIMEOUT_S):
+            raise CliError(f"the supervisor (pid {pid}) did not stop within {DOWN_TIMEOUT_S:.0f}s")
+        typer.echo("stopped")
+        return
+    if state is not None:
+        stopped = _stop_orphans(state)
+        (data_dir / sup.STATE_FILE).unlink(missing_ok=True)
+        typer.echo(f"the supervisor was gone; stopped {stopped} leftover process(es)")
+        return
+    typer.echo(f"Mission Control is not running on {data_dir}")
+
+
+# --- database -------------------------------------------------------------------------------------
+
+
+def _admin_url(explicit: str | None, data_dir: Path) -> str:
+    if explicit:
+        return explicit
+    state = sup.read_state(data_dir)
+    if state and state.get("postgres_admin_url"):
+        return str(state["postgres_admin_url"])
+    for var in ("DATABASE_ADMIN_URL", "DATABASE_URL"):
+        if os.environ.get(var):
+            return os.environ[var]
+    raise CliError(
+        "no database: pass --database-url, set DATABASE_URL, or start the system with `mctl up`"
+    )
+
+
+@app.command()
+@_one_line_errors
+def verify(
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Recompute every stream's hash chain; exit 1 naming the first broken stream and version."""
+    url = _admin_url(database_url, data_dir.resolve())
+    from libs.eventbus.verify import verify_chains
+
+    result = verify_chains(url)
+    if result.ok:
+        typer.echo(f"ok: {result.events} events in {result.streams} streams, every chain intact")
+        return
+    stream_id, version, reason = result.first_broken or ("?", 0, "unknown")
+    typer.echo(
+        f"BROKEN: stream {stream_id} at version {version}: {reason} "
+        f"({result.events} events in {result.streams} streams checked)",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+@app.command()
+@_one_line_errors
+def migrate(
+    database_url: DatabaseUrl = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    service_password: Annotated[
+        str | None,
+        typer.Option(
+            "--service-password",
+            envvar="MC_SERVICE_DB_PASSWORD",
+            help="Password to set on the mc_service role (needed when services log in remotely).",
+        ),
+    ] = None,
+) -> None:
+    """Apply pending database migrations."""
+    from libs.eventbus.migrate import apply_all
+
+    url = _admin_url(database_url, data_dir.resolve())
+    applied = apply_all(url, service_password)
+    if applied:
+        for mid in applied:
+            typer.echo(f"applied {mid}")
+    else:
+        typer.echo("database is up to date")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,219 @@
+"""The skeleton every service process runs on.
+
+A service is a small object implementing :class:`Service`; :func:`build_app` wraps it in a FastAPI
+app that owns the process-wide resources (NATS connection, JetStream context, PostgreSQL pool,
+event store, metrics registry) and the three operational endpoints:
+
+* ``GET /healthz``: the process is alive (liveness; never touches a dependency, so a database
+  outage does not get every pod restarted).
+* ``GET /readyz``: NATS is connected, PostgreSQL answers ``SELECT 1`` and the service says it is
+  ready (readiness; the supervisor and Kubernetes route traffic only when this is 200).
+* ``GET /metrics``: Prometheus text exposition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
+from fastapi.responses import JSONResponse
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from psycopg_pool import AsyncConnectionPool
+
+from libs.eventbus.db import open_pool
+from libs.eventbus.jetstream import connect, ensure_streams
+from libs.eventbus.store import EventStore
+from libs.observability import configure_logging
+from libs.settings import Settings, get_settings
+
+log = structlog.get_logger("service_host")
+
+# A readiness probe that hangs is worse than one that fails: keep every check short.
+READY_CHECK_TIMEOUT_S = 2.0
+# Bounded so a NATS server that is down during shutdown cannot keep the process alive.
+DRAIN_TIMEOUT_S = 5.0
+
+
+@dataclass
+class ServiceContext:
+    """Everything a service needs at run time, created once per process by the host."""
+
+    name: str
+    settings: Settings
+    nc: NATS
+    js: JetStreamContext
+    pool: AsyncConnectionPool
+    store: EventStore
+    registry: CollectorRegistry
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    """Background tasks the service started; the host cancels them at shutdown."""
+
+
+class Service(Protocol):
+    """What a service implements; the host does the rest."""
+
+    name: str
+
+    async def start(self, ctx: ServiceContext) -> None:
+        """Start consumers and background work; called once, before the first request."""
+
+    async def stop(self) -> None:
+        """Stop work started by :meth:`start`; called at shutdown, also after a failed start."""
+
+    def router(self) -> APIRouter | None:
+        """The service's HTTP routes, or ``None`` when it has no API of its own."""
+
+    def ready(self) -> bool:
+        """Whether the service itself can serve (its own state loaded, consumers running)."""
+
+
+def new_registry() -> CollectorRegistry:
+    """A metrics registry pre-loaded with the standard process, platform and GC collectors."""
+    registry = CollectorRegistry(auto_describe=True)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def build_app(service: Service, settings: Settings) -> FastAPI:
+    """The FastAPI app of one service process (see the module docstring for its routes)."""
+    # Created here rather than in the lifespan so /metrics works even in tests that skip it.
+    registry = new_registry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nc = await connect(settings.nats_url, service.name)
+        pool: AsyncConnectionPool | None = None
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js)
+            pool = await open_pool(settings.database_url)
+            ctx = ServiceContext(
+                name=service.name,
+                settings=settings,
+                nc=nc,
+                js=js,
+                pool=pool,
+                store=EventStore(pool),
+                registry=registry,
+            )
+            app.state.ctx = ctx
+            try:
+                await service.start(ctx)
+                log.info("service.started", service=service.name)
+                yield
+            finally:
+                try:
+                    await service.stop()
+                except Exception:
+                    log.exception("service.stop_failed", service=service.name)
+                await _cancel_all(ctx.tasks)
+        finally:
+            # Drain before closing the pool: handlers still finishing may need the database.
+            await _drain(nc)
+            if pool is not None:
+                await pool.close()
+            log.info("service.stopped", service=service.name)
+
+    app = FastAPI(title=f"Mission Control {service.name}", lifespan=lifespan)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        ctx: ServiceContext | None = getattr(app.state, "ctx", None)
+        problems: dict[str, str] = {}
+        if ctx is None:
+            problems["startup"] = "not started"
+        else:
+            if not ctx.nc.is_connected:
+                problems["nats"] = "not connected"
+            db_problem = await _check_database(ctx.pool)
+            if db_problem:
+                problems["database"] = db_problem
+            try:
+                if not service.ready():
+                    problems["service"] = f"{service.name} is not ready"
+            except Exception as exc:
+                problems["service"] = f"readiness check failed: {exc}"
+        if problems:
+            return JSONResponse(
+                {"status": "not_ready", "not_ready": sorted(problems), "detail": problems},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    router = service.router()
+    if router is not None:
+        app.include_router(router)
+    return app
+
+
+async def _check_database(pool: AsyncConnectionPool) -> str | None:
+    """``None`` when ``SELECT 1`` succeeds within the timeout, else what went wrong."""
+    try:
+        async with asyncio.timeout(READY_CHECK_TIMEOUT_S):
+            async with pool.connection(timeout=READY_CHECK_TIMEOUT_S) as conn:
+                await conn.execute("SELECT 1")
+    except TimeoutError:
+        return f"SELECT 1 did not answer within {READY_CHECK_TIMEOUT_S}s"
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return first
+    return None
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _drain(nc: NATS) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
+    except Exception:
+        # Draining needs a live server; without one, just drop the connection.
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+
+def run_service(service: Service) -> None:
+    """Run ``service`` under uvicorn until SIGTERM/SIGINT (uvicorn shuts down gracefully)."""
+    settings = get_settings()
+    configure_logging(service.name, settings.log_level)
+    uvicorn.run(
+        build_app(service, settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )

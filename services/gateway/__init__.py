@@ -1,0 +1,1 @@
+"""The public HTTP API: tenants, run and step ingestion, and the read endpoints users call."""
