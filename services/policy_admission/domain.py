@@ -1,0 +1,306 @@
+"""Admission's pure core: the run context it decides on, the Rego input, and the decision events.
+
+No I/O here. The handler reads events, folds them with :func:`evolve`, builds the input with
+:func:`build_input`, lets the bundle evaluate it, reads the result with :func:`interpret` and
+appends what :func:`decide` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from libs.contracts.envelope import DomainEvent, EventEnvelope
+from libs.contracts.events import (
+    AdmissionDecided,
+    Outcome,
+    PolicyViolationDetected,
+    Reason,
+    RunCompleted,
+    RunStarted,
+    RunStatus,
+    RunStoppedByPolicy,
+    StepRecorded,
+)
+from libs.contracts.registry import decode
+from libs.errors import InvalidInput, PermanentError
+from libs.pricing import PriceTable, price_step
+
+# The policy the Rego aggregator reports for stopped, finished or already-violating runs.
+RUN_STATE_POLICY = "run_state"
+
+_SEVERITY_RANK = {"critical": 0, "high": 1, "medium": 2, "low": 3}
+
+
+# --- the request ---------------------------------------------------------------------------------
+
+
+class StepEstimate(BaseModel):
+    """What the caller expects the step to consume, before it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_tokens: int = Field(ge=0, le=100_000_000)
+    max_output_tokens: int = Field(ge=0, le=100_000_000)
+
+
+class AdmitRequest(BaseModel):
+    """The body of ``admission.admit`` (without ``tenant_id``, which the gateway sets).
+
+    Unknown fields are refused rather than ignored: a misspelt ``model`` or ``tool`` would
+    otherwise skip its allowlist silently.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str = Field(min_length=1, max_length=200)
+    step_index: int = Field(ge=1)
+    kind: str = Field(default="llm_call", min_length=1, max_length=100)
+    model: str | None = Field(default=None, min_length=1, max_length=200)
+    tool: str | None = Field(default=None, min_length=1, max_length=200)
+    estimate: StepEstimate
+
+
+def parse_request(body: dict[str, Any]) -> AdmitRequest:
+    """``body`` as an :class:`AdmitRequest`; :class:`InvalidInput` naming every bad field."""
+    try:
+        return AdmitRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidInput(f"invalid admit request: {problems}") from None
+
+
+# --- the run context -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What admission knows about a run, folded from its stream and admission's own decisions.
+
+    ``cost_usd`` sums the priced steps only; ``unpriced_steps`` counts the steps whose model had
+    no price, so a cost that is a lower bound is visible as one. ``violated`` lists the policies
+    a step of this run was already denied by, in order, without repeats.
+    """
+
+    tenant_id: str
+    run_id: str
+    agent_id: str | None = None
+    status: RunStatus | None = None
+    steps_recorded: int = 0
+    last_step_index: int = 0
+    tokens_used: int = 0
+    cost_usd: Decimal = Decimal(0)
+    unpriced_steps: int = 0
+    violated: tuple[str, ...] = ()
+
+    def as_input(self) -> dict[str, Any]:
+        """The ``input.run`` document (JSON types only)."""
+        return {
+            "run_id": self.run_id,
+            "agent_id": self.agent_id,
+            "status": self.status,
+            "steps_recorded": self.steps_recorded,
+            "last_step_index": self.last_step_index,
+            "tokens_used": self.tokens_used,
+            "cost_usd": float(self.cost_usd),
+            "unpriced_steps": self.unpriced_steps,
+            "violated": list(self.violated),
+        }
+
+
+def _with_violation(state: RunContext, policy_id: str) -> RunContext:
+    if policy_id in state.violated:
+        return state
+    return replace(state, violated=(*state.violated, policy_id))
+
+
+def evolve(
+    state: RunContext, event: DomainEvent, *, occurred_at: datetime, prices: PriceTable
+) -> RunContext:
+    """``state`` after ``event``. Steps are priced with ``prices`` as of ``occurred_at``."""
+    if isinstance(event, RunStarted):
+        return replace(state, status="running", agent_id=event.agent_id)
+    if isinstance(event, StepRecorded):
+        price = price_step(
+            prices, event.model, event.input_tokens, event.output_tokens, occurred_at
+        )
+        cost = state.cost_usd
+        unpriced = state.unpriced_steps
+        if price.total_cost_usd is None:
+            unpriced += 1
+        else:
+            cost += price.total_cost_usd
+        return replace(
+            state,
+            agent_id=state.agent_id or event.agent_id,
+            steps_recorded=state.steps_recorded + 1,
+            last_step_index=max(state.last_step_index, event.step_index),
+            tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
+            cost_usd=cost,
+            unpriced_steps=unpriced,
+        )
+    if isinstance(event, RunCompleted):
+        return replace(state, status=event.status)
+    if isinstance(event, RunStoppedByPolicy):
+        return _with_violation(replace(state, status="stopped_by_policy"), event.policy_id)
+    if isinstance(event, PolicyViolationDetected):
+        return _with_violation(state, event.policy_id)
+    return state
+
+
+def fold(
+    state: RunContext, envelopes: Iterable[EventEnvelope], *, prices: PriceTable
+) -> RunContext:
+    """``state`` after every event in ``envelopes``, in order."""
+    for env in envelopes:
+        state = evolve(state, decode(env), occurred_at=env.occurred_at, prices=prices)
+    return state
+
+
+# --- the Rego input and output -------------------------------------------------------------------
+
+
+def estimate_cost_usd(
+    prices: PriceTable, request: AdmitRequest, at: datetime
+) -> tuple[Decimal | None, str]:
+    """The step's worst-case cost (its whole output budget) and the pricing status."""
+    price = price_step(
+        prices,
+        request.model,
+        request.estimate.input_tokens,
+        request.estimate.max_output_tokens,
+        at,
+    )
+    return price.total_cost_usd, price.pricing_status
+
+
+def build_input(
+    context: RunContext, request: AdmitRequest, *, prices: PriceTable, at: datetime
+) -> dict[str, Any]:
+    """The Rego ``input`` document for one admission request (see ``policy-bundle/README.md``)."""
+    cost, status = estimate_cost_usd(prices, request, at)
+    return {
+        "tenant_id": context.tenant_id,
+        "run": context.as_input(),
+        "step": {
+            "index": request.step_index,
+            "kind": request.kind,
+            "model": request.model,
+            "tool": request.tool,
+            "estimate": {
+                "input_tokens": request.estimate.input_tokens,
+                "max_output_tokens": request.estimate.max_output_tokens,
+                # null, not 0, for an unpriced model: the cost cap must know it cannot check.
+                "cost_usd": None if cost is None else float(cost),
+                "pricing_status": status,
+            },
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the bundle said: the outcome and every reason, denies first.
+
+    Denies are ordered run state first (a stopped run is the cause, whatever else is over its
+    limit), then by severity, then by policy id, so the first reason is stable across
+    evaluations and names the policy the violation is recorded against.
+    """
+
+    outcome: Outcome
+    reasons: tuple[Reason, ...]
+
+    @property
+    def violated(self) -> Reason | None:
+        """The reason a denied step is recorded against; ``None`` unless denied."""
+        return self.reasons[0] if self.outcome == "deny" and self.reasons else None
+
+
+def _reasons(entries: Any, kind: str) -> list[Reason]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise PermanentError(f"policy decision {kind!r} is not a list: {entries!r}")
+    out: list[Reason] = []
+    for entry in entries:
+        try:
+            out.append(Reason.model_validate(entry))
+        except ValidationError as exc:
+            raise PermanentError(f"policy decision has a malformed {kind} entry: {exc}") from None
+    return out
+
+
+def _order(reason: Reason) -> tuple[int, int, str, str]:
+    return (
+        0 if reason.policy_id == RUN_STATE_POLICY else 1,
+        _SEVERITY_RANK.get(reason.severity, len(_SEVERITY_RANK)),
+        reason.policy_id,
+        reason.message,
+    )
+
+
+def interpret(rego_output: dict[str, Any]) -> Decision:
+    """The bundle's ``decision`` document (``{"deny": [...], "warn": [...]}``) as a Decision."""
+    deny = sorted(_reasons(rego_output.get("deny"), "deny"), key=_order)
+    warn = sorted(_reasons(rego_output.get("warn"), "warn"), key=_order)
+    outcome: Outcome = "deny" if deny else "warn" if warn else "allow"
+    return Decision(outcome=outcome, reasons=(*deny, *warn))
+
+
+def decision_context(input_doc: dict[str, Any]) -> dict[str, Any]:
+    """What the decision saw, recorded with it: the run document plus the step's estimate."""
+    return {**input_doc["run"], "estimate": input_doc["step"]["estimate"]}
+
+
+def decide(
+    context: RunContext,
+    request: AdmitRequest,
+    decision: Decision,
+    *,
+    decision_id: str,
+    bundle_digest: str,
+    input_doc: dict[str, Any],
+    trace_id: str | None,
+) -> list[DomainEvent]:
+    """The events one admission appends: always ``admission.decided``; on deny also
+    ``policy.violation_detected`` against the first deny reason (violation id = decision id).
+    """
+    agent_id = context.agent_id or ""
+    events: list[DomainEvent] = [
+        AdmissionDecided(
+            decision_id=decision_id,
+            run_id=context.run_id,
+            agent_id=agent_id,
+            step_index=request.step_index,
+            outcome=decision.outcome,
+            reasons=list(decision.reasons),
+            bundle_digest=bundle_digest,
+            context=decision_context(input_doc),
+        )
+    ]
+    violated = decision.violated
+    if violated is not None:
+        events.append(
+            PolicyViolationDetected(
+                violation_id=decision_id,
+                decision_id=decision_id,
+                run_id=context.run_id,
+                agent_id=agent_id,
+                step_index=request.step_index,
+                policy_id=violated.policy_id,
+                severity=violated.severity,
+                message=violated.message,
+                runbook_url=violated.runbook_url,
+                bundle_digest=bundle_digest,
+                trace_id=trace_id,
+            )
+        )
+    return events

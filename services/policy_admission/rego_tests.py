@@ -1,0 +1,112 @@
+"""A test runner for the bundle's Rego tests (regopy has no ``opa test``).
+
+Every ``test_*`` rule in a ``*_test.rego`` file is one test; it passes when
+``data.<package>.<rule>`` evaluates to ``true`` against the bundle's modules and ``data.json``.
+Undefined, ``false`` or an evaluation error fail it. Packages and rule names are found with a
+regular expression, which is enough for the conventional layout (one package line, test rules
+starting at column 0).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from regopy import Interpreter, RegoError
+
+from services.policy_admission.bundle import DATA_FILE, DEFAULT_BUNDLE_DIR
+
+_PACKAGE = re.compile(r"^package\s+([A-Za-z_][\w.]*)\s*$", re.MULTILINE)
+_TEST_RULE = re.compile(r"^(test_\w+)\b", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class RegoTest:
+    """One ``test_*`` rule of a test module."""
+
+    file: str
+    package: str
+    rule: str
+
+    @property
+    def name(self) -> str:
+        """``<package>.<rule>``, unique within a bundle."""
+        return f"{self.package}.{self.rule}"
+
+    @property
+    def entrypoint(self) -> str:
+        """The rule as a regopy bundle entrypoint (``a/b/c/test_x``)."""
+        return "/".join([*self.package.split("."), self.rule])
+
+
+@dataclass(frozen=True)
+class RegoTestResult:
+    """The outcome of one Rego test; ``detail`` says what it evaluated to when it failed."""
+
+    test: RegoTest
+    passed: bool
+    detail: str = ""
+
+
+def _test_modules(root: Path) -> list[Path]:
+    return sorted(root.rglob("*_test.rego"))
+
+
+def discover(root: Path = DEFAULT_BUNDLE_DIR) -> list[RegoTest]:
+    """Every ``test_*`` rule in the ``*_test.rego`` files under ``root``, in file order."""
+    found: list[RegoTest] = []
+    for path in _test_modules(root):
+        text = path.read_text(encoding="utf-8")
+        pkg = _PACKAGE.search(text)
+        if pkg is None:
+            continue
+        seen: set[str] = set()
+        for match in _TEST_RULE.finditer(text):
+            rule = match.group(1)
+            # A rule with several bodies (incremental definition) is still one test.
+            if rule not in seen:
+                seen.add(rule)
+                found.append(RegoTest(path.relative_to(root).as_posix(), pkg.group(1), rule))
+    return found
+
+
+def run(root: Path = DEFAULT_BUNDLE_DIR) -> list[RegoTestResult]:
+    """Load every module (tests included) and ``data.json`` under ``root``; run every test.
+
+    All tests are compiled once, as entrypoints of one regopy bundle, then evaluated one by one.
+    A module that does not compile fails every test with the compiler's message.
+    """
+    tests = discover(root)
+    if not tests:
+        return []
+    interp = Interpreter()
+    try:
+        for path in sorted(root.rglob("*.rego")):
+            interp.add_module(path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"))
+        data = root / DATA_FILE
+        if data.is_file():
+            interp.add_data(json.loads(data.read_text(encoding="utf-8")))
+        bundle = interp.build(None, [t.entrypoint for t in tests])
+        if not bundle.ok():
+            raise RegoError("bundle did not build")
+    except (RegoError, json.JSONDecodeError) as exc:
+        return [RegoTestResult(t, False, f"bundle does not compile: {exc}") for t in tests]
+    interp.set_input({})
+    results: list[RegoTestResult] = []
+    for t in tests:
+        try:
+            output = interp.query_bundle_entrypoint(bundle, t.entrypoint)
+        except RegoError as exc:
+            results.append(RegoTestResult(t, False, f"error: {exc}"))
+            continue
+        text = str(output)
+        if not output.ok() or text == "undefined":
+            results.append(RegoTestResult(t, False, text))
+            continue
+        expressions = orjson.loads(text).get("expressions") or []
+        passed = expressions == [True]
+        results.append(RegoTestResult(t, passed, "" if passed else text))
+    return results
