@@ -1,0 +1,92 @@
+"""Wiring of the gateway service into the shared service host."""
+
+from __future__ import annotations
+
+import uvicorn
+from fastapi import APIRouter, FastAPI
+
+from libs.errors import TransientError
+from libs.eventbus.rpc import RpcClient
+from libs.observability import configure_logging
+from libs.runtime.service_host import ServiceContext, build_app
+from libs.settings import Settings, get_settings
+from services.gateway.entrypoints import build_router
+from services.gateway.keys import KeyVerifier
+
+API_TITLE = "Mission Control API"
+API_VERSION = "1.0.0"
+API_DESCRIPTION = (
+    "Govern and observe AI-agent runs: ask admission before every step, record steps, and read "
+    "runs, traces, incidents, policies and costs. Authenticate every request with an API key "
+    "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`."
+)
+
+
+class GatewayService:
+    """The public HTTP API: authenticates API keys and forwards each request to its service."""
+
+    name: str = "gateway"
+
+    def __init__(self) -> None:
+        self.ctx: ServiceContext | None = None
+        self._rpc: RpcClient | None = None
+        self._keys: KeyVerifier | None = None
+
+    async def start(self, ctx: ServiceContext) -> None:
+        """Create the RPC client on the host's NATS connection and the key verifier."""
+        self.ctx = ctx
+        self._rpc = RpcClient(ctx.nc)
+        self._keys = KeyVerifier(ctx.pool)
+
+    async def stop(self) -> None:
+        """Nothing of its own to stop: the host drains NATS and closes the pool."""
+        self._rpc = None
+        self._keys = None
+
+    def router(self) -> APIRouter:
+        """The ``/v1`` API."""
+        return build_router(self.rpc_client, self.key_verifier)
+
+    def ready(self) -> bool:
+        """Ready once started."""
+        return self._rpc is not None and self._keys is not None
+
+    def rpc_client(self) -> RpcClient:
+        """The RPC client (only while started)."""
+        if self._rpc is None:
+            raise TransientError("the gateway is not started")
+        return self._rpc
+
+    def key_verifier(self) -> KeyVerifier:
+        """The API key verifier (only while started)."""
+        if self._keys is None:
+            raise TransientError("the gateway is not started")
+        return self._keys
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The gateway's FastAPI app: the host's app plus the public API's OpenAPI identity.
+
+    The security schemes (bearer and ``X-API-Key``) come from the routes' dependencies; the
+    title, version and description are set here because the host names apps after the service.
+    """
+    app = build_app(GatewayService(), settings or get_settings())
+    app.title = API_TITLE
+    app.version = API_VERSION
+    app.description = API_DESCRIPTION
+    return app
+
+
+def main() -> None:
+    """Run the gateway until SIGTERM: :func:`run_service`, but serving :func:`create_app`."""
+    settings = get_settings()
+    configure_logging(GatewayService.name, settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )

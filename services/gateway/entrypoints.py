@@ -1,0 +1,515 @@
+"""The public HTTP API (``/v1``): authentication, request validation, error mapping, and one RPC
+per endpoint to the service that owns the answer.
+
+Every RPC carries the tenant of the API key that authenticated the request, never one from the
+request body, so a key of tenant A cannot name, read or change anything of tenant B: the services
+behind the gateway answer "not found" for B's ids.
+
+Errors leave in one shape, ``{"error": {"code", "message"}}``, from one place
+(:class:`GatewayRoute`): project errors with their ``http_status``, validation errors as 422 naming
+the fields, bodies over :data:`MAX_BODY_BYTES` as 413, and anything unexpected as a logged 500
+with a generic message.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI resolves the dependency annotations of
+# the route functions at import time, and some of them name objects local to build_router.
+
+import secrets
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+import orjson
+import structlog
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from nats.errors import MaxPayloadError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from starlette.exceptions import HTTPException
+
+from libs import errors
+from libs.contracts import new_uuid7
+from libs.eventbus.rpc import RpcClient
+from libs.observability import extract_context, inject_headers
+from services.gateway.keys import KeyVerifier, Principal
+from services.gateway.schemas import (
+    AGENT_ID_PATTERN,
+    ID_PATTERN,
+    MAX_PAGE,
+    POLICY_ID_PATTERN,
+    AcknowledgeRequest,
+    AdmissionRequest,
+    AdmissionResponse,
+    CostGrouping,
+    ErrorResponse,
+    ExportFormat,
+    FinishRunRequest,
+    IncidentStatus,
+    ResolveRequest,
+    RunFinishedResponse,
+    RunStartedResponse,
+    RunStatusFilter,
+    SetPricesRequest,
+    StartRunRequest,
+    StepBatchRequest,
+    StepFields,
+    StepsRecordedResponse,
+)
+
+log = structlog.get_logger("gateway")
+_tracer = trace.get_tracer("mission-control.gateway")
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+CORRELATION_HEADER = "X-Correlation-Id"
+_CORRELATION_MAX = 200
+_CORRELATION_ALPHABET = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
+)
+# Long-running admin and export calls get more than the RPC client's default deadline.
+EXPORT_TIMEOUT_S = 60.0
+REBUILD_TIMEOUT_S = 600.0
+_MAX_REPORTED_FIELDS = 10
+# workflow-engine takes at most 1,000 steps per record_steps; NATS messages are capped at 8 MB.
+RPC_BATCH_ITEMS = 1000
+RPC_BATCH_BYTES = 4 * 1024 * 1024
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class PayloadTooLarge(errors.PermanentError):
+    """The request body is larger than the gateway accepts."""
+
+    code = "payload_too_large"
+    http_status = 413
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one error body of the API."""
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """``invalid request: body.items.0.input_tokens: Input should be ...; ...``."""
+    parts: list[str] = []
+    errs = list(exc.errors())
+    for err in errs[:_MAX_REPORTED_FIELDS]:
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            parts.append(f"body: invalid JSON ({err.get('ctx', {}).get('error', 'malformed')})")
+        else:
+            parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    if len(errs) > _MAX_REPORTED_FIELDS:
+        parts.append(f"... and {len(errs) - _MAX_REPORTED_FIELDS} more")
+    return "invalid request: " + "; ".join(parts)
+
+
+def map_exception(exc: BaseException) -> JSONResponse:
+    """The response for an exception raised while handling a request."""
+    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, errors.MissionControlError):
+        # FastAPI wraps whatever reading the body raised (our size limit) in a 400.
+        exc = exc.__cause__
+    if isinstance(exc, RequestValidationError):
+        return error_response(422, "invalid_input", validation_message(exc))
+    if isinstance(exc, errors.MissionControlError) and exc.http_status < 500:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
+        return error_response(exc.http_status, exc.code, str(exc), headers)
+    if isinstance(exc, errors.MissionControlError) and type(exc) is not errors.MissionControlError:
+        # Unavailable / deadline exceeded: the caller may retry, so say so plainly.
+        return error_response(exc.http_status, exc.code, str(exc))
+    if isinstance(exc, HTTPException):
+        return error_response(exc.status_code, "http_error", str(exc.detail))
+    # A bug or an unexpected upstream failure: log the details, tell the caller nothing internal.
+    log.error("gateway.unhandled_error", exc_info=exc)
+    return error_response(500, "internal", "internal error; see the gateway log for details")
+
+
+# --- request plumbing -----------------------------------------------------------------------------
+
+
+class _LimitedRequest(Request):
+    """A request whose body is read at most up to :data:`MAX_BODY_BYTES` (also when chunked)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in self.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+                chunks.append(chunk)
+            self._body = b"".join(chunks)
+        return self._body
+
+
+def _correlation_id(request: Request) -> str:
+    given = request.headers.get(CORRELATION_HEADER, "")
+    if 0 < len(given) <= _CORRELATION_MAX and set(given) <= _CORRELATION_ALPHABET:
+        return given
+    return str(new_uuid7())
+
+
+def _rpc_headers(correlation_id: str) -> dict[str, str]:
+    headers = inject_headers({"Mc-Correlation-Id": correlation_id})
+    if "traceparent" not in headers:
+        # No tracing SDK and no caller trace: start a trace here, so the services' logs and the
+        # events they append can still be joined on one trace id.
+        headers["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return headers
+
+
+class GatewayRoute(APIRoute):
+    """Every ``/v1`` route: body limit, correlation id, trace span, and the error mapping."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        span_name = f"{next(iter(self.methods or {'GET'}))} {self.path}"
+
+        async def route(request: Request) -> Response:
+            correlation_id = _correlation_id(request)
+            response: Response
+            try:
+                length = request.headers.get("content-length", "")
+                if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                    raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+                with _tracer.start_as_current_span(
+                    span_name, context=extract_context(request.headers), kind=SpanKind.SERVER
+                ):
+                    limited = _LimitedRequest(request.scope, request.receive)
+                    limited.state.rpc_headers = _rpc_headers(correlation_id)
+                    response = await handle(limited)
+            except Exception as exc:
+                response = map_exception(exc)
+            response.headers[CORRELATION_HEADER] = correlation_id
+            return response
+
+        return route
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated request's way to the services: every call carries its tenant."""
+
+    principal: Principal
+    rpc: RpcClient
+    headers: dict[str, str]
+
+    async def __call__(
+        self,
+        service: str,
+        method: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call ``service.method`` with ``payload`` plus the key's tenant."""
+        # The tenant goes last so nothing in the payload can replace it.
+        body = {**(payload or {}), "tenant_id": self.principal.tenant_id}
+        try:
+            return await self.rpc.call(service, method, body, timeout=timeout, headers=self.headers)
+        except MaxPayloadError:
+            raise PayloadTooLarge(
+                "the request is too large to forward in one message; send fewer or smaller items"
+            ) from None
+
+    @property
+    def actor(self) -> str:
+        """How this caller is named in the records it causes."""
+        return f"api-key:{self.principal.key_id}"
+
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    bearerFormat="mc_<key_id>_<secret>",
+    description="An API key issued by `mctl tenant create` or `mctl tenant key`.",
+)
+_api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKey",
+    description="The same API key, for clients that cannot set Authorization.",
+)
+
+RunIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="The run's id.")]
+IncidentIdPath = Annotated[UUID, Path(description="The incident's id.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+OptionalId = Annotated[str | None, Query(pattern=ID_PATTERN)]
+OptionalAgentId = Annotated[str | None, Query(pattern=AGENT_ID_PATTERN)]
+OptionalPolicyId = Annotated[str | None, Query(pattern=POLICY_ID_PATTERN)]
+StorePosition = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, invalid or revoked API key."},
+    404: {"model": ErrorResponse, "description": "Not found (or not visible to this tenant)."},
+    409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
+    413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
+    422: {"model": ErrorResponse, "description": "Invalid request; the message names the fields."},
+    503: {"model": ErrorResponse, "description": "A service behind the gateway is unavailable."},
+    504: {"model": ErrorResponse, "description": "A service did not answer in time."},
+}
+
+
+def _json_body(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {"result": value}
+
+
+def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) -> APIRouter:
+    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request."""
+
+    async def caller(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        api_key: Annotated[str | None, Depends(_api_key_header)],
+    ) -> Caller:
+        token = bearer.credentials if bearer is not None else api_key
+        if not token:
+            raise errors.Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            )
+        principal = await keys().verify(token)
+        return Caller(principal, rpc(), request.state.rpc_headers)
+
+    Call = Annotated[Caller, Depends(caller)]
+    router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
+
+    # -- runs and steps ----------------------------------------------------------------------------
+
+    @router.post("/runs", status_code=201, response_model=RunStartedResponse, tags=["runs"])
+    async def start_run(body: StartRunRequest, call: Call) -> Any:
+        """Start a run of an agent."""
+        return await call("workflow", "start_run", body.model_dump(mode="json", exclude_none=True))
+
+    @router.post("/runs/{run_id}/admissions", response_model=AdmissionResponse, tags=["runs"])
+    async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Call) -> Any:
+        """Ask, before running a step, whether it may run. ``deny`` means: do not run it."""
+        return await call("admission", "admit", {"run_id": run_id, **body.model_dump(mode="json")})
+
+    @router.post(
+        "/runs/{run_id}/steps",
+        status_code=201,
+        response_model=StepsRecordedResponse,
+        tags=["runs"],
+    )
+    async def record_step(run_id: RunIdPath, body: StepFields, call: Call) -> Any:
+        """Record the outcome of one step of a run."""
+        item = {"run_id": run_id, **body.model_dump(mode="json")}
+        return await call("workflow", "record_steps", {"items": [item]})
+
+    @router.post(
+        "/steps:batch", status_code=201, response_model=StepsRecordedResponse, tags=["runs"]
+    )
+    async def record_steps_batch(body: StepBatchRequest, call: Call) -> Any:
+        """Record up to 5,000 steps of any of the tenant's runs in one request.
+
+        The steps are forwarded in chunks of at most 1,000 (and a few MB), in order; each chunk is
+        recorded atomically. If a chunk fails, the chunks before it stay recorded and the error
+        names how many steps were; recording the same step again is refused, not duplicated.
+        """
+        recorded, positions = 0, []
+        for chunk in batch_chunks(body.model_dump(mode="json")["items"]):
+            try:
+                result = await call("workflow", "record_steps", {"items": chunk})
+            except errors.MissionControlError as exc:
+                if recorded:
+                    exc.args = (f"{exc} (the first {recorded} steps of the batch were recorded)",)
+                raise
+            recorded += int(result.get("recorded", len(chunk)))
+            positions += list(result.get("positions", []))
+        return {"recorded": recorded, "positions": positions}
+
+    @router.post("/runs/{run_id}/finish", response_model=RunFinishedResponse, tags=["runs"])
+    async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Call) -> Any:
+        """End a run as ``completed`` or ``failed``."""
+        return await call("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
+
+    @router.get("/runs", tags=["runs"])
+    async def list_runs(
+        call: Call,
+        status: RunStatusFilter | None = None,
+        agent_id: OptionalAgentId = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> Any:
+        """Runs of the tenant, newest first; ``status=live`` means running."""
+        query = {"status": status, "agent_id": agent_id, "limit": limit, "offset": offset}
+        return await call("audit", "runs", _present(query))
+
+    @router.get("/runs/{run_id}", tags=["runs"])
+    async def get_run(run_id: RunIdPath, call: Call) -> Any:
+        """One run: status, steps, tokens, cost, and where it stopped."""
+        return await call("audit", "run", {"run_id": run_id})
+
+    @router.get("/runs/{run_id}/trace", tags=["runs"])
+    async def get_trace(run_id: RunIdPath, call: Call) -> Any:
+        """The run's steps and decisions in order, with its inflection point."""
+        return await call("audit", "trace", {"run_id": run_id})
+
+    @router.get("/runs/{run_id}/replay", tags=["runs"])
+    async def replay_run(
+        run_id: RunIdPath,
+        call: Call,
+        at_position: StorePosition = None,
+        at_version: StorePosition = None,
+    ) -> Any:
+        """The run as it stood at a store position or stream version, rebuilt from the log."""
+        query = {"run_id": run_id, "at_position": at_position, "at_version": at_version}
+        return await call("audit", "replay", _present(query))
+
+    @router.get(
+        "/runs/{run_id}/export",
+        tags=["runs"],
+        responses={
+            200: {
+                "description": "The run's audit record as a file.",
+                "content": {"application/json": {}, "text/csv": {}},
+            }
+        },
+    )
+    async def export_run(run_id: RunIdPath, call: Call, format: ExportFormat = "json") -> Response:
+        """The run's complete audit record (events, decisions, costs) as JSON or CSV."""
+        result = await call(
+            "audit", "export", {"run_id": run_id, "format": format}, timeout=EXPORT_TIMEOUT_S
+        )
+        return export_response(run_id, format, result)
+
+    # -- incidents ---------------------------------------------------------------------------------
+
+    @router.get("/incidents", tags=["incidents"])
+    async def list_incidents(
+        call: Call,
+        status: IncidentStatus | None = None,
+        run_id: OptionalId = None,
+        policy_id: OptionalPolicyId = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
+    ) -> Any:
+        """Incidents of the tenant, newest first."""
+        query = {
+            "status": status,
+            "run_id": run_id,
+            "policy_id": policy_id,
+            "limit": limit,
+            "offset": offset,
+        }
+        return await call("audit", "incidents", _present(query))
+
+    @router.get("/incidents/{incident_id}", tags=["incidents"])
+    async def get_incident(incident_id: IncidentIdPath, call: Call) -> Any:
+        """One incident with its history."""
+        return await call("audit", "incident", {"incident_id": str(incident_id)})
+
+    @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
+    async def acknowledge_incident(
+        incident_id: IncidentIdPath, body: AcknowledgeRequest, call: Call
+    ) -> Any:
+        """Take ownership of an incident."""
+        payload = {"incident_id": str(incident_id), "by": body.by or call.actor}
+        return await call("incident", "acknowledge", payload)
+
+    @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])
+    async def resolve_incident(
+        incident_id: IncidentIdPath, body: ResolveRequest, call: Call
+    ) -> Any:
+        """Close an incident, recording the resolution."""
+        payload = {
+            "incident_id": str(incident_id),
+            "by": body.by or call.actor,
+            "resolution": body.resolution,
+        }
+        return await call("incident", "resolve", payload)
+
+    # -- policies, costs, prices -------------------------------------------------------------------
+
+    @router.get("/policies", tags=["policies"])
+    async def list_policies(call: Call) -> Any:
+        """The active bundle's policies, with how many incidents each has caused."""
+        return await call("audit", "policies")
+
+    @router.get("/costs", tags=["costs"])
+    async def costs(call: Call, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
+        """Cost of the tenant's runs, grouped by run, agent or model."""
+        return await call("audit", "costs", _present({"group_by": group_by, "run_id": run_id}))
+
+    @router.get("/prices", tags=["costs"])
+    async def prices(call: Call) -> Any:
+        """The tenant's price table (custom prices over the defaults) and its version."""
+        return await call("cost", "prices")
+
+    @router.put("/prices", tags=["costs"])
+    async def set_prices(body: SetPricesRequest, call: Call) -> Any:
+        """Publish a new version of the tenant's custom price table."""
+        payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
+        return await call("cost", "set_prices", payload)
+
+    # -- admin -------------------------------------------------------------------------------------
+
+    @router.post("/admin/rebuild-projections", status_code=202, tags=["admin"])
+    async def rebuild_projections(call: Call) -> Any:
+        """Rebuild the query projections from the event store.
+
+        Any valid key may call this, and the rebuild covers every tenant's projections (they share
+        one database); it changes no data, only re-derives it, so the only harm is load.
+        """
+        return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
+
+    return router
+
+
+def _present(query: dict[str, Any]) -> dict[str, Any]:
+    """``query`` without the parameters the caller left out."""
+    return {k: v for k, v in query.items() if v is not None}
+
+
+def batch_chunks(
+    items: list[dict[str, Any]],
+    max_items: int = RPC_BATCH_ITEMS,
+    max_bytes: int = RPC_BATCH_BYTES,
+) -> list[list[dict[str, Any]]]:
+    """``items`` in order, cut into chunks small enough for one request to workflow-engine."""
+    chunks: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    size = 0
+    for item in items:
+        item_size = len(orjson.dumps(item))
+        if current and (len(current) >= max_items or size + item_size > max_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def export_response(run_id: str, fmt: str, result: Any) -> Response:
+    """The export RPC's result as a downloadable file.
+
+    audit-replay answers ``{"content_type", "body"}`` with the file's text; a bare string or, for
+    JSON, the document itself are accepted too.
+    """
+    media_type = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+    content: str | bytes
+    if isinstance(result, dict) and isinstance(result.get("body"), str):
+        content = result["body"]
+        media_type = str(result.get("content_type") or media_type)
+    elif isinstance(result, str):
+        content = result
+    else:
+        content = orjson.dumps(result)
+    return Response(
+        content,
+        media_type=media_type,
+        headers={"Content-Disposition": f'attachment; filename="run-{run_id}.{fmt}"'},
+    )

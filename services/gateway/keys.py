@@ -1,0 +1,197 @@
+"""Tenants and API keys in PostgreSQL (schema ``gateway``), and the verification of presented keys.
+
+Used by the gateway service (verification, on every request) and by ``mctl tenant`` and the demo
+(creation and issuing, through :func:`provision_tenant` and :func:`run_with_pool`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from psycopg_pool import AsyncConnectionPool
+
+from libs.contracts import envelope_for, new_uuid7, stream_id_for
+from libs.errors import Conflict, NotFound, Unauthorized
+from libs.eventbus.db import open_pool, transaction
+from libs.eventbus.store import EventStore
+from services.gateway.domain import (
+    check_tenant_id,
+    decide_create_tenant,
+    generate_key,
+    parse_key,
+    secret_matches,
+)
+
+T = TypeVar("T")
+
+CACHE_TTL_S = 30.0
+CACHE_MAX_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant every request is scoped to, and the key that proved it."""
+
+    tenant_id: str
+    key_id: str
+
+
+async def create_tenant(
+    pool: AsyncConnectionPool,
+    tenant_id: str,
+    name: str | None = None,
+    *,
+    exist_ok: bool = False,
+    actor: str = "mctl",
+) -> bool:
+    """Create a tenant and append ``tenant.created`` in the same transaction.
+
+    Returns ``False`` when the tenant already existed and ``exist_ok``; raises :class:`Conflict`
+    when it existed and not ``exist_ok``.
+    """
+    event = decide_create_tenant(tenant_id, name)
+    stream_id = stream_id_for(event.tenant_id, "tenant", event.tenant_id)
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "INSERT INTO gateway.tenants (tenant_id, name) VALUES (%s, %s) "
+            "ON CONFLICT (tenant_id) DO NOTHING RETURNING tenant_id",
+            (event.tenant_id, event.name),
+        )
+        if await cur.fetchone() is None:
+            if exist_ok:
+                return False
+            raise Conflict(f"tenant {event.tenant_id!r} already exists")
+        envelope = envelope_for(
+            event,
+            tenant_id=event.tenant_id,
+            stream_id=stream_id,
+            correlation_id=str(new_uuid7()),
+            actor=actor,
+        )
+        await EventStore(pool).append(stream_id, [envelope], expected_version=0, conn=conn)
+    return True
+
+
+async def issue_key(pool: AsyncConnectionPool, tenant_id: str, name: str = "") -> str:
+    """A new API key of ``tenant_id``; the returned token is the only copy of its secret."""
+    tenant_id = check_tenant_id(tenant_id)
+    issued = generate_key()
+    async with transaction(pool) as conn:
+        cur = await conn.execute("SELECT 1 FROM gateway.tenants WHERE tenant_id = %s", (tenant_id,))
+        if await cur.fetchone() is None:
+            raise NotFound(f"tenant {tenant_id!r} does not exist")
+        await conn.execute(
+            "INSERT INTO gateway.api_keys (key_id, tenant_id, secret_hash, name) "
+            "VALUES (%s, %s, %s, %s)",
+            (issued.key_id, tenant_id, issued.secret_hash, name),
+        )
+    return issued.token
+
+
+async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> None:
+    """Revoke a key; gateways stop accepting it within :data:`CACHE_TTL_S` seconds."""
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "UPDATE gateway.api_keys SET revoked_at = coalesce(revoked_at, now()) "
+            "WHERE key_id = %s RETURNING key_id",
+            (key_id,),
+        )
+        if await cur.fetchone() is None:
+            raise NotFound(f"API key {key_id!r} does not exist")
+
+
+@dataclass(frozen=True)
+class _CachedKey:
+    tenant_id: str
+    secret_hash: bytes
+    expires_at: float
+
+
+class KeyVerifier:
+    """Turns a presented API key into a :class:`Principal`, or raises :class:`Unauthorized`.
+
+    Valid keys' rows are cached for ``ttl`` seconds so a request costs one hash, not a database
+    round trip; the price is that a revocation takes up to ``ttl`` seconds to reach every gateway.
+    Unknown and revoked keys are not cached: they are rare, and caching them would let a flood of
+    made-up key ids evict the real ones.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        ttl: float = CACHE_TTL_S,
+        max_entries: int = CACHE_MAX_ENTRIES,
+    ) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._cache: dict[str, _CachedKey] = {}
+
+    async def verify(self, token: str) -> Principal:
+        """The principal ``token`` authenticates."""
+        parsed = parse_key(token)
+        now = time.monotonic()
+        row = self._cache.get(parsed.key_id)
+        if row is None or row.expires_at <= now:
+            row = await self._load(parsed.key_id, now)
+        if not secret_matches(parsed.secret, row.secret_hash):
+            raise Unauthorized("invalid or revoked API key")
+        return Principal(tenant_id=row.tenant_id, key_id=parsed.key_id)
+
+    async def _load(self, key_id: str, now: float) -> _CachedKey:
+        async with transaction(self.pool) as conn:
+            cur = await conn.execute(
+                "SELECT tenant_id, secret_hash FROM gateway.api_keys "
+                "WHERE key_id = %s AND revoked_at IS NULL",
+                (key_id,),
+            )
+            found = await cur.fetchone()
+        if found is None:
+            self._cache.pop(key_id, None)
+            raise Unauthorized("invalid or revoked API key")
+        row = _CachedKey(found["tenant_id"], bytes(found["secret_hash"]), now + self.ttl)
+        if len(self._cache) >= self.max_entries:
+            self._evict(now)
+        self._cache[key_id] = row
+        return row
+
+    def _evict(self, now: float) -> None:
+        for key_id in [k for k, v in self._cache.items() if v.expires_at <= now]:
+            del self._cache[key_id]
+        while len(self._cache) >= self.max_entries:
+            # Dicts keep insertion order: the first entry is the oldest load.
+            del self._cache[next(iter(self._cache))]
+
+
+async def provision_tenant(
+    pool: AsyncConnectionPool,
+    tenant_id: str,
+    name: str | None = None,
+    *,
+    exist_ok: bool = False,
+    key_name: str = "",
+    actor: str = "mctl",
+) -> tuple[bool, str]:
+    """Create ``tenant_id`` (unless it exists and ``exist_ok``) and issue it a key.
+
+    Returns (whether the tenant was created now, the new key's token).
+    """
+    created = await create_tenant(pool, tenant_id, name, exist_ok=exist_ok, actor=actor)
+    return created, await issue_key(pool, tenant_id, key_name)
+
+
+def run_with_pool(database_url: str, work: Callable[[AsyncConnectionPool], Awaitable[T]]) -> T:
+    """Run ``work(pool)`` on a short-lived pool, from synchronous code (the CLI, the demo)."""
+
+    async def main() -> T:
+        pool = await open_pool(database_url, min_size=1, max_size=2)
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
