@@ -6,6 +6,7 @@ several systems (and test sessions) can share a machine without colliding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -155,10 +156,8 @@ def _demote(user: pwd.struct_passwd | None):  # type: ignore[no-untyped-def]
 def _make_traversable(path: Path) -> None:
     # The unprivileged server user must reach the binaries and the data directory.
     for p in [path, *path.parents]:
-        try:
+        with contextlib.suppress(PermissionError):
             p.chmod(p.stat().st_mode | 0o055)
-        except PermissionError:
-            pass
 
 
 def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:

@@ -1,0 +1,122 @@
+"""The whole system, started once for the e2e tests with ``mctl up --detach``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.gateway.client import MissionControlClient
+from services.gateway.keys import provision_tenant, run_with_pool
+
+
+@dataclass
+class RunningSystem:
+    """A running Mission Control and how to reach it."""
+
+    data_dir: Path
+    state: dict[str, Any]
+
+    @property
+    def gateway_url(self) -> str:
+        return self.url_of("gateway")
+
+    @property
+    def admin_url(self) -> str:
+        return str(self.state["postgres_admin_url"])
+
+    @property
+    def nats_url(self) -> str:
+        return str(self.state["nats_url"])
+
+    def url_of(self, name: str) -> str:
+        return str(self.child(name)["url"])
+
+    def child(self, name: str) -> dict[str, Any]:
+        self.refresh()
+        return next(c for c in self.state["children"] if c["name"] == name)
+
+    def refresh(self) -> None:
+        self.state = json.loads((self.data_dir / "state.json").read_text())
+
+    def new_tenant(self, tenant_id: str) -> MissionControlClient:
+        _, key = run_with_pool(
+            self.admin_url, lambda pool: provision_tenant(pool, tenant_id, tenant_id)
+        )
+        return MissionControlClient(self.gateway_url, key, timeout=30)
+
+    def key_for(self, tenant_id: str) -> str:
+        _, key = run_with_pool(
+            self.admin_url, lambda pool: provision_tenant(pool, tenant_id, exist_ok=True)
+        )
+        return key
+
+
+def mctl(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "libs.runtime.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, f"mctl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def start_whole_system(data_dir: Path, extra_env: dict[str, str] | None = None) -> RunningSystem:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NATS_URL", "DATABASE_URL", "CLICKHOUSE_URL")
+    }
+    env.update(extra_env or {})
+    mctl("up", "--detach", "--data-dir", str(data_dir), env=env)
+    sys_ = RunningSystem(data_dir, {})
+    sys_.refresh()
+    return sys_
+
+
+def stop_whole_system(sys_: RunningSystem) -> None:
+    try:
+        mctl("down", "--data-dir", str(sys_.data_dir), timeout=90)
+    except AssertionError:
+        with contextlib.suppress(Exception):
+            os.kill(int(sys_.state["supervisor_pid"]), signal.SIGKILL)
+        for c in sys_.state.get("children", []):
+            with contextlib.suppress(Exception):
+                os.kill(int(c["pid"]), signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def whole_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
+    sys_ = start_whole_system(tmp_path_factory.mktemp("e2e") / "mc")
+    yield sys_
+    stop_whole_system(sys_)
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "", interval: float = 0.1) -> Any:
+    """Poll until ``predicate()`` returns something truthy; return it, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except Exception as exc:  # not there yet (404 while the projection catches up)
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}: last value {last!r}")
