@@ -112,6 +112,24 @@ class EventStore:
             cur = await c.execute(q, (stream_id, from_version))
             return [row_to_envelope(r) for r in await cur.fetchall()]
 
+    async def read_streams(
+        self, ranges: Sequence[tuple[str, int]], *, conn: AsyncConn
+    ) -> dict[str, list[EventEnvelope]]:
+        """Several streams in one round trip: ``{stream_id: events with version >= from}``."""
+        if not ranges:
+            return {}
+        where = " OR ".join(["(stream_id = %s AND stream_version >= %s)"] * len(ranges))
+        args = [v for r in ranges for v in r]
+        cur = await conn.execute(
+            f"SELECT {_COLUMNS} FROM eventstore.events WHERE {where} "
+            "ORDER BY stream_id, stream_version",
+            args,
+        )
+        out: dict[str, list[EventEnvelope]] = {sid: [] for sid, _ in ranges}
+        for row in await cur.fetchall():
+            out[row["stream_id"]].append(row_to_envelope(row))
+        return out
+
     async def read_all(
         self, after_position: int = 0, limit: int = 1000, *, tenant_id: str | None = None
     ) -> list[EventEnvelope]:

@@ -1,8 +1,9 @@
 # METADATA
 # title: Cost cap per run
 # description: >-
-#   Denies a step when the run's cost so far plus the step's estimated cost (its input tokens and
-#   maximum output tokens at the tenant's prices) would exceed the run's cost cap. A step whose
+#   Denies a step when the run's cost so far (including the estimates reserved by steps admitted
+#   but not yet recorded) plus the step's estimated cost (its input tokens and maximum output
+#   tokens at the tenant's prices) would exceed the run's cost cap. A step whose
 #   model has no price cannot be checked and is admitted with a warning.
 # custom:
 #   id: cost_cap
@@ -19,8 +20,9 @@ metadata := {
 	"id": "cost_cap",
 	"title": "Cost cap per run",
 	"description": concat(" ", [
-		"Denies a step when the run's cost so far plus the step's estimated cost (its input tokens",
-		"and maximum output tokens at the tenant's prices) would exceed the run's cost cap. A step",
+		"Denies a step when the run's cost so far (including the estimates reserved by steps",
+		"admitted but not yet recorded) plus the step's estimated cost (its input tokens and",
+		"maximum output tokens at the tenant's prices) would exceed the run's cost cap. A step",
 		"whose model has no price cannot be checked and is admitted with a warning.",
 	]),
 	"severity": "high",
@@ -30,14 +32,17 @@ metadata := {
 # USD. The seed's "threshold_cents: 1000" is the same cap.
 cap := config.setting("max_cost_usd_per_run", 10.00)
 
+# Reserved: the estimates of steps admitted in parallel and not recorded yet (see token_limit).
+spent := input.run.cost_usd + object.get(input.run, "cost_reserved_usd", 0)
+
 deny contains msg if {
 	estimate := input.step.estimate.cost_usd
 	estimate != null
-	projected := input.run.cost_usd + estimate
+	projected := spent + estimate
 	projected > cap
 	msg := sprintf(
 		"step would bring the run to $%.4f ($%.4f so far + $%.4f estimated), over the cap of $%.2f",
-		[projected, input.run.cost_usd, estimate, cap],
+		[projected, spent, estimate, cap],
 	)
 }
 

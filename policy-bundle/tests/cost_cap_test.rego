@@ -67,3 +67,16 @@ test_metadata_is_complete if {
 	cost_cap.metadata.severity == "high"
 	startswith(cost_cap.metadata.runbook_url, "https://")
 }
+
+run_with_reserved_cost(cost, reserved) := {
+	"run_id": "r1", "status": "running", "tokens_used": 0, "cost_usd": cost,
+	"cost_reserved_usd": reserved, "violated": [],
+}
+
+test_reserved_cost_counts_as_spent if {
+	count(cost_cap.deny) == 1 with input.run as run_with_reserved_cost(4, 5) with input.step as step_costing("gpt-4o", 1.5)
+}
+
+test_reserved_cost_within_the_cap_still_allows if {
+	count(cost_cap.deny) == 0 with input.run as run_with_reserved_cost(4, 5) with input.step as step_costing("gpt-4o", 1)
+}

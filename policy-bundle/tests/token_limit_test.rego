@@ -68,3 +68,16 @@ test_metadata_is_complete if {
 	token_limit.metadata.severity == "high"
 	startswith(token_limit.metadata.runbook_url, "https://")
 }
+
+run_with_reserved(used, reserved) := {
+	"run_id": "r1", "status": "running", "tokens_used": used, "tokens_reserved": reserved,
+	"cost_usd": 0, "violated": [],
+}
+
+test_reserved_tokens_count_as_spent if {
+	count(token_limit.deny) == 1 with input.run as run_with_reserved(4000, 5000) with input.step as step_with_tokens(600, 500)
+}
+
+test_reservations_within_the_limit_still_allow if {
+	count(token_limit.deny) == 0 with input.run as run_with_reserved(4000, 5000) with input.step as step_with_tokens(400, 500)
+}

@@ -44,6 +44,10 @@ class CostService:
             steps_consumer_spec(self.durable),
             self.handlers.on_step_recorded,
             applied_table=APPLIED_TABLE,
+            # Every recorded step passes through here: one commit per fetched batch keeps up
+            # with ingest. The handler only caches committed price tables, so a rolled-back
+            # batch leaves nothing behind.
+            batch_transactions=True,
         )
         self.rpc = build_rpc_server(ctx.nc, self.handlers)
         await self.rpc.start()

@@ -88,6 +88,11 @@ class RunContext:
     ``cost_usd`` sums the priced steps only; ``unpriced_steps`` counts the steps whose model had
     no price, so a cost that is a lower bound is visible as one. ``violated`` lists the policies
     a step of this run was already denied by, in order, without repeats.
+
+    ``reservations`` holds, per step index, the estimate (tokens, USD or None) of every step that
+    was admitted but has not recorded its outcome yet. Policies count them as spent, which is
+    what keeps steps admitted in parallel from overrunning a budget together. Recording the
+    step releases its reservation; admitting the same step again replaces it.
     """
 
     tenant_id: str
@@ -100,6 +105,17 @@ class RunContext:
     cost_usd: Decimal = Decimal(0)
     unpriced_steps: int = 0
     violated: tuple[str, ...] = ()
+    reservations: tuple[tuple[int, int, Decimal | None], ...] = ()
+
+    @property
+    def tokens_reserved(self) -> int:
+        """Tokens held by admitted, unrecorded steps."""
+        return sum(tokens for _, tokens, _ in self.reservations)
+
+    @property
+    def cost_reserved_usd(self) -> Decimal:
+        """USD held by admitted, unrecorded steps (unpriced estimates hold nothing)."""
+        return sum((cost for _, _, cost in self.reservations if cost is not None), Decimal(0))
 
     def as_input(self) -> dict[str, Any]:
         """The ``input.run`` document (JSON types only)."""
@@ -113,6 +129,8 @@ class RunContext:
             "cost_usd": float(self.cost_usd),
             "unpriced_steps": self.unpriced_steps,
             "violated": list(self.violated),
+            "tokens_reserved": self.tokens_reserved,
+            "cost_reserved_usd": float(self.cost_reserved_usd),
         }
 
 
@@ -122,10 +140,28 @@ def _with_violation(state: RunContext, policy_id: str) -> RunContext:
     return replace(state, violated=(*state.violated, policy_id))
 
 
+def _release(
+    reservations: tuple[tuple[int, int, Decimal | None], ...], step_index: int
+) -> tuple[tuple[int, int, Decimal | None], ...]:
+    return tuple(r for r in reservations if r[0] != step_index)
+
+
+def _reservation(event: AdmissionDecided) -> tuple[int, int, Decimal | None]:
+    estimate = event.context.get("estimate") or {}
+    tokens = int(estimate.get("input_tokens") or 0) + int(estimate.get("max_output_tokens") or 0)
+    cost = estimate.get("cost_usd")
+    return (event.step_index, tokens, None if cost is None else Decimal(str(cost)))
+
+
 def evolve(
     state: RunContext, event: DomainEvent, *, occurred_at: datetime, prices: PriceTable
 ) -> RunContext:
     """``state`` after ``event``. Steps are priced with ``prices`` as of ``occurred_at``."""
+    if isinstance(event, AdmissionDecided):
+        held = _release(state.reservations, event.step_index)
+        if event.outcome != "deny" and event.step_index > state.last_step_index:
+            held = (*held, _reservation(event))
+        return replace(state, reservations=held)
     if isinstance(event, RunStarted):
         return replace(state, status="running", agent_id=event.agent_id)
     if isinstance(event, StepRecorded):
@@ -146,6 +182,7 @@ def evolve(
             tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
             cost_usd=cost,
             unpriced_steps=unpriced,
+            reservations=_release(state.reservations, event.step_index),
         )
     if isinstance(event, RunCompleted):
         return replace(state, status=event.status)

@@ -155,72 +155,76 @@ class AdmissionHandler:
         run_sid = stream_id_for(tenant, "run", req.run_id)
         decisions_sid = stream_id_for(tenant, "decisions", req.run_id)
         prices_sid = stream_id_for(tenant, "prices", "table")
-        cached = self._runs.get(run_key)
-        cached_prices = self._prices.get(tenant)
-
+        # One transaction per decision. It first takes a lock on this run, so two admissions of
+        # the same run (from any replica) decide one after the other: the second sees the first's
+        # decision and its reservation, and parallel steps cannot overrun a budget together.
         async with transaction(self.store.pool) as conn:
-            price_events = await self.store.read_stream(
-                prices_sid, (cached_prices.stream_version if cached_prices else 0) + 1, conn=conn
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (run_sid,))
+            cached = self._runs.get(run_key)
+            cached_prices = self._prices.get(tenant)
+            read = await self.store.read_streams(
+                [
+                    (prices_sid, (cached_prices.stream_version if cached_prices else 0) + 1),
+                    (run_sid, (cached.run_version if cached else 0) + 1),
+                    (decisions_sid, (cached.decisions_version if cached else 0) + 1),
+                ],
+                conn=conn,
             )
-            run_events = await self.store.read_stream(
-                run_sid, (cached.run_version if cached else 0) + 1, conn=conn
-            )
-            decision_events = await self.store.read_stream(
-                decisions_sid, (cached.decisions_version if cached else 0) + 1, conn=conn
+            price_events, run_events = read[prices_sid], read[run_sid]
+            decision_events = read[decisions_sid]
+
+            prices = self._price_entry(tenant, cached_prices, price_events).table
+            if cached is None and not run_events:
+                raise NotFound(f"run {req.run_id!r} not found")
+            base = cached.context if cached else RunContext(tenant_id=tenant, run_id=req.run_id)
+            context = fold(fold(base, run_events, prices=prices), decision_events, prices=prices)
+            self._runs.put(
+                run_key,
+                _RunEntry(
+                    context=context,
+                    run_version=run_events[-1].stream_version
+                    if run_events
+                    else (cached.run_version if cached else 0),
+                    decisions_version=decision_events[-1].stream_version
+                    if decision_events
+                    else (cached.decisions_version if cached else 0),
+                ),
             )
 
-        prices = self._price_entry(tenant, cached_prices, price_events).table
-        if cached is None and not run_events:
-            raise NotFound(f"run {req.run_id!r} not found")
-        base = cached.context if cached else RunContext(tenant_id=tenant, run_id=req.run_id)
-        context = fold(fold(base, run_events, prices=prices), decision_events, prices=prices)
-        self._runs.put(
-            run_key,
-            _RunEntry(
-                context=context,
-                run_version=run_events[-1].stream_version
-                if run_events
-                else (cached.run_version if cached else 0),
-                decisions_version=decision_events[-1].stream_version
-                if decision_events
-                else (cached.decisions_version if cached else 0),
-            ),
-        )
+            input_doc = build_input(context, req, prices=prices, at=utcnow())
+            eval_started = time.perf_counter()
+            raw = self.bundle.evaluate(input_doc)
+            self._evaluation.observe(time.perf_counter() - eval_started)
+            decision = interpret(raw)
 
-        input_doc = build_input(context, req, prices=prices, at=utcnow())
-        eval_started = time.perf_counter()
-        raw = self.bundle.evaluate(input_doc)
-        self._evaluation.observe(time.perf_counter() - eval_started)
-        decision = interpret(raw)
-
-        decision_id = str(new_uuid7())
-        traceparent = headers.get("traceparent")
-        events = decide(
-            context,
-            req,
-            decision,
-            decision_id=decision_id,
-            bundle_digest=self.bundle.digest,
-            input_doc=input_doc,
-            trace_id=trace_id_of(traceparent),
-        )
-        correlation_id = headers.get("Mc-Correlation-Id") or decision_id
-        trace = TraceContext(traceparent=traceparent, tracestate=headers.get("tracestate"))
-        envelopes: list[EventEnvelope] = []
-        for event in events:
-            envelopes.append(
-                envelope_for(
-                    event,
-                    tenant_id=tenant,
-                    stream_id=decisions_sid,
-                    correlation_id=correlation_id,
-                    # The violation is a consequence of the decision recorded just before it.
-                    causation_id=str(envelopes[0].event_id) if envelopes else None,
-                    actor=ACTOR,
-                    trace_context=trace,
+            decision_id = str(new_uuid7())
+            traceparent = headers.get("traceparent")
+            events = decide(
+                context,
+                req,
+                decision,
+                decision_id=decision_id,
+                bundle_digest=self.bundle.digest,
+                input_doc=input_doc,
+                trace_id=trace_id_of(traceparent),
+            )
+            correlation_id = headers.get("Mc-Correlation-Id") or decision_id
+            trace = TraceContext(traceparent=traceparent, tracestate=headers.get("tracestate"))
+            envelopes: list[EventEnvelope] = []
+            for event in events:
+                envelopes.append(
+                    envelope_for(
+                        event,
+                        tenant_id=tenant,
+                        stream_id=decisions_sid,
+                        correlation_id=correlation_id,
+                        # The violation is a consequence of the decision recorded just before it.
+                        causation_id=str(envelopes[0].event_id) if envelopes else None,
+                        actor=ACTOR,
+                        trace_context=trace,
+                    )
                 )
-            )
-        await self.store.append(decisions_sid, envelopes, expected_version=None)
+            await self.store.append(decisions_sid, envelopes, expected_version=None, conn=conn)
 
         self._latency.labels(outcome=decision.outcome).observe(time.perf_counter() - started)
         return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from collections.abc import AsyncIterator, Callable
@@ -394,3 +395,46 @@ async def test_bundle_activation_is_recorded_once_per_digest(system: System) -> 
     async with running_admission(system) as second:
         again = await second.store.read_stream(BUNDLE_STREAM)
     assert len(again) == len(events)
+
+
+async def test_parallel_admissions_cannot_overrun_the_token_limit_together(
+    admission: Admission, tenant: str, unique: Unique
+) -> None:
+    run_id = unique("run")
+    await _append(admission.store, tenant, run_id, RunStarted(run_id=run_id, agent_id="agent-1"))
+    # Ten steps asked for at once, 2,000 tokens each, none recorded yet: only five fit in 10,000.
+    answers = await asyncio.gather(
+        *(
+            admission.admit(tenant, run_id=run_id, step_index=i, estimate=_estimate(1000, 1000))
+            for i in range(1, 11)
+        )
+    )
+    allowed = [a for a in answers if a["outcome"] == "allow"]
+    assert len(allowed) == 5
+    denied_by = {a["reasons"][0]["policy_id"] for a in answers if a["outcome"] == "deny"}
+    assert "token_limit" in denied_by
+
+
+async def test_recording_a_step_releases_its_reservation(
+    admission: Admission, tenant: str, unique: Unique
+) -> None:
+    run_id = unique("run")
+    await _append(admission.store, tenant, run_id, RunStarted(run_id=run_id, agent_id="agent-1"))
+    first = await admission.admit(
+        tenant, run_id=run_id, step_index=1, estimate=_estimate(3000, 3000)
+    )
+    assert first["outcome"] == "allow"
+    assert first["context"]["tokens_reserved"] == 0
+    # Step 1 holds 6,000 tokens until it reports; it actually used only 1,000.
+    second = await admission.admit(
+        tenant, run_id=run_id, step_index=2, estimate=_estimate(2000, 2000)
+    )
+    assert second["outcome"] == "allow"
+    assert second["context"]["tokens_reserved"] == 6000
+    await _append(admission.store, tenant, run_id, _step(run_id, 1, 600, 400))
+    third = await admission.admit(
+        tenant, run_id=run_id, step_index=3, estimate=_estimate(2000, 2000)
+    )
+    assert third["outcome"] == "allow"
+    assert third["context"]["tokens_used"] == 1000
+    assert third["context"]["tokens_reserved"] == 4000  # only step 2's estimate is still held

@@ -280,3 +280,44 @@ def test_decide_deny_records_the_violation_of_the_first_reason() -> None:
     assert violation.message == decision.reasons[0].message
     assert violation.bundle_digest == "sha256:b"
     assert violation.trace_id == "ab" * 16
+
+
+def _decided(i: int, outcome: str, tokens: tuple[int, int], cost: float | None) -> AdmissionDecided:
+    return AdmissionDecided(
+        decision_id=f"d{i}",
+        run_id="r1",
+        agent_id="a1",
+        step_index=i,
+        outcome=outcome,  # type: ignore[arg-type]
+        bundle_digest="sha256:x",
+        context={
+            "estimate": {
+                "input_tokens": tokens[0],
+                "max_output_tokens": tokens[1],
+                "cost_usd": cost,
+            }
+        },
+    )
+
+
+def test_admitted_unrecorded_steps_hold_their_estimate_until_recorded() -> None:
+    s = _apply(_ctx(), RunStarted(run_id="r1", agent_id="a1"))
+    s = _apply(s, _decided(1, "allow", (100, 900), 0.5), _decided(2, "warn", (50, 50), None))
+    assert s.tokens_reserved == 1100
+    assert s.cost_reserved_usd == Decimal("0.5")
+    assert s.as_input()["tokens_reserved"] == 1100
+    s = _apply(s, _step(1, tin=80, tout=20))
+    assert (s.tokens_used, s.tokens_reserved) == (100, 100)  # step 2 still holds its estimate
+    assert s.cost_reserved_usd == 0
+
+
+def test_denied_steps_reserve_nothing_and_readmission_replaces() -> None:
+    s = _apply(_ctx(), _decided(1, "deny", (100, 100), 1.0))
+    assert s.tokens_reserved == 0
+    s = _apply(s, _decided(2, "allow", (100, 100), 1.0), _decided(2, "allow", (10, 10), 0.1))
+    assert s.tokens_reserved == 20
+
+
+def test_a_decision_for_an_already_recorded_step_reserves_nothing() -> None:
+    s = _apply(_ctx(), _step(1), _decided(1, "allow", (100, 100), 1.0))
+    assert s.tokens_reserved == 0
