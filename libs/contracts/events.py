@@ -7,9 +7,9 @@ Naming: ``<aggregate>.<past-tense fact>``. The NATS subject of an event is
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, PlainSerializer
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.registry import register, upcaster
@@ -17,6 +17,12 @@ from libs.contracts.registry import register, upcaster
 Severity = Literal["low", "medium", "high", "critical"]
 Outcome = Literal["allow", "warn", "deny"]
 RunStatus = Literal["running", "completed", "failed", "stopped_by_policy"]
+
+# Money travels as a plain decimal string ("0.0000001500", never "1.5E-7"), so every consumer,
+# whatever its JSON library, reads the exact amount.
+Usd = Annotated[
+    Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
+]
 StepStatus = Literal["ok", "error"]
 
 
@@ -234,8 +240,8 @@ class ModelPrice(DomainEvent):
     schema_version = 1
 
     model: str
-    input_per_token: Decimal
-    output_per_token: Decimal
+    input_per_token: Usd
+    output_per_token: Usd
     effective_from: str = "1970-01-01T00:00:00+00:00"
 
 
@@ -265,9 +271,9 @@ class CostRecorded(DomainEvent):
     input_tokens: int
     output_tokens: int
     pricing_status: Literal["priced", "unpriced", "no_model"]
-    input_cost_usd: Decimal | None
-    output_cost_usd: Decimal | None
-    total_cost_usd: Decimal | None
+    input_cost_usd: Usd | None
+    output_cost_usd: Usd | None
+    total_cost_usd: Usd | None
     price_table_version: str
 
 

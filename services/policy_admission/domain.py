@@ -309,6 +309,10 @@ def decide(
 ) -> list[DomainEvent]:
     """The events one admission appends: always ``admission.decided``; on deny also
     ``policy.violation_detected`` against the first deny reason (violation id = decision id).
+
+    A step refused only because the run is already stopped, finished or has violated a policy
+    (``run_state``) is recorded but is no new violation: the run's first violation already
+    opened the incident, and an agent retrying a stopped run must not open one per retry.
     """
     agent_id = context.agent_id or ""
     events: list[DomainEvent] = [
@@ -324,7 +328,7 @@ def decide(
         )
     ]
     violated = decision.violated
-    if violated is not None:
+    if violated is not None and violated.policy_id != RUN_STATE_POLICY:
         events.append(
             PolicyViolationDetected(
                 violation_id=decision_id,

@@ -128,6 +128,7 @@ def test_seed_000_step_3_is_denied_the_run_stopped_and_everything_linked(whole_s
     with pytest.raises(ApiError) as info:
         mc.record_step(run, 4, kind="llm_call", model="gpt-4o", input_tokens=1, output_tokens=1)
     assert info.value.status == 409
+    assert len(mc.incidents(run_id=run)["incidents"]) == 1
 
     # The incident can be acknowledged and resolved.
     mc.acknowledge_incident(inc["incident_id"], by="oncall")

@@ -212,6 +212,12 @@ async def test_crossing_the_token_limit_is_denied_with_a_violation(
     assert again["outcome"] == "deny"
     assert again["reasons"][0]["policy_id"] == "run_state"
     assert again["context"]["violated"] == ["token_limit"]
+    # Recorded, but no second violation: one violation, one incident, however often it retries.
+    types = [
+        e.event_type
+        for e in await admission.store.read_stream(stream_id_for(tenant, "decisions", run_id))
+    ]
+    assert types == ["admission.decided", "policy.violation_detected", "admission.decided"]
 
 
 async def test_admission_reads_its_own_writes(
@@ -247,9 +253,8 @@ async def test_stopped_run_is_denied_by_run_state(
     assert result["outcome"] == "deny"
     assert [r["policy_id"] for r in result["reasons"]] == ["run_state"]
     assert "stopped_by_policy" in result["reasons"][0]["message"]
-    violation = (await _decisions(admission.store, tenant, run_id))[-1]
-    assert isinstance(violation, PolicyViolationDetected)
-    assert violation.policy_id == "run_state"
+    recorded = await _decisions(admission.store, tenant, run_id)
+    assert [type(e) for e in recorded] == [AdmissionDecided]
 
 
 async def test_cost_cap_uses_the_tenants_prices(

@@ -321,3 +321,19 @@ def test_denied_steps_reserve_nothing_and_readmission_replaces() -> None:
 def test_a_decision_for_an_already_recorded_step_reserves_nothing() -> None:
     s = _apply(_ctx(), _step(1), _decided(1, "allow", (100, 100), 1.0))
     assert s.tokens_reserved == 0
+
+
+def test_a_refusal_only_because_of_run_state_is_no_new_violation() -> None:
+    state = _apply(_ctx(), RunStarted(run_id="r1", agent_id="a1"))
+    req = _req()
+    decision = interpret({"deny": [_reason("run_state"), _reason("token_limit")]})
+    events = decide(
+        state,
+        req,
+        decision,
+        decision_id="d10",
+        bundle_digest="sha256:b",
+        input_doc=build_input(state, req, prices=PRICES, at=AT),
+        trace_id=None,
+    )
+    assert [e.event_type for e in events] == ["admission.decided"]
