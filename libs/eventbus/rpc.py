@@ -8,7 +8,8 @@ and errors come back to the caller as the same project error classes.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,6 +21,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from libs import errors
+from libs.contracts.envelope import TraceContext, new_uuid7
 from libs.contracts.subjects import rpc_subject
 from libs.observability import bind_from_headers, inject_headers
 
@@ -41,6 +43,30 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
         errors.DeadlineExceeded,
     )
 }
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    """Envelope metadata a request carries in its headers, for the events it causes."""
+
+    correlation_id: str
+    trace_context: TraceContext
+    actor: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> RequestMeta:
+        """Correlation id (a new one when absent), trace context and explicit actor."""
+        return cls(
+            correlation_id=headers.get("Mc-Correlation-Id") or str(new_uuid7()),
+            trace_context=TraceContext(
+                traceparent=headers.get("traceparent"), tracestate=headers.get("tracestate")
+            ),
+            actor=headers.get("Mc-Actor") or None,
+        )
+
+    def actor_for(self, agent_id: str) -> str:
+        """``Mc-Actor`` when the caller named one, else the agent the run belongs to."""
+        return self.actor or f"agent:{agent_id}"
 
 
 class RpcServer:

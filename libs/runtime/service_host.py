@@ -36,8 +36,10 @@ from prometheus_client import (
 )
 from psycopg_pool import AsyncConnectionPool
 
+from libs.eventbus.consumer import EventConsumer
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
+from libs.eventbus.rpc import RpcServer
 from libs.eventbus.store import EventStore
 from libs.observability import configure_logging
 from libs.settings import Settings, get_settings
@@ -217,3 +219,61 @@ def run_service(service: Service) -> None:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
+
+
+# The consumer notices a stop request within its 1 s fetch timeout; wait a little longer.
+CONSUMER_STOP_TIMEOUT_S = 5.0
+
+
+class ConsumerRpcService:
+    """Base of the services made of one event consumer plus NATS request routes.
+
+    Subclasses set ``name`` and implement :meth:`wire`, which builds their handlers and returns
+    the consumer and the (not yet started) RPC server; starting, stopping and readiness are the
+    same for all of them.
+    """
+
+    name: str
+
+    def __init__(self) -> None:
+        self.ctx: ServiceContext | None = None
+        self.consumer: EventConsumer | None = None
+        self.rpc: RpcServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def wire(self, ctx: ServiceContext) -> tuple[EventConsumer, RpcServer]:
+        """Build the handlers; return the consumer and the RPC server to run."""
+        raise NotImplementedError
+
+    async def start(self, ctx: ServiceContext) -> None:
+        """Start the consumer in the background and serve the RPC routes."""
+        self.ctx = ctx
+        self.consumer, self.rpc = self.wire(ctx)
+        self._task = asyncio.create_task(self.consumer.run(), name=f"{self.name}-consumer")
+        ctx.tasks.append(self._task)
+        await self.rpc.start()
+
+    async def stop(self) -> None:
+        """Stop answering requests, then let the consumer finish the message in hand."""
+        if self.rpc is not None:
+            await self.rpc.stop()
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self._task is not None and not self._task.done():
+            # asyncio.wait never raises: a task still running after the timeout is cancelled
+            # by the host with the rest of ctx.tasks.
+            await asyncio.wait({self._task}, timeout=CONSUMER_STOP_TIMEOUT_S)
+
+    def router(self) -> APIRouter | None:
+        """No HTTP routes of its own: requests arrive over NATS."""
+        return None
+
+    def ready(self) -> bool:
+        """Ready once the routes are subscribed and the consumer is fetching."""
+        return (
+            self.rpc is not None
+            and self.consumer is not None
+            and self.consumer.running
+            and self._task is not None
+            and not self._task.done()
+        )

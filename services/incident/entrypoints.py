@@ -11,9 +11,9 @@ from libs.contracts.envelope import TenantId
 from libs.contracts.subjects import events_filter
 from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import RequestMeta, RpcServer
 from services.incident.domain import MAX_BY, MAX_RESOLUTION
-from services.incident.handlers import IncidentHandlers, RequestMeta
+from services.incident.handlers import IncidentHandlers
 
 RPC_SERVICE = "incident"
 VIOLATIONS_DURABLE = "incident-violations"

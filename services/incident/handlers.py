@@ -9,17 +9,17 @@ the table's ``UNIQUE (violation_id)``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import structlog
 
-from libs.contracts import TraceContext, envelope_for, new_uuid7, stream_id_for
+from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import DomainEvent, EventEnvelope
 from libs.contracts.events import PolicyViolationDetected
 from libs.contracts.registry import decode
 from libs.errors import ConcurrencyError, Conflict, NotFound, PermanentError
 from libs.eventbus.db import AsyncConn, transaction
+from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
 from libs.observability import trace_id_of
 from services.incident.domain import (
@@ -36,26 +36,6 @@ from services.incident.domain import (
 log = structlog.get_logger("incident")
 
 SERVICE_ACTOR = "service:incident"
-
-
-@dataclass(frozen=True)
-class RequestMeta:
-    """Envelope metadata taken from a request's headers."""
-
-    correlation_id: str
-    trace_context: TraceContext
-    actor: str | None = None
-
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> RequestMeta:
-        """Correlation id (a new one when absent), trace context and explicit actor."""
-        return cls(
-            correlation_id=headers.get("Mc-Correlation-Id") or str(new_uuid7()),
-            trace_context=TraceContext(
-                traceparent=headers.get("traceparent"), tracestate=headers.get("tracestate")
-            ),
-            actor=headers.get("Mc-Actor") or None,
-        )
 
 
 class IncidentHandlers:

@@ -12,9 +12,9 @@ from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
 from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import RequestMeta, RpcServer
 from services.workflow_engine.domain import RecordStep
-from services.workflow_engine.handlers import RequestMeta, WorkflowHandlers
+from services.workflow_engine.handlers import WorkflowHandlers
 
 RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"

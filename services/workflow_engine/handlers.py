@@ -20,12 +20,13 @@ from typing import Any, Literal
 
 import structlog
 
-from libs.contracts import DomainEvent, TraceContext, envelope_for, new_uuid7, stream_id_for
+from libs.contracts import DomainEvent, envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import PolicyViolationDetected
 from libs.contracts.registry import decode
 from libs.errors import ConcurrencyError, Conflict, NotFound, PermanentError, TransientError
 from libs.eventbus.db import AsyncConn, transaction
+from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import Append, EventStore
 from services.workflow_engine.domain import (
     Command,
@@ -43,30 +44,6 @@ from services.workflow_engine.domain import (
 log = structlog.get_logger("workflow_engine")
 
 SERVICE_ACTOR = "service:workflow-engine"
-
-
-@dataclass(frozen=True)
-class RequestMeta:
-    """Envelope metadata taken from a request's headers."""
-
-    correlation_id: str
-    trace_context: TraceContext
-    actor: str | None = None
-
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> RequestMeta:
-        """Correlation id (a new one when absent), trace context and explicit actor."""
-        return cls(
-            correlation_id=headers.get("Mc-Correlation-Id") or str(new_uuid7()),
-            trace_context=TraceContext(
-                traceparent=headers.get("traceparent"), tracestate=headers.get("tracestate")
-            ),
-            actor=headers.get("Mc-Actor") or None,
-        )
-
-    def actor_for(self, agent_id: str) -> str:
-        """``Mc-Actor`` when the caller named one, else the agent the run belongs to."""
-        return self.actor or f"agent:{agent_id}"
 
 
 class RunCache:

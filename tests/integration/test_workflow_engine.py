@@ -19,14 +19,14 @@ from libs.contracts.registry import decode
 from libs.contracts.subjects import EVENTS_STREAM, event_subject
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.jetstream import connect, ensure_streams
-from libs.eventbus.rpc import RpcClient
+from libs.eventbus.rpc import RequestMeta, RpcClient
 from libs.eventbus.store import EventStore
 from libs.runtime.service_host import ServiceContext
 from libs.settings import get_settings
 from services.workflow_engine.bootstrap import WorkflowEngineService
 from services.workflow_engine.domain import RecordStep
 from services.workflow_engine.entrypoints import violation_consumer_spec
-from services.workflow_engine.handlers import RequestMeta, WorkflowHandlers
+from services.workflow_engine.handlers import WorkflowHandlers
 from tests.conftest import System, wait_until
 
 pytestmark = pytest.mark.integration
