@@ -108,6 +108,16 @@ class _Base:
         except ValidationError as exc:
             raise PermanentError(f"malformed event: {exc.errors()[0]['msg']}") from exc
 
+    async def parse_batch(self, msgs: list[Msg]) -> list[tuple[Msg, EventEnvelope]]:
+        """Each message with its envelope; the unparseable ones go to the dead-letter path."""
+        parsed: list[tuple[Msg, EventEnvelope]] = []
+        for m in msgs:
+            try:
+                parsed.append((m, self.parse(m)))
+            except PermanentError as exc:
+                await self.fail(m, exc)
+        return parsed
+
     async def fail(self, msg: Msg, exc: BaseException) -> None:
         """Retry later, or dead-letter when retrying cannot help or attempts are used up."""
         delivered = msg.metadata.num_delivered if msg.metadata else 1
@@ -172,12 +182,7 @@ class EventConsumer(_Base):
         if not self.batch_transactions or len(msgs) < 2:
             await super().handle_batch(msgs)
             return
-        parsed: list[tuple[Msg, EventEnvelope]] = []
-        for m in msgs:
-            try:
-                parsed.append((m, self.parse(m)))
-            except PermanentError as exc:
-                await self.fail(m, exc)
+        parsed = await self.parse_batch(msgs)
         try:
             async with transaction(self.pool) as conn:
                 flags = [await self._apply_in(conn, env) for _, env in parsed]
@@ -240,23 +245,16 @@ class BatchEventConsumer(_Base):
         self.handler = handler
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        envs: list[EventEnvelope] = []
-        good: list[Msg] = []
-        for m in msgs:
-            try:
-                envs.append(self.parse(m))
-                good.append(m)
-            except PermanentError as exc:
-                await self.fail(m, exc)
-        if not envs:
+        parsed = await self.parse_batch(msgs)
+        if not parsed:
             return
         try:
-            await self.handler(envs)
+            await self.handler([e for _, e in parsed])
         except Exception:
-            for m, e in zip(good, envs, strict=True):
+            for m, e in parsed:
                 await self.handle_one(m, e)
             return
-        for m, e in zip(good, envs, strict=True):
+        for m, e in parsed:
             self.stats.applied += 1
             self.stats.last_position = max(self.stats.last_position, e.position or 0)
             await m.ack()

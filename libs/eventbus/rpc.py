@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
@@ -43,6 +44,19 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
         errors.DeadlineExceeded,
     )
 }
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_request(model: type[M], payload: dict[str, Any]) -> M:
+    """Validate a request body; :class:`InvalidInput` names the first offending field."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise errors.InvalidInput(f"{where}: {first['msg']}") from None
 
 
 @dataclass(frozen=True)

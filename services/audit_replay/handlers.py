@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts.envelope import EventEnvelope, stream_id_for
 from libs.contracts.subjects import EVENTS_PREFIX
-from libs.errors import InvalidInput, MissionControlError, PermanentError
+from libs.errors import InvalidInput, MissionControlError
 from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.db import transaction
 from libs.eventbus.jetstream import ConsumerSpec
@@ -318,16 +318,11 @@ class ProjectionConsumer(BatchEventConsumer):
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Project a fetched batch; ack or retry each message once its flush is known."""
-        envs: list[EventEnvelope] = []
-        good: list[Msg] = []
-        for m in msgs:
-            try:
-                envs.append(self.parse(m))
-                good.append(m)
-            except PermanentError as exc:
-                await self.fail(m, exc)
-        if not envs:
+        parsed = await self.parse_batch(msgs)
+        if not parsed:
             return
+        good = [m for m, _ in parsed]
+        envs = [e for _, e in parsed]
         try:
             fut = await self.projector.add(envs)
         except Exception as exc:

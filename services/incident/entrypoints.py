@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.contracts.envelope import TenantId
 from libs.contracts.subjects import events_filter
-from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RequestMeta, RpcServer
+from libs.eventbus.rpc import parse_request as parse
 from services.incident.domain import MAX_BY, MAX_RESOLUTION
 from services.incident.handlers import IncidentHandlers
 
@@ -52,19 +52,6 @@ class ResolveRequest(_Request):
 
     by: str = Field(min_length=1, max_length=MAX_BY)
     resolution: str = Field(min_length=1, max_length=MAX_RESOLUTION)
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], payload: dict[str, Any]) -> M:
-    """Validate a request body; the error names the first offending field."""
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidInput(f"{where}: {first['msg']}") from None
 
 
 def build_rpc(server: RpcServer, handlers: IncidentHandlers) -> RpcServer:

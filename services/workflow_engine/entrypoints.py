@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import TenantId
 from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
-from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RequestMeta, RpcServer
+from libs.eventbus.rpc import parse_request as parse
 from services.workflow_engine.domain import RecordStep
 from services.workflow_engine.handlers import WorkflowHandlers
 
@@ -90,19 +90,6 @@ class GetRunRequest(_Request):
     """``get_run``."""
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def parse(model: type[M], payload: dict[str, Any]) -> M:
-    """Validate a request body; the error names the first offending field."""
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidInput(f"{where}: {first['msg']}") from None
 
 
 def build_rpc(server: RpcServer, handlers: WorkflowHandlers) -> RpcServer:
