@@ -32,10 +32,10 @@ class CostService(ConsumerRpcService):
             steps_consumer_spec(self.durable),
             self.handlers.on_step_recorded,
             applied_table=APPLIED_TABLE,
-            # Every recorded step passes through here: one commit per fetched batch keeps up
-            # with ingest. The handler only caches committed price tables, so a rolled-back
-            # batch leaves nothing behind.
-            batch_transactions=True,
+            # Every recorded step passes through here: one transaction and one append per
+            # fetched batch keeps up with ingest. The handler only caches committed price
+            # tables, so a rolled-back batch leaves nothing behind.
+            batch_handler=self.handlers.on_steps_recorded,
         )
         return consumer, build_rpc_server(ctx.nc, self.handlers)
 

@@ -15,12 +15,12 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter
 
 from libs.contracts import EventEnvelope, TraceContext, decode, envelope_for, stream_id_for
-from libs.contracts.events import StepRecorded
+from libs.contracts.events import CostRecorded, StepRecorded
 from libs.contracts.subjects import events_filter
 from libs.errors import ConcurrencyError, Conflict, PermanentError
 from libs.eventbus.db import AsyncConn
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.store import EventStore
+from libs.eventbus.store import Append, EventStore
 from libs.pricing import PriceTable, builtin_price_table, latest_published, with_overrides
 from services.cost.domain import decide_cost, decide_publish, parse_prices, price_listing
 
@@ -88,34 +88,50 @@ class CostHandlers:
 
     async def on_step_recorded(self, conn: AsyncConn, env: EventEnvelope) -> None:
         """Append the step's ``cost.recorded`` in the consumer's transaction ``conn``."""
-        if env.event_type != STEP_EVENT:
-            return
-        step = decode(env)
-        if not isinstance(step, StepRecorded):  # pragma: no cover - the registry guarantees it
-            raise PermanentError(f"{env.event_id} is not a run.step_recorded event")
-        table = await self.price_table(env.tenant_id, conn=conn)
-        cost = decide_cost(step, env.occurred_at, table, step_event_id=env.event_id)
-        out = envelope_for(
-            cost,
-            tenant_id=env.tenant_id,
-            stream_id=cost_stream(env.tenant_id, step.run_id),
-            correlation_id=env.correlation_id,
-            actor=ACTOR,
-            causation_id=str(env.event_id),
-            trace_context=env.trace_context,
+        await self.on_steps_recorded(conn, [env])
+
+    async def on_steps_recorded(self, conn: AsyncConn, envs: list[EventEnvelope]) -> None:
+        """Cost a batch of recorded steps with one append, in the consumer's transaction."""
+        tables: dict[str, PriceTable] = {}
+        by_stream: dict[str, list[EventEnvelope]] = {}
+        costs: list[tuple[EventEnvelope, StepRecorded, CostRecorded]] = []
+        for env in envs:
+            if env.event_type != STEP_EVENT:
+                continue
+            step = decode(env)
+            if not isinstance(step, StepRecorded):  # pragma: no cover - registry guarantees it
+                raise PermanentError(f"{env.event_id} is not a run.step_recorded event")
+            if env.tenant_id not in tables:
+                tables[env.tenant_id] = await self.price_table(env.tenant_id, conn=conn)
+            cost = decide_cost(
+                step, env.occurred_at, tables[env.tenant_id], step_event_id=env.event_id
+            )
+            out = envelope_for(
+                cost,
+                tenant_id=env.tenant_id,
+                stream_id=cost_stream(env.tenant_id, step.run_id),
+                correlation_id=env.correlation_id,
+                actor=ACTOR,
+                causation_id=str(env.event_id),
+                trace_context=env.trace_context,
+            )
+            by_stream.setdefault(out.stream_id, []).append(out)
+            costs.append((env, step, cost))
+        await self.store.append_many(
+            [Append(sid, outs) for sid, outs in by_stream.items()], conn=conn
         )
-        await self.store.append(out.stream_id, [out], conn=conn)
         # Counted before commit: a failed commit is redelivered and counted again, which only
         # over-counts under failures and keeps the metric off the critical path.
-        self._steps.labels(cost.pricing_status).inc()
-        if cost.pricing_status == "unpriced":
-            log.warning(
-                "cost.unpriced_model",
-                tenant_id=env.tenant_id,
-                run_id=step.run_id,
-                model=step.model,
-                price_table_version=cost.price_table_version,
-            )
+        for env, step, cost in costs:
+            self._steps.labels(cost.pricing_status).inc()
+            if cost.pricing_status == "unpriced":
+                log.warning(
+                    "cost.unpriced_model",
+                    tenant_id=env.tenant_id,
+                    run_id=step.run_id,
+                    model=step.model,
+                    price_table_version=cost.price_table_version,
+                )
 
     async def set_prices(
         self,

@@ -97,9 +97,9 @@ async def test_consumer_killed_after_effect_before_ack_applies_once(system, pool
         await nc.close()
 
 
-@pytest.mark.parametrize("batch_transactions", [False, True], ids=["per-event", "per-batch"])
+@pytest.mark.parametrize("batched", [False, True], ids=["per-event", "per-batch"])
 async def test_poison_message_is_dead_lettered_after_max_deliver_while_others_flow(
-    system, pool, tenant, unique, batch_transactions
+    system, pool, tenant, unique, batched
 ):
     schema = scratch_schema(system.admin_url, unique("pm"))
     nc = await connect(system.nats_url, "test")
@@ -114,6 +114,10 @@ async def test_poison_message_is_dead_lettered_after_max_deliver_while_others_fl
         if e.event_id == poison.event_id:
             raise TransientError("downstream keeps failing for this one")
         await conn.execute(f"INSERT INTO {schema}.effects (event_id) VALUES (%s)", (e.event_id,))
+
+    async def effects(conn, batch) -> None:  # type: ignore[no-untyped-def]
+        for e in batch:
+            await effect(conn, e)
 
     durable = unique("poison")
     spec = ConsumerSpec(
@@ -132,7 +136,7 @@ async def test_poison_message_is_dead_lettered_after_max_deliver_while_others_fl
         spec,
         effect,
         applied_table=f"{schema}.applied_events",
-        batch_transactions=batch_transactions,
+        batch_handler=effects if batched else None,
     )
     task = asyncio.create_task(consumer.run())
     try:
@@ -144,7 +148,7 @@ async def test_poison_message_is_dead_lettered_after_max_deliver_while_others_fl
         assert orjson.loads(dead.data)["event_id"] == str(poison.event_id)
         assert dead.headers and dead.headers["Mc-Dlq-Deliveries"] == "3"
         assert "downstream keeps failing" in dead.headers["Mc-Dlq-Reason"]
-        if batch_transactions:
+        if batched:
             # A failed batch is rolled back whole and each message retried alone, so others in
             # the poison's batch ran twice; their effect still landed exactly once.
             assert attempts[str(poison.event_id)] == 4
@@ -189,6 +193,60 @@ async def test_malformed_message_goes_straight_to_the_dead_letter_path(
         msgs = await dlq.fetch(1, timeout=15)
         assert msgs[0].data == b"{not json"
         assert msgs[0].headers and msgs[0].headers["Mc-Dlq-Deliveries"] == "1"
+    finally:
+        consumer.stop()
+        await task
+        await nc.close()
+
+
+async def test_batched_consumer_skips_what_was_applied_and_in_batch_repeats(
+    system, pool, tenant, unique
+):
+    schema = scratch_schema(system.admin_url, unique("ba"))
+    nc = await connect(system.nats_url, "test")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    envs = [_step(tenant, i) for i in range(1, 6)]
+    durable = unique("batched")
+    with psycopg.connect(system.admin_url, autocommit=True) as conn:
+        for e in envs[:2]:  # applied before, by an earlier incarnation of this consumer
+            conn.execute(
+                f"INSERT INTO {schema}.applied_events (consumer, event_id) VALUES (%s, %s)",
+                (durable, e.event_id),
+            )
+    for e in envs:
+        await _publish(js, e)
+    # The same event again under another message id: a redelivery JetStream cannot deduplicate.
+    await js.publish(
+        event_subject(tenant, envs[4].event_type),
+        envs[4].model_dump_json().encode(),
+        headers={"Nats-Msg-Id": unique("again")},
+    )
+    batches: list[int] = []
+
+    async def effects(conn, batch) -> None:  # type: ignore[no-untyped-def]
+        batches.append(len(batch))
+        for e in batch:
+            await conn.execute(
+                f"INSERT INTO {schema}.effects (event_id) VALUES (%s)", (e.event_id,)
+            )
+
+    async def one(conn, e) -> None:  # type: ignore[no-untyped-def]
+        await effects(conn, [e])
+
+    spec = ConsumerSpec(durable=durable, filter_subjects=(events_filter(">", tenant),))
+    consumer = EventConsumer(
+        js, pool, spec, one, applied_table=f"{schema}.applied_events", batch_handler=effects
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        await wait_until(
+            lambda: consumer.stats.applied + consumer.stats.duplicates == 6, 30, what="all six"
+        )
+        assert _count(system.admin_url, schema) == (3, 3)
+        assert consumer.stats.applied == 3
+        assert consumer.stats.duplicates == 3
+        assert max(batches) > 1  # it really took the batched path
     finally:
         consumer.stop()
         await task
