@@ -26,15 +26,21 @@ set_json_loads(orjson.loads)
 AsyncConn = psycopg.AsyncConnection[dict[str, Any]]
 
 
-async def open_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> AsyncConnectionPool:
-    """An open async pool whose connections return rows as dicts."""
+async def open_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, timeout: float = 10.0
+) -> AsyncConnectionPool:
+    """An open async pool whose connections return rows as dicts.
+
+    ``timeout`` bounds how long a caller waits for a connection (for example while the server
+    restarts) before getting a :class:`~libs.errors.TransientError`.
+    """
     pool: AsyncConnectionPool = AsyncConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
         kwargs={"row_factory": dict_row, "autocommit": False},
         open=False,
-        timeout=10,
+        timeout=timeout,
     )
     try:
         await pool.open(wait=True, timeout=30)
