@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import rfc8785
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope
 from libs.errors import ConcurrencyError, InvalidInput
 from libs.eventbus.db import AsyncConn, transaction
@@ -34,7 +34,7 @@ _COLUMNS = (
 
 def chain_hash(prev_hash: bytes, envelope: EventEnvelope) -> bytes:
     """sha256(prev_hash || RFC 8785 canonical JSON of the envelope's hashed fields)."""
-    body = rfc8785.dumps(envelope.hashed_fields())
+    body = canonical_json(envelope.hashed_fields())
     return hashlib.sha256(prev_hash + body).digest()
 
 
