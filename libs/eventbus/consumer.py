@@ -89,7 +89,16 @@ class _Base:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), 0.5)
                     continue
-                await self.handle_batch(msgs)
+                try:
+                    await self.handle_batch(msgs)
+                except Exception as exc:
+                    # A failed ack, nak or dead-letter publish (NATS restarting, say) must not
+                    # end the consumer: whatever was not acked is redelivered after ack_wait.
+                    log.warning(
+                        "consumer.batch_failed", consumer=self.spec.durable, error=repr(exc)
+                    )
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), 0.5)
         finally:
             self.running = False
             with contextlib.suppress(Exception):

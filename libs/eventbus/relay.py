@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import psycopg
 import structlog
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from psycopg.rows import dict_row
 
@@ -56,6 +57,22 @@ def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
             headers[key] = tc[key]
     body = orjson.dumps(row)
     return event_subject(row["tenant_id"], row["event_type"]), body, headers
+
+
+def windows(rows: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """Consecutive runs of ``rows`` of at most ``limit`` rows, no stream twice in one run."""
+    out: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    streams: set[str] = set()
+    for row in rows:
+        if len(current) >= limit or row["stream_id"] in streams:
+            out.append(current)
+            current, streams = [], set()
+        current.append(row)
+        streams.add(row["stream_id"])
+    if current:
+        out.append(current)
+    return out
 
 
 @dataclass
@@ -164,19 +181,28 @@ class Relay:
         return len(rows)
 
     async def publish_in_order(self, rows: list[dict[str, Any]]) -> None:
-        """Publish ``rows`` keeping store order on the wire; raise if any publish failed.
+        """Publish ``rows`` in store order; raise if any publish failed.
 
         Publishes are pipelined (awaiting each ack would cap throughput at one round trip per
-        event), but they leave in order over the one connection. If any fails, the whole batch
-        is retried from its start: JetStream drops the ones it already has by ``Nats-Msg-Id``.
+        event), but a window never holds two events of the same stream: if one publish of a
+        window fails while later ones succeed, JetStream holds the later ones first, and that
+        must never reorder a stream. The batch is then retried from its start; JetStream drops
+        the events it already has by ``Nats-Msg-Id``.
         """
-        for start in range(0, len(rows), self.in_flight):
-            window = rows[start : start + self.in_flight]
+        for window in windows(rows, self.in_flight):
             results = await asyncio.gather(
                 *(self._publish(r) for r in window), return_exceptions=True
             )
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:
+                if any(isinstance(f, MaxPayloadError) for f in failed):
+                    # Only a server whose max_payload is below the store's event limit does
+                    # this; it needs an operator, and every event behind it waits.
+                    log.error(
+                        "relay.event_over_max_payload",
+                        hint="raise the NATS server's max_payload above libs.eventbus.store."
+                        "MAX_EVENT_BYTES",
+                    )
                 raise TransientError(f"{len(failed)} publishes failed: {failed[0]!r}")
 
     async def _publish(self, row: dict[str, Any]) -> None:

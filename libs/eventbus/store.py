@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -22,6 +23,10 @@ from libs.errors import ConcurrencyError, InvalidInput
 from libs.eventbus.db import AsyncConn, transaction
 
 APPEND_LOCK = 7_231_000
+# The largest event the store accepts, as JSON. NATS servers refuse messages over their
+# max_payload (1 MB by default); an event the relay can never publish would block every event
+# behind it, so it is refused here, where the caller still gets the error.
+MAX_EVENT_BYTES = 900 * 1024
 NOTIFY_CHANNEL = "mc_events"
 GENESIS = b"\x00" * 32
 
@@ -194,6 +199,13 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
         for e in a.events:
             if e.stream_id != a.stream_id:
                 raise InvalidInput(f"event {e.event_id} is for {e.stream_id}, not {a.stream_id}")
+            size = len(orjson.dumps(e.payload))
+            if size > MAX_EVENT_BYTES:
+                raise InvalidInput(
+                    f"{e.event_type} event is {size:,} bytes of JSON, over the limit of "
+                    f"{MAX_EVENT_BYTES:,}: store large inputs and outputs elsewhere and record a "
+                    "reference"
+                )
             version += 1
             env = e.model_copy(update={"stream_version": version})
             h = chain_hash(prev, env)

@@ -177,7 +177,11 @@ class AdmissionHandler:
             if cached is None and not run_events:
                 raise NotFound(f"run {req.run_id!r} not found")
             base = cached.context if cached else RunContext(tenant_id=tenant, run_id=req.run_id)
-            context = fold(fold(base, run_events, prices=prices), decision_events, prices=prices)
+            # One history, in store order: appends commit in position order, so everything read
+            # now comes after everything already folded into the cached context, and the fold
+            # is the same whichever replica or cache state answers.
+            history = sorted([*run_events, *decision_events], key=lambda e: e.position or 0)
+            context = fold(base, history, prices=prices)
             self._runs.put(
                 run_key,
                 _RunEntry(

@@ -443,3 +443,23 @@ async def test_recording_a_step_releases_its_reservation(
     assert third["outcome"] == "allow"
     assert third["context"]["tokens_used"] == 1000
     assert third["context"]["tokens_reserved"] == 4000  # only step 2's estimate is still held
+
+
+async def test_reservations_do_not_depend_on_which_replica_or_cache_answers(
+    system: System, admission: Admission, tenant: str, unique: Unique
+) -> None:
+    run_id = unique("run")
+    await _append(admission.store, tenant, run_id, RunStarted(run_id=run_id, agent_id="agent-1"))
+    d1 = await admission.admit(tenant, run_id=run_id, step_index=1, estimate=_estimate(3000, 3000))
+    d2 = await admission.admit(tenant, run_id=run_id, step_index=2, estimate=_estimate(500, 500))
+    assert (d1["outcome"], d2["outcome"]) == ("allow", "allow")
+    # Step 2 reports while step 1 (6,000 tokens reserved) is still running.
+    await _append(admission.store, tenant, run_id, _step(run_id, 2, 500, 500))
+    ask = {"run_id": run_id, "step_index": 3, "estimate": _estimate(2000, 2500)}
+    # A second replica with a cold cache must see the same reservation as the warm one.
+    async with running_admission(system) as cold:
+        from_cold = await cold.service.handler.admit(tenant, ask, {})  # type: ignore[union-attr]
+    from_warm = await admission.admit(tenant, **ask)
+    assert from_cold["context"]["tokens_reserved"] == 6000
+    assert from_warm["context"]["tokens_reserved"] == 6000
+    assert from_cold["outcome"] == from_warm["outcome"] == "deny"

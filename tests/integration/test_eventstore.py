@@ -139,3 +139,24 @@ async def test_v1_event_in_the_store_reads_back_as_current_version(
     assert isinstance(current, RunStarted)
     assert current.agent_id == "legacy-agent"
     assert current.labels == {}
+
+
+async def test_an_event_too_large_for_the_bus_is_refused_and_nothing_is_stored(
+    pool, tenant, unique
+) -> None:
+    from libs.errors import InvalidInput
+    from libs.eventbus.store import MAX_EVENT_BYTES
+
+    store = EventStore(pool)
+    run = unique("run")
+    sid = stream_id_for(tenant, "run", run)
+    big = envelope_for(
+        StepRecorded(run_id=run, agent_id="a1", step_index=2, input="x" * MAX_EVENT_BYTES),
+        tenant_id=tenant,
+        stream_id=sid,
+        correlation_id="c",
+        actor="test",
+    )
+    with pytest.raises(InvalidInput, match="over the limit"):
+        await store.append(sid, [_step(tenant, run, 1), big])
+    assert await store.read_stream(sid) == []
