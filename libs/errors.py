@@ -75,6 +75,13 @@ class UnknownEventType(PermanentError):
     code = "unknown_event_type"
 
 
+class TooLarge(PermanentError):
+    """A request or an answer is larger than the system carries."""
+
+    code = "too_large"
+    http_status = 413
+
+
 class DeadlineExceeded(TransientError):
     """A request did not get its answer before its deadline."""
 

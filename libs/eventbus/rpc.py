@@ -41,6 +41,7 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
         errors.Conflict,
         errors.Unauthorized,
         errors.UnknownEventType,
+        errors.TooLarge,
         errors.DeadlineExceeded,
     )
 }
@@ -136,6 +137,20 @@ class RpcServer:
                     {"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}}
                 )
             if msg.reply:
+                if len(body) > self.nc.max_payload - 4096:
+                    # Over the bus's limit the reply would be dropped and the caller would only
+                    # see a timeout; tell it what happened instead.
+                    body = orjson.dumps(
+                        {
+                            "ok": False,
+                            "error": {
+                                "code": "too_large",
+                                "message": f"the answer is {len(body):,} bytes, over the "
+                                f"{self.nc.max_payload:,} bytes a message may carry; "
+                                "ask for less (filters, a smaller limit)",
+                            },
+                        }
+                    )
                 await msg.respond(body)
 
         return cb

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.errors import TransientError
 from libs.eventbus.rpc import RpcClient
 from libs.observability import configure_logging
 from libs.runtime.service_host import ServiceContext, build_app
 from libs.settings import Settings, get_settings
-from services.gateway.entrypoints import build_router
+from services.gateway.entrypoints import build_router, map_exception
 from services.gateway.keys import KeyVerifier
 
 API_TITLE = "Mission Control API"
@@ -71,6 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     title, version and description are set here because the host names apps after the service.
     """
     app = build_app(GatewayService(), settings or get_settings())
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths (404), wrong methods (405) and the like never reach a /v1 route's own
+        # error mapping; answer them in the same {"error": {code, message}} shape.
+        return map_exception(exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.title = API_TITLE
     app.version = API_VERSION
     app.description = API_DESCRIPTION

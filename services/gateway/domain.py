@@ -85,12 +85,19 @@ def secret_matches(secret: str, stored_hash: bytes) -> bool:
     return hmac.compare_digest(hash_secret(secret), bytes(stored_hash))
 
 
+# Stream ids start with the tenant; these name the system's own streams (the policy bundle).
+RESERVED_TENANT_IDS = frozenset({"system"})
+
+
 def check_tenant_id(tenant_id: str) -> str:
     """``tenant_id`` if it is a valid tenant id, else :class:`InvalidInput` saying why."""
     try:
-        return _tenant_id.validate_python(tenant_id)
+        valid = _tenant_id.validate_python(tenant_id)
     except ValidationError as exc:
         raise InvalidInput(f"invalid tenant id {tenant_id!r}: {exc.errors()[0]['msg']}") from None
+    if valid in RESERVED_TENANT_IDS:
+        raise InvalidInput(f"tenant id {tenant_id!r} is reserved for the system's own streams")
+    return valid
 
 
 def decide_create_tenant(tenant_id: str, name: str | None) -> TenantCreated:

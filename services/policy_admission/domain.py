@@ -31,6 +31,9 @@ from libs.contracts.registry import decode
 from libs.errors import InvalidInput, PermanentError
 from libs.pricing import PriceTable, price_step
 
+# The same ceiling the gateway's API enforces, so a request it accepts is never refused here.
+MAX_TOKENS = 1_000_000_000
+
 # The policy the Rego aggregator reports for stopped, finished or already-violating runs.
 RUN_STATE_POLICY = "run_state"
 
@@ -45,8 +48,8 @@ class StepEstimate(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input_tokens: int = Field(ge=0, le=100_000_000)
-    max_output_tokens: int = Field(ge=0, le=100_000_000)
+    input_tokens: int = Field(ge=0, le=MAX_TOKENS)
+    max_output_tokens: int = Field(ge=0, le=MAX_TOKENS)
 
 
 class AdmitRequest(BaseModel):

@@ -67,3 +67,23 @@ async def test_request_reply_results_errors_deadlines_and_headers(system, unique
         await server.stop()
         await nc.close()
     assert trace.get_tracer_provider() is not None
+
+
+async def test_an_answer_too_large_for_the_bus_is_an_error_not_a_timeout(system, unique) -> None:
+    from libs.errors import TooLarge
+
+    service = unique("big")
+    nc = await connect(system.nats_url, "test")
+
+    async def huge(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        return {"blob": "x" * (nc.max_payload + 10)}
+
+    server = RpcServer(nc, service)
+    server.route("huge", huge)
+    await server.start()
+    try:
+        with pytest.raises(TooLarge, match="over the"):
+            await RpcClient(nc).call(service, "huge", {}, timeout=5)
+    finally:
+        await server.stop()
+        await nc.close()
