@@ -5,8 +5,10 @@ latest known state of recently used runs; commands trust it and let the append's
 ``expected_version`` check it (optimistic concurrency). A cached state can only be *behind* the
 stream (it is updated after commits only), so a rejection decided on it is still right, and an
 acceptance decided on it fails the version check instead of being written. On that
-:class:`~libs.errors.ConcurrencyError` the handler reads only the versions it is missing and
-tries again, up to :attr:`WorkflowHandlers.max_retries` times.
+:class:`~libs.errors.ConcurrencyError` the handler catches up every run of the command in one read
+(only the versions it is missing) and tries again. Conflicts that only show the cache was behind
+(another replica wrote) are free; conflicts on runs read fresh in the same attempt are genuine
+concurrency and are retried up to :attr:`WorkflowHandlers.max_retries` times.
 """
 
 from __future__ import annotations
@@ -236,6 +238,25 @@ class WorkflowHandlers:
         self.cache.put(stream_id, state)
         return state
 
+    async def _catch_up_many(
+        self, states: Mapping[str, RunState], *, conn: AsyncConn
+    ) -> dict[str, RunState]:
+        """Each of ``states`` plus the events stored after its version, in one read."""
+        if not states:
+            return {}
+        newer = await self.store.read_streams(
+            [(sid, state.version + 1) for sid, state in states.items()], conn=conn
+        )
+        out: dict[str, RunState] = {}
+        for sid, state in states.items():
+            events = newer.get(sid, [])
+            if events:
+                state = fold(state, [decode(e) for e in events])
+                # Read committed: what was read is stored, so the cache stays behind the store.
+                self.cache.put(sid, state)
+            out[sid] = state
+        return out
+
     async def _execute(
         self,
         tenant_id: str,
@@ -244,42 +265,70 @@ class WorkflowHandlers:
         *,
         actor_agent: Mapping[str, str] | None = None,
     ) -> Outcome:
-        """Decide ``commands`` (one per run) and append all their events in one transaction."""
-        stale: set[str] = set()
-        for attempt in range(self.max_retries + 1):
+        """Decide ``commands`` (one per run) and append all their events in one transaction.
+
+        A version conflict on a run whose state came from the cache only means the cache was
+        behind (another replica wrote to the run): every run of the batch is caught up in one
+        read and the batch retried at once, without using the retry budget. Only conflicts on
+        runs read fresh in that very attempt are genuine concurrency; after
+        :attr:`max_retries` retries of those the caller gets a :class:`~libs.errors.Conflict`.
+        """
+        refresh_all = False
+        retries = 0
+        while True:
+            fresh: set[str] = set()
             try:
-                return await self._attempt(tenant_id, commands, meta, stale, actor_agent or {})
+                return await self._attempt(
+                    tenant_id, commands, meta, actor_agent or {}, refresh_all, fresh
+                )
             except ConcurrencyError as exc:
-                if attempt == self.max_retries:
+                if exc.stream_id not in fresh:
+                    # Stale cache, not a concurrent writer. Bounded: from now on every run is
+                    # read fresh, so any further conflict counts below.
+                    refresh_all = True
+                    continue
+                if retries == self.max_retries:
                     # Callers see a plain conflict (retrying later is theirs to decide).
                     raise Conflict(
                         f"{exc.stream_id} kept changing concurrently; "
-                        f"gave up after {attempt + 1} attempts"
+                        f"gave up after {retries + 1} conflicting attempts"
                     ) from exc
-                stale.add(exc.stream_id)
+                retries += 1
+                refresh_all = True
                 # Jitter, so writers that collided do not collide again in lockstep.
-                await asyncio.sleep(random.uniform(0, 0.004 * (attempt + 1)))
-        raise AssertionError("unreachable")  # pragma: no cover
+                await asyncio.sleep(random.uniform(0, 0.004 * retries))
 
     async def _attempt(
         self,
         tenant_id: str,
         commands: Mapping[str, Command],
         meta: RequestMeta,
-        stale: set[str],
         actor_agent: Mapping[str, str],
+        refresh_all: bool,
+        fresh: set[str],
     ) -> Outcome:
+        """One try of :meth:`_execute`; adds the streams it read from the store to ``fresh``."""
         states: dict[str, RunState] = {}
         new_events: dict[str, list[DomainEvent]] = {}
         appends: list[Append] = []
         async with transaction(self.store.pool) as conn:
+            # Cached runs are trusted (the append checks them); the others, or all of them after
+            # a conflict, are caught up together in one round trip.
+            before: dict[str, RunState] = {}
+            to_read: dict[str, RunState] = {}
+            for run_id in commands:
+                sid = stream_id_for(tenant_id, "run", run_id)
+                cached = self.cache.get(sid)
+                if cached is None or refresh_all:
+                    to_read[sid] = cached if cached is not None else empty_run(tenant_id, run_id)
+                else:
+                    before[sid] = cached
+            caught_up = await self._catch_up_many(to_read, conn=conn)
+            fresh.update(caught_up)
+            before.update(caught_up)
             for run_id, cmd in commands.items():
                 sid = stream_id_for(tenant_id, "run", run_id)
-                state = self.cache.get(sid)
-                if state is None or sid in stale:
-                    state = await self._catch_up(
-                        sid, state or empty_run(tenant_id, run_id), conn=conn
-                    )
+                state = before[sid]
                 states[run_id] = state
                 events = decide(state, cmd)
                 if not events:

@@ -302,6 +302,47 @@ async def test_a_stale_cache_never_writes_past_the_end_of_a_run(
     assert len(await _events(pool, tenant, run_id)) == 2
 
 
+async def test_a_batch_on_runs_another_replica_changed_catches_up_instead_of_conflicting(
+    pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
+) -> None:
+    # Two replicas on one database, each with its own cache. Replica A starts six runs (and caches
+    # them), replica B then records a step on each, so A's cache is behind on all six. Nothing is
+    # concurrent: A's batch must catch up and succeed. No retry budget at all on A, so the stale
+    # cache refresh may not count as a concurrency retry.
+    store = EventStore(pool)
+    a = WorkflowHandlers(store, max_retries=0)
+    b = WorkflowHandlers(store)
+    meta = RequestMeta.from_headers({})
+    run_ids = [unique(f"run{i}-") for i in range(6)]
+    for run_id in run_ids:
+        await a.start_run(tenant, run_id, "agent-1", {}, meta)
+    await b.record_steps(tenant, [RecordStep(run_id=r, step_index=1) for r in run_ids], meta)
+    for run_id in run_ids:  # A's cache is behind on every run of its coming batch
+        cached = a.cache.get(stream_id_for(tenant, "run", run_id))
+        assert cached is not None and cached.version == 1
+
+    # Two steps for the first run, interleaved, so positions must map back per item.
+    items = [RecordStep(run_id=r, step_index=2) for r in run_ids]
+    items.insert(2, RecordStep(run_id=run_ids[0], step_index=3))
+    reply = await a.record_steps(tenant, items, meta)
+
+    assert reply["recorded"] == 7
+    for run_id in run_ids:
+        events = await _events(pool, tenant, run_id)
+        want = [1, 2, 3] if run_id == run_ids[0] else [1, 2]
+        assert [e.stream_version for e in events] == list(range(1, len(want) + 2))
+        assert [decode(e).step_index for e in events[1:]] == want  # type: ignore[attr-defined]
+        state = a.cache.get(stream_id_for(tenant, "run", run_id))
+        assert state is not None and state.version == len(events)  # caught up, not ahead
+        assert state == await b.get_run(tenant, run_id)
+    by_position = {
+        e.position: (decode(e).run_id, decode(e).step_index)  # type: ignore[attr-defined]
+        for r in run_ids
+        for e in (await _events(pool, tenant, r))[1:]  # the steps, after run.started
+    }
+    assert [by_position[p] for p in reply["positions"]] == [(i.run_id, i.step_index) for i in items]
+
+
 def _violation(tenant: str, run_id: str, step: int, unique: Callable[[str], str]) -> EventEnvelope:
     return envelope_for(
         PolicyViolationDetected(
