@@ -170,7 +170,9 @@ def _start(state: RunState, cmd: StartRun) -> list[DomainEvent]:
 
 
 def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
-    _require_running(state)
+    late_ok = _late_outcomes_allowed(state)
+    if not late_ok:
+        _require_running(state)
     seen: set[int] = set()
     out: list[DomainEvent] = []
     for s in steps:
@@ -178,6 +180,8 @@ def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
             raise InvalidInput(f"step for run {s.run_id!r} applied to run {state.run_id!r}")
         if s.step_index < 1:
             raise InvalidInput(f"step_index must be >= 1, got {s.step_index}")
+        if late_ok and s.step_index >= (state.stopped_at_step or 0):
+            raise Conflict(f"run {state.run_id} is {_describe(state)}")
         if s.step_index in state.steps or s.step_index in seen:
             raise Conflict(f"run {state.run_id}: step {s.step_index} already recorded")
         seen.add(s.step_index)
@@ -221,6 +225,15 @@ def _stop(state: RunState, cmd: StopRunForViolation) -> list[DomainEvent]:
             reason=cmd.reason,
         )
     ]
+
+
+def _late_outcomes_allowed(state: RunState) -> bool:
+    """A run stopped at step N still takes the outcomes of steps before N.
+
+    Steps admitted in parallel with the violating one were allowed to run and did spend: their
+    tokens and cost belong in the record, so they may still report after the stop.
+    """
+    return state.status == "stopped_by_policy" and state.stopped_at_step is not None
 
 
 def _require_running(state: RunState) -> None:

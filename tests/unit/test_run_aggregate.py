@@ -131,6 +131,20 @@ def test_recording_on_a_run_never_started_is_not_found() -> None:
 def test_recording_on_a_stopped_run_names_the_stopping_step() -> None:
     with pytest.raises(Conflict, match="stopped_by_policy at step 3"):
         decide(_stopped(3), RecordStep(run_id=RUN, step_index=3))
+    with pytest.raises(Conflict, match="stopped_by_policy at step 3"):
+        decide(_stopped(3), RecordStep(run_id=RUN, step_index=4))
+
+
+def test_a_step_before_the_stop_may_still_report_what_it_spent() -> None:
+    # Steps 1 and 2 ran in parallel with the violating step 4; step 2 reports after the stop.
+    stopped = fold(_running(1), decide(_running(1), _stop(4)))
+    (event,) = decide(stopped, RecordStep(run_id=RUN, step_index=2, input_tokens=70))
+    assert isinstance(event, StepRecorded)
+    after = fold(stopped, [event])
+    assert after.status == "stopped_by_policy"
+    assert after.tokens_used == 75
+    with pytest.raises(Conflict, match="already recorded"):
+        decide(after, RecordStep(run_id=RUN, step_index=2))
 
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
