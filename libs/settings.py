@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     http_port: int = Field(default=0, alias="MC_HTTP_PORT")
     log_level: str = Field(default="info", alias="MC_LOG_LEVEL")
     policy_bundle_dir: Path | None = Field(default=None, alias="MC_POLICY_BUNDLE")
+    admin_token: str | None = Field(default=None, alias="MC_ADMIN_TOKEN")
 
 
 @lru_cache(maxsize=1)

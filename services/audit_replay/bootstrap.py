@@ -41,7 +41,7 @@ class AuditReplayService:
     async def start(self, ctx: ServiceContext) -> None:
         """Create the schema, start the projector, the lag monitor and the RPC server."""
         self.ch = self._given_ch or open_clickhouse(ctx.settings)
-        self.projector = Projector(self.ch)
+        self.projector = Projector(self.ch, ctx.store)
         await self.projector.start()
         self._schema_ready = True
         self.lag = LagMonitor(self.projector, ctx.store, ctx.registry)

@@ -3,7 +3,10 @@
 * :func:`evolve_run` / :func:`evolve_incident` fold one event into an entity's state. The projector
   and replay both use them, so a projection and a replay of the same events always agree.
 * :func:`project` turns a batch of envelopes into rows per ClickHouse table, carrying run and
-  incident fields forward from the state the caller passes in (rows are whole-row upserts).
+  incident fields forward from the state the caller passes in (rows are whole-row upserts). An
+  event older than the state it would fold into, and not provably folded in already, is not
+  dropped: ``project`` names its run or incident for a re-fold from the entity's whole stream
+  (:func:`refold_run` / :func:`refold_incident`), which the caller reads from the event store.
 * :func:`run_view`, :func:`inflection_point`, :func:`trace_steps` shape answers the same way
   whether the inputs come from ClickHouse rows or from a replay fold.
 """
@@ -21,7 +24,7 @@ from typing import Any
 import orjson
 import structlog
 
-from libs.contracts.envelope import DomainEvent, EventEnvelope
+from libs.contracts.envelope import DomainEvent, EventEnvelope, stream_id_for
 from libs.contracts.events import (
     AdmissionDecided,
     CostRecorded,
@@ -66,6 +69,8 @@ class RunRow:
     stop_reason: str | None = None
     last_step_index: int = 0
     version: int = 0
+    stream_version: int = 0
+    """Every event of the run's stream up to this version is folded in (0: not known)."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RunRow:
@@ -83,6 +88,7 @@ class RunRow:
             stop_reason=row["stop_reason"],
             last_step_index=int(row["last_step_index"]),
             version=int(row["version"]),
+            stream_version=int(row.get("stream_version") or 0),
         )
 
 
@@ -107,6 +113,8 @@ class IncidentRow:
     resolved_by: str | None = None
     resolution: str | None = None
     version: int = 0
+    stream_version: int = 0
+    """Every event of the incident's stream up to this version is folded in (0: not known)."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> IncidentRow:
@@ -116,31 +124,96 @@ class IncidentRow:
             data[k] = parse_ts(data.get(k))
         data["step_index"] = int(data["step_index"])
         data["version"] = int(data["version"])
+        data["stream_version"] = int(data.get("stream_version") or 0)
         return cls(**data)
 
 
 # --- the folds -----------------------------------------------------------------------------------
 
 
+def run_stream(tenant_id: str, run_id: str) -> str:
+    """The stream holding every event of a run's own history."""
+    return stream_id_for(tenant_id, "run", run_id)
+
+
+def incident_stream(tenant_id: str, incident_id: str) -> str:
+    """The stream holding every event of an incident's history."""
+    return stream_id_for(tenant_id, "incident", incident_id)
+
+
+def _next_stream_version(folded: int, env: EventEnvelope, stream: str) -> int:
+    """``folded`` moved on by ``env`` when it is the very next event of the entity's stream.
+
+    An event after a gap (an earlier one not delivered yet) is folded but does not move it, so
+    ``stream_version`` only ever claims a contiguous prefix of the stream.
+    """
+    if env.stream_id == stream and env.stream_version == folded + 1:
+        return env.stream_version
+    return folded
+
+
+def _is_late(version: int, folded: int, env: EventEnvelope, stream: str) -> bool:
+    """Whether ``env`` is older than the state but not provably folded into it.
+
+    Proven folded: the event that set ``version`` itself, or an event of the entity's stream
+    within the contiguous prefix ``folded`` covers. Anything else older than ``version`` was
+    delivered late (a retried batch, an out-of-order relay publish) and was never applied.
+    """
+    pos = env.position or 0
+    if pos >= version:
+        return False
+    return not (env.stream_id == stream and 0 < env.stream_version <= folded)
+
+
+def run_event_is_late(row: RunRow | None, env: EventEnvelope) -> bool:
+    """Whether a run event must be folded by re-folding the run's whole stream."""
+    if row is None or env.event_type not in RUN_EVENTS:
+        return False
+    return _is_late(row.version, row.stream_version, env, run_stream(row.tenant_id, row.run_id))
+
+
+def incident_event_is_late(row: IncidentRow | None, env: EventEnvelope) -> bool:
+    """Whether an incident event must be folded by re-folding the incident's whole stream."""
+    if row is None or env.event_type not in INCIDENT_EVENTS:
+        return False
+    stream = incident_stream(row.tenant_id, row.incident_id)
+    return _is_late(row.version, row.stream_version, env, stream)
+
+
 def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> RunRow | None:
-    """Fold one event into a run's state; events already folded (by position) change nothing."""
+    """Fold one event into a run's state; events at or before the state's position change nothing.
+
+    The fold assumes position order. An older event that was never folded in is the caller's to
+    detect (:func:`run_event_is_late`) and repair (:func:`refold_run`).
+    """
     if env.event_type not in RUN_EVENTS:
         return row
     pos = env.position or 0
     if row is not None and pos <= row.version:
-        return row  # a redelivery, or an event older than the state: already folded in
+        return row  # a redelivery, or an event older than the state
     base = row or RunRow(tenant_id=env.tenant_id, run_id=getattr(event, "run_id", ""))
+    folded = _next_stream_version(base.stream_version, env, run_stream(base.tenant_id, base.run_id))
     if isinstance(event, RunStarted):
-        return replace(base, agent_id=event.agent_id, started_at=env.occurred_at, version=pos)
+        return replace(
+            base,
+            agent_id=event.agent_id,
+            started_at=env.occurred_at,
+            version=pos,
+            stream_version=folded,
+        )
     if isinstance(event, StepRecorded):
         return replace(
             base,
             agent_id=base.agent_id or event.agent_id,
             last_step_index=max(base.last_step_index, event.step_index),
             version=pos,
+            stream_version=folded,
         )
     if isinstance(event, RunCompleted):
-        return replace(base, status=event.status, ended_at=env.occurred_at, version=pos)
+        return replace(
+            base, status=event.status, ended_at=env.occurred_at, version=pos,
+            stream_version=folded,
+        )  # fmt: skip
     if isinstance(event, RunStoppedByPolicy):
         return replace(
             base,
@@ -151,6 +224,7 @@ def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> Ru
             violation_decision_id=event.decision_id,
             stop_reason=event.reason,
             version=pos,
+            stream_version=folded,
         )
     return row
 
@@ -166,6 +240,12 @@ def evolve_incident(
         return row
     base = row or IncidentRow(
         tenant_id=env.tenant_id, incident_id=getattr(event, "incident_id", "")
+    )
+    base = replace(
+        base,
+        stream_version=_next_stream_version(
+            base.stream_version, env, incident_stream(base.tenant_id, base.incident_id)
+        ),
     )
     if isinstance(event, IncidentOpened):
         return replace(
@@ -191,6 +271,34 @@ def evolve_incident(
             base, status="resolved", resolved_at=env.occurred_at, resolved_by=event.by,
             resolution=event.resolution, version=pos,
         )  # fmt: skip
+    return row
+
+
+def refold_run(stream: Sequence[EventEnvelope]) -> RunRow | None:
+    """A run's state folded afresh from its whole stream (every version from 1, as stored).
+
+    The result covers the whole stream, so its ``stream_version`` is the stream's last version
+    even when the stream holds events the fold does not read.
+    """
+    row: RunRow | None = None
+    for env in sorted(stream, key=lambda e: e.position or 0):
+        event = safe_decode(env)
+        if event is not None:
+            row = evolve_run(row, env, event)
+    if row is not None:
+        row = replace(row, stream_version=max(e.stream_version for e in stream))
+    return row
+
+
+def refold_incident(stream: Sequence[EventEnvelope]) -> IncidentRow | None:
+    """An incident's state folded afresh from its whole stream (see :func:`refold_run`)."""
+    row: IncidentRow | None = None
+    for env in sorted(stream, key=lambda e: e.position or 0):
+        event = safe_decode(env)
+        if event is not None:
+            row = evolve_incident(row, env, event)
+    if row is not None:
+        row = replace(row, stream_version=max(e.stream_version for e in stream))
     return row
 
 
@@ -242,12 +350,31 @@ class Projection:
     """Runs whose state changed, at their new state."""
     incidents: dict[Key, IncidentRow] = field(default_factory=dict)
     """Incidents whose state changed, at their new state."""
+    refold_runs: set[Key] = field(default_factory=set)
+    """Runs that received a late event: their state must be re-folded from their stream."""
+    refold_incidents: set[Key] = field(default_factory=set)
+    """Incidents that received a late event: their state must be re-folded from their stream."""
     last_position: int = 0
     last_recorded_at: datetime | None = None
 
     def count(self) -> int:
         """Rows in all tables."""
         return sum(len(v) for v in self.rows.values())
+
+    def apply_refolds(
+        self, runs: Mapping[Key, RunRow], incidents: Mapping[Key, IncidentRow]
+    ) -> None:
+        """Take the re-folded states of :attr:`refold_runs`/:attr:`refold_incidents`.
+
+        They replace whatever the batch folded for those entities (a re-fold covers every event
+        of the stream, the batch's included), and the ``runs``/``incidents`` rows follow.
+        """
+        self.runs.update(runs)
+        self.incidents.update(incidents)
+        self.refold_runs -= runs.keys()
+        self.refold_incidents -= incidents.keys()
+        self.rows["runs"] = [asdict(r) for r in self.runs.values()]
+        self.rows["incidents"] = [asdict(i) for i in self.incidents.values()]
 
 
 def dumps(value: Any) -> str:
@@ -291,6 +418,11 @@ def project(
     ``runs``/``incidents`` must hold the current state of every entity the batch folds into that
     already exists (the caller loads it); the result's ``runs``/``incidents`` hold the new states.
     A run or incident touched several times in the batch yields one row, at its final state.
+
+    An event older than its entity's state and not provably folded in already is not folded
+    (the fold assumes position order); the entity is named in ``refold_runs`` /
+    ``refold_incidents`` instead, for the caller to re-fold from the event store and hand back
+    through :meth:`Projection.apply_refolds`.
     """
     out = Projection(rows={t: [] for t in ("events", "steps", "decisions", "policies", "costs")})
     for env in envs:
@@ -305,15 +437,21 @@ def project(
         rk = run_key(env)
         if rk is not None:
             before = out.runs.get(rk) or runs.get(rk)
-            after = evolve_run(before, env, event)
-            if after is not None and after is not before:
-                out.runs[rk] = after
+            if run_event_is_late(before, env):
+                out.refold_runs.add(rk)
+            else:
+                after = evolve_run(before, env, event)
+                if after is not None and after is not before:
+                    out.runs[rk] = after
         ik = incident_key(env)
         if ik is not None:
             ibefore = out.incidents.get(ik) or incidents.get(ik)
-            iafter = evolve_incident(ibefore, env, event)
-            if iafter is not None and iafter is not ibefore:
-                out.incidents[ik] = iafter
+            if incident_event_is_late(ibefore, env):
+                out.refold_incidents.add(ik)
+            else:
+                iafter = evolve_incident(ibefore, env, event)
+                if iafter is not None and iafter is not ibefore:
+                    out.incidents[ik] = iafter
         if isinstance(event, StepRecorded):
             out.rows["steps"].append(step_row(env, event))
         elif isinstance(event, AdmissionDecided):
@@ -456,6 +594,7 @@ def incident_view(row: IncidentRow) -> dict[str, Any]:
     """An incident as the queries answer it."""
     out = asdict(row)
     out.pop("tenant_id")
+    out.pop("stream_version")  # bookkeeping of the projector, not part of the incident
     for k in ("opened_at", "acknowledged_at", "resolved_at"):
         out[k] = iso(out[k])
     return out

@@ -21,6 +21,10 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``rebuild`` → ``{events, rows, position, duration_s}``.
 * ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
 
+While a rebuild runs, every query that reads the projections (all but ``replay``, which reads the
+event store, ``lag`` and ``rebuild``) answers ``unavailable`` ("projections are being rebuilt,
+retry shortly") instead of partial lists or a false "not found" from half-built tables.
+
 A run's ``cost_usd`` sums its priced steps only (``null`` when none is priced); steps that could
 not be priced are counted in ``unpriced_steps``, never as zero cost. ``open_incidents`` counts the
 incidents not resolved yet.
@@ -41,7 +45,6 @@ from libs.errors import (
     InvalidInput,
     MissionControlError,
     NotFound,
-    PermanentError,
     TransientError,
 )
 from libs.eventbus.rpc import RpcServer
@@ -70,6 +73,9 @@ RUN_STATUSES = ("running", "completed", "failed", "stopped_by_policy")
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved")
 GROUP_KEYS = {"run": "run_id", "agent": "agent_id", "model": "model"}
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# Methods that do not read the projection tables, so a rebuild does not hold them up.
+NOT_PROJECTION_READS = frozenset({"replay", "rebuild", "lag"})
+REBUILDING_MESSAGE = "projections are being rebuilt, retry shortly"
 
 # A cost counts as priced only when it carries an amount; anything else is "unpriced".
 _PRICED = "(pricing_status = 'priced' AND total_cost_usd IS NOT NULL)"
@@ -160,21 +166,35 @@ class AuditQueries:
     def register(self, server: RpcServer) -> None:
         """Register every method on ``server``."""
         for method, fn in self.routes().items():
-            server.route(method, self._adapt(fn))
+            if method in NOT_PROJECTION_READS:
+                server.route(method, _plain(fn))
+            else:
+                server.route(method, self._projection_read(fn))
 
-    def _adapt(
+    def _projection_read(
         self, fn: Callable[[Params], Awaitable[Any]]
     ) -> Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]:
+        """``fn`` refusing to answer while a rebuild runs, or if one began while it read.
+
+        During a rebuild the tables are dropped and refilled, so an answer would be partial or a
+        false "not found": the caller gets :class:`TransientError` and retries. A query that
+        started just before a rebuild is caught by the rebuild counter having moved.
+        """
+
         async def handler(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+            projector = self.projector
+            if projector.rebuilding:
+                raise TransientError(REBUILDING_MESSAGE)
+            seen = projector.rebuilds_started
             try:
-                return await fn(payload)
-            except PermanentError:
-                raise
+                result = await fn(payload)
             except MissionControlError as exc:
-                if self.projector.rebuilding:
-                    # Tables come and go during a rebuild: tell the caller to try again.
-                    raise TransientError(f"projections are being rebuilt: {exc}") from exc
+                if projector.rebuilding or projector.rebuilds_started != seen:
+                    raise TransientError(REBUILDING_MESSAGE) from exc
                 raise
+            if projector.rebuilding or projector.rebuilds_started != seen:
+                raise TransientError(REBUILDING_MESSAGE)
+            return result
 
         return handler
 
@@ -465,6 +485,15 @@ class AuditQueries:
 
 
 _NO_TOTALS: dict[str, Any] = {"tokens_used": 0, "cost_usd": None, "unpriced_steps": 0}
+
+
+def _plain(
+    fn: Callable[[Params], Awaitable[Any]],
+) -> Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]:
+    async def handler(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        return await fn(payload)
+
+    return handler
 
 
 def rpc_server(nc: NATS, queries: AuditQueries) -> RpcServer:

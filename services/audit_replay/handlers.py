@@ -5,6 +5,12 @@ the buffer holds ``flush_rows`` rows, every ``flush_interval`` seconds, and at s
 is acknowledged only after the flush that contains its rows succeeded, so a crash loses nothing:
 un-acked messages are redelivered and, because every table is an upsert keyed by identity and
 versioned by store position, the duplicates disappear.
+
+Events do not always arrive in store order: a failed batch is sent back with a delay while later
+batches flow, and the relay may publish out of order after a partial failure. A run or incident
+event older than the row it belongs to, and not provably folded in already, makes the projector
+re-fold that entity from its stream in the event store (:meth:`Projector._refold`), so a late
+``run.started`` or ``incident.opened`` is never lost.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts.envelope import EventEnvelope, stream_id_for
 from libs.contracts.subjects import EVENTS_PREFIX
-from libs.errors import InvalidInput, MissionControlError
+from libs.errors import Conflict, InvalidInput, MissionControlError
 from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.db import transaction
 from libs.eventbus.jetstream import ConsumerSpec
@@ -35,11 +41,16 @@ from services.audit_replay.clickhouse import Clickhouse
 from services.audit_replay.domain import (
     IncidentRow,
     Key,
+    Projection,
     RunRow,
     incident_key,
+    incident_stream,
     parse_ts,
     project,
+    refold_incident,
+    refold_run,
     run_key,
+    run_stream,
 )
 
 log = structlog.get_logger("audit.projector")
@@ -48,6 +59,8 @@ PROJECTOR = "audit-projector"
 # Parents before children is not needed by ClickHouse, but writing the raw log first means a
 # half-written flush leaves the log ahead of the projections, never behind.
 WRITE_ORDER = ("events", "runs", "steps", "decisions", "incidents", "policies", "costs")
+# Streams read back per store round trip when re-folding entities that received late events.
+REFOLD_READ_CHUNK = 200
 
 V = TypeVar("V")
 
@@ -71,24 +84,31 @@ class Projector:
     :meth:`add` projects a batch of envelopes and returns a future that completes when the flush
     holding their rows has succeeded (or fails with the flush's error). All work on the buffer,
     the caches and ClickHouse writes happens under one lock, so a rebuild can run while the
-    consumer is live.
+    consumer is live. ``store`` is where runs and incidents that received a late event are
+    re-folded from.
     """
 
     def __init__(
         self,
         ch: Clickhouse,
+        store: EventStore,
         *,
         flush_rows: int = 5_000,
         flush_interval: float = 0.2,
         cache_limit: int = 50_000,
     ) -> None:
         self.ch = ch
+        self.store = store
         self.flush_rows = flush_rows
         self.flush_interval = flush_interval
         self.cache_limit = cache_limit
         self.projected_position = 0
         self.last_recorded_at: datetime | None = None
         self.rebuilding = False
+        self.rebuilds_started = 0
+        """Rebuilds begun by this process: a query that saw it change read half-built tables."""
+        self.refolds = 0
+        """Runs and incidents re-folded from the store because of a late event."""
         self._lock = asyncio.Lock()
         self._buffer: dict[str, list[dict[str, Any]]] = {}
         self._buffered = 0
@@ -123,10 +143,7 @@ class Projector:
     async def add(self, envs: Sequence[EventEnvelope]) -> asyncio.Future[None]:
         """Project ``envs`` into the buffer; the future resolves once they are written."""
         async with self._lock:
-            await self._load_state(envs)
-            p = project(envs, self._runs, self._incidents)
-            self._runs.update(p.runs)
-            self._incidents.update(p.incidents)
+            p = await self._project_locked(envs)
             for table, rows in p.rows.items():
                 if rows:
                     self._buffer.setdefault(table, []).extend(rows)
@@ -203,6 +220,45 @@ class Projector:
         _trim(self._runs, self.cache_limit)
         _trim(self._incidents, self.cache_limit)
 
+    async def _project_locked(self, envs: Sequence[EventEnvelope]) -> Projection:
+        """Project ``envs`` from the cached states, re-folding the entities with late events."""
+        await self._load_state(envs)
+        p = project(envs, self._runs, self._incidents)
+        if p.refold_runs or p.refold_incidents:
+            await self._refold(p)
+        self._runs.update(p.runs)
+        self._incidents.update(p.incidents)
+        return p
+
+    async def _refold(self, p: Projection) -> None:
+        """Fold the runs and incidents ``p`` names afresh from their whole stream in the store.
+
+        The stream holds every event of the entity, the late one and any not delivered yet
+        included, so the row written is the one a rebuild would write. Its ``version`` is the
+        newest position folded, never below the row it replaces.
+        """
+        run_streams = {run_stream(*k): k for k in p.refold_runs}
+        incident_streams = {incident_stream(*k): k for k in p.refold_incidents}
+        wanted = sorted([*run_streams, *incident_streams])
+        read: dict[str, list[EventEnvelope]] = {}
+        for i in range(0, len(wanted), REFOLD_READ_CHUNK):
+            chunk = wanted[i : i + REFOLD_READ_CHUNK]
+            async with transaction(self.store.pool) as conn:
+                read.update(await self.store.read_streams([(s, 1) for s in chunk], conn=conn))
+        runs: dict[Key, RunRow] = {}
+        for sid, key in run_streams.items():
+            run = refold_run(read.get(sid, []))
+            if run is not None:
+                runs[key] = run
+        incidents: dict[Key, IncidentRow] = {}
+        for sid, key in incident_streams.items():
+            incident = refold_incident(read.get(sid, []))
+            if incident is not None:
+                incidents[key] = incident
+        self.refolds += len(runs) + len(incidents)
+        log.info("audit.refolded_late_events", runs=len(runs), incidents=len(incidents))
+        p.apply_refolds(runs, incidents)
+
     async def _load_state(self, envs: Sequence[EventEnvelope]) -> None:
         """Read the current rows of runs/incidents the batch touches that are not cached."""
         runs = {k for k in map(run_key, envs) if k is not None and k not in self._runs}
@@ -245,14 +301,22 @@ class Projector:
     async def rebuild(
         self, store: EventStore, *, batch: int = 5_000, progress_every: int = 50_000
     ) -> dict[str, Any]:
-        """Drop every table, re-create them and project the whole event store again."""
+        """Drop every table, re-create them and project the whole event store again.
+
+        Raises :class:`~libs.errors.Conflict` while another rebuild is running. Queries refuse to
+        answer from the moment this starts (see ``entrypoints``), before the tables are dropped.
+        """
+        if self.rebuilding:
+            raise Conflict("a rebuild of the projections is already running")
         started = time.monotonic()
         counts: dict[str, int] = {}
         events = 0
         next_log = progress_every
-        async with self._lock:
-            self.rebuilding = True
-            try:
+        # Set before waiting for the lock: from here on the tables may be dropped at any moment.
+        self.rebuilding = True
+        self.rebuilds_started += 1
+        try:
+            async with self._lock:
                 # Whatever the consumer buffered is written (and acked) before the drop; the
                 # rebuild then covers it again from the store.
                 await self._flush_locked()
@@ -266,10 +330,7 @@ class Projector:
                 self._pending_recorded_at = None
                 log.info("audit.rebuild_started")
                 async for envs in store.iter_all(batch=batch):
-                    await self._load_state(envs)
-                    p = project(envs, self._runs, self._incidents)
-                    self._runs.update(p.runs)
-                    self._incidents.update(p.incidents)
+                    p = await self._project_locked(envs)
                     for table, rows in p.rows.items():
                         counts[table] = counts.get(table, 0) + len(rows)
                         if rows:
@@ -286,8 +347,8 @@ class Projector:
                             seconds=round(time.monotonic() - started, 2),
                         )
                         next_log += progress_every
-            finally:
-                self.rebuilding = False
+        finally:
+            self.rebuilding = False
         duration = time.monotonic() - started
         log.info("audit.rebuild_finished", events=events, seconds=round(duration, 2))
         return {

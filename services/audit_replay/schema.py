@@ -111,6 +111,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             name String, position UInt64, recorded_at Nullable({TS})
         ) ENGINE = ReplacingMergeTree(position) ORDER BY name""",
     ),
+    # How much of the entity's stream a run/incident row is known to have folded without a gap:
+    # lets the projector tell a redelivery (ignored) from a late event (re-folded from the store).
+    # Rows written before this column read 0, "not known", which only costs a re-fold.
+    Migration(
+        9,
+        "runs_stream_version",
+        f"ALTER TABLE {DATABASE}.runs ADD COLUMN IF NOT EXISTS stream_version UInt64 DEFAULT 0",
+    ),
+    Migration(
+        10,
+        "incidents_stream_version",
+        f"ALTER TABLE {DATABASE}.incidents "
+        "ADD COLUMN IF NOT EXISTS stream_version UInt64 DEFAULT 0",
+    ),
 )
 
 TABLES: tuple[str, ...] = (

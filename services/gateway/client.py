@@ -68,13 +68,18 @@ class ApiRequest(Generic[T]):
     body: BaseModel | None = None
     model: type[BaseModel] | None = None
     raw: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    """Headers of this request only, on top of the client's (authentication, ``Accept``)."""
 
     def to_httpx(self) -> dict[str, Any]:
         """Keyword arguments of ``httpx.Client.request``."""
         kwargs: dict[str, Any] = {"params": {k: v for k, v in self.params.items() if v is not None}}
+        headers = dict(self.headers)
         if self.body is not None:
             kwargs["content"] = self.body.model_dump_json(exclude_none=True)
-            kwargs["headers"] = {"Content-Type": "application/json"}
+            headers["Content-Type"] = "application/json"
+        if headers:
+            kwargs["headers"] = headers
         return {"method": self.method, "url": self.path, **kwargs}
 
 
@@ -267,9 +272,11 @@ class Requests:
         return _json("PUT", "/v1/prices", body)
 
     @staticmethod
-    def rebuild_projections() -> ApiRequest[Any]:
-        """``POST /v1/admin/rebuild-projections``."""
-        return _json("POST", "/v1/admin/rebuild-projections")
+    def rebuild_projections(admin_token: str) -> ApiRequest[Any]:
+        """``POST /v1/admin/rebuild-projections`` with the operator token (``MC_ADMIN_TOKEN``)."""
+        return ApiRequest(
+            "POST", "/v1/admin/rebuild-projections", headers={"X-Admin-Token": admin_token}
+        )
 
 
 def _headers(api_key: str) -> dict[str, str]:
@@ -385,9 +392,9 @@ class MissionControlClient:
         """Publish custom prices."""
         return self.send(Requests.set_prices(prices))
 
-    def rebuild_projections(self) -> Any:
-        """Rebuild the query projections from the event store."""
-        return self.send(Requests.rebuild_projections())
+    def rebuild_projections(self, admin_token: str) -> Any:
+        """Rebuild the query projections from the event store (needs the operator token)."""
+        return self.send(Requests.rebuild_projections(admin_token))
 
 
 class AsyncMissionControlClient:
@@ -503,6 +510,6 @@ class AsyncMissionControlClient:
         """Publish custom prices."""
         return await self.send(Requests.set_prices(prices))
 
-    async def rebuild_projections(self) -> Any:
-        """Rebuild the query projections from the event store."""
-        return await self.send(Requests.rebuild_projections())
+    async def rebuild_projections(self, admin_token: str) -> Any:
+        """Rebuild the query projections from the event store (needs the operator token)."""
+        return await self.send(Requests.rebuild_projections(admin_token))

@@ -22,7 +22,7 @@ from uuid import UUID
 
 import orjson
 import structlog
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -77,6 +77,7 @@ _MAX_REPORTED_FIELDS = 10
 # workflow-engine takes at most 1,000 steps per record_steps; NATS messages are capped at 8 MB.
 RPC_BATCH_ITEMS = 1000
 RPC_BATCH_BYTES = 4 * 1024 * 1024
+ADMIN_HEADER = "X-Admin-Token"
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -87,6 +88,25 @@ class PayloadTooLarge(errors.PermanentError):
 
     code = "payload_too_large"
     http_status = 413
+
+
+class Forbidden(errors.PermanentError):
+    """The caller is authenticated but may not do this (operator-only routes)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+def require_admin_token(configured: str | None, given: str | None) -> None:
+    """Let an operator-only request through only with the configured operator token.
+
+    No token configured disables the admin routes altogether: an API key is a tenant's
+    credential, and these routes act on every tenant's data.
+    """
+    if not configured:
+        raise Forbidden("admin operations are disabled: set MC_ADMIN_TOKEN")
+    if not given or not secrets.compare_digest(given.encode(), configured.encode()):
+        raise Forbidden(f"missing or wrong operator token in the {ADMIN_HEADER} header")
 
 
 def error_response(
@@ -455,13 +475,40 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     # -- admin -------------------------------------------------------------------------------------
 
-    @router.post("/admin/rebuild-projections", status_code=202, tags=["admin"])
-    async def rebuild_projections(call: Call) -> Any:
-        """Rebuild the query projections from the event store.
+    @router.post(
+        "/admin/rebuild-projections",
+        status_code=202,
+        tags=["admin"],
+        responses={
+            403: {
+                "model": ErrorResponse,
+                "description": "No operator token configured (MC_ADMIN_TOKEN), or a wrong one.",
+            }
+        },
+    )
+    async def rebuild_projections(
+        request: Request,
+        call: Call,
+        admin_token: Annotated[
+            str | None,
+            Header(
+                alias=ADMIN_HEADER,
+                description="The operator token the gateway was started with (MC_ADMIN_TOKEN).",
+            ),
+        ] = None,
+    ) -> Any:
+        """Drop and rebuild every query projection from the event store (operators only).
 
-        Any valid key may call this, and the rebuild covers every tenant's projections (they share
-        one database); it changes no data, only re-derives it, so the only harm is load.
+        The projections of all tenants share one database, so besides an API key this needs the
+        operator token: set `MC_ADMIN_TOKEN` in the gateway's environment and send it in the
+        `X-Admin-Token` header. Without a configured token the route answers 403 ("admin
+        operations are disabled"). While the rebuild runs, queries of every tenant answer 503
+        `unavailable` ("projections are being rebuilt, retry shortly") rather than partial data.
         """
+        ctx = getattr(request.app.state, "ctx", None)
+        if ctx is None:
+            raise errors.TransientError("the gateway is not started")
+        require_admin_token(ctx.settings.admin_token, admin_token)
         return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
 
     return router

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ class RunningSystem:
 
     data_dir: Path
     state: dict[str, Any]
+    admin_token: str | None = None
+    """The operator token (``MC_ADMIN_TOKEN``) the system was started with."""
 
     @property
     def gateway_url(self) -> str:
@@ -83,7 +86,7 @@ def start_whole_system(data_dir: Path, extra_env: dict[str, str] | None = None) 
     }
     env.update(extra_env or {})
     mctl("up", "--detach", "--data-dir", str(data_dir), env=env)
-    sys_ = RunningSystem(data_dir, {})
+    sys_ = RunningSystem(data_dir, {}, admin_token=env.get("MC_ADMIN_TOKEN"))
     sys_.refresh()
     return sys_
 
@@ -101,7 +104,11 @@ def stop_whole_system(sys_: RunningSystem) -> None:
 
 @pytest.fixture(scope="session")
 def whole_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    sys_ = start_whole_system(tmp_path_factory.mktemp("e2e") / "mc")
+    # An operator token, so the admin route (projection rebuild) can be exercised.
+    token = secrets.token_urlsafe(24)
+    sys_ = start_whole_system(
+        tmp_path_factory.mktemp("e2e") / "mc", extra_env={"MC_ADMIN_TOKEN": token}
+    )
     yield sys_
     stop_whole_system(sys_)
 

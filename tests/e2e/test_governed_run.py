@@ -237,7 +237,8 @@ def test_rebuilding_all_projections_from_the_store_gives_the_same_answers(whole_
     wait_for(lambda: _consumers_idle(whole_system.nats_url), 30, "consumers idle")
     before = _snapshot(mc, run)
     runs_before = mc.runs()
-    result = mc.rebuild_projections()
+    assert whole_system.admin_token
+    result = mc.rebuild_projections(whole_system.admin_token)
     assert result
     assert _snapshot(mc, run) == before
     assert mc.runs() == runs_before

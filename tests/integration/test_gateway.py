@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from libs.contracts import stream_id_for
 from libs.contracts.registry import decode
 from libs.contracts.subjects import EVENTS_STREAM
-from libs.errors import NotFound
+from libs.errors import NotFound, TransientError
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.rpc import RpcServer
@@ -89,9 +89,18 @@ def _stand_ins(nc: Any, store: EventStore) -> list[RpcServer]:
     async def runs(p: dict[str, Any], h: dict[str, str]) -> Any:
         return {"runs": [], "limit": p.get("limit", 100), "offset": p.get("offset", 0)}
 
+    async def incidents(p: dict[str, Any], h: dict[str, str]) -> Any:
+        # What audit-replay answers while it rebuilds its projections.
+        raise TransientError("projections are being rebuilt, retry shortly")
+
+    async def rebuild(p: dict[str, Any], h: dict[str, str]) -> Any:
+        return {"events": 0, "rows": {}, "position": 0, "duration_s": 0.0}
+
     audit.route("run", run)
     audit.route("export", export)
     audit.route("runs", runs)
+    audit.route("incidents", incidents)
+    audit.route("rebuild", rebuild)
 
     admission = RpcServer(nc, "admission")
 
@@ -121,6 +130,7 @@ async def gateway(system, tmp_path_factory) -> AsyncIterator[Gateway]:  # type: 
         nats_url=system.nats_url,
         database_url=system.service_url,
         MC_DATA_DIR=str(tmp_path_factory.mktemp("gw")),
+        MC_ADMIN_TOKEN=None,  # whatever the environment says: admin routes disabled here
     )
     pool = await open_pool(system.service_url, max_size=4)
     store = EventStore(pool)
@@ -508,3 +518,66 @@ async def test_incident_commands_reach_the_incident_service_scoped_to_the_tenant
         f"/v1/incidents/{unknown}/resolve", json={"resolution": "fixed"}, headers=h
     )
     assert resp.status_code == 404
+
+
+# --- admin ----------------------------------------------------------------------------------------
+
+REBUILD = "/v1/admin/rebuild-projections"
+
+
+async def test_rebuilding_projections_needs_the_operator_token(
+    gateway: Gateway, tenant: str, system: Any, tmp_path: Any
+) -> None:
+    key = await gateway.tenant_key(tenant)
+    h = _auth(key)
+    # No operator token configured: refused for every tenant's key, whatever token is sent.
+    for headers in (h, {**h, "X-Admin-Token": "anything"}):
+        resp = await gateway.http.post(REBUILD, headers=headers)
+        assert resp.status_code == 403
+        assert _error(resp) == {
+            "code": "forbidden",
+            "message": "admin operations are disabled: set MC_ADMIN_TOKEN",
+        }
+    # The operator token does not replace the API key.
+    resp = await gateway.http.post(REBUILD, headers={"X-Admin-Token": "anything"})
+    assert resp.status_code == 401
+
+    settings = Settings(
+        nats_url=system.nats_url,
+        database_url=system.service_url,
+        MC_DATA_DIR=str(tmp_path),
+        MC_ADMIN_TOKEN="operator-secret",
+    )
+    app = create_app(settings)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://gateway") as http,
+    ):
+        for headers in (h, {**h, "X-Admin-Token": "wrong"}, {**h, "X-Admin-Token": "operator"}):
+            resp = await http.post(REBUILD, headers=headers)
+            assert resp.status_code == 403, headers
+            assert _error(resp)["code"] == "forbidden"
+            assert "X-Admin-Token" in _error(resp)["message"]
+        resp = await http.post(REBUILD, headers={**h, "X-Admin-Token": "operator-secret"})
+        assert resp.status_code == 202
+        assert resp.json()["position"] == 0  # audit-replay's answer
+        async with AsyncMissionControlClient("http://gateway", key, transport=transport) as mc:
+            assert (await mc.rebuild_projections("operator-secret"))["events"] == 0
+            with pytest.raises(ApiError) as info:
+                await mc.rebuild_projections("wrong")
+            assert (info.value.status, info.value.code) == (403, "forbidden")
+        spec = (await http.get("/openapi.json")).json()
+        operation = spec["paths"][REBUILD]["post"]
+        assert "403" in operation["responses"]
+        assert "MC_ADMIN_TOKEN" in operation["description"]
+        assert any(p["name"] == "X-Admin-Token" for p in operation["parameters"])
+
+
+async def test_a_query_during_a_rebuild_is_503_to_retry(gateway: Gateway, tenant: str) -> None:
+    resp = await gateway.http.get("/v1/incidents", headers=_auth(await gateway.tenant_key(tenant)))
+    assert resp.status_code == 503
+    assert _error(resp) == {
+        "code": "unavailable",
+        "message": "projections are being rebuilt, retry shortly",
+    }

@@ -15,7 +15,9 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
+from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope
+from libs.contracts.events import IncidentAcknowledged
 from libs.errors import InvalidInput, NotFound
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
@@ -24,8 +26,10 @@ from libs.eventbus.rpc import RpcClient
 from libs.eventbus.store import EventStore
 from libs.runtime.service_host import ServiceContext
 from libs.settings import Settings
+from services.audit_replay import schema
 from services.audit_replay.bootstrap import AuditReplayService
 from services.audit_replay.clickhouse import ChdbClickhouse
+from services.audit_replay.handlers import Projector
 from tests.conftest import System, wait_until
 from tests.unit.test_audit_domain import POLICY, bundle_event, flow
 
@@ -228,9 +232,7 @@ async def test_redelivered_events_change_no_answer(audit: Audit, unique: Any) ->
     assert await snapshot(audit, tenant, run) == before
     # ...and the early ones through a projector that has no cached state (as after a restart):
     # the run is read back from ClickHouse and the old events do not roll it back.
-    from services.audit_replay.handlers import Projector
-
-    fresh = Projector(audit.ch)
+    fresh = Projector(audit.ch, audit.store)
     await fresh.project_now(everything[:3])
     assert await snapshot(audit, tenant, run) == before
 
@@ -265,8 +267,6 @@ async def test_projection_outage_catches_up_and_lag_is_measured(audit: Audit, un
 
 
 async def test_a_failed_write_is_redelivered_not_lost(audit: Audit, unique: Any) -> None:
-    from services.audit_replay import schema
-
     tenant, run = unique("acme"), unique("run")
     last = await audit.append([bundle_event()])
     await audit.projected(last)
@@ -291,3 +291,89 @@ async def test_a_failed_write_is_redelivered_not_lost(audit: Audit, unique: Any)
         (3, "denied"),
     ]
     assert (await audit.call("run", tenant, run_id=run))["tokens_used"] == 430
+
+
+async def entity_rows(a: Audit, tenant: str) -> dict[str, list[dict[str, Any]]]:
+    """The tenant's ``runs`` and ``incidents`` rows exactly as ClickHouse holds them."""
+    return {
+        table: await a.ch.query(
+            f"SELECT * FROM {schema.DATABASE}.{table} FINAL WHERE tenant_id = {{t:String}} "
+            f"ORDER BY {key}",
+            {"t": tenant},
+        )
+        for table, key in (("runs", "run_id"), ("incidents", "incident_id"))
+    }
+
+
+async def test_events_delivered_late_are_refolded_and_match_a_rebuild(
+    audit: Audit, unique: Any
+) -> None:
+    tenant, run = unique("acme"), unique("run")
+    incident_id = f"{run}-i1"
+    # Nothing else projects while the test delivers the stored events in an order of its own.
+    await audit.service.stop()
+    ack = envelope_for(
+        IncidentAcknowledged(incident_id=incident_id, by="ann"),
+        tenant_id=tenant,
+        stream_id=stream_id_for(tenant, "incident", incident_id),
+        correlation_id="c",
+        actor="ann",
+    )
+    last = await audit.append([bundle_event(), *flow(tenant, run), ack])
+    stored = await audit.store.read_all(0, 10_000)
+    started = next(e for e in stored if e.event_type == "run.started")
+    opened = next(e for e in stored if e.event_type == "incident.opened")
+    rest = [e for e in stored if e.event_id not in (started.event_id, opened.event_id)]
+
+    projector = Projector(audit.ch, audit.store)
+    await projector.start()
+    try:
+        # Steps, the stop and the acknowledgement first (their batch got through)...
+        await projector.project_now(rest)
+        early = await entity_rows(audit, tenant)
+        assert early["runs"][0]["started_at"] is None
+        assert early["incidents"][0]["run_id"] == ""
+        # ...then the retried run.started, onto the cached run state...
+        await projector.project_now([started])
+    finally:
+        await projector.close()
+    # ...and the retried incident.opened through a projector that reads the incident back from
+    # ClickHouse (as after a restart).
+    restarted = Projector(audit.ch, audit.store)
+    await restarted.start()
+    try:
+        await restarted.project_now([opened])
+        late = await entity_rows(audit, tenant)
+        assert projector.refolds == 1
+        assert restarted.refolds == 1
+        (run_row,) = late["runs"]
+        assert run_row["started_at"] is not None
+        assert run_row["agent_id"] == "agent-1"
+        assert run_row["status"] == "stopped_by_policy"
+        assert run_row["version"] == max(
+            e.position or 0 for e in stored if e.stream_id == started.stream_id
+        )
+        (incident_row,) = late["incidents"]
+        assert incident_row["run_id"] == run
+        assert incident_row["policy_id"] == POLICY
+        assert incident_row["status"] == "acknowledged"
+        assert incident_row["acknowledged_by"] == "ann"
+        assert incident_row["version"] == ack_position(stored)
+
+        await restarted.rebuild(audit.store)
+        assert await entity_rows(audit, tenant) == late
+    finally:
+        await restarted.close()
+
+    # The service catches up on the same events in order: proven duplicates, nothing changes,
+    # and the query answers what a replay from the store answers.
+    await audit.start_service()
+    await audit.projected(last)
+    assert await entity_rows(audit, tenant) == late
+    replay = await audit.call("replay", tenant, run_id=run)
+    assert await audit.call("run", tenant, run_id=run) == replay["state"]
+
+
+def ack_position(envs: list[EventEnvelope]) -> int:
+    """The store position of the (only) incident acknowledgement in ``envs``."""
+    return next(e.position or 0 for e in envs if e.event_type == "incident.acknowledged")

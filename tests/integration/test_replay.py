@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from libs.errors import Conflict, TransientError
+from tests.conftest import wait_until
 from tests.integration.test_projections import Audit, audit, snapshot
 from tests.unit.test_audit_domain import bundle_event, flow
 
@@ -64,3 +67,38 @@ async def test_rebuild_from_the_store_gives_identical_answers(audit: Audit, uniq
     assert await snapshot(audit, tenant, run) == before
     lag = await audit.call("lag", tenant)
     assert lag["lag_events"] == 0
+
+
+async def test_queries_answer_unavailable_while_a_rebuild_runs(audit: Audit, unique: Any) -> None:
+    tenant, run = unique("acme"), unique("run")
+    last = await audit.append([bundle_event(), *flow(tenant, run)])
+    await audit.projected(last)
+    before = await snapshot(audit, tenant, run)
+    projector = audit.service.projector
+    assert projector is not None
+    # Holding the projector's lock keeps the rebuild at its start (it is rebuilding, the tables
+    # are about to be dropped) for as long as the test needs, without timing anything.
+    async with projector._lock:
+        rebuild = asyncio.create_task(audit.call("rebuild", tenant))
+        await wait_until(lambda: projector.rebuilding, what="the rebuild to start")
+        for method, params in (
+            ("runs", {}),
+            ("run", {"run_id": run}),
+            ("trace", {"run_id": run}),
+            ("incidents", {}),
+            ("incident", {"incident_id": f"{run}-i1"}),
+            ("policies", {}),
+            ("costs", {"group_by": "run"}),
+            ("export", {"run_id": run, "format": "csv"}),
+        ):
+            with pytest.raises(TransientError, match="projections are being rebuilt"):
+                await audit.call(method, tenant, **params)
+        with pytest.raises(Conflict, match="already running"):
+            await projector.rebuild(audit.store)
+        # Replay reads the event store, not the projections; lag tells what is going on.
+        assert (await audit.call("replay", tenant, run_id=run))["state"]["status"] == (
+            "stopped_by_policy"
+        )
+        assert (await audit.call("lag", tenant))["rebuilding"] is True
+    assert (await rebuild)["position"] == last
+    assert await snapshot(audit, tenant, run) == before

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -32,6 +32,8 @@ from services.audit_replay.domain import (
     evolve_run,
     inflection_point,
     project,
+    refold_incident,
+    refold_run,
     replay_answer,
     safe_decode,
     trace_csv,
@@ -233,6 +235,7 @@ def test_project_turns_a_flow_into_rows_per_table() -> None:
     assert run["agent_id"] == "agent-1"
     assert run["last_step_index"] == 2
     assert run["version"] == stop.position
+    assert run["stream_version"] == 4  # started, two steps, stopped: all folded, no gap
     (incident,) = p.rows["incidents"]
     assert incident["status"] == "open"
     assert incident["policy_id"] == POLICY
@@ -259,6 +262,7 @@ def test_a_redelivered_or_older_run_event_changes_nothing() -> None:
     state = project(envs, {}, {}).runs
     again = project(envs, state, {})
     assert again.rows["runs"] == []
+    assert again.refold_runs == set()  # proven duplicates: no store read needed
     start = envs[0]
     decoded = safe_decode(start)
     assert decoded is not None
@@ -399,3 +403,76 @@ def test_trace_csv_has_a_header_and_one_row_per_step() -> None:
     assert len(lines) == 4
     assert lines[3].startswith("3,denied,")
     assert lines[3].endswith(",true")
+
+
+def _stream(envs: list[EventEnvelope], category: str, entity: str) -> list[EventEnvelope]:
+    sid = stream_id_for("acme", category, entity)
+    return [e for e in envs if e.stream_id == sid]
+
+
+def test_a_late_run_started_is_refolded_from_the_stream_not_dropped() -> None:
+    envs = stored(flow("acme", "r1"))
+    key = ("acme", "r1")
+    in_order = project(envs, {}, {}).runs[key]
+    started, rest = envs[0], envs[1:]
+    # The batch holding run.started failed and is retried later; the rest was projected.
+    early = project(rest, {}, {})
+    assert early.runs[key].started_at is None
+    assert early.runs[key].stream_version == 0  # version 1 is missing: nothing proven
+    late = project([started], early.runs, early.incidents)
+    assert late.refold_runs == {key}
+    assert late.rows["runs"] == []  # not folded onto the newer state, and not dropped either
+    refolded = refold_run(_stream(envs, "run", "r1"))
+    assert refolded is not None
+    late.apply_refolds({key: refolded}, {})
+    (row,) = late.rows["runs"]
+    assert row == asdict(in_order)
+    assert row["started_at"] == started.occurred_at
+    assert late.refold_runs == set()
+
+
+def test_an_incident_acknowledged_before_it_was_opened_is_refolded() -> None:
+    incident_sid = stream_id_for("acme", "incident", "r1-i1")
+    ack = envelope_for(
+        IncidentAcknowledged(incident_id="r1-i1", by="ann"),
+        tenant_id="acme",
+        stream_id=incident_sid,
+        correlation_id="c",
+        actor="ann",
+    )
+    envs = stored([*flow("acme", "r1"), ack])
+    opened, acked = envs[-2], envs[-1]
+    key = ("acme", "r1-i1")
+    in_order = project(envs, {}, {}).incidents[key]
+    assert (in_order.run_id, in_order.status) == ("r1", "acknowledged")
+    first = project([acked], {}, {})
+    assert first.incidents[key].run_id == ""
+    late = project([opened], first.runs, first.incidents)
+    assert late.refold_incidents == {key}
+    refolded = refold_incident(_stream(envs, "incident", "r1-i1"))
+    assert refolded is not None
+    assert refolded == in_order
+    late.apply_refolds({}, {key: refolded})
+    (row,) = late.rows["incidents"]
+    assert (row["run_id"], row["policy_id"], row["status"]) == ("r1", POLICY, "acknowledged")
+    # Both in one batch, the acknowledgement first: the same detection.
+    both = project([acked, opened], {}, {})
+    assert both.refold_incidents == {key}
+
+
+def test_only_a_gap_free_prefix_proves_a_redelivery() -> None:
+    envs = stored(flow("acme", "r1"))
+    key = ("acme", "r1")
+    run_events = _stream(envs, "run", "r1")
+    gapped = project(envs[1:], {}, {}).runs
+    # After a gap, an older run event cannot be told from one never delivered: re-fold.
+    assert project([run_events[1]], gapped, {}).refold_runs == {key}
+    # The newest folded event itself is provably folded.
+    assert project([run_events[-1]], gapped, {}).refold_runs == set()
+    # Once re-folded, the whole stream is covered and every redelivery is a proven duplicate.
+    refolded = refold_run(run_events)
+    assert refolded is not None
+    assert refolded.stream_version == len(run_events)
+    again = project(run_events, {key: refolded}, {})
+    assert again.refold_runs == set()
+    assert again.rows["runs"] == []
