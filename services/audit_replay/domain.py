@@ -663,7 +663,11 @@ def inflection_point(
             "reason": run.stop_reason,
         }
     denies = sorted(
-        (decision_view(d) for d in decisions if d["outcome"] == "deny"),
+        (
+            v
+            for v in map(decision_view, decisions)
+            if v["outcome"] == "deny" and not _only_run_state(v)
+        ),
         key=lambda d: (d["step_index"], d["version"]),
     )
     if not denies:
@@ -678,6 +682,34 @@ def inflection_point(
     }
 
 
+RUN_STATE_POLICY = "run_state"
+
+
+def _only_run_state(view: Mapping[str, Any]) -> bool:
+    """A refusal only because the run had already stopped or finished, not a verdict on the step."""
+    reasons = view.get("reasons") or []
+    return bool(reasons) and reasons[0].get("policy_id") == RUN_STATE_POLICY
+
+
+def governing_decisions(decisions: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per step, the decision that governed it: the latest one that judged the step itself.
+
+    An admission asked after the run had stopped or finished is refused under ``run_state``;
+    it is recorded, but it must not rewrite how an earlier step was judged, so it counts only
+    for a step that has no other decision.
+    """
+    chosen: dict[int, dict[str, Any]] = {}
+    for d in map(decision_view, decisions):
+        cur = chosen.get(d["step_index"])
+        if cur is None:
+            chosen[d["step_index"]] = d
+            continue
+        rank = (not _only_run_state(d), d["version"])
+        if rank > (not _only_run_state(cur), cur["version"]):
+            chosen[d["step_index"]] = d
+    return chosen
+
+
 def trace_steps(
     steps: Iterable[Mapping[str, Any]],
     decisions: Iterable[Mapping[str, Any]],
@@ -689,11 +721,7 @@ def trace_steps(
     A denied step never ran, so it has no recorded row: it appears as a synthetic entry with
     status ``denied`` built from its decision.
     """
-    latest_decision: dict[int, dict[str, Any]] = {}
-    for d in map(decision_view, decisions):
-        cur = latest_decision.get(d["step_index"])
-        if cur is None or d["version"] > cur["version"]:
-            latest_decision[d["step_index"]] = d
+    latest_decision = governing_decisions(decisions)
     cost_by_step: dict[int, dict[str, Any]] = {}
     for c in costs:
         cur_c = cost_by_step.get(int(c["step_index"]))

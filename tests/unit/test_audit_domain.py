@@ -476,3 +476,24 @@ def test_only_a_gap_free_prefix_proves_a_redelivery() -> None:
     again = project(run_events, {key: refolded}, {})
     assert again.refold_runs == set()
     assert again.rows["runs"] == []
+
+
+def test_a_late_run_state_refusal_does_not_rewrite_a_finished_runs_trace() -> None:
+    envs = stored(flow("acme", "r1"))
+    p = project(envs, {}, {})
+    allowed_1 = next(d for d in p.rows["decisions"] if d["step_index"] == 1)
+    # Somebody asks again for step 1 after the run ended: refused under run_state.
+    late = {
+        **allowed_1,
+        "decision_id": "late",
+        "outcome": "deny",
+        "policy_ids": ["run_state"],
+        "reasons": '[{"policy_id": "run_state", "severity": "high", "message": "run is over"}]',
+        "version": 10_000,
+    }
+    decisions = [*p.rows["decisions"], late]
+    completed = replace(p.runs[("acme", "r1")], status="completed", stopped_at_step=None)
+    assert inflection_point(completed, [d for d in decisions if d["step_index"] != 3]) is None
+    steps = trace_steps(p.rows["steps"], decisions, p.rows["costs"], None)
+    assert steps[0]["decision"]["outcome"] == "allow"
+    assert not any(s["inflection"] for s in steps)
