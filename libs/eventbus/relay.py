@@ -59,22 +59,6 @@ def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     return event_subject(row["tenant_id"], row["event_type"]), body, headers
 
 
-def windows(rows: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
-    """Consecutive runs of ``rows`` of at most ``limit`` rows, no stream twice in one run."""
-    out: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    streams: set[str] = set()
-    for row in rows:
-        if len(current) >= limit or row["stream_id"] in streams:
-            out.append(current)
-            current, streams = [], set()
-        current.append(row)
-        streams.add(row["stream_id"])
-    if current:
-        out.append(current)
-    return out
-
-
 @dataclass
 class RelayStats:
     """Counters exposed for metrics and benchmarks."""
@@ -181,32 +165,51 @@ class Relay:
         return len(rows)
 
     async def publish_in_order(self, rows: list[dict[str, Any]]) -> None:
-        """Publish ``rows`` in store order; raise if any publish failed.
+        """Publish ``rows`` in store order; raise if they could not all be published.
 
-        Publishes are pipelined (awaiting each ack would cap throughput at one round trip per
-        event), but a window never holds two events of the same stream: if one publish of a
-        window fails while later ones succeed, JetStream holds the later ones first, and that
-        must never reorder a stream. The batch is then retried from its start; JetStream drops
-        the events it already has by ``Nats-Msg-Id``.
+        Publishes are pipelined (awaiting each ack would cost one fsync and one round trip per
+        event) and chained: each carries ``Nats-Expected-Last-Msg-Id`` = the previous event's id,
+        so if one is lost (a connection dropped mid-window, say), JetStream refuses every later
+        one instead of storing it ahead of the lost one. After any failure the batch is
+        published again one at a time without the chain: what JetStream already holds is
+        dropped by ``Nats-Msg-Id``, the rest is stored in order. (The chain assumes the relay
+        is the only publisher on the events stream; a foreign message only costs that one-by-one
+        pass.)
         """
-        for window in windows(rows, self.in_flight):
-            results = await asyncio.gather(
-                *(self._publish(r) for r in window), return_exceptions=True
-            )
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                if any(isinstance(f, MaxPayloadError) for f in failed):
-                    # Only a server whose max_payload is below the store's event limit does
-                    # this; it needs an operator, and every event behind it waits.
-                    log.error(
-                        "relay.event_over_max_payload",
-                        hint="raise the NATS server's max_payload above libs.eventbus.store."
-                        "MAX_EVENT_BYTES",
-                    )
-                raise TransientError(f"{len(failed)} publishes failed: {failed[0]!r}")
+        try:
+            for start in range(0, len(rows), self.in_flight):
+                window = rows[start : start + self.in_flight]
+                prev = rows[start - 1] if start else None
+                results = await asyncio.gather(
+                    *(
+                        self._publish(r, after=(window[i - 1] if i else prev))
+                        for i, r in enumerate(window)
+                    ),
+                    return_exceptions=True,
+                )
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise failed[0]
+        except Exception as exc:
+            if isinstance(exc, MaxPayloadError):
+                # Only a server whose max_payload is below the store's event limit does this;
+                # it needs an operator, and every event behind it waits.
+                log.error(
+                    "relay.event_over_max_payload",
+                    hint="raise the NATS server's max_payload above "
+                    "libs.eventbus.store.MAX_EVENT_BYTES",
+                )
+            log.warning("relay.republishing_one_by_one", error=repr(exc))
+            for row in rows:
+                try:
+                    await self._publish(row, after=None)
+                except Exception as again:
+                    raise TransientError(f"publish failed: {again!r}") from again
 
-    async def _publish(self, row: dict[str, Any]) -> None:
+    async def _publish(self, row: dict[str, Any], *, after: dict[str, Any] | None) -> None:
         subject, body, headers = message_for(row)
+        if after is not None:
+            headers["Nats-Expected-Last-Msg-Id"] = str(after["event_id"])
         await self.js.publish(subject, body, headers=headers, timeout=10)
 
 

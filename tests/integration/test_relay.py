@@ -12,6 +12,7 @@ import sys
 import uuid
 
 import psycopg
+import psycopg.rows
 import pytest
 
 from libs.contracts import envelope_for, stream_id_for
@@ -179,5 +180,44 @@ async def test_relay_killed_at_random_moments_loses_nothing_and_effects_apply_on
         with contextlib.suppress(ProcessLookupError):
             relay.send_signal(signal.SIGTERM)
         relay.wait(10)
+        await nc.close()
+        await pool.close()
+
+
+class _LosesOnePublish(Relay):
+    """A relay whose connection "drops" one message of a window (fault injection)."""
+
+    lost: set[str]
+
+    async def _publish(self, row, *, after):  # type: ignore[no-untyped-def]
+        if str(row["event_id"]) in self.lost:
+            self.lost.discard(str(row["event_id"]))
+            raise TimeoutError("message lost with the connection")
+        await super()._publish(row, after=after)
+
+
+async def test_a_message_lost_mid_window_never_lets_later_ones_overtake_it(own_system):
+    tenant = "lossy"
+    pool = await open_pool(own_system.service_url, max_size=2)
+    nc = await connect(own_system.nats_url, "test")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    store = EventStore(pool)
+    try:
+        stream = stream_id_for(tenant, "run", "r")
+        appended = await store.append(stream, [_event(tenant, "r", i) for i in range(8)])
+        relay = _LosesOnePublish(own_system.service_url, js)
+        relay.lost = {str(appended[2].event_id)}
+        async with await psycopg.AsyncConnection.connect(
+            own_system.service_url, autocommit=True, row_factory=psycopg.rows.dict_row
+        ) as conn:
+            await conn.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
+                "ON CONFLICT DO NOTHING"
+            )
+            assert await relay.relay_once(conn) == 8
+        got = await read_stream_messages(js, tenant, 8)
+        assert [e.stream_version for e in got] == list(range(1, 9))
+    finally:
         await nc.close()
         await pool.close()
