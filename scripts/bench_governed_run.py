@@ -165,6 +165,18 @@ def bare_chdb_insert(rows: int) -> float:
     return rate
 
 
+def wait_until_idle(metrics_url: str, timeout: float = 300) -> float:
+    """Seconds until audit-replay reports no projection lag (the backlog is drained)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        text = httpx.get(metrics_url, timeout=10).text
+        lag = [ln for ln in text.splitlines() if ln.startswith("mc_projection_lag_events ")]
+        if lag and float(lag[0].split()[1]) == 0:
+            return time.perf_counter() - t0
+        time.sleep(0.2)
+    return time.perf_counter() - t0
+
+
 def stop_latency(base: str, key: str, n: int) -> list[float]:
     headers = {"Authorization": f"Bearer {key}"}
     out = []
@@ -221,12 +233,17 @@ def main() -> None:
             "target >= 5,000/s"
         )
 
-        stops = [x * 1000 for x in stop_latency(base, key, args.stops)]
+        # Right after the ingest burst the relay and projections still work through the cost
+        # events it caused; measure the stop path both behind that backlog and on a quiet system.
+        audit = next(c["url"] for c in state["children"] if c["name"] == "audit-replay")
+        busy = [x * 1000 for x in stop_latency(base, key, args.stops // 2)]
+        drained = wait_until_idle(audit + "/metrics")
+        quiet = [x * 1000 for x in stop_latency(base, key, args.stops)]
         print("stop latency (deny answered -> incident visible in a query)")
-        print(
-            f"  p50 {statistics.median(stops):7.1f} ms   p99 {pct(stops, 99):7.1f} ms   "
-            "target p99 <= 1000 ms"
-        )
+        print(f"  behind the ingest backlog: p50 {statistics.median(busy):7.1f} ms   "
+              f"p99 {pct(busy, 99):7.1f} ms   (backlog drained {drained:.1f}s later)")  # fmt: skip
+        print(f"  quiet system:              p50 {statistics.median(quiet):7.1f} ms   "
+              f"p99 {pct(quiet, 99):7.1f} ms   target p99 <= 1000 ms")  # fmt: skip
     finally:
         mctl("down", "--data-dir", str(data_dir))
         shutil.rmtree(data_dir.parent, ignore_errors=True)
