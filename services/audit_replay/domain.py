@@ -603,6 +603,8 @@ def incident_view(row: IncidentRow) -> dict[str, Any]:
 def decision_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """A decision (ClickHouse row or :func:`decision_row` output) as answers show it."""
     reasons = row["reasons"]
+    raw_context = row.get("context") or "{}"
+    context = orjson.loads(raw_context) if isinstance(raw_context, str) else raw_context
     return {
         "decision_id": row["decision_id"],
         "step_index": int(row["step_index"]),
@@ -611,6 +613,9 @@ def decision_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "reasons": orjson.loads(reasons) if isinstance(reasons, str) else reasons,
         "bundle_digest": row["bundle_digest"],
         "version": int(row["version"]),
+        "asked": context.get("step"),
+        "estimate": context.get("estimate"),
+        "occurred_at": iso(row["occurred_at"]) if row.get("occurred_at") is not None else None,
     }
 
 
@@ -733,7 +738,7 @@ def trace_steps(
     if inflection_step is not None:
         denied.add(inflection_step)
     for idx in denied - entries.keys():
-        entries[idx] = _denied_entry(idx)
+        entries[idx] = _denied_entry(idx, latest_decision.get(idx))
     out: list[dict[str, Any]] = []
     for idx in sorted(entries):
         entry = entries[idx]
@@ -750,12 +755,15 @@ def trace_steps(
     return out
 
 
-def _denied_entry(step_index: int) -> dict[str, Any]:
+def _denied_entry(step_index: int, decision: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A step that never ran, shown with what it asked for (from its decision's context)."""
+    asked = (decision or {}).get("asked") or {}
     return {
         "step_index": step_index,
-        "kind": None,
-        "model": None,
-        "tool": None,
+        "kind": asked.get("kind"),
+        "model": asked.get("model"),
+        "tool": asked.get("tool"),
+        "estimate": (decision or {}).get("estimate"),
         "status": "denied",
         "input_tokens": 0,
         "output_tokens": 0,
@@ -763,7 +771,7 @@ def _denied_entry(step_index: int) -> dict[str, Any]:
         "input": None,
         "output": None,
         "error": None,
-        "occurred_at": None,
+        "occurred_at": (decision or {}).get("occurred_at"),
         "event_id": None,
     }
 

@@ -22,7 +22,7 @@ from uuid import UUID
 
 import orjson
 import structlog
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
@@ -432,10 +432,13 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
     async def acknowledge_incident(
-        incident_id: IncidentIdPath, body: AcknowledgeRequest, call: Call
+        incident_id: IncidentIdPath,
+        call: Call,
+        body: Annotated[AcknowledgeRequest | None, Body()] = None,
     ) -> Any:
-        """Take ownership of an incident."""
-        payload = {"incident_id": str(incident_id), "by": body.by or call.actor}
+        """Take ownership of an incident (the body, and ``by`` in it, may be left out)."""
+        by = body.by if body is not None else None
+        payload = {"incident_id": str(incident_id), "by": by or call.actor}
         return await call("incident", "acknowledge", payload)
 
     @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])

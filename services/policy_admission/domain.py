@@ -296,8 +296,14 @@ def interpret(rego_output: dict[str, Any]) -> Decision:
 
 
 def decision_context(input_doc: dict[str, Any]) -> dict[str, Any]:
-    """What the decision saw, recorded with it: the run document plus the step's estimate."""
-    return {**input_doc["run"], "estimate": input_doc["step"]["estimate"]}
+    """What the decision saw, recorded with it: the run document, the step asked for (kind,
+    model, tool) and its estimate, so a denied step that never ran still shows what it wanted."""
+    step = input_doc["step"]
+    return {
+        **input_doc["run"],
+        "step": {"kind": step["kind"], "model": step["model"], "tool": step["tool"]},
+        "estimate": step["estimate"],
+    }
 
 
 def decide(

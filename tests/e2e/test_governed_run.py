@@ -9,6 +9,7 @@ import signal
 import uuid
 from typing import Any
 
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -68,7 +69,8 @@ def _snapshot(mc: MissionControlClient, run: str) -> dict[str, Any]:
 
 
 def test_seed_000_step_3_is_denied_the_run_stopped_and_everything_linked(whole_system):
-    mc = whole_system.new_tenant(_uid("acme"))
+    tenant = _uid("acme")
+    mc = whole_system.new_tenant(tenant)
     run, denied = _seed_000(mc)
 
     assert denied.outcome == "deny"
@@ -131,7 +133,14 @@ def test_seed_000_step_3_is_denied_the_run_stopped_and_everything_linked(whole_s
     assert len(mc.incidents(run_id=run)["incidents"]) == 1
 
     # The incident can be acknowledged and resolved.
-    mc.acknowledge_incident(inc["incident_id"], by="oncall")
+    # Acknowledging needs no body: the key's identity is recorded as who took it.
+    ack = httpx.post(
+        f"{whole_system.gateway_url}/v1/incidents/{inc['incident_id']}/acknowledge",
+        headers={"Authorization": f"Bearer {whole_system.key_for(tenant)}"},
+        timeout=30,
+    )
+    assert ack.status_code == 200, ack.text
+    assert ack.json()["acknowledged_by"].startswith("api-key:")
     mc.resolve_incident(inc["incident_id"], resolution="limit raised for this agent", by="oncall")
     resolved = wait_for(
         lambda: (i := mc.incident(inc["incident_id"]))["status"] == "resolved" and i, 20, "resolved"

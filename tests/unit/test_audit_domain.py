@@ -130,7 +130,11 @@ def flow(tenant: str, run_id: str, *, agent: str = "agent-1") -> list[EventEnvel
                 outcome="deny",
                 reasons=[reason],
                 bundle_digest=BUNDLE,
-                context={"tokens_used": 430},
+                context={
+                    "tokens_used": 430,
+                    "step": {"kind": "llm_call", "model": "gpt-4o", "tool": None},
+                    "estimate": {"input_tokens": 300, "max_output_tokens": 400},
+                },
             ),
             "decisions",
             run_id,
@@ -344,6 +348,10 @@ def test_trace_marks_the_denied_step_as_inflection_point_with_a_synthetic_entry(
         (3, "denied", True),
     ]
     assert steps[2]["decision"]["outcome"] == "deny"
+    # The denied step never ran, but the trace still shows what it asked for, and when.
+    assert (steps[2]["kind"], steps[2]["model"]) == ("llm_call", "gpt-4o")
+    assert steps[2]["estimate"] == {"input_tokens": 300, "max_output_tokens": 400}
+    assert steps[2]["occurred_at"] is not None
     assert steps[0]["decision"]["outcome"] == "allow"
     assert steps[0]["cost"]["total_cost_usd"] == "0.0007500000"
     assert steps[1]["cost"]["total_cost_usd"] is None
