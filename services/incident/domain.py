@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
@@ -75,7 +75,8 @@ class Incident:
         """A JSON-ready view (the RPC reply)."""
 
         def iso(t: datetime | None) -> str | None:
-            return t.isoformat() if t else None
+            # The same form the query API uses: UTC, microseconds, "Z".
+            return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if t else None
 
         return {
             "incident_id": self.incident_id,
