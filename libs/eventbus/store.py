@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -37,9 +36,13 @@ _COLUMNS = (
 )
 
 
-def chain_hash(prev_hash: bytes, envelope: EventEnvelope) -> bytes:
-    """sha256(prev_hash || RFC 8785 canonical JSON of the envelope's hashed fields)."""
-    body = canonical_json(envelope.hashed_fields())
+def chain_hash(prev_hash: bytes, envelope: EventEnvelope, body: bytes | None = None) -> bytes:
+    """sha256(prev_hash || RFC 8785 canonical JSON of the envelope's hashed fields).
+
+    ``body`` is that canonical JSON when the caller already has it.
+    """
+    if body is None:
+        body = canonical_json(envelope.hashed_fields())
     return hashlib.sha256(prev_hash + body).digest()
 
 
@@ -199,16 +202,17 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
         for e in a.events:
             if e.stream_id != a.stream_id:
                 raise InvalidInput(f"event {e.event_id} is for {e.stream_id}, not {a.stream_id}")
-            size = len(orjson.dumps(e.payload))
-            if size > MAX_EVENT_BYTES:
+            version += 1
+            env = e.model_copy(update={"stream_version": version})
+            # The canonical JSON is serialised once: it sizes the event and feeds the chain.
+            body = canonical_json(env.hashed_fields())
+            if len(body) > MAX_EVENT_BYTES:
                 raise InvalidInput(
-                    f"{e.event_type} event is {size:,} bytes of JSON, over the limit of "
+                    f"{e.event_type} event is {len(body):,} bytes of JSON, over the limit of "
                     f"{MAX_EVENT_BYTES:,}: store large inputs and outputs elsewhere and record a "
                     "reference"
                 )
-            version += 1
-            env = e.model_copy(update={"stream_version": version})
-            h = chain_hash(prev, env)
+            h = chain_hash(prev, env, body)
             rows.append(
                 (
                     env.event_id,
