@@ -62,13 +62,6 @@ def extract_context(headers: Mapping[str, str] | None) -> Any:
     return propagate.extract(dict(headers or {}))
 
 
-def current_trace_context() -> dict[str, str]:
-    """``{"traceparent": ..., "tracestate": ...}`` of the active span (empty when none)."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
-
-
 def trace_id_of(traceparent: str | None) -> str | None:
     """The 32-hex trace id inside a ``traceparent`` header."""
     if not traceparent:

@@ -298,8 +298,3 @@ class BatchEventConsumer(_Base):
 
     async def handle(self, msg: Msg) -> None:
         await self.handle_batch([msg])
-
-
-def event_header_position(msg: Msg) -> int:
-    """The store position a relayed message carries."""
-    return int((msg.headers or {}).get("Mc-Position", "0"))

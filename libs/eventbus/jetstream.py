@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nats
 import structlog
@@ -73,7 +73,6 @@ class ConsumerSpec:
     fetch_batch: int = 100
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL
     stream: str = EVENTS_STREAM
-    extra: dict[str, str] = field(default_factory=dict)
 
     def config(self) -> ConsumerConfig:
         """The JetStream consumer configuration."""

@@ -66,6 +66,26 @@ class ServiceContext:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     """Background tasks the service started; the host cancels them at shutdown."""
 
+    @classmethod
+    def wire(
+        cls,
+        name: str,
+        settings: Settings,
+        nc: NATS,
+        pool: AsyncConnectionPool,
+        registry: CollectorRegistry | None = None,
+    ) -> ServiceContext:
+        """A context on an open NATS connection and pool (JetStream and store derived)."""
+        return cls(
+            name=name,
+            settings=settings,
+            nc=nc,
+            js=nc.jetstream(),
+            pool=pool,
+            store=EventStore(pool),
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+
 
 class Service(Protocol):
     """What a service implements; the host does the rest."""
@@ -107,15 +127,7 @@ def build_app(service: Service, settings: Settings) -> FastAPI:
             js = nc.jetstream()
             await ensure_streams(js)
             pool = await open_pool(settings.database_url)
-            ctx = ServiceContext(
-                name=service.name,
-                settings=settings,
-                nc=nc,
-                js=js,
-                pool=pool,
-                store=EventStore(pool),
-                registry=registry,
-            )
+            ctx = ServiceContext.wire(service.name, settings, nc, pool, registry)
             app.state.ctx = ctx
             try:
                 await service.start(ctx)

@@ -74,15 +74,7 @@ async def running_admission(
     pool = await open_pool(system.service_url, max_size=4)
     nc = await connect(system.nats_url, "test-admission")
     service = PolicyAdmissionService()
-    ctx = ServiceContext(
-        name=service.name,
-        settings=settings,
-        nc=nc,
-        js=nc.jetstream(),
-        pool=pool,
-        store=EventStore(pool),
-        registry=CollectorRegistry(),
-    )
+    ctx = ServiceContext.wire(service.name, settings, nc, pool)
     try:
         await service.start(ctx)
         assert service.ready()

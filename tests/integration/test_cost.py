@@ -72,15 +72,7 @@ async def test_steps_are_costed_once_with_the_tenant_prices_in_force(
     await ensure_streams(js)
     pool = await open_pool(own_system.service_url, max_size=6)
     store = EventStore(pool)
-    ctx = ServiceContext(
-        name="cost",
-        settings=Settings(),
-        nc=nc,
-        js=js,
-        pool=pool,
-        store=store,
-        registry=new_registry(),
-    )
+    ctx = ServiceContext.wire("cost", Settings(), nc, pool, new_registry())
     relay = Relay(own_system.service_url, js, name=unique("relay-"), idle_wait=0.2)
     relay_task = asyncio.create_task(relay.run(), name=unique("cost-test-relay-"))
     service = CostService()

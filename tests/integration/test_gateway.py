@@ -21,7 +21,6 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
-from prometheus_client import CollectorRegistry
 
 from libs.contracts import stream_id_for
 from libs.contracts.registry import decode
@@ -146,15 +145,7 @@ async def gateway(system, tmp_path_factory) -> AsyncIterator[Gateway]:  # type: 
         IncidentService(violation_spec=inc_spec),
     ]
     for svc in services:
-        ctx = ServiceContext(
-            name=svc.name,
-            settings=get_settings(),
-            nc=nc,
-            js=js,
-            pool=pool,
-            store=store,
-            registry=CollectorRegistry(),
-        )
+        ctx = ServiceContext.wire(svc.name, get_settings(), nc, pool)
         await svc.start(ctx)
         await wait_until(svc.ready, what=f"{svc.name} ready")
     servers = _stand_ins(nc, store)

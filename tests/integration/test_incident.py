@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, stream_id_for
@@ -40,15 +39,7 @@ async def incident(
     # The production consumer, narrowed to this test's tenant under a durable of its own.
     spec = violation_consumer_spec(durable=unique("inc-violations-"), tenant_id=tenant)
     svc = IncidentService(violation_spec=spec)
-    ctx = ServiceContext(
-        name=svc.name,
-        settings=get_settings(),
-        nc=nc,
-        js=js,
-        pool=pool,
-        store=EventStore(pool),
-        registry=CollectorRegistry(),
-    )
+    ctx = ServiceContext.wire(svc.name, get_settings(), nc, pool)
     await svc.start(ctx)
     await wait_until(svc.ready, what="incident ready")
     yield svc

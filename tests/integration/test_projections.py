@@ -85,15 +85,7 @@ async def audit(own_system: System, tmp_path: Path) -> AsyncIterator[Audit]:
     relay = Relay(own_system.service_url, js, idle_wait=0.2)
     relay_task = asyncio.create_task(relay.run())
     ch = ChdbClickhouse(tmp_path / "clickhouse")
-    ctx = ServiceContext(
-        name="audit-replay",
-        settings=Settings(),
-        nc=nc,
-        js=js,
-        pool=pool,
-        store=store,
-        registry=CollectorRegistry(),
-    )
+    ctx = ServiceContext.wire("audit-replay", Settings(), nc, pool)
     a = Audit(nc, js, pool, store, ch, ctx, AuditReplayService(ch), RpcClient(nc))
     await a.start_service()
     try:

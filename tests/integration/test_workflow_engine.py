@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, stream_id_for
@@ -42,15 +41,7 @@ async def workflow(
     # The production consumer, narrowed to this test's tenant under a durable of its own.
     spec = violation_consumer_spec(durable=unique("wf-violations-"), tenant_id=tenant)
     svc = WorkflowEngineService(violation_spec=spec)
-    ctx = ServiceContext(
-        name=svc.name,
-        settings=get_settings(),
-        nc=nc,
-        js=js,
-        pool=pool,
-        store=EventStore(pool),
-        registry=CollectorRegistry(),
-    )
+    ctx = ServiceContext.wire(svc.name, get_settings(), nc, pool)
     await svc.start(ctx)
     await wait_until(svc.ready, what="workflow-engine ready")
     yield svc
