@@ -18,11 +18,15 @@ import httpx
 import psutil
 import pytest
 
-from libs.runtime.supervisor import PROJECT_ROOT, SERVICES, STATE_FILE
+from libs.runtime import cli
+from libs.runtime.registry import discover
+from libs.runtime.state import STATE_FILE
+from libs.runtime.supervisor import PROJECT_ROOT
 
 pytestmark = pytest.mark.integration
 
-SERVICE_NAMES = [name for name, _ in SERVICES]
+# The services come from the installed entry points, as the supervisor's do.
+SERVICE_NAMES = [s.name for s in discover()]
 
 
 def mctl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -99,6 +103,11 @@ def test_up_prints_every_service(running: Running) -> None:
     assert state["database_url"].startswith("postgresql://mc_service@127.0.0.1:")
 
 
+def test_processes_start_in_order_servers_relay_then_registered_services(running: Running) -> None:
+    names = [c["name"] for c in running.state()["children"]]
+    assert names == ["nats", "postgres", "relay", *SERVICE_NAMES]
+
+
 def test_every_service_is_ready_healthy_and_exports_metrics(running: Running) -> None:
     with httpx.Client(timeout=5) as client:
         for name in SERVICE_NAMES:
@@ -149,6 +158,22 @@ def test_migrate_and_verify_use_the_embedded_database(running: Running) -> None:
     verify = mctl("verify", "--data-dir", str(running.data_dir), timeout=60)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert verify.stdout.startswith("ok:")
+
+
+def test_tenant_commands_find_the_running_systems_database(running: Running) -> None:
+    create = mctl("tenant", "create", "runtime-t", "--data-dir", str(running.data_dir), timeout=60)
+    assert create.returncode == 0, create.stdout + create.stderr
+    assert "created tenant runtime-t" in create.stdout
+    assert any(line.startswith("mc_") for line in create.stdout.splitlines())
+
+
+def test_the_registered_demo_runs_against_the_system(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli._run_demo(running.state(), running.data_dir)
+    out = capsys.readouterr().out
+    assert "stopped_by_policy" in out
+    assert "Inflection point of run C: step 3" in out
 
 
 def test_down_stops_every_process(running: Running) -> None:
