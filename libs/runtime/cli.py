@@ -26,6 +26,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from libs.errors import MissionControlError
 from libs.runtime import supervisor as sup
 from libs.runtime.cli_support import (
     CliError,
@@ -398,8 +399,17 @@ def migrate(
         typer.echo("database is up to date")
 
 
+def _mount_registered() -> None:
+    try:
+        mount_commands(app, discover())
+    except MissionControlError as exc:
+        # A broken installation must not take `mctl down` and `mctl status` with it; `mctl up`
+        # reports the same problem when the supervisor looks for the services.
+        typer.echo(f"warning: {exc}; commands contributed by services are unavailable", err=True)
+
+
 # At the end, so that a contributed sub-command can never shadow one defined above.
-mount_commands(app, discover())
+_mount_registered()
 
 
 if __name__ == "__main__":

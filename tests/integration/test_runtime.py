@@ -21,7 +21,9 @@ import pytest
 from libs.runtime import cli
 from libs.runtime.registry import discover
 from libs.runtime.state import STATE_FILE
-from libs.runtime.supervisor import PROJECT_ROOT
+from libs.runtime.supervisor import PROJECT_ROOT, Supervisor
+from libs.settings import Settings
+from tests.conftest import System
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +189,26 @@ def test_down_stops_every_process(running: Running) -> None:
     status = mctl("status", "--data-dir", str(running.data_dir), timeout=60)
     assert status.returncode == 1
     assert "not running" in status.stderr
+
+
+def test_configured_servers_are_used_instead_of_embedded_ones(
+    system: System, tmp_path: Path
+) -> None:
+    settings = Settings(
+        nats_url=system.nats_url,
+        database_url=system.service_url,
+        database_admin_url=system.admin_url,
+    )
+    sup = Supervisor(tmp_path, settings)
+    sup.log_dir.mkdir(parents=True)
+    sup._open_log()
+    try:
+        sup._start_infrastructure()
+    finally:
+        sup._shutdown()  # stops whatever it started, should it have started servers
+        sup._release()
+    assert sup.children == []  # no embedded server was started
+    assert (sup.nats_url, sup.database_url) == (system.nats_url, system.service_url)
+    # Migrations ran (nothing pending: the session applied them) with the admin role.
+    assert sup.admin_url is None
+    assert "migrations applied: none pending" in (tmp_path / "logs" / "supervisor.log").read_text()
