@@ -162,3 +162,13 @@ def test_a_contributed_command_cannot_replace_a_built_in_one() -> None:
     )
     with pytest.raises(cli.CliError, match="adds `mctl status`, which exists already"):
         cli.mount_commands(target, (clash,))
+
+
+def test_every_service_package_and_migrations_folder_in_the_tree_is_registered() -> None:
+    # Before entry points the runtime scanned services/; a package or migrations folder added
+    # without a registration would now be silently left out of `mctl up` and `mctl migrate`.
+    root = Path(__file__).resolve().parents[2] / "services"
+    runnable = {f"services.{p.parent.name}" for p in root.glob("*/__main__.py")}
+    folders = {p.resolve() for p in root.glob("*/migrations") if p.is_dir()}
+    assert runnable == {r.module for r in discover()}
+    assert folders == {r.migrations.resolve() for r in discover() if r.migrations is not None}
