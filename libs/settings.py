@@ -11,8 +11,10 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from libs.errors import InvalidInput
 
 DEFAULT_DATA_DIR = Path("var/mc")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -54,11 +56,27 @@ class Settings(BaseSettings):
         return name in self.model_fields_set
 
 
+def load_settings() -> Settings:
+    """The settings as the environment says now.
+
+    A bad value raises :class:`~libs.errors.InvalidInput` naming each variable and what is wrong
+    with it, never the value itself (it may be a secret).
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+        raise InvalidInput(f"invalid configuration: {problems}") from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings of a long-running process, read once.
 
-    Commands that may run several times in one process (``mctl`` under a test runner) build a
-    fresh :class:`Settings` instead, so they see the environment as it is now.
+    Commands that may run several times in one process (``mctl`` under a test runner) call
+    :func:`load_settings` instead, so they see the environment as it is now.
     """
-    return Settings()
+    return load_settings()

@@ -39,7 +39,7 @@ from libs.runtime.cli_support import (
 )
 from libs.runtime.registry import ServiceRegistration, discover, resolve_ref
 from libs.runtime.state import STATE_FILE, read_state
-from libs.settings import Settings
+from libs.settings import load_settings
 
 app = command_group("mctl", "Run and inspect Mission Control.")
 
@@ -387,7 +387,7 @@ def migrate(
     """Apply pending database migrations (the event store's and every installed service's)."""
     from libs.eventbus.migrate import apply_all
 
-    settings = Settings()
+    settings = load_settings()
     url = admin_database(database_url, data_dir_of(data_dir, settings), settings).secret()
     if service_password is None and settings.service_db_password is not None:
         service_password = settings.service_db_password.get_secret_value()

@@ -15,7 +15,7 @@ import typer
 
 from libs.errors import MissionControlError
 from libs.runtime.urls import ResolvedUrl, resolve_url
-from libs.settings import DEFAULT_DATA_DIR, Settings
+from libs.settings import DEFAULT_DATA_DIR, Settings, load_settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,7 +79,7 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
 
 def data_dir_of(option: Path | None, settings: Settings | None = None) -> Path:
     """The data directory a command works on: ``--data-dir``, else the settings' (absolute)."""
-    chosen = option if option is not None else (settings or Settings()).data_dir
+    chosen = option if option is not None else (settings or load_settings()).data_dir
     return chosen.resolve()
 
 

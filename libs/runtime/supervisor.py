@@ -40,7 +40,7 @@ from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_n
 from libs.runtime.registry import ServiceRegistration, discover, require_services
 from libs.runtime.state import STATE_FILE, redact_url, write_json_atomic
 from libs.runtime.urls import resolve_url
-from libs.settings import Settings
+from libs.settings import Settings, load_settings
 
 RELAY_MODULE = "libs.eventbus.relay"
 
@@ -283,7 +283,7 @@ class Supervisor:
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.log_dir = self.data_dir / LOG_DIR
-        self.settings = settings if settings is not None else Settings()
+        self.settings = settings if settings is not None else load_settings()
         self.services = tuple(services) if services is not None else discover()
         self.ready_timeout = ready_timeout
         self.children: list[Child] = []

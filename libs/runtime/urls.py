@@ -26,7 +26,7 @@ from typing import Literal
 from pydantic import SecretStr
 
 from libs.runtime.state import read_state, redact_url
-from libs.settings import Settings
+from libs.settings import Settings, load_settings
 
 UrlKind = Literal["nats", "database", "admin_database"]
 
@@ -79,7 +79,7 @@ def resolve_url(
     """
     if flag:
         return ResolvedUrl(flag if isinstance(flag, SecretStr) else SecretStr(flag), Source.FLAG)
-    settings = settings if settings is not None else Settings()
+    settings = settings if settings is not None else load_settings()
     for name in _SETTINGS_FIELDS[kind]:
         if settings.configured(name):
             value = getattr(settings, name)

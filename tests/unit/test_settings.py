@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from libs.errors import InvalidInput
 from libs.runtime.cli import app
 from libs.runtime.cli_support import CliError, admin_database, data_dir_of
 from libs.runtime.state import STATE_FILE
 from libs.runtime.urls import Source, resolve_url
-from libs.settings import DEFAULT_DATA_DIR, Settings
+from libs.settings import DEFAULT_DATA_DIR, Settings, load_settings
 
 pytestmark = pytest.mark.unit
 
@@ -146,3 +147,14 @@ def test_mctl_reports_a_missing_database_without_echoing_secrets(
     assert result.output.startswith("error: ")
     assert "127.0.0.1" in result.output  # it did try the configured database
     assert "hunter2" not in result.output
+
+
+def test_a_bad_setting_is_named_without_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MC_HTTP_PORT", "not-a-port")
+    with pytest.raises(InvalidInput, match="invalid configuration: MC_HTTP_PORT: ") as caught:
+        load_settings()
+    assert "not-a-port" not in str(caught.value)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: invalid configuration: MC_HTTP_PORT")
+    assert "Traceback" not in result.output
