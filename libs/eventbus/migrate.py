@@ -1,32 +1,54 @@
 """Versioned SQL migrations, applied in order and recorded in ``public.schema_migrations``.
 
-Each component ships a folder of ``NNNN_name.sql`` files; the migration id is
-``<component>/<file name>``. A migration runs in one transaction with its bookkeeping row, and an
-advisory lock keeps two processes from migrating at once.
+The event store ships a folder of ``NNNN_name.sql`` files, and so does every service that names
+one in its registration (:mod:`libs.runtime.registry`); the migration id is
+``<component>/<file name>``. The event store's come first, then the services' in component name
+order. A migration runs in one transaction with its bookkeeping row, and an advisory lock keeps
+two processes from migrating at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
+from libs.runtime.registry import RegistrationError, ServiceRegistration, discover
+
 SERVICE_ROLE = "mc_service"
 _MIGRATION_LOCK = 7_231_001
 
-ROOT = Path(__file__).resolve().parents[2]
+EVENTSTORE_COMPONENT = "eventstore"
 
 
-def migration_dirs() -> list[tuple[str, Path]]:
-    """(component, folder) of every migration folder, the event store first."""
-    dirs = [("eventstore", Path(__file__).parent / "migrations")]
-    services = ROOT / "services"
-    for d in sorted(services.iterdir()) if services.exists() else []:
-        m = d / "migrations"
-        if m.is_dir():
-            dirs.append((d.name, m))
-    return dirs
+def migration_dirs(
+    services: Sequence[ServiceRegistration] | None = None,
+) -> list[tuple[str, Path]]:
+    """(component, folder) of every migration folder, the event store first.
+
+    ``services`` default to the installed ones. The order does not follow the services' start
+    order: ids already recorded in a database must keep being applied in the order they were.
+    """
+    registered = discover() if services is None else services
+    dirs = [(EVENTSTORE_COMPONENT, Path(__file__).parent / "migrations")]
+    seen: dict[str, str] = {}
+    for reg in registered:
+        component = reg.migration_component
+        if component is None or reg.migrations is None:
+            continue
+        if component in seen or component == EVENTSTORE_COMPONENT:
+            # Two folders under one prefix would make their ids collide.
+            owner = seen.get(component, EVENTSTORE_COMPONENT)
+            raise RegistrationError(
+                f"services {owner!r} and {reg.name!r} both ship migrations as {component!r}"
+            )
+        if not reg.migrations.is_dir():
+            raise RegistrationError(f"migrations of {reg.name!r} not found at {reg.migrations}")
+        seen[component] = reg.name
+        dirs.append((component, reg.migrations))
+    return dirs[:1] + sorted(dirs[1:])
 
 
 def ensure_service_role(conn: psycopg.Connection, password: str | None = None) -> None:
@@ -46,8 +68,14 @@ def ensure_service_role(conn: psycopg.Connection, password: str | None = None) -
         )
 
 
-def apply_all(admin_url: str, service_password: str | None = None) -> list[str]:
-    """Apply every pending migration; return the ids applied now."""
+def apply_all(
+    admin_url: str,
+    service_password: str | None = None,
+    services: Sequence[ServiceRegistration] | None = None,
+) -> list[str]:
+    """Apply every pending migration (of ``services``, default: the installed ones); return the
+    ids applied now."""
+    folders = migration_dirs(services)
     applied: list[str] = []
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
@@ -58,7 +86,7 @@ def apply_all(admin_url: str, service_password: str | None = None) -> list[str]:
                 " id text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r[0] for r in conn.execute("SELECT id FROM public.schema_migrations")}
-            for component, folder in migration_dirs():
+            for component, folder in folders:
                 for f in sorted(folder.glob("*.sql")):
                     mid = f"{component}/{f.name}"
                     if mid in done:

@@ -223,7 +223,7 @@ async def _main() -> None:
     nc = await connect(settings.nats_url, "relay")
     js = nc.jetstream()
     await ensure_streams(js)
-    relay = Relay(settings.database_url, js)
+    relay = Relay(settings.database_url.get_secret_value(), js)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, relay.stop)

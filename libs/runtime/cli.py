@@ -4,39 +4,44 @@
 session, in the foreground or detached. Its own session means a Ctrl-C on the terminal reaches
 only ``mctl``, which asks the supervisor to stop; the supervisor then stops the services, the
 relay and the servers in order instead of all of them receiving the signal at once.
+
+Services add their own sub-commands through their registration (``mctl tenant`` is the
+gateway's), and the demo ``mctl up --demo`` runs is a registration's too: this module names no
+service.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
 import inspect
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import httpx
-import psycopg
 import typer
 
 from libs.errors import MissionControlError
 from libs.runtime import supervisor as sup
-from libs.runtime.cli_tenant import tenant_app
-
-app = typer.Typer(
-    name="mctl",
-    help="Run and inspect Mission Control.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from libs.runtime.cli_support import (
+    CliError,
+    DatabaseUrlOption,
+    DataDirOption,
+    admin_database,
+    command_group,
+    data_dir_of,
+    one_line_errors,
 )
+from libs.runtime.registry import ServiceRegistration, discover, resolve_ref
+from libs.runtime.state import STATE_FILE, read_state
+from libs.settings import load_settings
+
+app = command_group("mctl", "Run and inspect Mission Control.")
 
 # Infrastructure start (initdb on first use, migrations) comes on top of the supervisor's own
 # 60 s readiness deadline.
@@ -44,48 +49,22 @@ UP_TIMEOUT_S = 180.0
 DOWN_TIMEOUT_S = 60.0
 POLL_S = 0.2
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
-DataDir = Annotated[
-    Path,
-    typer.Option(
-        "--data-dir",
-        envvar="MC_DATA_DIR",
-        help="Where the system keeps its data, logs and state.",
-        file_okay=False,
-    ),
-]
-DatabaseUrl = Annotated[
-    str | None,
-    typer.Option("--database-url", help="PostgreSQL URL of an administrative role."),
-]
-DEFAULT_DATA_DIR = Path("var/mc")
-
-app.add_typer(tenant_app, name="tenant")
-
-
-class CliError(MissionControlError):
-    """A failure reported to the user as one line."""
-
-
-def _one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Report expected failures as ``error: ...`` and exit 1 instead of printing a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except MissionControlError as exc:
-            # Ours are written for the user; some carry a log excerpt on purpose.
-            typer.echo(f"error: {str(exc).strip() or type(exc).__name__}", err=True)
-            raise typer.Exit(1) from None
-        except (psycopg.Error, OSError, httpx.HTTPError) as exc:
-            text = str(exc).strip()
-            typer.echo(f"error: {text.splitlines()[0] if text else type(exc).__name__}", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
+def mount_commands(target: typer.Typer, services: tuple[ServiceRegistration, ...]) -> None:
+    """Mount every sub-command the ``services`` contribute (``mctl tenant`` ...) on ``target``."""
+    taken = {
+        c.name or (c.callback.__name__.replace("_", "-") if c.callback else "")
+        for c in target.registered_commands
+    } | {g.name for g in target.registered_groups if g.name}
+    for service in services:
+        for name, ref in service.commands.items():
+            if name in taken:
+                raise CliError(f"service {service.name!r} adds `mctl {name}`, which exists already")
+            sub = resolve_ref(ref)
+            if not isinstance(sub, typer.Typer):
+                raise CliError(f"{ref} (from {service.name!r}) is not a typer.Typer app")
+            target.add_typer(sub, name=name)
+            taken.add(name)
 
 
 # --- up -------------------------------------------------------------------------------------------
@@ -128,7 +107,7 @@ def _wait_until_up(
             if stop.requested:
                 return None
             raise CliError(f"the supervisor exited with {sup.describe_exit(code)}{_why(log)}")
-        state = sup.read_state(data_dir)
+        state = read_state(data_dir)
         if state is not None and state.get("supervisor_pid") == proc.pid:
             return state
         if time.monotonic() > deadline:
@@ -148,21 +127,26 @@ def _why(log: Path | None) -> str:
 
 
 def _run_demo(state: dict[str, Any], data_dir: Path) -> bool:
-    """Run the gateway's demo against the running system; ``False`` when it failed."""
-    try:
-        # Imported by name: the demo is optional and is not part of every build.
-        run_demo = importlib.import_module("services.gateway.demo").run_demo
-    except (ImportError, AttributeError) as exc:
-        typer.echo(f"note: the demo is not available in this build ({exc}); skipping it")
+    """Run every registered demo against the running system; ``False`` when one failed."""
+    demos = [s for s in discover() if s.demo is not None]
+    if not demos:
+        typer.echo("note: no installed service has a demo; skipping it")
         return True
-    gateway = next(c for c in state["children"] if c["name"] == "gateway")
-    try:
-        _resolve(run_demo(gateway["url"], data_dir))
-    except Exception as exc:
-        # The system stays up, so what the demo left behind can still be inspected.
-        text = str(exc).strip()
-        typer.echo(f"error: the demo failed: {text.splitlines()[0] if text else exc!r}", err=True)
-        return False
+    urls = {c["name"]: c.get("url") for c in state["children"]}
+    for service in demos:
+        assert service.demo is not None
+        try:
+            run_demo = resolve_ref(service.demo)
+            _resolve(run_demo(urls[service.name], data_dir))
+        except Exception as exc:
+            # The system stays up, so what the demo left behind can still be inspected.
+            text = str(exc).strip()
+            typer.echo(
+                f"error: the demo of {service.name} failed: "
+                f"{text.splitlines()[0] if text else exc!r}",
+                err=True,
+            )
+            return False
     return True
 
 
@@ -178,16 +162,16 @@ def _resolve(result: Any) -> Any:
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def up(
-    data_dir: DataDir = DEFAULT_DATA_DIR,
+    data_dir: DataDirOption = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Run in the background; return once ready.")
     ] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Run the demo once ready.")] = False,
 ) -> None:
-    """Start NATS, PostgreSQL, the relay and the six services; supervise them until stopped."""
-    data_dir = data_dir.resolve()
+    """Start NATS, PostgreSQL, the relay and the services; supervise them until stopped."""
+    data_dir = data_dir_of(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     holder = sup.lock_holder(data_dir)
     if holder is not None:
@@ -242,7 +226,7 @@ def up(
 
 def _state_missing(data_dir: Path, pid: int) -> bool:
     """Whether the supervisor ``pid`` has not (yet) reported a ready system on ``data_dir``."""
-    state = sup.read_state(data_dir)
+    state = read_state(data_dir)
     return state is None or state.get("supervisor_pid") != pid
 
 
@@ -250,9 +234,9 @@ def _state_missing(data_dir: Path, pid: int) -> bool:
 
 
 def _running_state(data_dir: Path) -> dict[str, Any]:
-    state = sup.read_state(data_dir)
+    state = read_state(data_dir)
     if state is None:
-        raise CliError(f"Mission Control is not running on {data_dir} (no {sup.STATE_FILE})")
+        raise CliError(f"Mission Control is not running on {data_dir} (no {STATE_FILE})")
     if not sup.pid_alive(state.get("supervisor_pid")):
         raise CliError(
             f"the supervisor (pid {state.get('supervisor_pid')}) of {data_dir} is not running; "
@@ -262,10 +246,10 @@ def _running_state(data_dir: Path) -> dict[str, Any]:
 
 
 @app.command()
-@_one_line_errors
-def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+@one_line_errors
+def status(data_dir: DataDirOption = None) -> None:
     """Show every process of the system; exit 1 unless all of them are up and ready."""
-    data_dir = data_dir.resolve()
+    data_dir = data_dir_of(data_dir)
     state = _running_state(data_dir)
     rows = [("NAME", "PID", "STATE", "RESTARTS", "URL")]
     healthy = True
@@ -335,11 +319,11 @@ def _stop_orphans(state: dict[str, Any]) -> int:
 
 
 @app.command()
-@_one_line_errors
-def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+@one_line_errors
+def down(data_dir: DataDirOption = None) -> None:
     """Stop the system running on the data directory and wait until it has exited."""
-    data_dir = data_dir.resolve()
-    state = sup.read_state(data_dir)
+    data_dir = data_dir_of(data_dir)
+    state = read_state(data_dir)
     # Before the services are ready there is no state.json yet, but the lock names the pid.
     pid = (state or {}).get("supervisor_pid") or sup.lock_holder(data_dir)
     if pid is not None and pid > 0 and sup.pid_alive(pid):
@@ -351,7 +335,7 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         return
     if state is not None:
         stopped = _stop_orphans(state)
-        (data_dir / sup.STATE_FILE).unlink(missing_ok=True)
+        (data_dir / STATE_FILE).unlink(missing_ok=True)
         typer.echo(f"the supervisor was gone; stopped {stopped} leftover process(es)")
         return
     typer.echo(f"Mission Control is not running on {data_dir}")
@@ -360,28 +344,14 @@ def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 # --- database -------------------------------------------------------------------------------------
 
 
-def _admin_url(explicit: str | None, data_dir: Path) -> str:
-    if explicit:
-        return explicit
-    state = sup.read_state(data_dir)
-    if state and state.get("postgres_admin_url"):
-        return str(state["postgres_admin_url"])
-    for var in ("DATABASE_ADMIN_URL", "DATABASE_URL"):
-        if os.environ.get(var):
-            return os.environ[var]
-    raise CliError(
-        "no database: pass --database-url, set DATABASE_URL, or start the system with `mctl up`"
-    )
-
-
 @app.command()
-@_one_line_errors
+@one_line_errors
 def verify(
-    database_url: DatabaseUrl = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = None,
 ) -> None:
     """Recompute every stream's hash chain; exit 1 naming the first broken stream and version."""
-    url = _admin_url(database_url, data_dir.resolve())
+    url = admin_database(database_url, data_dir_of(data_dir)).secret()
     from libs.eventbus.verify import verify_chains
 
     result = verify_chains(url)
@@ -398,29 +368,48 @@ def verify(
 
 
 @app.command()
-@_one_line_errors
+@one_line_errors
 def migrate(
-    database_url: DatabaseUrl = None,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = None,
     service_password: Annotated[
         str | None,
         typer.Option(
             "--service-password",
-            envvar="MC_SERVICE_DB_PASSWORD",
-            help="Password to set on the mc_service role (needed when services log in remotely).",
+            help=(
+                "Password to set on the mc_service role, needed when services log in remotely "
+                "(default: $MC_SERVICE_DB_PASSWORD)."
+            ),
+            show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Apply pending database migrations."""
+    """Apply pending database migrations (the event store's and every installed service's)."""
     from libs.eventbus.migrate import apply_all
 
-    url = _admin_url(database_url, data_dir.resolve())
+    settings = load_settings()
+    url = admin_database(database_url, data_dir_of(data_dir, settings), settings).secret()
+    if service_password is None and settings.service_db_password is not None:
+        service_password = settings.service_db_password.get_secret_value()
     applied = apply_all(url, service_password)
     if applied:
         for mid in applied:
             typer.echo(f"applied {mid}")
     else:
         typer.echo("database is up to date")
+
+
+def _mount_registered() -> None:
+    try:
+        mount_commands(app, discover())
+    except MissionControlError as exc:
+        # A broken installation must not take `mctl down` and `mctl status` with it; `mctl up`
+        # reports the same problem when the supervisor looks for the services.
+        typer.echo(f"warning: {exc}; commands contributed by services are unavailable", err=True)
+
+
+# At the end, so that a contributed sub-command can never shadow one defined above.
+_mount_registered()
 
 
 if __name__ == "__main__":

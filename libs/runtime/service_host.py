@@ -126,7 +126,7 @@ def build_app(service: Service, settings: Settings) -> FastAPI:
         try:
             js = nc.jetstream()
             await ensure_streams(js)
-            pool = await open_pool(settings.database_url)
+            pool = await open_pool(settings.database_url.get_secret_value())
             ctx = ServiceContext.wire(service.name, settings, nc, pool, registry)
             app.state.ctx = ctx
             try:

@@ -1,7 +1,8 @@
 """Starts the whole system on one machine and keeps it running.
 
 The supervisor owns, in start order: embedded NATS and PostgreSQL (unless ``NATS_URL`` /
-``DATABASE_URL`` point elsewhere), the outbox relay, and the six services. It restarts any child
+``DATABASE_URL`` point elsewhere), the outbox relay, and the services registered through entry
+points (:mod:`libs.runtime.registry`), in their dependency order. It restarts any child
 that exits, with exponential backoff, and stops them in reverse dependency order on SIGTERM or
 SIGINT: services first (they may still publish or write while draining), then the relay, then the
 servers.
@@ -17,20 +18,18 @@ import argparse
 import contextlib
 import ctypes
 import fcntl
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psutil
@@ -38,19 +37,13 @@ import psutil
 from libs.errors import Conflict, MissionControlError, TransientError
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
+from libs.runtime.registry import ServiceRegistration, discover, require_services
+from libs.runtime.state import STATE_FILE, redact_url, write_json_atomic
+from libs.runtime.urls import resolve_url
+from libs.settings import Settings, load_settings
 
-# (name users see, package under services/), in start order.
-SERVICES: tuple[tuple[str, str], ...] = (
-    ("gateway", "gateway"),
-    ("workflow-engine", "workflow_engine"),
-    ("policy-admission", "policy_admission"),
-    ("incident", "incident"),
-    ("cost", "cost"),
-    ("audit-replay", "audit_replay"),
-)
 RELAY_MODULE = "libs.eventbus.relay"
 
-STATE_FILE = "state.json"
 LOCK_FILE = "supervisor.lock"
 LOG_DIR = "logs"
 SUPERVISOR_LOG = "supervisor.log"
@@ -106,18 +99,6 @@ def describe_exit(returncode: int) -> str:
     return f"code {returncode}"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to print and to write to disk)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def service_database_url(port: int) -> str:
     """The URL services use against the embedded server (trust authentication on loopback)."""
     return f"postgresql://{SERVICE_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
@@ -137,22 +118,6 @@ def format_table(state: Mapping[str, Any]) -> str:
     lines.append(f"Postgres  {state.get('database_url')}")
     lines.append(f"Data dir  {state.get('data_dir')}")
     return "\n".join(lines)
-
-
-def read_state(data_dir: Path) -> dict[str, Any] | None:
-    """The ``state.json`` of ``data_dir``, or ``None`` when there is none (or it is unreadable)."""
-    try:
-        data = json.loads((data_dir / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    """Write ``data`` so that readers see either the old or the new document, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def lock_holder(data_dir: Path) -> int | None:
@@ -302,20 +267,24 @@ class Child:
 class Supervisor:
     """Starts, watches and stops every process of one Mission Control system.
 
-    ``env_overrides`` are applied over this process's environment, both for deciding whether
-    to start embedded servers (``NATS_URL``, ``DATABASE_URL``) and for every child.
+    ``settings`` decide whether to start embedded servers (``NATS_URL``, ``DATABASE_URL``);
+    ``services`` default to those registered through entry points, already in start order.
+    Children inherit this process's environment, on top of which the supervisor sets the
+    servers' URLs and each service's name and port.
     """
 
     def __init__(
         self,
         data_dir: Path,
-        env_overrides: Mapping[str, str] | None = None,
+        settings: Settings | None = None,
+        services: Sequence[ServiceRegistration] | None = None,
         *,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.log_dir = self.data_dir / LOG_DIR
-        self.env: dict[str, str] = {**os.environ, **(env_overrides or {})}
+        self.settings = settings if settings is not None else load_settings()
+        self.services = tuple(services) if services is not None else discover()
         self.ready_timeout = ready_timeout
         self.children: list[Child] = []
         self.nats_url = ""
@@ -329,6 +298,7 @@ class Supervisor:
 
     def up(self) -> int:
         """Start everything, wait until ready, then supervise until SIGTERM/SIGINT; return 0."""
+        require_services(self.services)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = acquire_lock(self.data_dir)
@@ -364,26 +334,34 @@ class Supervisor:
     # -- start -------------------------------------------------------------------------------------
 
     def _start_infrastructure(self) -> None:
-        nats_url = self.env.get("NATS_URL")
-        if nats_url:
-            self.nats_url = nats_url
+        # No data dir for the resolver: the state file is this supervisor's to write, and one
+        # left behind describes servers that are gone. What is not configured is embedded.
+        nats = resolve_url("nats", settings=self.settings)
+        if nats is not None:
+            self.nats_url = nats.secret()
         else:
-            nats = self._add_server("nats", lambda port: start_nats(self.data_dir, port))
-            self.nats_url = nats.url or ""
+            server = self._add_server("nats", lambda port: start_nats(self.data_dir, port))
+            self.nats_url = server.url or ""
         if self._stop_requested:
             return
-        database_url = self.env.get("DATABASE_URL")
-        if database_url:
-            self.database_url = database_url
-            migrate_url = self.env.get("DATABASE_ADMIN_URL") or database_url
+        database = resolve_url("database", settings=self.settings)
+        if database is not None:
+            self.database_url = database.secret()
+            admin = resolve_url("admin_database", settings=self.settings) or database
+            migrate_url = admin.secret()
         else:
             pg = self._add_server("postgres", lambda port: start_postgres(self.data_dir, port))
             assert pg.port is not None
             assert pg.url is not None
             self.admin_url = migrate_url = pg.url
             self.database_url = service_database_url(pg.port)
+        password = self.settings.service_db_password
         try:
-            applied = apply_all(migrate_url, self.env.get("MC_SERVICE_DB_PASSWORD") or None)
+            applied = apply_all(
+                migrate_url,
+                password.get_secret_value() if password else None,
+                self.services,
+            )
         except Exception as exc:
             raise SupervisorError(
                 f"migrations failed on {redact_url(migrate_url)}: {_first_line(exc)}"
@@ -404,50 +382,63 @@ class Supervisor:
         return child
 
     def _start_processes(self) -> None:
+        for child in self.plan_processes():
+            self.children.append(child)
+            self._spawn(child)
+
+    def plan_processes(self) -> list[Child]:
+        """The relay, then every registered service in start order, ready to spawn.
+
+        Each service gets a free port and the environment that tells it where the servers are;
+        spawning them in this order is what ``after`` in a registration means (the supervisor
+        then waits for all of them to be ready together).
+        """
         common = {
             "NATS_URL": self.nats_url,
             "DATABASE_URL": self.database_url,
             "MC_DATA_DIR": str(self.data_dir),
             # The children import this checkout even when it is not installed.
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(PROJECT_ROOT), self.env.get("PYTHONPATH", "")) if p
+                p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p
             ),
             # Log lines reach the log files as they happen, not when a buffer fills.
             "PYTHONUNBUFFERED": "1",
         }
-        relay = Child(
-            name="relay",
-            kind="relay",
-            module=RELAY_MODULE,
-            env={**common, "MC_SERVICE": "relay"},
-            log_path=self.log_dir / "relay.log",
-        )
-        self.children.append(relay)
-        self._spawn(relay)
-        host = self.env.get("MC_HTTP_HOST") or "127.0.0.1"
-        for name, pkg in SERVICES:
-            port = free_port()
-            child = Child(
-                name=name,
-                kind="service",
-                port=port,
-                url=f"http://127.0.0.1:{port}",
-                module=f"services.{pkg}",
-                env={
-                    **common,
-                    "MC_SERVICE": name,
-                    "MC_HTTP_HOST": host,
-                    "MC_HTTP_PORT": str(port),
-                },
-                log_path=self.log_dir / f"{name}.log",
+        planned = [
+            Child(
+                name="relay",
+                kind="relay",
+                module=RELAY_MODULE,
+                env={**common, "MC_SERVICE": "relay"},
+                log_path=self.log_dir / "relay.log",
             )
-            self.children.append(child)
-            self._spawn(child)
+        ]
+        host = self.settings.http_host
+        for service in self.services:
+            port = free_port()
+            planned.append(
+                Child(
+                    name=service.name,
+                    kind="service",
+                    port=port,
+                    url=f"http://127.0.0.1:{port}",
+                    module=service.module,
+                    env={
+                        **common,
+                        "MC_SERVICE": service.name,
+                        "MC_HTTP_HOST": host,
+                        "MC_HTTP_PORT": str(port),
+                    },
+                    log_path=self.log_dir / f"{service.name}.log",
+                )
+            )
+        return planned
 
     def _spawn(self, child: Child) -> None:
         assert child.module is not None
         assert child.log_path is not None
-        env = {**self.env, **child.env}
+        # Inherited so that every child's own Settings see what the operator configured.
+        env = {**os.environ, **child.env}
         with child.log_path.open("ab") as log:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             log.write(f"--- {stamp} supervisor: starting {child.name}\n".encode())
@@ -614,7 +605,7 @@ class Supervisor:
         return {
             "supervisor_pid": os.getpid(),
             "data_dir": str(self.data_dir),
-            "nats_url": self.nats_url,
+            "nats_url": redact_url(self.nats_url),
             "database_url": redact_url(self.database_url),
             # Only the embedded server's admin URL is recorded: it has no password to leak.
             "postgres_admin_url": self.admin_url,

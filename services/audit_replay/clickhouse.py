@@ -264,5 +264,5 @@ class ServerClickhouse:
 def open_clickhouse(settings: Settings) -> Clickhouse:
     """The server driver when ``CLICKHOUSE_URL`` is set, else chDB in ``<data_dir>/clickhouse``."""
     if settings.clickhouse_url:
-        return ServerClickhouse(settings.clickhouse_url)
+        return ServerClickhouse(settings.clickhouse_url.get_secret_value())
     return ChdbClickhouse(Path(settings.data_dir) / "clickhouse")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from libs.runtime.cli_tenant import database_url
+from libs.runtime.cli_support import admin_database
 from services.gateway.client import ApiError, MissionControlClient
 from services.gateway.keys import provision_tenant, run_with_pool
 
@@ -142,7 +142,7 @@ def run_demo(
 ) -> None:
     """Provision tenant ``demo`` (and a key), run the scripted agent, and print what happened."""
     if api_key is None:
-        url = database_url(admin_database_url, data_dir)
+        url = admin_database(admin_database_url, data_dir.resolve()).secret()
         created, api_key = run_with_pool(
             url,
             lambda pool: provision_tenant(

@@ -511,7 +511,8 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         ctx = getattr(request.app.state, "ctx", None)
         if ctx is None:
             raise errors.TransientError("the gateway is not started")
-        require_admin_token(ctx.settings.admin_token, admin_token)
+        configured = ctx.settings.admin_token
+        require_admin_token(configured.get_secret_value() if configured else None, admin_token)
         return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
 
     return router

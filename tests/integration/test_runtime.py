@@ -18,11 +18,17 @@ import httpx
 import psutil
 import pytest
 
-from libs.runtime.supervisor import PROJECT_ROOT, SERVICES, STATE_FILE
+from libs.runtime import cli
+from libs.runtime.registry import discover
+from libs.runtime.state import STATE_FILE
+from libs.runtime.supervisor import PROJECT_ROOT, Supervisor
+from libs.settings import Settings
+from tests.conftest import System
 
 pytestmark = pytest.mark.integration
 
-SERVICE_NAMES = [name for name, _ in SERVICES]
+# The services come from the installed entry points, as the supervisor's do.
+SERVICE_NAMES = [s.name for s in discover()]
 
 
 def mctl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -99,6 +105,11 @@ def test_up_prints_every_service(running: Running) -> None:
     assert state["database_url"].startswith("postgresql://mc_service@127.0.0.1:")
 
 
+def test_processes_start_in_order_servers_relay_then_registered_services(running: Running) -> None:
+    names = [c["name"] for c in running.state()["children"]]
+    assert names == ["nats", "postgres", "relay", *SERVICE_NAMES]
+
+
 def test_every_service_is_ready_healthy_and_exports_metrics(running: Running) -> None:
     with httpx.Client(timeout=5) as client:
         for name in SERVICE_NAMES:
@@ -151,6 +162,22 @@ def test_migrate_and_verify_use_the_embedded_database(running: Running) -> None:
     assert verify.stdout.startswith("ok:")
 
 
+def test_tenant_commands_find_the_running_systems_database(running: Running) -> None:
+    create = mctl("tenant", "create", "runtime-t", "--data-dir", str(running.data_dir), timeout=60)
+    assert create.returncode == 0, create.stdout + create.stderr
+    assert "created tenant runtime-t" in create.stdout
+    assert any(line.startswith("mc_") for line in create.stdout.splitlines())
+
+
+def test_the_registered_demo_runs_against_the_system(
+    running: Running, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli._run_demo(running.state(), running.data_dir)
+    out = capsys.readouterr().out
+    assert "stopped_by_policy" in out
+    assert "Inflection point of run C: step 3" in out
+
+
 def test_down_stops_every_process(running: Running) -> None:
     state = running.state()
     pids = [state["supervisor_pid"], *(c["pid"] for c in state["children"])]
@@ -162,3 +189,26 @@ def test_down_stops_every_process(running: Running) -> None:
     status = mctl("status", "--data-dir", str(running.data_dir), timeout=60)
     assert status.returncode == 1
     assert "not running" in status.stderr
+
+
+def test_configured_servers_are_used_instead_of_embedded_ones(
+    system: System, tmp_path: Path
+) -> None:
+    settings = Settings(
+        nats_url=system.nats_url,
+        database_url=system.service_url,
+        database_admin_url=system.admin_url,
+    )
+    sup = Supervisor(tmp_path, settings)
+    sup.log_dir.mkdir(parents=True)
+    sup._open_log()
+    try:
+        sup._start_infrastructure()
+    finally:
+        sup._shutdown()  # stops whatever it started, should it have started servers
+        sup._release()
+    assert sup.children == []  # no embedded server was started
+    assert (sup.nats_url, sup.database_url) == (system.nats_url, system.service_url)
+    # Migrations ran (nothing pending: the session applied them) with the admin role.
+    assert sup.admin_url is None
+    assert "migrations applied: none pending" in (tmp_path / "logs" / "supervisor.log").read_text()

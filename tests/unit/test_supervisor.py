@@ -1,4 +1,5 @@
-"""The supervisor's pure pieces: backoff, formatting, state and lock files, restart bookkeeping."""
+"""The supervisor's pure pieces: backoff, formatting, state and lock files, restart bookkeeping,
+and what it starts for the registered services."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from libs.runtime import state as st
 from libs.runtime import supervisor as sup
+from libs.runtime.registry import RegistrationError, ServiceRegistration
+from libs.settings import Settings
 
 pytestmark = pytest.mark.unit
 
@@ -40,11 +44,11 @@ def test_describe_exit_names_signals_and_codes() -> None:
 
 def test_redact_url_hides_only_the_password() -> None:
     assert (
-        sup.redact_url("postgresql://mc:s3cret@db.example:5432/missioncontrol?sslmode=require")
+        st.redact_url("postgresql://mc:s3cret@db.example:5432/missioncontrol?sslmode=require")
         == "postgresql://mc:***@db.example:5432/missioncontrol?sslmode=require"
     )
     plain = "postgresql://mc_service@127.0.0.1:5432/missioncontrol"
-    assert sup.redact_url(plain) == plain
+    assert st.redact_url(plain) == plain
 
 
 def test_format_table_lists_processes_but_not_servers() -> None:
@@ -68,12 +72,12 @@ def test_format_table_lists_processes_but_not_servers() -> None:
 
 
 def test_state_round_trips_and_a_missing_or_torn_file_reads_as_none(tmp_path: Path) -> None:
-    assert sup.read_state(tmp_path) is None
-    sup.write_json_atomic(tmp_path / sup.STATE_FILE, {"supervisor_pid": 1, "children": []})
-    assert sup.read_state(tmp_path) == {"supervisor_pid": 1, "children": []}
-    assert [p.name for p in tmp_path.iterdir()] == [sup.STATE_FILE]
-    (tmp_path / sup.STATE_FILE).write_text('{"supervisor_pid": ')
-    assert sup.read_state(tmp_path) is None
+    assert st.read_state(tmp_path) is None
+    st.write_json_atomic(tmp_path / st.STATE_FILE, {"supervisor_pid": 1, "children": []})
+    assert st.read_state(tmp_path) == {"supervisor_pid": 1, "children": []}
+    assert [p.name for p in tmp_path.iterdir()] == [st.STATE_FILE]
+    (tmp_path / st.STATE_FILE).write_text('{"supervisor_pid": ')
+    assert st.read_state(tmp_path) is None
 
 
 def test_lock_is_exclusive_and_names_the_holder(tmp_path: Path) -> None:
@@ -143,7 +147,59 @@ def test_state_records_restart_counts(tmp_path: Path) -> None:
     proc.wait(10)
     s.children.append(sup.Child(name="gateway", kind="service", proc=proc, restarts=2, port=1))
     s._write_state()
-    state = json.loads((tmp_path / sup.STATE_FILE).read_text())
+    state = json.loads((tmp_path / st.STATE_FILE).read_text())
     assert state["supervisor_pid"] == os.getpid()
     assert state["children"][0]["restarts"] == 2
     assert state["children"][0]["pid"] == proc.pid
+
+
+def _services() -> tuple[ServiceRegistration, ...]:
+    # Given in start order, as discover() returns them.
+    return (
+        ServiceRegistration(name="backend", module="pkg.backend"),
+        ServiceRegistration(name="front", module="pkg.front", after=("backend",)),
+    )
+
+
+def test_plan_starts_the_relay_then_the_registered_services_in_order(tmp_path: Path) -> None:
+    settings = Settings(MC_HTTP_HOST="0.0.0.0")
+    s = sup.Supervisor(tmp_path, settings, _services())
+    s.nats_url = "nats://127.0.0.1:1"
+    s.database_url = "postgresql://mc_service:pw@127.0.0.1:2/missioncontrol"
+    planned = s.plan_processes()
+    assert [(c.name, c.kind, c.module) for c in planned] == [
+        ("relay", "relay", sup.RELAY_MODULE),
+        ("backend", "service", "pkg.backend"),
+        ("front", "service", "pkg.front"),
+    ]
+    ports = set()
+    for child in planned:
+        assert child.env["NATS_URL"] == "nats://127.0.0.1:1"
+        assert child.env["DATABASE_URL"] == s.database_url
+        assert child.env["MC_DATA_DIR"] == str(tmp_path.resolve())
+        assert child.env["MC_SERVICE"] == child.name
+        assert child.log_path == s.log_dir / f"{child.name}.log"
+        if child.kind == "service":
+            assert child.env["MC_HTTP_HOST"] == "0.0.0.0"
+            assert child.env["MC_HTTP_PORT"] == str(child.port)
+            assert child.url == f"http://127.0.0.1:{child.port}"
+            ports.add(child.port)
+    assert len(ports) == 2
+
+
+def test_state_never_records_a_password(tmp_path: Path) -> None:
+    s = sup.Supervisor(tmp_path, Settings(), _services())
+    s.nats_url = "nats://user:natspw@127.0.0.1:1"
+    s.database_url = "postgresql://mc_service:dbpw@db.example:5432/missioncontrol"
+    s._write_state()
+    text = (tmp_path / st.STATE_FILE).read_text()
+    assert "natspw" not in text
+    assert "dbpw" not in text
+    assert "postgresql://mc_service:***@db.example:5432/missioncontrol" in text
+
+
+def test_a_supervisor_without_registered_services_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(RegistrationError, match="no services are registered"):
+        sup.Supervisor(tmp_path / "mc", Settings(), ()).up()
+    # It refused before taking the data directory.
+    assert not (tmp_path / "mc").exists()

@@ -1,0 +1,45 @@
+"""The state file of a running system (``<data_dir>/state.json``) and what may go into it.
+
+The supervisor writes it once every service is ready and removes it when it stops; ``mctl
+status``, ``mctl down`` and the URL resolver read it. It is written atomically and never holds a
+password.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+STATE_FILE = "state.json"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to print and to write to disk)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def read_state(data_dir: Path) -> dict[str, Any] | None:
+    """The ``state.json`` of ``data_dir``, or ``None`` when there is none (or it is unreadable)."""
+    try:
+        data = json.loads((data_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` so that readers see either the old or the new document, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)

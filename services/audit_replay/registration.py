@@ -1,0 +1,8 @@
+"""How the runtime finds the audit-replay service (entry point ``mission_control.services``)."""
+
+from libs.runtime.registry import ServiceRegistration
+
+REGISTRATION = ServiceRegistration(
+    name="audit-replay",
+    module="services.audit_replay",
+)

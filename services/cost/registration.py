@@ -1,0 +1,11 @@
+"""How the runtime finds the cost service (entry point ``mission_control.services``)."""
+
+from pathlib import Path
+
+from libs.runtime.registry import ServiceRegistration
+
+REGISTRATION = ServiceRegistration(
+    name="cost",
+    module="services.cost",
+    migrations=Path(__file__).parent / "migrations",
+)

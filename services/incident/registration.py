@@ -1,0 +1,11 @@
+"""How the runtime finds the incident service (entry point ``mission_control.services``)."""
+
+from pathlib import Path
+
+from libs.runtime.registry import ServiceRegistration
+
+REGISTRATION = ServiceRegistration(
+    name="incident",
+    module="services.incident",
+    migrations=Path(__file__).parent / "migrations",
+)
