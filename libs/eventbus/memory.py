@@ -197,6 +197,10 @@ class MemoryUnitOfWork:
             self._hashes = hashes
             raise
 
+    def wrote(self, stream_id: str) -> bool:
+        """Whether this transaction has staged events for ``stream_id``."""
+        return any(e.stream_id == stream_id for e in self._pending)
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after this transaction commits."""
         self._callbacks.append(callback)

@@ -286,7 +286,12 @@ class Repository(Generic[S]):
                     for events, v in zip(per_stream, snap.versions, strict=True)
                 )
                 snap = Snapshot(fold(snap.state, _decode(merged)), versions)
-                self._remember_after_commit(uow, tenant_id, eid, snap)
+                if any(uow.wrote(sid) for sid in sids):
+                    # The read saw this transaction's own writes: not stored until it commits.
+                    self._remember_after_commit(uow, tenant_id, eid, snap)
+                else:
+                    # Everything read was committed by others, so the cache stays behind.
+                    self._remember((tenant_id, eid), snap)
             out[eid] = snap
         return out
 

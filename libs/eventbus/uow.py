@@ -39,6 +39,9 @@ class UnitOfWork(Protocol):
     def savepoint(self) -> AbstractAsyncContextManager[None]:
         """A nested transaction: an error inside undoes only what was done inside."""
 
+    def wrote(self, stream_id: str) -> bool:
+        """Whether this transaction appended to ``stream_id`` (its reads see its own writes)."""
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once this transaction has committed.
 
@@ -55,6 +58,7 @@ class PgUnitOfWork:
         self._conn = conn
         self.owned = owned
         self._callbacks: list[Callable[[], None]] = []
+        self._written: set[str] = set()
 
     @property
     def conn(self) -> AsyncConn:
@@ -69,7 +73,12 @@ class PgUnitOfWork:
 
     async def append_many(self, appends: Sequence[Append]) -> list[EventEnvelope]:
         """Append in this transaction."""
+        self._written.update(a.stream_id for a in appends if a.events)
         return await self.store.append_many(appends, conn=self._conn)
+
+    def wrote(self, stream_id: str) -> bool:
+        """Whether this transaction appended (or tried to append) to ``stream_id``."""
+        return stream_id in self._written
 
     async def lock(self, key: str) -> None:
         """A transaction-scoped advisory lock on ``key`` (held by whichever replica took it)."""
