@@ -21,7 +21,7 @@ replies. ``execute`` does the rest, the same way for every aggregate:
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
@@ -129,6 +129,7 @@ class Recorded(NamedTuple):
 
 Fold = Callable[[S, Sequence[Recorded]], S]
 Decide = Callable[[S], Sequence[DomainEvent]]
+Prepare = Callable[[UnitOfWork], Awaitable[Fold[S] | None]]
 
 
 def fold_with(evolve: Callable[[S, DomainEvent], S]) -> Fold[S]:
@@ -306,7 +307,9 @@ class Repository(Generic[S]):
         if not snap.exists:
             return
         known = self._cache.get(key)
-        if known is not None and sum(known.versions) >= sum(snap.versions):
+        if known is not None and all(
+            k >= v for k, v in zip(known.versions, snap.versions, strict=True)
+        ):
             return
         self._cache[key] = snap
 
@@ -330,9 +333,12 @@ class Repository(Generic[S]):
         *,
         uow: UnitOfWork | None = None,
         fold: Fold[S] | None = None,
+        prepare: Prepare[S] | None = None,
     ) -> tuple[S, list[EventEnvelope]]:
         """Decide on one aggregate and append what it decided; ``(new state, stored)``."""
-        out = await self.execute_many(tenant_id, {entity_id: decide}, meta, uow=uow, fold=fold)
+        out = await self.execute_many(
+            tenant_id, {entity_id: decide}, meta, uow=uow, fold=fold, prepare=prepare
+        )
         return out.states[entity_id], out.stored
 
     async def execute_many(
@@ -343,11 +349,15 @@ class Repository(Generic[S]):
         *,
         uow: UnitOfWork | None = None,
         fold: Fold[S] | None = None,
+        prepare: Prepare[S] | None = None,
     ) -> Executed[S]:
         """Decide on several aggregates and append everything in one transaction (all or none).
 
         In the caller's ``uow`` each attempt runs in a savepoint, so a conflict leaves the
         caller's transaction usable; without one each attempt is a transaction of its own.
+        ``fold`` replaces the aggregate's fold for this call; ``prepare(uow)`` runs first in
+        every attempt (after the aggregate's lock) to read what ``decide`` needs besides the
+        aggregate, in the same transaction, and may return the fold to use.
         """
         fold = fold or self.aggregate.fold
         state = {"refresh": False, "conflicts": 0}
@@ -373,7 +383,14 @@ class Repository(Generic[S]):
                     try:
                         async with self._unit(uow) as work:
                             return await self._attempt(
-                                work, tenant_id, commands, meta, fold, bool(state["refresh"]), fresh
+                                work,
+                                tenant_id,
+                                commands,
+                                meta,
+                                fold,
+                                prepare,
+                                bool(state["refresh"]),
+                                fresh,
                             )
                     except ConcurrencyError as exc:
                         if not any(
@@ -409,6 +426,7 @@ class Repository(Generic[S]):
         commands: Mapping[str, Decide[S]],
         meta: EventMeta,
         fold: Fold[S],
+        prepare: Prepare[S] | None,
         refresh: bool,
         fresh: set[str],
     ) -> Executed[S]:
@@ -417,6 +435,8 @@ class Repository(Generic[S]):
             # In a fixed order, so two batches locking the same aggregates cannot deadlock.
             for eid in sorted(commands):
                 await uow.lock(agg.lock_key(tenant_id, eid))
+        if prepare is not None:
+            fold = await prepare(uow) or fold
         single = len(agg.stream_ids(tenant_id, next(iter(commands)))) == 1 if commands else True
         snaps: dict[str, Snapshot[S]] = {}
         to_read: list[str] = []
