@@ -87,7 +87,7 @@ class InMemoryEventStore:
 
     async def head_position(self) -> int:
         """The highest position (0 when empty)."""
-        return self._log[-1].position or 0 if self._log else 0
+        return (self._log[-1].position or 0) if self._log else 0
 
     # --- transactions ----------------------------------------------------------------------------
 

@@ -205,7 +205,7 @@ def _apply_run_events(
     """Run-stream events: the shared run fold (once per batch), then pricing and releases."""
     run = fold_run(state.run, [e for e, _ in events])
     cost, unpriced, held = state.cost_usd, state.unpriced_steps, state.reservations
-    violated = state
+    stopped_by: list[str] = []
     for event, at in events:
         if isinstance(event, StepRecorded):
             price = price_step(prices, event.model, event.input_tokens, event.output_tokens, at)
@@ -215,15 +215,11 @@ def _apply_run_events(
                 cost += price.total_cost_usd
             held = _release(held, event.step_index)
         elif isinstance(event, RunStoppedByPolicy):
-            violated = _with_violation(violated, event.policy_id)
-    return replace(
-        state,
-        run=run,
-        cost_usd=cost,
-        unpriced_steps=unpriced,
-        reservations=held,
-        violated=violated.violated,
-    )
+            stopped_by.append(event.policy_id)
+    state = replace(state, run=run, cost_usd=cost, unpriced_steps=unpriced, reservations=held)
+    for policy_id in stopped_by:
+        state = _with_violation(state, policy_id)
+    return state
 
 
 def evolve(
