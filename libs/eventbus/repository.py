@@ -318,10 +318,6 @@ class Repository(Generic[S]):
     ) -> None:
         uow.after_commit(lambda: self._remember((tenant_id, entity_id), snap))
 
-    def forget(self, tenant_id: str, entity_id: str) -> None:
-        """Drop an aggregate from the cache (its next load reads it whole)."""
-        self._cache.pop((tenant_id, entity_id), None)
-
     # --- changing --------------------------------------------------------------------------------
 
     async def execute(
@@ -486,8 +482,8 @@ class Repository(Generic[S]):
                     fold(snap.state, [Recorded(e, env) for e, env in zip(mine, envs, strict=True)]),
                     (envs[-1].stream_version, *snap.versions[1:]),
                 )
-                # Not before the commit: a rolled-back append must leave the cache behind.
-                self.forget(tenant_id, eid)
+                # Not before the commit: a rolled-back append must leave the cache behind (and
+                # behind is all the cache ever is until then).
                 self._remember_after_commit(uow, tenant_id, eid, snap)
             states[eid] = snap.state
         return Executed(stored=stored, states=states, events=decided)

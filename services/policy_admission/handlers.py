@@ -6,12 +6,18 @@ context up with the store (only the versions after the cached ones of ``<t>/run/
 always counted. Admissions of one run are serialised by a lock on its run stream id, held until
 the decision commits (across replicas): the second sees the first's decision and reservation, so
 parallel steps cannot overrun a budget together.
+
+Decisions are group-committed: the requests waiting at one moment are decided one after the other
+in one transaction (one WAL flush for all of them), and each is answered only after that commit,
+so no answer is ever given for a decision that could still be lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -24,7 +30,15 @@ from libs.contracts.events import PolicyBundleActivated
 from libs.domain.prices import PRICE_TABLE_ID, PRICES
 from libs.domain.run import RUN_CATEGORY
 from libs.errors import InvalidInput, NotFound
-from libs.eventbus.repository import Aggregate, EventMeta, Fold, Recorded, Repository, Store
+from libs.eventbus.repository import (
+    Aggregate,
+    EventMeta,
+    Fold,
+    Recorded,
+    Repository,
+    Store,
+    begin,
+)
 from libs.eventbus.uow import UnitOfWork
 from libs.observability import trace_id_of
 from libs.pricing import PriceTable, builtin_price_table
@@ -66,6 +80,10 @@ def _context_fold(prices: PriceTable) -> Fold[RunContext]:
     return fold
 
 
+def _run_lock(tenant_id: str, run_id: str) -> str:
+    return stream_id_for(tenant_id, RUN_CATEGORY, run_id)
+
+
 def _run_streams(tenant_id: str, run_id: str) -> tuple[str, ...]:
     return (
         stream_id_for(tenant_id, DECISIONS_CATEGORY, run_id),
@@ -80,7 +98,7 @@ RUN_CONTEXT = Aggregate[RunContext](
     # The run's own stream and admission's decisions on it, merged in store order; decisions
     # are appended to the first.
     streams=_run_streams,
-    lock_key=lambda tenant_id, run_id: stream_id_for(tenant_id, RUN_CATEGORY, run_id),
+    lock_key=_run_lock,
 )
 """A run as admission decides on it (see :class:`~services.policy_admission.domain.RunContext`)."""
 
@@ -105,6 +123,27 @@ def _tenant(tenant_id: Any) -> str:
         raise InvalidInput(f"tenant_id: invalid tenant id {tenant_id!r}") from None
 
 
+@dataclass
+class _Pending:
+    """An admission request waiting for its decision to be committed."""
+
+    tenant: str
+    req: AdmitRequest
+    headers: Mapping[str, str]
+    answer: asyncio.Future[dict[str, Any]]
+
+
+def _settle(
+    p: _Pending, answer: dict[str, Any] | None = None, *, exc: BaseException | None = None
+) -> None:
+    if p.answer.done():  # the caller went away (cancelled)
+        return
+    if exc is not None:
+        p.answer.set_exception(exc)
+    else:
+        p.answer.set_result(answer or {})
+
+
 class AdmissionHandler:
     """Answers ``admit`` and ``policies`` with one compiled bundle.
 
@@ -123,6 +162,8 @@ class AdmissionHandler:
         self.store = store
         self.bundle = bundle
         self.runs = Repository(store, RUN_CONTEXT, cache_size=max_runs)
+        self._waiting: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
         self.prices = Repository(store, PRICES, cache_size=max_tenants)
         self._latency = Histogram(
             "mc_admission_decision_seconds",
@@ -143,52 +184,113 @@ class AdmissionHandler:
     ) -> dict[str, Any]:
         """Decide whether step ``request["step_index"]`` of a run may run, and record why.
 
-        Returns ``{decision_id, outcome, reasons, bundle_digest, context}``. Raises
-        :class:`InvalidInput` for a malformed request and :class:`NotFound` for a run the
-        tenant does not have.
+        Returns ``{decision_id, outcome, reasons, bundle_digest, context}`` once the decision is
+        durable. Raises :class:`InvalidInput` for a malformed request and :class:`NotFound` for
+        a run the tenant does not have.
         """
         started = time.perf_counter()
         tenant = _tenant(tenant_id)
         req = parse_request({k: v for k, v in request.items() if k != "tenant_id"})
+        pending = _Pending(tenant, req, headers, asyncio.get_running_loop().create_future())
+        self._waiting.append(pending)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting())
+        answer = await pending.answer
+        decision: Decision = answer["decision"]
+        self._latency.labels(outcome=decision.outcome).observe(time.perf_counter() - started)
+        return {
+            "decision_id": answer["decision_id"],
+            "outcome": decision.outcome,
+            "reasons": [r.model_dump(mode="json") for r in decision.reasons],
+            "bundle_digest": self.bundle.digest,
+            "context": decision_context(answer["input"]),
+        }
+
+    async def _commit_waiting(self) -> None:
+        """Group commit: decide everything waiting in one transaction, then answer each.
+
+        While one batch commits, new requests wait; the next batch takes all of them. One
+        request alone runs in its own transaction as it would without batching.
+        """
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                if len(batch) == 1:
+                    await self._answer_alone(batch[0])
+                else:
+                    await self._answer_together(batch)
+            except BaseException as exc:  # never leave a caller waiting
+                for p in batch:
+                    _settle(p, exc=exc)
+                if not isinstance(exc, Exception):
+                    raise
+
+    async def _answer_alone(self, p: _Pending) -> None:
+        try:
+            answer = await self._decide_one(p, None)
+        except Exception as exc:
+            _settle(p, exc=exc)
+            return
+        _settle(p, answer)
+
+    async def _answer_together(self, batch: list[_Pending]) -> None:
+        # Every run of the batch is locked first, in one order, before anything is appended:
+        # replicas committing overlapping batches then take locks in the same order and cannot
+        # deadlock (the append takes its own lock last).
+        batch.sort(key=lambda p: _run_lock(p.tenant, p.req.run_id))
+        done: list[tuple[_Pending, dict[str, Any]]] = []
+        try:
+            async with begin(self.store) as uow:
+                for key in sorted({_run_lock(p.tenant, p.req.run_id) for p in batch}):
+                    await uow.lock(key)
+                for p in batch:
+                    try:
+                        done.append((p, await self._decide_one(p, uow)))
+                    except Exception as exc:  # this request only: its savepoint rolled back
+                        _settle(p, exc=exc)
+        except Exception as exc:
+            for p, _ in done:
+                _settle(p, exc=exc)
+            return
+        # Committed: now, and only now, the decisions are durable and may be answered.
+        for p, answer in done:
+            _settle(p, answer)
+
+    async def _decide_one(self, p: _Pending, uow: UnitOfWork | None) -> dict[str, Any]:
+        """Decide one request (in ``uow``, or in a transaction of its own)."""
         decision_id = str(new_uuid7())
-        traceparent = headers.get("traceparent")
-        answer: dict[str, Any] = {}
+        traceparent = p.headers.get("traceparent")
+        answer: dict[str, Any] = {"decision_id": decision_id}
         prices: list[PriceTable] = []
 
         async def prepare(uow: UnitOfWork) -> Fold[RunContext]:
             # In the decision's transaction, after the run's lock: the tenant's prices price
             # both the steps folded now and the estimate.
-            table = (await self.prices.load(tenant, PRICE_TABLE_ID, uow=uow)).table
+            table = (await self.prices.load(p.tenant, PRICE_TABLE_ID, uow=uow)).table
             prices[:] = [table]
             return _context_fold(table)
 
         decide_admission = partial(
             self._decide,
-            req=req,
+            req=p.req,
             prices=prices,
             decision_id=decision_id,
             trace_id=trace_id_of(traceparent),
             answer=answer,
         )
         meta = EventMeta(
-            correlation_id=headers.get("Mc-Correlation-Id") or decision_id,
+            correlation_id=p.headers.get("Mc-Correlation-Id") or decision_id,
             actor=ACTOR,
             trace_context=TraceContext(
-                traceparent=traceparent, tracestate=headers.get("tracestate")
+                traceparent=traceparent, tracestate=p.headers.get("tracestate")
             ),
             # The violation is a consequence of the decision recorded just before it.
             chain_causation=True,
         )
-        await self.runs.execute(tenant, req.run_id, decide_admission, meta, prepare=prepare)
-        decision: Decision = answer["decision"]
-        self._latency.labels(outcome=decision.outcome).observe(time.perf_counter() - started)
-        return {
-            "decision_id": decision_id,
-            "outcome": decision.outcome,
-            "reasons": [r.model_dump(mode="json") for r in decision.reasons],
-            "bundle_digest": self.bundle.digest,
-            "context": decision_context(answer["input"]),
-        }
+        await self.runs.execute(
+            p.tenant, p.req.run_id, decide_admission, meta, uow=uow, prepare=prepare
+        )
+        return answer
 
     def _decide(
         self,

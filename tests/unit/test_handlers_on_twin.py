@@ -343,3 +343,47 @@ async def test_bundle_activation_is_recorded_once_per_digest(bundle: Any) -> Non
     assert sorted(results) == [False, False, True]
     assert await activate_bundle(store, bundle) is False
     assert len(await store.read_stream(BUNDLE_STREAM)) == 1
+
+
+class CountingBegins(InMemoryEventStore):
+    """The twin, counting the transactions begun on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.begins = 0
+
+    def begin(self):  # type: ignore[no-untyped-def]
+        self.begins += 1
+        return super().begin()
+
+
+async def test_admission_group_commits_waiting_decisions_and_answers_after_the_commit(
+    bundle: Any,
+) -> None:
+    store = CountingBegins()
+    admission = AdmissionHandler(store, bundle)
+    for run in ("r1", "r2", "r3"):
+        await _run(store, run, RunStarted(run_id=run, agent_id="a1"))
+    store.begins = 0
+    asks = [{**_ask(i, 1000, 1000), "run_id": f"r{1 + i % 3}"} for i in range(1, 10)] + [
+        {**_ask(1, 1, 1), "run_id": "missing"}
+    ]
+    pending = [asyncio.ensure_future(admission.admit(T, a, {})) for a in asks]
+    answered: list[str] = []
+    for next_done in asyncio.as_completed(pending[:-1]):
+        answer = await next_done
+        # Durable before answered: the decision is already in the committed store.
+        decided = [
+            e.payload["decision_id"]
+            for run in ("r1", "r2", "r3")
+            for e in await store.read_stream(stream_id_for(T, "decisions", run))
+        ]
+        assert answer["decision_id"] in decided
+        answered.append(answer["outcome"])
+    with pytest.raises(NotFound):  # one bad request fails alone, not its batch
+        await pending[-1]
+    assert answered == ["allow"] * 9
+    assert store.begins == 1  # ten requests, one transaction
+    # Within the batch each decision saw the ones before it on the same run.
+    contexts = [(await p)["context"]["tokens_reserved"] for p in pending[:-1]]
+    assert sorted(contexts) == [0, 0, 0, 2000, 2000, 2000, 4000, 4000, 4000]

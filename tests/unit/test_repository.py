@@ -223,7 +223,8 @@ async def test_inside_a_callers_transaction_the_cache_waits_for_the_commit() -> 
     async def fail_after_the_effect() -> None:
         async with begin(store) as uow:
             await repo.execute(T, "r1", _step(1), META, uow=uow)
-            assert repo.cached(T, "r1") is None  # not ahead of the store, even for a moment
+            cached = repo.cached(T, "r1")
+            assert cached is not None and cached.version == 1  # never ahead, even for a moment
             raise RuntimeError("the caller's transaction fails after the effect")
 
     with pytest.raises(RuntimeError):
