@@ -189,11 +189,12 @@ class MemoryUnitOfWork:
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """Undo only what the block staged when it raises."""
-        mark, hashes = len(self._pending), dict(self._hashes)
+        mark, hashes, callbacks = len(self._pending), dict(self._hashes), len(self._callbacks)
         try:
             yield
         except BaseException:
             del self._pending[mark:]
+            del self._callbacks[callbacks:]  # what was undone must not be remembered at commit
             self._hashes = hashes
             raise
 

@@ -8,8 +8,9 @@ the decision commits (across replicas): the second sees the first's decision and
 parallel steps cannot overrun a budget together.
 
 Decisions are group-committed: the requests waiting at one moment are decided one after the other
-in one transaction (one WAL flush for all of them), and each is answered only after that commit,
-so no answer is ever given for a decision that could still be lost.
+in one transaction, their events appended together at its end (one append, one WAL flush for all
+of them), and each is answered only after that commit, so no answer is ever given for a decision
+that could still be lost.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from libs.eventbus.repository import (
     Store,
     begin,
 )
-from libs.eventbus.uow import UnitOfWork
+from libs.eventbus.uow import DeferredAppends, UnitOfWork
 from libs.observability import trace_id_of
 from libs.pricing import PriceTable, builtin_price_table
 from services.policy_admission.bundle import PolicyBundle
@@ -240,14 +241,17 @@ class AdmissionHandler:
         batch.sort(key=lambda p: _run_lock(p.tenant, p.req.run_id))
         done: list[tuple[_Pending, dict[str, Any]]] = []
         try:
-            async with begin(self.store) as uow:
+            async with begin(self.store) as outer:
+                uow = DeferredAppends(outer)
                 for key in sorted({_run_lock(p.tenant, p.req.run_id) for p in batch}):
                     await uow.lock(key)
                 for p in batch:
                     try:
                         done.append((p, await self._decide_one(p, uow)))
-                    except Exception as exc:  # this request only: its savepoint rolled back
+                    except Exception as exc:  # this request only: what it decided is dropped
                         _settle(p, exc=exc)
+                # Every decision of the batch in one append, just before the one commit.
+                await uow.flush()
         except Exception as exc:
             for p, _ in done:
                 _settle(p, exc=exc)

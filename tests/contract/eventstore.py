@@ -170,9 +170,12 @@ class EventStoreContract:
         run = unique("run")
         sid = stream_id_for(tenant, "run", run)
 
+        called: list[str] = []
+
         async def conflict_in_savepoint(uow: UnitOfWork) -> None:
             async with uow.savepoint():
                 await uow.append_many([Append(sid, [step(tenant, run, 2)])])
+                uow.after_commit(lambda: called.append("undone"))
                 await uow.append_many([Append(sid, [step(tenant, run, 3)], expected_version=0)])
 
         async with begin(store) as uow:
@@ -181,6 +184,8 @@ class EventStoreContract:
                 await conflict_in_savepoint(uow)
             # The transaction is still usable and its version is what survived.
             await uow.append_many([Append(sid, [step(tenant, run, 4)], expected_version=1)])
+            uow.after_commit(lambda: called.append("kept"))
+        assert called == ["kept"]  # what the savepoint undid is not remembered at commit
         back = await store.read_stream(sid)
         assert steps_of(back) == [1, 4]
         assert [e.stream_version for e in back] == [1, 2]

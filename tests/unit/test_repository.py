@@ -13,7 +13,7 @@ from libs.contracts.envelope import DomainEvent, EventEnvelope, TraceContext
 from libs.contracts.events import AdmissionDecided, RunStarted, StepRecorded
 from libs.domain.run import RunState, empty_run
 from libs.domain.run import fold as fold_run
-from libs.errors import Conflict, NotFound
+from libs.errors import ConcurrencyError, Conflict, NotFound
 from libs.eventbus.memory import InMemoryEventStore
 from libs.eventbus.repository import (
     Aggregate,
@@ -25,8 +25,8 @@ from libs.eventbus.repository import (
     fold_with,
 )
 from libs.eventbus.store import Append
-from libs.eventbus.uow import UnitOfWork
-from tests.contract.eventstore import step
+from libs.eventbus.uow import DeferredAppends, UnitOfWork
+from tests.contract.eventstore import step, steps_of
 
 pytestmark = pytest.mark.unit
 
@@ -308,3 +308,47 @@ async def test_appends_outside_repositories_are_seen_by_the_next_load() -> None:
     envs: list[EventEnvelope] = [step(T, "r1", 7)]
     await store.append_many([Append(sid, envs, expected_version=1)])
     assert (await repo.load(T, "r1")).last_step_index == 7
+
+
+async def test_deferred_appends_are_read_back_and_written_together_at_flush() -> None:
+    store = InMemoryEventStore()
+    repo = Repository(store, RUN)
+    await repo.execute(T, "r1", _start(), META)
+    await repo.execute(T, "r2", _start("r2"), META)
+    sid = stream_id_for(T, "run", "r1")
+
+    async def refused(uow: UnitOfWork) -> None:
+        await repo.execute(T, "r2", _step(9, "r2"), META, uow=uow)
+        raise RuntimeError("this decision fails after deciding")
+
+    async with begin(store) as outer:
+        uow = DeferredAppends(outer)
+        await repo.execute(T, "r1", _step(1), META, uow=uow)
+        state, _ = await repo.execute(T, "r1", _step(2), META, uow=uow)  # sees step 1
+        assert state.steps == {1, 2}
+        with pytest.raises(RuntimeError):
+            async with uow.savepoint():
+                await refused(uow)
+        assert await store.read_stream(sid, 2) == []  # nothing reached the store yet
+        stored = await uow.flush()
+    assert [(e.stream_id, e.stream_version) for e in stored] == [(sid, 2), (sid, 3)]
+    assert (await repo.load(T, "r2")).steps == frozenset()
+    assert (await repo.load(T, "r1")).steps == {1, 2}
+
+
+async def test_deferred_appends_are_checked_by_the_store_at_flush() -> None:
+    store = InMemoryEventStore()
+    repo = Repository(store, RUN)
+    await repo.execute(T, "r1", _start(), META)
+    sid = stream_id_for(T, "run", "r1")
+
+    async def flush_behind_a_concurrent_writer() -> None:
+        async with begin(store) as outer:
+            uow = DeferredAppends(outer)
+            await repo.execute(T, "r1", _step(1), META, uow=uow)
+            await store.append(sid, [step(T, "r1", 5)])  # another writer commits first
+            await uow.flush()
+
+    with pytest.raises(ConcurrencyError):
+        await flush_behind_a_concurrent_writer()
+    assert steps_of(await store.read_stream(sid, 2)) == [5]
