@@ -26,7 +26,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
-import structlog
 from cachetools import Cache, LRUCache, TTLCache
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
@@ -37,8 +36,6 @@ from libs.eventbus.memory import InMemoryEventStore
 from libs.eventbus.store import Append, EventStore
 from libs.eventbus.uow import UnitOfWork
 from libs.eventbus.uow import begin as pg_begin
-
-log = structlog.get_logger("repository")
 
 S = TypeVar("S")
 
