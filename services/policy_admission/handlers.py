@@ -224,6 +224,10 @@ class AdmissionHandler:
                 for p in batch:
                     _settle(p, exc=exc)
                 if not isinstance(exc, Exception):
+                    # Cancelled (shutdown): nobody is left to decide what is still waiting.
+                    waiting, self._waiting = self._waiting, []
+                    for p in waiting:
+                        _settle(p, exc=exc)
                     raise
 
     async def _answer_alone(self, p: _Pending) -> None:
