@@ -8,20 +8,22 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 
-from libs.contracts import EventEnvelope, TraceContext, decode, envelope_for, stream_id_for
+from libs.contracts import DomainEvent, EventEnvelope, TraceContext, decode, stream_id_for
 from libs.contracts.events import CostRecorded, StepRecorded
 from libs.contracts.subjects import events_filter
-from libs.errors import ConcurrencyError, Conflict, PermanentError
+from libs.domain.prices import PRICE_TABLE_ID, PRICES, TenantPrices
+from libs.errors import PermanentError
 from libs.eventbus.db import AsyncConn
 from libs.eventbus.jetstream import ConsumerSpec
+from libs.eventbus.repository import EventMeta, Repository, Store, envelopes_for
 from libs.eventbus.store import Append, EventStore
-from libs.pricing import PriceTable, builtin_price_table, latest_published, with_overrides
+from libs.eventbus.uow import UnitOfWork, join
+from libs.pricing import PriceTable
 from services.cost.domain import decide_cost, decide_publish, parse_prices, price_listing
 
 log = structlog.get_logger("cost")
@@ -41,7 +43,7 @@ def steps_consumer_spec(durable: str = CONSUMER) -> ConsumerSpec:
 
 def prices_stream(tenant_id: str) -> str:
     """The stream of a tenant's ``cost.price_table_published`` events."""
-    return stream_id_for(tenant_id, "prices", "table")
+    return stream_id_for(tenant_id, "prices", PRICE_TABLE_ID)
 
 
 def cost_stream(tenant_id: str, run_id: str) -> str:
@@ -50,12 +52,11 @@ def cost_stream(tenant_id: str, run_id: str) -> str:
 
 
 class CostHandlers:
-    """Cost's effects on the event store, with a per-tenant price-table cache."""
+    """Cost's effects on the event store, with the tenants' price tables cached."""
 
-    def __init__(self, store: EventStore, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, store: Store, registry: CollectorRegistry | None = None) -> None:
         self.store = store
-        # tenant -> (stream version the table was built from, table)
-        self._tables: OrderedDict[str, tuple[int, PriceTable]] = OrderedDict()
+        self.prices_repo = Repository(store, PRICES, cache_size=TABLE_CACHE_SIZE)
         self._steps = Counter(
             "mc_cost_steps",
             "Steps costed, by pricing status (unpriced means a model without a price).",
@@ -63,35 +64,31 @@ class CostHandlers:
             registry=registry,
         )
 
-    async def price_table(self, tenant_id: str, *, conn: AsyncConn | None = None) -> PriceTable:
+    async def price_table(self, tenant_id: str, *, uow: UnitOfWork | None = None) -> PriceTable:
         """The tenant's current price table.
 
         Only the price events after the cached version are read, so a step costs one indexed
         query when prices have not changed, and a ``set_prices`` committed before the step's
         transaction started is always seen, whichever process appended it.
         """
-        cached_version, table = self._tables.get(tenant_id, (0, builtin_price_table()))
-        events = await self.store.read_stream(
-            prices_stream(tenant_id), cached_version + 1, conn=conn
-        )
-        if events:
-            latest = latest_published(events)
-            if latest is not None:
-                # Every published event carries the full override list: the newest replaces all.
-                table = with_overrides(builtin_price_table(), latest.prices, latest.version)
-            cached_version = events[-1].stream_version
-        self._tables[tenant_id] = (cached_version, table)
-        self._tables.move_to_end(tenant_id)
-        while len(self._tables) > TABLE_CACHE_SIZE:
-            self._tables.popitem(last=False)
-        return table
+        return (await self.prices_repo.load(tenant_id, PRICE_TABLE_ID, uow=uow)).table
 
     async def on_step_recorded(self, conn: AsyncConn, env: EventEnvelope) -> None:
-        """Append the step's ``cost.recorded`` in the consumer's transaction ``conn``."""
+        """``EventConsumer`` handler: cost one step in the consumer's transaction ``conn``."""
         await self.on_steps_recorded(conn, [env])
 
     async def on_steps_recorded(self, conn: AsyncConn, envs: list[EventEnvelope]) -> None:
-        """Cost a batch of recorded steps with one append, in the consumer's transaction."""
+        """``EventConsumer`` batch handler: cost a batch of steps in the consumer's transaction."""
+        if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
+            raise TypeError("the steps consumer needs the PostgreSQL event store")
+        await self.cost_steps(join(self.store, conn), envs)
+
+    async def cost_steps(self, uow: UnitOfWork, envs: list[EventEnvelope]) -> None:
+        """Append each recorded step's ``cost.recorded``, all with one append, in ``uow``.
+
+        Cost events need no expected version: the consumer's applied-event record, committed
+        with them, is what keeps a redelivered step from being costed twice.
+        """
         tables: dict[str, PriceTable] = {}
         by_stream: dict[str, list[EventEnvelope]] = {}
         costs: list[tuple[EventEnvelope, StepRecorded, CostRecorded]] = []
@@ -102,24 +99,21 @@ class CostHandlers:
             if not isinstance(step, StepRecorded):  # pragma: no cover - registry guarantees it
                 raise PermanentError(f"{env.event_id} is not a run.step_recorded event")
             if env.tenant_id not in tables:
-                tables[env.tenant_id] = await self.price_table(env.tenant_id, conn=conn)
+                tables[env.tenant_id] = await self.price_table(env.tenant_id, uow=uow)
             cost = decide_cost(
                 step, env.occurred_at, tables[env.tenant_id], step_event_id=env.event_id
             )
-            out = envelope_for(
-                cost,
-                tenant_id=env.tenant_id,
-                stream_id=cost_stream(env.tenant_id, step.run_id),
-                correlation_id=env.correlation_id,
-                actor=ACTOR,
-                causation_id=str(env.event_id),
-                trace_context=env.trace_context,
+            sid = cost_stream(env.tenant_id, step.run_id)
+            by_stream.setdefault(sid, []).extend(
+                envelopes_for(
+                    [cost],
+                    tenant_id=env.tenant_id,
+                    stream_id=sid,
+                    meta=EventMeta.caused_by(env, ACTOR),
+                )
             )
-            by_stream.setdefault(out.stream_id, []).append(out)
             costs.append((env, step, cost))
-        await self.store.append_many(
-            [Append(sid, outs) for sid, outs in by_stream.items()], conn=conn
-        )
+        await uow.append_many([Append(sid, outs) for sid, outs in by_stream.items()])
         # Counted before commit: a failed commit is redelivered and counted again, which only
         # over-counts under failures and keeps the metric off the critical path.
         for env, step, cost in costs:
@@ -144,38 +138,28 @@ class CostHandlers:
     ) -> dict[str, Any]:
         """Publish ``raw_prices`` as the tenant's complete override list; return the new version.
 
-        The append expects the stream version it read, so two concurrent calls cannot both
-        become version n+1; the loser re-reads and retries once, then reports a conflict.
+        The append expects the stream version it decided on, so two concurrent calls cannot
+        both become version n+1; the loser re-reads and publishes version n+2.
         """
         prices = parse_prices(raw_prices)
-        sid = prices_stream(tenant_id)
-        for attempt in (1, 2):
-            events = await self.store.read_stream(sid)
-            latest = latest_published(events)
-            event = decide_publish(latest.version if latest is not None else 0, prices)
-            env = envelope_for(
-                event,
-                tenant_id=tenant_id,
-                stream_id=sid,
+
+        def publish(state: TenantPrices) -> list[DomainEvent]:
+            return [decide_publish(state.version, prices)]
+
+        state, _ = await self.prices_repo.execute(
+            tenant_id,
+            PRICE_TABLE_ID,
+            publish,
+            EventMeta(
                 correlation_id=correlation_id,
                 actor=actor,
-                trace_context=trace_context,
-            )
-            expected = events[-1].stream_version if events else 0
-            try:
-                await self.store.append(sid, [env], expected_version=expected)
-            except ConcurrencyError:
-                if attempt == 2:
-                    raise Conflict(
-                        "prices were changed concurrently twice in a row; read them and retry"
-                    ) from None
-                continue
-            table = with_overrides(builtin_price_table(), prices, event.version)
-            log.info("cost.prices_published", tenant_id=tenant_id, version=event.version)
-            return {"version": event.version, "price_table_version": table.version}
-        raise AssertionError("unreachable")  # pragma: no cover
+                trace_context=trace_context or TraceContext(),
+            ),
+        )
+        log.info("cost.prices_published", tenant_id=tenant_id, version=state.version)
+        return {"version": state.version, "price_table_version": state.table.version}
 
     async def prices(self, tenant_id: str) -> dict[str, Any]:
         """The tenant's current table: ``{version, price_table_version, prices}``."""
-        events = await self.store.read_stream(prices_stream(tenant_id))
-        return price_listing(latest_published(events))
+        state = await self.prices_repo.load(tenant_id, PRICE_TABLE_ID)
+        return price_listing(state.published)

@@ -10,17 +10,20 @@ the table's ``UNIQUE (violation_id)``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Protocol
 
 import structlog
 
-from libs.contracts import envelope_for, stream_id_for
-from libs.contracts.envelope import DomainEvent, EventEnvelope
+from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import PolicyViolationDetected
 from libs.contracts.registry import decode
-from libs.errors import ConcurrencyError, Conflict, NotFound, PermanentError
-from libs.eventbus.db import AsyncConn, transaction
+from libs.errors import Conflict, NotFound, PermanentError
+from libs.eventbus.db import AsyncConn
+from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository, Store, begin
 from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
+from libs.eventbus.uow import UnitOfWork, join
 from libs.observability import trace_id_of
 from services.incident.domain import (
     Acknowledge,
@@ -38,17 +41,62 @@ log = structlog.get_logger("incident")
 SERVICE_ACTOR = "service:incident"
 
 
+def _fold(state: Incident, recorded: Sequence[Recorded]) -> Incident:
+    return fold(state, [(r.event, r.envelope.occurred_at) for r in recorded])
+
+
+INCIDENT = Aggregate[Incident](category="incident", initial=empty_incident, fold=_fold)
+"""The incident aggregate: ``<tenant>/incident/<incident_id>``."""
+
+
+class IncidentTable(Protocol):
+    """The service's own listing copy of its incidents, written in the append's transaction."""
+
+    async def insert(self, uow: UnitOfWork, incident: Incident) -> bool:
+        """Insert a newly opened incident; ``False`` when its violation already has one."""
+
+    async def update(self, uow: UnitOfWork, incident: Incident) -> None:
+        """Carry the incident's row forward to ``incident`` (never backwards)."""
+
+
+class PgIncidentTable:
+    """``incident.incidents`` on the unit of work's PostgreSQL connection."""
+
+    async def insert(self, uow: UnitOfWork, incident: Incident) -> bool:
+        """See :class:`IncidentTable`."""
+        return await _insert_row(_conn(uow), incident)
+
+    async def update(self, uow: UnitOfWork, incident: Incident) -> None:
+        """See :class:`IncidentTable`."""
+        await _update_row(_conn(uow), incident)
+
+
+def _conn(uow: UnitOfWork) -> AsyncConn:
+    if uow.conn is None:  # pragma: no cover - wiring error
+        raise TypeError("incident.incidents needs a PostgreSQL unit of work")
+    return uow.conn
+
+
 class IncidentHandlers:
     """The violation consumer's handler and the acknowledge / resolve / get requests."""
 
-    def __init__(self, store: EventStore, *, max_retries: int = 3) -> None:
+    def __init__(
+        self, store: Store, *, table: IncidentTable | None = None, max_retries: int = 3
+    ) -> None:
         self.store = store
-        self.max_retries = max_retries
+        self.table: IncidentTable = table or PgIncidentTable()
+        self.incidents = Repository(store, INCIDENT, max_retries=max_retries)
 
     # --- the violation consumer ------------------------------------------------------------------
 
     async def on_violation(self, conn: AsyncConn, env: EventEnvelope) -> None:
-        """Open the violation's incident, in the consumer's transaction (EventConsumer handler)."""
+        """``EventConsumer`` handler: open the incident in the consumer's transaction."""
+        if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
+            raise TypeError("the violation consumer needs the PostgreSQL event store")
+        await self.open_for_violation(join(self.store, conn), env)
+
+    async def open_for_violation(self, uow: UnitOfWork, env: EventEnvelope) -> None:
+        """Open the violation's incident in ``uow``, unless it is open already."""
         violation = decode(env)
         if not isinstance(violation, PolicyViolationDetected):
             raise PermanentError(f"expected policy.violation_detected, got {env.event_type}")
@@ -56,35 +104,23 @@ class IncidentHandlers:
             violation = violation.model_copy(
                 update={"trace_id": trace_id_of(env.trace_context.traceparent)}
             )
-        tenant_id = env.tenant_id
         iid = incident_id_for(violation.violation_id)
-        sid = stream_id_for(tenant_id, "incident", iid)
-        state = empty_incident(tenant_id, iid)
-        events = decide(state, OpenIncident(violation))
-        envelopes = [
-            envelope_for(
-                e,
-                tenant_id=tenant_id,
-                stream_id=sid,
-                correlation_id=env.correlation_id,
-                causation_id=str(env.event_id),
-                actor=SERVICE_ACTOR,
-                trace_context=env.trace_context,
-            )
-            for e in events
-        ]
-        opened = _fold(state, events, envelopes)
-        if not await _insert_row(conn, opened):
+        # The stream id is derived from the violation: a second delivery finds the stream and
+        # decides nothing, and two replicas racing on it meet at expected_version 0.
+        opened, stored = await self.incidents.execute(
+            env.tenant_id,
+            iid,
+            partial(decide, command=OpenIncident(violation)),
+            EventMeta.caused_by(env, SERVICE_ACTOR),
+            uow=uow,
+        )
+        if not stored:
             log.info("incident.already_open", incident_id=iid, violation_id=violation.violation_id)
             return
-        try:
-            # A savepoint, so a version conflict leaves the consumer's transaction usable.
-            async with conn.transaction():
-                await self.store.append(sid, envelopes, expected_version=0, conn=conn)
-        except ConcurrencyError:
-            # The stream already exists: this violation's incident was opened before.
-            log.info("incident.already_open", incident_id=iid, violation_id=violation.violation_id)
-            return
+        if not await self.table.insert(uow, opened):
+            # The row and the stream are written together, so this means the store and the
+            # table disagree: refuse rather than open a second incident for one violation.
+            raise Conflict(f"violation {violation.violation_id} already has an incident row")
         log.info(
             "incident.opened",
             incident_id=iid,
@@ -109,65 +145,29 @@ class IncidentHandlers:
 
     async def get(self, tenant_id: str, incident_id: str) -> Incident:
         """The incident as its stream tells it; :class:`NotFound` for another tenant's."""
-        state = await self._load(tenant_id, incident_id)
+        # The stream id carries the tenant, so another tenant's incident reads as empty.
+        state = await self.incidents.load(tenant_id, incident_id)
         if not state.exists:
             raise NotFound(f"incident {incident_id} not found")
         return state
 
     # --- internals -------------------------------------------------------------------------------
 
-    async def _load(
-        self, tenant_id: str, incident_id: str, conn: AsyncConn | None = None
-    ) -> Incident:
-        # The stream id carries the tenant, so another tenant's incident reads as empty.
-        sid = stream_id_for(tenant_id, "incident", incident_id)
-        envs = await self.store.read_stream(sid, conn=conn)
-        return fold(
-            empty_incident(tenant_id, incident_id), [(decode(e), e.occurred_at) for e in envs]
-        )
-
     async def _execute(
         self, tenant_id: str, cmd: Acknowledge | Resolve, meta: RequestMeta
     ) -> Incident:
-        sid = stream_id_for(tenant_id, "incident", cmd.incident_id)
-        for attempt in range(self.max_retries + 1):
-            try:
-                async with transaction(self.store.pool) as conn:
-                    state = await self._load(tenant_id, cmd.incident_id, conn)
-                    events = decide(state, cmd)
-                    if not events:
-                        return state
-                    actor = meta.actor or f"user:{cmd.by.strip()}"
-                    envelopes = [
-                        envelope_for(
-                            e,
-                            tenant_id=tenant_id,
-                            stream_id=sid,
-                            correlation_id=meta.correlation_id,
-                            actor=actor,
-                            trace_context=meta.trace_context,
-                        )
-                        for e in events
-                    ]
-                    await self.store.append(
-                        sid, envelopes, expected_version=state.version, conn=conn
-                    )
-                    new = _fold(state, events, envelopes)
-                    await _update_row(conn, new)
-                    return new
-            except ConcurrencyError as exc:
-                if attempt == self.max_retries:
-                    raise Conflict(
-                        f"incident {cmd.incident_id} kept changing concurrently; "
-                        f"gave up after {attempt + 1} attempts"
-                    ) from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _fold(
-    state: Incident, events: Sequence[DomainEvent], envelopes: Sequence[EventEnvelope]
-) -> Incident:
-    return fold(state, [(e, env.occurred_at) for e, env in zip(events, envelopes, strict=True)])
+        event_meta = EventMeta(
+            correlation_id=meta.correlation_id,
+            actor=meta.actor or f"user:{cmd.by.strip()}",
+            trace_context=meta.trace_context,
+        )
+        async with begin(self.store) as uow:
+            state, stored = await self.incidents.execute(
+                tenant_id, cmd.incident_id, partial(decide, command=cmd), event_meta, uow=uow
+            )
+            if stored:
+                await self.table.update(uow, state)
+        return state
 
 
 async def _insert_row(conn: AsyncConn, s: Incident) -> bool:

@@ -7,7 +7,7 @@ appends what :func:`decide` returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
@@ -21,13 +21,13 @@ from libs.contracts.events import (
     Outcome,
     PolicyViolationDetected,
     Reason,
-    RunCompleted,
-    RunStarted,
     RunStatus,
     RunStoppedByPolicy,
     StepRecorded,
 )
 from libs.contracts.registry import decode
+from libs.domain.run import RunState, empty_run
+from libs.domain.run import fold as fold_run
 from libs.errors import InvalidInput, PermanentError
 from libs.pricing import PriceTable, price_step
 
@@ -86,11 +86,13 @@ def parse_request(body: dict[str, Any]) -> AdmitRequest:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What admission knows about a run, folded from its stream and admission's own decisions.
+    """What admission knows about a run: the run stream's shared fold plus admission's own view.
 
-    ``cost_usd`` sums the priced steps only; ``unpriced_steps`` counts the steps whose model had
-    no price, so a cost that is a lower bound is visible as one. ``violated`` lists the policies
-    a step of this run was already denied by, in order, without repeats.
+    ``run`` is the run as :mod:`libs.domain.run` folds it (status, agent, steps, tokens). On top
+    of it admission keeps what only it knows: ``cost_usd`` sums the priced steps only;
+    ``unpriced_steps`` counts the steps whose model had no price, so a cost that is a lower bound
+    is visible as one. ``violated`` lists the policies a step of this run was already denied by,
+    in order, without repeats.
 
     ``reservations`` holds, per step index, the estimate (tokens, USD or None) of every step that
     was admitted but has not recorded its outcome yet. Policies count them as spent, which is
@@ -100,15 +102,40 @@ class RunContext:
 
     tenant_id: str
     run_id: str
-    agent_id: str | None = None
-    status: RunStatus | None = None
-    steps_recorded: int = 0
-    last_step_index: int = 0
-    tokens_used: int = 0
+    run: RunState = None  # type: ignore[assignment]  # the empty run, set in __post_init__
     cost_usd: Decimal = Decimal(0)
     unpriced_steps: int = 0
     violated: tuple[str, ...] = ()
     reservations: tuple[tuple[int, int, Decimal | None], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.run is None:
+            object.__setattr__(self, "run", empty_run(self.tenant_id, self.run_id))
+
+    @property
+    def status(self) -> RunStatus | None:
+        """The run's status; ``None`` before it started."""
+        return None if self.run.status == "new" else self.run.status
+
+    @property
+    def agent_id(self) -> str | None:
+        """The run's agent, once an event named it."""
+        return self.run.agent_id or None
+
+    @property
+    def steps_recorded(self) -> int:
+        """How many steps reported their outcome."""
+        return len(self.run.steps)
+
+    @property
+    def last_step_index(self) -> int:
+        """The highest step index recorded."""
+        return self.run.last_step_index
+
+    @property
+    def tokens_used(self) -> int:
+        """Tokens the recorded steps used."""
+        return self.run.tokens_used
 
     @property
     def tokens_reserved(self) -> int:
@@ -156,43 +183,69 @@ def _reservation(event: AdmissionDecided) -> tuple[int, int, Decimal | None]:
     return (event.step_index, tokens, None if cost is None else Decimal(str(cost)))
 
 
-def evolve(
-    state: RunContext, event: DomainEvent, *, occurred_at: datetime, prices: PriceTable
-) -> RunContext:
-    """``state`` after ``event``. Steps are priced with ``prices`` as of ``occurred_at``."""
+def _is_decision_event(event: DomainEvent) -> bool:
+    """Admission's own events (its decisions stream); everything else is the run's."""
+    return isinstance(event, AdmissionDecided | PolicyViolationDetected)
+
+
+def _apply_decision_event(state: RunContext, event: DomainEvent) -> RunContext:
     if isinstance(event, AdmissionDecided):
         held = _release(state.reservations, event.step_index)
         if event.outcome != "deny" and event.step_index > state.last_step_index:
             held = (*held, _reservation(event))
         return replace(state, reservations=held)
-    if isinstance(event, RunStarted):
-        return replace(state, status="running", agent_id=event.agent_id)
-    if isinstance(event, StepRecorded):
-        price = price_step(
-            prices, event.model, event.input_tokens, event.output_tokens, occurred_at
-        )
-        cost = state.cost_usd
-        unpriced = state.unpriced_steps
-        if price.total_cost_usd is None:
-            unpriced += 1
-        else:
-            cost += price.total_cost_usd
-        return replace(
-            state,
-            agent_id=state.agent_id or event.agent_id,
-            steps_recorded=state.steps_recorded + 1,
-            last_step_index=max(state.last_step_index, event.step_index),
-            tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
-            cost_usd=cost,
-            unpriced_steps=unpriced,
-            reservations=_release(state.reservations, event.step_index),
-        )
-    if isinstance(event, RunCompleted):
-        return replace(state, status=event.status)
-    if isinstance(event, RunStoppedByPolicy):
-        return _with_violation(replace(state, status="stopped_by_policy"), event.policy_id)
     if isinstance(event, PolicyViolationDetected):
         return _with_violation(state, event.policy_id)
+    return state
+
+
+def _apply_run_events(
+    state: RunContext, events: Sequence[tuple[DomainEvent, datetime]], prices: PriceTable
+) -> RunContext:
+    """Run-stream events: the shared run fold (once per batch), then pricing and releases."""
+    run = fold_run(state.run, [e for e, _ in events])
+    cost, unpriced, held = state.cost_usd, state.unpriced_steps, state.reservations
+    stopped_by: list[str] = []
+    for event, at in events:
+        if isinstance(event, StepRecorded):
+            price = price_step(prices, event.model, event.input_tokens, event.output_tokens, at)
+            if price.total_cost_usd is None:
+                unpriced += 1
+            else:
+                cost += price.total_cost_usd
+            held = _release(held, event.step_index)
+        elif isinstance(event, RunStoppedByPolicy):
+            stopped_by.append(event.policy_id)
+    state = replace(state, run=run, cost_usd=cost, unpriced_steps=unpriced, reservations=held)
+    for policy_id in stopped_by:
+        state = _with_violation(state, policy_id)
+    return state
+
+
+def evolve(
+    state: RunContext, event: DomainEvent, *, occurred_at: datetime, prices: PriceTable
+) -> RunContext:
+    """``state`` after ``event``. Steps are priced with ``prices`` as of ``occurred_at``."""
+    return fold_events(state, [(event, occurred_at)], prices=prices)
+
+
+def fold_events(
+    state: RunContext, events: Iterable[tuple[DomainEvent, datetime]], *, prices: PriceTable
+) -> RunContext:
+    """``state`` after every ``(event, occurred_at)``, in order.
+
+    Consecutive run events are folded in one batch, so catching up a long run stays linear.
+    """
+    batch: list[tuple[DomainEvent, datetime]] = []
+    for event, at in events:
+        if not _is_decision_event(event):
+            batch.append((event, at))
+            continue
+        if batch:
+            state, batch = _apply_run_events(state, batch, prices), []
+        state = _apply_decision_event(state, event)
+    if batch:
+        state = _apply_run_events(state, batch, prices)
     return state
 
 
@@ -200,9 +253,7 @@ def fold(
     state: RunContext, envelopes: Iterable[EventEnvelope], *, prices: PriceTable
 ) -> RunContext:
     """``state`` after every event in ``envelopes``, in order."""
-    for env in envelopes:
-        state = evolve(state, decode(env), occurred_at=env.occurred_at, prices=prices)
-    return state
+    return fold_events(state, [(decode(env), env.occurred_at) for env in envelopes], prices=prices)
 
 
 # --- the Rego input and output -------------------------------------------------------------------

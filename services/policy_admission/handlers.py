@@ -1,38 +1,57 @@
-"""Admission's I/O: read the run from the event store, evaluate, append the decision.
+"""Admission's I/O: parse, execute on the run-context repository, reply.
 
-Admission reads its own writes (``docs/architecture.md``): every ``admit`` reads the run stream
-from the store, so a step whose recording was acknowledged before the request is always counted.
-To keep that cheap, the folded context of each run and the last version read are cached (LRU),
-and each ``admit`` reads only the versions after the cached one.
+Admission reads its own writes (``docs/architecture.md``): every ``admit`` catches the run's
+context up with the store (only the versions after the cached ones of ``<t>/run/<run_id>`` and
+``<t>/decisions/<run_id>``), so a step whose recording was acknowledged before the request is
+always counted. Admissions of one run are serialised by a lock on its run stream id, held until
+the decision commits (across replicas): the second sees the first's decision and reservation, so
+parallel steps cannot overrun a budget together.
+
+Decisions are group-committed: the requests waiting at one moment are decided one after the other
+in one transaction, their events appended together at its end (one append, one WAL flush for all
+of them), and each is answered only after that commit, so no answer is ever given for a decision
+that could still be lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from pydantic import TypeAdapter, ValidationError
 
-from libs.contracts import envelope_for, new_uuid7, stream_id_for, utcnow
-from libs.contracts.envelope import EventEnvelope, TenantId, TraceContext
+from libs.contracts import new_uuid7, stream_id_for, utcnow
+from libs.contracts.envelope import DomainEvent, TenantId, TraceContext
 from libs.contracts.events import PolicyBundleActivated
-from libs.contracts.registry import decode
-from libs.errors import ConcurrencyError, Conflict, InvalidInput, NotFound
-from libs.eventbus.db import transaction
-from libs.eventbus.store import EventStore
+from libs.domain.prices import PRICE_TABLE_ID, PRICES
+from libs.domain.run import RUN_CATEGORY
+from libs.errors import InvalidInput, NotFound
+from libs.eventbus.repository import (
+    Aggregate,
+    EventMeta,
+    Fold,
+    Recorded,
+    Repository,
+    Store,
+    begin,
+)
+from libs.eventbus.uow import DeferredAppends, UnitOfWork
 from libs.observability import trace_id_of
-from libs.pricing import PriceTable, builtin_price_table, latest_published, with_overrides
+from libs.pricing import PriceTable, builtin_price_table
 from services.policy_admission.bundle import PolicyBundle
 from services.policy_admission.domain import (
+    AdmitRequest,
+    Decision,
     RunContext,
     build_input,
     decide,
     decision_context,
-    fold,
+    fold_events,
     interpret,
     parse_request,
 )
@@ -40,9 +59,10 @@ from services.policy_admission.domain import (
 ACTOR = "service:policy-admission"
 SYSTEM_TENANT = "system"
 BUNDLE_STREAM = stream_id_for(SYSTEM_TENANT, "policy", "bundle")
+DECISIONS_CATEGORY = "decisions"
 
 # A few thousand active runs fit easily (a context is a few hundred bytes); an evicted run is
-# simply refolded from its stream on its next admission.
+# simply refolded from its streams on its next admission.
 DEFAULT_MAX_RUNS = 4096
 DEFAULT_MAX_TENANTS = 1024
 
@@ -51,49 +71,50 @@ _EVAL_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0
 
 _tenant_adapter: TypeAdapter[str] = TypeAdapter(TenantId)
 
-K = TypeVar("K")
-V = TypeVar("V")
+
+def _context_fold(prices: PriceTable) -> Fold[RunContext]:
+    def fold(state: RunContext, recorded: Sequence[Recorded]) -> RunContext:
+        return fold_events(
+            state, [(r.event, r.envelope.occurred_at) for r in recorded], prices=prices
+        )
+
+    return fold
 
 
-class _Lru(Generic[K, V]):
-    """A bounded mapping that forgets the least recently used key first."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[K, V] = OrderedDict()
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
+def _run_lock(tenant_id: str, run_id: str) -> str:
+    return stream_id_for(tenant_id, RUN_CATEGORY, run_id)
 
 
-@dataclass(frozen=True)
-class _RunEntry:
-    """A run's folded context and the last versions of its two streams folded into it."""
-
-    context: RunContext
-    run_version: int
-    decisions_version: int
+def _run_streams(tenant_id: str, run_id: str) -> tuple[str, ...]:
+    return (
+        stream_id_for(tenant_id, DECISIONS_CATEGORY, run_id),
+        stream_id_for(tenant_id, RUN_CATEGORY, run_id),
+    )
 
 
-@dataclass(frozen=True)
-class _PriceEntry:
-    """A tenant's price table, the last version of its price stream read and the table version."""
+RUN_CONTEXT = Aggregate[RunContext](
+    category=DECISIONS_CATEGORY,
+    initial=RunContext,
+    fold=_context_fold(builtin_price_table()),
+    # The run's own stream and admission's decisions on it, merged in store order; decisions
+    # are appended to the first.
+    streams=_run_streams,
+    lock_key=_run_lock,
+)
+"""A run as admission decides on it (see :class:`~services.policy_admission.domain.RunContext`)."""
 
-    table: PriceTable
-    stream_version: int
-    published_version: int | None
+
+def _bundle_digest(state: str | None, recorded: Sequence[Recorded]) -> str | None:
+    for r in recorded:
+        if isinstance(r.event, PolicyBundleActivated):
+            state = r.event.bundle_digest
+    return state
+
+
+BUNDLE = Aggregate[str | None](
+    category="policy", initial=lambda tenant_id, entity_id: None, fold=_bundle_digest
+)
+"""``system/policy/bundle``: the digest of the bundle activated last."""
 
 
 def _tenant(tenant_id: Any) -> str:
@@ -103,16 +124,36 @@ def _tenant(tenant_id: Any) -> str:
         raise InvalidInput(f"tenant_id: invalid tenant id {tenant_id!r}") from None
 
 
+@dataclass
+class _Pending:
+    """An admission request waiting for its decision to be committed."""
+
+    tenant: str
+    req: AdmitRequest
+    headers: Mapping[str, str]
+    answer: asyncio.Future[dict[str, Any]]
+
+
+def _settle(
+    p: _Pending, answer: dict[str, Any] | None = None, *, exc: BaseException | None = None
+) -> None:
+    if p.answer.done():  # the caller went away (cancelled)
+        return
+    if exc is not None:
+        p.answer.set_exception(exc)
+    else:
+        p.answer.set_result(answer or {})
+
+
 class AdmissionHandler:
     """Answers ``admit`` and ``policies`` with one compiled bundle.
 
-    One instance per process: the caches assume they are the only writer of their entries, and
-    the bundle's interpreter is used from the event loop thread only.
+    One instance per process: the bundle's interpreter is used from the event loop thread only.
     """
 
     def __init__(
         self,
-        store: EventStore,
+        store: Store,
         bundle: PolicyBundle,
         *,
         registry: CollectorRegistry | None = None,
@@ -121,8 +162,10 @@ class AdmissionHandler:
     ) -> None:
         self.store = store
         self.bundle = bundle
-        self._runs: _Lru[tuple[str, str], _RunEntry] = _Lru(max_runs)
-        self._prices: _Lru[str, _PriceEntry] = _Lru(max_tenants)
+        self.runs = Repository(store, RUN_CONTEXT, cache_size=max_runs)
+        self._waiting: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        self.prices = Repository(store, PRICES, cache_size=max_tenants)
         self._latency = Histogram(
             "mc_admission_decision_seconds",
             "Time to answer one admission request (store reads, evaluation, append).",
@@ -142,123 +185,149 @@ class AdmissionHandler:
     ) -> dict[str, Any]:
         """Decide whether step ``request["step_index"]`` of a run may run, and record why.
 
-        Returns ``{decision_id, outcome, reasons, bundle_digest, context}``. Raises
-        :class:`InvalidInput` for a malformed request and :class:`NotFound` for a run the
-        tenant does not have.
+        Returns ``{decision_id, outcome, reasons, bundle_digest, context}`` once the decision is
+        durable. Raises :class:`InvalidInput` for a malformed request and :class:`NotFound` for
+        a run the tenant does not have.
         """
         started = time.perf_counter()
         tenant = _tenant(tenant_id)
-        body = {k: v for k, v in request.items() if k != "tenant_id"}
-        req = parse_request(body)
-
-        run_key = (tenant, req.run_id)
-        run_sid = stream_id_for(tenant, "run", req.run_id)
-        decisions_sid = stream_id_for(tenant, "decisions", req.run_id)
-        prices_sid = stream_id_for(tenant, "prices", "table")
-        # One transaction per decision. It first takes a lock on this run, so two admissions of
-        # the same run (from any replica) decide one after the other: the second sees the first's
-        # decision and its reservation, and parallel steps cannot overrun a budget together.
-        async with transaction(self.store.pool) as conn:
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (run_sid,))
-            cached = self._runs.get(run_key)
-            cached_prices = self._prices.get(tenant)
-            read = await self.store.read_streams(
-                [
-                    (prices_sid, (cached_prices.stream_version if cached_prices else 0) + 1),
-                    (run_sid, (cached.run_version if cached else 0) + 1),
-                    (decisions_sid, (cached.decisions_version if cached else 0) + 1),
-                ],
-                conn=conn,
-            )
-            price_events, run_events = read[prices_sid], read[run_sid]
-            decision_events = read[decisions_sid]
-
-            prices = self._price_entry(tenant, cached_prices, price_events).table
-            if cached is None and not run_events:
-                raise NotFound(f"run {req.run_id!r} not found")
-            base = cached.context if cached else RunContext(tenant_id=tenant, run_id=req.run_id)
-            # One history, in store order: appends commit in position order, so everything read
-            # now comes after everything already folded into the cached context, and the fold
-            # is the same whichever replica or cache state answers.
-            history = sorted([*run_events, *decision_events], key=lambda e: e.position or 0)
-            context = fold(base, history, prices=prices)
-            self._runs.put(
-                run_key,
-                _RunEntry(
-                    context=context,
-                    run_version=run_events[-1].stream_version
-                    if run_events
-                    else (cached.run_version if cached else 0),
-                    decisions_version=decision_events[-1].stream_version
-                    if decision_events
-                    else (cached.decisions_version if cached else 0),
-                ),
-            )
-
-            input_doc = build_input(context, req, prices=prices, at=utcnow())
-            eval_started = time.perf_counter()
-            raw = self.bundle.evaluate(input_doc)
-            self._evaluation.observe(time.perf_counter() - eval_started)
-            decision = interpret(raw)
-
-            decision_id = str(new_uuid7())
-            traceparent = headers.get("traceparent")
-            events = decide(
-                context,
-                req,
-                decision,
-                decision_id=decision_id,
-                bundle_digest=self.bundle.digest,
-                input_doc=input_doc,
-                trace_id=trace_id_of(traceparent),
-            )
-            correlation_id = headers.get("Mc-Correlation-Id") or decision_id
-            trace = TraceContext(traceparent=traceparent, tracestate=headers.get("tracestate"))
-            envelopes: list[EventEnvelope] = []
-            for event in events:
-                envelopes.append(
-                    envelope_for(
-                        event,
-                        tenant_id=tenant,
-                        stream_id=decisions_sid,
-                        correlation_id=correlation_id,
-                        # The violation is a consequence of the decision recorded just before it.
-                        causation_id=str(envelopes[0].event_id) if envelopes else None,
-                        actor=ACTOR,
-                        trace_context=trace,
-                    )
-                )
-            await self.store.append(decisions_sid, envelopes, expected_version=None, conn=conn)
-
+        req = parse_request({k: v for k, v in request.items() if k != "tenant_id"})
+        pending = _Pending(tenant, req, headers, asyncio.get_running_loop().create_future())
+        self._waiting.append(pending)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_waiting())
+        answer = await pending.answer
+        decision: Decision = answer["decision"]
         self._latency.labels(outcome=decision.outcome).observe(time.perf_counter() - started)
         return {
-            "decision_id": decision_id,
+            "decision_id": answer["decision_id"],
             "outcome": decision.outcome,
             "reasons": [r.model_dump(mode="json") for r in decision.reasons],
             "bundle_digest": self.bundle.digest,
-            "context": decision_context(input_doc),
+            "context": decision_context(answer["input"]),
         }
 
-    def _price_entry(
-        self, tenant: str, cached: _PriceEntry | None, new_events: list[EventEnvelope]
-    ) -> _PriceEntry:
-        """The tenant's price table after ``new_events`` (each one carries the full list)."""
-        if cached is not None and not new_events:
-            return cached
-        entry = cached or _PriceEntry(builtin_price_table(), 0, None)
-        latest = latest_published(new_events)
-        if latest is not None and (
-            entry.published_version is None or latest.version >= entry.published_version
-        ):
-            entry = _PriceEntry(
-                with_overrides(builtin_price_table(), latest.prices, latest.version),
-                entry.stream_version,
-                latest.version,
-            )
-        if new_events:
-            entry = _PriceEntry(entry.table, new_events[-1].stream_version, entry.published_version)
-        self._prices.put(tenant, entry)
-        return entry
+    async def _commit_waiting(self) -> None:
+        """Group commit: decide everything waiting in one transaction, then answer each.
+
+        While one batch commits, new requests wait; the next batch takes all of them. One
+        request alone runs in its own transaction as it would without batching.
+        """
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                if len(batch) == 1:
+                    await self._answer_alone(batch[0])
+                else:
+                    await self._answer_together(batch)
+            except BaseException as exc:  # never leave a caller waiting
+                for p in batch:
+                    _settle(p, exc=exc)
+                if not isinstance(exc, Exception):
+                    # Cancelled (shutdown): nobody is left to decide what is still waiting.
+                    waiting, self._waiting = self._waiting, []
+                    for p in waiting:
+                        _settle(p, exc=exc)
+                    raise
+
+    async def _answer_alone(self, p: _Pending) -> None:
+        try:
+            answer = await self._decide_one(p, None)
+        except Exception as exc:
+            _settle(p, exc=exc)
+            return
+        _settle(p, answer)
+
+    async def _answer_together(self, batch: list[_Pending]) -> None:
+        # Every run of the batch is locked first, in one order, before anything is appended:
+        # replicas committing overlapping batches then take locks in the same order and cannot
+        # deadlock (the append takes its own lock last).
+        batch.sort(key=lambda p: _run_lock(p.tenant, p.req.run_id))
+        done: list[tuple[_Pending, dict[str, Any]]] = []
+        try:
+            async with begin(self.store) as outer:
+                uow = DeferredAppends(outer)
+                for key in sorted({_run_lock(p.tenant, p.req.run_id) for p in batch}):
+                    await uow.lock(key)
+                for p in batch:
+                    try:
+                        done.append((p, await self._decide_one(p, uow)))
+                    except Exception as exc:  # this request only: what it decided is dropped
+                        _settle(p, exc=exc)
+                # Every decision of the batch in one append, just before the one commit.
+                await uow.flush()
+        except Exception as exc:
+            for p, _ in done:
+                _settle(p, exc=exc)
+            return
+        # Committed: now, and only now, the decisions are durable and may be answered.
+        for p, answer in done:
+            _settle(p, answer)
+
+    async def _decide_one(self, p: _Pending, uow: UnitOfWork | None) -> dict[str, Any]:
+        """Decide one request (in ``uow``, or in a transaction of its own)."""
+        decision_id = str(new_uuid7())
+        traceparent = p.headers.get("traceparent")
+        answer: dict[str, Any] = {"decision_id": decision_id}
+        prices: list[PriceTable] = []
+
+        async def prepare(uow: UnitOfWork) -> Fold[RunContext]:
+            # In the decision's transaction, after the run's lock: the tenant's prices price
+            # both the steps folded now and the estimate.
+            table = (await self.prices.load(p.tenant, PRICE_TABLE_ID, uow=uow)).table
+            prices[:] = [table]
+            return _context_fold(table)
+
+        decide_admission = partial(
+            self._decide,
+            req=p.req,
+            prices=prices,
+            decision_id=decision_id,
+            trace_id=trace_id_of(traceparent),
+            answer=answer,
+        )
+        meta = EventMeta(
+            correlation_id=p.headers.get("Mc-Correlation-Id") or decision_id,
+            actor=ACTOR,
+            trace_context=TraceContext(
+                traceparent=traceparent, tracestate=p.headers.get("tracestate")
+            ),
+            # The violation is a consequence of the decision recorded just before it.
+            chain_causation=True,
+        )
+        await self.runs.execute(
+            p.tenant, p.req.run_id, decide_admission, meta, uow=uow, prepare=prepare
+        )
+        return answer
+
+    def _decide(
+        self,
+        context: RunContext,
+        *,
+        req: AdmitRequest,
+        prices: list[PriceTable],
+        decision_id: str,
+        trace_id: str | None,
+        answer: dict[str, Any],
+    ) -> list[DomainEvent]:
+        """Evaluate the bundle on ``context``; the decision's events (the answer on the side)."""
+        if not context.run.version:
+            raise NotFound(f"run {req.run_id!r} not found")
+        input_doc = build_input(context, req, prices=prices[0], at=utcnow())
+        eval_started = time.perf_counter()
+        raw = self.bundle.evaluate(input_doc)
+        self._evaluation.observe(time.perf_counter() - eval_started)
+        decision = interpret(raw)
+        answer.update(decision=decision, input=input_doc)
+        return decide(
+            context,
+            req,
+            decision,
+            decision_id=decision_id,
+            bundle_digest=self.bundle.digest,
+            input_doc=input_doc,
+            trace_id=trace_id,
+        )
 
     def policies(self) -> dict[str, Any]:
         """``{bundle_digest, policies}``: the active bundle and every policy's metadata."""
@@ -268,32 +337,26 @@ class AdmissionHandler:
         }
 
 
-async def activate_bundle(store: EventStore, bundle: PolicyBundle) -> bool:
+async def activate_bundle(store: Store, bundle: PolicyBundle) -> bool:
     """Append ``policy.bundle_activated`` to ``system/policy/bundle`` unless it is already the
     latest there; return whether an event was appended.
 
     Replicas starting together race on the append; the loser re-reads and finds the digest.
     """
-    for _ in range(5):
-        events = await store.read_stream(BUNDLE_STREAM)
-        version = events[-1].stream_version if events else 0
-        if events:
-            last = decode(events[-1])
-            if isinstance(last, PolicyBundleActivated) and last.bundle_digest == bundle.digest:
-                return False
-        event = PolicyBundleActivated(
-            bundle_digest=bundle.digest, policies=list(bundle.policies), data=bundle.data
-        )
-        envelope = envelope_for(
-            event,
-            tenant_id=SYSTEM_TENANT,
-            stream_id=BUNDLE_STREAM,
-            correlation_id=bundle.digest,
-            actor=ACTOR,
-        )
-        try:
-            await store.append(BUNDLE_STREAM, [envelope], expected_version=version)
-        except ConcurrencyError:
-            continue
-        return True
-    raise Conflict(f"{BUNDLE_STREAM} kept changing while activating {bundle.digest}")
+
+    def activate(current: str | None) -> list[DomainEvent]:
+        if current == bundle.digest:
+            return []
+        return [
+            PolicyBundleActivated(
+                bundle_digest=bundle.digest, policies=list(bundle.policies), data=bundle.data
+            )
+        ]
+
+    _, stored = await Repository(store, BUNDLE, max_retries=4).execute(
+        SYSTEM_TENANT,
+        "bundle",
+        activate,
+        EventMeta(correlation_id=bundle.digest, actor=ACTOR),
+    )
+    return bool(stored)

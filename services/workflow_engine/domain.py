@@ -1,9 +1,10 @@
 """The run aggregate: its state, the commands it accepts and the events it emits.
 
 Pure functions only: ``decide(state, command)`` validates a command against the current state and
-returns the events it causes (or raises a project error); ``evolve(state, event)`` applies one
-event; ``fold(state, events)`` applies many. No I/O happens here, so every rule is unit-testable
-and the same code rebuilds a run from its stream.
+returns the events it causes (or raises a project error). The state and its fold
+(``evolve``/``fold``) are the run stream's one fold in :mod:`libs.domain.run`, re-exported here.
+No I/O happens here, so every rule is unit-testable and the same code rebuilds a run from its
+stream.
 
 Lifecycle: ``new`` (no event yet) → ``running`` → ``completed`` | ``failed`` |
 ``stopped_by_policy``. The last three are terminal: nothing is recorded on a run after it ended.
@@ -12,7 +13,7 @@ Lifecycle: ``new`` (no event yet) → ``running`` → ``completed`` | ``failed``
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
@@ -23,64 +24,24 @@ from libs.contracts.events import (
     StepRecorded,
     StepStatus,
 )
+from libs.domain.run import TERMINAL, RunState, Status, empty_run, evolve, fold
 from libs.errors import Conflict, InvalidInput, NotFound
 
-Status = Literal["new", "running", "completed", "failed", "stopped_by_policy"]
-TERMINAL: frozenset[str] = frozenset({"completed", "failed", "stopped_by_policy"})
-
-
-@dataclass(frozen=True)
-class RunState:
-    """A run as its events tell it; ``version`` is the stream version it reflects.
-
-    ``status == "new"`` (``version == 0``) is the state of a run nobody has started.
-    """
-
-    tenant_id: str
-    run_id: str
-    agent_id: str = ""
-    status: Status = "new"
-    labels: Mapping[str, str] = field(default_factory=dict)
-    version: int = 0
-    steps: frozenset[int] = frozenset()
-    last_step_index: int = 0
-    tokens_used: int = 0
-    stopped_at_step: int | None = None
-    violation_policy_id: str | None = None
-    end_reason: str | None = None
-
-    @property
-    def exists(self) -> bool:
-        """Whether the run was started."""
-        return self.status != "new"
-
-    @property
-    def is_terminal(self) -> bool:
-        """Whether the run has ended (nothing more may be recorded)."""
-        return self.status in TERMINAL
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (the ``get_run`` reply)."""
-        return {
-            "run_id": self.run_id,
-            "tenant_id": self.tenant_id,
-            "agent_id": self.agent_id,
-            "status": self.status,
-            "labels": dict(self.labels),
-            "version": self.version,
-            "steps": sorted(self.steps),
-            "last_step_index": self.last_step_index,
-            "tokens_used": self.tokens_used,
-            "stopped_at_step": self.stopped_at_step,
-            "violation_policy_id": self.violation_policy_id,
-            "end_reason": self.end_reason,
-        }
-
-
-def empty_run(tenant_id: str, run_id: str) -> RunState:
-    """The state of a run before its first event."""
-    return RunState(tenant_id=tenant_id, run_id=run_id)
-
+__all__ = [
+    "TERMINAL",
+    "Command",
+    "FinishRun",
+    "RecordStep",
+    "RecordSteps",
+    "RunState",
+    "StartRun",
+    "Status",
+    "StopRunForViolation",
+    "decide",
+    "empty_run",
+    "evolve",
+    "fold",
+]
 
 # --- commands ------------------------------------------------------------------------------------
 
@@ -250,46 +211,3 @@ def _describe(state: RunState) -> str:
             f"(policy {state.violation_policy_id})"
         )
     return state.status
-
-
-# --- evolve --------------------------------------------------------------------------------------
-
-
-def evolve(state: RunState, event: DomainEvent) -> RunState:
-    """``state`` after ``event``."""
-    return fold(state, (event,))
-
-
-def fold(state: RunState, events: Iterable[DomainEvent]) -> RunState:
-    """``state`` after every event of ``events``, in order.
-
-    The step set is copied once per call rather than once per event, so catching a long run up
-    by a batch of steps stays linear.
-    """
-    steps: set[int] | None = None
-    for event in events:
-        changes: dict[str, Any] = {"version": state.version + 1}
-        if isinstance(event, RunStarted):
-            changes.update(status="running", agent_id=event.agent_id, labels=dict(event.labels))
-        elif isinstance(event, StepRecorded):
-            if steps is None:
-                steps = set(state.steps)
-            steps.add(event.step_index)
-            changes.update(
-                last_step_index=max(state.last_step_index, event.step_index),
-                tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
-            )
-        elif isinstance(event, RunCompleted):
-            changes.update(status=event.status, end_reason=event.reason)
-        elif isinstance(event, RunStoppedByPolicy):
-            changes.update(
-                status="stopped_by_policy",
-                stopped_at_step=event.step_index,
-                violation_policy_id=event.policy_id,
-                end_reason=event.reason,
-            )
-        # Any other event on the stream only advances the version.
-        state = replace(state, **changes)
-    if steps is not None:
-        state = replace(state, steps=frozenset(steps))
-    return state

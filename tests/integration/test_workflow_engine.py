@@ -309,7 +309,7 @@ async def test_a_batch_on_runs_another_replica_changed_catches_up_instead_of_con
         await a.start_run(tenant, run_id, "agent-1", {}, meta)
     await b.record_steps(tenant, [RecordStep(run_id=r, step_index=1) for r in run_ids], meta)
     for run_id in run_ids:  # A's cache is behind on every run of its coming batch
-        cached = a.cache.get(stream_id_for(tenant, "run", run_id))
+        cached = a.runs.cached(tenant, run_id)
         assert cached is not None and cached.version == 1
 
     # Two steps for the first run, interleaved, so positions must map back per item.
@@ -323,7 +323,7 @@ async def test_a_batch_on_runs_another_replica_changed_catches_up_instead_of_con
         want = [1, 2, 3] if run_id == run_ids[0] else [1, 2]
         assert [e.stream_version for e in events] == list(range(1, len(want) + 2))
         assert [decode(e).step_index for e in events[1:]] == want  # type: ignore[attr-defined]
-        state = a.cache.get(stream_id_for(tenant, "run", run_id))
+        state = a.runs.cached(tenant, run_id)
         assert state is not None and state.version == len(events)  # caught up, not ahead
         assert state == await b.get_run(tenant, run_id)
     by_position = {

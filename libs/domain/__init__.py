@@ -1,0 +1,1 @@
+"""Folds of event streams that more than one service reads."""
