@@ -114,10 +114,11 @@ def parse_ts(value: Any) -> datetime | None:
 
 def dumps(value: Any) -> str:
     """Compact JSON text for the String-typed JSON columns."""
-    return orjson.dumps(value, default=_json_default, option=orjson.OPT_SORT_KEYS).decode()
+    return orjson.dumps(value, default=json_default, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """orjson fallback for the values rows hold that JSON has no type for."""
     if isinstance(value, Decimal):
         return format(value, "f")
     raise TypeError(f"cannot serialise {type(value).__name__}")
