@@ -140,15 +140,25 @@ class Clickhouse:
         if rows:
             await self.insert_json(table, columns, json_each_row(columns, rows))
 
-    async def insert_json(self, table: str, columns: Sequence[str], body: bytes) -> None:
-        """One ``INSERT ... FORMAT JSONEachRow`` of ``body``, parsed by ClickHouse."""
+    async def insert_json(
+        self,
+        table: str,
+        columns: Sequence[str] | None,
+        body: bytes,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """One ``INSERT ... FORMAT JSONEachRow`` of ``body`` (all columns when ``None``)."""
         if not body:
             return
-        cols = list(columns)
-        await self._run(
-            f"insert into {table}",
-            lambda: self._get().raw_insert(table, cols, insert_block=body, fmt="JSONEachRow"),
-        )
+        cols = None if columns is None else list(columns)
+        extra = dict(settings or {})
+
+        def call() -> None:
+            self._get().raw_insert(
+                table, cols, insert_block=body, fmt="JSONEachRow", settings=extra or None
+            )
+
+        await self._run(f"insert into {table}", call)
 
     async def close(self) -> None:
         """Close the client and stop the worker threads."""

@@ -30,14 +30,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from uuid import UUID
 
+import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Gauge
 
-from libs.contracts.envelope import EventEnvelope, stream_id_for
+from libs.contracts.envelope import EventEnvelope, TraceContext, stream_id_for
 from libs.contracts.subjects import EVENTS_STREAM
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError
 from libs.eventbus.consumer import BatchEventConsumer
@@ -81,6 +83,8 @@ class _LaneState:
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     runs: set[Key] = field(default_factory=set)
     incidents: set[Key] = field(default_factory=set)
+    inbox: list[bytes] = field(default_factory=list)
+    """Envelope JSON lines for the ClickHouse inbox, which builds their rows itself."""
     count: int = 0
     position: int = 0
     recorded_at: datetime | None = None
@@ -95,10 +99,10 @@ class _LaneState:
     def take(self) -> _LaneState:
         """Hand the buffer over to a flush and start an empty one."""
         taken = _LaneState(
-            self.lane, self.rows, self.runs, self.incidents, self.count, self.position,
-            self.recorded_at, self.waiter,
+            self.lane, self.rows, self.runs, self.incidents, self.inbox, self.count,
+            self.position, self.recorded_at, self.waiter,
         )  # fmt: skip
-        self.rows, self.runs, self.incidents = {}, set(), set()
+        self.rows, self.runs, self.incidents, self.inbox = {}, set(), set(), []
         self.count, self.waiter = 0, None
         return taken
 
@@ -184,21 +188,38 @@ class Projector:
 
     # --- projecting ------------------------------------------------------------------------------
 
-    async def add(self, lane: str, envs: Sequence[EventEnvelope]) -> asyncio.Future[None]:
-        """Project ``envs`` into ``lane``'s buffer; the future resolves once they are written."""
+    async def add(
+        self,
+        lane: str,
+        envs: Sequence[EventEnvelope],
+        inbox: Sequence[tuple[EventEnvelope, bytes]] = (),
+    ) -> asyncio.Future[None]:
+        """Project ``envs`` into ``lane``'s buffer; the future resolves once they are written.
+
+        ``inbox`` holds events whose rows ClickHouse builds from their JSON (see
+        :func:`inbox_item`): only their runs and incidents are folded here.
+        """
         state = self._lanes[lane]
         async with self._lock:
-            p = await self._project_locked(envs)
-            for table in EVENT_TABLES:
-                rows = p.rows.get(table)
-                if rows:
-                    state.rows.setdefault(table, []).extend(rows)
-                    state.count += len(rows)
-            state.runs.update(p.runs)
-            state.incidents.update(p.incidents)
-            state.count += len(p.runs) + len(p.incidents)
-            if p.last_position >= state.position:
-                state.position, state.recorded_at = p.last_position, p.last_recorded_at
+            projections = []
+            if envs:
+                projections.append(await self._project_locked(envs))
+            if inbox:
+                p = await self._project_locked([e for e, _ in inbox], event_rows=False)
+                projections.append(p)
+                state.inbox.extend(raw for _, raw in inbox)
+                state.count += len(inbox)
+            for p in projections:
+                for table in EVENT_TABLES:
+                    rows = p.rows.get(table)
+                    if rows:
+                        state.rows.setdefault(table, []).extend(rows)
+                        state.count += len(rows)
+                state.runs.update(p.runs)
+                state.incidents.update(p.incidents)
+                state.count += len(p.runs) + len(p.incidents)
+                if p.last_position >= state.position:
+                    state.position, state.recorded_at = p.last_position, p.last_recorded_at
             if state.waiter is None:
                 state.waiter = asyncio.get_running_loop().create_future()
             waiter = state.waiter
@@ -225,10 +246,12 @@ class Projector:
         for fut in futures:
             await fut
 
-    async def _project_locked(self, envs: Sequence[EventEnvelope]) -> Projection:
+    async def _project_locked(
+        self, envs: Sequence[EventEnvelope], *, event_rows: bool = True
+    ) -> Projection:
         """Project ``envs`` from the cached states, re-folding the entities with late events."""
         await self._load_state(envs)
-        p = project(envs, self._runs, self._incidents)
+        p = project(envs, self._runs, self._incidents, event_rows=event_rows)
         if p.refold_runs or p.refold_incidents:
             await self._refold(p)
         for k, r in p.runs.items():
@@ -267,6 +290,13 @@ class Projector:
         generation = self._generation
         state.writing_runs, state.writing_incidents = taken.runs, taken.incidents
         try:
+            if taken.inbox:
+                await self.ch.insert_json(
+                    f"{schema.DATABASE}.inbox",
+                    None,
+                    b"\n".join(taken.inbox),
+                    schema.INBOX_FORMAT_SETTINGS,
+                )
             for table in EVENT_TABLES:
                 rows = taken.rows.get(table)
                 if rows:
@@ -534,6 +564,8 @@ class ProjectionConsumer(BatchEventConsumer):
         super().__init__(js, lane.spec(), projector.project_now)
         self.projector = projector
         self.lane = lane
+        # Only a lane carrying inbox event types looks for them (one JSON parse per message).
+        self._inbox = bool(lane.event_types & schema.INBOX_EVENT_TYPES.keys())
         self._settling: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -543,13 +575,23 @@ class ProjectionConsumer(BatchEventConsumer):
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Project a fetched batch; ack or retry each message once its flush is known."""
-        parsed = await self.parse_batch(msgs)
-        if not parsed:
+        inbox: list[tuple[Msg, tuple[EventEnvelope, bytes]]] = []
+        rest: list[Msg] = []
+        for m in msgs:
+            item = inbox_item(m.data) if self._inbox else None
+            if item is not None:
+                inbox.append((m, item))
+            else:
+                rest.append(m)
+        parsed = await self.parse_batch(rest)
+        if not (parsed or inbox):
             return
-        good = [m for m, _ in parsed]
-        envs = [e for _, e in parsed]
+        good = [m for m, _ in parsed] + [m for m, _ in inbox]
+        envs = [e for _, e in parsed] + [e for _, (e, _) in inbox]
         try:
-            fut = await self.projector.add(self.lane.name, envs)
+            fut = await self.projector.add(
+                self.lane.name, [e for _, e in parsed], [item for _, item in inbox]
+            )
         except Exception as exc:
             log.warning("audit.project_failed", error=str(exc)[:300], messages=len(good))
             for m in good:
@@ -579,6 +621,46 @@ class ProjectionConsumer(BatchEventConsumer):
         """Wait until every batch handed to the projector has been acked or sent back."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def inbox_item(data: bytes) -> tuple[EventEnvelope, bytes] | None:
+    """A bulk event as an envelope for the folds plus its JSON for the ClickHouse inbox.
+
+    Only for the event types and schema versions the inbox views know
+    (:data:`schema.INBOX_EVENT_TYPES`); ``None`` for anything else, or anything that does not
+    look like an envelope, which then takes the validating path (and its dead-letter path).
+    The envelope is built without validating it: the message was validated when it was
+    appended, and pydantic validation is the largest cost per event on this path. The payload
+    is still validated by the fold of the events that fold into a run.
+    """
+    try:
+        d = orjson.loads(data)
+        event_type = d["event_type"]
+        if schema.INBOX_EVENT_TYPES.get(event_type) != d["schema_version"]:
+            return None
+        payload = d["payload"]
+        if not isinstance(payload, dict):
+            return None
+        recorded_at = d.get("recorded_at")
+        env = EventEnvelope.model_construct(
+            event_id=UUID(d["event_id"]),
+            event_type=event_type,
+            schema_version=d["schema_version"],
+            tenant_id=str(d["tenant_id"]),
+            stream_id=str(d["stream_id"]),
+            stream_version=int(d["stream_version"]),
+            position=int(d["position"]),
+            occurred_at=datetime.fromisoformat(d["occurred_at"]),
+            recorded_at=datetime.fromisoformat(recorded_at) if recorded_at else None,
+            correlation_id=str(d["correlation_id"]),
+            causation_id=d.get("causation_id"),
+            actor=str(d["actor"]),
+            trace_context=TraceContext(),
+            payload=payload,
+        )
+    except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+        return None
+    return env, data
 
 
 async def prepare_lane(js: JetStreamContext, lane: Lane) -> None:

@@ -79,6 +79,8 @@ def project(
     envs: Sequence[EventEnvelope],
     runs: Mapping[Key, RunRow],
     incidents: Mapping[Key, IncidentRow],
+    *,
+    event_rows: bool = True,
 ) -> Projection:
     """Rows per table for ``envs``, given the current state of the runs and incidents they touch.
 
@@ -90,18 +92,24 @@ def project(
     (the fold assumes position order); the entity is named in ``refold_runs`` /
     ``refold_incidents`` instead, for the caller to re-fold from the event store and hand back
     through :meth:`Projection.apply_refolds`.
+
+    With ``event_rows=False`` only runs and incidents are folded: the one-row-per-event tables
+    are left to the caller (the ClickHouse inbox builds them from the envelope JSON).
     """
     out = Projection(rows={t: [] for t in ("events", "steps", "decisions", "policies", "costs")})
     for env in envs:
         pos = env.position or 0
-        out.rows["events"].append(event_row(env))
+        if event_rows:
+            out.rows["events"].append(event_row(env))
         if pos >= out.last_position:
             out.last_position = pos
             out.last_recorded_at = env.recorded_at
+        rk, ik = run_key(env), incident_key(env)
+        if not event_rows and rk is None and ik is None:
+            continue  # nothing to fold: no need to decode it
         event = safe_decode(env)
         if event is None:
             continue
-        rk = run_key(env)
         if rk is not None:
             before = out.runs.get(rk) or runs.get(rk)
             if run_event_is_late(before, env):
@@ -110,7 +118,6 @@ def project(
                 after = evolve_run(before, env, event)
                 if after is not None and after is not before:
                     out.runs[rk] = after
-        ik = incident_key(env)
         if ik is not None:
             ibefore = out.incidents.get(ik) or incidents.get(ik)
             if incident_event_is_late(ibefore, env):
@@ -119,6 +126,8 @@ def project(
                 iafter = evolve_incident(ibefore, env, event)
                 if iafter is not None and iafter is not ibefore:
                     out.incidents[ik] = iafter
+        if not event_rows:
+            continue
         if isinstance(event, StepRecorded):
             out.rows["steps"].append(step_row(env, event))
         elif isinstance(event, AdmissionDecided):
