@@ -29,8 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
-from uuid import UUID
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import structlog
@@ -39,7 +38,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Gauge
 
-from libs.contracts.envelope import EventEnvelope, TraceContext, stream_id_for
+from libs.contracts.envelope import EventEnvelope, stream_id_for
 from libs.contracts.subjects import EVENTS_STREAM
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError
 from libs.eventbus.consumer import BatchEventConsumer
@@ -52,10 +51,12 @@ from services.audit_replay.domain import (
     Key,
     Projection,
     RunRow,
+    StepFacts,
     incident_key,
     incident_stream,
     parse_ts,
     project,
+    project_steps,
     refold_incident,
     refold_run,
     run_key,
@@ -192,7 +193,7 @@ class Projector:
         self,
         lane: str,
         envs: Sequence[EventEnvelope],
-        inbox: Sequence[tuple[EventEnvelope, bytes]] = (),
+        inbox: Sequence[InboxItem] = (),
     ) -> asyncio.Future[None]:
         """Project ``envs`` into ``lane``'s buffer; the future resolves once they are written.
 
@@ -205,9 +206,11 @@ class Projector:
             if envs:
                 projections.append(await self._project_locked(envs))
             if inbox:
-                p = await self._project_locked([e for e, _ in inbox], event_rows=False)
+                p = await self._project_steps_locked([i.step for i in inbox if i.step])
+                last = max(inbox, key=lambda i: i.position)
+                p.last_position, p.last_recorded_at = last.position, last.recorded_at
                 projections.append(p)
-                state.inbox.extend(raw for _, raw in inbox)
+                state.inbox.extend(i.raw for i in inbox)
                 state.count += len(inbox)
             for p in projections:
                 for table in EVENT_TABLES:
@@ -246,12 +249,20 @@ class Projector:
         for fut in futures:
             await fut
 
-    async def _project_locked(
-        self, envs: Sequence[EventEnvelope], *, event_rows: bool = True
-    ) -> Projection:
+    async def _project_locked(self, envs: Sequence[EventEnvelope]) -> Projection:
         """Project ``envs`` from the cached states, re-folding the entities with late events."""
-        await self._load_state(envs)
-        p = project(envs, self._runs, self._incidents, event_rows=event_rows)
+        runs = {k for k in map(run_key, envs) if k is not None}
+        await self._load_state(runs, {k for k in map(incident_key, envs) if k is not None})
+        p = project(envs, self._runs, self._incidents)
+        return await self._settle_projection(p)
+
+    async def _project_steps_locked(self, steps: Sequence[StepFacts]) -> Projection:
+        """Fold bulk steps into their runs (see :func:`project_steps`)."""
+        await self._load_state({(s.tenant_id, s.run_id) for s in steps}, set())
+        return await self._settle_projection(project_steps(steps, self._runs))
+
+    async def _settle_projection(self, p: Projection) -> Projection:
+        """Re-fold what ``p`` names and take its states into the caches."""
         if p.refold_runs or p.refold_incidents:
             await self._refold(p)
         for k, r in p.runs.items():
@@ -394,9 +405,9 @@ class Projector:
         log.info("audit.refolded_late_events", runs=len(runs), incidents=len(incidents))
         p.apply_refolds(runs, incidents)
 
-    async def _load_state(self, envs: Sequence[EventEnvelope]) -> None:
-        """Read the current rows of runs/incidents the batch touches that are not cached."""
-        runs = {k for k in map(run_key, envs) if k is not None and k not in self._runs}
+    async def _load_state(self, runs: set[Key], incidents: set[Key]) -> None:
+        """Read the current rows of ``runs``/``incidents`` that are not cached."""
+        runs = runs - self._runs.keys()
         if runs:
             # By full key, so the read uses the primary index instead of scanning every run.
             rows = await self.ch.query(
@@ -408,8 +419,7 @@ class Projector:
                 key = (row["tenant_id"], row["run_id"])
                 if key in runs:
                     self._runs[key] = RunRow.from_row(row)
-        incidents = {k for k in map(incident_key, envs) if k is not None}
-        incidents -= self._incidents.keys()
+        incidents = incidents - self._incidents.keys()
         if incidents:
             rows = await self.ch.query(
                 f"SELECT * FROM {schema.DATABASE}.incidents FINAL "
@@ -575,7 +585,7 @@ class ProjectionConsumer(BatchEventConsumer):
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Project a fetched batch; ack or retry each message once its flush is known."""
-        inbox: list[tuple[Msg, tuple[EventEnvelope, bytes]]] = []
+        inbox: list[tuple[Msg, InboxItem]] = []
         rest: list[Msg] = []
         for m in msgs:
             item = inbox_item(m.data) if self._inbox else None
@@ -587,7 +597,7 @@ class ProjectionConsumer(BatchEventConsumer):
         if not (parsed or inbox):
             return
         good = [m for m, _ in parsed] + [m for m, _ in inbox]
-        envs = [e for _, e in parsed] + [e for _, (e, _) in inbox]
+        positions = [e.position or 0 for _, e in parsed] + [i.position for _, i in inbox]
         try:
             fut = await self.projector.add(
                 self.lane.name, [e for _, e in parsed], [item for _, item in inbox]
@@ -597,12 +607,12 @@ class ProjectionConsumer(BatchEventConsumer):
             for m in good:
                 await self.fail(m, exc)
             return
-        task = asyncio.create_task(self._settle(good, envs, fut))
+        task = asyncio.create_task(self._settle(good, positions, fut))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
     async def _settle(
-        self, msgs: list[Msg], envs: list[EventEnvelope], fut: asyncio.Future[None]
+        self, msgs: list[Msg], positions: list[int], fut: asyncio.Future[None]
     ) -> None:
         try:
             await fut
@@ -611,11 +621,11 @@ class ProjectionConsumer(BatchEventConsumer):
                 with contextlib.suppress(Exception):
                     await self.fail(m, exc)
             return
-        for m, e in zip(msgs, envs, strict=True):
+        for m in msgs:
             with contextlib.suppress(Exception):
                 await m.ack()
-            self.stats.applied += 1
-            self.stats.last_position = max(self.stats.last_position, e.position or 0)
+        self.stats.applied += len(msgs)
+        self.stats.last_position = max(self.stats.last_position, *positions)
 
     async def drain(self) -> None:
         """Wait until every batch handed to the projector has been acked or sent back."""
@@ -623,44 +633,54 @@ class ProjectionConsumer(BatchEventConsumer):
             await asyncio.gather(*list(self._settling), return_exceptions=True)
 
 
-def inbox_item(data: bytes) -> tuple[EventEnvelope, bytes] | None:
-    """A bulk event as an envelope for the folds plus its JSON for the ClickHouse inbox.
+class InboxItem(NamedTuple):
+    """A bulk event bound for the ClickHouse inbox, with what the projector needs of it."""
+
+    position: int
+    recorded_at: datetime | None
+    step: StepFacts | None
+    """What the run fold reads, for a recorded step (``None`` for events that fold nothing)."""
+    raw: bytes
+    """The envelope JSON, as it arrived."""
+
+
+def inbox_item(data: bytes) -> InboxItem | None:
+    """A bulk event's JSON, read just enough to fold it; ClickHouse builds its rows.
 
     Only for the event types and schema versions the inbox views know
     (:data:`schema.INBOX_EVENT_TYPES`); ``None`` for anything else, or anything that does not
-    look like an envelope, which then takes the validating path (and its dead-letter path).
-    The envelope is built without validating it: the message was validated when it was
-    appended, and pydantic validation is the largest cost per event on this path. The payload
-    is still validated by the fold of the events that fold into a run.
+    have the fields the fold reads, which then takes the validating path (and its dead-letter
+    path). The event was validated when it was appended; validating its envelope and payload
+    again with pydantic would be the largest cost per event here.
     """
     try:
         d = orjson.loads(data)
         event_type = d["event_type"]
         if schema.INBOX_EVENT_TYPES.get(event_type) != d["schema_version"]:
             return None
-        payload = d["payload"]
-        if not isinstance(payload, dict):
+        position = d["position"]
+        tenant_id, stream_id = d["tenant_id"], d["stream_id"]
+        recorded = d.get("recorded_at")
+        recorded_at = datetime.fromisoformat(recorded) if recorded else None
+        if not (isinstance(position, int) and isinstance(tenant_id, str)):
             return None
-        recorded_at = d.get("recorded_at")
-        env = EventEnvelope.model_construct(
-            event_id=UUID(d["event_id"]),
-            event_type=event_type,
-            schema_version=d["schema_version"],
-            tenant_id=str(d["tenant_id"]),
-            stream_id=str(d["stream_id"]),
-            stream_version=int(d["stream_version"]),
-            position=int(d["position"]),
-            occurred_at=datetime.fromisoformat(d["occurred_at"]),
-            recorded_at=datetime.fromisoformat(recorded_at) if recorded_at else None,
-            correlation_id=str(d["correlation_id"]),
-            causation_id=d.get("causation_id"),
-            actor=str(d["actor"]),
-            trace_context=TraceContext(),
-            payload=payload,
-        )
+        step = None
+        if event_type == "run.step_recorded":
+            p = d["payload"]
+            run_id, agent_id, step_index = p["run_id"], p["agent_id"], p["step_index"]
+            version = d["stream_version"]
+            if not (
+                isinstance(run_id, str)
+                and isinstance(agent_id, str)
+                and isinstance(step_index, int)
+                and isinstance(version, int)
+                and isinstance(stream_id, str)
+            ):
+                return None
+            step = StepFacts(tenant_id, run_id, agent_id, step_index, position, stream_id, version)
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
         return None
-    return env, data
+    return InboxItem(position, recorded_at, step, data)
 
 
 async def prepare_lane(js: JetStreamContext, lane: Lane) -> None:

@@ -16,7 +16,7 @@ from libs.eventbus.relay import message_for
 from libs.settings import Settings
 from services.audit_replay import schema
 from services.audit_replay.clickhouse import Clickhouse, embedded_dsn, open_clickhouse
-from services.audit_replay.domain import project
+from services.audit_replay.domain import StepFacts, project
 from services.audit_replay.handlers import inbox_item
 from tests.unit.test_audit_domain import bundle_event, flow, stored
 
@@ -112,7 +112,7 @@ async def test_the_inbox_builds_the_same_rows_as_the_python_row_builders(tmp_pat
         bulk = [e for e in envs if e.event_type in schema.INBOX_EVENT_TYPES]
         items = [inbox_item(message_for(_store_row(e))[1]) for e in bulk]
         assert all(item is not None for item in items)
-        body = b"\n".join(item[1] for item in items if item is not None)
+        body = b"\n".join(item.raw for item in items if item is not None)
         await ch.insert_json("mc.inbox", None, body, schema.INBOX_FORMAT_SETTINGS)
         by_inbox = await rows()
     finally:
@@ -137,14 +137,15 @@ def test_only_known_bulk_envelopes_take_the_inbox() -> None:
     step = next(e for e in envs if e.event_type == "run.step_recorded")
     item = inbox_item(message_for(_store_row(step))[1])
     assert item is not None
-    env, raw = item
-    assert raw == message_for(_store_row(step))[1]
-    assert (env.position, env.stream_version, env.payload) == (
-        step.position,
-        step.stream_version,
-        step.payload,
-    )
-    assert env.occurred_at == step.occurred_at
+    assert item.raw == message_for(_store_row(step))[1]
+    assert (item.position, item.recorded_at) == (step.position, step.recorded_at)
+    assert item.step == StepFacts(
+        "acme", "r1", "agent-1", step.payload["step_index"], step.position or 0,
+        step.stream_id, step.stream_version,
+    )  # fmt: skip
+    cost = next(e for e in envs if e.event_type == "cost.recorded")
+    cost_item = inbox_item(message_for(_store_row(cost))[1])
+    assert cost_item is not None and cost_item.step is None
     decided = next(e for e in envs if e.event_type == "admission.decided")
     assert inbox_item(message_for(_store_row(decided))[1]) is None
     newer = step.model_copy(update={"schema_version": 2})

@@ -15,8 +15,10 @@ from services.audit_replay.domain.export import CSV_COLUMNS, trace_csv
 from services.audit_replay.domain.folds import (
     INCIDENT_EVENTS,
     RUN_EVENTS,
+    StepFacts,
     evolve_incident,
     evolve_run,
+    fold_steps,
     incident_event_is_late,
     incident_key,
     incident_stream,
@@ -27,7 +29,7 @@ from services.audit_replay.domain.folds import (
     run_stream,
     safe_decode,
 )
-from services.audit_replay.domain.projection import Projection, project
+from services.audit_replay.domain.projection import Projection, project, project_steps
 from services.audit_replay.domain.replay import ReplayState, evolve_replay, replay_answer
 from services.audit_replay.domain.rows import (
     IncidentRow,
@@ -63,6 +65,7 @@ __all__ = [
     "Projection",
     "ReplayState",
     "RunRow",
+    "StepFacts",
     "cost_row",
     "decision_row",
     "decision_view",
@@ -71,6 +74,7 @@ __all__ = [
     "evolve_incident",
     "evolve_replay",
     "evolve_run",
+    "fold_steps",
     "governing_decisions",
     "incident_event_is_late",
     "incident_key",
@@ -81,6 +85,7 @@ __all__ = [
     "parse_ts",
     "policy_rows",
     "project",
+    "project_steps",
     "refold_incident",
     "refold_run",
     "replay_answer",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import NamedTuple
 
 import structlog
 
@@ -46,35 +47,40 @@ def incident_stream(tenant_id: str, incident_id: str) -> str:
     return stream_id_for(tenant_id, "incident", incident_id)
 
 
-def _next_stream_version(folded: int, env: EventEnvelope, stream: str) -> int:
+def _next_stream_version(folded: int, stream_id: str, stream_version: int, stream: str) -> int:
     """``folded`` moved on by ``env`` when it is the very next event of the entity's stream.
 
     An event after a gap (an earlier one not delivered yet) is folded but does not move it, so
     ``stream_version`` only ever claims a contiguous prefix of the stream.
     """
-    if env.stream_id == stream and env.stream_version == folded + 1:
-        return env.stream_version
+    if stream_id == stream and stream_version == folded + 1:
+        return stream_version
     return folded
 
 
-def _is_late(version: int, folded: int, env: EventEnvelope, stream: str) -> bool:
+def _is_late(
+    version: int, folded: int, position: int, stream_id: str, stream_version: int, stream: str
+) -> bool:
     """Whether ``env`` is older than the state but not provably folded into it.
 
     Proven folded: the event that set ``version`` itself, or an event of the entity's stream
     within the contiguous prefix ``folded`` covers. Anything else older than ``version`` was
     delivered late (a retried batch, an out-of-order relay publish) and was never applied.
     """
-    pos = env.position or 0
-    if pos >= version:
+    if position >= version:
         return False
-    return not (env.stream_id == stream and 0 < env.stream_version <= folded)
+    return not (stream_id == stream and 0 < stream_version <= folded)
 
 
 def run_event_is_late(row: RunRow | None, env: EventEnvelope) -> bool:
     """Whether a run event must be folded by re-folding the run's whole stream."""
     if row is None or env.event_type not in RUN_EVENTS:
         return False
-    return _is_late(row.version, row.stream_version, env, run_stream(row.tenant_id, row.run_id))
+    stream = run_stream(row.tenant_id, row.run_id)
+    return _is_late(
+        row.version, row.stream_version, env.position or 0, env.stream_id, env.stream_version,
+        stream,
+    )  # fmt: skip
 
 
 def incident_event_is_late(row: IncidentRow | None, env: EventEnvelope) -> bool:
@@ -82,7 +88,10 @@ def incident_event_is_late(row: IncidentRow | None, env: EventEnvelope) -> bool:
     if row is None or env.event_type not in INCIDENT_EVENTS:
         return False
     stream = incident_stream(row.tenant_id, row.incident_id)
-    return _is_late(row.version, row.stream_version, env, stream)
+    return _is_late(
+        row.version, row.stream_version, env.position or 0, env.stream_id, env.stream_version,
+        stream,
+    )  # fmt: skip
 
 
 def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> RunRow | None:
@@ -97,7 +106,8 @@ def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> Ru
     if row is not None and pos <= row.version:
         return row  # a redelivery, or an event older than the state
     base = row or RunRow(tenant_id=env.tenant_id, run_id=getattr(event, "run_id", ""))
-    folded = _next_stream_version(base.stream_version, env, run_stream(base.tenant_id, base.run_id))
+    stream = run_stream(base.tenant_id, base.run_id)
+    folded = _next_stream_version(base.stream_version, env.stream_id, env.stream_version, stream)
     if isinstance(event, RunStarted):
         return replace(
             base,
@@ -149,7 +159,10 @@ def evolve_incident(
     base = replace(
         base,
         stream_version=_next_stream_version(
-            base.stream_version, env, incident_stream(base.tenant_id, base.incident_id)
+            base.stream_version,
+            env.stream_id,
+            env.stream_version,
+            incident_stream(base.tenant_id, base.incident_id),
         ),
     )
     if isinstance(event, IncidentOpened):
@@ -177,6 +190,54 @@ def evolve_incident(
             resolution=event.resolution, version=pos,
         )  # fmt: skip
     return row
+
+
+class StepFacts(NamedTuple):
+    """What the run fold reads from a ``run.step_recorded`` event (its envelope and payload)."""
+
+    tenant_id: str
+    run_id: str
+    agent_id: str
+    step_index: int
+    position: int
+    stream_id: str
+    stream_version: int
+
+
+def fold_steps(row: RunRow | None, steps: Sequence[StepFacts]) -> tuple[RunRow | None, bool]:
+    """Recorded steps of one run, in position order, folded as :func:`evolve_run` folds them.
+
+    Returns the new state and whether some step was late (:func:`run_event_is_late`): that step
+    is not folded, and the run must be re-folded from its stream. The state is built once at
+    the end instead of once per step: this is the fold of bulk step ingest.
+    """
+    if not steps:
+        return row, False
+    first = steps[0]
+    base = row or RunRow(tenant_id=first.tenant_id, run_id=first.run_id)
+    stream = run_stream(base.tenant_id, base.run_id)
+    agent, last_step = base.agent_id, base.last_step_index
+    version, folded = base.version, base.stream_version
+    late = changed = False
+    for s in steps:
+        if (row is not None or changed) and _is_late(
+            version, folded, s.position, s.stream_id, s.stream_version, stream
+        ):
+            late = True
+            continue
+        if (row is not None or changed) and s.position <= version:
+            continue  # a redelivery
+        agent = agent or s.agent_id
+        last_step = max(last_step, s.step_index)
+        version = s.position
+        folded = _next_stream_version(folded, s.stream_id, s.stream_version, stream)
+        changed = True
+    if not changed:
+        return row, late
+    new = replace(
+        base, agent_id=agent, last_step_index=last_step, version=version, stream_version=folded
+    )
+    return new, late
 
 
 def refold_run(stream: Sequence[EventEnvelope]) -> RunRow | None:

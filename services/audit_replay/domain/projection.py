@@ -19,8 +19,10 @@ from libs.contracts.events import (
     StepRecorded,
 )
 from services.audit_replay.domain.folds import (
+    StepFacts,
     evolve_incident,
     evolve_run,
+    fold_steps,
     incident_event_is_late,
     incident_key,
     run_event_is_late,
@@ -79,8 +81,6 @@ def project(
     envs: Sequence[EventEnvelope],
     runs: Mapping[Key, RunRow],
     incidents: Mapping[Key, IncidentRow],
-    *,
-    event_rows: bool = True,
 ) -> Projection:
     """Rows per table for ``envs``, given the current state of the runs and incidents they touch.
 
@@ -92,21 +92,15 @@ def project(
     (the fold assumes position order); the entity is named in ``refold_runs`` /
     ``refold_incidents`` instead, for the caller to re-fold from the event store and hand back
     through :meth:`Projection.apply_refolds`.
-
-    With ``event_rows=False`` only runs and incidents are folded: the one-row-per-event tables
-    are left to the caller (the ClickHouse inbox builds them from the envelope JSON).
     """
     out = Projection(rows={t: [] for t in ("events", "steps", "decisions", "policies", "costs")})
     for env in envs:
         pos = env.position or 0
-        if event_rows:
-            out.rows["events"].append(event_row(env))
+        out.rows["events"].append(event_row(env))
         if pos >= out.last_position:
             out.last_position = pos
             out.last_recorded_at = env.recorded_at
         rk, ik = run_key(env), incident_key(env)
-        if not event_rows and rk is None and ik is None:
-            continue  # nothing to fold: no need to decode it
         event = safe_decode(env)
         if event is None:
             continue
@@ -126,8 +120,6 @@ def project(
                 iafter = evolve_incident(ibefore, env, event)
                 if iafter is not None and iafter is not ibefore:
                     out.incidents[ik] = iafter
-        if not event_rows:
-            continue
         if isinstance(event, StepRecorded):
             out.rows["steps"].append(step_row(env, event))
         elif isinstance(event, AdmissionDecided):
@@ -138,4 +130,26 @@ def project(
             out.rows["policies"].extend(policy_rows(env, event))
     out.rows["runs"] = [asdict(r) for r in out.runs.values()]
     out.rows["incidents"] = [asdict(i) for i in out.incidents.values()]
+    return out
+
+
+def project_steps(steps: Sequence[StepFacts], runs: Mapping[Key, RunRow]) -> Projection:
+    """The runs that recorded ``steps`` (in position order), folded: :func:`project` for bulk.
+
+    Only runs are produced; the rows of ``mc.steps`` and ``mc.events`` are built by ClickHouse
+    from the events' JSON. Runs with a late step are named in ``refold_runs``.
+    """
+    by_run: dict[Key, list[StepFacts]] = {}
+    for s in steps:
+        by_run.setdefault((s.tenant_id, s.run_id), []).append(s)
+    out = Projection()
+    for key, group in by_run.items():
+        before = runs.get(key)
+        after, late = fold_steps(before, group)
+        if after is not None and after is not before:
+            out.runs[key] = after
+        if late:
+            out.refold_runs.add(key)
+    out.rows["runs"] = [asdict(r) for r in out.runs.values()]
+    out.rows["incidents"] = []
     return out
