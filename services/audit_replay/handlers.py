@@ -313,13 +313,6 @@ class Projector:
                 if rows:
                     await self.ch.insert(f"{schema.DATABASE}.{table}", list(rows[0]), rows)
             await self._write_entities(taken.runs, taken.incidents, generation)
-            if taken.position > state.flushed_position:
-                await self.ch.insert(
-                    f"{schema.DATABASE}.projection_state",
-                    ("name", "position", "recorded_at"),
-                    [{"name": state.lane.durable, "position": taken.position,
-                      "recorded_at": taken.recorded_at}],
-                )  # fmt: skip
         except BaseException as exc:
             self._reset(exc)
             _settle(taken.waiter, exc)
@@ -434,15 +427,22 @@ class Projector:
     # --- positions -------------------------------------------------------------------------------
 
     async def _load_positions(self) -> None:
-        rows = await self.ch.query(
-            f"SELECT name, position, recorded_at FROM {schema.DATABASE}.projection_state FINAL"
-        )
-        by_name = {r["name"]: r for r in rows}
+        """Each lane's position: the newest of its events in the raw log.
+
+        Every flush writes the raw log first, so this is where the lane got to, and no flush
+        pays for an extra insert to record it (with chDB every insert costs milliseconds of CPU
+        whatever its size).
+        """
         for state in self._lanes.values():
-            row = by_name.get(state.lane.durable)
-            if row is not None:
-                state.flushed_position = state.position = int(row["position"])
-                state.flushed_recorded_at = state.recorded_at = parse_ts(row["recorded_at"])
+            rows = await self.ch.query(
+                "SELECT max(position) AS last, argMax(recorded_at, position) AS last_recorded_at "
+                f"FROM {schema.DATABASE}.events WHERE event_type IN {{types:Array(String)}}",
+                {"types": sorted(state.lane.event_types)},
+            )
+            if rows and int(rows[0]["last"]):
+                state.flushed_position = state.position = int(rows[0]["last"])
+                state.flushed_recorded_at = parse_ts(rows[0]["last_recorded_at"])
+                state.recorded_at = state.flushed_recorded_at
 
     async def refresh_position(self) -> int:
         """Work out :attr:`projected_position` from the lanes' positions and the store.
@@ -523,12 +523,6 @@ class Projector:
                             seconds=round(time.monotonic() - started, 2),
                         )
                         next_log += progress_every
-                await self.ch.insert(
-                    f"{schema.DATABASE}.projection_state",
-                    ("name", "position", "recorded_at"),
-                    [{"name": s.lane.durable, "position": last, "recorded_at": last_at}
-                     for s in self._lanes.values()],
-                )  # fmt: skip
                 for s in self._lanes.values():
                     s.flushed_position = s.position = last
                     s.flushed_recorded_at = s.recorded_at = last_at

@@ -6,9 +6,9 @@ make it wait until the burst ahead of it is projected, so the projector reads th
 durable JetStream consumers, each with its own buffer and flush:
 
 * **bulk**: ``run.step_recorded`` and ``cost.recorded``, the high-volume events. Large fetches,
-  large inserts, flushed every 200 ms or 20,000 rows.
+  large inserts, flushed every second or 20,000 rows.
 * **control**: every other event type (runs starting and ending, stops, violations, decisions,
-  incidents, policies, prices, tenants). Small fetches, flushed every 20 ms.
+  incidents, policies, prices, tenants). Small fetches, flushed every 50 ms.
 
 Every event type this build knows is in exactly one lane (a unit test keeps it so); a new event
 type joins the control lane unless it is added to :data:`BULK_EVENTS`, and JetStream brings the
@@ -63,7 +63,7 @@ CONTROL = Lane(
     fetch_batch=200,
     max_ack_pending=5_000,
     flush_rows=2_000,
-    flush_interval=0.02,
+    flush_interval=0.05,
 )
 BULK = Lane(
     name="bulk",
@@ -72,7 +72,9 @@ BULK = Lane(
     fetch_batch=1_000,
     max_ack_pending=40_000,
     flush_rows=20_000,
-    flush_interval=0.2,
+    # ClickHouse's advice is about one insert per second per table; with chDB every insert
+    # costs tens of milliseconds of CPU whatever its size, so small frequent ones add up.
+    flush_interval=1.0,
 )
 LANES: tuple[Lane, ...] = (CONTROL, BULK)
 LEGACY_DURABLE = "audit-projector"

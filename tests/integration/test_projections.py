@@ -87,8 +87,8 @@ async def audit(own_system: System, tmp_path: Path) -> AsyncIterator[Audit]:
     ch = Clickhouse(embedded_dsn(tmp_path / "clickhouse"))
     ctx = ServiceContext.wire("audit-replay", Settings(), nc, pool)
     a = Audit(nc, js, pool, store, ch, ctx, AuditReplayService(ch), RpcClient(nc))
-    await a.start_service()
     try:
+        await a.start_service()
         yield a
     finally:
         await a.service.stop()
