@@ -155,6 +155,7 @@ class BusWatch:
 
     def __init__(self, nats_url: str) -> None:
         self.seen: dict[str, float] = {}
+        self._nc: Any = None
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._run, args=(nats_url,), daemon=True).start()
@@ -167,13 +168,18 @@ class BusWatch:
             self.seen[json.loads(msg.data)["payload"]["run_id"]] = time.time()
 
         async def start() -> None:
-            nc = await nats.connect(nats_url)
-            await nc.subscribe(f"{EVENTS_PREFIX}.*.incident.opened", cb=on_msg)
-            await nc.flush()
+            self._nc = await nats.connect(nats_url)
+            await self._nc.subscribe(f"{EVENTS_PREFIX}.*.incident.opened", cb=on_msg)
+            await self._nc.flush()
             self._ready.set()
 
         self._loop.run_until_complete(start())
         self._loop.run_forever()
+
+    def close(self) -> None:
+        """Disconnect (before the servers stop, so the client does not try to reconnect)."""
+        asyncio.run_coroutine_threadsafe(self._nc.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
 def stops(c: httpx.Client, admin_url: str, bus: BusWatch, n: int) -> list[tuple[float, ...]]:
@@ -252,6 +258,7 @@ def main() -> None:
             quiet = stops(c, admin_url, bus, args.stops)
             post_burst(c, args.steps, "burst")
             busy = stops(c, admin_url, bus, args.stops)
+            bus.close()
             print(
                 f"stop latency (deny answered -> incident visible in a query), {args.stops} stops"
             )
