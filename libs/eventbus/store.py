@@ -177,6 +177,69 @@ class EventStore:
             row = await cur.fetchone()
             return int(row["p"]) if row else 0
 
+    async def position_of(self, stream_id: str, version: int) -> int | None:
+        """The store position of one stream's event at ``version`` (``None`` if there is none)."""
+        async with transaction(self.pool) as c:
+            cur = await c.execute(
+                "SELECT position FROM eventstore.events WHERE stream_id = %s "
+                "AND stream_version = %s",
+                (stream_id, version),
+            )
+            row = await cur.fetchone()
+            return int(row["position"]) if row else None
+
+    async def read_history(
+        self,
+        tenant_id: str,
+        stream_ids: Sequence[str],
+        *,
+        linked_by: tuple[str, str, str] | None = None,
+        up_to_position: int | None = None,
+    ) -> list[EventEnvelope]:
+        """One tenant's events of ``stream_ids`` and of the streams linked to them, in store order.
+
+        ``linked_by = (event_type, payload_key, value)`` adds every stream of the tenant holding
+        an event of that type whose payload has ``payload_key`` equal to ``value`` (the incidents
+        of a run, say, found by the run id their ``incident.opened`` carries). Only events at or
+        below ``up_to_position`` when given.
+        """
+        limit = up_to_position if up_to_position is not None else 2**62
+        if linked_by is None:
+            q = (
+                f"SELECT {_COLUMNS} FROM eventstore.events WHERE tenant_id = %s "
+                "AND position <= %s AND stream_id = ANY(%s) ORDER BY position"
+            )
+            args: tuple[Any, ...] = (tenant_id, limit, list(stream_ids))
+        else:
+            event_type, key, value = linked_by
+            q = (
+                f"SELECT {_COLUMNS} FROM eventstore.events WHERE tenant_id = %s "
+                "AND position <= %s AND (stream_id = ANY(%s) OR stream_id IN ("
+                "  SELECT stream_id FROM eventstore.events WHERE tenant_id = %s"
+                "  AND event_type = %s AND payload->>%s = %s)) ORDER BY position"
+            )
+            args = (tenant_id, limit, list(stream_ids), tenant_id, event_type, key, value)
+        async with transaction(self.pool) as c:
+            cur = await c.execute(q, args)
+            return [row_to_envelope(r) for r in await cur.fetchall()]
+
+    async def first_position_after(
+        self, after_position: int, event_types: Sequence[str]
+    ) -> int | None:
+        """The lowest position above ``after_position`` holding one of ``event_types``, if any.
+
+        Lets a reader that follows the log in several lanes (one per group of event types) tell
+        how far the whole log is read: up to just before the first event a lane has yet to see.
+        """
+        async with transaction(self.pool) as c:
+            cur = await c.execute(
+                "SELECT min(position) AS p FROM eventstore.events WHERE position > %s "
+                "AND event_type = ANY(%s)",
+                (after_position, list(event_types)),
+            )
+            row = await cur.fetchone()
+            return int(row["p"]) if row and row["p"] is not None else None
+
 
 async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
     if not any(a.events for a in appends):

@@ -14,6 +14,7 @@ from libs.runtime.service_host import ServiceContext, run_service
 from services.audit_replay.clickhouse import Clickhouse, open_clickhouse
 from services.audit_replay.entrypoints import AuditQueries, rpc_server
 from services.audit_replay.handlers import LagMonitor, ProjectionConsumer, Projector
+from services.audit_replay.lanes import LANES
 
 log = structlog.get_logger("audit")
 
@@ -21,8 +22,8 @@ log = structlog.get_logger("audit")
 class AuditReplayService:
     """Projects every event into ClickHouse and answers audit queries over NATS.
 
-    Ready once the ClickHouse schema exists, the projector consumer is running and the RPC
-    routes are subscribed.
+    Ready once the ClickHouse schema exists, the consumers of both lanes (control and bulk) are
+    running and the RPC routes are subscribed.
     """
 
     name: str = "audit-replay"
@@ -31,11 +32,12 @@ class AuditReplayService:
         self._given_ch = ch
         self.ch: Clickhouse | None = None
         self.projector: Projector | None = None
-        self.consumer: ProjectionConsumer | None = None
+        self.consumers: list[ProjectionConsumer] = []
         self.lag: LagMonitor | None = None
         self.queries: AuditQueries | None = None
         self.rpc: RpcServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._consumer_tasks: list[asyncio.Task[Any]] = []
         self._schema_ready = False
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -45,32 +47,32 @@ class AuditReplayService:
         await self.projector.start()
         self._schema_ready = True
         self.lag = LagMonitor(self.projector, ctx.store, ctx.registry)
-        self.consumer = ProjectionConsumer(ctx.js, self.projector)
-        self.queries = AuditQueries(self.ch, self.projector, ctx.store, ctx.pool, self.lag)
+        self.consumers = [ProjectionConsumer(ctx.js, self.projector, lane) for lane in LANES]
+        self.queries = AuditQueries(self.ch, self.projector, ctx.store, self.lag)
         self.rpc = rpc_server(ctx.nc, self.queries)
         await self.rpc.start()
-        self._tasks = [
-            asyncio.create_task(self.consumer.run(), name="audit-projector"),
-            asyncio.create_task(self.lag.run(), name="audit-lag"),
+        self._consumer_tasks = [
+            asyncio.create_task(c.run(), name=f"audit-{c.lane.name}") for c in self.consumers
         ]
+        self._tasks = [*self._consumer_tasks, asyncio.create_task(self.lag.run(), name="audit-lag")]
         ctx.tasks.extend(self._tasks)
 
     async def stop(self) -> None:
         """Stop consuming, write and ack what is buffered, then close ClickHouse."""
         if self.rpc is not None:
             await self.rpc.stop()
-        if self.consumer is not None:
-            self.consumer.stop()
-        consumer_task = self._tasks[0] if self._tasks else None
-        if consumer_task is not None:
+        for c in self.consumers:
+            c.stop()
+        for task in self._consumer_tasks:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(consumer_task, 5.0)
+                await asyncio.wait_for(task, 5.0)
         if self.projector is not None:
             await self.projector.close()
-        if self.consumer is not None:
-            await self.consumer.drain()
-        for t in self._tasks[1:]:
-            t.cancel()
+        for c in self.consumers:
+            await c.drain()
+        for t in self._tasks:
+            if t not in self._consumer_tasks:
+                t.cancel()
         if self.ch is not None and self._given_ch is None:
             await self.ch.close()
 
@@ -79,8 +81,10 @@ class AuditReplayService:
         return None
 
     def ready(self) -> bool:
-        """Schema created and the projector consuming."""
-        return bool(self._schema_ready and self.consumer is not None and self.consumer.running)
+        """Schema created and both lanes consuming."""
+        return bool(
+            self._schema_ready and self.consumers and all(c.running for c in self.consumers)
+        )
 
 
 def main() -> None:

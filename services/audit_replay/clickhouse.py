@@ -1,9 +1,15 @@
-"""One ClickHouse interface, two drivers: chDB in process (default) and a server over HTTP.
+"""The one ClickHouse client of the audit service: clickhouse-connect, embedded or server.
 
-Both run exactly the same SQL. Parameters use ClickHouse's server-side ``{name:Type}``
-placeholders, so values are never spliced into SQL text. Results come back as plain dicts whose
-values are JSON-ready and identical for both drivers: integers as ``int``, ``DateTime64`` as
-``"YYYY-MM-DD HH:MM:SS.ffffff"`` (UTC), decimals as strings, ``NULL`` as ``None``.
+``CLICKHOUSE_URL`` names a server (``http://user:pass@host:8123/``); without it the projections
+live in chDB inside this process, reached through the same client with a ``chdb:///<path>`` DSN
+(chDB ships a clickhouse-connect backend). One code path runs exactly the same SQL on both.
+
+Parameters use ClickHouse's server-side ``{name:Type}`` placeholders, so values are never spliced
+into SQL text. Results come back as plain dicts whose values are JSON-ready: integers as ``int``,
+``DateTime64`` as ``"YYYY-MM-DD HH:MM:SS.ffffff"`` (UTC), decimals as strings, ``NULL`` as
+``None``. Rows are inserted as ``JSONEachRow`` text that ClickHouse parses: serialising with orjson
+and letting the server parse is about ten times faster than clickhouse-connect's Python encoding
+of the native format.
 
 Driver exceptions never leave this module: connection problems become
 :class:`~libs.errors.TransientError`, everything else :class:`~libs.errors.MissionControlError`.
@@ -18,70 +24,36 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
+import clickhouse_connect
 import orjson
 
 from libs.errors import MissionControlError, TransientError
 from libs.settings import Settings
+from services.audit_replay.domain.rows import json_default
 
 T = TypeVar("T")
 
-# Decimals as strings (a float would lose cents on large sums); times written in any ISO form.
-_CHDB_SETTINGS = (
-    "SET output_format_json_quote_decimals = 1",
-    "SET date_time_input_format = 'best_effort'",
-)
+# Times are written in ISO 8601 (orjson's form), which the default parser does not read.
+CLIENT_SETTINGS: dict[str, Any] = {"date_time_input_format": "best_effort"}
 
 
-class Clickhouse(Protocol):
-    """What the audit service needs from ClickHouse."""
-
-    async def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        """Run a statement that returns nothing (DDL, ``INSERT ... SELECT``)."""
-
-    async def query(
-        self, sql: str, params: Mapping[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        """Run a ``SELECT`` and return its rows as dicts."""
-
-    async def insert(
-        self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Insert ``rows`` (dicts keyed by column) into ``table`` as one batch."""
-
-    async def close(self) -> None:
-        """Release the connection or session."""
+def embedded_dsn(path: Path | str) -> str:
+    """The clickhouse-connect DSN of chDB with its data under ``path``."""
+    return f"chdb://{Path(path).resolve()}"
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        # Plain notation: ClickHouse does not read "1E-10" into a Decimal column.
-        return format(value, "f")
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
-def _chdb_literal(value: Any) -> str:
-    """A parameter value in the text form ClickHouse parses for ``{name:Type}``."""
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_quote(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
-
-
-def _quote(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "(" + ",".join(_quote(v) for v in value) + ")"
-    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        return str(value)
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
+def json_each_row(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """``rows`` as ``JSONEachRow`` text holding exactly ``columns``."""
+    return b"\n".join(
+        orjson.dumps({c: r.get(c) for c in columns}, default=json_default) for r in rows
+    )
 
 
 def _plain(value: Any) -> Any:
-    """A server-driver value in the same JSON-ready form chDB's JSON output has."""
+    """A driver value in JSON-ready form (see the module docstring)."""
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(UTC)
@@ -108,112 +80,33 @@ def _translate(exc: BaseException, what: str) -> MissionControlError:
     return MissionControlError(f"clickhouse {what} failed: {text}")
 
 
-class ChdbClickhouse:
-    """ClickHouse embedded in this process (chDB), with its data under ``path``.
+class Clickhouse:
+    """ClickHouse through clickhouse-connect, for chDB (``chdb:///path``) and servers alike.
 
-    chDB calls block and a session is not safe for concurrent use, so every call runs on one
-    dedicated worker thread: the event loop stays free and calls are serialised.
+    The client is synchronous (its async client needs aiohttp, which this project does not
+    depend on), so calls run on worker threads and the event loop stays free. chDB is one engine
+    per process that runs one statement at a time, so it gets one thread; a server gets a few,
+    with sessions off so concurrent calls do not collide.
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chdb")
-        self._session: Any = None
-
-    def _open(self) -> Any:
-        if self._session is None:
-            from chdb import session
-
-            self.path.mkdir(parents=True, exist_ok=True)
-            s = session.Session(str(self.path))  # type: ignore[no-untyped-call]
-            for stmt in _CHDB_SETTINGS:
-                s.query(stmt)  # type: ignore[no-untyped-call]
-            self._session = s
-        return self._session
-
-    async def _run(self, what: str, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn)
-        except Exception as exc:
-            raise _translate(exc, what) from exc
-
-    async def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        """Run a statement that returns nothing."""
-        p = {k: _chdb_literal(v) for k, v in (params or {}).items()}
-
-        def call() -> None:
-            s = self._open()
-            if p:
-                s.query(sql, "CSV", params=p)
-            else:
-                s.query(sql)
-
-        await self._run("command", call)
-
-    async def query(
-        self, sql: str, params: Mapping[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        """Run a ``SELECT``; rows as dicts."""
-        p = {k: _chdb_literal(v) for k, v in (params or {}).items()}
-
-        def call() -> list[dict[str, Any]]:
-            res = self._open().query(sql, "JSONEachRow", params=p)
-            data = res.bytes()
-            return [orjson.loads(line) for line in data.splitlines() if line]
-
-        return await self._run("query", call)
-
-    async def insert(
-        self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """One ``INSERT ... FORMAT JSONEachRow`` for all ``rows`` (batched: ~300x single rows)."""
-        if not rows:
-            return
-        cols = list(columns)
-        body = b"\n".join(
-            orjson.dumps({c: r.get(c) for c in cols}, default=_json_default) for r in rows
-        )
-        sql = f"INSERT INTO {table} ({', '.join(cols)}) FORMAT JSONEachRow\n" + body.decode()
-
-        def call() -> None:
-            self._open().query(sql)
-
-        await self._run(f"insert into {table}", call)
-
-    async def close(self) -> None:
-        """Close the session and stop the worker thread."""
-
-        def call() -> None:
-            if self._session is not None:
-                with contextlib.suppress(Exception):
-                    self._session.close()
-                self._session = None
-
-        with contextlib.suppress(Exception):
-            await asyncio.get_running_loop().run_in_executor(self._executor, call)
-        self._executor.shutdown(wait=False)
-
-
-class ServerClickhouse:
-    """A ClickHouse server reached with clickhouse-connect (``CLICKHOUSE_URL``).
-
-    The synchronous client runs on a small thread pool (its async client needs aiohttp, which
-    this project does not depend on); sessions are off so concurrent calls do not collide.
-    """
-
-    def __init__(self, url: str, *, threads: int = 4) -> None:
-        self.url = url
+    def __init__(self, dsn: str, *, threads: int | None = None) -> None:
+        self.dsn = dsn
+        self.embedded = dsn.startswith("chdb:")
         self._client: Any = None
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="clickhouse")
+        workers = threads or (1 if self.embedded else 4)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clickhouse")
 
     def _get(self) -> Any:
         if self._client is None:
-            import clickhouse_connect
-
-            self._client = clickhouse_connect.get_client(
-                dsn=self.url, autogenerate_session_id=False
-            )
+            if self.embedded:
+                Path(self.dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+                self._client = clickhouse_connect.get_client(
+                    dsn=self.dsn, settings=dict(CLIENT_SETTINGS)
+                )
+            else:
+                self._client = clickhouse_connect.get_client(
+                    dsn=self.dsn, settings=dict(CLIENT_SETTINGS), autogenerate_session_id=False
+                )
         return self._client
 
     async def _run(self, what: str, fn: Callable[[], T]) -> T:
@@ -224,14 +117,14 @@ class ServerClickhouse:
             raise _translate(exc, what) from exc
 
     async def command(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
-        """Run a statement that returns nothing."""
+        """Run a statement that returns nothing (DDL, ``INSERT ... SELECT``)."""
         p = dict(params or {})
         await self._run("command", lambda: self._get().command(sql, parameters=p))
 
     async def query(
         self, sql: str, params: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Run a ``SELECT``; rows as dicts in the same form as chDB's."""
+        """Run a ``SELECT``; its rows as dicts of JSON-ready values."""
         p = dict(params or {})
 
         def call() -> list[dict[str, Any]]:
@@ -243,26 +136,46 @@ class ServerClickhouse:
     async def insert(
         self, table: str, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]
     ) -> None:
-        """One batched insert of ``rows``."""
-        if not rows:
+        """Insert ``rows`` (dicts keyed by column) into ``table`` as one batch."""
+        if rows:
+            await self.insert_json(table, columns, json_each_row(columns, rows))
+
+    async def insert_json(
+        self,
+        table: str,
+        columns: Sequence[str] | None,
+        body: bytes,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        """One ``INSERT ... FORMAT JSONEachRow`` of ``body`` (all columns when ``None``)."""
+        if not body:
             return
-        cols = list(columns)
-        data = [[r.get(c) for c in cols] for r in rows]
-        await self._run(
-            f"insert into {table}", lambda: self._get().insert(table, data, column_names=cols)
-        )
+        cols = None if columns is None else list(columns)
+        extra = dict(settings or {})
+
+        def call() -> None:
+            self._get().raw_insert(
+                table, cols, insert_block=body, fmt="JSONEachRow", settings=extra or None
+            )
+
+        await self._run(f"insert into {table}", call)
 
     async def close(self) -> None:
         """Close the client and stop the worker threads."""
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                client.close()
+
+        def call() -> None:
+            client, self._client = self._client, None
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(self._executor, call)
         self._executor.shutdown(wait=False)
 
 
 def open_clickhouse(settings: Settings) -> Clickhouse:
-    """The server driver when ``CLICKHOUSE_URL`` is set, else chDB in ``<data_dir>/clickhouse``."""
+    """The server at ``CLICKHOUSE_URL`` when set, else chDB in ``<data_dir>/clickhouse``."""
     if settings.clickhouse_url:
-        return ServerClickhouse(settings.clickhouse_url.get_secret_value())
-    return ChdbClickhouse(Path(settings.data_dir) / "clickhouse")
+        return Clickhouse(settings.clickhouse_url.get_secret_value())
+    return Clickhouse(embedded_dsn(Path(settings.data_dir) / "clickhouse"))

@@ -39,7 +39,6 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
-from psycopg_pool import AsyncConnectionPool
 
 from libs.errors import (
     InvalidInput,
@@ -138,13 +137,11 @@ class AuditQueries:
         ch: Clickhouse,
         projector: Projector,
         store: EventStore,
-        pool: AsyncConnectionPool,
         lag: LagMonitor,
     ) -> None:
         self.ch = ch
         self.projector = projector
         self.store = store
-        self.pool = pool
         self.lag_monitor = lag
 
     def routes(self) -> dict[str, Callable[[Params], Awaitable[Any]]]:
@@ -452,7 +449,7 @@ class AuditQueries:
         at_position = _int(p, "at_position", default=None, low=1)
         at_version = _int(p, "at_version", default=None, low=1)
         history = await read_run_history(
-            self.pool, tenant, run_id, at_position=at_position, at_version=at_version
+            self.store, tenant, run_id, at_position=at_position, at_version=at_version
         )
         if not history:
             raise NotFound(f"run {run_id} has no events at that point")

@@ -27,11 +27,13 @@ from libs.contracts.events import (
 from services.audit_replay.domain import (
     ReplayState,
     RunRow,
+    StepFacts,
     evolve_incident,
     evolve_replay,
     evolve_run,
     inflection_point,
     project,
+    project_steps,
     refold_incident,
     refold_run,
     replay_answer,
@@ -505,3 +507,48 @@ def test_a_late_run_state_refusal_does_not_rewrite_a_finished_runs_trace() -> No
     steps = trace_steps(p.rows["steps"], decisions, p.rows["costs"], None)
     assert steps[0]["decision"]["outcome"] == "allow"
     assert not any(s["inflection"] for s in steps)
+
+
+def _facts(env: EventEnvelope) -> StepFacts:
+    p = env.payload
+    return StepFacts(
+        env.tenant_id, p["run_id"], p["agent_id"], p["step_index"], env.position or 0,
+        env.stream_id, env.stream_version,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_bulk_step_fold_equals_the_event_by_event_fold(seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    tenant, run = "acme", "r1"
+    events = [_run_started(tenant, run)] + [_step(tenant, run, i) for i in range(1, 9)]
+    envs = stored(events)
+    # Some prefix already folded, then the rest delivered shuffled, with duplicates.
+    cut = rnd.randrange(0, len(envs))
+    state = project(envs[:cut], {}, {}).runs.get((tenant, run)) if cut else None
+    rest = envs[cut:] + rnd.sample(envs, rnd.randrange(0, 4))
+    rnd.shuffle(rest)
+    steps = [e for e in rest if e.event_type == "run.step_recorded"]
+    runs = {(tenant, run): state} if state is not None else {}
+    one_by_one = project(steps, runs, {})
+    bulk = project_steps([_facts(e) for e in steps], runs)
+    assert bulk.runs == one_by_one.runs
+    assert bulk.refold_runs == one_by_one.refold_runs
+
+
+def _run_started(tenant: str, run: str) -> EventEnvelope:
+    return envelope_for(
+        RunStarted(run_id=run, agent_id="agent-1"),
+        tenant_id=tenant, stream_id=stream_id_for(tenant, "run", run), correlation_id="c",
+        actor="a",
+    )  # fmt: skip
+
+
+def _step(tenant: str, run: str, index: int) -> EventEnvelope:
+    return envelope_for(
+        StepRecorded(run_id=run, agent_id="agent-1", step_index=index, input_tokens=1),
+        tenant_id=tenant, stream_id=stream_id_for(tenant, "run", run), correlation_id="c",
+        actor="a",
+    )  # fmt: skip
