@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", alias="MC_LOG_LEVEL")
     policy_bundle_dir: Path | None = Field(default=None, alias="MC_POLICY_BUNDLE")
     admin_token: str | None = Field(default=None, alias="MC_ADMIN_TOKEN")
+    # Load shedding: requests in flight above these bounds are refused at once (overloaded, 429).
+    rpc_max_in_flight: int = Field(default=64, ge=1, alias="MC_RPC_MAX_IN_FLIGHT")
+    gateway_max_in_flight_agent: int = Field(default=64, ge=1, alias="MC_GATEWAY_MAX_AGENT")
+    gateway_max_in_flight_query: int = Field(default=16, ge=1, alias="MC_GATEWAY_MAX_QUERY")
 
 
 @lru_cache(maxsize=1)

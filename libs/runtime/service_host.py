@@ -114,10 +114,16 @@ def new_registry() -> CollectorRegistry:
     return registry
 
 
-def build_app(service: Service, settings: Settings) -> FastAPI:
-    """The FastAPI app of one service process (see the module docstring for its routes)."""
+def build_app(
+    service: Service, settings: Settings, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """The FastAPI app of one service process (see the module docstring for its routes).
+
+    ``registry`` is the one ``/metrics`` serves (a new :func:`new_registry` when not given); a
+    service whose routes record metrics creates it first and registers them in it.
+    """
     # Created here rather than in the lifespan so /metrics works even in tests that skip it.
-    registry = new_registry()
+    registry = registry if registry is not None else new_registry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ with a generic message.
 # the route functions at import time, and some of them name objects local to build_router.
 
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -59,6 +60,14 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
     StepsRecordedResponse,
+)
+from services.gateway.shedding import (
+    RETRY_AFTER_S,
+    SOURCE_GATEWAY,
+    SOURCE_UPSTREAM,
+    GatewayMetrics,
+    InFlightLimiter,
+    route_class_of,
 )
 
 log = structlog.get_logger("gateway")
@@ -118,6 +127,11 @@ def error_response(
     )
 
 
+def overloaded_response(message: str) -> JSONResponse:
+    """429 with ``Retry-After``: over an in-flight bound, the gateway's or a service's."""
+    return error_response(429, errors.Overloaded.code, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
 def validation_message(exc: RequestValidationError) -> str:
     """``invalid request: body.items.0.input_tokens: Input should be ...; ...``."""
     parts: list[str] = []
@@ -140,6 +154,8 @@ def map_exception(exc: BaseException) -> JSONResponse:
         exc = exc.__cause__
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_input", validation_message(exc))
+    if isinstance(exc, errors.Overloaded):
+        return overloaded_response(str(exc))
     if isinstance(exc, errors.MissionControlError) and exc.http_status < 500:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
         return error_response(exc.http_status, exc.code, str(exc), headers)
@@ -189,31 +205,72 @@ def _rpc_headers(correlation_id: str) -> dict[str, str]:
 
 
 class GatewayRoute(APIRoute):
-    """Every ``/v1`` route: body limit, correlation id, trace span, and the error mapping."""
+    """Every ``/v1`` route: load shedding, body limit, correlation id, trace span, the error
+    mapping and the request metrics.
+
+    ``limiter`` and ``metrics`` are set on the subclass :func:`build_router` makes for its app;
+    without them (the bare class) routes are neither bounded nor measured.
+    """
+
+    limiter: InFlightLimiter | None = None
+    metrics: GatewayMetrics | None = None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
-        span_name = f"{next(iter(self.methods or {'GET'}))} {self.path}"
+        method = next(iter(self.methods or {"GET"}))
+        span_name = f"{method} {self.path}"
+        limiter = self.limiter
+        route_class = route_class_of(method, self.path)
+        observed = self.metrics.route(method, self.path) if self.metrics is not None else None
 
         async def route(request: Request) -> Response:
+            started = time.perf_counter()
             correlation_id = _correlation_id(request)
             response: Response
-            try:
-                length = request.headers.get("content-length", "")
-                if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                    raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-                with _tracer.start_as_current_span(
-                    span_name, context=extract_context(request.headers), kind=SpanKind.SERVER
-                ):
-                    limited = _LimitedRequest(request.scope, request.receive)
-                    limited.state.rpc_headers = _rpc_headers(correlation_id)
-                    response = await handle(limited)
-            except Exception as exc:
-                response = map_exception(exc)
+            shed: str | None = None
+            if limiter is not None and not limiter.try_enter(route_class):
+                # Refused before authentication and before the body is read: shedding must
+                # cost next to nothing, or the overload it answers makes it slow too.
+                shed = SOURCE_GATEWAY
+                response = overloaded_response(
+                    f"the gateway is at its limit of {limiter.limits[route_class]} {route_class} "
+                    f"requests in flight; retry after {RETRY_AFTER_S}s"
+                )
+            else:
+                try:
+                    response = await _handle(request, handle, span_name, correlation_id)
+                finally:
+                    if limiter is not None:
+                        limiter.leave(route_class)
+                if response.status_code == 429:
+                    shed = SOURCE_UPSTREAM
             response.headers[CORRELATION_HEADER] = correlation_id
+            if observed is not None:
+                observed.observe(response.status_code, time.perf_counter() - started, shed=shed)
             return response
 
         return route
+
+
+async def _handle(
+    request: Request,
+    handle: Callable[[Request], Coroutine[Any, Any, Response]],
+    span_name: str,
+    correlation_id: str,
+) -> Response:
+    """Run the route's own handler under the body limit and a trace span; map what it raises."""
+    try:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        with _tracer.start_as_current_span(
+            span_name, context=extract_context(request.headers), kind=SpanKind.SERVER
+        ):
+            limited = _LimitedRequest(request.scope, request.receive)
+            limited.state.rpc_headers = _rpc_headers(correlation_id)
+            return await handle(limited)
+    except Exception as exc:
+        return map_exception(exc)
 
 
 @dataclass(frozen=True)
@@ -276,6 +333,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
     413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
     422: {"model": ErrorResponse, "description": "Invalid request; the message names the fields."},
+    429: {
+        "model": ErrorResponse,
+        "description": "Over the gateway's or a service's bound of requests in flight; refused "
+        "at once, not queued. Retry after the `Retry-After` header's seconds.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     503: {"model": ErrorResponse, "description": "A service behind the gateway is unavailable."},
     504: {"model": ErrorResponse, "description": "A service did not answer in time."},
 }
@@ -285,8 +353,24 @@ def _json_body(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"result": value}
 
 
-def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) -> APIRouter:
-    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request."""
+def build_router(
+    rpc: Callable[[], RpcClient],
+    keys: Callable[[], KeyVerifier],
+    limiter: InFlightLimiter | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> APIRouter:
+    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request.
+
+    ``limiter`` bounds the requests in flight per route class and ``metrics`` measures them (see
+    :mod:`services.gateway.shedding`); both belong to one app, so they ride on a route class
+    made for it.
+    """
+
+    class _Route(GatewayRoute):
+        pass
+
+    _Route.limiter = limiter
+    _Route.metrics = metrics
 
     async def caller(
         request: Request,
@@ -302,7 +386,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return Caller(principal, rpc(), request.state.rpc_headers)
 
     Call = Annotated[Caller, Depends(caller)]
-    router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
+    router = APIRouter(prefix="/v1", route_class=_Route, responses=_ERRORS)
 
     # -- runs and steps ----------------------------------------------------------------------------
 
