@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,17 +64,30 @@ class Held:
 # --- the RPC server's own bound -------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def held_server(
+    system: System, service: str, max_in_flight: int | None = None
+) -> AsyncIterator[tuple[Any, RpcServer, Held]]:
+    """A NATS connection and a started RPC server of ``service`` whose ``work`` route is held."""
+    nc = await connect(system.nats_url, f"test-{service}")
+    held = Held()
+    server = RpcServer(nc, service, max_in_flight=max_in_flight)
+    server.route("work", held)
+    await server.start()
+    try:
+        yield nc, server, held
+    finally:
+        held.release.set()
+        await server.stop()
+        await nc.close()
+
+
 async def test_an_rpc_server_refuses_above_its_bound_at_once(
     system: System, unique: Unique
 ) -> None:
-    nc = await connect(system.nats_url, "test-shed-rpc")
     service = unique("shed")
-    held = Held()
-    server = RpcServer(nc, service, max_in_flight=2)
-    server.route("work", held)
-    await server.start()
-    client = RpcClient(nc, default_timeout=30)
-    try:
+    async with held_server(system, service, max_in_flight=2) as (nc, server, held):
+        client = RpcClient(nc, default_timeout=30)
         first = [asyncio.create_task(client.call(service, "work", {"n": i})) for i in range(2)]
         await wait_until(lambda: server.in_flight == 2, what="two requests in flight")
         # The two in flight are still held: these answers cannot have waited for them.
@@ -88,23 +102,14 @@ async def test_an_rpc_server_refuses_above_its_bound_at_once(
         # Below the bound again, requests are served.
         assert (await client.call(service, "work", {"n": 99}))["status"] == "running"
         assert held.entered == 3
-    finally:
-        held.release.set()
-        await server.stop()
-        await nc.close()
 
 
 async def test_a_request_past_its_deadline_is_answered_without_being_worked_on(
     system: System, unique: Unique
 ) -> None:
-    nc = await connect(system.nats_url, "test-shed-deadline")
     service = unique("late")
-    held = Held()
-    held.release.set()
-    server = RpcServer(nc, service)
-    server.route("work", held)
-    await server.start()
-    try:
+    async with held_server(system, service) as (nc, server, held):
+        held.release.set()
         past = str(int(time.time() * 1000) - 1000)
         msg = await nc.request(
             rpc_subject(service, "work"), b"{}", timeout=10, headers={"Mc-Deadline": past}
@@ -114,9 +119,6 @@ async def test_a_request_past_its_deadline_is_answered_without_being_worked_on(
         assert reply["error"]["code"] == "deadline_exceeded"
         assert held.entered == 0
         assert server.expired == 1
-    finally:
-        await server.stop()
-        await nc.close()
 
 
 # --- the gateway ----------------------------------------------------------------------------------
