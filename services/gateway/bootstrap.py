@@ -14,6 +14,7 @@ from libs.runtime.service_host import ServiceContext, build_app, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.entrypoints import build_router, map_exception
 from services.gateway.keys import KeyVerifier
+from services.gateway.middleware import LoadShedding
 from services.gateway.shedding import AGENT, QUERY, GatewayMetrics, InFlightLimiter
 
 API_TITLE = "Mission Control API"
@@ -37,6 +38,7 @@ class GatewayService:
         self.ctx: ServiceContext | None = None
         self._rpc: RpcClient | None = None
         self._keys: KeyVerifier | None = None
+        self._router: APIRouter | None = None
         self.limiter = InFlightLimiter(
             {
                 AGENT: settings.gateway_max_in_flight_agent,
@@ -57,8 +59,10 @@ class GatewayService:
         self._keys = None
 
     def router(self) -> APIRouter:
-        """The ``/v1`` API."""
-        return build_router(self.rpc_client, self.key_verifier, self.limiter, self.metrics)
+        """The ``/v1`` API (built once)."""
+        if self._router is None:
+            self._router = build_router(self.rpc_client, self.key_verifier)
+        return self._router
 
     def ready(self) -> bool:
         """Ready once started."""
@@ -85,7 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     registry = new_registry()
-    app = build_app(GatewayService(settings, registry), settings, registry)
+    service = GatewayService(settings, registry)
+    app = build_app(service, settings, registry)
+    app.add_middleware(
+        LoadShedding,
+        limiter=service.limiter,
+        metrics=service.metrics,
+        routes=lambda: service.router().routes,
+    )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths (404), wrong methods (405) and the like never reach a /v1 route's own

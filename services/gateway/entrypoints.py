@@ -15,7 +15,6 @@ with a generic message.
 # the route functions at import time, and some of them name objects local to build_router.
 
 import secrets
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -61,14 +60,7 @@ from services.gateway.schemas import (
     StepFields,
     StepsRecordedResponse,
 )
-from services.gateway.shedding import (
-    RETRY_AFTER_S,
-    SOURCE_GATEWAY,
-    SOURCE_UPSTREAM,
-    GatewayMetrics,
-    InFlightLimiter,
-    route_class_of,
-)
+from services.gateway.shedding import RETRY_AFTER_S
 
 log = structlog.get_logger("gateway")
 _tracer = trace.get_tracer("mission-control.gateway")
@@ -189,7 +181,11 @@ class _LimitedRequest(Request):
 
 
 def _correlation_id(request: Request) -> str:
-    given = request.headers.get(CORRELATION_HEADER, "")
+    return correlation_id_from(request.headers.get(CORRELATION_HEADER, ""))
+
+
+def correlation_id_from(given: str) -> str:
+    """The caller's correlation id when it is a sane one, else a new one."""
     if 0 < len(given) <= _CORRELATION_MAX and set(given) <= _CORRELATION_ALPHABET:
         return given
     return str(new_uuid7())
@@ -205,48 +201,20 @@ def _rpc_headers(correlation_id: str) -> dict[str, str]:
 
 
 class GatewayRoute(APIRoute):
-    """Every ``/v1`` route: load shedding, body limit, correlation id, trace span, the error
-    mapping and the request metrics.
+    """Every ``/v1`` route: body limit, correlation id, trace span, and the error mapping.
 
-    ``limiter`` and ``metrics`` are set on the subclass :func:`build_router` makes for its app;
-    without them (the bare class) routes are neither bounded nor measured.
+    Load shedding and request metrics sit in front of the routes, in
+    :class:`services.gateway.middleware.LoadShedding`, so a refused request costs no routing.
     """
-
-    limiter: InFlightLimiter | None = None
-    metrics: GatewayMetrics | None = None
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
-        method = next(iter(self.methods or {"GET"}))
-        span_name = f"{method} {self.path}"
-        limiter = self.limiter
-        route_class = route_class_of(method, self.path)
-        observed = self.metrics.route(method, self.path) if self.metrics is not None else None
+        span_name = f"{next(iter(self.methods or {'GET'}))} {self.path}"
 
         async def route(request: Request) -> Response:
-            started = time.perf_counter()
             correlation_id = _correlation_id(request)
-            response: Response
-            shed: str | None = None
-            if limiter is not None and not limiter.try_enter(route_class):
-                # Refused before authentication and before the body is read: shedding must
-                # cost next to nothing, or the overload it answers makes it slow too.
-                shed = SOURCE_GATEWAY
-                response = overloaded_response(
-                    f"the gateway is at its limit of {limiter.limits[route_class]} {route_class} "
-                    f"requests in flight; retry after {RETRY_AFTER_S}s"
-                )
-            else:
-                try:
-                    response = await _handle(request, handle, span_name, correlation_id)
-                finally:
-                    if limiter is not None:
-                        limiter.leave(route_class)
-                if response.status_code == 429:
-                    shed = SOURCE_UPSTREAM
+            response = await _handle(request, handle, span_name, correlation_id)
             response.headers[CORRELATION_HEADER] = correlation_id
-            if observed is not None:
-                observed.observe(response.status_code, time.perf_counter() - started, shed=shed)
             return response
 
         return route
@@ -269,8 +237,12 @@ async def _handle(
             # the caller's trace headers); a second one would only double the cost.
             limited.state.rpc_headers = _rpc_headers(correlation_id)
             return await handle(limited)
+        # Errors the API answers (4xx) are outcomes, not faults: no stack trace in the span.
         with _tracer.start_as_current_span(
-            span_name, context=extract_context(request.headers), kind=SpanKind.SERVER
+            span_name,
+            context=extract_context(request.headers),
+            kind=SpanKind.SERVER,
+            record_exception=False,
         ):
             limited.state.rpc_headers = _rpc_headers(correlation_id)
             return await handle(limited)
@@ -374,24 +346,8 @@ def _json_body(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"result": value}
 
 
-def build_router(
-    rpc: Callable[[], RpcClient],
-    keys: Callable[[], KeyVerifier],
-    limiter: InFlightLimiter | None = None,
-    metrics: GatewayMetrics | None = None,
-) -> APIRouter:
-    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request.
-
-    ``limiter`` bounds the requests in flight per route class and ``metrics`` measures them (see
-    :mod:`services.gateway.shedding`); both belong to one app, so they ride on a route class
-    made for it.
-    """
-
-    class _Route(GatewayRoute):
-        pass
-
-    _Route.limiter = limiter
-    _Route.metrics = metrics
+def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) -> APIRouter:
+    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request."""
 
     async def caller(
         request: Request,
@@ -407,7 +363,7 @@ def build_router(
         return Caller(principal, rpc(), request.state.rpc_headers)
 
     Call = Annotated[Caller, Depends(caller)]
-    router = APIRouter(prefix="/v1", route_class=_Route, responses=_ERRORS)
+    router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
 
     # -- runs and steps ----------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ path, so the number of series stays fixed however many runs there are.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -141,19 +140,28 @@ def _reader(limiter: InFlightLimiter, route_class: str) -> Callable[[], float]:
     return lambda: limiter.in_flight[route_class]
 
 
-@dataclass
 class RouteMetrics:
     """One route's children of :class:`GatewayMetrics`, looked up once per status class."""
 
-    metrics: GatewayMetrics
-    method: str
-    path: str
-    route_class: str
+    def __init__(self, metrics: GatewayMetrics, method: str, path: str, route_class: str) -> None:
+        self.metrics = metrics
+        self.method = method
+        self.path = path
+        self.route_class = route_class
+        self._children: dict[int, tuple[Counter, Histogram]] = {}
 
     def observe(self, status: int, seconds: float, *, shed: str | None = None) -> None:
         """Count an answer with ``status`` after ``seconds``; ``shed`` names who refused a 429."""
-        status_class = f"{status // 100}xx"
-        self.metrics.requests.labels(self.method, self.path, status_class).inc()
-        self.metrics.latency.labels(self.method, self.path, status_class).observe(seconds)
+        status_class = status // 100
+        children = self._children.get(status_class)
+        if children is None:
+            labels = (self.method, self.path, f"{status_class}xx")
+            children = (
+                self.metrics.requests.labels(*labels),
+                self.metrics.latency.labels(*labels),
+            )
+            self._children[status_class] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if shed is not None:
             self.metrics.shed.labels(self.route_class, shed).inc()
