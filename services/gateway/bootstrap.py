@@ -39,11 +39,14 @@ class GatewayService:
         self._rpc: RpcClient | None = None
         self._keys: KeyVerifier | None = None
         self._router: APIRouter | None = None
+        # The agent hot path adapts its bound to keep admissions near the latency target;
+        # queries (exports, rebuilds) may legitimately take long, so theirs stays fixed.
         self.limiter = InFlightLimiter(
             {
                 AGENT: settings.gateway_max_in_flight_agent,
                 QUERY: settings.gateway_max_in_flight_query,
-            }
+            },
+            targets={AGENT: settings.gateway_latency_target_ms / 1000},
         )
         self.metrics = GatewayMetrics(registry, self.limiter)
 

@@ -110,9 +110,9 @@ class LoadShedding:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.limiter.leave(route_class)
-            shed = SOURCE_UPSTREAM if status == 429 else None
-            route.observe(status, time.perf_counter() - started, shed=shed)
+            seconds = time.perf_counter() - started
+            self.limiter.leave(route_class, seconds)
+            route.observe(status, seconds, shed=SOURCE_UPSTREAM if status == 429 else None)
 
     async def _refuse(self, scope: Scope, send: Send, route_class: str) -> None:
         given = next((v for k, v in scope["headers"] if k == _CORRELATION_KEY), b"")

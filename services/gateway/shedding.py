@@ -13,6 +13,7 @@ path, so the number of series stays fixed however many runs there are.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -25,6 +26,10 @@ ROUTE_CLASSES = (AGENT, QUERY)
 RETRY_AFTER_S = 1
 SOURCE_GATEWAY = "gateway"
 SOURCE_UPSTREAM = "upstream"
+# The adaptive bound never goes below this (a few requests always get through to measure by)
+# and shrinks to this fraction of itself when requests come back late.
+MIN_LIMIT = 2
+DECREASE = 0.8
 
 # The routes an agent calls around every step: start, admission, step records, finish.
 _AGENT_ROUTES = frozenset(
@@ -66,27 +71,58 @@ def route_class_of(method: str, path: str) -> str:
 class InFlightLimiter:
     """Counts the requests in flight per route class and refuses those above its bound.
 
+    A class with a latency target has an adaptive bound below its configured one (additive
+    increase, multiplicative decrease, as TCP does for its window): while its requests take longer
+    than the target the bound shrinks by a fifth, at most once per target interval, down to
+    :data:`MIN_LIMIT`; each request answered within the target lets it grow back by about one
+    per bound's worth of answers. By Little's law, requests in flight divided by throughput is
+    the time each one waits, so a fixed bound turns into seconds of waiting as soon as the
+    system behind slows down (a busy machine, a slow database); the adaptive bound keeps the
+    admitted requests near the target and refuses the rest at once.
+
     The gateway runs on one event loop, so the counts need no lock: nothing awaits between the
     check and the increment.
     """
 
-    def __init__(self, limits: Mapping[str, int]) -> None:
+    def __init__(
+        self,
+        limits: Mapping[str, int],
+        targets: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         for name, limit in limits.items():
             if limit < 1:
                 raise ValueError(f"the in-flight bound of {name!r} must be at least 1")
         self.limits = dict(limits)
+        self.targets = dict(targets or {})
+        self.clock = clock
         self.in_flight = dict.fromkeys(self.limits, 0)
+        self.bound: dict[str, float] = {name: float(limit) for name, limit in self.limits.items()}
+        self._last_cut = dict.fromkeys(self.limits, -float("inf"))
 
     def try_enter(self, route_class: str) -> bool:
         """Take a place for a request of ``route_class``; ``False`` when the class is full."""
-        if self.in_flight[route_class] >= self.limits[route_class]:
+        if self.in_flight[route_class] >= int(self.bound[route_class]):
             return False
         self.in_flight[route_class] += 1
         return True
 
-    def leave(self, route_class: str) -> None:
-        """Give back the place taken by :meth:`try_enter`."""
+    def leave(self, route_class: str, seconds: float = 0.0) -> None:
+        """Give back the place taken by :meth:`try_enter`; the request took ``seconds``."""
         self.in_flight[route_class] -= 1
+        target = self.targets.get(route_class)
+        if target is None:
+            return
+        bound = self.bound[route_class]
+        if seconds > target:
+            now = self.clock()
+            # One cut per target interval: the requests already in flight when the system
+            # slowed down all come back late, and should not each cut the bound again.
+            if now - self._last_cut[route_class] >= target:
+                self.bound[route_class] = max(float(MIN_LIMIT), bound * DECREASE)
+                self._last_cut[route_class] = now
+        elif bound < self.limits[route_class]:
+            self.bound[route_class] = min(float(self.limits[route_class]), bound + 1.0 / bound)
 
 
 class GatewayMetrics:
@@ -122,22 +158,23 @@ class GatewayMetrics:
         )
         limit = Gauge(
             "mc_gateway_in_flight_limit",
-            "The in-flight bound of each route class; above it requests are answered 429.",
+            "The in-flight bound of each route class now (adaptive below the configured one); "
+            "above it requests are answered 429.",
             ["route_class"],
             registry=registry,
         )
         for name in limiter.limits:
-            # Read at scrape time: the request path pays nothing for the gauge.
-            in_flight.labels(name).set_function(_reader(limiter, name))
-            limit.labels(name).set(limiter.limits[name])
+            # Read at scrape time: the request path pays nothing for the gauges.
+            in_flight.labels(name).set_function(_reader(limiter.in_flight, name))
+            limit.labels(name).set_function(_reader(limiter.bound, name))
 
     def route(self, method: str, path: str) -> RouteMetrics:
         """The metrics of one route, with its label values bound once."""
         return RouteMetrics(self, method, path, route_class_of(method, path))
 
 
-def _reader(limiter: InFlightLimiter, route_class: str) -> Callable[[], float]:
-    return lambda: limiter.in_flight[route_class]
+def _reader(values: Mapping[str, float], route_class: str) -> Callable[[], float]:
+    return lambda: int(values[route_class])
 
 
 class RouteMetrics:

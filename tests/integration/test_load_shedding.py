@@ -267,7 +267,8 @@ async def test_a_flood_of_admissions_is_shed_with_429_and_every_200_is_durable(
     # Series are per route template: no run id ever becomes a label value.
     assert not any(run_id in metrics for run_id in shedding.runs)
     assert _sample(metrics, 'mc_gateway_in_flight{route_class="agent"}') == 0
-    assert _sample(metrics, 'mc_gateway_in_flight_limit{route_class="agent"}') == AGENT_BOUND
+    # The bound adapts to the latency seen, never above the configured one.
+    assert 2 <= _sample(metrics, 'mc_gateway_in_flight_limit{route_class="agent"}') <= AGENT_BOUND
 
 
 async def test_queries_over_the_gateway_bound_get_429_while_admissions_still_pass(

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from services.gateway.shedding import (
     AGENT,
+    MIN_LIMIT,
     QUERY,
     GatewayMetrics,
     InFlightLimiter,
@@ -55,3 +56,46 @@ def test_metrics_are_labelled_by_route_template_and_status_class() -> None:
     assert 'mc_gateway_shed_total{route_class="agent",source="gateway"} 1.0' in text
     assert 'mc_gateway_in_flight{route_class="agent"} 1.0' in text
     assert 'mc_gateway_in_flight_limit{route_class="agent"} 3.0' in text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _answer(limiter: InFlightLimiter, seconds: float) -> None:
+    assert limiter.try_enter(AGENT)
+    limiter.leave(AGENT, seconds)
+
+
+def test_late_answers_shrink_the_bound_once_per_interval_and_timely_ones_regrow_it() -> None:
+    clock = Clock()
+    limiter = InFlightLimiter({AGENT: 50, QUERY: 5}, targets={AGENT: 0.1}, clock=clock)
+    _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == 40
+    # More late answers within the same interval (already in flight) cut nothing more.
+    _answer(limiter, 0.5)
+    _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == 40
+    for _ in range(30):
+        clock.now += 0.1
+        _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == MIN_LIMIT
+    # Above the bound a request is refused, whatever the configured one.
+    assert limiter.try_enter(AGENT) and limiter.try_enter(AGENT)
+    assert not limiter.try_enter(AGENT)
+    limiter.leave(AGENT, 0.01)
+    limiter.leave(AGENT, 0.01)
+    for _ in range(2000):
+        _answer(limiter, 0.01)
+    assert limiter.bound[AGENT] == 50
+
+
+def test_a_class_without_a_target_keeps_its_bound() -> None:
+    limiter = InFlightLimiter({AGENT: 3, QUERY: 3}, targets={AGENT: 0.1})
+    assert limiter.try_enter(QUERY)
+    limiter.leave(QUERY, 600.0)
+    assert limiter.bound[QUERY] == 3
