@@ -30,6 +30,8 @@ SOURCE_UPSTREAM = "upstream"
 # and shrinks to this fraction of itself when requests come back late.
 MIN_LIMIT = 2
 DECREASE = 0.8
+# Weight of the newest answer time in the moving average the bound adapts to.
+SMOOTHING = 0.2
 
 # The routes an agent calls around every step: start, admission, step records, finish.
 _AGENT_ROUTES = frozenset(
@@ -72,8 +74,9 @@ class InFlightLimiter:
     """Counts the requests in flight per route class and refuses those above its bound.
 
     A class with a latency target has an adaptive bound below its configured one (additive
-    increase, multiplicative decrease, as TCP does for its window): while its requests take longer
-    than the target the bound shrinks by a fifth, at most once per target interval, down to
+    increase, multiplicative decrease, as TCP does for its window): while the moving average of
+    its answer times is above the target the bound shrinks by a fifth, at most once per target
+    interval, down to
     :data:`MIN_LIMIT`; each request answered within the target lets it grow back by about one
     per bound's worth of answers. By Little's law, requests in flight divided by throughput is
     the time each one waits, so a fixed bound turns into seconds of waiting as soon as the
@@ -98,6 +101,8 @@ class InFlightLimiter:
         self.clock = clock
         self.in_flight = dict.fromkeys(self.limits, 0)
         self.bound: dict[str, float] = {name: float(limit) for name, limit in self.limits.items()}
+        self.latency = dict.fromkeys(self.limits, 0.0)
+        """Exponentially weighted moving average of each class's answer times, in seconds."""
         self._last_cut = dict.fromkeys(self.limits, -float("inf"))
 
     def try_enter(self, route_class: str) -> bool:
@@ -114,14 +119,17 @@ class InFlightLimiter:
         if target is None:
             return
         bound = self.bound[route_class]
-        if seconds > target:
+        # One slow answer is noise on a busy machine; a moving average of them is a trend.
+        latency = self.latency[route_class] + SMOOTHING * (seconds - self.latency[route_class])
+        self.latency[route_class] = latency
+        if latency > target:
             now = self.clock()
             # One cut per target interval: the requests already in flight when the system
             # slowed down all come back late, and should not each cut the bound again.
             if now - self._last_cut[route_class] >= target:
                 self.bound[route_class] = max(float(MIN_LIMIT), bound * DECREASE)
                 self._last_cut[route_class] = now
-        elif bound < self.limits[route_class]:
+        elif seconds <= target and bound < self.limits[route_class]:
             self.bound[route_class] = min(float(self.limits[route_class]), bound + 1.0 / bound)
 
 

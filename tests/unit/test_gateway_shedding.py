@@ -74,6 +74,9 @@ def _answer(limiter: InFlightLimiter, seconds: float) -> None:
 def test_late_answers_shrink_the_bound_once_per_interval_and_timely_ones_regrow_it() -> None:
     clock = Clock()
     limiter = InFlightLimiter({AGENT: 50, QUERY: 5}, targets={AGENT: 0.1}, clock=clock)
+    # One late answer is not yet a trend.
+    _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == 50
     _answer(limiter, 0.5)
     assert limiter.bound[AGENT] == 40
     # More late answers within the same interval (already in flight) cut nothing more.
