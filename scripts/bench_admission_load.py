@@ -40,6 +40,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psutil
 
 from libs.contracts.events import AdmissionDecided
 from libs.contracts.registry import decode
@@ -107,59 +108,40 @@ def wait_for_port(port: int, timeout: float = 20) -> None:
 # --- CPU per decision -----------------------------------------------------------------------------
 
 
-def _children_of() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def process_groups(state: dict[str, Any], data_dir: Path) -> dict[str, list[int]]:
-    """The pids of each service, of PostgreSQL (the server and its backends) and of NATS."""
-    groups = {c["name"]: [int(c["pid"])] for c in state["children"] if c.get("pid")}
-    children = _children_of()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
+def process_groups(state: dict[str, Any], data_dir: Path) -> dict[str, list[psutil.Process]]:
+    """The processes of each service, of PostgreSQL (the server and its backends) and of NATS."""
+    groups = {c["name"]: [psutil.Process(int(c["pid"]))] for c in state["children"] if c.get("pid")}
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or ())
         if str(data_dir) not in cmd:
             continue
         if "nats-server" in cmd:
-            groups["nats"] = [int(entry.name)]
+            groups["nats"] = [proc]
         elif "postgres" in cmd and "-D" in cmd:
-            pid = int(entry.name)
-            groups["postgres"] = [pid, *children.get(pid, [])]
+            groups["postgres"] = [proc, *proc.children()]
     return groups
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(procs: list[psutil.Process]) -> float:
     """User plus system CPU seconds the processes have used so far."""
-    total = 0
-    for pid in pids:
+    total = 0.0
+    for proc in procs:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            times = proc.cpu_times()
+        except psutil.Error:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+        total += times.user + times.system
+    return total
 
 
 def cpu_per_request(
-    groups: dict[str, list[int]], work: Callable[[], dict[str, Any]]
+    groups: dict[str, list[psutil.Process]], work: Callable[[], dict[str, Any]]
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """Run ``work`` (a wrk phase) and return its result and the CPU ms per request by group."""
-    before = {name: cpu_seconds(pids) for name, pids in groups.items()}
+    before = {name: cpu_seconds(ps) for name, ps in groups.items()}
     result = work()
     n = max(1, int(result["requests"]))
-    used = {name: (cpu_seconds(pids) - before[name]) * 1000 / n for name, pids in groups.items()}
+    used = {name: (cpu_seconds(ps) - before[name]) * 1000 / n for name, ps in groups.items()}
     return result, used
 
 
@@ -355,7 +337,10 @@ def run_bench(args: argparse.Namespace) -> None:
         floor50 = (statistics.median(rego) + statistics.median(rtt)) * 1000
         floor99 = (pct(rego, 99) + pct(rtt, 99)) * 1000
         bare_env = {"MC_BENCH_PATH": "/bare"}
-        bare_http = wrk(f"http://127.0.0.1:{bare_port}", connections=1, seconds=3, env=bare_env)
+        bare_http, bare_cpu = cpu_per_request(
+            {"bare": [psutil.Process(bare.pid)]},
+            lambda: wrk(f"http://127.0.0.1:{bare_port}", connections=1, seconds=3, env=bare_env),
+        )
 
         runs_file = data_dir.parent / "runs.txt"  # removed with the data directory
         runs_file.write_text("\n".join(runs))
@@ -372,7 +357,8 @@ def run_bench(args: argparse.Namespace) -> None:
               f"p99 {pct(rtt, 99) * 1000:6.3f} ms")  # fmt: skip
         print(f"  regopy + NATS             p50 {floor50:6.3f} ms  p99 {floor99:6.3f} ms")
         print(f"  bare uvicorn round trip   p50 {ms(bare_http['p50_us']):6.3f} ms  "
-              f"p99 {ms(bare_http['p99_us']):6.3f} ms  (wrk, one connection)")  # fmt: skip
+              f"p99 {ms(bare_http['p99_us']):6.3f} ms  (wrk, one connection), "
+              f"CPU {bare_cpu['bare']:.3f} ms a request")  # fmt: skip
         print("admission, one request at a time (wrk, one connection)")
         p50 = ms(single["p50_us"])
         print(f"  {single['requests']} requests  p50 {p50:6.2f} ms  "
