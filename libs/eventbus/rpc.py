@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -56,6 +57,13 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
 
 # How long stop() lets the requests in hand finish before it returns.
 STOP_TIMEOUT_S = 5.0
+
+_servers: weakref.WeakSet[RpcServer] = weakref.WeakSet()
+
+
+def rpc_servers() -> list[RpcServer]:
+    """The RPC servers alive in this process (for their metrics)."""
+    return list(_servers)
 
 
 def _error_body(exc: errors.MissionControlError) -> bytes:
@@ -124,6 +132,7 @@ class RpcServer:
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
         """Requests dropped because their deadline had passed on arrival."""
+        _servers.add(self)
 
     @property
     def in_flight(self) -> int:

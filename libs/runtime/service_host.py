@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,12 +35,14 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
 from libs.eventbus.consumer import EventConsumer
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import RpcServer, rpc_servers
 from libs.eventbus.store import EventStore
 from libs.observability import configure_logging
 from libs.settings import Settings, get_settings
@@ -107,12 +109,53 @@ class Service(Protocol):
 
 
 def new_registry() -> CollectorRegistry:
-    """A metrics registry pre-loaded with the standard process, platform and GC collectors."""
+    """A metrics registry pre-loaded with the standard process, platform and GC collectors, and
+    the load shedding of the process's RPC servers."""
     registry = CollectorRegistry(auto_describe=True)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    registry.register(RpcServerCollector())
     return registry
+
+
+class RpcServerCollector(Collector):
+    """In-flight requests, refusals and expired requests of every RPC server in the process."""
+
+    def collect(self) -> Iterator[Metric]:
+        """One sample per server and metric, read at scrape time."""
+        in_flight = GaugeMetricFamily(
+            "mc_rpc_in_flight", "Requests the service is working on now.", labels=["service"]
+        )
+        limit = GaugeMetricFamily(
+            "mc_rpc_in_flight_limit",
+            "The service's bound of requests in flight (MC_RPC_MAX_IN_FLIGHT).",
+            labels=["service"],
+        )
+        refused = CounterMetricFamily(
+            "mc_rpc_refused",
+            "Requests answered overloaded at once because the service was at its bound.",
+            labels=["service"],
+        )
+        expired = CounterMetricFamily(
+            "mc_rpc_expired",
+            "Requests answered deadline_exceeded without work: their deadline had passed.",
+            labels=["service"],
+        )
+        # Summed per service name: a process may hold more than one server of a service.
+        totals: dict[str, list[int]] = {}
+        for server in rpc_servers():
+            t = totals.setdefault(server.service, [0, 0, 0, 0])
+            t[0] += server.in_flight
+            t[1] = max(t[1], server.max_in_flight)
+            t[2] += server.refused
+            t[3] += server.expired
+        for service, (now, bound, refusals, expirations) in sorted(totals.items()):
+            in_flight.add_metric([service], now)
+            limit.add_metric([service], bound)
+            refused.add_metric([service], refusals)
+            expired.add_metric([service], expirations)
+        yield from (in_flight, limit, refused, expired)
 
 
 def build_app(

@@ -20,6 +20,7 @@ import httpx
 import orjson
 import pytest
 from fastapi import FastAPI
+from prometheus_client import generate_latest
 
 from libs.contracts import stream_id_for
 from libs.contracts.events import AdmissionDecided
@@ -30,7 +31,7 @@ from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.rpc import RpcClient, RpcServer
 from libs.eventbus.store import EventStore
-from libs.runtime.service_host import Service, ServiceContext
+from libs.runtime.service_host import Service, ServiceContext, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.bootstrap import create_app
 from services.gateway.keys import create_tenant, issue_key
@@ -96,6 +97,9 @@ async def test_an_rpc_server_refuses_above_its_bound_at_once(
                 await client.call(service, "work", {"n": 10 + i})
         assert held.entered == 2
         assert server.refused == 3
+        metrics = generate_latest(new_registry()).decode()
+        assert f'mc_rpc_refused_total{{service="{service}"}} 3.0' in metrics
+        assert f'mc_rpc_in_flight{{service="{service}"}} 2.0' in metrics
         held.release.set()
         assert len(await asyncio.gather(*first)) == 2
         await wait_until(lambda: server.in_flight == 0, what="in-flight requests finished")
