@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     admin_token: str | None = Field(default=None, alias="MC_ADMIN_TOKEN")
     # Load shedding: requests in flight above these bounds are refused at once (overloaded, 429).
     rpc_max_in_flight: int = Field(default=64, ge=1, alias="MC_RPC_MAX_IN_FLIGHT")
-    gateway_max_in_flight_agent: int = Field(default=64, ge=1, alias="MC_GATEWAY_MAX_AGENT")
+    gateway_max_in_flight_agent: int = Field(default=32, ge=1, alias="MC_GATEWAY_MAX_AGENT")
     gateway_max_in_flight_query: int = Field(default=16, ge=1, alias="MC_GATEWAY_MAX_QUERY")
     gateway_latency_target_ms: float = Field(
         default=100.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"

@@ -30,6 +30,7 @@ SOURCE_UPSTREAM = "upstream"
 # and shrinks to this fraction of itself when requests come back late.
 MIN_LIMIT = 2
 DECREASE = 0.8
+MAX_DECREASE = 0.5
 # Weight of the newest answer time in the moving average the bound adapts to.
 SMOOTHING = 0.2
 
@@ -75,8 +76,8 @@ class InFlightLimiter:
 
     A class with a latency target has an adaptive bound below its configured one (additive
     increase, multiplicative decrease, as TCP does for its window): while the moving average of
-    its answer times is above the target the bound shrinks by a fifth, at most once per target
-    interval, down to
+    its answer times is above the target the bound shrinks by a fifth (by up to half when the
+    average is far above the target), at most once per target interval, down to
     :data:`MIN_LIMIT`; each request answered within the target lets it grow back by about one
     per bound's worth of answers. By Little's law, requests in flight divided by throughput is
     the time each one waits, so a fixed bound turns into seconds of waiting as soon as the
@@ -127,7 +128,10 @@ class InFlightLimiter:
             # One cut per target interval: the requests already in flight when the system
             # slowed down all come back late, and should not each cut the bound again.
             if now - self._last_cut[route_class] >= target:
-                self.bound[route_class] = max(float(MIN_LIMIT), bound * DECREASE)
+                # Far over the target (a sudden flood) cuts deeper, down to half at once, so the
+                # bound reaches its new level within a few intervals rather than seconds.
+                factor = max(MAX_DECREASE, min(DECREASE, target / latency))
+                self.bound[route_class] = max(float(MIN_LIMIT), bound * factor)
                 self._last_cut[route_class] = now
         elif seconds <= target and bound < self.limits[route_class]:
             self.bound[route_class] = min(float(self.limits[route_class]), bound + 1.0 / bound)

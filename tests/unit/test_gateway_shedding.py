@@ -78,11 +78,22 @@ def test_late_answers_shrink_the_bound_once_per_interval_and_timely_ones_regrow_
     _answer(limiter, 0.5)
     assert limiter.bound[AGENT] == 50
     _answer(limiter, 0.5)
-    assert limiter.bound[AGENT] == 40
+    # The average (0.18 s) is 1.8 times the target: the bound shrinks in proportion.
+    cut = 50 * 0.1 / 0.18
+    assert limiter.bound[AGENT] == pytest.approx(cut)
     # More late answers within the same interval (already in flight) cut nothing more.
     _answer(limiter, 0.5)
     _answer(limiter, 0.5)
-    assert limiter.bound[AGENT] == 40
+    assert limiter.bound[AGENT] == pytest.approx(cut)
+    # Far above the target (average now 0.34 s), the next cut halves the bound, no more.
+    clock.now += 0.1
+    _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == pytest.approx(cut / 2)
+    # Just above the target, a cut takes a fifth.
+    slight = InFlightLimiter({AGENT: 50}, targets={AGENT: 0.1}, clock=clock)
+    slight.latency[AGENT] = 0.1
+    _answer(slight, 0.11)
+    assert slight.bound[AGENT] == pytest.approx(40)
     for _ in range(30):
         clock.now += 0.1
         _answer(limiter, 0.5)
