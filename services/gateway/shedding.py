@@ -13,6 +13,7 @@ path, so the number of series stays fixed however many runs there are.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 
@@ -75,9 +76,9 @@ class InFlightLimiter:
     """Counts the requests in flight per route class and refuses those above its bound.
 
     A class with a latency target has an adaptive bound below its configured one (additive
-    increase, multiplicative decrease, as TCP does for its window): while the moving average of
-    its answer times is above the target the bound shrinks by a fifth (by up to half when the
-    average is far above the target), at most once per target interval, down to
+    increase, multiplicative decrease, as TCP does for its window): while the moving (geometric)
+    average of its answer times is above the target the bound shrinks by a fifth (by up to half
+    when the average is far above the target), at most once per target interval, down to
     :data:`MIN_LIMIT`; each request answered within the target lets it grow back by about one
     per bound's worth of answers. By Little's law, requests in flight divided by throughput is
     the time each one waits, so a fixed bound turns into seconds of waiting as soon as the
@@ -102,8 +103,8 @@ class InFlightLimiter:
         self.clock = clock
         self.in_flight = dict.fromkeys(self.limits, 0)
         self.bound: dict[str, float] = {name: float(limit) for name, limit in self.limits.items()}
-        self.latency = dict.fromkeys(self.limits, 0.0)
-        """Exponentially weighted moving average of each class's answer times, in seconds."""
+        # Exponentially weighted moving average of the logarithm of each class's answer times.
+        self._log_latency = dict.fromkeys(self.limits, math.log(1e-3))
         self._last_cut = dict.fromkeys(self.limits, -float("inf"))
 
     def try_enter(self, route_class: str) -> bool:
@@ -120,9 +121,13 @@ class InFlightLimiter:
         if target is None:
             return
         bound = self.bound[route_class]
-        # One slow answer is noise on a busy machine; a moving average of them is a trend.
-        latency = self.latency[route_class] + SMOOTHING * (seconds - self.latency[route_class])
-        self.latency[route_class] = latency
+        # One slow answer is noise on a busy machine; a moving average of them is a trend. The
+        # average is geometric (of the logarithms): a single answer ten times slower than the
+        # rest moves it by a factor of 10**SMOOTHING, not by a fifth of that answer's time.
+        log_latency = self._log_latency[route_class]
+        log_latency += SMOOTHING * (math.log(max(seconds, 1e-6)) - log_latency)
+        self._log_latency[route_class] = log_latency
+        latency = math.exp(log_latency)
         if latency > target:
             now = self.clock()
             # One cut per target interval: the requests already in flight when the system

@@ -71,29 +71,29 @@ def _answer(limiter: InFlightLimiter, seconds: float) -> None:
     limiter.leave(AGENT, seconds)
 
 
+def test_one_late_answer_among_timely_ones_does_not_shrink_the_bound() -> None:
+    limiter = InFlightLimiter({AGENT: 50}, targets={AGENT: 0.1}, clock=Clock())
+    for _ in range(20):
+        _answer(limiter, 0.01)
+    _answer(limiter, 1.0)
+    assert limiter.bound[AGENT] == 50
+
+
 def test_late_answers_shrink_the_bound_once_per_interval_and_timely_ones_regrow_it() -> None:
     clock = Clock()
     limiter = InFlightLimiter({AGENT: 50, QUERY: 5}, targets={AGENT: 0.1}, clock=clock)
-    # One late answer is not yet a trend.
-    _answer(limiter, 0.5)
-    assert limiter.bound[AGENT] == 50
-    _answer(limiter, 0.5)
-    # The average (0.18 s) is 1.8 times the target: the bound shrinks in proportion.
-    cut = 50 * 0.1 / 0.18
-    assert limiter.bound[AGENT] == pytest.approx(cut)
+    while limiter.bound[AGENT] == 50:
+        _answer(limiter, 0.5)
+    first = limiter.bound[AGENT]
+    # A cut takes at most half, however late the answers.
+    assert 25 <= first < 50
     # More late answers within the same interval (already in flight) cut nothing more.
-    _answer(limiter, 0.5)
-    _answer(limiter, 0.5)
-    assert limiter.bound[AGENT] == pytest.approx(cut)
-    # Far above the target (average now 0.34 s), the next cut halves the bound, no more.
+    for _ in range(5):
+        _answer(limiter, 0.5)
+    assert limiter.bound[AGENT] == first
     clock.now += 0.1
     _answer(limiter, 0.5)
-    assert limiter.bound[AGENT] == pytest.approx(cut / 2)
-    # Just above the target, a cut takes a fifth.
-    slight = InFlightLimiter({AGENT: 50}, targets={AGENT: 0.1}, clock=clock)
-    slight.latency[AGENT] = 0.1
-    _answer(slight, 0.11)
-    assert slight.bound[AGENT] == pytest.approx(40)
+    assert first / 2 <= limiter.bound[AGENT] < first
     for _ in range(30):
         clock.now += 0.1
         _answer(limiter, 0.5)
