@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     gateway_max_in_flight_agent: int = Field(default=32, ge=1, alias="MC_GATEWAY_MAX_AGENT")
     gateway_max_in_flight_query: int = Field(default=16, ge=1, alias="MC_GATEWAY_MAX_QUERY")
     gateway_latency_target_ms: float = Field(
-        default=100.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
+        default=250.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
     )
 
 
