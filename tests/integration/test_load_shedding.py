@@ -34,7 +34,9 @@ from libs.eventbus.store import EventStore
 from libs.runtime.service_host import Service, ServiceContext, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.bootstrap import create_app
+from services.gateway.client import ApiError, AsyncMissionControlClient
 from services.gateway.keys import create_tenant, issue_key
+from services.gateway.shedding import RETRY_AFTER_S
 from services.policy_admission.bootstrap import PolicyAdmissionService
 from services.workflow_engine.bootstrap import WorkflowEngineService
 from services.workflow_engine.entrypoints import violation_consumer_spec
@@ -134,6 +136,7 @@ class Shedding:
 
     app: FastAPI
     http: httpx.AsyncClient
+    transport: httpx.ASGITransport
     store: EventStore
     key: str
     tenant: str
@@ -192,7 +195,9 @@ async def shedding(system: System, tmp_path_factory: Any) -> AsyncIterator[Shedd
             resp = await http.post("/v1/runs", json={"agent_id": f"shed-agent-{i}"})
             assert resp.status_code == 201, resp.text
             runs.append(resp.json()["run_id"])
-        yield Shedding(app, http, store, key, tenant, runs, audit, audit_server, cost, cost_server)
+        yield Shedding(
+            app, http, transport, store, key, tenant, runs, audit, audit_server, cost, cost_server
+        )
     audit.release.set()
     cost.release.set()
     for s in (audit_server, cost_server):
@@ -310,6 +315,14 @@ async def test_an_overloaded_service_is_answered_429_with_retry_after(
         await wait_until(lambda: shedding.cost_server.in_flight == 1, what="cost busy")
         resp = await shedding.http.get("/v1/prices")
         _assert_overloaded(resp, "cost is at its limit of 1 requests in flight")
+        # The Python client hands the caller the wait the server asked for.
+        client = AsyncMissionControlClient(
+            "http://gateway", shedding.key, transport=shedding.transport
+        )
+        with pytest.raises(ApiError) as refused:
+            await client.prices()
+        assert (refused.value.status, refused.value.code) == (429, "overloaded")
+        assert refused.value.retry_after == RETRY_AFTER_S
     finally:
         held.release.set()
     assert (await first).status_code == 200
