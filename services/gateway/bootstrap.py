@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
@@ -51,10 +53,18 @@ class GatewayService:
         self.metrics = GatewayMetrics(registry, self.limiter)
 
     async def start(self, ctx: ServiceContext) -> None:
-        """Create the RPC client on the host's NATS connection and the key verifier."""
+        """Create the RPC client on the host's NATS connection and the key verifier, and follow
+        key revocations."""
         self.ctx = ctx
         self._rpc = RpcClient(ctx.nc)
         self._keys = KeyVerifier(ctx.pool)
+        # Cancelled by the host with the rest of ctx.tasks.
+        ctx.tasks.append(
+            asyncio.create_task(
+                self._keys.follow_revocations(ctx.settings.database_url),
+                name="gateway-key-revocations",
+            )
+        )
 
     async def stop(self) -> None:
         """Nothing of its own to stop: the host drains NATS and closes the pool."""
