@@ -82,6 +82,17 @@ class TooLarge(PermanentError):
     http_status = 413
 
 
+class Overloaded(TransientError):
+    """The service is at its bound of work in flight and refused the request at once.
+
+    Answered instead of queueing, so a caller learns within a round trip that it should back off
+    (HTTP 429 with ``Retry-After``) rather than after seconds in a queue.
+    """
+
+    code = "overloaded"
+    http_status = 429
+
+
 class DeadlineExceeded(TransientError):
     """A request did not get its answer before its deadline."""
 

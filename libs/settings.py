@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     service_db_password: SecretStr | None = Field(default=None, alias="MC_SERVICE_DB_PASSWORD")
     """Password ``mctl migrate`` / ``mctl up`` set on the ``mc_service`` role."""
 
+    # Load shedding: requests in flight above these bounds are refused at once (overloaded, 429).
+    rpc_max_in_flight: int = Field(default=64, ge=1, alias="MC_RPC_MAX_IN_FLIGHT")
+    gateway_max_in_flight_agent: int = Field(default=32, ge=1, alias="MC_GATEWAY_MAX_AGENT")
+    gateway_max_in_flight_query: int = Field(default=16, ge=1, alias="MC_GATEWAY_MAX_QUERY")
+    gateway_latency_target_ms: float = Field(
+        default=250.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
+    )
+
     def configured(self, name: str) -> bool:
         """Whether the field ``name`` was given (environment or constructor), not defaulted."""
         if name not in type(self).model_fields:

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from libs.errors import TransientError
 from libs.eventbus.rpc import RpcClient
 from libs.observability import configure_logging
-from libs.runtime.service_host import ServiceContext, build_app
+from libs.runtime.service_host import ServiceContext, build_app, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.entrypoints import build_router, map_exception
 from services.gateway.keys import KeyVerifier
+from services.gateway.middleware import LoadShedding
+from services.gateway.shedding import AGENT, QUERY, GatewayMetrics, InFlightLimiter
 
 API_TITLE = "Mission Control API"
 API_VERSION = "1.0.0"
 API_DESCRIPTION = (
     "Govern and observe AI-agent runs: ask admission before every step, record steps, and read "
     "runs, traces, incidents, policies and costs. Authenticate every request with an API key "
-    "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`."
+    "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`.\n\n"
+    "The gateway refuses work above its bound of requests in flight, and passes on the refusals "
+    "of the services behind it, with `429 Too Many Requests` and a `Retry-After` header at once "
+    "rather than queueing: back off for that many seconds and retry."
 )
 
 
@@ -28,16 +36,35 @@ class GatewayService:
 
     name: str = "gateway"
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.ctx: ServiceContext | None = None
         self._rpc: RpcClient | None = None
         self._keys: KeyVerifier | None = None
+        self._router: APIRouter | None = None
+        # The agent hot path adapts its bound to keep admissions near the latency target;
+        # queries (exports, rebuilds) may legitimately take long, so theirs stays fixed.
+        self.limiter = InFlightLimiter(
+            {
+                AGENT: settings.gateway_max_in_flight_agent,
+                QUERY: settings.gateway_max_in_flight_query,
+            },
+            targets={AGENT: settings.gateway_latency_target_ms / 1000},
+        )
+        self.metrics = GatewayMetrics(registry, self.limiter)
 
     async def start(self, ctx: ServiceContext) -> None:
-        """Create the RPC client on the host's NATS connection and the key verifier."""
+        """Create the RPC client on the host's NATS connection and the key verifier, and follow
+        key revocations."""
         self.ctx = ctx
         self._rpc = RpcClient(ctx.nc)
         self._keys = KeyVerifier(ctx.pool)
+        # Cancelled by the host with the rest of ctx.tasks.
+        ctx.tasks.append(
+            asyncio.create_task(
+                self._keys.follow_revocations(ctx.settings.database_url.get_secret_value()),
+                name="gateway-key-revocations",
+            )
+        )
 
     async def stop(self) -> None:
         """Nothing of its own to stop: the host drains NATS and closes the pool."""
@@ -45,8 +72,10 @@ class GatewayService:
         self._keys = None
 
     def router(self) -> APIRouter:
-        """The ``/v1`` API."""
-        return build_router(self.rpc_client, self.key_verifier)
+        """The ``/v1`` API (built once)."""
+        if self._router is None:
+            self._router = build_router(self.rpc_client, self.key_verifier)
+        return self._router
 
     def ready(self) -> bool:
         """Ready once started."""
@@ -71,7 +100,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     The security schemes (bearer and ``X-API-Key``) come from the routes' dependencies; the
     title, version and description are set here because the host names apps after the service.
     """
-    app = build_app(GatewayService(), settings or get_settings())
+    settings = settings or get_settings()
+    registry = new_registry()
+    service = GatewayService(settings, registry)
+    app = build_app(service, settings, registry)
+    app.add_middleware(
+        LoadShedding,
+        limiter=service.limiter,
+        metrics=service.metrics,
+        routes=lambda: service.router().routes,
+    )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unknown paths (404), wrong methods (405) and the like never reach a /v1 route's own

@@ -49,13 +49,20 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 class ApiError(Exception):
-    """A non-2xx answer: the HTTP status and the API's error code and message."""
+    """A non-2xx answer: the HTTP status and the API's error code and message.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``retry_after`` is the seconds the server asked the caller to wait before retrying (its
+    ``Retry-After`` header, sent with 429 ``overloaded``), or ``None``.
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,11 @@ class ApiRequest(Generic[T]):
         return {"method": self.method, "url": self.path, **kwargs}
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
+
+
 def read_response(request: ApiRequest[T], response: httpx.Response) -> T:
     """The answer as ``T``, or :class:`ApiError` when it is not a success."""
     if response.status_code >= 400:
@@ -92,7 +104,7 @@ def read_response(request: ApiRequest[T], response: httpx.Response) -> T:
             code, message = str(err.get("code", code)), str(err.get("message", message))
         except (ValueError, AttributeError):
             pass
-        raise ApiError(response.status_code, code, message)
+        raise ApiError(response.status_code, code, message, _retry_after(response))
     if request.raw:
         return response.content  # type: ignore[return-value]
     data = response.json()

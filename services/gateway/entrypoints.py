@@ -60,6 +60,7 @@ from services.gateway.schemas import (
     StepFields,
     StepsRecordedResponse,
 )
+from services.gateway.shedding import RETRY_AFTER_S
 
 log = structlog.get_logger("gateway")
 _tracer = trace.get_tracer("mission-control.gateway")
@@ -118,6 +119,11 @@ def error_response(
     )
 
 
+def overloaded_response(message: str) -> JSONResponse:
+    """429 with ``Retry-After``: over an in-flight bound, the gateway's or a service's."""
+    return error_response(429, errors.Overloaded.code, message, {"Retry-After": str(RETRY_AFTER_S)})
+
+
 def validation_message(exc: RequestValidationError) -> str:
     """``invalid request: body.items.0.input_tokens: Input should be ...; ...``."""
     parts: list[str] = []
@@ -140,6 +146,8 @@ def map_exception(exc: BaseException) -> JSONResponse:
         exc = exc.__cause__
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_input", validation_message(exc))
+    if isinstance(exc, errors.Overloaded):
+        return overloaded_response(str(exc))
     if isinstance(exc, errors.MissionControlError) and exc.http_status < 500:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
         return error_response(exc.http_status, exc.code, str(exc), headers)
@@ -173,7 +181,11 @@ class _LimitedRequest(Request):
 
 
 def _correlation_id(request: Request) -> str:
-    given = request.headers.get(CORRELATION_HEADER, "")
+    return correlation_id_from(request.headers.get(CORRELATION_HEADER, ""))
+
+
+def correlation_id_from(given: str) -> str:
+    """The caller's correlation id when it is a sane one, else a new one."""
     if 0 < len(given) <= _CORRELATION_MAX and set(given) <= _CORRELATION_ALPHABET:
         return given
     return str(new_uuid7())
@@ -189,7 +201,11 @@ def _rpc_headers(correlation_id: str) -> dict[str, str]:
 
 
 class GatewayRoute(APIRoute):
-    """Every ``/v1`` route: body limit, correlation id, trace span, and the error mapping."""
+    """Every ``/v1`` route: body limit, correlation id, trace span, and the error mapping.
+
+    Load shedding and request metrics sit in front of the routes, in
+    :class:`services.gateway.middleware.LoadShedding`, so a refused request costs no routing.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
@@ -197,23 +213,41 @@ class GatewayRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             correlation_id = _correlation_id(request)
-            response: Response
-            try:
-                length = request.headers.get("content-length", "")
-                if length.isdigit() and int(length) > MAX_BODY_BYTES:
-                    raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
-                with _tracer.start_as_current_span(
-                    span_name, context=extract_context(request.headers), kind=SpanKind.SERVER
-                ):
-                    limited = _LimitedRequest(request.scope, request.receive)
-                    limited.state.rpc_headers = _rpc_headers(correlation_id)
-                    response = await handle(limited)
-            except Exception as exc:
-                response = map_exception(exc)
+            response = await _handle(request, handle, span_name, correlation_id)
             response.headers[CORRELATION_HEADER] = correlation_id
             return response
 
         return route
+
+
+async def _handle(
+    request: Request,
+    handle: Callable[[Request], Coroutine[Any, Any, Response]],
+    span_name: str,
+    correlation_id: str,
+) -> Response:
+    """Run the route's own handler under the body limit and a trace span; map what it raises."""
+    try:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
+        limited = _LimitedRequest(request.scope, request.receive)
+        if trace.get_current_span().get_span_context().is_valid:
+            # The web framework's own telemetry already made this request's server span (from
+            # the caller's trace headers); a second one would only double the cost.
+            limited.state.rpc_headers = _rpc_headers(correlation_id)
+            return await handle(limited)
+        # Errors the API answers (4xx) are outcomes, not faults: no stack trace in the span.
+        with _tracer.start_as_current_span(
+            span_name,
+            context=extract_context(request.headers),
+            kind=SpanKind.SERVER,
+            record_exception=False,
+        ):
+            limited.state.rpc_headers = _rpc_headers(correlation_id)
+            return await handle(limited)
+    except Exception as exc:
+        return map_exception(exc)
 
 
 @dataclass(frozen=True)
@@ -241,6 +275,17 @@ class Caller:
             raise PayloadTooLarge(
                 "the request is too large to forward in one message; send fewer or smaller items"
             ) from None
+
+    async def answer(
+        self, service: str, method: str, payload: dict[str, Any] | None = None, status: int = 200
+    ) -> Response:
+        """:meth:`__call__`'s result as the HTTP answer, as it came.
+
+        The services answer in the documented shapes already; encoding their result once with
+        orjson spares FastAPI's response-model validation and ``jsonable_encoder`` walk, which
+        cost more than the rest of the gateway's work on the hot path.
+        """
+        return json_response(await self(service, method, payload), status)
 
     @property
     def actor(self) -> str:
@@ -276,9 +321,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
     413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
     422: {"model": ErrorResponse, "description": "Invalid request; the message names the fields."},
+    429: {
+        "model": ErrorResponse,
+        "description": "Over the gateway's or a service's bound of requests in flight; refused "
+        "at once, not queued. Retry after the `Retry-After` header's seconds.",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds to wait before retrying.",
+                "schema": {"type": "integer"},
+            }
+        },
+    },
     503: {"model": ErrorResponse, "description": "A service behind the gateway is unavailable."},
     504: {"model": ErrorResponse, "description": "A service did not answer in time."},
 }
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    """``value`` encoded with orjson, as an ``application/json`` answer."""
+    return Response(orjson.dumps(value), status_code=status, media_type="application/json")
 
 
 def _json_body(value: Any) -> dict[str, Any]:
@@ -309,12 +370,15 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     @router.post("/runs", status_code=201, response_model=RunStartedResponse, tags=["runs"])
     async def start_run(body: StartRunRequest, call: Call) -> Any:
         """Start a run of an agent."""
-        return await call("workflow", "start_run", body.model_dump(mode="json", exclude_none=True))
+        payload = body.model_dump(mode="json", exclude_none=True)
+        return await call.answer("workflow", "start_run", payload, status=201)
 
     @router.post("/runs/{run_id}/admissions", response_model=AdmissionResponse, tags=["runs"])
     async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Call) -> Any:
         """Ask, before running a step, whether it may run. ``deny`` means: do not run it."""
-        return await call("admission", "admit", {"run_id": run_id, **body.model_dump(mode="json")})
+        return await call.answer(
+            "admission", "admit", {"run_id": run_id, **body.model_dump(mode="json")}
+        )
 
     @router.post(
         "/runs/{run_id}/steps",
@@ -325,7 +389,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     async def record_step(run_id: RunIdPath, body: StepFields, call: Call) -> Any:
         """Record the outcome of one step of a run."""
         item = {"run_id": run_id, **body.model_dump(mode="json")}
-        return await call("workflow", "record_steps", {"items": [item]})
+        return await call.answer("workflow", "record_steps", {"items": [item]}, status=201)
 
     @router.post(
         "/steps:batch", status_code=201, response_model=StepsRecordedResponse, tags=["runs"]
@@ -347,12 +411,12 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
                 raise
             recorded += int(result.get("recorded", len(chunk)))
             positions += list(result.get("positions", []))
-        return {"recorded": recorded, "positions": positions}
+        return json_response({"recorded": recorded, "positions": positions}, 201)
 
     @router.post("/runs/{run_id}/finish", response_model=RunFinishedResponse, tags=["runs"])
     async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Call) -> Any:
         """End a run as ``completed`` or ``failed``."""
-        return await call("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
+        return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
 
     @router.get("/runs", tags=["runs"])
     async def list_runs(
@@ -364,17 +428,17 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     ) -> Any:
         """Runs of the tenant, newest first; ``status=live`` means running."""
         query = {"status": status, "agent_id": agent_id, "limit": limit, "offset": offset}
-        return await call("audit", "runs", _present(query))
+        return await call.answer("audit", "runs", _present(query))
 
     @router.get("/runs/{run_id}", tags=["runs"])
     async def get_run(run_id: RunIdPath, call: Call) -> Any:
         """One run: status, steps, tokens, cost, and where it stopped."""
-        return await call("audit", "run", {"run_id": run_id})
+        return await call.answer("audit", "run", {"run_id": run_id})
 
     @router.get("/runs/{run_id}/trace", tags=["runs"])
     async def get_trace(run_id: RunIdPath, call: Call) -> Any:
         """The run's steps and decisions in order, with its inflection point."""
-        return await call("audit", "trace", {"run_id": run_id})
+        return await call.answer("audit", "trace", {"run_id": run_id})
 
     @router.get("/runs/{run_id}/replay", tags=["runs"])
     async def replay_run(
@@ -385,7 +449,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     ) -> Any:
         """The run as it stood at a store position or stream version, rebuilt from the log."""
         query = {"run_id": run_id, "at_position": at_position, "at_version": at_version}
-        return await call("audit", "replay", _present(query))
+        return await call.answer("audit", "replay", _present(query))
 
     @router.get(
         "/runs/{run_id}/export",
@@ -423,12 +487,12 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
             "limit": limit,
             "offset": offset,
         }
-        return await call("audit", "incidents", _present(query))
+        return await call.answer("audit", "incidents", _present(query))
 
     @router.get("/incidents/{incident_id}", tags=["incidents"])
     async def get_incident(incident_id: IncidentIdPath, call: Call) -> Any:
         """One incident with its history."""
-        return await call("audit", "incident", {"incident_id": str(incident_id)})
+        return await call.answer("audit", "incident", {"incident_id": str(incident_id)})
 
     @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
     async def acknowledge_incident(
@@ -439,7 +503,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         """Take ownership of an incident (the body, and ``by`` in it, may be left out)."""
         by = body.by if body is not None else None
         payload = {"incident_id": str(incident_id), "by": by or call.actor}
-        return await call("incident", "acknowledge", payload)
+        return await call.answer("incident", "acknowledge", payload)
 
     @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])
     async def resolve_incident(
@@ -451,30 +515,32 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
             "by": body.by or call.actor,
             "resolution": body.resolution,
         }
-        return await call("incident", "resolve", payload)
+        return await call.answer("incident", "resolve", payload)
 
     # -- policies, costs, prices -------------------------------------------------------------------
 
     @router.get("/policies", tags=["policies"])
     async def list_policies(call: Call) -> Any:
         """The active bundle's policies, with how many incidents each has caused."""
-        return await call("audit", "policies")
+        return await call.answer("audit", "policies")
 
     @router.get("/costs", tags=["costs"])
     async def costs(call: Call, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
         """Cost of the tenant's runs, grouped by run, agent or model."""
-        return await call("audit", "costs", _present({"group_by": group_by, "run_id": run_id}))
+        return await call.answer(
+            "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
+        )
 
     @router.get("/prices", tags=["costs"])
     async def prices(call: Call) -> Any:
         """The tenant's price table (custom prices over the defaults) and its version."""
-        return await call("cost", "prices")
+        return await call.answer("cost", "prices")
 
     @router.put("/prices", tags=["costs"])
     async def set_prices(body: SetPricesRequest, call: Call) -> Any:
         """Publish a new version of the tenant's custom price table."""
         payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
-        return await call("cost", "set_prices", payload)
+        return await call.answer("cost", "set_prices", payload)
 
     # -- admin -------------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import psycopg
+import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, new_uuid7, stream_id_for
@@ -28,8 +30,13 @@ from services.gateway.domain import (
 
 T = TypeVar("T")
 
+log = structlog.get_logger("gateway.keys")
+
 CACHE_TTL_S = 30.0
 CACHE_MAX_ENTRIES = 10_000
+# revoke_key notifies this channel with the key id, in the revoking transaction.
+REVOKED_CHANNEL = "mc_api_key_revoked"
+RELISTEN_DELAY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,11 @@ async def issue_key(pool: AsyncConnectionPool, tenant_id: str, name: str = "") -
 
 
 async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> None:
-    """Revoke a key; gateways stop accepting it within :data:`CACHE_TTL_S` seconds."""
+    """Revoke a key; gateways stop accepting it when the revocation commits.
+
+    The notification on :data:`REVOKED_CHANNEL` is delivered at commit; a gateway that is not
+    listening at that moment still stops within :data:`CACHE_TTL_S` seconds.
+    """
     async with transaction(pool) as conn:
         cur = await conn.execute(
             "UPDATE gateway.api_keys SET revoked_at = coalesce(revoked_at, now()) "
@@ -102,6 +113,7 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> None:
         )
         if await cur.fetchone() is None:
             raise NotFound(f"API key {key_id!r} does not exist")
+        await conn.execute("SELECT pg_notify(%s, %s)", (REVOKED_CHANNEL, key_id))
 
 
 @dataclass(frozen=True)
@@ -115,7 +127,8 @@ class KeyVerifier:
     """Turns a presented API key into a :class:`Principal`, or raises :class:`Unauthorized`.
 
     Valid keys' rows are cached for ``ttl`` seconds so a request costs one hash, not a database
-    round trip; the price is that a revocation takes up to ``ttl`` seconds to reach every gateway.
+    round trip. :meth:`follow_revocations` evicts a key as soon as its revocation commits; ``ttl``
+    bounds how long a revoked key stays accepted when a notification is missed.
     Unknown and revoked keys are not cached: they are rare, and caching them would let a flood of
     made-up key ids evict the real ones.
     """
@@ -130,6 +143,8 @@ class KeyVerifier:
         self.ttl = ttl
         self.max_entries = max_entries
         self._cache: dict[str, _CachedKey] = {}
+        self.listening = False
+        """Whether :meth:`follow_revocations` is connected and listening."""
 
     async def verify(self, token: str) -> Principal:
         """The principal ``token`` authenticates."""
@@ -158,6 +173,30 @@ class KeyVerifier:
             self._evict(now)
         self._cache[key_id] = row
         return row
+
+    async def follow_revocations(self, database_url: str) -> None:
+        """Evict keys from the cache as their revocations commit, until cancelled.
+
+        Listens on :data:`REVOKED_CHANNEL` on a connection of its own. Notifications sent while
+        it is not listening are lost, so the cache is emptied each time listening (re)starts.
+        """
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    database_url, autocommit=True, connect_timeout=5
+                )
+                async with conn:
+                    await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
+                    self._cache.clear()
+                    self.listening = True
+                    async for note in conn.notifies():
+                        self._cache.pop(note.payload, None)
+            except psycopg.Error as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("gateway.revocations_not_followed", error=first)
+            finally:
+                self.listening = False
+            await asyncio.sleep(RELISTEN_DELAY_S)
 
     def _evict(self, now: float) -> None:
         for key_id in [k for k, v in self._cache.items() if v.expires_at <= now]:

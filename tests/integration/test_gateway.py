@@ -236,6 +236,23 @@ async def test_requests_without_a_valid_key_are_401(gateway: Gateway, tenant: st
         assert resp.status_code == 201, resp.text
 
 
+async def test_a_revoked_key_is_refused_as_soon_as_the_revocation_commits(
+    gateway: Gateway, tenant: str
+) -> None:
+    key = await gateway.tenant_key(tenant)
+    # Accepted once, so the key is in the gateway's cache (valid for 30 s).
+    resp = await gateway.http.post("/v1/runs", json={"agent_id": "a"}, headers=_auth(key))
+    assert resp.status_code == 201, resp.text
+    await revoke_key(gateway.pool, key.split("_")[1])
+
+    async def refused() -> bool:
+        resp = await gateway.http.get("/v1/prices", headers=_auth(key))
+        return resp.status_code == 401
+
+    # Well inside the cache's 30 s: the revocation reached the gateway, not the expiry.
+    await wait_until(refused, timeout=10, what="the revoked key refused")
+
+
 async def test_an_unknown_key_is_refused_even_with_a_valid_body_elsewhere(
     gateway: Gateway,
 ) -> None:

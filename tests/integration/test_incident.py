@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, stream_id_for
@@ -216,3 +217,57 @@ async def test_bad_requests_name_the_field(incident: IncidentService, tenant: st
         await _call(incident, "acknowledge", tenant, incident_id=incident_id_for("x"))
     with pytest.raises(NotFound):
         await _call(incident, "get", tenant, incident_id=incident_id_for("never-opened"))
+
+
+# --- application metrics --------------------------------------------------------------------------
+
+
+def _metrics(svc: IncidentService) -> dict[str, float]:
+    assert svc.ctx is not None
+    text = generate_latest(svc.ctx.registry).decode()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("mc_incident")
+    }
+
+
+async def test_metrics_count_opened_and_acknowledged_incidents_and_time_to_ack(
+    incident: IncidentService, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
+) -> None:
+    metrics = incident.metrics
+    assert metrics is not None
+    await metrics.refresh(pool)
+    before = _metrics(incident)
+    opened = 'mc_incidents_opened_total{severity="critical"}'
+    acked = 'mc_incidents_acknowledged_total{severity="critical"}'
+    to_ack = 'mc_incident_time_to_acknowledge_seconds_count{severity="critical"}'
+    assert {opened, acked, to_ack} <= set(before)
+
+    vid = unique("v-")
+    await _append_and_publish(incident, _violation(tenant, vid))
+
+    async def counted_open() -> bool:
+        await metrics.refresh(pool)
+        return _metrics(incident)[opened] == before[opened] + 1
+
+    await wait_until(counted_open, what="the new incident counted")
+    assert _metrics(incident)[acked] == before[acked]
+
+    iid = incident_id_for(vid)
+    await _call(incident, "acknowledge", tenant, incident_id=iid, by="alice")
+    # Acknowledging again changes nothing, and counts nothing.
+    await _call(incident, "acknowledge", tenant, incident_id=iid, by="alice")
+    await metrics.refresh(pool)
+    after = _metrics(incident)
+    assert after[acked] == before[acked] + 1
+    assert after[to_ack] == before[to_ack] + 1
+    assert after[opened] == before[opened] + 1
+    (inf,) = [
+        value
+        for series, value in after.items()
+        if series.startswith("mc_incident_time_to_acknowledge_seconds_bucket")
+        and 'severity="critical"' in series
+        and 'le="+Inf"' in series
+    ]
+    assert inf == after[to_ack]
