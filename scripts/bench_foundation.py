@@ -73,8 +73,8 @@ async def main(n: int) -> None:
         print(f"Mission Control foundation benchmark ({n:,} events of ~1 KB; 2-core machine)")
 
         # Floor: bare batched INSERT of the same rows into a plain table.
-        with psycopg.connect(pg.url, autocommit=True) as c:
-            c.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
         t0 = time.perf_counter()
         async with await psycopg.AsyncConnection.connect(pg.url) as c:
             for start in range(0, n, 500):
@@ -95,6 +95,39 @@ async def main(n: int) -> None:
             )
         append_single = single / (time.perf_counter() - t0)
 
+        # 16 concurrent writers, one single-event append per transaction, each to its own
+        # streams; floor: bare single-row INSERT + commit from 16 concurrent connections.
+        writers = 16
+        per_writer = max(50, n // 40)
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE bare_single (id uuid, stream text, v int, payload jsonb)")
+
+        async def bare_writer(w: int) -> None:
+            async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as c:
+                for i in range(per_writer):
+                    await c.execute(
+                        "INSERT INTO bare_single VALUES (%s, %s, %s, %s)",
+                        (uuid.uuid4(), f"w{w}", i, Jsonb(PAYLOAD)),
+                    )
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(bare_writer(w) for w in range(writers)))
+        bare_concurrent = writers * per_writer / (time.perf_counter() - t0)
+
+        wide_pool = await open_pool(url, min_size=writers, max_size=writers)
+        wide = EventStore(wide_pool)
+
+        async def store_writer(w: int) -> None:
+            for i in range(per_writer):
+                run = f"conc{w}-{i % 5}"
+                await wide.append(stream_id_for("bench", "run", run), [event("bench", run, i)])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(store_writer(w) for w in range(writers)))
+        append_concurrent = writers * per_writer / (time.perf_counter() - t0)
+        await wide_pool.close()
+        single += writers * per_writer
+
         t0 = time.perf_counter()
         for start in range(0, n, 500):
             run = f"batch{start // 500}"
@@ -103,8 +136,14 @@ async def main(n: int) -> None:
             )
         append_batched = n / (time.perf_counter() - t0)
 
-        print("append (PostgreSQL event store, hash-chained, serialised appends)")
+        print("append (PostgreSQL event store, hash-chained, per-stream locks)")
         line("append, one event per transaction", append_single, "events/s")
+        line(
+            f"append, one event per tx, {writers} writers",
+            append_concurrent,
+            "events/s",
+            bare_concurrent,
+        )
         line("append, 500 events per transaction", append_batched, "events/s", bare_insert)
 
         # Relay: everything appended so far is pending.
@@ -113,14 +152,14 @@ async def main(n: int) -> None:
         t0 = time.perf_counter()
         async with await psycopg.AsyncConnection.connect(
             url, autocommit=True, row_factory=dict_row
-        ) as c:
-            await c.execute(
+        ) as rc:
+            await rc.execute(
                 "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
                 "ON CONFLICT DO NOTHING"
             )
             published = 0
             while published < pending:
-                published += await relay.relay_once(c)
+                published += await relay.relay_once(rc)
         relay_rate = pending / (time.perf_counter() - t0)
 
         # Floor: bare pipelined publish of the same number of messages to a scratch stream.

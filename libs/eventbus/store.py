@@ -1,27 +1,45 @@
 """The append-only event store on PostgreSQL.
 
-Appends take one transaction-scoped advisory lock, so appending transactions commit one at a time
-and the global ``position`` is handed out in commit order. That is what lets the relay follow the
-table with a plain ``position > checkpoint`` cursor and never skip an event whose transaction
-committed after a later-numbered one (sequence values are not commit order).
+Appends to different streams commit in parallel, so PostgreSQL can flush many of them with one
+WAL write (group commit). What keeps the log exact without a global lock:
+
+* **Per stream**, an append takes a transaction-scoped advisory lock on each of its streams (in
+  one global order, so two multi-stream appends cannot deadlock) and holds it until commit.
+  Appends to one stream therefore still run one after the other: ``expected_version`` and the
+  hash chain stay exact.
+* **Across streams**, the log's one total order is ``(log_xid, position)``. ``position`` comes
+  from a sequence and is handed out at insert time, not at commit, so a reader following
+  ``position`` alone could pass an event whose transaction commits later. ``log_xid`` is the
+  appending transaction's id, raised to the previous ``log_xid`` of any stream it appends to when
+  that is higher, so it never decreases along a stream. Every transaction with an id below
+  ``pg_snapshot_xmin(pg_current_snapshot())`` has ended and no new one can get such an id, so
+  every event with ``log_xid`` below that horizon is already visible and none can appear there
+  later. Readers of the whole log (the relay, :meth:`EventStore.read_log`) stay below it, which
+  makes them gap-free.
+* ``position`` is still unique, and increasing along each stream and along causality (an event
+  appended after another committed has a higher position), so it stays a fine sort key inside a
+  run's history; it is only not a cursor for the whole log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import psycopg.errors
+from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope
-from libs.errors import ConcurrencyError, InvalidInput
-from libs.eventbus.db import AsyncConn, transaction
+from libs.errors import ConcurrencyError, InvalidInput, MissionControlError
+from libs.eventbus.db import AsyncConn, transaction, translate
 
-APPEND_LOCK = 7_231_000
 # The largest event the store accepts, as JSON. NATS servers refuse messages over their
 # max_payload (1 MB by default); an event the relay can never publish would block every event
 # behind it, so it is refused here, where the caller still gets the error.
@@ -29,11 +47,44 @@ MAX_EVENT_BYTES = 900 * 1024
 NOTIFY_CHANNEL = "mc_events"
 GENESIS = b"\x00" * 32
 
+# A stream's advisory-lock key is hashtextextended(stream_id, 0). policy-admission takes the same
+# key on a run's stream, so admissions of a run serialise with each other and with appends to the
+# run (advisory locks are re-entrant within a session: an append to a stream whose lock the
+# caller's transaction already holds does not wait on itself).
+
+# Only events below this are read from the whole log: see the module docstring.
+HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
+
 _COLUMNS = (
     "position, event_id, event_type, schema_version, tenant_id, stream_id, stream_version, "
     "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload, "
     "prev_hash, hash"
 )
+_CHUNK = 2000
+_ROW = "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s::text::xid8)"
+_UNIQUE_VERSION = re.compile(r"\(stream_id, stream_version\)=\((.*), (\d+)\)")
+
+
+@dataclass(frozen=True, order=True)
+class LogCursor:
+    """A point in the log's total order: just after the event at ``(log_xid, position)``.
+
+    ``LogCursor()`` is the start of the log.
+    """
+
+    log_xid: int = 0
+    position: int = 0
+
+
+START = LogCursor()
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Events read from the log in its order, and the cursor to read on from."""
+
+    events: list[EventEnvelope]
+    cursor: LogCursor
 
 
 def chain_hash(prev_hash: bytes, envelope: EventEnvelope, body: bytes | None = None) -> bytes:
@@ -99,11 +150,25 @@ class EventStore:
     async def append_many(
         self, appends: Sequence[Append], *, conn: AsyncConn | None = None
     ) -> list[EventEnvelope]:
-        """Append to several streams atomically (in the caller's transaction when ``conn``)."""
+        """Append to several streams atomically (in the caller's transaction when ``conn``).
+
+        Raises :class:`~libs.errors.ConcurrencyError` when a stream is not at its
+        ``expected_version``.
+        """
         if conn is not None:
-            return await _append(conn, appends)
-        async with transaction(self.pool) as c:
-            return await _append(c, appends)
+            return await (await _write(conn, appends)).stored()
+        # A transaction of our own runs in pipeline mode: BEGIN, the locks and the heads go in
+        # one round trip, the INSERTs, the NOTIFY and the COMMIT in a second one.
+        try:
+            async with self.pool.connection() as c, c.pipeline(), c.transaction():
+                pending = await _write(cast(AsyncConn, c), appends)
+        except MissionControlError:
+            raise
+        except psycopg.errors.UniqueViolation as exc:
+            raise (_version_taken(exc, appends) or translate(exc)) from exc
+        except (psycopg.Error, OSError) as exc:
+            raise translate(exc) from exc
+        return await pending.stored()
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, *, conn: AsyncConn | None = None
@@ -138,37 +203,59 @@ class EventStore:
             out[row["stream_id"]].append(row_to_envelope(row))
         return out
 
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000, *, tenant_id: str | None = None
-    ) -> list[EventEnvelope]:
-        """Up to ``limit`` events with ``position > after_position``, in store order."""
-        if tenant_id is None:
-            q = (
-                f"SELECT {_COLUMNS} FROM eventstore.events WHERE position > %s "
-                "ORDER BY position LIMIT %s"
-            )
-            args: tuple[Any, ...] = (after_position, limit)
-        else:
-            q = (
-                f"SELECT {_COLUMNS} FROM eventstore.events WHERE tenant_id = %s AND position > %s "
-                "ORDER BY position LIMIT %s"
-            )
-            args = (tenant_id, after_position, limit)
+    async def read_log(
+        self, after: LogCursor = START, limit: int = 1000, *, tenant_id: str | None = None
+    ) -> LogPage:
+        """Up to ``limit`` events after ``after`` in log order, below the visibility horizon.
+
+        Gap-free: an event not returned because it is not visible yet always comes after the
+        returned cursor (see the module docstring).
+        """
+        tenant = "tenant_id = %s AND " if tenant_id is not None else ""
+        args: list[Any] = [tenant_id] if tenant_id is not None else []
+        args += [str(after.log_xid), after.position, limit]
         async with transaction(self.pool) as c:
-            cur = await c.execute(q, args)
-            return [row_to_envelope(r) for r in await cur.fetchall()]
+            cur = await c.execute(
+                f"SELECT {_COLUMNS}, log_xid::text AS log_xid_text FROM eventstore.events "
+                f"WHERE {tenant}(log_xid, position) > (%s::text::xid8, %s) "
+                f"AND log_xid < {HORIZON} ORDER BY log_xid, position LIMIT %s",
+                args,
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            return LogPage([], after)
+        last = rows[-1]
+        return LogPage(
+            [row_to_envelope(r) for r in rows],
+            LogCursor(int(last["log_xid_text"]), last["position"]),
+        )
+
+    async def read_all(
+        self,
+        after_position: int | LogCursor = 0,
+        limit: int = 1000,
+        *,
+        tenant_id: str | None = None,
+    ) -> list[EventEnvelope]:
+        """Up to ``limit`` events in log order after a point, below the visibility horizon.
+
+        ``after_position`` is a :class:`LogCursor`, ``0`` for the start of the log, or the
+        position of a stored event to read on from (its place in the log is looked up).
+        """
+        after = await self._cursor_at(after_position)
+        return (await self.read_log(after, limit, tenant_id=tenant_id)).events
 
     async def iter_all(
-        self, after_position: int = 0, batch: int = 5000
+        self, after_position: int | LogCursor = 0, batch: int = 5000
     ) -> AsyncIterator[list[EventEnvelope]]:
-        """The whole log in batches, for rebuilds and verification."""
-        pos = after_position
+        """The whole log in batches, in log order, for rebuilds and verification."""
+        cursor = await self._cursor_at(after_position)
         while True:
-            rows = await self.read_all(pos, batch)
-            if not rows:
+            page = await self.read_log(cursor, batch)
+            if not page.events:
                 return
-            yield rows
-            pos = rows[-1].position or pos
+            yield page.events
+            cursor = page.cursor
 
     async def head_position(self) -> int:
         """The highest position in the store (0 when empty)."""
@@ -177,26 +264,81 @@ class EventStore:
             row = await cur.fetchone()
             return int(row["p"]) if row else 0
 
+    async def _cursor_at(self, after: int | LogCursor) -> LogCursor:
+        if isinstance(after, LogCursor):
+            return after
+        if after <= 0:
+            return START
+        async with transaction(self.pool) as c:
+            cur = await c.execute(
+                "SELECT log_xid::text AS x FROM eventstore.events WHERE position = %s", (after,)
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise InvalidInput(f"no event at position {after} to read on from")
+        return LogCursor(int(row["x"]), after)
 
-async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
-    if not any(a.events for a in appends):
-        return []
-    # Held until this transaction ends: appends commit one at a time, in position order.
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    out: list[EventEnvelope] = []
+
+async def _lock_streams(conn: AsyncConn, stream_ids: list[str]) -> None:
+    """Take every stream's advisory lock until the transaction ends, in ascending key order."""
+    if len(stream_ids) == 1:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", stream_ids)
+        return
+    # One global order of keys: two transactions locking overlapping sets cannot deadlock. The
+    # aggregate consumes the sorted subquery row by row, so the locks are taken in that order.
+    await conn.execute(
+        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT hashtextextended(s, 0) "
+        "AS k FROM unnest(%s::text[]) AS s ORDER BY k) AS keys",
+        (stream_ids,),
+    )
+
+
+@dataclass
+class _Pending:
+    """Events whose INSERTs are sent; positions are read once their results are in."""
+
+    stamped: list[EventEnvelope]
+    inserts: list[psycopg.AsyncCursor[dict[str, Any]]]
+
+    async def stored(self) -> list[EventEnvelope]:
+        returned = [ret for cur in self.inserts for ret in await cur.fetchall()]
+        return [
+            env.model_copy(update={"position": ret["position"], "recorded_at": ret["recorded_at"]})
+            for env, ret in zip(self.stamped, returned, strict=True)
+        ]
+
+
+async def _write(conn: AsyncConn, appends: Sequence[Append]) -> _Pending:
+    """Lock the streams, check versions, chain and send the INSERTs (results may still be due)."""
+    appends = [a for a in appends if a.events]
+    if not appends:
+        return _Pending([], [])
+    stream_ids = sorted({a.stream_id for a in appends})
+    # Locks and heads go in one round trip (a pipeline); the heads are read by a statement that
+    # starts after the locks are held, so it sees every append that committed before them. Our
+    # own transaction id is taken there too (if the caller's transaction has none yet), after
+    # the locks.
+    async with conn.pipeline():
+        await _lock_streams(conn, stream_ids)
+        cur = await conn.execute(
+            "SELECT s.stream_id, h.stream_version, h.hash, h.log_xid::text AS log_xid, "
+            "pg_current_xact_id()::text AS own FROM unnest(%s::text[]) AS s (stream_id) "
+            "LEFT JOIN LATERAL (SELECT stream_version, hash, log_xid FROM eventstore.events e "
+            "WHERE e.stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) h ON true",
+            (stream_ids,),
+        )
+    heads: dict[str, tuple[int, bytes]] = {}
+    log_xid = 0
+    for row in await cur.fetchall():
+        log_xid = max(log_xid, int(row["own"]), int(row["log_xid"] or 0))
+        if row["stream_version"] is None:
+            heads[row["stream_id"]] = (0, GENESIS)
+        else:
+            heads[row["stream_id"]] = (int(row["stream_version"]), bytes(row["hash"]))
     rows: list[tuple[Any, ...]] = []
     stamped: list[EventEnvelope] = []
     for a in appends:
-        if not a.events:
-            continue
-        cur = await conn.execute(
-            "SELECT stream_version, hash FROM eventstore.events WHERE stream_id = %s "
-            "ORDER BY stream_version DESC LIMIT 1",
-            (a.stream_id,),
-        )
-        last = await cur.fetchone()
-        version = int(last["stream_version"]) if last else 0
-        prev = bytes(last["hash"]) if last else GENESIS
+        version, prev = heads[a.stream_id]
         if a.expected_version is not None and a.expected_version != version:
             raise ConcurrencyError(a.stream_id, a.expected_version, version)
         for e in a.events:
@@ -233,27 +375,51 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
             )
             stamped.append(env)
             prev = h
-    # One multi-row INSERT per chunk: PostgreSQL caps a statement at 65,535 parameters.
-    for start in range(0, len(rows), 2000):
-        chunk = rows[start : start + 2000]
-        placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(chunk))
-        params: list[Any] = []
-        for r in chunk:
-            params.extend([*r[:10], Jsonb(r[10]), Jsonb(r[11]), r[12], r[13]])
-        cur = await conn.execute(
-            "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
-            "stream_id, stream_version, occurred_at, correlation_id, causation_id, actor, "
-            f"trace_context, payload, prev_hash, hash) VALUES {placeholders} "
-            "RETURNING position, recorded_at",
-            params,
-        )
-        returned = await cur.fetchall()
-        for env, ret in zip(stamped[start : start + 2000], returned, strict=True):
-            out.append(
-                env.model_copy(
-                    update={"position": ret["position"], "recorded_at": ret["recorded_at"]}
+        heads[a.stream_id] = (version, prev)
+    xid = str(log_xid)
+    inserts: list[psycopg.AsyncCursor[dict[str, Any]]] = []
+    # In a pipeline the INSERTs and the NOTIFY go in one round trip; when the caller's connection
+    # is in pipeline mode already, they wait there for its COMMIT.
+    in_pipeline = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+    try:
+        async with contextlib.nullcontext() if in_pipeline else conn.pipeline():
+            # One multi-row INSERT per chunk: PostgreSQL caps a statement at 65,535 parameters.
+            for start in range(0, len(rows), _CHUNK):
+                chunk = rows[start : start + _CHUNK]
+                placeholders = ",".join([_ROW] * len(chunk))
+                params: list[Any] = []
+                for r in chunk:
+                    params.extend([*r[:10], Jsonb(r[10]), Jsonb(r[11]), r[12], r[13], xid])
+                inserts.append(
+                    await conn.execute(
+                        "INSERT INTO eventstore.events (event_id, event_type, schema_version, "
+                        "tenant_id, stream_id, stream_version, occurred_at, correlation_id, "
+                        "causation_id, actor, trace_context, payload, prev_hash, hash, log_xid) "
+                        f"VALUES {placeholders} RETURNING position, recorded_at",
+                        params,
+                    )
                 )
-            )
-    # Delivered at commit only; wakes the relay without polling.
-    await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
-    return out
+            # Delivered at commit only; wakes the relay without polling.
+            await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+    except psycopg.errors.UniqueViolation as exc:
+        taken = _version_taken(exc, appends)
+        if taken is None:  # another unique key, e.g. an event id stored twice
+            raise
+        raise taken from exc
+    return _Pending(stamped, inserts)
+
+
+def _version_taken(
+    exc: psycopg.errors.UniqueViolation, appends: Sequence[Append]
+) -> ConcurrencyError | None:
+    """A stream version stored meanwhile by a writer that bypassed the stream lock.
+
+    Every append takes the lock, so this needs a foreign writer; it is still a conflict the
+    caller can retry, never an internal error.
+    """
+    found = _UNIQUE_VERSION.search(exc.diag.message_detail or "")
+    if found is None:
+        return None
+    stream_id, version = found.group(1), int(found.group(2))
+    expected = next((a.expected_version for a in appends if a.stream_id == stream_id), None)
+    return ConcurrencyError(stream_id, expected, version)
