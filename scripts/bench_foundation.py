@@ -1,7 +1,9 @@
 """Foundation benchmark: event-store appends, relay throughput, publish-to-consume latency.
 
-Each figure is printed beside its floor, measured in the same run on the same servers:
-bare batched INSERT for appends, bare pipelined JetStream publish for the relay.
+Each figure is printed beside its floor, measured in the same run on the same servers: bare
+batched INSERT for batched appends, bare single-row INSERT + commit from as many concurrent
+connections for concurrent single-event appends, bare pipelined JetStream publish (one message
+per event) for the relay.
 
     python scripts/bench_foundation.py [--events 20000]
 """
@@ -12,12 +14,14 @@ import argparse
 import asyncio
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -30,7 +34,13 @@ from libs.eventbus.jetstream import ConsumerSpec, connect, ensure_consumer, ensu
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.eventbus.relay import Relay
 from libs.eventbus.store import EventStore
-from libs.runtime.embedded import start_nats, start_postgres
+from libs.runtime.embedded import (
+    ServerProcess,
+    nats_server_binary,
+    start_nats,
+    start_postgres,
+    wait_for_port,
+)
 
 PAYLOAD = {"text": "x" * 800}  # about 1 KB per event, like a step with a short prompt
 
@@ -43,6 +53,39 @@ def event(tenant: str, run: str, i: int):  # type: ignore[no-untyped-def]
         correlation_id="bench",
         actor="bench",
     )
+
+
+async def relay_throughput(
+    url: str, js: JetStreamContext, pending: int, *, atomic: bool, name: str
+) -> float:
+    """Events/s of one relay publishing the whole store from the start of the log."""
+    relay = Relay(url, js, name=name, batch_size=1000, in_flight=512, atomic=atomic)
+    t0 = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, row_factory=dict_row
+    ) as rc:
+        await rc.execute(
+            "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES (%s, 0)", (name,)
+        )
+        published = 0
+        while published < pending:
+            published += await relay.relay_once(rc)
+    return pending / (time.perf_counter() - t0)
+
+
+def start_nats_default_sync(data_dir: Path) -> ServerProcess:
+    """An embedded NATS server with JetStream's default sync_interval (fsync every 2 minutes)."""
+    server = start_nats(data_dir)
+    server.stop()
+    conf = data_dir / "nats" / "nats.conf"
+    conf.write_text(conf.read_text().replace("  sync_interval: always\n", ""))
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(server.port, 20, proc)
+    return ServerProcess("nats", proc, server.port, server.url, server.extra)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -146,21 +189,27 @@ async def main(n: int) -> None:
         )
         line("append, 500 events per transaction", append_batched, "events/s", bare_insert)
 
-        # Relay: everything appended so far is pending.
+        # Relay: everything appended so far is pending. The same events go to three servers:
+        # atomic batches and the old one-message-per-event pipelining on sync_interval: always,
+        # and atomic batches on the default sync_interval.
         pending = single + n
-        relay = Relay(url, js, batch_size=1000, in_flight=512)
-        t0 = time.perf_counter()
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, row_factory=dict_row
-        ) as rc:
-            await rc.execute(
-                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
-                "ON CONFLICT DO NOTHING"
-            )
-            published = 0
-            while published < pending:
-                published += await relay.relay_once(rc)
-        relay_rate = pending / (time.perf_counter() - t0)
+        relay_rate = await relay_throughput(url, js, pending, atomic=True, name="default")
+        nats_b = start_nats(base / "b")
+        nats_c = start_nats_default_sync(base / "c")
+        try:
+            nc_b = await connect(nats_b.url, "bench-b")
+            js_b = nc_b.jetstream()
+            await ensure_streams(js_b)
+            pipelined = await relay_throughput(url, js_b, pending, atomic=False, name="pipe")
+            await nc_b.close()
+            nc_c = await connect(nats_c.url, "bench-c")
+            js_c = nc_c.jetstream()
+            await ensure_streams(js_c)
+            default_sync = await relay_throughput(url, js_c, pending, atomic=True, name="dflt")
+            await nc_c.close()
+        finally:
+            nats_b.stop()
+            nats_c.stop()
 
         # Floor: bare pipelined publish of the same number of messages to a scratch stream.
         await js.add_stream(StreamConfig(name="BARE", subjects=["bare.>"]))
@@ -174,8 +223,10 @@ async def main(n: int) -> None:
                 )
             )
         bare_pub = pending / (time.perf_counter() - t0)
-        print("relay (store -> JetStream, in store order, Nats-Msg-Id dedup)")
-        line("relay throughput", relay_rate, "events/s", bare_pub)
+        print("relay (store -> JetStream, in log order, Nats-Msg-Id dedup)")
+        line("relay, atomic batches, sync_interval always", relay_rate, "events/s", bare_pub)
+        line("relay, one message per event (pipelined)", pipelined, "events/s", bare_pub)
+        line("relay, atomic batches, default sync_interval", default_sync, "events/s", bare_pub)
 
         # Publish-to-consume latency: append one event at a time, relay running, consumer waiting.
         relay_task = asyncio.create_task(Relay(url, js, idle_wait=1.0).run())
