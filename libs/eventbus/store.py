@@ -23,7 +23,6 @@ WAL write (group commit). What keeps the log exact without a global lock:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -31,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import psycopg.errors
-from psycopg import pq
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -60,8 +58,9 @@ _COLUMNS = (
     "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload, "
     "prev_hash, hash"
 )
-_CHUNK = 2000
-_ROW = "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s::text::xid8)"
+_VERSION_SLOT = b'"stream_version":0,"tenant_id":'
+_VERSION_AT = len(b'"stream_version":')
+_WRONG_VERSION = "MC409"  # raised by eventstore.append_events
 _UNIQUE_VERSION = re.compile(r"\(stream_id, stream_version\)=\((.*), (\d+)\)")
 
 
@@ -156,19 +155,21 @@ class EventStore:
         ``expected_version``.
         """
         if conn is not None:
-            return await (await _write(conn, appends)).stored()
-        # A transaction of our own runs in pipeline mode: BEGIN, the locks and the heads go in
-        # one round trip, the INSERTs, the NOTIFY and the COMMIT in a second one.
+            return await _append(conn, appends)
         try:
-            async with self.pool.connection() as c, c.pipeline(), c.transaction():
-                pending = await _write(cast(AsyncConn, c), appends)
+            async with self.pool.connection() as c:
+                # The append is one statement, so outside a caller's transaction it runs as its
+                # own transaction: one round trip, no BEGIN or COMMIT of its own.
+                await c.set_autocommit(True)
+                try:
+                    return await _append(cast(AsyncConn, c), appends)
+                finally:
+                    if not c.closed:
+                        await c.set_autocommit(False)
         except MissionControlError:
             raise
-        except psycopg.errors.UniqueViolation as exc:
-            raise (_version_taken(exc, appends) or translate(exc)) from exc
         except (psycopg.Error, OSError) as exc:
             raise translate(exc) from exc
-        return await pending.stored()
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, *, conn: AsyncConn | None = None
@@ -279,134 +280,84 @@ class EventStore:
         return LogCursor(int(row["x"]), after)
 
 
-async def _lock_streams(conn: AsyncConn, stream_ids: list[str]) -> None:
-    """Take every stream's advisory lock until the transaction ends, in ascending key order."""
-    if len(stream_ids) == 1:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", stream_ids)
-        return
-    # One global order of keys: two transactions locking overlapping sets cannot deadlock. The
-    # aggregate consumes the sorted subquery row by row, so the locks are taken in that order.
-    await conn.execute(
-        "SELECT count(pg_advisory_xact_lock(k)) FROM (SELECT DISTINCT hashtextextended(s, 0) "
-        "AS k FROM unnest(%s::text[]) AS s ORDER BY k) AS keys",
-        (stream_ids,),
-    )
-
-
-@dataclass
-class _Pending:
-    """Events whose INSERTs are sent; positions are read once their results are in."""
-
-    stamped: list[EventEnvelope]
-    inserts: list[psycopg.AsyncCursor[dict[str, Any]]]
-
-    async def stored(self) -> list[EventEnvelope]:
-        returned = [ret for cur in self.inserts for ret in await cur.fetchall()]
-        return [
-            env.model_copy(update={"position": ret["position"], "recorded_at": ret["recorded_at"]})
-            for env, ret in zip(self.stamped, returned, strict=True)
-        ]
-
-
-async def _write(conn: AsyncConn, appends: Sequence[Append]) -> _Pending:
-    """Lock the streams, check versions, chain and send the INSERTs (results may still be due)."""
-    appends = [a for a in appends if a.events]
-    if not appends:
-        return _Pending([], [])
-    stream_ids = sorted({a.stream_id for a in appends})
-    # Locks and heads go in one round trip (a pipeline); the heads are read by a statement that
-    # starts after the locks are held, so it sees every append that committed before them. Our
-    # own transaction id is taken there too (if the caller's transaction has none yet), after
-    # the locks.
-    async with conn.pipeline():
-        await _lock_streams(conn, stream_ids)
-        cur = await conn.execute(
-            "SELECT s.stream_id, h.stream_version, h.hash, h.log_xid::text AS log_xid, "
-            "pg_current_xact_id()::text AS own FROM unnest(%s::text[]) AS s (stream_id) "
-            "LEFT JOIN LATERAL (SELECT stream_version, hash, log_xid FROM eventstore.events e "
-            "WHERE e.stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) h ON true",
-            (stream_ids,),
-        )
-    heads: dict[str, tuple[int, bytes]] = {}
-    log_xid = 0
-    for row in await cur.fetchall():
-        log_xid = max(log_xid, int(row["own"]), int(row["log_xid"] or 0))
-        if row["stream_version"] is None:
-            heads[row["stream_id"]] = (0, GENESIS)
-        else:
-            heads[row["stream_id"]] = (int(row["stream_version"]), bytes(row["hash"]))
-    rows: list[tuple[Any, ...]] = []
+async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
+    """Send the append to ``eventstore.append_events`` (migration 0002), which locks, checks,
+    chains and inserts in one statement; return the events as stored."""
+    cols: list[list[Any]] = [[] for _ in range(14)]
     stamped: list[EventEnvelope] = []
     for a in appends:
-        version, prev = heads[a.stream_id]
-        if a.expected_version is not None and a.expected_version != version:
-            raise ConcurrencyError(a.stream_id, a.expected_version, version)
+        expected = a.expected_version
         for e in a.events:
             if e.stream_id != a.stream_id:
                 raise InvalidInput(f"event {e.event_id} is for {e.stream_id}, not {a.stream_id}")
-            version += 1
-            env = e.model_copy(update={"stream_version": version})
-            # The canonical JSON is serialised once: it sizes the event and feeds the chain.
-            body = canonical_json(env.hashed_fields())
+            # The canonical JSON is serialised once, with version 0: it sizes the event and,
+            # split around the version, lets the database chain it at its real version.
+            body = canonical_json(e.model_copy(update={"stream_version": 0}).hashed_fields())
             if len(body) > MAX_EVENT_BYTES:
                 raise InvalidInput(
                     f"{e.event_type} event is {len(body):,} bytes of JSON, over the limit of "
                     f"{MAX_EVENT_BYTES:,}: store large inputs and outputs elsewhere and record a "
                     "reference"
                 )
-            h = chain_hash(prev, env, body)
-            rows.append(
-                (
-                    env.event_id,
-                    env.event_type,
-                    env.schema_version,
-                    env.tenant_id,
-                    env.stream_id,
-                    version,
-                    env.occurred_at,
-                    env.correlation_id,
-                    env.causation_id,
-                    env.actor,
-                    env.trace_context.model_dump(),
-                    env.payload,
-                    prev,
-                    h,
-                )
+            # Keys are sorted, so the envelope's own stream_version is the last one followed by
+            # tenant_id (a payload key of that name sorts before "schema_version").
+            cut = body.rfind(_VERSION_SLOT)
+            values = (
+                e.event_id,
+                e.event_type,
+                e.schema_version,
+                e.tenant_id,
+                e.stream_id,
+                e.occurred_at,
+                e.correlation_id,
+                e.causation_id,
+                e.actor,
+                Jsonb(e.trace_context.model_dump()),
+                Jsonb(e.payload),
+                body[: cut + _VERSION_AT],
+                body[cut + _VERSION_AT + 1 :],
+                expected,
             )
-            stamped.append(env)
-            prev = h
-        heads[a.stream_id] = (version, prev)
-    xid = str(log_xid)
-    inserts: list[psycopg.AsyncCursor[dict[str, Any]]] = []
-    # In a pipeline the INSERTs and the NOTIFY go in one round trip; when the caller's connection
-    # is in pipeline mode already, they wait there for its COMMIT.
-    in_pipeline = conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+            for col, value in zip(cols, values, strict=True):
+                col.append(value)
+            stamped.append(e)
+            expected = None  # checked at the first event of each Append
+    if not stamped:
+        return []
     try:
-        async with contextlib.nullcontext() if in_pipeline else conn.pipeline():
-            # One multi-row INSERT per chunk: PostgreSQL caps a statement at 65,535 parameters.
-            for start in range(0, len(rows), _CHUNK):
-                chunk = rows[start : start + _CHUNK]
-                placeholders = ",".join([_ROW] * len(chunk))
-                params: list[Any] = []
-                for r in chunk:
-                    params.extend([*r[:10], Jsonb(r[10]), Jsonb(r[11]), r[12], r[13], xid])
-                inserts.append(
-                    await conn.execute(
-                        "INSERT INTO eventstore.events (event_id, event_type, schema_version, "
-                        "tenant_id, stream_id, stream_version, occurred_at, correlation_id, "
-                        "causation_id, actor, trace_context, payload, prev_hash, hash, log_xid) "
-                        f"VALUES {placeholders} RETURNING position, recorded_at",
-                        params,
-                    )
-                )
-            # Delivered at commit only; wakes the relay without polling.
-            await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+        cur = await conn.execute(
+            "SELECT o_event_id, o_version, o_position, o_recorded_at FROM "
+            "eventstore.append_events(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[], "
+            "%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], "
+            "%s::bytea[], %s::bytea[], %s::bigint[])",
+            cols,
+        )
+        rows = {r["o_event_id"]: r for r in await cur.fetchall()}
     except psycopg.errors.UniqueViolation as exc:
         taken = _version_taken(exc, appends)
         if taken is None:  # another unique key, e.g. an event id stored twice
             raise
         raise taken from exc
-    return _Pending(stamped, inserts)
+    except psycopg.Error as exc:
+        if exc.sqlstate != _WRONG_VERSION:
+            raise
+        diag = exc.diag
+        raise ConcurrencyError(
+            diag.message_primary or "", int(diag.message_hint or 0), int(diag.message_detail or 0)
+        ) from exc
+    out: list[EventEnvelope] = []
+    for e in stamped:
+        r = rows[e.event_id]
+        out.append(
+            e.model_copy(
+                update={
+                    "stream_version": r["o_version"],
+                    "position": r["o_position"],
+                    "recorded_at": r["o_recorded_at"],
+                }
+            )
+        )
+    return out
 
 
 def _version_taken(

@@ -239,7 +239,7 @@ async def test_a_version_taken_by_a_writer_that_bypassed_the_lock_is_a_concurren
             with psycopg.connect(system.admin_url, autocommit=True) as c:
                 row = c.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO eventstore.events%%'"
+                    "AND query LIKE '%%eventstore.append_events%%'"
                 ).fetchone()
             return bool(row and row[0])
 
