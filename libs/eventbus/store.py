@@ -283,7 +283,7 @@ class EventStore:
 async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
     """Send the append to ``eventstore.append_events`` (migration 0002), which locks, checks,
     chains and inserts in one statement; return the events as stored."""
-    cols: list[list[Any]] = [[] for _ in range(14)]
+    docs: list[dict[str, Any]] = []
     stamped: list[EventEnvelope] = []
     for a in appends:
         expected = a.expected_version
@@ -292,7 +292,8 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
                 raise InvalidInput(f"event {e.event_id} is for {e.stream_id}, not {a.stream_id}")
             # The canonical JSON is serialised once, with version 0: it sizes the event and,
             # split around the version, lets the database chain it at its real version.
-            body = canonical_json(e.model_copy(update={"stream_version": 0}).hashed_fields())
+            fields = e.model_copy(update={"stream_version": 0}).hashed_fields()
+            body = canonical_json(fields)
             if len(body) > MAX_EVENT_BYTES:
                 raise InvalidInput(
                     f"{e.event_type} event is {len(body):,} bytes of JSON, over the limit of "
@@ -302,24 +303,11 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
             # Keys are sorted, so the envelope's own stream_version is the last one followed by
             # tenant_id (a payload key of that name sorts before "schema_version").
             cut = body.rfind(_VERSION_SLOT)
-            values = (
-                e.event_id,
-                e.event_type,
-                e.schema_version,
-                e.tenant_id,
-                e.stream_id,
-                e.occurred_at,
-                e.correlation_id,
-                e.causation_id,
-                e.actor,
-                Jsonb(e.trace_context.model_dump()),
-                Jsonb(e.payload),
-                body[: cut + _VERSION_AT],
-                body[cut + _VERSION_AT + 1 :],
-                expected,
-            )
-            for col, value in zip(cols, values, strict=True):
-                col.append(value)
+            fields["occurred_at"] = e.occurred_at
+            fields["head"] = body[: cut + _VERSION_AT].decode()
+            fields["tail"] = body[cut + _VERSION_AT + 1 :].decode()
+            fields["expected"] = expected
+            docs.append(fields)
             stamped.append(e)
             expected = None  # checked at the first event of each Append
     if not stamped:
@@ -327,10 +315,8 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
     try:
         cur = await conn.execute(
             "SELECT o_event_id, o_version, o_position, o_recorded_at FROM "
-            "eventstore.append_events(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::text[], "
-            "%s::timestamptz[], %s::text[], %s::text[], %s::text[], %s::jsonb[], %s::jsonb[], "
-            "%s::bytea[], %s::bytea[], %s::bigint[])",
-            cols,
+            "eventstore.append_events(%s)",
+            (Jsonb(docs),),
         )
         rows = {r["o_event_id"]: r for r in await cur.fetchall()}
     except psycopg.errors.UniqueViolation as exc:

@@ -23,14 +23,24 @@ ALTER TABLE eventstore.relay_checkpoints ADD COLUMN log_xid xid8 NOT NULL DEFAUL
 -- sha256(prev_hash || head || version || tail), the same bytes libs/eventbus/store.py chains.
 -- An expected version that does not match raises SQLSTATE MC409 with the stream id as message,
 -- the actual version as detail and the expected one as hint.
-CREATE FUNCTION eventstore.append_events(
-    p_event_id uuid[], p_event_type text[], p_schema_version integer[], p_tenant_id text[],
-    p_stream_id text[], p_occurred_at timestamptz[], p_correlation_id text[],
-    p_causation_id text[], p_actor text[], p_trace_context jsonb[], p_payload jsonb[],
-    p_body_head bytea[], p_body_tail bytea[], p_expected bigint[]
-) RETURNS TABLE (o_event_id uuid, o_version bigint, o_position bigint, o_recorded_at timestamptz)
+CREATE FUNCTION eventstore.append_events(p_events jsonb)
+RETURNS TABLE (o_event_id uuid, o_version bigint, o_position bigint, o_recorded_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
+    p_event_id uuid[];
+    p_event_type text[];
+    p_schema_version integer[];
+    p_tenant_id text[];
+    p_stream_id text[];
+    p_occurred_at timestamptz[];
+    p_correlation_id text[];
+    p_causation_id text[];
+    p_actor text[];
+    p_trace_context jsonb[];
+    p_payload jsonb[];
+    p_body_head bytea[];
+    p_body_tail bytea[];
+    p_expected bigint[];
     lock_key bigint;
     s_ids text[];
     s_ver bigint[];
@@ -44,6 +54,22 @@ DECLARE
     prevs bytea[];
     hashes bytea[];
 BEGIN
+    -- The events arrive as one JSON array (one parameter, encoded once by the client).
+    SELECT array_agg(t.event_id ORDER BY x.ord), array_agg(t.event_type ORDER BY x.ord),
+        array_agg(t.schema_version ORDER BY x.ord), array_agg(t.tenant_id ORDER BY x.ord),
+        array_agg(t.stream_id ORDER BY x.ord), array_agg(t.occurred_at ORDER BY x.ord),
+        array_agg(t.correlation_id ORDER BY x.ord), array_agg(t.causation_id ORDER BY x.ord),
+        array_agg(t.actor ORDER BY x.ord), array_agg(t.trace_context ORDER BY x.ord),
+        array_agg(t.payload ORDER BY x.ord), array_agg(convert_to(t.head, 'UTF8') ORDER BY x.ord),
+        array_agg(convert_to(t.tail, 'UTF8') ORDER BY x.ord), array_agg(t.expected ORDER BY x.ord)
+    INTO p_event_id, p_event_type, p_schema_version, p_tenant_id, p_stream_id, p_occurred_at,
+        p_correlation_id, p_causation_id, p_actor, p_trace_context, p_payload, p_body_head,
+        p_body_tail, p_expected
+    FROM jsonb_array_elements(p_events) WITH ORDINALITY AS x(doc, ord),
+        LATERAL jsonb_to_record(x.doc) AS t(event_id uuid, event_type text,
+            schema_version integer, tenant_id text, stream_id text, occurred_at timestamptz,
+            correlation_id text, causation_id text, actor text, trace_context jsonb,
+            payload jsonb, head text, tail text, expected bigint);
     FOR lock_key IN
         SELECT DISTINCT hashtextextended(s, 0) FROM unnest(p_stream_id) AS s ORDER BY 1
     LOOP
