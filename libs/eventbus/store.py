@@ -19,6 +19,10 @@ WAL write (group commit). What keeps the log exact without a global lock:
 * ``position`` is still unique, and increasing along each stream and along causality (an event
   appended after another committed has a higher position), so it stays a fine sort key inside a
   run's history; it is only not a cursor for the whole log.
+
+The locking, version checks, hash chaining and INSERT run in one statement, the SQL function
+``eventstore.append_events`` (migration 0002), so an append outside a caller's transaction is one
+round trip.
 """
 
 from __future__ import annotations
