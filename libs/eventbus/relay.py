@@ -45,17 +45,26 @@ BATCH_SEQUENCE = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
 log = structlog.get_logger("relay")
 
+# The message body is the envelope as JSON, rendered by PostgreSQL: the payload is never decoded
+# and re-encoded in Python. Its keys are the envelope's fields; consumers parse it as one.
 _SELECT = (
-    "SELECT position, event_id, event_type, schema_version, tenant_id, stream_id, stream_version, "
-    "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload, "
-    "log_xid::text AS log_xid_text FROM eventstore.events "
+    "SELECT position, event_id, event_type, schema_version, tenant_id, correlation_id, "
+    "trace_context, log_xid::text AS log_xid_text, json_build_object('position', position, "
+    "'event_id', event_id, 'event_type', event_type, 'schema_version', schema_version, "
+    "'tenant_id', tenant_id, 'stream_id', stream_id, 'stream_version', stream_version, "
+    "'occurred_at', occurred_at, 'recorded_at', recorded_at, 'correlation_id', correlation_id, "
+    "'causation_id', causation_id, 'actor', actor, 'trace_context', trace_context, "
+    "'payload', payload)::text AS body FROM eventstore.events "
     f"WHERE (log_xid, position) > (%s::text::xid8, %s) AND log_xid < {HORIZON} "
     "ORDER BY log_xid, position LIMIT %s"
 )
 
 
 def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
-    """Subject, body and headers of the JetStream message for one stored event."""
+    """Subject, body and headers of the JetStream message for one stored event.
+
+    ``row`` carries the header fields and ``body``, the envelope as JSON (see ``_SELECT``).
+    """
     headers = {
         "Nats-Msg-Id": str(row["event_id"]),
         "Mc-Event-Type": row["event_type"],
@@ -68,8 +77,7 @@ def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     for key in ("traceparent", "tracestate"):
         if tc.get(key):
             headers[key] = tc[key]
-    body = orjson.dumps(row)
-    return event_subject(row["tenant_id"], row["event_type"]), body, headers
+    return event_subject(row["tenant_id"], row["event_type"]), row["body"].encode(), headers
 
 
 @dataclass
