@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import psycopg
 import psycopg.rows
@@ -273,3 +274,35 @@ async def test_append_many_to_several_streams_and_twice_to_one(
     ]
     for sid in sids:
         assert verify_chains(system.admin_url, stream_id=sid).ok
+
+
+def test_the_log_order_migration_applies_to_a_store_that_holds_events(tmp_path) -> None:
+    # Adding log_xid must neither rewrite nor UPDATE the rows (the append-only triggers would
+    # refuse), and old events and checkpoints must land at log_xid 0 in their position order.
+    from libs.eventbus.migrate import ensure_service_role
+    from libs.runtime.embedded import start_postgres
+
+    migrations = Path(__file__).resolve().parents[2] / "libs/eventbus/migrations"
+    pg = start_postgres(tmp_path)
+    try:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            ensure_service_role(conn)
+            conn.execute((migrations / "0001_event_store.sql").read_text().encode())
+            conn.execute(
+                "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
+                "stream_id, stream_version, occurred_at, correlation_id, actor, payload, "
+                "prev_hash, hash) VALUES (gen_random_uuid(), 'run.started', 1, 't', 's', 1, "
+                "now(), 'c', 'a', '{}', '\\x00', '\\x00')"
+            )
+            conn.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 1)"
+            )
+            conn.execute((migrations / "0002_log_order.sql").read_text().encode())
+            events = conn.execute("SELECT log_xid::text, position FROM eventstore.events")
+            assert events.fetchall() == [("0", 1)]
+            checkpoints = conn.execute(
+                "SELECT log_xid::text, position FROM eventstore.relay_checkpoints"
+            )
+            assert checkpoints.fetchall() == [("0", 1)]
+    finally:
+        pg.stop()
