@@ -93,15 +93,20 @@ class CommitSignal:
 
     ``NOTIFY`` inside an appending transaction would take PostgreSQL's database-wide notify lock
     and hold it through that transaction's commit (WAL flush included), which serialises every
-    appending commit again. Sent after the commit on its own, it holds that lock for a
-    transaction with no WAL flush. While one is on its way, further pokes fold into one more.
+    appending commit again. Sent after the commit on its own autocommit connection, it holds
+    that lock for a transaction with no WAL flush. Pokes that arrive while one is on its way, or
+    within ``spacing`` seconds of the last, fold into the next one: under load this is a few
+    hundred notifications a second at most, not one per append, at a cost of ``spacing`` to the
+    relay's wake-up.
     """
 
-    def __init__(self, pool: AsyncConnectionPool, channel: str) -> None:
-        self.pool = pool
+    def __init__(self, conninfo: str, channel: str, spacing: float = 0.002) -> None:
+        self.conninfo = conninfo
         self.channel = channel
+        self.spacing = spacing
         self._pending = False
         self._task: asyncio.Task[None] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
 
     def poke(self) -> None:
         """Ask for one ``NOTIFY`` after the last commit seen so far."""
@@ -110,15 +115,23 @@ class CommitSignal:
             self._task = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending:
             self._pending = False
+            sent = loop.time()
             try:
-                async with self.pool.connection() as conn:
-                    await conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
+                if self._conn is None or self._conn.closed:
+                    self._conn = await psycopg.AsyncConnection.connect(
+                        self.conninfo, autocommit=True
+                    )
+                await self._conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
             except Exception as exc:
                 # The relay also polls when idle, so a lost wake-up only costs latency.
-                log.warning("eventstore.notify_failed", error=repr(exc))
+                log.warning("eventstore.notify_failed", error=type(exc).__name__)
+                self._conn = None
                 return
+            # Spacing, not synchronisation: later commits wait at most this long to be announced.
+            await asyncio.sleep(max(0.0, self.spacing - (loop.time() - sent)))
 
 
 _signals: weakref.WeakKeyDictionary[AsyncConnectionPool, CommitSignal] = weakref.WeakKeyDictionary()
@@ -129,7 +142,10 @@ def commit_signal(pool: AsyncConnectionPool) -> CommitSignal:
     """The :class:`CommitSignal` of ``pool`` (one per pool)."""
     signal = _signals.get(pool)
     if signal is None:
-        signal = _signals[pool] = CommitSignal(pool, NOTIFY_CHANNEL)
+        conninfo = pool.conninfo
+        if not isinstance(conninfo, str):  # pools built here always have a URL
+            raise TypeError("the commit signal needs a pool opened with a connection string")
+        signal = _signals[pool] = CommitSignal(conninfo, NOTIFY_CHANNEL)
     return signal
 
 
