@@ -12,25 +12,30 @@ errors come back to the caller as the same project error classes.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from types import TracebackType
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import structlog
+from fast_depends.exceptions import ValidationError as FastDependsValidationError
+from faststream import Depends
+from faststream.message import StreamMessage
+from faststream.middlewares import BaseMiddleware
+from faststream.nats import NatsBroker, NatsMessage, NatsRouter
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
-from libs.contracts.subjects import rpc_subject
+from libs.contracts.subjects import RPC_PREFIX, rpc_subject
 from libs.observability import bind_from_headers, inject_headers
 from libs.settings import get_settings
 
@@ -107,14 +112,145 @@ class RequestMeta:
         return self.actor or f"agent:{agent_id}"
 
 
+class _SharedConnectionBroker(NatsBroker):
+    """A FastStream broker on the service's existing NATS connection.
+
+    A service holds one connection for its consumer, its publisher and its requests; a second one
+    per broker would only double the sockets and the reconnect handling. The broker neither opens
+    nor drains it: the service host owns its life.
+    """
+
+    def __init__(self, nc: NATS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._shared = nc
+
+    async def _connect(self) -> NATS:
+        self.config.connect(self._shared)
+        return self._shared
+
+    async def stop(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> None:
+        # Unsubscribe first, so that a request sent now finds another replica (or no responders)
+        # instead of waiting out its deadline while the requests in hand finish.
+        for sub in self.subscribers:
+            subscription = getattr(sub, "subscription", None)
+            if subscription is not None:
+                await subscription.unsubscribe()
+                sub.subscription = None  # type: ignore[attr-defined]
+        # NatsBroker.stop drains its connection, which belongs to the host: leave it out.
+        self._connection = None
+        await super().stop(exc_type, exc_val, exc_tb)
+
+
+async def _decode(msg: StreamMessage[Any]) -> dict[str, Any]:
+    """A request body is one JSON object; anything else is the caller's mistake (4xx)."""
+    if not msg.body:
+        return {}
+    try:
+        payload = orjson.loads(msg.body)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidInput(f"bad JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise errors.InvalidInput("request body must be a JSON object")
+    return payload
+
+
+def _invalid_input(exc: FastDependsValidationError) -> errors.InvalidInput:
+    """The first offending field of a request FastStream could not parse, as InvalidInput."""
+    original = exc.original_error
+    if isinstance(original, ValidationError) and original.errors():
+        first = original.errors()[0]
+        # FastStream validates the whole body as the handler's one model argument: its name is
+        # the first element of the location, not a field of the request.
+        loc = [str(p) for p in first["loc"]]
+        fields = [f.field_name for f in exc.error_fields] if exc.error_fields else []
+        if loc and loc[0] in fields:
+            loc = loc[1:]
+        return errors.InvalidInput(f"{'.'.join(loc) or 'body'}: {first['msg']}")
+    return errors.InvalidInput(str(original))
+
+
+class _RpcMiddleware(BaseMiddleware):
+    """What FastStream does not do for a request: the in-flight bound, ``Mc-Deadline``, logging
+    context, the ``{"ok": ...}`` envelope with typed errors, and answers too large for the bus."""
+
+    def __init__(self, msg: Any, /, *, context: Any, server: RpcServer) -> None:
+        super().__init__(msg, context=context)
+        self.server = server
+
+    async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
+        server = self.server
+        if server._working >= server.max_in_flight:
+            server.refused += 1
+            return _error_body(
+                errors.Overloaded(
+                    f"{server.service} is at its limit of {server.max_in_flight} requests "
+                    "in flight; retry shortly"
+                )
+            )
+        headers = msg.headers
+        deadline = headers.get("Mc-Deadline")
+        if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
+            server.expired += 1
+            return _error_body(
+                errors.DeadlineExceeded("the request's deadline passed before it ran")
+            )
+        bind_from_headers(headers)
+        server._working += 1
+        try:
+            result = await call_next(msg)
+            body = orjson.dumps({"ok": True, "result": result})
+        except errors.MissionControlError as exc:
+            body = _error_body(exc)
+        except FastDependsValidationError as exc:
+            body = _error_body(_invalid_input(exc))
+        except Exception as exc:
+            log.exception("rpc.handler_failed", subject=msg.raw_message.subject)
+            body = orjson.dumps(
+                {"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}}
+            )
+        finally:
+            server._working -= 1
+        return server._fit(body)
+
+
+def request_meta(message: NatsMessage) -> RequestMeta:
+    """Dependency: the :class:`RequestMeta` of the request being handled."""
+    return RequestMeta.from_headers(message.headers)
+
+
+Meta = Annotated[RequestMeta, Depends(request_meta)]
+"""A handler argument annotated ``Meta`` receives the request's :class:`RequestMeta`."""
+
+
+def request_headers(message: NatsMessage) -> dict[str, str]:
+    """Dependency: the request's headers."""
+    return dict(message.headers)
+
+
+Headers = Annotated[dict[str, str], Depends(request_headers)]
+"""A handler argument annotated ``Headers`` receives the request's headers."""
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
 class RpcServer:
     """Serves ``mc.rpc.<service>.<method>`` subjects in a queue group named after the service.
 
-    Every request runs in its own task, so one slow request does not hold up the others; at most
-    ``max_in_flight`` run at once (all routes together). A request above the bound is answered
-    ``overloaded`` straight away, and one whose ``Mc-Deadline`` has passed is answered
-    ``deadline_exceeded`` without being worked on: the caller has given up, so the work would only
-    add load.
+    The routes are FastStream NATS subscribers on a :class:`~faststream.nats.NatsRouter`
+    (:attr:`router`): a handler's arguments are parsed from the JSON body by pydantic, and
+    the router is what the AsyncAPI document is generated from (``scripts/gen_asyncapi.py``).
+    Register typed handlers with :meth:`handler`, or ``handler(payload, headers)`` ones with
+    :meth:`route`.
+
+    Requests run concurrently; at most ``max_in_flight`` are worked on at once (all routes
+    together). A request above the bound is answered ``overloaded`` straight away, and one whose
+    ``Mc-Deadline`` has passed is answered ``deadline_exceeded`` without being worked on: the
+    caller has given up, so the work would only add load.
     """
 
     def __init__(self, nc: NATS, service: str, *, max_in_flight: int | None = None) -> None:
@@ -125,9 +261,9 @@ class RpcServer:
         )
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._routes: dict[str, RpcHandler] = {}
-        self._subs: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.router = NatsRouter(prefix=f"{RPC_PREFIX}.{service}.")
+        self._broker: NatsBroker | None = None
+        self._working = 0
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
@@ -137,95 +273,79 @@ class RpcServer:
     @property
     def in_flight(self) -> int:
         """Requests being worked on now."""
-        return len(self._tasks)
+        return self._working
+
+    def handler(self, method: str, *, description: str | None = None) -> Callable[[F], F]:
+        """Decorator: serve ``method`` with a FastStream handler.
+
+        Its one model argument is validated from the body (a bad body answers ``invalid_input``
+        naming the field); :data:`Meta` and :data:`Headers` arguments receive the request's
+        metadata. It returns the result, or raises a project error.
+        """
+
+        def register(func: F) -> F:
+            self.router.subscriber(
+                method,
+                queue=self.service,
+                # Every route may take the whole bound, plus as many again for the refusals
+                # answered while the bound is full: a refusal is only fast if it never waits
+                # for a worker behind requests being worked on.
+                max_workers=2 * self.max_in_flight,
+                decoder=_decode,
+                title=f"{RPC_PREFIX}.{self.service}.{method}",
+                description=description or func.__doc__,
+            )(func)
+            return func
+
+        return register
 
     def route(self, method: str, handler: RpcHandler) -> None:
-        """Register ``handler(payload, headers) -> result`` for ``method``."""
-        self._routes[method] = handler
+        """Register ``handler(payload, headers) -> result`` for ``method`` (an untyped body)."""
+
+        async def call(body: dict[str, Any], headers: Headers) -> Any:
+            return await handler(body, headers)
+
+        call.__name__ = method
+        self.handler(method, description=handler.__doc__)(call)
+
+    def broker(self) -> NatsBroker:
+        """A FastStream broker on this server's connection, with its routes and middlewares."""
+        broker = _SharedConnectionBroker(
+            self.nc,
+            middlewares=(
+                NatsTelemetryMiddleware(),
+                partial(_RpcMiddleware, server=self),
+            ),
+            # Every request is logged by the handlers that need it; FastStream's per-message
+            # lines would double them.
+            logger=None,
+            graceful_timeout=STOP_TIMEOUT_S,
+        )
+        broker.include_router(self.router)
+        return broker
 
     async def start(self) -> None:
         """Subscribe every registered route."""
-        for method, handler in self._routes.items():
-            sub = await self.nc.subscribe(
-                rpc_subject(self.service, method), queue=self.service, cb=self._wrap(handler)
-            )
-            self._subs.append(sub)
+        self._broker = self.broker()
+        await self._broker.start()
 
     async def stop(self) -> None:
-        """Unsubscribe, then let the requests in hand finish (for up to a few seconds)."""
-        for s in self._subs:
-            await s.unsubscribe()
-        self._subs.clear()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
+        """Stop taking requests, then let those in hand finish (for up to a few seconds)."""
+        if self._broker is not None:
+            await self._broker.stop()
+            self._broker = None
 
-    def _wrap(self, handler: RpcHandler) -> Callable[[Msg], Awaitable[None]]:
-        async def cb(msg: Msg) -> None:
-            # nats.py awaits this callback before it delivers the subscription's next message, so
-            # it only admits or refuses; the work runs in a task of its own.
-            if len(self._tasks) >= self.max_in_flight:
-                self.refused += 1
-                await self._reply(
-                    msg,
-                    _error_body(
-                        errors.Overloaded(
-                            f"{self.service} is at its limit of {self.max_in_flight} requests "
-                            "in flight; retry shortly"
-                        )
-                    ),
-                )
-                return
-            task = asyncio.create_task(self._handle(handler, msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return cb
-
-    async def _handle(self, handler: RpcHandler, msg: Msg) -> None:
-        headers = dict(msg.headers or {})
-        bind_from_headers(headers)
-        deadline = headers.get("Mc-Deadline")
-        if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
-            self.expired += 1
-            await self._reply(
-                msg,
-                _error_body(errors.DeadlineExceeded("the request's deadline passed before it ran")),
-            )
-            return
-        try:
-            payload = orjson.loads(msg.data) if msg.data else {}
-            if not isinstance(payload, dict):
-                raise errors.InvalidInput("request body must be a JSON object")
-            result = await handler(payload, headers)
-            body = orjson.dumps({"ok": True, "result": result})
-        except errors.MissionControlError as exc:
-            body = _error_body(exc)
-        except orjson.JSONDecodeError as exc:
-            body = _error_body(errors.InvalidInput(f"bad JSON: {exc}"))
-        except Exception as exc:
-            log.exception("rpc.handler_failed", subject=msg.subject)
-            body = orjson.dumps(
-                {"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}}
-            )
-        await self._reply(msg, body)
-
-    async def _reply(self, msg: Msg, body: bytes) -> None:
-        if not msg.reply:
-            return
+    def _fit(self, body: bytes) -> bytes:
         if len(body) > self.nc.max_payload - 4096:
             # Over the bus's limit the reply would be dropped and the caller would only see a
             # timeout; tell it what happened instead.
-            body = _error_body(
+            return _error_body(
                 errors.TooLarge(
                     f"the answer is {len(body):,} bytes, over the {self.nc.max_payload:,} bytes "
                     "a message may carry; ask for less (filters, a smaller limit)"
                 )
             )
-        try:
-            await msg.respond(body)
-        except Exception:
-            # The connection is closing (shutdown, NATS restart): the caller times out and retries.
-            log.warning("rpc.reply_failed", subject=msg.subject)
+        return body
 
 
 class RpcClient:
