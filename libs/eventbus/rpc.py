@@ -22,7 +22,6 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 import structlog
-from fast_depends.exceptions import ValidationError as FastDependsValidationError
 from faststream import Depends
 from faststream.message import StreamMessage
 from faststream.middlewares import BaseMiddleware
@@ -73,6 +72,10 @@ def rpc_servers() -> list[RpcServer]:
 
 def _error_body(exc: errors.MissionControlError) -> bytes:
     return orjson.dumps({"ok": False, "error": {"code": exc.code, "message": str(exc)}})
+
+
+def _internal_body(exc: Exception) -> bytes:
+    return orjson.dumps({"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}})
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -159,19 +162,15 @@ async def _decode(msg: StreamMessage[Any]) -> dict[str, Any]:
     return payload
 
 
-def _invalid_input(exc: FastDependsValidationError) -> errors.InvalidInput:
-    """The first offending field of a request FastStream could not parse, as InvalidInput."""
-    original = exc.original_error
-    if isinstance(original, ValidationError) and original.errors():
-        first = original.errors()[0]
-        # FastStream validates the whole body as the handler's one model argument: its name is
-        # the first element of the location, not a field of the request.
-        loc = [str(p) for p in first["loc"]]
-        fields = [f.field_name for f in exc.error_fields] if exc.error_fields else []
-        if loc and loc[0] in fields:
-            loc = loc[1:]
-        return errors.InvalidInput(f"{'.'.join(loc) or 'body'}: {first['msg']}")
-    return errors.InvalidInput(str(original))
+def _invalid_input(exc: ValidationError) -> errors.InvalidInput:
+    """A request its handler's arguments could not be parsed from, naming every bad field."""
+    problems = []
+    for err in exc.errors():
+        # FastStream validates the body as the handler's model argument: the argument's name
+        # leads each location and is no field of the request, so it is left out.
+        loc = [str(p) for p in err["loc"][1:]]
+        problems.append(f"{'.'.join(loc) or 'body'}: {err['msg']}")
+    return errors.InvalidInput("; ".join(problems))
 
 
 class _RpcMiddleware(BaseMiddleware):
@@ -206,13 +205,16 @@ class _RpcMiddleware(BaseMiddleware):
             body = orjson.dumps({"ok": True, "result": result})
         except errors.MissionControlError as exc:
             body = _error_body(exc)
-        except FastDependsValidationError as exc:
-            body = _error_body(_invalid_input(exc))
+        except ValidationError as exc:
+            if exc.title not in server._handler_names:
+                # Not the request's parsing but a model the handler built: a bug, not bad input.
+                log.exception("rpc.handler_failed", subject=msg.raw_message.subject)
+                body = _internal_body(exc)
+            else:
+                body = _error_body(_invalid_input(exc))
         except Exception as exc:
             log.exception("rpc.handler_failed", subject=msg.raw_message.subject)
-            body = orjson.dumps(
-                {"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}}
-            )
+            body = _internal_body(exc)
         finally:
             server._working -= 1
         return server._fit(body)
@@ -261,9 +263,15 @@ class RpcServer:
         )
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self.router = NatsRouter(prefix=f"{RPC_PREFIX}.{service}.")
+        # A router middleware, not a broker one: it shapes what the routes answer, and must not
+        # touch the replies a broker's own requests receive.
+        self.router = NatsRouter(
+            prefix=f"{RPC_PREFIX}.{service}.",
+            middlewares=(partial(_RpcMiddleware, server=self),),
+        )
         self._broker: NatsBroker | None = None
         self._working = 0
+        self._handler_names: set[str] = set()
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
@@ -284,6 +292,9 @@ class RpcServer:
         """
 
         def register(func: F) -> F:
+            # FastStream names the model it validates a handler's arguments with after the
+            # handler: a validation error with that title is the caller's bad request.
+            self._handler_names.add(func.__name__)
             self.router.subscriber(
                 method,
                 queue=self.service,
@@ -312,10 +323,7 @@ class RpcServer:
         """A FastStream broker on this server's connection, with its routes and middlewares."""
         broker = _SharedConnectionBroker(
             self.nc,
-            middlewares=(
-                NatsTelemetryMiddleware(),
-                partial(_RpcMiddleware, server=self),
-            ),
+            middlewares=(NatsTelemetryMiddleware(),),
             # Every request is logged by the handlers that need it; FastStream's per-message
             # lines would double them.
             logger=None,
