@@ -12,9 +12,11 @@ errors come back to the caller as the same project error classes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -25,9 +27,10 @@ import structlog
 from faststream import Depends
 from faststream.message import StreamMessage
 from faststream.middlewares import BaseMiddleware
-from faststream.nats import NatsBroker, NatsMessage, NatsRouter
+from faststream.nats import NatsBroker, NatsRouter
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel, ValidationError
@@ -175,7 +178,14 @@ def _invalid_input(exc: ValidationError) -> errors.InvalidInput:
 
 class _RpcMiddleware(BaseMiddleware):
     """What FastStream does not do for a request: the in-flight bound, ``Mc-Deadline``, logging
-    context, the ``{"ok": ...}`` envelope with typed errors, and answers too large for the bus."""
+    context, the ``{"ok": ...}`` envelope with typed errors, and answers too large for the bus.
+
+    FastStream's core subscriber awaits each message before it takes the next one. Its own
+    concurrency (``max_workers``) queues the requests above the bound instead of refusing them,
+    and its in-memory queue and task group cost as much as the rest of the request path together
+    (docs/benchmarks.md). So this middleware only admits or refuses; an admitted request is
+    worked on in a task of its own, which answers it (the routes are ``no_reply``).
+    """
 
     def __init__(self, msg: Any, /, *, context: Any, server: RpcServer) -> None:
         super().__init__(msg, context=context)
@@ -183,55 +193,51 @@ class _RpcMiddleware(BaseMiddleware):
 
     async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
         server = self.server
+        raw: Msg = msg.raw_message
         if server._working >= server.max_in_flight:
             server.refused += 1
-            return _error_body(
-                errors.Overloaded(
-                    f"{server.service} is at its limit of {server.max_in_flight} requests "
-                    "in flight; retry shortly"
-                )
+            return await server._answer(
+                raw,
+                _error_body(
+                    errors.Overloaded(
+                        f"{server.service} is at its limit of {server.max_in_flight} requests "
+                        "in flight; retry shortly"
+                    )
+                ),
             )
-        headers = msg.headers
-        deadline = headers.get("Mc-Deadline")
-        if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
-            server.expired += 1
-            return _error_body(
-                errors.DeadlineExceeded("the request's deadline passed before it ran")
-            )
-        bind_from_headers(headers)
         server._working += 1
-        try:
-            result = await call_next(msg)
-            body = orjson.dumps({"ok": True, "result": result})
-        except errors.MissionControlError as exc:
-            body = _error_body(exc)
-        except ValidationError as exc:
-            if exc.title not in server._handler_names:
-                # Not the request's parsing but a model the handler built: a bug, not bad input.
-                log.exception("rpc.handler_failed", subject=msg.raw_message.subject)
-                body = _internal_body(exc)
-            else:
-                body = _error_body(_invalid_input(exc))
-        except Exception as exc:
-            log.exception("rpc.handler_failed", subject=msg.raw_message.subject)
-            body = _internal_body(exc)
-        finally:
-            server._working -= 1
-        return server._fit(body)
+        if not raw.reply:
+            # Nobody to answer over the bus (FastStream's in-memory test broker, or a plain
+            # publish): work inline and hand the answer back to FastStream.
+            try:
+                return await server._work(call_next, msg)
+            finally:
+                server._working -= 1
+        task = asyncio.create_task(server._work(call_next, msg))
+        server._tasks.add(task)
+        task.add_done_callback(server._done)
+        return None
 
 
-def request_meta(message: NatsMessage) -> RequestMeta:
+# The headers of the request being handled, set by the request middleware. The dependencies
+# below read them here rather than through FastStream's ``Context``: FastDepends resolves a
+# context field with a plain function in a worker thread, a thread hand-off on every request.
+# They are coroutines for the same reason.
+_request_headers: ContextVar[Mapping[str, str]] = ContextVar("rpc_request_headers")
+
+
+async def request_meta() -> RequestMeta:
     """Dependency: the :class:`RequestMeta` of the request being handled."""
-    return RequestMeta.from_headers(message.headers)
+    return RequestMeta.from_headers(_request_headers.get())
 
 
 Meta = Annotated[RequestMeta, Depends(request_meta)]
 """A handler argument annotated ``Meta`` receives the request's :class:`RequestMeta`."""
 
 
-def request_headers(message: NatsMessage) -> dict[str, str]:
+async def request_headers() -> dict[str, str]:
     """Dependency: the request's headers."""
-    return dict(message.headers)
+    return dict(_request_headers.get())
 
 
 Headers = Annotated[dict[str, str], Depends(request_headers)]
@@ -249,13 +255,22 @@ class RpcServer:
     Register typed handlers with :meth:`handler`, or ``handler(payload, headers)`` ones with
     :meth:`route`.
 
-    Requests run concurrently; at most ``max_in_flight`` are worked on at once (all routes
+    Every request runs in its own task; at most ``max_in_flight`` are worked on at once (all routes
     together). A request above the bound is answered ``overloaded`` straight away, and one whose
     ``Mc-Deadline`` has passed is answered ``deadline_exceeded`` without being worked on: the
     caller has given up, so the work would only add load.
+
+    ``telemetry=False`` leaves out the OpenTelemetry middleware (the benchmark measures its share).
     """
 
-    def __init__(self, nc: NATS, service: str, *, max_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        service: str,
+        *,
+        max_in_flight: int | None = None,
+        telemetry: bool = True,
+    ) -> None:
         self.nc = nc
         self.service = service
         self.max_in_flight = (
@@ -263,14 +278,20 @@ class RpcServer:
         )
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        # A router middleware, not a broker one: it shapes what the routes answer, and must not
-        # touch the replies a broker's own requests receive.
+        # Router middlewares, not broker ones: they shape what the routes answer, and must not
+        # touch the replies a broker's own requests receive. The telemetry middleware comes
+        # second so that it runs inside the request's task: its span (a child of the caller's
+        # ``traceparent``) lasts as long as the work.
         self.router = NatsRouter(
             prefix=f"{RPC_PREFIX}.{service}.",
-            middlewares=(partial(_RpcMiddleware, server=self),),
+            middlewares=(
+                partial(_RpcMiddleware, server=self),
+                *((NatsTelemetryMiddleware(),) if telemetry else ()),
+            ),
         )
         self._broker: NatsBroker | None = None
         self._working = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._handler_names: set[str] = set()
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
@@ -298,11 +319,9 @@ class RpcServer:
             self.router.subscriber(
                 method,
                 queue=self.service,
-                # Every route may take the whole bound, plus as many again for the refusals
-                # answered while the bound is full: a refusal is only fast if it never waits
-                # for a worker behind requests being worked on.
-                max_workers=2 * self.max_in_flight,
                 decoder=_decode,
+                # The request middleware answers: the work runs in a task of its own.
+                no_reply=True,
                 title=f"{RPC_PREFIX}.{self.service}.{method}",
                 description=description or func.__doc__,
             )(func)
@@ -323,7 +342,6 @@ class RpcServer:
         """A FastStream broker on this server's connection, with its routes and middlewares."""
         broker = _SharedConnectionBroker(
             self.nc,
-            middlewares=(NatsTelemetryMiddleware(),),
             # Every request is logged by the handlers that need it; FastStream's per-message
             # lines would double them.
             logger=None,
@@ -342,6 +360,54 @@ class RpcServer:
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._working -= 1
+
+    async def _work(
+        self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]
+    ) -> Any:
+        """Run one admitted request and answer it (or return the answer when it has no reply)."""
+        raw: Msg = msg.raw_message
+        headers = msg.headers
+        deadline = headers.get("Mc-Deadline")
+        if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
+            self.expired += 1
+            return await self._answer(
+                raw,
+                _error_body(errors.DeadlineExceeded("the request's deadline passed before it ran")),
+            )
+        bind_from_headers(headers)
+        _request_headers.set(headers)
+        try:
+            result = await call_next(msg)
+            body = orjson.dumps({"ok": True, "result": result})
+        except errors.MissionControlError as exc:
+            body = _error_body(exc)
+        except ValidationError as exc:
+            if exc.title not in self._handler_names:
+                # Not the request's parsing but a model the handler built: a bug, not bad input.
+                log.exception("rpc.handler_failed", subject=raw.subject)
+                body = _internal_body(exc)
+            else:
+                body = _error_body(_invalid_input(exc))
+        except Exception as exc:
+            log.exception("rpc.handler_failed", subject=raw.subject)
+            body = _internal_body(exc)
+        return await self._answer(raw, self._fit(body))
+
+    async def _answer(self, raw: Msg, body: bytes) -> bytes | None:
+        if not raw.reply:
+            return body
+        try:
+            await raw.respond(body)
+        except Exception:
+            # The connection is closing (shutdown, NATS restart): the caller times out and retries.
+            log.warning("rpc.reply_failed", subject=raw.subject)
+        return None
 
     def _fit(self, body: bytes) -> bytes:
         if len(body) > self.nc.max_payload - 4096:
