@@ -10,7 +10,9 @@ the machine's load hits them alike:
   ``Mc-Deadline``, JSON decode, envelope, size check), rebuilt here as the baseline;
 * ``faststream``: :class:`~libs.eventbus.rpc.RpcServer` as the services run it (FastStream
   subscriber, OpenTelemetry middleware, request middleware), the body parsed into a pydantic model;
-* ``faststream, no otel``: the same without the OpenTelemetry middleware, to show its share.
+* ``faststream, no otel``: the same without the OpenTelemetry middleware, to show its share;
+* ``hot route``: the same handler registered ``hot=True`` (what admission's ``admit`` uses):
+  bare nats-py with the same parsing, answers, bounds and a span of its own.
 
 Then the same under 32 concurrent callers: requests/s and p99.
 
@@ -109,10 +111,12 @@ class RawServer:
         await msg.respond(body)
 
 
-def faststream_server(nc: NATS, service: str, *, telemetry: bool = True) -> RpcServer:
+def faststream_server(
+    nc: NATS, service: str, *, telemetry: bool = True, hot: bool = False
+) -> RpcServer:
     server = RpcServer(nc, service, telemetry=telemetry)
 
-    @server.handler("admit")
+    @server.handler("admit", hot=hot)
     async def admit(body: Admit, headers: Headers) -> dict[str, Any]:
         return {**ANSWER, "run_id": body.run_id}
 
@@ -181,8 +185,10 @@ async def main(requests: int, rounds: int, callers: int) -> None:
         await RawServer(server_nc, "raw").start("admit")
         fast = faststream_server(server_nc, "fast")
         plain = faststream_server(server_nc, "plain", telemetry=False)
+        hot = faststream_server(server_nc, "hot", hot=True)
         await fast.start()
         await plain.start()
+        await hot.start()
         await server_nc.flush()  # every subscription is known to the server before the first call
 
         async def floor() -> Any:
@@ -201,6 +207,7 @@ async def main(requests: int, rounds: int, callers: int) -> None:
             "raw nats-py (previous)": via("raw"),
             "faststream": via("fast"),
             "faststream, no otel": via("plain"),
+            "hot route (bare nats-py)": via("hot"),
         }
         for call in variants.values():  # warm up connections, caches and pydantic
             await until_answered(call)
@@ -224,6 +231,7 @@ async def main(requests: int, rounds: int, callers: int) -> None:
             print(f"{name:30} {rate:8.0f} {p99:8.2f}")
         await fast.stop()
         await plain.stop()
+        await hot.stop()
         await server_nc.close()
         await client_nc.close()
     finally:

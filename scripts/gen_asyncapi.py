@@ -84,7 +84,8 @@ def build_broker() -> NatsBroker:
     """A broker (never connected) holding every route, event subject and the dead letters."""
     broker = NatsBroker("nats://localhost:4222", logger=None)
     for server in _servers():
-        broker.include_router(server.router)
+        for router in server.routers():
+            broker.include_router(router)
     events = JStream(EVENTS_STREAM, declare=False)
     for model in all_models():
         event_type = getattr(model, "event_type", "")

@@ -8,19 +8,26 @@ that the last one admitted is answered in well under a second); above the bound 
 
 Replies are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {code, message}}``, and
 errors come back to the caller as the same project error classes.
+
+The server's routes are FastStream NATS subscribers with pydantic-parsed arguments; what FastStream
+does not do (the bound, deadlines, the envelope, answers too large for the bus) is a router
+middleware here. A route registered ``hot=True`` is served on bare nats-py with the same
+behaviour, for the path where FastStream's per-message cost matters (docs/benchmarks.md). The
+client is plain nats-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import orjson
 import structlog
@@ -31,17 +38,20 @@ from faststream.nats import NatsBroker, NatsRouter
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
 from libs.contracts.subjects import RPC_PREFIX, rpc_subject
-from libs.observability import bind_from_headers, inject_headers
+from libs.observability import bind_from_headers, extract_context, inject_headers, tracer
 from libs.settings import get_settings
 
 log = structlog.get_logger("rpc")
+_tracer = tracer("libs.eventbus.rpc")
 
 RpcHandler = Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]
 
@@ -153,11 +163,16 @@ class _SharedConnectionBroker(NatsBroker):
 
 
 async def _decode(msg: StreamMessage[Any]) -> dict[str, Any]:
+    """FastStream decoder: see :func:`_body`."""
+    return _body(msg.body)
+
+
+def _body(data: bytes) -> dict[str, Any]:
     """A request body is one JSON object; anything else is the caller's mistake (4xx)."""
-    if not msg.body:
+    if not data:
         return {}
     try:
-        payload = orjson.loads(msg.body)
+        payload = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise errors.InvalidInput(f"bad JSON: {exc}") from None
     if not isinstance(payload, dict):
@@ -165,13 +180,15 @@ async def _decode(msg: StreamMessage[Any]) -> dict[str, Any]:
     return payload
 
 
-def _invalid_input(exc: ValidationError) -> errors.InvalidInput:
-    """A request its handler's arguments could not be parsed from, naming every bad field."""
+def _invalid_input(exc: ValidationError, skip: int = 1) -> errors.InvalidInput:
+    """A request its handler's arguments could not be parsed from, naming every bad field.
+
+    FastStream validates the body as the handler's model argument: the argument's name leads
+    each location and is no field of the request, so ``skip`` leaves it out.
+    """
     problems = []
     for err in exc.errors():
-        # FastStream validates the body as the handler's model argument: the argument's name
-        # leads each location and is no field of the request, so it is left out.
-        loc = [str(p) for p in err["loc"][1:]]
+        loc = [str(p) for p in err["loc"][skip:]]
         problems.append(f"{'.'.join(loc) or 'body'}: {err['msg']}")
     return errors.InvalidInput("; ".join(problems))
 
@@ -194,28 +211,20 @@ class _RpcMiddleware(BaseMiddleware):
     async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
         server = self.server
         raw: Msg = msg.raw_message
-        if server._working >= server.max_in_flight:
-            server.refused += 1
-            return await server._answer(
-                raw,
-                _error_body(
-                    errors.Overloaded(
-                        f"{server.service} is at its limit of {server.max_in_flight} requests "
-                        "in flight; retry shortly"
-                    )
-                ),
-            )
-        server._working += 1
+        if not server._admit():
+            return await server._answer(raw, server._overloaded())
+
+        async def call() -> Any:
+            return await call_next(msg)
+
         if not raw.reply:
             # Nobody to answer over the bus (FastStream's in-memory test broker, or a plain
             # publish): work inline and hand the answer back to FastStream.
             try:
-                return await server._work(call_next, msg)
+                return await server._work(raw, msg.headers, call)
             finally:
                 server._working -= 1
-        task = asyncio.create_task(server._work(call_next, msg))
-        server._tasks.add(task)
-        task.add_done_callback(server._done)
+        server._spawn(server._work(raw, msg.headers, call))
         return None
 
 
@@ -246,6 +255,40 @@ Headers = Annotated[dict[str, str], Depends(request_headers)]
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
+def _direct(
+    func: Callable[..., Awaitable[Any]],
+) -> Callable[[Mapping[str, str], bytes], Awaitable[Any]]:
+    """Call a FastStream-style handler without FastStream: ``call(headers, body)``.
+
+    The handler's first argument is the body (a pydantic model, or a plain dict); the others are
+    :data:`Meta` or :data:`Headers`.
+    """
+    hints = get_type_hints(func, include_extras=True)
+    names = list(inspect.signature(func).parameters)
+    body_type = hints.get(names[0], dict)
+    model = body_type if isinstance(body_type, type) and issubclass(body_type, BaseModel) else None
+    extras: list[Callable[[Mapping[str, str]], Any]] = []
+    for name in names[1:]:
+        if hints.get(name) == Meta:
+            extras.append(RequestMeta.from_headers)
+        elif hints.get(name) == Headers:
+            extras.append(dict)
+        else:
+            raise TypeError(f"{func.__name__}: argument {name!r} is neither Meta nor Headers")
+
+    async def call(headers: Mapping[str, str], data: bytes) -> Any:
+        payload = _body(data)
+        if model is None:
+            return await func(payload, *(extra(headers) for extra in extras))
+        try:
+            body = model.model_validate(payload)
+        except ValidationError as exc:
+            raise _invalid_input(exc, skip=0) from None
+        return await func(body, *(extra(headers) for extra in extras))
+
+    return call
+
+
 class RpcServer:
     """Serves ``mc.rpc.<service>.<method>`` subjects in a queue group named after the service.
 
@@ -273,6 +316,7 @@ class RpcServer:
     ) -> None:
         self.nc = nc
         self.service = service
+        self.telemetry = telemetry
         self.max_in_flight = (
             max_in_flight if max_in_flight is not None else get_settings().rpc_max_in_flight
         )
@@ -289,6 +333,10 @@ class RpcServer:
                 *((NatsTelemetryMiddleware(),) if telemetry else ()),
             ),
         )
+        self.hot_router = NatsRouter(prefix=f"{RPC_PREFIX}.{service}.")
+        """The routes served on bare nats-py (``hot=True``): described here, never started."""
+        self._hot: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {}
+        self._hot_subs: list[Subscription] = []
         self._broker: NatsBroker | None = None
         self._working = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -304,19 +352,27 @@ class RpcServer:
         """Requests being worked on now."""
         return self._working
 
-    def handler(self, method: str, *, description: str | None = None) -> Callable[[F], F]:
+    def handler(
+        self, method: str, *, description: str | None = None, hot: bool = False
+    ) -> Callable[[F], F]:
         """Decorator: serve ``method`` with a FastStream handler.
 
         Its one model argument is validated from the body (a bad body answers ``invalid_input``
         naming the field); :data:`Meta` and :data:`Headers` arguments receive the request's
         metadata. It returns the result, or raises a project error.
+
+        ``hot=True`` serves the route on a bare nats-py subscription instead, with the same
+        parsing, answers and bounds but without FastStream's per-message machinery, which costs
+        a request about half a millisecond (docs/benchmarks.md). The route is still described
+        by :attr:`hot_router` for the AsyncAPI document.
         """
 
         def register(func: F) -> F:
             # FastStream names the model it validates a handler's arguments with after the
             # handler: a validation error with that title is the caller's bad request.
             self._handler_names.add(func.__name__)
-            self.router.subscriber(
+            router = self.hot_router if hot else self.router
+            router.subscriber(
                 method,
                 queue=self.service,
                 decoder=_decode,
@@ -325,6 +381,8 @@ class RpcServer:
                 title=f"{RPC_PREFIX}.{self.service}.{method}",
                 description=description or func.__doc__,
             )(func)
+            if hot:
+                self._hot[method] = _direct(func)
             return func
 
         return register
@@ -350,29 +408,96 @@ class RpcServer:
         broker.include_router(self.router)
         return broker
 
+    def routers(self) -> tuple[NatsRouter, ...]:
+        """Every route of the server, for the AsyncAPI document."""
+        return (self.router, self.hot_router)
+
     async def start(self) -> None:
         """Subscribe every registered route."""
+        for method, call in self._hot.items():
+            self._hot_subs.append(
+                await self.nc.subscribe(
+                    rpc_subject(self.service, method), queue=self.service, cb=self._hot_cb(call)
+                )
+            )
         self._broker = self.broker()
         await self._broker.start()
 
     async def stop(self) -> None:
         """Stop taking requests, then let those in hand finish (for up to a few seconds)."""
+        for sub in self._hot_subs:
+            await sub.unsubscribe()
+        self._hot_subs.clear()
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
 
+    def _hot_cb(
+        self, call: Callable[[Mapping[str, str], bytes], Awaitable[Any]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        async def cb(msg: Msg) -> None:
+            # nats.py awaits this callback before it delivers the subscription's next message,
+            # so it only admits or refuses; the work runs in a task of its own.
+            if not self._admit():
+                await self._answer(msg, self._overloaded())
+                return
+            headers = msg.headers or {}
+            work: Callable[[], Awaitable[Any]]
+            if self.telemetry:
+                work = partial(self._traced, msg.subject, call, headers, msg.data)
+            else:
+                work = partial(call, headers, msg.data)
+            self._spawn(self._work(msg, headers, work))
+
+        return cb
+
+    async def _traced(
+        self,
+        subject: str,
+        call: Callable[[Mapping[str, str], bytes], Awaitable[Any]],
+        headers: Mapping[str, str],
+        data: bytes,
+    ) -> Any:
+        # What FastStream's telemetry middleware does for the other routes: a span of the
+        # work, a child of the caller's (its ``traceparent``).
+        with _tracer.start_as_current_span(
+            f"{subject} process", context=extract_context(headers), kind=SpanKind.CONSUMER
+        ) as span:
+            span.set_attribute("messaging.system", "nats")
+            span.set_attribute("messaging.destination.name", subject)
+            return await call(headers, data)
+
+    def _admit(self) -> bool:
+        """Take a place among the requests in flight, or count a refusal."""
+        if self._working >= self.max_in_flight:
+            self.refused += 1
+            return False
+        self._working += 1
+        return True
+
+    def _overloaded(self) -> bytes:
+        return _error_body(
+            errors.Overloaded(
+                f"{self.service} is at its limit of {self.max_in_flight} requests "
+                "in flight; retry shortly"
+            )
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._working -= 1
 
     async def _work(
-        self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]
-    ) -> Any:
+        self, raw: Msg, headers: Mapping[str, str], call: Callable[[], Awaitable[Any]]
+    ) -> bytes | None:
         """Run one admitted request and answer it (or return the answer when it has no reply)."""
-        raw: Msg = msg.raw_message
-        headers = msg.headers
         deadline = headers.get("Mc-Deadline")
         if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
             self.expired += 1
@@ -383,7 +508,7 @@ class RpcServer:
         bind_from_headers(headers)
         _request_headers.set(headers)
         try:
-            result = await call_next(msg)
+            result = await call()
             body = orjson.dumps({"ok": True, "result": result})
         except errors.MissionControlError as exc:
             body = _error_body(exc)

@@ -24,7 +24,9 @@ def rpc_server(nc: NATS, handler: AdmissionHandler) -> RpcServer:
     """An (unstarted) RPC server routing ``admit`` and ``policies`` to ``handler``."""
     server = RpcServer(nc, RPC_SERVICE)
 
-    @server.handler("admit")
+    # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
+    # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.
+    @server.handler("admit", hot=True)
     async def admit(body: AdmitCall, headers: Headers) -> dict[str, Any]:
         """Decide whether a step may run; answered once the decision is durable."""
         return await handler.admit_parsed(body.tenant_id, body, headers)
