@@ -17,11 +17,13 @@ import orjson
 import pytest
 from faststream.nats import NatsBroker, TestNatsBroker
 from nats.aio.client import Client as NATS
+from opentelemetry import trace
 
 from libs.contracts import stream_id_for
 from libs.eventbus.memory import InMemoryEventStore
 from libs.eventbus.repository import begin
-from libs.eventbus.rpc import Headers, RpcServer
+from libs.eventbus.rpc import Headers, Meta, RpcServer
+from libs.observability import configure_logging, inject_headers, tracer
 from services.cost.entrypoints import build_rpc_server as cost_rpc
 from services.cost.handlers import CostHandlers
 from services.incident.domain import incident_id_for
@@ -201,3 +203,24 @@ async def test_an_answer_too_large_for_the_bus_and_an_unexpected_failure() -> No
         assert too_large["error"]["code"] == "too_large"
         failed = await call(broker, "mc.rpc.edge.boom", {})
         assert failed["error"] == {"code": "internal", "message": "RuntimeError('unexpected')"}
+
+
+async def test_a_route_works_in_a_span_of_the_callers_trace() -> None:
+    configure_logging("test")  # installs the SDK tracer provider, as every service does
+    server = RpcServer(NATS(), "traced")
+    seen: dict[str, Any] = {}
+
+    @server.handler("look")
+    async def look(body: dict[str, Any], meta: Meta) -> Any:
+        seen["span"] = trace.get_current_span().get_span_context()
+        seen["traceparent"] = meta.trace_context.traceparent
+        return {}
+
+    with tracer("test").start_as_current_span("caller") as caller:
+        headers = inject_headers()
+    async with served(server) as broker:
+        assert (await call(broker, "mc.rpc.traced.look", {}, headers=headers))["ok"]
+    span = seen["span"]
+    assert span.trace_id == caller.get_span_context().trace_id
+    assert span.span_id != caller.get_span_context().span_id
+    assert seen["traceparent"] == headers["traceparent"]
