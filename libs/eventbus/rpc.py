@@ -8,33 +8,50 @@ that the last one admitted is answered in well under a second); above the bound 
 
 Replies are ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {code, message}}``, and
 errors come back to the caller as the same project error classes.
+
+The server's routes are FastStream NATS subscribers with pydantic-parsed arguments; what FastStream
+does not do (the bound, deadlines, the envelope, answers too large for the bus) is a router
+middleware here. A route registered ``hot=True`` is served on bare nats-py with the same
+behaviour, for the path where FastStream's per-message cost matters (docs/benchmarks.md). The
+client is plain nats-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from functools import partial
+from types import TracebackType
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import orjson
 import structlog
+from faststream import Depends
+from faststream.message import StreamMessage
+from faststream.middlewares import BaseMiddleware
+from faststream.nats import NatsBroker, NatsRouter
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
-from libs.contracts.subjects import rpc_subject
-from libs.observability import bind_from_headers, inject_headers
+from libs.contracts.subjects import RPC_PREFIX, rpc_subject
+from libs.observability import bind_from_headers, extract_context, inject_headers, tracer
 from libs.settings import get_settings
 
 log = structlog.get_logger("rpc")
+_tracer = tracer("libs.eventbus.rpc")
 
 RpcHandler = Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]
 
@@ -68,6 +85,10 @@ def rpc_servers() -> list[RpcServer]:
 
 def _error_body(exc: errors.MissionControlError) -> bytes:
     return orjson.dumps({"ok": False, "error": {"code": exc.code, "message": str(exc)}})
+
+
+def _internal_body(exc: Exception) -> bytes:
+    return orjson.dumps({"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}})
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -107,27 +128,219 @@ class RequestMeta:
         return self.actor or f"agent:{agent_id}"
 
 
+class _SharedConnectionBroker(NatsBroker):
+    """A FastStream broker on the service's existing NATS connection.
+
+    A service holds one connection for its consumer, its publisher and its requests; a second one
+    per broker would only double the sockets and the reconnect handling. The broker neither opens
+    nor drains it: the service host owns its life.
+    """
+
+    def __init__(self, nc: NATS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._shared = nc
+
+    async def _connect(self) -> NATS:
+        self.config.connect(self._shared)
+        return self._shared
+
+    async def stop(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> None:
+        # Unsubscribe first, so that a request sent now finds another replica (or no responders)
+        # instead of waiting out its deadline while the requests in hand finish.
+        for sub in self.subscribers:
+            subscription = getattr(sub, "subscription", None)
+            if subscription is not None:
+                await subscription.unsubscribe()
+                sub.subscription = None  # type: ignore[attr-defined]
+        # NatsBroker.stop drains its connection, which belongs to the host: leave it out.
+        self._connection = None
+        await super().stop(exc_type, exc_val, exc_tb)
+
+
+async def _decode(msg: StreamMessage[Any]) -> dict[str, Any]:
+    """FastStream decoder: see :func:`_body`."""
+    return _body(msg.body)
+
+
+def _body(data: bytes) -> dict[str, Any]:
+    """A request body is one JSON object; anything else is the caller's mistake (4xx)."""
+    if not data:
+        return {}
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise errors.InvalidInput(f"bad JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise errors.InvalidInput("request body must be a JSON object")
+    return payload
+
+
+def _invalid_input(exc: ValidationError, skip: int = 1) -> errors.InvalidInput:
+    """A request its handler's arguments could not be parsed from, naming every bad field.
+
+    FastStream validates the body as the handler's model argument: the argument's name leads
+    each location and is no field of the request, so ``skip`` leaves it out.
+    """
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"][skip:]]
+        problems.append(f"{'.'.join(loc) or 'body'}: {err['msg']}")
+    return errors.InvalidInput("; ".join(problems))
+
+
+class _RpcMiddleware(BaseMiddleware):
+    """What FastStream does not do for a request: the in-flight bound, ``Mc-Deadline``, logging
+    context, the ``{"ok": ...}`` envelope with typed errors, and answers too large for the bus.
+
+    FastStream's core subscriber awaits each message before it takes the next one. Its own
+    concurrency (``max_workers``) queues the requests above the bound instead of refusing them,
+    and its in-memory queue and task group cost as much as the rest of the request path together
+    (docs/benchmarks.md). So this middleware only admits or refuses; an admitted request is
+    worked on in a task of its own, which answers it (the routes are ``no_reply``).
+    """
+
+    def __init__(self, msg: Any, /, *, context: Any, server: RpcServer) -> None:
+        super().__init__(msg, context=context)
+        self.server = server
+
+    async def consume_scope(self, call_next: Any, msg: StreamMessage[Any]) -> Any:
+        server = self.server
+        raw: Msg = msg.raw_message
+        if not server._admit():
+            return await server._answer(raw, server._overloaded())
+
+        async def call() -> Any:
+            return await call_next(msg)
+
+        if not raw.reply:
+            # Nobody to answer over the bus (FastStream's in-memory test broker, or a plain
+            # publish): work inline and hand the answer back to FastStream.
+            try:
+                return await server._work(raw, msg.headers, call)
+            finally:
+                server._working -= 1
+        server._spawn(server._work(raw, msg.headers, call))
+        return None
+
+
+# The headers of the request being handled, set by the request middleware. The dependencies
+# below read them here rather than through FastStream's ``Context``: FastDepends resolves a
+# context field with a plain function in a worker thread, a thread hand-off on every request.
+# They are coroutines for the same reason.
+_request_headers: ContextVar[Mapping[str, str]] = ContextVar("rpc_request_headers")
+
+
+async def request_meta() -> RequestMeta:
+    """Dependency: the :class:`RequestMeta` of the request being handled."""
+    return RequestMeta.from_headers(_request_headers.get())
+
+
+Meta = Annotated[RequestMeta, Depends(request_meta)]
+"""A handler argument annotated ``Meta`` receives the request's :class:`RequestMeta`."""
+
+
+async def request_headers() -> dict[str, str]:
+    """Dependency: the request's headers."""
+    return dict(_request_headers.get())
+
+
+Headers = Annotated[dict[str, str], Depends(request_headers)]
+"""A handler argument annotated ``Headers`` receives the request's headers."""
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _direct(
+    func: Callable[..., Awaitable[Any]],
+) -> Callable[[Mapping[str, str], bytes], Awaitable[Any]]:
+    """Call a FastStream-style handler without FastStream: ``call(headers, body)``.
+
+    The handler's first argument is the body (a pydantic model, or a plain dict); the others are
+    :data:`Meta` or :data:`Headers`.
+    """
+    hints = get_type_hints(func, include_extras=True)
+    names = list(inspect.signature(func).parameters)
+    body_type = hints.get(names[0], dict)
+    model = body_type if isinstance(body_type, type) and issubclass(body_type, BaseModel) else None
+    extras: list[Callable[[Mapping[str, str]], Any]] = []
+    for name in names[1:]:
+        if hints.get(name) == Meta:
+            extras.append(RequestMeta.from_headers)
+        elif hints.get(name) == Headers:
+            extras.append(dict)
+        else:
+            raise TypeError(f"{func.__name__}: argument {name!r} is neither Meta nor Headers")
+
+    async def call(headers: Mapping[str, str], data: bytes) -> Any:
+        payload = _body(data)
+        if model is None:
+            return await func(payload, *(extra(headers) for extra in extras))
+        try:
+            body = model.model_validate(payload)
+        except ValidationError as exc:
+            raise _invalid_input(exc, skip=0) from None
+        return await func(body, *(extra(headers) for extra in extras))
+
+    return call
+
+
 class RpcServer:
     """Serves ``mc.rpc.<service>.<method>`` subjects in a queue group named after the service.
 
-    Every request runs in its own task, so one slow request does not hold up the others; at most
-    ``max_in_flight`` run at once (all routes together). A request above the bound is answered
-    ``overloaded`` straight away, and one whose ``Mc-Deadline`` has passed is answered
-    ``deadline_exceeded`` without being worked on: the caller has given up, so the work would only
-    add load.
+    The routes are FastStream NATS subscribers on a :class:`~faststream.nats.NatsRouter`
+    (:attr:`router`): a handler's arguments are parsed from the JSON body by pydantic, and
+    the router is what the AsyncAPI document is generated from (``scripts/gen_asyncapi.py``).
+    Register typed handlers with :meth:`handler`, or ``handler(payload, headers)`` ones with
+    :meth:`route`.
+
+    Every request runs in its own task; at most ``max_in_flight`` are worked on at once (all routes
+    together). A request above the bound is answered ``overloaded`` straight away, and one whose
+    ``Mc-Deadline`` has passed is answered ``deadline_exceeded`` without being worked on: the
+    caller has given up, so the work would only add load.
+
+    ``telemetry=False`` leaves out the OpenTelemetry middleware (the benchmark measures its share).
     """
 
-    def __init__(self, nc: NATS, service: str, *, max_in_flight: int | None = None) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        service: str,
+        *,
+        max_in_flight: int | None = None,
+        telemetry: bool = True,
+    ) -> None:
         self.nc = nc
         self.service = service
+        self.telemetry = telemetry
         self.max_in_flight = (
             max_in_flight if max_in_flight is not None else get_settings().rpc_max_in_flight
         )
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
-        self._routes: dict[str, RpcHandler] = {}
-        self._subs: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Router middlewares, not broker ones: they shape what the routes answer, and must not
+        # touch the replies a broker's own requests receive. The telemetry middleware comes
+        # second so that it runs inside the request's task: its span (a child of the caller's
+        # ``traceparent``) lasts as long as the work.
+        self.router = NatsRouter(
+            prefix=f"{RPC_PREFIX}.{service}.",
+            middlewares=(
+                partial(_RpcMiddleware, server=self),
+                *((NatsTelemetryMiddleware(),) if telemetry else ()),
+            ),
+        )
+        self.hot_router = NatsRouter(prefix=f"{RPC_PREFIX}.{service}.")
+        """The routes served on bare nats-py (``hot=True``): described here, never started."""
+        self._hot: dict[str, Callable[[Mapping[str, str], bytes], Awaitable[Any]]] = {}
+        self._hot_subs: list[Subscription] = []
+        self._broker: NatsBroker | None = None
+        self._working = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._handler_names: set[str] = set()
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
@@ -137,95 +350,201 @@ class RpcServer:
     @property
     def in_flight(self) -> int:
         """Requests being worked on now."""
-        return len(self._tasks)
+        return self._working
+
+    def handler(
+        self, method: str, *, description: str | None = None, hot: bool = False
+    ) -> Callable[[F], F]:
+        """Decorator: serve ``method`` with a FastStream handler.
+
+        Its one model argument is validated from the body (a bad body answers ``invalid_input``
+        naming the field); :data:`Meta` and :data:`Headers` arguments receive the request's
+        metadata. It returns the result, or raises a project error.
+
+        ``hot=True`` serves the route on a bare nats-py subscription instead, with the same
+        parsing, answers and bounds but without FastStream's per-message machinery, which costs
+        a request about half a millisecond (docs/benchmarks.md). The route is still described
+        by :attr:`hot_router` for the AsyncAPI document.
+        """
+
+        def register(func: F) -> F:
+            # FastStream names the model it validates a handler's arguments with after the
+            # handler: a validation error with that title is the caller's bad request.
+            self._handler_names.add(func.__name__)
+            router = self.hot_router if hot else self.router
+            router.subscriber(
+                method,
+                queue=self.service,
+                decoder=_decode,
+                # The request middleware answers: the work runs in a task of its own.
+                no_reply=True,
+                title=f"{RPC_PREFIX}.{self.service}.{method}",
+                description=description or func.__doc__,
+            )(func)
+            if hot:
+                self._hot[method] = _direct(func)
+            return func
+
+        return register
 
     def route(self, method: str, handler: RpcHandler) -> None:
-        """Register ``handler(payload, headers) -> result`` for ``method``."""
-        self._routes[method] = handler
+        """Register ``handler(payload, headers) -> result`` for ``method`` (an untyped body)."""
+
+        async def call(body: dict[str, Any], headers: Headers) -> Any:
+            return await handler(body, headers)
+
+        call.__name__ = method
+        self.handler(method, description=handler.__doc__)(call)
+
+    def broker(self) -> NatsBroker:
+        """A FastStream broker on this server's connection, with its routes and middlewares."""
+        broker = _SharedConnectionBroker(
+            self.nc,
+            # Every request is logged by the handlers that need it; FastStream's per-message
+            # lines would double them.
+            logger=None,
+            graceful_timeout=STOP_TIMEOUT_S,
+        )
+        broker.include_router(self.router)
+        return broker
+
+    def routers(self) -> tuple[NatsRouter, ...]:
+        """Every route of the server, for the AsyncAPI document."""
+        return (self.router, self.hot_router)
 
     async def start(self) -> None:
         """Subscribe every registered route."""
-        for method, handler in self._routes.items():
-            sub = await self.nc.subscribe(
-                rpc_subject(self.service, method), queue=self.service, cb=self._wrap(handler)
+        for method, call in self._hot.items():
+            self._hot_subs.append(
+                await self.nc.subscribe(
+                    rpc_subject(self.service, method), queue=self.service, cb=self._hot_cb(call)
+                )
             )
-            self._subs.append(sub)
+        self._broker = self.broker()
+        await self._broker.start()
 
     async def stop(self) -> None:
-        """Unsubscribe, then let the requests in hand finish (for up to a few seconds)."""
-        for s in self._subs:
-            await s.unsubscribe()
-        self._subs.clear()
+        """Stop taking requests, then let those in hand finish (for up to a few seconds)."""
+        for sub in self._hot_subs:
+            await sub.unsubscribe()
+        self._hot_subs.clear()
+        if self._broker is not None:
+            await self._broker.stop()
+            self._broker = None
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=STOP_TIMEOUT_S)
 
-    def _wrap(self, handler: RpcHandler) -> Callable[[Msg], Awaitable[None]]:
+    def _hot_cb(
+        self, call: Callable[[Mapping[str, str], bytes], Awaitable[Any]]
+    ) -> Callable[[Msg], Awaitable[None]]:
         async def cb(msg: Msg) -> None:
-            # nats.py awaits this callback before it delivers the subscription's next message, so
-            # it only admits or refuses; the work runs in a task of its own.
-            if len(self._tasks) >= self.max_in_flight:
-                self.refused += 1
-                await self._reply(
-                    msg,
-                    _error_body(
-                        errors.Overloaded(
-                            f"{self.service} is at its limit of {self.max_in_flight} requests "
-                            "in flight; retry shortly"
-                        )
-                    ),
-                )
+            # nats.py awaits this callback before it delivers the subscription's next message,
+            # so it only admits or refuses; the work runs in a task of its own.
+            if not self._admit():
+                await self._answer(msg, self._overloaded())
                 return
-            task = asyncio.create_task(self._handle(handler, msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            headers = msg.headers or {}
+            work: Callable[[], Awaitable[Any]]
+            if self.telemetry:
+                work = partial(self._traced, msg.subject, call, headers, msg.data)
+            else:
+                work = partial(call, headers, msg.data)
+            self._spawn(self._work(msg, headers, work))
 
         return cb
 
-    async def _handle(self, handler: RpcHandler, msg: Msg) -> None:
-        headers = dict(msg.headers or {})
-        bind_from_headers(headers)
+    async def _traced(
+        self,
+        subject: str,
+        call: Callable[[Mapping[str, str], bytes], Awaitable[Any]],
+        headers: Mapping[str, str],
+        data: bytes,
+    ) -> Any:
+        # What FastStream's telemetry middleware does for the other routes: a span of the
+        # work, a child of the caller's (its ``traceparent``).
+        with _tracer.start_as_current_span(
+            f"{subject} process", context=extract_context(headers), kind=SpanKind.CONSUMER
+        ) as span:
+            span.set_attribute("messaging.system", "nats")
+            span.set_attribute("messaging.destination.name", subject)
+            return await call(headers, data)
+
+    def _admit(self) -> bool:
+        """Take a place among the requests in flight, or count a refusal."""
+        if self._working >= self.max_in_flight:
+            self.refused += 1
+            return False
+        self._working += 1
+        return True
+
+    def _overloaded(self) -> bytes:
+        return _error_body(
+            errors.Overloaded(
+                f"{self.service} is at its limit of {self.max_in_flight} requests "
+                "in flight; retry shortly"
+            )
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._working -= 1
+
+    async def _work(
+        self, raw: Msg, headers: Mapping[str, str], call: Callable[[], Awaitable[Any]]
+    ) -> bytes | None:
+        """Run one admitted request and answer it (or return the answer when it has no reply)."""
         deadline = headers.get("Mc-Deadline")
         if deadline and deadline.isdigit() and int(deadline) < time.time() * 1000:
             self.expired += 1
-            await self._reply(
-                msg,
+            return await self._answer(
+                raw,
                 _error_body(errors.DeadlineExceeded("the request's deadline passed before it ran")),
             )
-            return
+        bind_from_headers(headers)
+        _request_headers.set(headers)
         try:
-            payload = orjson.loads(msg.data) if msg.data else {}
-            if not isinstance(payload, dict):
-                raise errors.InvalidInput("request body must be a JSON object")
-            result = await handler(payload, headers)
+            result = await call()
             body = orjson.dumps({"ok": True, "result": result})
         except errors.MissionControlError as exc:
             body = _error_body(exc)
-        except orjson.JSONDecodeError as exc:
-            body = _error_body(errors.InvalidInput(f"bad JSON: {exc}"))
+        except ValidationError as exc:
+            if exc.title not in self._handler_names:
+                # Not the request's parsing but a model the handler built: a bug, not bad input.
+                log.exception("rpc.handler_failed", subject=raw.subject)
+                body = _internal_body(exc)
+            else:
+                body = _error_body(_invalid_input(exc))
         except Exception as exc:
-            log.exception("rpc.handler_failed", subject=msg.subject)
-            body = orjson.dumps(
-                {"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}}
-            )
-        await self._reply(msg, body)
+            log.exception("rpc.handler_failed", subject=raw.subject)
+            body = _internal_body(exc)
+        return await self._answer(raw, self._fit(body))
 
-    async def _reply(self, msg: Msg, body: bytes) -> None:
-        if not msg.reply:
-            return
+    async def _answer(self, raw: Msg, body: bytes) -> bytes | None:
+        if not raw.reply:
+            return body
+        try:
+            await raw.respond(body)
+        except Exception:
+            # The connection is closing (shutdown, NATS restart): the caller times out and retries.
+            log.warning("rpc.reply_failed", subject=raw.subject)
+        return None
+
+    def _fit(self, body: bytes) -> bytes:
         if len(body) > self.nc.max_payload - 4096:
             # Over the bus's limit the reply would be dropped and the caller would only see a
             # timeout; tell it what happened instead.
-            body = _error_body(
+            return _error_body(
                 errors.TooLarge(
                     f"the answer is {len(body):,} bytes, over the {self.nc.max_payload:,} bytes "
                     "a message may carry; ask for less (filters, a smaller limit)"
                 )
             )
-        try:
-            await msg.respond(body)
-        except Exception:
-            # The connection is closing (shutdown, NATS restart): the caller times out and retries.
-            log.warning("rpc.reply_failed", subject=msg.subject)
+        return body
 
 
 class RpcClient:

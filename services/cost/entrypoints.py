@@ -8,52 +8,55 @@ from __future__ import annotations
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from libs.contracts import TraceContext, new_uuid7
 from libs.contracts.envelope import TenantId
-from libs.errors import InvalidInput
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import Meta, RpcServer
 from services.cost.handlers import CostHandlers
 
 SERVICE = "cost"
 DEFAULT_ACTOR = "cost-api"
-
-_tenant_adapter: TypeAdapter[str] = TypeAdapter(TenantId)
-
-
-def tenant_of(payload: dict[str, Any]) -> str:
-    """The request's tenant id, validated against the tenant alphabet."""
-    try:
-        return _tenant_adapter.validate_python(payload.get("tenant_id"))
-    except ValidationError:
-        raise InvalidInput("tenant_id is missing or not a valid tenant id") from None
+MAX_ACTOR = 200
 
 
-def _trace(headers: dict[str, str]) -> TraceContext:
-    return TraceContext(
-        traceparent=headers.get("traceparent"), tracestate=headers.get("tracestate")
-    )
+class PricesRequest(BaseModel):
+    """``prices``: the tenant whose table to read."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    tenant_id: TenantId
+
+
+class SetPricesRequest(PricesRequest):
+    """``set_prices``: the tenant's complete override list (validated by the domain)."""
+
+    prices: Any = None
+    actor: Any = None
+
+    def actor_or_default(self) -> str:
+        """The named actor when it is a sensible string, else :data:`DEFAULT_ACTOR`."""
+        a = self.actor
+        return a if isinstance(a, str) and 0 < len(a) <= MAX_ACTOR else DEFAULT_ACTOR
 
 
 def build_rpc_server(nc: NATS, handlers: CostHandlers) -> RpcServer:
     """An :class:`RpcServer` with the cost routes registered (call ``start`` to serve)."""
     server = RpcServer(nc, SERVICE)
 
-    async def set_prices(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        tenant = tenant_of(payload)
-        actor = payload.get("actor")
+    @server.handler("set_prices")
+    async def set_prices(body: SetPricesRequest, meta: Meta) -> dict[str, Any]:
+        """Publish the tenant's price overrides as a new table version."""
         return await handlers.set_prices(
-            tenant,
-            payload.get("prices"),
-            correlation_id=headers.get("Mc-Correlation-Id") or str(new_uuid7()),
-            actor=actor if isinstance(actor, str) and 0 < len(actor) <= 200 else DEFAULT_ACTOR,
-            trace_context=_trace(headers),
+            body.tenant_id,
+            body.prices,
+            correlation_id=meta.correlation_id,
+            actor=body.actor_or_default(),
+            trace_context=meta.trace_context,
         )
 
-    async def prices(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        return await handlers.prices(tenant_of(payload))
+    @server.handler("prices")
+    async def prices(body: PricesRequest) -> dict[str, Any]:
+        """The tenant's current price table."""
+        return await handlers.prices(body.tenant_id)
 
-    server.route("set_prices", set_prices)
-    server.route("prices", prices)
     return server

@@ -10,8 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.contracts.envelope import TenantId
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RequestMeta, RpcServer
-from libs.eventbus.rpc import parse_request as parse
+from libs.eventbus.rpc import Meta, RpcServer
 from services.incident.domain import MAX_BY, MAX_RESOLUTION
 from services.incident.handlers import IncidentHandlers
 
@@ -57,29 +56,23 @@ class ResolveRequest(_Request):
 def build_rpc(server: RpcServer, handlers: IncidentHandlers) -> RpcServer:
     """Register the incident routes on ``server``."""
 
-    async def acknowledge(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(AcknowledgeRequest, payload)
-        state = await handlers.acknowledge(
-            req.tenant_id, str(req.incident_id), req.by, RequestMeta.from_headers(headers)
-        )
+    @server.handler("acknowledge")
+    async def acknowledge(req: AcknowledgeRequest, meta: Meta) -> dict[str, Any]:
+        """Acknowledge an open incident."""
+        state = await handlers.acknowledge(req.tenant_id, str(req.incident_id), req.by, meta)
         return state.to_dict()
 
-    async def resolve(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(ResolveRequest, payload)
+    @server.handler("resolve")
+    async def resolve(req: ResolveRequest, meta: Meta) -> dict[str, Any]:
+        """Resolve an incident with a resolution note."""
         state = await handlers.resolve(
-            req.tenant_id,
-            str(req.incident_id),
-            req.by,
-            req.resolution,
-            RequestMeta.from_headers(headers),
+            req.tenant_id, str(req.incident_id), req.by, req.resolution, meta
         )
         return state.to_dict()
 
-    async def get(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(GetRequest, payload)
+    @server.handler("get")
+    async def get(req: GetRequest) -> dict[str, Any]:
+        """One incident."""
         return (await handlers.get(req.tenant_id, str(req.incident_id))).to_dict()
 
-    server.route("acknowledge", acknowledge)
-    server.route("resolve", resolve)
-    server.route("get", get)
     return server

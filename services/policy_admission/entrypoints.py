@@ -6,22 +6,34 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from libs.eventbus.rpc import RpcServer
+from libs.contracts.envelope import TenantId
+from libs.eventbus.rpc import Headers, RpcServer
+from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.handlers import AdmissionHandler
 
 RPC_SERVICE = "admission"
+
+
+class AdmitCall(AdmitRequest):
+    """``admit``: the step to decide on, with the ``tenant_id`` the gateway sets."""
+
+    tenant_id: TenantId
 
 
 def rpc_server(nc: NATS, handler: AdmissionHandler) -> RpcServer:
     """An (unstarted) RPC server routing ``admit`` and ``policies`` to ``handler``."""
     server = RpcServer(nc, RPC_SERVICE)
 
-    async def admit(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        return await handler.admit(payload.get("tenant_id"), payload, headers)
+    # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
+    # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.
+    @server.handler("admit", hot=True)
+    async def admit(body: AdmitCall, headers: Headers) -> dict[str, Any]:
+        """Decide whether a step may run; answered once the decision is durable."""
+        return await handler.admit_parsed(body.tenant_id, body, headers)
 
-    async def policies(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+    @server.handler("policies")
+    async def policies(body: dict[str, Any]) -> dict[str, Any]:
+        """The active bundle's digest and every policy's metadata."""
         return handler.policies()
 
-    server.route("admit", admit)
-    server.route("policies", policies)
     return server

@@ -189,9 +189,15 @@ class AdmissionHandler:
         durable. Raises :class:`InvalidInput` for a malformed request and :class:`NotFound` for
         a run the tenant does not have.
         """
-        started = time.perf_counter()
         tenant = _tenant(tenant_id)
         req = parse_request({k: v for k, v in request.items() if k != "tenant_id"})
+        return await self.admit_parsed(tenant, req, headers)
+
+    async def admit_parsed(
+        self, tenant: str, req: AdmitRequest, headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """:meth:`admit` for a request already validated (the RPC route parses it with pydantic)."""
+        started = time.perf_counter()
         pending = _Pending(tenant, req, headers, asyncio.get_running_loop().create_future())
         self._waiting.append(pending)
         if self._committer is None or self._committer.done():

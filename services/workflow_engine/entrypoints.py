@@ -11,8 +11,7 @@ from libs.contracts.envelope import TenantId
 from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RequestMeta, RpcServer
-from libs.eventbus.rpc import parse_request as parse
+from libs.eventbus.rpc import Meta, RpcServer
 from services.workflow_engine.domain import RecordStep
 from services.workflow_engine.handlers import WorkflowHandlers
 
@@ -95,35 +94,27 @@ class GetRunRequest(_Request):
 def build_rpc(server: RpcServer, handlers: WorkflowHandlers) -> RpcServer:
     """Register the workflow routes on ``server``."""
 
-    async def start_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(StartRunRequest, payload)
+    @server.handler("start_run")
+    async def start_run(req: StartRunRequest, meta: Meta) -> Any:
+        """Start a run (its id generated when the caller gives none)."""
         return await handlers.start_run(
-            req.tenant_id,
-            req.run_id or str(new_uuid7()),
-            req.agent_id,
-            req.labels,
-            RequestMeta.from_headers(headers),
+            req.tenant_id, req.run_id or str(new_uuid7()), req.agent_id, req.labels, meta
         )
 
-    async def record_steps(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(RecordStepsRequest, payload)
-        return await handlers.record_steps(
-            req.tenant_id, [i.command() for i in req.items], RequestMeta.from_headers(headers)
-        )
+    @server.handler("record_steps")
+    async def record_steps(req: RecordStepsRequest, meta: Meta) -> Any:
+        """Record a batch of step outcomes, possibly of many runs."""
+        return await handlers.record_steps(req.tenant_id, [i.command() for i in req.items], meta)
 
-    async def finish_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(FinishRunRequest, payload)
-        return await handlers.finish_run(
-            req.tenant_id, req.run_id, req.status, req.reason, RequestMeta.from_headers(headers)
-        )
+    @server.handler("finish_run")
+    async def finish_run(req: FinishRunRequest, meta: Meta) -> Any:
+        """Finish a run as completed or failed."""
+        return await handlers.finish_run(req.tenant_id, req.run_id, req.status, req.reason, meta)
 
-    async def get_run(payload: dict[str, Any], headers: dict[str, str]) -> Any:
-        req = parse(GetRunRequest, payload)
+    @server.handler("get_run")
+    async def get_run(req: GetRunRequest) -> Any:
+        """A run's state."""
         state = await handlers.get_run(req.tenant_id, req.run_id)
         return state.to_dict()
 
-    server.route("start_run", start_run)
-    server.route("record_steps", record_steps)
-    server.route("finish_run", finish_run)
-    server.route("get_run", get_run)
     return server

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import structlog
 from opentelemetry import trace
+from pydantic import BaseModel, Field
 
-from libs.errors import DeadlineExceeded, NotFound, TransientError
+from libs.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, TransientError
 from libs.eventbus.jetstream import connect
-from libs.eventbus.rpc import RpcClient, RpcServer
+from libs.eventbus.rpc import Meta, RpcClient, RpcServer
 from libs.observability import configure_logging, tracer
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -85,5 +87,63 @@ async def test_an_answer_too_large_for_the_bus_is_an_error_not_a_timeout(system,
         with pytest.raises(TooLarge, match="over the"):
             await RpcClient(nc).call(service, "huge", {}, timeout=5)
     finally:
+        await server.stop()
+        await nc.close()
+
+
+class _Step(BaseModel):
+    """A request body for the hot-route test (module level: handlers' hints are resolved)."""
+
+    run_id: str
+    step_index: int = Field(ge=1)
+
+
+async def test_a_hot_route_parses_answers_bounds_and_traces_like_the_others(system, unique) -> None:
+    configure_logging("test")
+    service = unique("hot")
+    nc = await connect(system.nats_url, "test")
+    release = asyncio.Event()
+    seen: dict[str, Any] = {}
+    server = RpcServer(nc, service, max_in_flight=1)
+
+    @server.handler("step", hot=True)
+    async def step(body: _Step, meta: Meta) -> Any:
+        seen["correlation_id"] = meta.correlation_id
+        seen["span"] = trace.get_current_span().get_span_context()
+        if body.run_id == "held":
+            await release.wait()
+        return {"run_id": body.run_id, "step_index": body.step_index}
+
+    await server.start()
+    client = RpcClient(nc, default_timeout=30)
+    try:
+        # Served on bare nats-py: FastStream's broker has no subscriber for it.
+        assert server._broker is not None and not server._broker.subscribers
+        with tracer("test").start_as_current_span("caller") as span:
+            result = await client.call(
+                service,
+                "step",
+                {"run_id": "r1", "step_index": 2},
+                headers={"Mc-Correlation-Id": "corr-9"},
+            )
+        assert result == {"run_id": "r1", "step_index": 2}
+        assert seen["correlation_id"] == "corr-9"
+        # The work ran in a span of its own, in the caller's trace.
+        assert seen["span"].trace_id == span.get_span_context().trace_id
+        assert seen["span"].span_id != span.get_span_context().span_id
+
+        with pytest.raises(InvalidInput, match=r"step_index: Input should be greater"):
+            await client.call(service, "step", {"run_id": "r1", "step_index": 0})
+        held = asyncio.create_task(
+            client.call(service, "step", {"run_id": "held", "step_index": 1})
+        )
+        await wait_until(lambda: server.in_flight == 1, what="the held request in flight")
+        with pytest.raises(Overloaded):
+            await client.call(service, "step", {"run_id": "r2", "step_index": 1})
+        release.set()
+        assert (await held)["run_id"] == "held"
+        assert server.refused == 1
+    finally:
+        release.set()
         await server.stop()
         await nc.close()
