@@ -13,10 +13,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from typer.testing import CliRunner
 
 from libs.errors import InvalidInput
 from libs.runtime import state as st
 from libs.runtime import supervisor as sup
+from libs.runtime.cli import app
 from libs.runtime.registry import RegistrationError, ServiceRegistration
 from libs.settings import Settings
 
@@ -265,3 +267,24 @@ def test_a_supervisor_refuses_bad_replicas_before_starting_anything(tmp_path: Pa
     with pytest.raises(InvalidInput, match="no service is registered as ghost"):
         sup.Supervisor(tmp_path / "mc", Settings(MC_REPLICAS="ghost=2"), _services())
     assert not (tmp_path / "mc").exists()
+
+
+def test_mctl_up_refuses_bad_replicas_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    monkeypatch.delenv("MC_REPLICAS", raising=False)
+    data_dir = tmp_path / "mc"
+    result = CliRunner().invoke(
+        app, ["up", "--data-dir", str(data_dir), "--replicas", "cost=2,audit-replay=2"]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        "error: replicas: audit-replay runs as one replica unless CLICKHOUSE_URL is set"
+    )
+    # The variable is checked the same way as the flag.
+    monkeypatch.setenv("MC_REPLICAS", "ghost=2")
+    result = CliRunner().invoke(app, ["up", "--data-dir", str(data_dir)])
+    assert result.exit_code == 1
+    assert "no service is registered as ghost" in result.output
+    assert not data_dir.exists()
