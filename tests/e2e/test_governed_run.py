@@ -84,8 +84,14 @@ def test_seed_000_step_3_is_denied_the_run_stopped_and_everything_linked(whole_s
     assert "10000" in denied.reasons[0].message.replace(",", "")
     assert denied.bundle_digest
 
+    # Stops travel the control lane and steps the bulk lane, so the stop can be queryable a
+    # moment before the steps that led to it: wait for both.
     view = wait_for(
-        lambda: (r := mc.run(run))["status"] == "stopped_by_policy" and r, 20, "run stopped"
+        lambda: (
+            (r := mc.run(run))["status"] == "stopped_by_policy" and r["tokens_used"] == 5500 and r
+        ),
+        20,
+        "run stopped with its steps projected",
     )
     assert view["stopped_at_step"] == 3
     assert view["violation_policy_id"] == "token_limit"
