@@ -1,7 +1,9 @@
 """Foundation benchmark: event-store appends, relay throughput, publish-to-consume latency.
 
-Each figure is printed beside its floor, measured in the same run on the same servers:
-bare batched INSERT for appends, bare pipelined JetStream publish for the relay.
+Each figure is printed beside its floor, measured in the same run on the same servers: bare
+batched INSERT for batched appends, bare single-row INSERT + commit from as many concurrent
+connections for concurrent single-event appends, bare pipelined JetStream publish (one message
+per event) for the relay.
 
     python scripts/bench_foundation.py [--events 20000]
 """
@@ -12,12 +14,14 @@ import argparse
 import asyncio
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import psycopg
+from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -30,7 +34,13 @@ from libs.eventbus.jetstream import ConsumerSpec, connect, ensure_consumer, ensu
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.eventbus.relay import Relay
 from libs.eventbus.store import EventStore
-from libs.runtime.embedded import start_nats, start_postgres
+from libs.runtime.embedded import (
+    ServerProcess,
+    nats_server_binary,
+    start_nats,
+    start_postgres,
+    wait_for_port,
+)
 
 PAYLOAD = {"text": "x" * 800}  # about 1 KB per event, like a step with a short prompt
 
@@ -43,6 +53,56 @@ def event(tenant: str, run: str, i: int):  # type: ignore[no-untyped-def]
         correlation_id="bench",
         actor="bench",
     )
+
+
+async def relay_throughput(
+    url: str, js: JetStreamContext, pending: int, *, atomic: bool, name: str
+) -> float:
+    """Events/s of one relay publishing the whole store from the start of the log."""
+    relay = Relay(url, js, name=name, batch_size=1000, in_flight=512, atomic=atomic)
+    t0 = time.perf_counter()
+    async with await psycopg.AsyncConnection.connect(
+        url, autocommit=True, row_factory=dict_row
+    ) as rc:
+        await rc.execute(
+            "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES (%s, 0)", (name,)
+        )
+        published = 0
+        while published < pending:
+            published += await relay.relay_once(rc)
+    return pending / (time.perf_counter() - t0)
+
+
+async def on_fresh_server(
+    data_dir: Path, url: str, pending: int, *, atomic: bool, sync: bool
+) -> float:
+    """Relay throughput into a NATS server of its own (with or without sync_interval: always)."""
+    server = start_nats(data_dir) if sync else start_nats_default_sync(data_dir)
+    try:
+        nc = await connect(server.url, "bench-relay")
+        js = nc.jetstream()
+        await ensure_streams(js)
+        name = f"bench-{data_dir.name}"
+        rate = await relay_throughput(url, js, pending, atomic=atomic, name=name)
+        await nc.close()
+        return rate
+    finally:
+        server.stop()
+
+
+def start_nats_default_sync(data_dir: Path) -> ServerProcess:
+    """An embedded NATS server with JetStream's default sync_interval (fsync every 2 minutes)."""
+    server = start_nats(data_dir)
+    server.stop()
+    conf = data_dir / "nats" / "nats.conf"
+    conf.write_text(conf.read_text().replace("  sync_interval: always\n", ""))
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(server.port, 20, proc)
+    return ServerProcess("nats", proc, server.port, server.url, server.extra)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -73,8 +133,8 @@ async def main(n: int) -> None:
         print(f"Mission Control foundation benchmark ({n:,} events of ~1 KB; 2-core machine)")
 
         # Floor: bare batched INSERT of the same rows into a plain table.
-        with psycopg.connect(pg.url, autocommit=True) as c:
-            c.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
         t0 = time.perf_counter()
         async with await psycopg.AsyncConnection.connect(pg.url) as c:
             for start in range(0, n, 500):
@@ -95,6 +155,39 @@ async def main(n: int) -> None:
             )
         append_single = single / (time.perf_counter() - t0)
 
+        # 16 concurrent writers, one single-event append per transaction, each to its own
+        # streams; floor: bare single-row INSERT + commit from 16 concurrent connections.
+        writers = 16
+        per_writer = max(50, n // 40)
+        with psycopg.connect(pg.url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE bare_single (id uuid, stream text, v int, payload jsonb)")
+
+        async def bare_writer(w: int) -> None:
+            async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as c:
+                for i in range(per_writer):
+                    await c.execute(
+                        "INSERT INTO bare_single VALUES (%s, %s, %s, %s)",
+                        (uuid.uuid4(), f"w{w}", i, Jsonb(PAYLOAD)),
+                    )
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(bare_writer(w) for w in range(writers)))
+        bare_concurrent = writers * per_writer / (time.perf_counter() - t0)
+
+        wide_pool = await open_pool(url, min_size=writers, max_size=writers)
+        wide = EventStore(wide_pool)
+
+        async def store_writer(w: int) -> None:
+            for i in range(per_writer):
+                run = f"conc{w}-{i % 5}"
+                await wide.append(stream_id_for("bench", "run", run), [event("bench", run, i)])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(store_writer(w) for w in range(writers)))
+        append_concurrent = writers * per_writer / (time.perf_counter() - t0)
+        await wide_pool.close()
+        single += writers * per_writer
+
         t0 = time.perf_counter()
         for start in range(0, n, 500):
             run = f"batch{start // 500}"
@@ -103,25 +196,34 @@ async def main(n: int) -> None:
             )
         append_batched = n / (time.perf_counter() - t0)
 
-        print("append (PostgreSQL event store, hash-chained, serialised appends)")
+        print("append (PostgreSQL event store, hash-chained, per-stream locks)")
         line("append, one event per transaction", append_single, "events/s")
+        line(
+            f"append, one event per tx, {writers} writers",
+            append_concurrent,
+            "events/s",
+            bare_concurrent,
+        )
         line("append, 500 events per transaction", append_batched, "events/s", bare_insert)
 
-        # Relay: everything appended so far is pending.
+        # Relay: everything appended so far is pending. The same events go to three servers:
+        # atomic batches and the old one-message-per-event pipelining on sync_interval: always,
+        # and atomic batches on the default sync_interval.
         pending = single + n
-        relay = Relay(url, js, batch_size=1000, in_flight=512)
-        t0 = time.perf_counter()
-        async with await psycopg.AsyncConnection.connect(
-            url, autocommit=True, row_factory=dict_row
-        ) as c:
-            await c.execute(
-                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
-                "ON CONFLICT DO NOTHING"
+        relay_rate = await relay_throughput(url, js, pending, atomic=True, name="default")
+        pipelined = await on_fresh_server(base / "b", url, pending, atomic=False, sync=True)
+        # sync_interval always vs the default, alternating on fresh servers: the machine's load
+        # drifts, and one run each is not enough to tell a few percent apart.
+        always: list[float] = [relay_rate]
+        default_sync: list[float] = []
+        for i in range(2):
+            default_sync.append(
+                await on_fresh_server(base / f"d{i}", url, pending, atomic=True, sync=False)
             )
-            published = 0
-            while published < pending:
-                published += await relay.relay_once(c)
-        relay_rate = pending / (time.perf_counter() - t0)
+            if i == 0:
+                always.append(
+                    await on_fresh_server(base / f"a{i}", url, pending, atomic=True, sync=True)
+                )
 
         # Floor: bare pipelined publish of the same number of messages to a scratch stream.
         await js.add_stream(StreamConfig(name="BARE", subjects=["bare.>"]))
@@ -135,8 +237,12 @@ async def main(n: int) -> None:
                 )
             )
         bare_pub = pending / (time.perf_counter() - t0)
-        print("relay (store -> JetStream, in store order, Nats-Msg-Id dedup)")
-        line("relay throughput", relay_rate, "events/s", bare_pub)
+        print("relay (store -> JetStream, in log order, Nats-Msg-Id dedup)")
+        for k, rate in enumerate(always, 1):
+            line(f"relay, atomic batches, sync always ({k})", rate, "events/s", bare_pub)
+        for k, rate in enumerate(default_sync, 1):
+            line(f"relay, atomic batches, default sync ({k})", rate, "events/s", bare_pub)
+        line("relay, one message per event (pipelined)", pipelined, "events/s", bare_pub)
 
         # Publish-to-consume latency: append one event at a time, relay running, consumer waiting.
         relay_task = asyncio.create_task(Relay(url, js, idle_wait=1.0).run())

@@ -49,7 +49,7 @@ def _prepare(v: Any) -> Any:
         for k, item in v.items():
             # Astral characters sort differently by UTF-16 code unit (RFC 8785) than by code
             # point (orjson); keys are almost always ASCII, so just let the reference decide.
-            if not isinstance(k, str) or any(ord(c) > 0xFFFF for c in k):
+            if not isinstance(k, str) or (not k.isascii() and any(ord(c) > 0xFFFF for c in k)):
                 raise _NeedsReference
             out[k] = _prepare(item)
         return out

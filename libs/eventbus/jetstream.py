@@ -3,7 +3,8 @@
 * ``MC_EVENTS`` holds every event the relay publishes. No age or size limit and ``DiscardNew``:
   when the server is full a publish fails loudly instead of silently evicting history.
   ``duplicate_window`` bounds ``Nats-Msg-Id`` deduplication; duplicates older than the window are
-  absorbed by the consumers' applied-event records.
+  absorbed by the consumers' applied-event records. ``allow_atomic`` lets the relay publish
+  atomic batches (all or nothing, one acknowledgement each).
 * ``MC_DLQ`` keeps poison messages for 30 days for inspection and manual replay.
 """
 
@@ -43,6 +44,8 @@ EVENTS = StreamConfig(
     max_age=0,
     duplicate_window=DUPLICATE_WINDOW_S,
     num_replicas=1,
+    # The relay publishes atomic batches (nats-server 2.12+): one ack and one fsync per batch.
+    allow_atomic=True,
 )
 
 DLQ = StreamConfig(

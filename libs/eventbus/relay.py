@@ -2,8 +2,10 @@
 
 Why it cannot lose or skip an event:
 
-* Appends commit in position order (see ``store.py``), so everything at or below a committed
-  position is visible once that position is; ``position > checkpoint`` never passes a gap.
+* It follows the log's total order ``(log_xid, position)`` and reads only events below the
+  visibility horizon ``pg_snapshot_xmin(pg_current_snapshot())`` (see ``store.py``): every event
+  there is already visible and none can appear there later, so the cursor never passes a gap,
+  and it never publishes an event of a transaction that is still open.
 * The checkpoint moves only after JetStream acked every publish up to it. A crash in between
   republishes the tail; ``Nats-Msg-Id`` = event id lets JetStream drop those within its duplicate
   window, and consumers' applied-event records absorb anything older.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,20 +33,38 @@ from psycopg.rows import dict_row
 from libs.contracts.subjects import event_subject
 from libs.errors import TransientError
 from libs.eventbus.db import translate
-from libs.eventbus.store import NOTIFY_CHANNEL
+from libs.eventbus.store import HORIZON, NOTIFY_CHANNEL, START, LogCursor
 
 RELAY_LOCK = 7_231_002
+# JetStream takes at most 1,000 messages in one atomic batch; the byte cap keeps a batch of large
+# events well inside what the server stages in memory.
+ATOMIC_BATCH_MAX = 500
+ATOMIC_BATCH_BYTES = 8 * 1024 * 1024
+BATCH_ID = "Nats-Batch-Id"
+BATCH_SEQUENCE = "Nats-Batch-Sequence"
+BATCH_COMMIT = "Nats-Batch-Commit"
 log = structlog.get_logger("relay")
 
+# The message body is the envelope as JSON, rendered by PostgreSQL: the payload is never decoded
+# and re-encoded in Python. Its keys are the envelope's fields; consumers parse it as one.
 _SELECT = (
-    "SELECT position, event_id, event_type, schema_version, tenant_id, stream_id, stream_version, "
-    "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload "
-    "FROM eventstore.events WHERE position > %s ORDER BY position LIMIT %s"
+    "SELECT position, event_id, event_type, schema_version, tenant_id, correlation_id, "
+    "trace_context, log_xid::text AS log_xid_text, json_build_object('position', position, "
+    "'event_id', event_id, 'event_type', event_type, 'schema_version', schema_version, "
+    "'tenant_id', tenant_id, 'stream_id', stream_id, 'stream_version', stream_version, "
+    "'occurred_at', occurred_at, 'recorded_at', recorded_at, 'correlation_id', correlation_id, "
+    "'causation_id', causation_id, 'actor', actor, 'trace_context', trace_context, "
+    "'payload', payload)::text AS body FROM eventstore.events "
+    f"WHERE (log_xid, position) > (%s::text::xid8, %s) AND log_xid < {HORIZON} "
+    "ORDER BY log_xid, position LIMIT %s"
 )
 
 
 def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
-    """Subject, body and headers of the JetStream message for one stored event."""
+    """Subject, body and headers of the JetStream message for one stored event.
+
+    ``row`` carries the header fields and ``body``, the envelope as JSON (see ``_SELECT``).
+    """
     headers = {
         "Nats-Msg-Id": str(row["event_id"]),
         "Mc-Event-Type": row["event_type"],
@@ -55,8 +77,7 @@ def message_for(row: dict[str, Any]) -> tuple[str, bytes, dict[str, str]]:
     for key in ("traceparent", "tracestate"):
         if tc.get(key):
             headers[key] = tc[key]
-    body = orjson.dumps(row)
-    return event_subject(row["tenant_id"], row["event_type"]), body, headers
+    return event_subject(row["tenant_id"], row["event_type"]), row["body"].encode(), headers
 
 
 @dataclass
@@ -64,7 +85,7 @@ class RelayStats:
     """Counters exposed for metrics and benchmarks."""
 
     published: int = 0
-    checkpoint: int = 0
+    checkpoint: LogCursor = START
     batches: int = 0
 
 
@@ -80,6 +101,7 @@ class Relay:
         batch_size: int = 500,
         in_flight: int = 256,
         idle_wait: float = 1.0,
+        atomic: bool = True,
     ) -> None:
         self.database_url = database_url
         self.js = js
@@ -88,6 +110,8 @@ class Relay:
         self.in_flight = in_flight
         self.idle_wait = idle_wait
         self.stats = RelayStats()
+        # Atomic batches until the server shows it does not do them.
+        self.atomic = atomic
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -143,21 +167,27 @@ class Relay:
     async def relay_once(self, conn: psycopg.AsyncConnection[dict[str, Any]]) -> int:
         """Publish the next batch after the checkpoint; return how many were published."""
         cur = await conn.execute(
-            "SELECT position FROM eventstore.relay_checkpoints WHERE name = %s", (self.name,)
+            "SELECT log_xid::text AS log_xid, position FROM eventstore.relay_checkpoints "
+            "WHERE name = %s",
+            (self.name,),
         )
         row = await cur.fetchone()
-        checkpoint = int(row["position"]) if row else 0
-        cur = await conn.execute(_SELECT, (checkpoint, self.batch_size))
+        checkpoint = LogCursor(int(row["log_xid"]), int(row["position"])) if row else LogCursor()
+        cur = await conn.execute(
+            _SELECT, (str(checkpoint.log_xid), checkpoint.position, self.batch_size)
+        )
         rows = await cur.fetchall()
         if not rows:
             self.stats.checkpoint = checkpoint
             return 0
+        last = LogCursor(int(rows[-1]["log_xid_text"]), int(rows[-1]["position"]))
+        for r in rows:
+            del r["log_xid_text"]  # the log's bookkeeping, not part of the event
         await self.publish_in_order(rows)
-        last = int(rows[-1]["position"])
         await conn.execute(
-            "UPDATE eventstore.relay_checkpoints SET position = %s, updated_at = now() "
-            "WHERE name = %s AND position < %s",
-            (last, self.name, last),
+            "UPDATE eventstore.relay_checkpoints SET log_xid = %s::text::xid8, position = %s, "
+            "updated_at = now() WHERE name = %s AND (log_xid, position) < (%s::text::xid8, %s)",
+            (str(last.log_xid), last.position, self.name, str(last.log_xid), last.position),
         )
         self.stats.published += len(rows)
         self.stats.checkpoint = last
@@ -165,31 +195,23 @@ class Relay:
         return len(rows)
 
     async def publish_in_order(self, rows: list[dict[str, Any]]) -> None:
-        """Publish ``rows`` in store order; raise if they could not all be published.
+        """Publish ``rows`` in log order; raise if they could not all be published.
 
-        Publishes are pipelined (awaiting each ack would cost one fsync and one round trip per
-        event) and chained: each carries ``Nats-Expected-Last-Msg-Id`` = the previous event's id,
-        so if one is lost (a connection dropped mid-window, say), JetStream refuses every later
-        one instead of storing it ahead of the lost one. After any failure the batch is
-        published again one at a time without the chain: what JetStream already holds is
-        dropped by ``Nats-Msg-Id``, the rest is stored in order. (The chain assumes the relay
-        is the only publisher on the events stream; a foreign message only costs that one-by-one
-        pass.)
+        On a stream that allows atomic batches (nats-server 2.12+, ``allow_atomic``) the rows go
+        as atomic batches, one at a time: each batch is stored whole or not at all, in order,
+        with one acknowledgement and one fsync, so a lost message can never let a later one be
+        stored ahead of it. Otherwise they are pipelined one message per event (see
+        :meth:`publish_pipelined`). After any failure the rows are published again one at a
+        time: what JetStream already holds is dropped by ``Nats-Msg-Id``, the rest is stored in
+        order. (A republished batch that holds an event JetStream already has is refused whole,
+        so the first batch after a crash always takes that path.)
         """
         try:
-            for start in range(0, len(rows), self.in_flight):
-                window = rows[start : start + self.in_flight]
-                prev = rows[start - 1] if start else None
-                results = await asyncio.gather(
-                    *(
-                        self._publish(r, after=(window[i - 1] if i else prev))
-                        for i, r in enumerate(window)
-                    ),
-                    return_exceptions=True,
-                )
-                failed = [r for r in results if isinstance(r, BaseException)]
-                if failed:
-                    raise failed[0]
+            if self.atomic:
+                for batch in self._atomic_batches(rows):
+                    await self.publish_atomic(batch)
+            else:
+                await self.publish_pipelined(rows)
         except Exception as exc:
             if isinstance(exc, MaxPayloadError):
                 # Only a server whose max_payload is below the store's event limit does this;
@@ -205,6 +227,72 @@ class Relay:
                     await self._publish(row, after=None)
                 except Exception as again:
                     raise TransientError(f"publish failed: {again!r}") from again
+
+    def _atomic_batches(
+        self, rows: list[dict[str, Any]]
+    ) -> Iterator[list[tuple[str, bytes, dict[str, str]]]]:
+        batch: list[tuple[str, bytes, dict[str, str]]] = []
+        size = 0
+        for row in rows:
+            msg = message_for(row)
+            if batch and (
+                len(batch) >= ATOMIC_BATCH_MAX or size + len(msg[1]) > ATOMIC_BATCH_BYTES
+            ):
+                yield batch
+                batch, size = [], 0
+            batch.append(msg)
+            size += len(msg[1])
+        if batch:
+            yield batch
+
+    async def publish_atomic(self, batch: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish one atomic batch and wait for its commit acknowledgement."""
+        batch_id = uuid.uuid4().hex
+        last = len(batch) - 1
+        for i, (subject, body, headers) in enumerate(batch):
+            headers[BATCH_ID] = batch_id
+            headers[BATCH_SEQUENCE] = str(i + 1)
+            if i < last:
+                await self._send(subject, body, headers)
+        subject, body, headers = batch[last]
+        headers[BATCH_COMMIT] = "1"
+        reply = await self.js._nc.request(subject, body, headers=headers, timeout=10)
+        ack = orjson.loads(reply.data) if reply.data else {}
+        if "error" in ack:
+            raise TransientError(f"atomic batch refused: {ack['error'].get('description')}")
+        if ack.get("batch") != batch_id or ack.get("count") != len(batch):
+            # A server without atomic batches stores each message as it comes and acks only
+            # the last: whether the others arrived is unknown, so this batch is published again
+            # one by one, and from now on the relay pipelines single messages.
+            self.atomic = False
+            raise TransientError("the server does not acknowledge atomic batches")
+
+    async def _send(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        # A message of an atomic batch before its commit: a plain core publish, no ack of its own.
+        await self.js._nc.publish(subject, body, headers=headers)
+
+    async def publish_pipelined(self, rows: list[dict[str, Any]]) -> None:
+        """Publish one message per row with up to ``in_flight`` acknowledgements outstanding.
+
+        Awaiting each ack would cost one fsync and one round trip per event. The publishes are
+        chained: each carries ``Nats-Expected-Last-Msg-Id`` = the previous event's id, so if one
+        is lost (a connection dropped mid-window, say), JetStream refuses every later one instead
+        of storing it ahead of the lost one. (The chain assumes the relay is the only publisher
+        on the events stream; a foreign message only costs a one-by-one pass.)
+        """
+        for start in range(0, len(rows), self.in_flight):
+            window = rows[start : start + self.in_flight]
+            prev = rows[start - 1] if start else None
+            results = await asyncio.gather(
+                *(
+                    self._publish(r, after=(window[i - 1] if i else prev))
+                    for i, r in enumerate(window)
+                ),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
 
     async def _publish(self, row: dict[str, Any], *, after: dict[str, Any] | None) -> None:
         subject, body, headers = message_for(row)

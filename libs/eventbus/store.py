@@ -1,27 +1,47 @@
 """The append-only event store on PostgreSQL.
 
-Appends take one transaction-scoped advisory lock, so appending transactions commit one at a time
-and the global ``position`` is handed out in commit order. That is what lets the relay follow the
-table with a plain ``position > checkpoint`` cursor and never skip an event whose transaction
-committed after a later-numbered one (sequence values are not commit order).
+Appends to different streams commit in parallel, so PostgreSQL can flush many of them with one
+WAL write (group commit). What keeps the log exact without a global lock:
+
+* **Per stream**, an append takes a transaction-scoped advisory lock on each of its streams (in
+  one global order, so two multi-stream appends cannot deadlock) and holds it until commit.
+  Appends to one stream therefore still run one after the other: ``expected_version`` and the
+  hash chain stay exact.
+* **Across streams**, the log's one total order is ``(log_xid, position)``. ``position`` comes
+  from a sequence and is handed out at insert time, not at commit, so a reader following
+  ``position`` alone could pass an event whose transaction commits later. ``log_xid`` is the
+  appending transaction's id, raised to the previous ``log_xid`` of any stream it appends to when
+  that is higher, so it never decreases along a stream. Every transaction with an id below
+  ``pg_snapshot_xmin(pg_current_snapshot())`` has ended and no new one can get such an id, so
+  every event with ``log_xid`` below that horizon is already visible and none can appear there
+  later. Readers of the whole log (the relay, :meth:`EventStore.read_log`) stay below it, which
+  makes them gap-free.
+* ``position`` is still unique, and increasing along each stream and along causality (an event
+  appended after another committed has a higher position), so it stays a fine sort key inside a
+  run's history; it is only not a cursor for the whole log.
+
+The locking, version checks, hash chaining and INSERT run in one statement, the SQL function
+``eventstore.append_events`` (migration 0002), so an append outside a caller's transaction is one
+round trip.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import psycopg.errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope
-from libs.errors import ConcurrencyError, InvalidInput
-from libs.eventbus.db import AsyncConn, transaction
+from libs.errors import ConcurrencyError, InvalidInput, MissionControlError
+from libs.eventbus.db import AsyncConn, transaction, translate
 
-APPEND_LOCK = 7_231_000
 # The largest event the store accepts, as JSON. NATS servers refuse messages over their
 # max_payload (1 MB by default); an event the relay can never publish would block every event
 # behind it, so it is refused here, where the caller still gets the error.
@@ -29,11 +49,45 @@ MAX_EVENT_BYTES = 900 * 1024
 NOTIFY_CHANNEL = "mc_events"
 GENESIS = b"\x00" * 32
 
+# A stream's advisory-lock key is hashtextextended(stream_id, 0). policy-admission takes the same
+# key on a run's stream, so admissions of a run serialise with each other and with appends to the
+# run (advisory locks are re-entrant within a session: an append to a stream whose lock the
+# caller's transaction already holds does not wait on itself).
+
+# Only events below this are read from the whole log: see the module docstring.
+HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
+
 _COLUMNS = (
     "position, event_id, event_type, schema_version, tenant_id, stream_id, stream_version, "
     "occurred_at, recorded_at, correlation_id, causation_id, actor, trace_context, payload, "
     "prev_hash, hash"
 )
+_VERSION_SLOT = b'"stream_version":0,"tenant_id":'
+_VERSION_AT = len(b'"stream_version":')
+_WRONG_VERSION = "MC409"  # raised by eventstore.append_events
+_UNIQUE_VERSION = re.compile(r"\(stream_id, stream_version\)=\((.*), (\d+)\)")
+
+
+@dataclass(frozen=True, order=True)
+class LogCursor:
+    """A point in the log's total order: just after the event at ``(log_xid, position)``.
+
+    ``LogCursor()`` is the start of the log.
+    """
+
+    log_xid: int = 0
+    position: int = 0
+
+
+START = LogCursor()
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Events read from the log in its order, and the cursor to read on from."""
+
+    events: list[EventEnvelope]
+    cursor: LogCursor
 
 
 def chain_hash(prev_hash: bytes, envelope: EventEnvelope, body: bytes | None = None) -> bytes:
@@ -99,11 +153,27 @@ class EventStore:
     async def append_many(
         self, appends: Sequence[Append], *, conn: AsyncConn | None = None
     ) -> list[EventEnvelope]:
-        """Append to several streams atomically (in the caller's transaction when ``conn``)."""
+        """Append to several streams atomically (in the caller's transaction when ``conn``).
+
+        Raises :class:`~libs.errors.ConcurrencyError` when a stream is not at its
+        ``expected_version``.
+        """
         if conn is not None:
             return await _append(conn, appends)
-        async with transaction(self.pool) as c:
-            return await _append(c, appends)
+        try:
+            async with self.pool.connection() as c:
+                # The append is one statement, so outside a caller's transaction it runs as its
+                # own transaction: one round trip, no BEGIN or COMMIT of its own.
+                await c.set_autocommit(True)
+                try:
+                    return await _append(cast(AsyncConn, c), appends)
+                finally:
+                    if not c.closed:
+                        await c.set_autocommit(False)
+        except MissionControlError:
+            raise
+        except (psycopg.Error, OSError) as exc:
+            raise translate(exc) from exc
 
     async def read_stream(
         self, stream_id: str, from_version: int = 1, *, conn: AsyncConn | None = None
@@ -138,37 +208,59 @@ class EventStore:
             out[row["stream_id"]].append(row_to_envelope(row))
         return out
 
-    async def read_all(
-        self, after_position: int = 0, limit: int = 1000, *, tenant_id: str | None = None
-    ) -> list[EventEnvelope]:
-        """Up to ``limit`` events with ``position > after_position``, in store order."""
-        if tenant_id is None:
-            q = (
-                f"SELECT {_COLUMNS} FROM eventstore.events WHERE position > %s "
-                "ORDER BY position LIMIT %s"
-            )
-            args: tuple[Any, ...] = (after_position, limit)
-        else:
-            q = (
-                f"SELECT {_COLUMNS} FROM eventstore.events WHERE tenant_id = %s AND position > %s "
-                "ORDER BY position LIMIT %s"
-            )
-            args = (tenant_id, after_position, limit)
+    async def read_log(
+        self, after: LogCursor = START, limit: int = 1000, *, tenant_id: str | None = None
+    ) -> LogPage:
+        """Up to ``limit`` events after ``after`` in log order, below the visibility horizon.
+
+        Gap-free: an event not returned because it is not visible yet always comes after the
+        returned cursor (see the module docstring).
+        """
+        tenant = "tenant_id = %s AND " if tenant_id is not None else ""
+        args: list[Any] = [tenant_id] if tenant_id is not None else []
+        args += [str(after.log_xid), after.position, limit]
         async with transaction(self.pool) as c:
-            cur = await c.execute(q, args)
-            return [row_to_envelope(r) for r in await cur.fetchall()]
+            cur = await c.execute(
+                f"SELECT {_COLUMNS}, log_xid::text AS log_xid_text FROM eventstore.events "
+                f"WHERE {tenant}(log_xid, position) > (%s::text::xid8, %s) "
+                f"AND log_xid < {HORIZON} ORDER BY log_xid, position LIMIT %s",
+                args,
+            )
+            rows = await cur.fetchall()
+        if not rows:
+            return LogPage([], after)
+        last = rows[-1]
+        return LogPage(
+            [row_to_envelope(r) for r in rows],
+            LogCursor(int(last["log_xid_text"]), last["position"]),
+        )
+
+    async def read_all(
+        self,
+        after_position: int | LogCursor = 0,
+        limit: int = 1000,
+        *,
+        tenant_id: str | None = None,
+    ) -> list[EventEnvelope]:
+        """Up to ``limit`` events in log order after a point, below the visibility horizon.
+
+        ``after_position`` is a :class:`LogCursor`, ``0`` for the start of the log, or the
+        position of a stored event to read on from (its place in the log is looked up).
+        """
+        after = await self._cursor_at(after_position)
+        return (await self.read_log(after, limit, tenant_id=tenant_id)).events
 
     async def iter_all(
-        self, after_position: int = 0, batch: int = 5000
+        self, after_position: int | LogCursor = 0, batch: int = 5000
     ) -> AsyncIterator[list[EventEnvelope]]:
-        """The whole log in batches, for rebuilds and verification."""
-        pos = after_position
+        """The whole log in batches, in log order, for rebuilds and verification."""
+        cursor = await self._cursor_at(after_position)
         while True:
-            rows = await self.read_all(pos, batch)
-            if not rows:
+            page = await self.read_log(cursor, batch)
+            if not page.events:
                 return
-            yield rows
-            pos = rows[-1].position or pos
+            yield page.events
+            cursor = page.cursor
 
     async def head_position(self) -> int:
         """The highest position in the store (0 when empty)."""
@@ -240,83 +332,98 @@ class EventStore:
             row = await cur.fetchone()
             return int(row["p"]) if row and row["p"] is not None else None
 
+    async def _cursor_at(self, after: int | LogCursor) -> LogCursor:
+        if isinstance(after, LogCursor):
+            return after
+        if after <= 0:
+            return START
+        async with transaction(self.pool) as c:
+            cur = await c.execute(
+                "SELECT log_xid::text AS x FROM eventstore.events WHERE position = %s", (after,)
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise InvalidInput(f"no event at position {after} to read on from")
+        return LogCursor(int(row["x"]), after)
+
 
 async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
-    if not any(a.events for a in appends):
-        return []
-    # Held until this transaction ends: appends commit one at a time, in position order.
-    await conn.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
-    out: list[EventEnvelope] = []
-    rows: list[tuple[Any, ...]] = []
+    """Send the append to ``eventstore.append_events`` (migration 0002), which locks, checks,
+    chains and inserts in one statement; return the events as stored."""
+    docs: list[dict[str, Any]] = []
     stamped: list[EventEnvelope] = []
     for a in appends:
-        if not a.events:
-            continue
-        cur = await conn.execute(
-            "SELECT stream_version, hash FROM eventstore.events WHERE stream_id = %s "
-            "ORDER BY stream_version DESC LIMIT 1",
-            (a.stream_id,),
-        )
-        last = await cur.fetchone()
-        version = int(last["stream_version"]) if last else 0
-        prev = bytes(last["hash"]) if last else GENESIS
-        if a.expected_version is not None and a.expected_version != version:
-            raise ConcurrencyError(a.stream_id, a.expected_version, version)
+        expected = a.expected_version
         for e in a.events:
             if e.stream_id != a.stream_id:
                 raise InvalidInput(f"event {e.event_id} is for {e.stream_id}, not {a.stream_id}")
-            version += 1
-            env = e.model_copy(update={"stream_version": version})
-            # The canonical JSON is serialised once: it sizes the event and feeds the chain.
-            body = canonical_json(env.hashed_fields())
+            # The canonical JSON is serialised once, with version 0: it sizes the event and,
+            # split around the version, lets the database chain it at its real version.
+            fields = e.model_copy(update={"stream_version": 0}).hashed_fields()
+            body = canonical_json(fields)
             if len(body) > MAX_EVENT_BYTES:
                 raise InvalidInput(
                     f"{e.event_type} event is {len(body):,} bytes of JSON, over the limit of "
                     f"{MAX_EVENT_BYTES:,}: store large inputs and outputs elsewhere and record a "
                     "reference"
                 )
-            h = chain_hash(prev, env, body)
-            rows.append(
-                (
-                    env.event_id,
-                    env.event_type,
-                    env.schema_version,
-                    env.tenant_id,
-                    env.stream_id,
-                    version,
-                    env.occurred_at,
-                    env.correlation_id,
-                    env.causation_id,
-                    env.actor,
-                    env.trace_context.model_dump(),
-                    env.payload,
-                    prev,
-                    h,
-                )
-            )
-            stamped.append(env)
-            prev = h
-    # One multi-row INSERT per chunk: PostgreSQL caps a statement at 65,535 parameters.
-    for start in range(0, len(rows), 2000):
-        chunk = rows[start : start + 2000]
-        placeholders = ",".join(["(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"] * len(chunk))
-        params: list[Any] = []
-        for r in chunk:
-            params.extend([*r[:10], Jsonb(r[10]), Jsonb(r[11]), r[12], r[13]])
+            # Keys are sorted, so the envelope's own stream_version is the last one followed by
+            # tenant_id (a payload key of that name sorts before "schema_version").
+            cut = body.rfind(_VERSION_SLOT)
+            fields["occurred_at"] = e.occurred_at
+            fields["head"] = body[: cut + _VERSION_AT].decode()
+            fields["tail"] = body[cut + _VERSION_AT + 1 :].decode()
+            fields["expected"] = expected
+            docs.append(fields)
+            stamped.append(e)
+            expected = None  # checked at the first event of each Append
+    if not stamped:
+        return []
+    try:
         cur = await conn.execute(
-            "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
-            "stream_id, stream_version, occurred_at, correlation_id, causation_id, actor, "
-            f"trace_context, payload, prev_hash, hash) VALUES {placeholders} "
-            "RETURNING position, recorded_at",
-            params,
+            "SELECT o_event_id, o_version, o_position, o_recorded_at FROM "
+            "eventstore.append_events(%s)",
+            (Jsonb(docs),),
         )
-        returned = await cur.fetchall()
-        for env, ret in zip(stamped[start : start + 2000], returned, strict=True):
-            out.append(
-                env.model_copy(
-                    update={"position": ret["position"], "recorded_at": ret["recorded_at"]}
-                )
+        rows = {r["o_event_id"]: r for r in await cur.fetchall()}
+    except psycopg.errors.UniqueViolation as exc:
+        taken = _version_taken(exc, appends)
+        if taken is None:  # another unique key, e.g. an event id stored twice
+            raise
+        raise taken from exc
+    except psycopg.Error as exc:
+        if exc.sqlstate != _WRONG_VERSION:
+            raise
+        diag = exc.diag
+        raise ConcurrencyError(
+            diag.message_primary or "", int(diag.message_hint or 0), int(diag.message_detail or 0)
+        ) from exc
+    out: list[EventEnvelope] = []
+    for e in stamped:
+        r = rows[e.event_id]
+        out.append(
+            e.model_copy(
+                update={
+                    "stream_version": r["o_version"],
+                    "position": r["o_position"],
+                    "recorded_at": r["o_recorded_at"],
+                }
             )
-    # Delivered at commit only; wakes the relay without polling.
-    await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+        )
     return out
+
+
+def _version_taken(
+    exc: psycopg.errors.UniqueViolation, appends: Sequence[Append]
+) -> ConcurrencyError | None:
+    """A stream version stored meanwhile by a writer that bypassed the stream lock.
+
+    Every append takes the lock, so this needs a foreign writer; it is still a conflict the
+    caller can retry, never an internal error.
+    """
+    found = _UNIQUE_VERSION.search(exc.diag.message_detail or "")
+    if found is None:
+        return None
+    stream_id, version = found.group(1), int(found.group(2))
+    expected = next((a.expected_version for a in appends if a.stream_id == stream_id), None)
+    return ConcurrencyError(stream_id, expected, version)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import psycopg
+import psycopg.rows
 import pytest
 
 from libs.contracts import envelope_for, stream_id_for
@@ -11,6 +15,7 @@ from libs.contracts.registry import decode
 from libs.errors import ConcurrencyError
 from libs.eventbus.store import EventStore
 from libs.eventbus.verify import verify_chains
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +165,144 @@ async def test_an_event_too_large_for_the_bus_is_refused_and_nothing_is_stored(
     with pytest.raises(InvalidInput, match="over the limit"):
         await store.append(sid, [_step(tenant, run, 1), big])
     assert await store.read_stream(sid) == []
+
+
+async def test_an_append_after_a_younger_transactions_append_stays_behind_it_in_the_log(
+    pool, system, tenant, unique
+) -> None:
+    # The older transaction takes its id first, then appends to a stream a younger transaction
+    # appended to and committed meanwhile: its event must still come after in the log's order
+    # (its log_xid is raised to the younger one's), or per-stream order breaks on the bus.
+    store = EventStore(pool)
+    run = unique("run")
+    sid = stream_id_for(tenant, "run", run)
+    async with await psycopg.AsyncConnection.connect(
+        system.service_url, row_factory=psycopg.rows.dict_row
+    ) as older:
+        await older.execute("SELECT pg_current_xact_id()")
+        (first,) = await store.append(sid, [_step(tenant, run, 1)])
+        (second,) = await store.append(sid, [_step(tenant, run, 2)], conn=older)
+        await older.commit()
+    assert (first.stream_version, second.stream_version) == (1, 2)
+    log = await store.read_all(0, 100, tenant_id=tenant)
+    assert [e.event_id for e in log] == [first.event_id, second.event_id]
+
+
+async def test_log_order_is_numeric_across_transaction_ids_of_different_lengths(
+    own_system, unique
+) -> None:
+    from libs.eventbus.db import open_pool
+
+    tenant = unique("t")
+    pool = await open_pool(own_system.service_url)
+    try:
+        store = EventStore(pool)
+        run = unique("run")
+        sid = stream_id_for(tenant, "run", run)
+        await store.append(sid, [_step(tenant, run, 1)])
+        # A fresh cluster's transaction ids are in the hundreds: take ids until they have one
+        # more digit, so a comparison of their text would put the next event first.
+        with psycopg.connect(own_system.admin_url, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = off")
+            (start,) = conn.execute("SELECT pg_current_xact_id()::text").fetchone()  # type: ignore[misc]
+            target = 10 ** len(start)
+            assert target - int(start) < 50_000
+            for _ in range(target - int(start)):
+                conn.execute("SELECT pg_current_xact_id()")
+        await store.append(sid, [_step(tenant, run, 2)])
+        log = await store.read_all(0, 100, tenant_id=tenant)
+        assert [e.stream_version for e in log] == [1, 2]
+        pages = [page async for page in store.iter_all(batch=1)]
+        assert [e.stream_version for page in pages for e in page if e.tenant_id == tenant] == [1, 2]
+    finally:
+        await pool.close()
+
+
+async def test_a_version_taken_by_a_writer_that_bypassed_the_lock_is_a_concurrency_error(
+    pool, system, tenant, unique
+) -> None:
+    store = EventStore(pool)
+    run = unique("run")
+    sid = stream_id_for(tenant, "run", run)
+    # A foreign writer holds version 1 uncommitted without the stream lock; our append then
+    # waits on the unique index and must fail as a typed conflict once the foreign row commits.
+    with psycopg.connect(system.admin_url) as foreign:
+        foreign.execute(
+            "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
+            "stream_id, stream_version, occurred_at, correlation_id, actor, payload, prev_hash, "
+            "hash) VALUES (gen_random_uuid(), 'run.step_recorded', 1, %s, %s, 1, now(), 'c', "
+            "'foreign', '{}', '\\x00', '\\x00')",
+            (tenant, sid),
+        )
+        appending = asyncio.ensure_future(store.append(sid, [_step(tenant, run, 1)]))
+
+        def waiting_on_the_row() -> bool:
+            with psycopg.connect(system.admin_url, autocommit=True) as c:
+                row = c.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%eventstore.append_events%%'"
+                ).fetchone()
+            return bool(row and row[0])
+
+        await wait_until(waiting_on_the_row, 20, what="the append waiting on the foreign row")
+        foreign.commit()
+    with pytest.raises(ConcurrencyError) as info:
+        await appending
+    assert info.value.stream_id == sid
+
+
+async def test_append_many_to_several_streams_and_twice_to_one(
+    pool, system, tenant, unique
+) -> None:
+    from libs.eventbus.store import Append
+
+    store = EventStore(pool)
+    runs = [unique("ra"), unique("rb")]
+    sids = [stream_id_for(tenant, "run", r) for r in runs]
+    out = await store.append_many(
+        [
+            Append(sids[1], [_step(tenant, runs[1], 1)], expected_version=0),
+            Append(sids[0], [_step(tenant, runs[0], 1), _step(tenant, runs[0], 2)]),
+            Append(sids[1], [_step(tenant, runs[1], 2)], expected_version=1),
+        ]
+    )
+    assert [(e.stream_id, e.stream_version) for e in out] == [
+        (sids[1], 1),
+        (sids[0], 1),
+        (sids[0], 2),
+        (sids[1], 2),
+    ]
+    for sid in sids:
+        assert verify_chains(system.admin_url, stream_id=sid).ok
+
+
+def test_the_log_order_migration_applies_to_a_store_that_holds_events(tmp_path) -> None:
+    # Adding log_xid must neither rewrite nor UPDATE the rows (the append-only triggers would
+    # refuse), and old events and checkpoints must land at log_xid 0 in their position order.
+    from libs.eventbus.migrate import ensure_service_role
+    from libs.runtime.embedded import start_postgres
+
+    migrations = Path(__file__).resolve().parents[2] / "libs/eventbus/migrations"
+    pg = start_postgres(tmp_path)
+    try:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            ensure_service_role(conn)
+            conn.execute((migrations / "0001_event_store.sql").read_text().encode())
+            conn.execute(
+                "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
+                "stream_id, stream_version, occurred_at, correlation_id, actor, payload, "
+                "prev_hash, hash) VALUES (gen_random_uuid(), 'run.started', 1, 't', 's', 1, "
+                "now(), 'c', 'a', '{}', '\\x00', '\\x00')"
+            )
+            conn.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 1)"
+            )
+            conn.execute((migrations / "0002_log_order.sql").read_text().encode())
+            events = conn.execute("SELECT log_xid::text, position FROM eventstore.events")
+            assert events.fetchall() == [("0", 1)]
+            checkpoints = conn.execute(
+                "SELECT log_xid::text, position FROM eventstore.relay_checkpoints"
+            )
+            assert checkpoints.fetchall() == [("0", 1)]
+    finally:
+        pg.stop()

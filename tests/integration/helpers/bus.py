@@ -13,23 +13,28 @@ from libs.contracts.subjects import EVENTS_STREAM, events_filter
 from libs.eventbus.consumer import applied_events_ddl
 
 
-async def read_stream_messages(
-    js: JetStreamContext, tenant: str, expected: int, timeout: float = 30.0
-) -> list[EventEnvelope]:
-    """Every message JetStream holds for ``tenant``, in stream order (ephemeral consumer)."""
-    import time
-
-    sub = await js.pull_subscribe(
+async def tenant_reader(js: JetStreamContext, tenant: str) -> JetStreamContext.PullSubscription:
+    """An ephemeral pull consumer over every event JetStream holds for ``tenant``."""
+    return await js.pull_subscribe(
         events_filter(">", tenant),
         durable=None,
         stream=EVENTS_STREAM,
         config=ConsumerConfig(
             ack_policy=AckPolicy.NONE,
             deliver_policy=DeliverPolicy.ALL,
-            inactive_threshold=30,
+            inactive_threshold=60,
             name=f"read-{uuid.uuid4().hex[:8]}",
         ),
     )
+
+
+async def read_stream_messages(
+    js: JetStreamContext, tenant: str, expected: int, timeout: float = 30.0
+) -> list[EventEnvelope]:
+    """Every message JetStream holds for ``tenant``, in stream order (ephemeral consumer)."""
+    import time
+
+    sub = await tenant_reader(js, tenant)
     out: list[EventEnvelope] = []
     deadline = time.monotonic() + timeout
     try:
