@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,11 +11,14 @@ from typing import Any
 import orjson
 import psycopg
 import psycopg.errors
+import structlog
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from libs.errors import Conflict, MissionControlError, TransientError
+
+log = structlog.get_logger("eventstore")
 
 
 def _dumps(obj: Any) -> str:
@@ -66,12 +71,88 @@ def translate(exc: BaseException) -> MissionControlError:
     return MissionControlError(f"database error: {str(exc).splitlines()[0] if str(exc) else exc!r}")
 
 
+# Connections inside a transaction() block, and those of them that appended events there.
+_managed: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
+_appended: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
+
+
+def appended_on(conn: AsyncConn) -> bool:
+    """Note that ``conn`` appended events; return whether the wake-up can wait for the commit.
+
+    True when ``conn`` is inside a :func:`transaction` block, which wakes the relay after the
+    commit. False for a transaction the caller manages itself: the caller must notify inside it.
+    """
+    if conn in _managed:
+        _appended.add(conn)
+        return True
+    return False
+
+
+class CommitSignal:
+    """Wakes the relay (``NOTIFY``) after appending transactions commit, coalescing bursts.
+
+    ``NOTIFY`` inside an appending transaction would take PostgreSQL's database-wide notify lock
+    and hold it through that transaction's commit (WAL flush included), which serialises every
+    appending commit again. Sent after the commit on its own, it holds that lock for a
+    transaction with no WAL flush. While one is on its way, further pokes fold into one more.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, channel: str) -> None:
+        self.pool = pool
+        self.channel = channel
+        self._pending = False
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        """Ask for one ``NOTIFY`` after the last commit seen so far."""
+        self._pending = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._pending:
+            self._pending = False
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
+            except Exception as exc:
+                # The relay also polls when idle, so a lost wake-up only costs latency.
+                log.warning("eventstore.notify_failed", error=repr(exc))
+                return
+
+
+_signals: weakref.WeakKeyDictionary[AsyncConnectionPool, CommitSignal] = weakref.WeakKeyDictionary()
+NOTIFY_CHANNEL = "mc_events"
+
+
+def commit_signal(pool: AsyncConnectionPool) -> CommitSignal:
+    """The :class:`CommitSignal` of ``pool`` (one per pool)."""
+    signal = _signals.get(pool)
+    if signal is None:
+        signal = _signals[pool] = CommitSignal(pool, NOTIFY_CHANNEL)
+    return signal
+
+
 @asynccontextmanager
 async def transaction(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConn]:
-    """A connection inside one transaction; psycopg errors leave as project errors."""
+    """A connection inside one transaction; psycopg errors leave as project errors.
+
+    When the transaction appended events, the relay is woken once it has committed.
+    """
     try:
-        async with pool.connection() as conn, conn.transaction():
-            yield conn  # type: ignore[misc]
+        async with pool.connection() as raw:
+            conn: AsyncConn = raw  # type: ignore[assignment]
+            _managed.add(conn)
+            try:
+                async with conn.transaction():
+                    yield conn
+            finally:
+                _managed.discard(conn)
+                appended = conn in _appended
+                _appended.discard(conn)
+            # Reached only when the block committed.
+            if appended:
+                commit_signal(pool).poke()
     except MissionControlError:
         raise
     except (psycopg.Error, OSError) as exc:

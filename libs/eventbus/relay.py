@@ -32,8 +32,8 @@ from psycopg.rows import dict_row
 
 from libs.contracts.subjects import event_subject
 from libs.errors import TransientError
-from libs.eventbus.db import translate
-from libs.eventbus.store import HORIZON, NOTIFY_CHANNEL, START, LogCursor
+from libs.eventbus.db import NOTIFY_CHANNEL, translate
+from libs.eventbus.store import HORIZON, START, LogCursor
 
 RELAY_LOCK = 7_231_002
 # JetStream takes at most 1,000 messages in one atomic batch; the byte cap keeps a batch of large

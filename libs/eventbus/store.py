@@ -40,13 +40,12 @@ from psycopg_pool import AsyncConnectionPool
 from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope
 from libs.errors import ConcurrencyError, InvalidInput, MissionControlError
-from libs.eventbus.db import AsyncConn, transaction, translate
+from libs.eventbus.db import NOTIFY_CHANNEL, AsyncConn, appended_on, transaction, translate
 
 # The largest event the store accepts, as JSON. NATS servers refuse messages over their
 # max_payload (1 MB by default); an event the relay can never publish would block every event
 # behind it, so it is refused here, where the caller still gets the error.
 MAX_EVENT_BYTES = 900 * 1024
-NOTIFY_CHANNEL = "mc_events"
 GENESIS = b"\x00" * 32
 
 # A stream's advisory-lock key is hashtextextended(stream_id, 0). policy-admission takes the same
@@ -386,6 +385,9 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
             (Jsonb(docs),),
         )
         rows = {r["o_event_id"]: r for r in await cur.fetchall()}
+        if not appended_on(conn):
+            # A transaction the caller manages: wake the relay at its commit, from inside it.
+            await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
     except psycopg.errors.UniqueViolation as exc:
         taken = _version_taken(exc, appends)
         if taken is None:  # another unique key, e.g. an event id stored twice

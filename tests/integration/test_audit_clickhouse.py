@@ -129,6 +129,9 @@ def _store_row(env: EventEnvelope) -> dict[str, Any]:
     """An envelope as the relay reads it from ``eventstore.events``."""
     row = env.model_dump()
     row["trace_context"] = env.trace_context.model_dump()
+    # The relay has PostgreSQL render the envelope as the message body; orjson writes the same
+    # JSON for these types (UUIDs as strings, UTC timestamps with "+00:00").
+    row["body"] = orjson.dumps(row).decode()
     return row
 
 

@@ -118,5 +118,4 @@ BEGIN
             AS t(a, b, c, d, e, f, g, h, i, j, k, l, m, n, ord)
         ORDER BY t.ord
         RETURNING ev.event_id, ev.stream_version, ev.position, ev.recorded_at;
-    PERFORM pg_notify('mc_events', '');
 END $$;
