@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     service_db_password: SecretStr | None = Field(default=None, alias="MC_SERVICE_DB_PASSWORD")
     """Password ``mctl migrate`` / ``mctl up`` set on the ``mc_service`` role."""
 
+    replicas: str = Field(default="", alias="MC_REPLICAS")
+    """How many processes of a service ``mctl up`` runs, ``name=N,...`` (unnamed services: one);
+    parsed and checked by the supervisor, which knows the registered services."""
+
     # Load shedding: requests in flight above these bounds are refused at once (overloaded, 429).
     rpc_max_in_flight: int = Field(default=64, ge=1, alias="MC_RPC_MAX_IN_FLIGHT")
     gateway_max_in_flight_agent: int = Field(default=32, ge=1, alias="MC_GATEWAY_MAX_AGENT")

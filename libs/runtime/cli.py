@@ -169,8 +169,24 @@ def up(
         bool, typer.Option("--detach", help="Run in the background; return once ready.")
     ] = False,
     demo: Annotated[bool, typer.Option("--demo", help="Run the demo once ready.")] = False,
+    replicas: Annotated[
+        str | None,
+        typer.Option(
+            "--replicas",
+            help="Processes per service, e.g. policy-admission=2,cost=2 (default: "
+            "$MC_REPLICAS, else one each).",
+        ),
+    ] = None,
 ) -> None:
     """Start NATS, PostgreSQL, the relay and the services; supervise them until stopped."""
+    env = dict(os.environ)
+    if replicas is not None:
+        env["MC_REPLICAS"] = replicas
+    # Checked here as well as by the supervisor, so a bad value is refused before anything starts.
+    settings = load_settings()
+    sup.replica_counts(
+        replicas if replicas is not None else settings.replicas, discover(), settings
+    )
     data_dir = data_dir_of(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     holder = sup.lock_holder(data_dir)
@@ -191,10 +207,11 @@ def up(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=sup.PROJECT_ROOT,
+                env=env,
             )
     else:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, start_new_session=True, cwd=sup.PROJECT_ROOT
+            cmd, stdin=subprocess.DEVNULL, start_new_session=True, cwd=sup.PROJECT_ROOT, env=env
         )
     demo_failed = False
     with _StopForwarder(proc) as stop:

@@ -58,6 +58,10 @@ class ServiceRegistration:
     service's URL once the system is ready."""
     commands: Mapping[str, str] = field(default_factory=dict)
     """``mctl`` sub-command name → ``"module:typer_app"`` mounted under it."""
+    scale_out_requires: tuple[str, ...] = ()
+    """:class:`~libs.settings.Settings` fields that must be configured before the supervisor runs
+    more than one replica of this service (``MC_REPLICAS``): a service that keeps its data in the
+    process (embedded chDB) names the setting that moves it to a shared server."""
 
     @property
     def migration_component(self) -> str | None:

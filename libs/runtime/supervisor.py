@@ -34,7 +34,7 @@ from typing import Any, Literal
 import httpx
 import psutil
 
-from libs.errors import Conflict, MissionControlError, TransientError
+from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
 from libs.runtime.registry import ServiceRegistration, discover, require_services
@@ -56,6 +56,8 @@ BACKOFF_CAP_S = 10.0
 # backoff from the beginning instead of waiting the maximum.
 STABLE_AFTER_S = 30.0
 POLL_INTERVAL_S = 0.2
+# More processes of one service than this on one machine is a typo, not a plan.
+MAX_REPLICAS = 16
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +99,54 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"code {returncode}"
+
+
+def parse_replicas(spec: str) -> dict[str, int]:
+    """``{"cost": 2, "incident": 3}`` from ``MC_REPLICAS`` / ``mctl up --replicas``:
+    ``"cost=2,incident=3"``. Spaces are ignored; an empty spec names nothing."""
+    counts: dict[str, int] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, sep, number = (p.strip() for p in part.partition("="))
+        if not sep or not name or not number.isdigit():
+            raise InvalidInput(f"replicas: expected service=N, got {part!r}")
+        count = int(number)
+        if not 1 <= count <= MAX_REPLICAS:
+            raise InvalidInput(
+                f"replicas: {name} must run 1 to {MAX_REPLICAS} replicas, not {count}"
+            )
+        if name in counts:
+            raise InvalidInput(f"replicas: {name} is named twice")
+        counts[name] = count
+    return counts
+
+
+def replica_counts(
+    spec: str, services: Sequence[ServiceRegistration], settings: Settings
+) -> dict[str, int]:
+    """How many processes of each registered service to run (one unless ``spec`` says more).
+
+    Refuses unknown names, and more than one replica of a service whose
+    ``scale_out_requires`` settings are not configured (it keeps its data in the process).
+    """
+    asked = parse_replicas(spec)
+    known = {s.name: s for s in services}
+    unknown = sorted(asked.keys() - known.keys())
+    if unknown:
+        raise InvalidInput(
+            f"replicas: no service is registered as {', '.join(unknown)} "
+            f"(registered: {', '.join(sorted(known))})"
+        )
+    for name, count in asked.items():
+        missing = [f for f in known[name].scale_out_requires if not settings.configured(f)]
+        if count > 1 and missing:
+            raise InvalidInput(
+                f"replicas: {name} runs as one replica unless "
+                f"{', '.join(m.upper() for m in missing)} is set"
+            )
+    return {s.name: asked.get(s.name, 1) for s in services}
 
 
 def service_database_url(port: int) -> str:
@@ -216,6 +266,8 @@ class Child:
 
     name: str
     kind: ChildKind
+    service: str | None = None
+    """The registered service this process runs (its replicas share it; ``name`` is unique)."""
     port: int | None = None
     url: str | None = None
     module: str | None = None
@@ -254,6 +306,7 @@ class Child:
         return {
             "name": self.name,
             "kind": self.kind,
+            "service": self.service,
             "pid": self.pid,
             "create_time": create_time,
             "port": self.port,
@@ -267,8 +320,9 @@ class Child:
 class Supervisor:
     """Starts, watches and stops every process of one Mission Control system.
 
-    ``settings`` decide whether to start embedded servers (``NATS_URL``, ``DATABASE_URL``);
-    ``services`` default to those registered through entry points, already in start order.
+    ``settings`` decide whether to start embedded servers (``NATS_URL``, ``DATABASE_URL``) and
+    how many replicas of each service to run (``MC_REPLICAS``); ``services`` default to those
+    registered through entry points, already in start order.
     Children inherit this process's environment, on top of which the supervisor sets the
     servers' URLs and each service's name and port.
     """
@@ -285,6 +339,7 @@ class Supervisor:
         self.log_dir = self.data_dir / LOG_DIR
         self.settings = settings if settings is not None else load_settings()
         self.services = tuple(services) if services is not None else discover()
+        self.replicas = replica_counts(self.settings.replicas, self.services, self.settings)
         self.ready_timeout = ready_timeout
         self.children: list[Child] = []
         self.nats_url = ""
@@ -391,7 +446,9 @@ class Supervisor:
 
         Each service gets a free port and the environment that tells it where the servers are;
         spawning them in this order is what ``after`` in a registration means (the supervisor
-        then waits for all of them to be ready together).
+        then waits for all of them to be ready together). A service with more than one replica
+        gets one process per replica, named ``<service>``, ``<service>-2``, ...: they share
+        its request queue group and durable consumers, so they split its work between them.
         """
         common = {
             "NATS_URL": self.nats_url,
@@ -415,23 +472,26 @@ class Supervisor:
         ]
         host = self.settings.http_host
         for service in self.services:
-            port = free_port()
-            planned.append(
-                Child(
-                    name=service.name,
-                    kind="service",
-                    port=port,
-                    url=f"http://127.0.0.1:{port}",
-                    module=service.module,
-                    env={
-                        **common,
-                        "MC_SERVICE": service.name,
-                        "MC_HTTP_HOST": host,
-                        "MC_HTTP_PORT": str(port),
-                    },
-                    log_path=self.log_dir / f"{service.name}.log",
+            for replica in range(1, self.replicas.get(service.name, 1) + 1):
+                name = service.name if replica == 1 else f"{service.name}-{replica}"
+                port = free_port()
+                planned.append(
+                    Child(
+                        name=name,
+                        kind="service",
+                        service=service.name,
+                        port=port,
+                        url=f"http://127.0.0.1:{port}",
+                        module=service.module,
+                        env={
+                            **common,
+                            "MC_SERVICE": service.name,
+                            "MC_HTTP_HOST": host,
+                            "MC_HTTP_PORT": str(port),
+                        },
+                        log_path=self.log_dir / f"{name}.log",
+                    )
                 )
-            )
         return planned
 
     def _spawn(self, child: Child) -> None:

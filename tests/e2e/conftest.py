@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,10 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
+from libs.eventbus.jetstream import connect
 from services.gateway.client import MissionControlClient
 from services.gateway.keys import provision_tenant, run_with_pool
+
+# The fields of a run that its projection and its replay from the store must agree on.
+RUN_STATE_FIELDS = (
+    "status",
+    "stopped_at_step",
+    "violation_policy_id",
+    "tokens_used",
+    "cost_usd",
+    "last_step_index",
+)
 
 
 @dataclass
@@ -127,3 +140,32 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "", interval: fl
                 return last
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}: last value {last!r}")
+
+
+def consumers_idle(nats_url: str) -> bool:
+    """Whether every durable consumer of ``MC_EVENTS`` has handled and acknowledged everything."""
+
+    async def check() -> bool:
+        nc = await connect(nats_url, "e2e-check")
+        try:
+            jsm = nc.jetstream()
+            infos = await jsm.consumers_info("MC_EVENTS")
+            return all(
+                i.num_pending == 0 and i.num_ack_pending == 0
+                for i in infos
+                if i.config.durable_name and not i.config.durable_name.startswith("read-")
+            )
+        finally:
+            await nc.close()
+
+    return asyncio.run(check())
+
+
+def event_counts(admin_url: str, tenant: str) -> dict[str, int]:
+    """How many events of each type the store holds for ``tenant``."""
+    with psycopg.connect(admin_url) as conn:
+        rows = conn.execute(
+            "SELECT event_type, count(*) FROM eventstore.events WHERE tenant_id = %s GROUP BY 1",
+            (tenant,),
+        ).fetchall()
+    return {r[0]: int(r[1]) for r in rows}

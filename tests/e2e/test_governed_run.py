@@ -17,7 +17,13 @@ import pytest
 from libs.contracts.subjects import event_subject
 from libs.eventbus.jetstream import connect
 from services.gateway.client import ApiError, MissionControlClient
-from tests.e2e.conftest import RunningSystem, wait_for
+from tests.e2e.conftest import (
+    RUN_STATE_FIELDS,
+    RunningSystem,
+    consumers_idle,
+    event_counts,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -113,14 +119,7 @@ def test_seed_000_step_3_is_denied_the_run_stopped_and_everything_linked(whole_s
 
     replay = mc.replay(run)
     projected = mc.run(run)
-    for key in (
-        "status",
-        "stopped_at_step",
-        "violation_policy_id",
-        "tokens_used",
-        "cost_usd",
-        "last_step_index",
-    ):
+    for key in RUN_STATE_FIELDS:
         assert replay["state"][key] == projected[key], key
     assert replay["inflection_point"]["step_index"] == 3
 
@@ -179,41 +178,15 @@ def test_a_different_policy_and_step_gives_the_matching_result(whole_system):
     assert cost[0]["total_cost_usd"].startswith("6.0")
 
 
-def _consumers_idle(nats_url: str) -> bool:
-    async def check() -> bool:
-        nc = await connect(nats_url, "e2e-check")
-        try:
-            jsm = nc.jetstream()
-            infos = await jsm.consumers_info("MC_EVENTS")
-            return all(
-                i.num_pending == 0 and i.num_ack_pending == 0
-                for i in infos
-                if i.config.durable_name and not i.config.durable_name.startswith("read-")
-            )
-        finally:
-            await nc.close()
-
-    return asyncio.run(check())
-
-
-def _event_counts(admin_url: str, tenant: str) -> dict[str, int]:
-    with psycopg.connect(admin_url) as conn:
-        rows = conn.execute(
-            "SELECT event_type, count(*) FROM eventstore.events WHERE tenant_id = %s GROUP BY 1",
-            (tenant,),
-        ).fetchall()
-    return {r[0]: int(r[1]) for r in rows}
-
-
 def test_redelivering_every_event_changes_nothing_and_opens_no_second_incident(whole_system):
     tenant = _uid("redeliver")
     mc = whole_system.new_tenant(tenant)
     run, _ = _seed_000(mc)
     wait_for(lambda: len(mc.incidents(run_id=run)["incidents"]) == 1, 20, "incident")
     wait_for(lambda: len([s for s in mc.trace(run)["steps"] if s["cost"]]) == 2, 20, "costs")
-    wait_for(lambda: _consumers_idle(whole_system.nats_url), 30, "consumers idle")
+    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "consumers idle")
     before = _snapshot(mc, run)
-    counts_before = _event_counts(whole_system.admin_url, tenant)
+    counts_before = event_counts(whole_system.admin_url, tenant)
 
     async def redeliver() -> int:
         # Publish every stored event of the tenant again under a new message id: what a
@@ -238,8 +211,8 @@ def test_redelivering_every_event_changes_nothing_and_opens_no_second_incident(w
         return n
 
     assert asyncio.run(redeliver()) == sum(counts_before.values())
-    wait_for(lambda: _consumers_idle(whole_system.nats_url), 30, "redeliveries handled")
-    assert _event_counts(whole_system.admin_url, tenant) == counts_before
+    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "redeliveries handled")
+    assert event_counts(whole_system.admin_url, tenant) == counts_before
     assert _snapshot(mc, run) == before
     assert len(mc.incidents(run_id=run)["incidents"]) == 1
 
@@ -249,7 +222,7 @@ def test_rebuilding_all_projections_from_the_store_gives_the_same_answers(whole_
     run, _ = _seed_000(mc)
     wait_for(lambda: len(mc.incidents(run_id=run)["incidents"]) == 1, 20, "incident")
     wait_for(lambda: len([s for s in mc.trace(run)["steps"] if s["cost"]]) == 2, 20, "costs")
-    wait_for(lambda: _consumers_idle(whole_system.nats_url), 30, "consumers idle")
+    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "consumers idle")
     before = _snapshot(mc, run)
     runs_before = mc.runs()
     assert whole_system.admin_token

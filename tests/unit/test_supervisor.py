@@ -13,9 +13,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from typer.testing import CliRunner
 
+from libs.errors import InvalidInput
 from libs.runtime import state as st
 from libs.runtime import supervisor as sup
+from libs.runtime.cli import app
 from libs.runtime.registry import RegistrationError, ServiceRegistration
 from libs.settings import Settings
 
@@ -203,3 +206,85 @@ def test_a_supervisor_without_registered_services_refuses_to_start(tmp_path: Pat
         sup.Supervisor(tmp_path / "mc", Settings(), ()).up()
     # It refused before taking the data directory.
     assert not (tmp_path / "mc").exists()
+
+
+def test_replicas_parse_service_counts_and_name_what_is_wrong() -> None:
+    assert sup.parse_replicas("") == {}
+    assert sup.parse_replicas(" cost=2 , incident = 3,") == {"cost": 2, "incident": 3}
+    for bad, why in [
+        ("cost", "expected service=N, got 'cost'"),
+        ("cost=two", "expected service=N"),
+        ("=2", "expected service=N"),
+        ("cost=0", "cost must run 1 to 16 replicas, not 0"),
+        ("cost=17", "not 17"),
+        ("cost=2,cost=3", "cost is named twice"),
+    ]:
+        with pytest.raises(InvalidInput, match=why):
+            sup.parse_replicas(bad)
+
+
+def test_replicas_of_unknown_services_or_of_one_without_its_shared_server_are_refused() -> None:
+    services = (
+        *_services(),
+        ServiceRegistration(
+            name="store", module="pkg.store", scale_out_requires=("clickhouse_url",)
+        ),
+    )
+    assert sup.replica_counts("front=2", services, Settings()) == {
+        "backend": 1,
+        "front": 2,
+        "store": 1,
+    }
+    with pytest.raises(InvalidInput, match="no service is registered as nope"):
+        sup.replica_counts("nope=2", services, Settings())
+    with pytest.raises(InvalidInput, match="store runs as one replica unless CLICKHOUSE_URL"):
+        sup.replica_counts("store=2", services, Settings())
+    assert sup.replica_counts("store=1", services, Settings())["store"] == 1
+    with_server = Settings(CLICKHOUSE_URL="http://ch.example:8123")
+    assert sup.replica_counts("store=2", services, with_server)["store"] == 2
+
+
+def test_plan_runs_one_process_per_replica_under_the_service_name(tmp_path: Path) -> None:
+    s = sup.Supervisor(tmp_path, Settings(MC_REPLICAS="backend=3"), _services())
+    s.nats_url = "nats://127.0.0.1:1"
+    s.database_url = "postgresql://mc_service@127.0.0.1:2/missioncontrol"
+    services = [c for c in s.plan_processes() if c.kind == "service"]
+    assert [(c.name, c.service, c.module) for c in services] == [
+        ("backend", "backend", "pkg.backend"),
+        ("backend-2", "backend", "pkg.backend"),
+        ("backend-3", "backend", "pkg.backend"),
+        ("front", "front", "pkg.front"),
+    ]
+    # Replicas are the same service (one queue group, the same durables), each on its own port
+    # and with its own log file.
+    assert {c.env["MC_SERVICE"] for c in services[:3]} == {"backend"}
+    assert len({c.port for c in services}) == 4
+    assert len({c.log_path for c in services}) == 4
+    assert [c.to_state()["service"] for c in services] == ["backend"] * 3 + ["front"]
+
+
+def test_a_supervisor_refuses_bad_replicas_before_starting_anything(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="no service is registered as ghost"):
+        sup.Supervisor(tmp_path / "mc", Settings(MC_REPLICAS="ghost=2"), _services())
+    assert not (tmp_path / "mc").exists()
+
+
+def test_mctl_up_refuses_bad_replicas_before_starting_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    monkeypatch.delenv("MC_REPLICAS", raising=False)
+    data_dir = tmp_path / "mc"
+    result = CliRunner().invoke(
+        app, ["up", "--data-dir", str(data_dir), "--replicas", "cost=2,audit-replay=2"]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith(
+        "error: replicas: audit-replay runs as one replica unless CLICKHOUSE_URL is set"
+    )
+    # The variable is checked the same way as the flag.
+    monkeypatch.setenv("MC_REPLICAS", "ghost=2")
+    result = CliRunner().invoke(app, ["up", "--data-dir", str(data_dir)])
+    assert result.exit_code == 1
+    assert "no service is registered as ghost" in result.output
+    assert not data_dir.exists()
