@@ -164,7 +164,8 @@ def wrk(
                 "wrk",
                 f"-t{threads}",
                 f"-c{connections}",
-                f"-d{seconds}s",
+                # wrk takes whole seconds ("3s"), not "3.0s".
+                f"-d{max(1, round(seconds))}s",
                 "--timeout",
                 "10s",
                 "-s",
