@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class RelayStats:
     published: int = 0
     checkpoint: LogCursor = START
     batches: int = 0
+    held_back_seconds: float = 0.0
+    """How long committed events have waited behind one open transaction (0 when none do)."""
 
 
 class Relay:
@@ -102,6 +105,7 @@ class Relay:
         in_flight: int = 256,
         idle_wait: float = 1.0,
         atomic: bool = True,
+        held_warning: float = 30.0,
     ) -> None:
         self.database_url = database_url
         self.js = js
@@ -112,6 +116,9 @@ class Relay:
         self.stats = RelayStats()
         # Atomic batches until the server shows it does not do them.
         self.atomic = atomic
+        self.held_warning = held_warning
+        # (xid at the horizon, when committed events were first seen waiting behind it, warned)
+        self._held: tuple[str, float, bool] | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -179,7 +186,10 @@ class Relay:
         rows = await cur.fetchall()
         if not rows:
             self.stats.checkpoint = checkpoint
+            await self._watch_horizon(conn, checkpoint)
             return 0
+        self._held = None
+        self.stats.held_back_seconds = 0.0
         last = LogCursor(int(rows[-1]["log_xid_text"]), int(rows[-1]["position"]))
         for r in rows:
             del r["log_xid_text"]  # the log's bookkeeping, not part of the event
@@ -193,6 +203,42 @@ class Relay:
         self.stats.checkpoint = last
         self.stats.batches += 1
         return len(rows)
+
+    async def _watch_horizon(
+        self, conn: psycopg.AsyncConnection[dict[str, Any]], checkpoint: LogCursor
+    ) -> None:
+        """Warn when committed events wait behind a transaction that stays open.
+
+        The relay reads only below the oldest open transaction's id (that is what keeps it
+        gap-free), so one transaction that wrote something and was left open (a session idle in
+        transaction, say) holds back every event committed after it began. Said once per such
+        transaction, after ``held_warning`` seconds, naming its xid for ``pg_stat_activity``.
+        """
+        cur = await conn.execute(
+            f"SELECT {HORIZON}::text AS xmin, EXISTS (SELECT 1 FROM eventstore.events "
+            f"WHERE log_xid >= {HORIZON} AND (log_xid, position) > (%s::text::xid8, %s)) "
+            "AS waiting",
+            (str(checkpoint.log_xid), checkpoint.position),
+        )
+        row = await cur.fetchone()
+        if row is None or not row["waiting"]:
+            self._held = None
+            self.stats.held_back_seconds = 0.0
+            return
+        now = time.monotonic()
+        if self._held is None or self._held[0] != row["xmin"]:
+            self._held = (row["xmin"], now, False)
+        xid, since, warned = self._held
+        self.stats.held_back_seconds = now - since
+        if not warned and now - since >= self.held_warning:
+            log.warning(
+                "relay.held_back_by_open_transaction",
+                xid=xid,
+                seconds=round(now - since, 1),
+                hint="committed events wait until the transaction with this backend_xid "
+                "(pg_stat_activity) ends; consider idle_in_transaction_session_timeout",
+            )
+            self._held = (xid, since, True)
 
     async def publish_in_order(self, rows: list[dict[str, Any]]) -> None:
         """Publish ``rows`` in log order; raise if they could not all be published.

@@ -229,3 +229,47 @@ async def test_a_message_lost_mid_batch_never_lets_later_ones_overtake_it(own_sy
     finally:
         await nc.close()
         await pool.close()
+
+
+async def test_events_held_back_by_an_open_transaction_are_reported_then_published(own_system):
+    """A transaction left open holds the horizon: the relay says so, and publishes the events
+    waiting behind it as soon as it ends."""
+    from structlog.testing import capture_logs
+
+    tenant = "held"
+    pool = await open_pool(own_system.service_url, max_size=3)
+    nc = await connect(own_system.nats_url, "test")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    store = EventStore(pool)
+    relay = Relay(own_system.service_url, js, held_warning=0.0)
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            own_system.service_url, autocommit=True, row_factory=psycopg.rows.dict_row
+        ) as work:
+            await work.execute(
+                "INSERT INTO eventstore.relay_checkpoints (name, position) VALUES ('default', 0) "
+                "ON CONFLICT DO NOTHING"
+            )
+            await relay.relay_once(work)  # whatever earlier tests left behind
+            async with transaction(pool) as open_tx:
+                await store.append(
+                    stream_id_for(tenant, "run", "open"), [_event(tenant, "open", 0)], conn=open_tx
+                )
+                await store.append(
+                    stream_id_for(tenant, "run", "done"), [_event(tenant, "done", 0)]
+                )
+                with capture_logs() as logs:
+                    assert await relay.relay_once(work) == 0
+                held = [e for e in logs if e["event"] == "relay.held_back_by_open_transaction"]
+                assert len(held) == 1 and held[0]["xid"]
+                assert relay.stats.held_back_seconds >= 0.0 and relay._held is not None
+            assert await relay.relay_once(work) == 2
+            assert relay._held is None and relay.stats.held_back_seconds == 0.0
+        got = await read_stream_messages(js, tenant, 2)
+        assert sorted(e.stream_id for e in got) == sorted(
+            stream_id_for(tenant, "run", r) for r in ("open", "done")
+        )
+    finally:
+        await nc.close()
+        await pool.close()
