@@ -96,6 +96,9 @@ class _LaneState:
     """Every event of this lane up to here is written (events of a lane arrive in store order)."""
     flushed_recorded_at: datetime | None = None
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    urgent: bool = False
+    """The buffer holds an event outside the lane's relaxed types: write at the short interval."""
+    last_flush: float = 0.0
 
     def take(self) -> _LaneState:
         """Hand the buffer over to a flush and start an empty one."""
@@ -104,7 +107,7 @@ class _LaneState:
             self.position, self.recorded_at, self.waiter,
         )  # fmt: skip
         self.rows, self.runs, self.incidents, self.inbox = {}, set(), set(), []
-        self.count, self.waiter = 0, None
+        self.count, self.waiter, self.urgent = 0, None, False
         return taken
 
     def fail(self, exc: BaseException) -> None:
@@ -201,6 +204,7 @@ class Projector:
         :func:`inbox_item`): only their runs and incidents are folded here.
         """
         state = self._lanes[lane]
+        urgent = bool(inbox) or any(e.event_type not in state.lane.relaxed_events for e in envs)
         async with self._lock:
             projections = []
             if envs:
@@ -223,6 +227,8 @@ class Projector:
                 state.count += len(p.runs) + len(p.incidents)
                 if p.last_position >= state.position:
                     state.position, state.recorded_at = p.last_position, p.last_recorded_at
+            # Set with the rows, between awaits, so a flush taking the buffer takes both.
+            state.urgent = state.urgent or urgent
             if state.waiter is None:
                 state.waiter = asyncio.get_running_loop().create_future()
             waiter = state.waiter
@@ -283,10 +289,15 @@ class Projector:
                 await self._flush_lane(state)
 
     async def _tick(self, state: _LaneState) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(state.lane.flush_interval)
             if not (state.count or state.waiter):
                 continue
+            relaxed = not state.urgent and state.lane.relaxed_events
+            if relaxed and loop.time() - state.last_flush < state.lane.relaxed_interval:
+                continue
+            state.last_flush = loop.time()
             try:
                 async with state.write_lock:
                     await self._flush_lane(state)

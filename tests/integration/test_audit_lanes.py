@@ -52,3 +52,31 @@ async def test_an_incident_is_queryable_while_the_bulk_lane_cannot_write(
     await projector.rebuild(audit.store)
     assert await entity_rows(audit, tenant) == live
     assert await audit.call("run", tenant, run_id=run) == done
+
+
+async def test_decisions_alone_wait_for_the_relaxed_flush_a_violation_does_not(
+    audit: Audit, unique: Any
+) -> None:
+    """Admission decisions are as frequent as steps; a control buffer holding only decisions is
+    written at the relaxed interval, and one holding a violation at the short one."""
+    tenant, run = unique("acme"), unique("run")
+    projector = audit.service.projector
+    assert projector is not None
+    control = projector._lanes["control"]
+    assert control.lane.relaxed_events == frozenset({"admission.decided"})
+    assert control.lane.relaxed_interval > control.lane.flush_interval
+    events = flow(tenant, run)
+    started = [e for e in events if e.event_type == "run.started"]
+    decisions = [e for e in events if e.event_type == "admission.decided"]
+    violation = [e for e in events if e.event_type == "policy.violation_detected"]
+    assert started and decisions and violation
+    await audit.projected(await audit.append([bundle_event(), *started]))
+    # Holding the lane's write lock keeps its buffer unwritten while we look at it.
+    async with control.write_lock:
+        await audit.append(decisions)
+        await wait_until(lambda: control.count > 0, what="the decisions to be buffered")
+        assert not control.urgent
+        last = await audit.append(violation)
+        await wait_until(lambda: control.urgent, what="the violation to make the buffer urgent")
+    await audit.projected(last)
+    assert not control.urgent
