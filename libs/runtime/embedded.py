@@ -183,21 +183,7 @@ def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:
         pgdata.mkdir(parents=True, exist_ok=True)
         if user is not None:
             os.chown(pgdata, user.pw_uid, user.pw_gid)
-        subprocess.run(
-            [
-                _pg_bin("initdb"),
-                "-D",
-                str(pgdata),
-                "-U",
-                PG_ADMIN_USER,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-instructions",
-            ],
-            check=True,
-            capture_output=True,
-            preexec_fn=_demote(user),
-        )
+        _initdb(pgdata, user)
     sock = pgdata  # the socket lives beside the data, never in a shared /tmp path
     port = port or free_port()
     log = open(data_dir / "postgres.log", "ab")  # noqa: SIM115
@@ -230,6 +216,41 @@ def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:
     admin_url = f"postgresql://{PG_ADMIN_USER}@127.0.0.1:{port}/{PG_DATABASE}"
     _ensure_database(port)
     return ServerProcess("postgres", proc, port, admin_url)
+
+
+def _initdb(pgdata: Path, user: pwd.struct_passwd | None) -> None:
+    """Create the cluster, trying again on a fresh directory when initdb fails.
+
+    initdb has been seen to fail now and then on a loaded machine starting many clusters at
+    once; a failed attempt leaves a half-made directory, which is removed before the next. The
+    last failure is raised with what initdb said, which ``check=True`` alone would swallow.
+    """
+    attempts = 3
+    for attempt in range(1, attempts + 1):
+        done = subprocess.run(
+            [
+                _pg_bin("initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                PG_ADMIN_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            preexec_fn=_demote(user),
+        )
+        if done.returncode == 0:
+            return
+        said = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
+        if attempt == attempts:
+            raise RuntimeError(f"initdb failed {attempts} times; last said: {said}")
+        shutil.rmtree(pgdata, ignore_errors=True)
+        pgdata.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            os.chown(pgdata, user.pw_uid, user.pw_gid)
+        time.sleep(0.5 * attempt)  # a moment for whatever was short (memory, semaphores) to free
 
 
 def _ensure_database(port: int) -> None:
