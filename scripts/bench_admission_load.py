@@ -34,7 +34,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,12 +47,11 @@ from libs.contracts.events import AdmissionDecided
 from libs.contracts.registry import decode
 from libs.eventbus.db import open_pool
 from libs.eventbus.store import EventStore
-from services.gateway.keys import provision_tenant, run_with_pool
 from services.policy_admission.bundle import bench_bare_evaluation
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_governed_run import bare_nats_round_trip, mctl, pct  # noqa: E402
+from benchkit import bare_nats_round_trip, pct, whole_system  # noqa: E402
 
 LUA = HERE / "bench_admission.lua"
 BODY = (
@@ -87,6 +87,17 @@ def serve_bare(port: int) -> None:
     import uvicorn
 
     uvicorn.run(bare_asgi, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+@contextmanager
+def terminating(argv: list[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, terminated on exit."""
+    proc = subprocess.Popen(argv)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def free_port() -> int:
@@ -320,16 +331,14 @@ def status_line(statuses: dict[Any, int]) -> str:
 
 def run_bench(args: argparse.Namespace) -> None:
     """Start the system, measure the floors and the three phases, stop the system."""
-    data_dir = Path(tempfile.mkdtemp(prefix="mc-bench-load-")) / "mc"
     bare_port = free_port()
-    bare = subprocess.Popen([sys.executable, __file__, "--serve-bare", str(bare_port)])
-    mctl("up", "--detach", "--data-dir", str(data_dir))
-    try:
+    tenant = "bench-load"
+    with (
+        terminating([sys.executable, __file__, "--serve-bare", str(bare_port)]) as bare,
+        whole_system(tenant, prefix="mc-bench-load-") as system,
+    ):
         wait_for_port(bare_port)
-        state = json.loads((data_dir / "state.json").read_text())
-        base = next(c["url"] for c in state["children"] if c["name"] == "gateway")
-        tenant = "bench-load"
-        _, key = run_with_pool(state["postgres_admin_url"], lambda p: provision_tenant(p, tenant))
+        state, data_dir, base, key = system.state, system.data_dir, system.gateway, system.key
         runs = create_runs(base, key, args.runs)
         print("Mission Control admission under load (whole system and load generator on this box)")
 
@@ -395,11 +404,6 @@ def run_bench(args: argparse.Namespace) -> None:
               f"[{status_line(flood['statuses'])}]  socket errors {errors or 'none'}")  # fmt: skip
         print(f"  {len(flood_ids)} decisions answered 200, {lost} of them missing from the store;"
               " target: excess refused with 429, p99 <= 250 ms, 0 5xx")  # fmt: skip
-    finally:
-        bare.terminate()
-        bare.wait(10)
-        mctl("down", "--data-dir", str(data_dir))
-        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 def main() -> None:

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,19 +36,11 @@ import psutil
 import psycopg
 
 from libs.contracts.subjects import EVENTS_PREFIX
-from services.gateway.keys import provision_tenant, run_with_pool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchkit import bare_chdb_insert, pct, whole_system
 
 PER_RUN = 500
-
-
-def pct(values: list[float], p: float) -> float:
-    """The ``p``-th percentile (nearest rank)."""
-    s = sorted(values)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-def mctl(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "libs.runtime.cli", *args], check=True)
 
 
 def cpu_seconds(state: dict[str, Any]) -> dict[str, float]:
@@ -107,35 +96,6 @@ def ingest(c: httpx.Client, state: dict[str, Any], steps: int) -> tuple[float, d
     print(f"  {len(runs) * PER_RUN:,} steps accepted by the API in {accepted:.2f}s, "
           f"queryable after {elapsed:.2f}s")  # fmt: skip
     return len(runs) * PER_RUN / elapsed, {k: after[k] - before.get(k, 0.0) for k in after}
-
-
-def bare_chdb_insert(rows: int) -> float:
-    """Rows per second of a bare batched chDB insert of step rows (the ingest floor)."""
-    import clickhouse_connect
-
-    d = tempfile.mkdtemp(prefix="mc-bench-ch-")
-    try:
-        ch: Any = clickhouse_connect.get_client(dsn=f"chdb://{d}")
-        ch.command("CREATE DATABASE b")
-        ch.command(
-            "CREATE TABLE b.steps (tenant_id String, run_id String, step_index UInt32, "
-            "input_tokens UInt64, output_tokens UInt64, version UInt64) "
-            "ENGINE = ReplacingMergeTree(version) ORDER BY (tenant_id, run_id, step_index)"
-        )
-        data = [
-            json.dumps({"tenant_id": "t", "run_id": f"r{i // PER_RUN}", "step_index": i % PER_RUN,
-                        "input_tokens": 10, "output_tokens": 5, "version": i}).encode()
-            for i in range(rows)
-        ]  # fmt: skip
-        t0 = time.perf_counter()
-        for start in range(0, rows, 5000):
-            body = b"\n".join(data[start : start + 5000])
-            ch.raw_insert("b.steps", None, insert_block=body, fmt="JSONEachRow")
-        rate = rows / (time.perf_counter() - t0)
-        ch.close()
-        return rate
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def wait_drained(audit_url: str, timeout: float = 600) -> float:
@@ -230,19 +190,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--stops", type=int, default=30)
     args = ap.parse_args()
-    data_dir = Path(tempfile.mkdtemp(prefix="mc-bench-")) / "mc"
-    mctl("up", "--detach", "--data-dir", str(data_dir))
-    try:
-        state = json.loads((data_dir / "state.json").read_text())
-        base = next(c["url"] for c in state["children"] if c["name"] == "gateway")
-        audit = next(c["url"] for c in state["children"] if c["name"] == "audit-replay")
-        admin_url = state["postgres_admin_url"]
-        _, key = run_with_pool(admin_url, lambda p: provision_tenant(p, "bench"))
-        headers = {"Authorization": f"Bearer {key}"}
+    with whole_system("bench") as system:
+        state, admin_url = system.state, system.state["postgres_admin_url"]
+        audit = system.url_of("audit-replay")
+        headers = {"Authorization": f"Bearer {system.key}"}
         print("Mission Control ingest and stop-latency benchmark (whole system on this machine)")
-        with httpx.Client(base_url=base, headers=headers, timeout=120) as c:
+        with httpx.Client(base_url=system.gateway, headers=headers, timeout=120) as c:
             rate, cpu = ingest(c, state, args.steps)
-            floor = bare_chdb_insert(args.steps)
+            floor = bare_chdb_insert(args.steps, PER_RUN)
             print("ingest (HTTP batch -> event store -> relay -> JetStream -> ClickHouse)")
             print(f"  {rate:,.0f} step events/s   floor (bare chDB batched insert) {floor:,.0f}/s"
                   f"   ratio {rate / floor:.3f}   target >= 10,000/s")  # fmt: skip
@@ -268,9 +223,6 @@ def main() -> None:
                 f"  behind the burst / quiet p99 {busy_p99 / floor_p99:.1f}   target p99 <= 1000 ms"
             )
             print(f"  (burst drained {wait_drained(audit):.1f}s after the last stop)")
-    finally:
-        mctl("down", "--data-dir", str(data_dir))
-        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""What the whole-system benchmarks share: a scratch system, percentiles and the common floors.
+
+Imported by the ``bench_*.py`` scripts beside it (they run as ``python scripts/bench_x.py``, so
+this directory is on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from services.gateway.keys import provision_tenant, run_with_pool
+
+
+def pct(values: list[float], p: float) -> float:
+    """The ``p``-th percentile (nearest rank)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def mctl(*args: str) -> None:
+    """Run ``mctl`` with this interpreter."""
+    subprocess.run([sys.executable, "-m", "libs.runtime.cli", *args], check=True)
+
+
+@dataclass
+class System:
+    """A whole system started for a benchmark, and an API key of its benchmark tenant."""
+
+    data_dir: Path
+    state: dict[str, Any]
+    key: str
+
+    def url_of(self, service: str) -> str:
+        """The HTTP URL of ``service``'s first process."""
+        return str(next(c["url"] for c in self.state["children"] if c["name"] == service))
+
+    @property
+    def gateway(self) -> str:
+        return self.url_of("gateway")
+
+
+@contextmanager
+def whole_system(tenant: str, prefix: str = "mc-bench-") -> Iterator[System]:
+    """``mctl up --detach`` in a scratch data directory with ``tenant`` provisioned; stopped and
+    removed on exit."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix)) / "mc"
+    mctl("up", "--detach", "--data-dir", str(data_dir))
+    try:
+        state = json.loads((data_dir / "state.json").read_text())
+        _, key = run_with_pool(state["postgres_admin_url"], lambda p: provision_tenant(p, tenant))
+        yield System(data_dir, state, key)
+    finally:
+        mctl("down", "--data-dir", str(data_dir))
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+async def bare_nats_round_trip(url: str, n: int = 2000) -> list[float]:
+    """Seconds per request–reply round trip to an in-process echo responder."""
+    nc = await nats.connect(url)
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe("bench.echo", cb=echo)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await nc.request("bench.echo", b"{}", timeout=2)
+        out.append(time.perf_counter() - t0)
+    await nc.close()
+    return out
+
+
+def bare_chdb_insert(rows: int, per_run: int = 500) -> float:
+    """Rows per second of a bare batched chDB insert of step rows (the ingest floor), through
+    the same clickhouse-connect client the projections use."""
+    import clickhouse_connect
+
+    d = tempfile.mkdtemp(prefix="mc-bench-ch-")
+    try:
+        ch: Any = clickhouse_connect.get_client(dsn=f"chdb://{d}")
+        ch.command("CREATE DATABASE b")
+        ch.command(
+            "CREATE TABLE b.steps (tenant_id String, run_id String, step_index UInt32, "
+            "input_tokens UInt64, output_tokens UInt64, version UInt64) "
+            "ENGINE = ReplacingMergeTree(version) ORDER BY (tenant_id, run_id, step_index)"
+        )
+        data = [
+            json.dumps({"tenant_id": "t", "run_id": f"r{i // per_run}", "step_index": i % per_run,
+                        "input_tokens": 10, "output_tokens": 5, "version": i}).encode()
+            for i in range(rows)
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        for start in range(0, rows, 5000):
+            body = b"\n".join(data[start : start + 5000])
+            ch.raw_insert("b.steps", None, insert_block=body, fmt="JSONEachRow")
+        rate = rows / (time.perf_counter() - t0)
+        ch.close()
+        return rate
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
