@@ -7,6 +7,22 @@ is retried.
 
 from __future__ import annotations
 
+# libpq quotes the whole connection string back when it cannot parse it (a URL without its
+# scheme, say), password included: such a message is never repeated.
+_CONNINFO_ERRORS = ("connection info string", "invalid connection option", "invalid dsn")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type when it has none), safe to log and show.
+
+    A database driver's complaint about a connection string is replaced by a message that does
+    not quote the string, since it may hold a password.
+    """
+    text = str(exc).strip()
+    if any(marker in text for marker in _CONNINFO_ERRORS):
+        return "invalid database URL (not repeated here: it may hold a password)"
+    return text.splitlines()[0] if text else type(exc).__name__
+
 
 class MissionControlError(Exception):
     """Base class of every error the project raises on purpose."""

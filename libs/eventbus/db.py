@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from libs.errors import Conflict, MissionControlError, TransientError
+from libs.errors import Conflict, MissionControlError, TransientError, first_line
 
 log = structlog.get_logger("eventstore")
 
@@ -59,16 +59,14 @@ def translate(exc: BaseException) -> MissionControlError:
     if isinstance(exc, MissionControlError):
         return exc
     if isinstance(exc, psycopg.errors.UniqueViolation):
-        return Conflict(str(exc).splitlines()[0])
+        return Conflict(first_line(exc))
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.SerializationFailure):
-        return TransientError(
-            f"database unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        )
+        return TransientError(f"database unavailable: {first_line(exc)}")
     if isinstance(exc, psycopg.errors.DeadlockDetected | psycopg.errors.AdminShutdown):
-        return TransientError(str(exc).splitlines()[0])
+        return TransientError(first_line(exc))
     if exc.__class__.__name__ == "PoolTimeout":
         return TransientError("database pool exhausted or unreachable")
-    return MissionControlError(f"database error: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+    return MissionControlError(f"database error: {first_line(exc)}")
 
 
 # Connections inside a transaction() block, and those of them that appended events there.

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from libs.errors import MissionControlError
+from libs.errors import MissionControlError, first_line
 from libs.runtime import supervisor as sup
 from libs.runtime.cli_support import (
     CliError,
@@ -140,12 +140,7 @@ def _run_demo(state: dict[str, Any], data_dir: Path) -> bool:
             _resolve(run_demo(urls[service.name], data_dir))
         except Exception as exc:
             # The system stays up, so what the demo left behind can still be inspected.
-            text = str(exc).strip()
-            typer.echo(
-                f"error: the demo of {service.name} failed: "
-                f"{text.splitlines()[0] if text else exc!r}",
-                err=True,
-            )
+            typer.echo(f"error: the demo of {service.name} failed: {first_line(exc)}", err=True)
             return False
     return True
 

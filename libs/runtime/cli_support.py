@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import typer
 
-from libs.errors import MissionControlError
+from libs.errors import MissionControlError, first_line
 from libs.runtime.urls import ResolvedUrl, resolve_url
 from libs.settings import DEFAULT_DATA_DIR, Settings, load_settings
 
@@ -70,8 +70,7 @@ def one_line_errors(fn: Callable[P, R]) -> Callable[P, R]:
             typer.echo(f"error: {str(exc).strip() or type(exc).__name__}", err=True)
             raise typer.Exit(1) from None
         except (psycopg.Error, OSError, httpx.HTTPError) as exc:
-            text = str(exc).strip()
-            typer.echo(f"error: {text.splitlines()[0] if text else type(exc).__name__}", err=True)
+            typer.echo(f"error: {first_line(exc)}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
+from libs.errors import first_line
 from libs.eventbus.consumer import EventConsumer
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
@@ -261,8 +262,7 @@ async def _check_database(pool: AsyncConnectionPool) -> str | None:
     except TimeoutError:
         return f"SELECT 1 did not answer within {READY_CHECK_TIMEOUT_S}s"
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return first
+        return first_line(exc)
     return None
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import httpx
 import psutil
 
-from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError
+from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError, first_line
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
 from libs.runtime.registry import ServiceRegistration, discover, require_services
@@ -705,8 +705,7 @@ def _is_ready(client: httpx.Client, url: str | None) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
+    first = first_line(exc)
     # initdb and friends explain themselves on stderr, which the exception text leaves out.
     stderr = getattr(exc, "stderr", None)
     if isinstance(exc, subprocess.CalledProcessError) and stderr:

@@ -17,7 +17,7 @@ import structlog
 from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, new_uuid7, stream_id_for
-from libs.errors import Conflict, NotFound, Unauthorized
+from libs.errors import Conflict, NotFound, Unauthorized, first_line
 from libs.eventbus.db import open_pool, transaction
 from libs.eventbus.store import EventStore
 from services.gateway.domain import (
@@ -192,8 +192,7 @@ class KeyVerifier:
                     async for note in conn.notifies():
                         self._cache.pop(note.payload, None)
             except psycopg.Error as exc:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log.warning("gateway.revocations_not_followed", error=first)
+                log.warning("gateway.revocations_not_followed", error=first_line(exc))
             finally:
                 self.listening = False
             await asyncio.sleep(RELISTEN_DELAY_S)

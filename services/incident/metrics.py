@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
 
+from libs.errors import first_line
 from libs.eventbus.db import transaction
 
 log = structlog.get_logger("incident.metrics")
@@ -116,7 +117,7 @@ class IncidentMetrics(Collector):
             try:
                 await self.refresh(pool)
             except Exception as exc:
-                log.warning("incident.metrics_refresh_failed", error=str(exc).splitlines()[0:1])
+                log.warning("incident.metrics_refresh_failed", error=first_line(exc))
             await asyncio.sleep(every)
 
     def collect(self) -> Iterator[Metric]:

@@ -54,6 +54,32 @@ def test_redact_url_hides_only_the_password() -> None:
     assert st.redact_url(plain) == plain
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://mc@db/missioncontrol?password=s3cret&sslmode=require",
+        "host=db user=mc password=s3cret dbname=missioncontrol",
+        "host=db user=mc password = 's3 cr\\'et' dbname=missioncontrol",
+        "postgresql://mc:s3cret@db:not-a-port/missioncontrol",
+        "nats://mc:s3cret@127.0.0.1:4222",
+    ],
+)
+def test_redact_url_hides_the_password_in_every_form_libpq_and_nats_accept(url: str) -> None:
+    shown = st.redact_url(url)
+    assert "s3" not in shown and "***" in shown
+
+
+def test_a_connection_string_the_driver_cannot_parse_is_never_quoted_back() -> None:
+    import psycopg
+
+    from libs.errors import first_line
+
+    with pytest.raises(psycopg.ProgrammingError) as info:
+        psycopg.connect("mc:s3cret@localhost/missioncontrol")
+    assert "s3cret" in str(info.value)  # what libpq says
+    assert "s3cret" not in first_line(info.value)
+
+
 def test_format_table_lists_processes_but_not_servers() -> None:
     state = {
         "nats_url": "nats://127.0.0.1:1",
