@@ -191,8 +191,6 @@ class Relay:
         self._held = None
         self.stats.held_back_seconds = 0.0
         last = LogCursor(int(rows[-1]["log_xid_text"]), int(rows[-1]["position"]))
-        for r in rows:
-            del r["log_xid_text"]  # the log's bookkeeping, not part of the event
         await self.publish_in_order(rows)
         await conn.execute(
             "UPDATE eventstore.relay_checkpoints SET log_xid = %s::text::xid8, position = %s, "

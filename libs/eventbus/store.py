@@ -40,7 +40,14 @@ from psycopg_pool import AsyncConnectionPool
 from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope
 from libs.errors import ConcurrencyError, InvalidInput, MissionControlError
-from libs.eventbus.db import NOTIFY_CHANNEL, AsyncConn, appended_on, transaction, translate
+from libs.eventbus.db import (
+    NOTIFY_CHANNEL,
+    AsyncConn,
+    appended_on,
+    commit_signal,
+    transaction,
+    translate,
+)
 
 # The largest event the store accepts, as JSON. NATS servers refuse messages over their
 # max_payload (1 MB by default); an event the relay can never publish would block every event
@@ -165,7 +172,10 @@ class EventStore:
                 # own transaction: one round trip, no BEGIN or COMMIT of its own.
                 await c.set_autocommit(True)
                 try:
-                    return await _append(cast(AsyncConn, c), appends)
+                    out = await _append(cast(AsyncConn, c), appends)
+                    # Committed with the statement: wake the relay the shared, coalesced way.
+                    commit_signal(self.pool).poke()
+                    return out
                 finally:
                     if not c.closed:
                         await c.set_autocommit(False)
@@ -385,7 +395,7 @@ async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvel
             (Jsonb(docs),),
         )
         rows = {r["o_event_id"]: r for r in await cur.fetchall()}
-        if not appended_on(conn):
+        if not conn.autocommit and not appended_on(conn):
             # A transaction the caller manages: wake the relay at its commit, from inside it.
             await conn.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
     except psycopg.errors.UniqueViolation as exc:

@@ -308,31 +308,34 @@ def test_the_log_order_migration_applies_to_a_store_that_holds_events(tmp_path) 
         pg.stop()
 
 
-async def test_an_append_wakes_the_relay_once_it_committed_not_before(
-    pool, system, tenant, unique
-) -> None:
-    """The relay's wake-up (NOTIFY) is sent by the store after the appending transaction
-    commits (not inside it, where it would take PostgreSQL's database-wide notify lock through
-    every appending commit), so a committed append must still wake a listener."""
+async def test_an_append_wakes_the_relay_once_it_committed(pool, system, tenant, unique) -> None:
+    """The relay's wake-up (NOTIFY) is sent by the store after an appending transaction commits
+    (not inside it, where it would take PostgreSQL's database-wide notify lock through every
+    appending commit): an append in a transaction and a standalone one must each wake a
+    listener."""
     from libs.eventbus.db import NOTIFY_CHANNEL, transaction
 
     store = EventStore(pool)
-    run = unique("run")
-    sid = stream_id_for(tenant, "run", run)
     listener = await psycopg.AsyncConnection.connect(system.service_url, autocommit=True)
+    got: list[str] = []
+
+    async def listen() -> None:
+        async for n in listener.notifies():
+            got.append(n.channel)
+
     try:
         await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        got: list[str] = []
-
-        async def listen() -> None:
-            async for n in listener.notifies():
-                got.append(n.channel)
-
         listening = asyncio.create_task(listen())
+        run = unique("run")
         async with transaction(pool) as conn:
-            await store.append(sid, [_step(tenant, run, 1)], expected_version=0, conn=conn)
-            assert got == []
-        await wait_until(lambda: got, what="a wake-up after the commit")
+            await store.append(
+                stream_id_for(tenant, "run", run), [_step(tenant, run, 1)], conn=conn
+            )
+        await wait_until(lambda: got, what="a wake-up after the transaction committed")
+        got.clear()
+        run = unique("run")
+        await store.append(stream_id_for(tenant, "run", run), [_step(tenant, run, 1)])
+        await wait_until(lambda: got, what="a wake-up after a standalone append")
         listening.cancel()
     finally:
         await listener.close()
