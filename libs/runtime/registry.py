@@ -62,6 +62,9 @@ class ServiceRegistration:
     """:class:`~libs.settings.Settings` fields that must be configured before the supervisor runs
     more than one replica of this service (``MC_REPLICAS``): a service that keeps its data in the
     process (embedded chDB) names the setting that moves it to a shared server."""
+    single_replica: str | None = None
+    """Why this service runs as exactly one process whatever is configured, when it does (the
+    supervisor refuses more and says this)."""
 
     @property
     def migration_component(self) -> str | None:

@@ -140,6 +140,9 @@ def replica_counts(
             f"(registered: {', '.join(sorted(known))})"
         )
     for name, count in asked.items():
+        reason = known[name].single_replica
+        if count > 1 and reason:
+            raise InvalidInput(f"replicas: {name} runs as one replica: {reason}")
         missing = [f for f in known[name].scale_out_requires if not settings.configured(f)]
         if count > 1 and missing:
             raise InvalidInput(

@@ -5,6 +5,9 @@ from libs.runtime.registry import ServiceRegistration
 REGISTRATION = ServiceRegistration(
     name="audit-replay",
     module="services.audit_replay",
-    # Embedded chDB lives inside one process: a second replica needs a ClickHouse server.
-    scale_out_requires=("clickhouse_url",),
+    single_replica=(
+        "its projector keeps run and incident states in the process and folds new events onto "
+        "them, so two replicas sharing its consumers would each fold onto states the other has "
+        "moved past; embedded chDB also lives inside one process"
+    ),
 )

@@ -263,6 +263,10 @@ def test_replicas_of_unknown_services_or_of_one_without_its_shared_server_are_re
     }
     with pytest.raises(InvalidInput, match="no service is registered as nope"):
         sup.replica_counts("nope=2", services, Settings())
+    single = ServiceRegistration(name="one", module="pkg.one", single_replica="it caches state")
+    assert sup.replica_counts("one=1", (single,), Settings()) == {"one": 1}
+    with pytest.raises(InvalidInput, match="one runs as one replica: it caches state"):
+        sup.replica_counts("one=2", (single,), Settings(clickhouse_url="http://ch:8123"))
     with pytest.raises(InvalidInput, match="store runs as one replica unless CLICKHOUSE_URL"):
         sup.replica_counts("store=2", services, Settings())
     assert sup.replica_counts("store=1", services, Settings())["store"] == 1
@@ -306,7 +310,7 @@ def test_mctl_up_refuses_bad_replicas_before_starting_anything(
     )
     assert result.exit_code == 1
     assert result.output.startswith(
-        "error: replicas: audit-replay runs as one replica unless CLICKHOUSE_URL is set"
+        "error: replicas: audit-replay runs as one replica: its projector keeps"
     )
     # The variable is checked the same way as the flag.
     monkeypatch.setenv("MC_REPLICAS", "ghost=2")
