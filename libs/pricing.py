@@ -13,15 +13,11 @@ amounts, so a missing price shows up as a gap instead of an understated bill.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Literal, Protocol
-
-from libs.contracts.envelope import EventEnvelope
-from libs.contracts.events import PriceTablePublished
-from libs.contracts.registry import decode
 
 BUILTIN_VERSION = "builtin-2026.11"
 PRICES_EVENT = "cost.price_table_published"
@@ -229,33 +225,6 @@ def _shadow_key(model: str) -> str:
     return normalise_model(model) if _is_family(model) else _exact_key(model)
 
 
-def latest_published(events: Iterable[EventEnvelope]) -> PriceTablePublished | None:
-    """The ``cost.price_table_published`` event with the highest version among ``events``."""
-    latest: PriceTablePublished | None = None
-    for env in events:
-        if env.event_type != PRICES_EVENT:
-            continue
-        event = decode(env)
-        if not isinstance(event, PriceTablePublished):  # pragma: no cover - registry guarantees it
-            continue
-        if latest is None or event.version >= latest.version:
-            latest = event
-    return latest
-
-
-def table_from_events(events: Iterable[EventEnvelope]) -> PriceTable:
-    """A tenant's price table from its ``<tenant>/prices/table`` stream.
-
-    Each published event carries the tenant's complete override list, so the latest version alone
-    decides; with no event the tenant prices with the built-in table.
-    """
-    latest = latest_published(events)
-    base = builtin_price_table()
-    if latest is None:
-        return base
-    return with_overrides(base, latest.prices, latest.version)
-
-
 @dataclass(frozen=True)
 class StepPrice:
     """The cost of one step, and which price table produced it."""
@@ -313,10 +282,8 @@ __all__ = [
     "StepPrice",
     "builtin_price_table",
     "estimate_cost",
-    "latest_published",
     "normalise_model",
     "parse_effective_from",
     "price_step",
-    "table_from_events",
     "with_overrides",
 ]

@@ -1,12 +1,15 @@
 """An in-memory twin of :class:`~libs.eventbus.store.EventStore`, for unit tests of handlers.
 
 Same append and read semantics as the PostgreSQL store, checked by one contract suite run against
-both (``tests/unit/test_eventstore_contract.py`` and ``tests/integration/test_eventstore.py``):
-per-stream versions from 1, a global position in commit order, ``expected_version`` (``None``
+both (``tests/unit/test_eventstore_contract.py`` and
+``tests/integration/test_eventstore_contract.py``): per-stream versions from 1, an increasing
+global position, ``expected_version`` (``None``
 any, ``0`` new stream, ``n`` exactly at ``n``) raising :class:`~libs.errors.ConcurrencyError`,
 all-or-nothing multi-stream appends, the size limit, and the hash chain. Transactions
-(:meth:`InMemoryEventStore.begin`) buffer their appends until they commit; like the real store,
-an appending transaction holds the append lock until it ends, so positions follow commit order.
+(:meth:`InMemoryEventStore.begin`) buffer their appends until they commit. Positions here follow
+commit order; the real store's log order is ``(log_xid, position)`` (see its module docstring),
+which the twin does not model: code that needs "everything up to here" across streams belongs
+in integration tests.
 """
 
 from __future__ import annotations

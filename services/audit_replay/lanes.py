@@ -1,7 +1,7 @@
 """The two lanes events take into the projections: control and bulk.
 
-A violation, a stop, an incident or an admission decision must be queryable within a second, even
-right behind a burst of tens of thousands of recorded steps. One consumer over every event would
+A violation, a stop or an incident must be queryable within a second (an admission decision within
+about two), even right behind a burst of tens of thousands of recorded steps. One consumer over every event would
 make it wait until the burst ahead of it is projected, so the projector reads the log through two
 durable JetStream consumers, each with its own buffer and flush:
 

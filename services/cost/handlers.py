@@ -41,11 +41,6 @@ def steps_consumer_spec(durable: str = CONSUMER) -> ConsumerSpec:
     return ConsumerSpec(durable=durable, filter_subjects=(events_filter(STEP_EVENT),))
 
 
-def prices_stream(tenant_id: str) -> str:
-    """The stream of a tenant's ``cost.price_table_published`` events."""
-    return stream_id_for(tenant_id, "prices", PRICE_TABLE_ID)
-
-
 def cost_stream(tenant_id: str, run_id: str) -> str:
     """The stream of a run's ``cost.recorded`` events."""
     return stream_id_for(tenant_id, "cost", run_id)

@@ -71,7 +71,7 @@ def revoke(
     database_url: DatabaseUrlOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Revoke an API key (gateways refuse it within 30 seconds)."""
+    """Revoke an API key (gateways refuse it as soon as the revocation commits)."""
     url = _database(database_url, data_dir)
     run_with_pool(url, lambda pool: revoke_key(pool, key_id))
     typer.echo(f"revoked {key_id}")

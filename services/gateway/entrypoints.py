@@ -232,11 +232,6 @@ async def _handle(
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             raise PayloadTooLarge(f"request body exceeds {MAX_BODY_BYTES} bytes")
         limited = _LimitedRequest(request.scope, request.receive)
-        if trace.get_current_span().get_span_context().is_valid:
-            # The web framework's own telemetry already made this request's server span (from
-            # the caller's trace headers); a second one would only double the cost.
-            limited.state.rpc_headers = _rpc_headers(correlation_id)
-            return await handle(limited)
         # Errors the API answers (4xx) are outcomes, not faults: no stack trace in the span.
         with _tracer.start_as_current_span(
             span_name,

@@ -143,8 +143,6 @@ class KeyVerifier:
         self.ttl = ttl
         self.max_entries = max_entries
         self._cache: dict[str, _CachedKey] = {}
-        self.listening = False
-        """Whether :meth:`follow_revocations` is connected and listening."""
 
     async def verify(self, token: str) -> Principal:
         """The principal ``token`` authenticates."""
@@ -188,13 +186,10 @@ class KeyVerifier:
                 async with conn:
                     await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
                     self._cache.clear()
-                    self.listening = True
                     async for note in conn.notifies():
                         self._cache.pop(note.payload, None)
             except psycopg.Error as exc:
                 log.warning("gateway.revocations_not_followed", error=first_line(exc))
-            finally:
-                self.listening = False
             await asyncio.sleep(RELISTEN_DELAY_S)
 
     def _evict(self, now: float) -> None:

@@ -1,6 +1,7 @@
 """Admission's pure core: the run context it decides on, the Rego input, and the decision events.
 
-No I/O here. The handler reads events, folds them with :func:`evolve`, builds the input with
+No I/O here. The handler loads the run context through the repository (the shared run fold plus
+prices, reservations and violations, see ``fold_events``), builds the input with
 :func:`build_input`, lets the bundle evaluate it, reads the result with :func:`interpret` and
 appends what :func:`decide` returns.
 """

@@ -8,7 +8,11 @@ from decimal import Decimal
 import pytest
 
 from libs.contracts import envelope_for
+from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import ModelPrice, PriceTablePublished
+from libs.contracts.registry import decode
+from libs.domain.prices import builtin_prices, fold_prices
+from libs.eventbus.repository import Recorded
 from libs.pricing import (
     BUILTIN_VERSION,
     PriceRow,
@@ -17,7 +21,6 @@ from libs.pricing import (
     estimate_cost,
     normalise_model,
     price_step,
-    table_from_events,
     with_overrides,
 )
 
@@ -27,7 +30,7 @@ AT = datetime(2025, 6, 1, tzinfo=UTC)
 MILLION = Decimal(1_000_000)
 
 
-def _published(version: int, prices: list[ModelPrice]) -> object:
+def _published(version: int, prices: list[ModelPrice]) -> EventEnvelope:
     return envelope_for(
         PriceTablePublished(version=version, prices=prices),
         tenant_id="acme",
@@ -177,15 +180,16 @@ def test_override_on_the_same_date_as_the_builtin_wins() -> None:
     assert row is not None and row.output_per_token == Decimal("0.00001")
 
 
-def test_table_from_events_uses_the_latest_published_version() -> None:
+def test_the_price_table_fold_keeps_the_latest_published_version() -> None:
     v1 = [ModelPrice(model="custom", input_per_token=Decimal(1), output_per_token=Decimal(1))]
     v2 = [ModelPrice(model="custom", input_per_token=Decimal(2), output_per_token=Decimal(2))]
-    # Out of order on purpose: the version number decides, not the position in the iterable.
-    table = table_from_events([_published(2, v2), _published(1, v1)])  # type: ignore[list-item]
-    assert table.version == "builtin-2026.11+tenant.2"
-    row = table.lookup("custom", AT)
+    published = [_published(2, v2), _published(1, v1)]
+    # Out of order on purpose: the version number decides, not the order of the events.
+    state = fold_prices(builtin_prices(), [Recorded(decode(e), e) for e in published])
+    assert state.table.version == "builtin-2026.11+tenant.2"
+    row = state.table.lookup("custom", AT)
     assert row is not None and row.input_per_token == 2
-    assert table_from_events([]) == builtin_price_table()
+    assert fold_prices(builtin_prices(), []).table == builtin_price_table()
 
 
 def test_unknown_model_is_unpriced_never_zero() -> None:
