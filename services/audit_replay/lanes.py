@@ -1,9 +1,10 @@
 """The two lanes events take into the projections: control and bulk.
 
-A violation, a stop or an incident must be queryable within a second (an admission decision within
-about two), even right behind a burst of tens of thousands of recorded steps. One consumer over every event would
-make it wait until the burst ahead of it is projected, so the projector reads the log through two
-durable JetStream consumers, each with its own buffer and flush:
+A violation, a stop or an incident must be queryable within a second (an admission decision
+within about two), even right behind a burst of tens of thousands of recorded steps. One
+consumer over every event would make it wait until the burst ahead of it is projected, so the
+projector reads the log through two durable JetStream consumers, each with its own buffer and
+flush:
 
 * **bulk**: ``run.step_recorded`` and ``cost.recorded``, the high-volume events. Large fetches,
   large inserts, flushed every second or 20,000 rows.
