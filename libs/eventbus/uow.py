@@ -60,6 +60,7 @@ class PgUnitOfWork:
         self.owned = owned
         self._callbacks: list[Callable[[], None]] = []
         self._written: set[str] = set()
+        self._locked: set[str] = set()
 
     @property
     def conn(self) -> AsyncConn:
@@ -82,18 +83,26 @@ class PgUnitOfWork:
         return stream_id in self._written
 
     async def lock(self, key: str) -> None:
-        """A transaction-scoped advisory lock on ``key`` (held by whichever replica took it)."""
+        """A transaction-scoped advisory lock on ``key`` (held by whichever replica took it).
+
+        A key this transaction already holds costs no round trip: a batch locks its runs up
+        front and each decision in it asks again.
+        """
+        if key in self._locked:
+            return
         await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (key,))
+        self._locked.add(key)
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """``SAVEPOINT`` ... ``RELEASE`` (or ``ROLLBACK TO`` on error)."""
-        mark = len(self._callbacks)
+        mark, locked = len(self._callbacks), set(self._locked)
         try:
             async with self._conn.transaction():
                 yield
         except BaseException:
             del self._callbacks[mark:]  # what was undone must not be remembered at commit
+            self._locked = locked  # rolling back to a savepoint releases the locks taken after it
             raise
 
     def after_commit(self, callback: Callable[[], None]) -> None:
