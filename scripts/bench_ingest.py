@@ -89,7 +89,10 @@ def ingest(c: httpx.Client, state: dict[str, Any], steps: int) -> tuple[float, d
     runs = post_burst(c, steps, "ingest")
     accepted = time.perf_counter() - t0
     # Every poll is a query over all the steps: poll gently, or the polling is what is measured.
+    deadline = t0 + 600
     while steps_queryable(c, "ingest") < len(runs) * PER_RUN:
+        if time.perf_counter() > deadline:
+            raise SystemExit("steps not queryable after 600 s: is audit-replay running?")
         time.sleep(0.25)
     elapsed = time.perf_counter() - t0
     after = cpu_seconds(state)
@@ -155,7 +158,10 @@ def stops(c: httpx.Client, admin_url: str, bus: BusWatch, n: int) -> list[tuple[
         r = c.post(f"/v1/runs/{run}/admissions", json=body)
         denied_wall, t0 = time.time(), time.perf_counter()
         assert r.json()["outcome"] == "deny", r.text
+        deadline = t0 + 60
         while not c.get("/v1/incidents", params={"run_id": run}).json()["incidents"]:
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"no incident for denied run {run} after 60 s")
             time.sleep(0.02)
         timings.append((run, denied_wall, time.perf_counter() - t0))
     out: list[tuple[float, ...]] = []

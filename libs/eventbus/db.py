@@ -131,6 +131,15 @@ class CommitSignal:
             # Spacing, not synchronisation: later commits wait at most this long to be announced.
             await asyncio.sleep(max(0.0, self.spacing - (loop.time() - sent)))
 
+    async def close(self) -> None:
+        """Send what is pending, then close the signal's own connection."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+        if self._conn is not None and not self._conn.closed:
+            await self._conn.close()
+        self._conn = None
+
 
 _signals: weakref.WeakKeyDictionary[AsyncConnectionPool, CommitSignal] = weakref.WeakKeyDictionary()
 NOTIFY_CHANNEL = "mc_events"
@@ -145,6 +154,14 @@ def commit_signal(pool: AsyncConnectionPool) -> CommitSignal:
             raise TypeError("the commit signal needs a pool opened with a connection string")
         signal = _signals[pool] = CommitSignal(conninfo, NOTIFY_CHANNEL)
     return signal
+
+
+async def close_pool(pool: AsyncConnectionPool) -> None:
+    """Close ``pool`` and the connection its :class:`CommitSignal` holds outside it."""
+    signal = _signals.pop(pool, None)
+    if signal is not None:
+        await signal.close()
+    await pool.close()
 
 
 @asynccontextmanager

@@ -41,7 +41,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.errors import first_line
 from libs.eventbus.consumer import EventConsumer
-from libs.eventbus.db import open_pool
+from libs.eventbus.db import close_pool, open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.rpc import RpcServer, rpc_servers
 from libs.eventbus.store import EventStore
@@ -194,7 +194,7 @@ def build_app(
             # Drain before closing the pool: handlers still finishing may need the database.
             await _drain(nc)
             if pool is not None:
-                await pool.close()
+                await close_pool(pool)
             log.info("service.stopped", service=service.name)
 
     app = FastAPI(
