@@ -81,15 +81,7 @@ class Settings(BaseSettings):
         """
         password = self.nats_password
         if self.nats_password_file is not None:
-            try:
-                text = self.nats_password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise InvalidInput(
-                    f"NATS_PASSWORD_FILE: cannot read {self.nats_password_file}: {exc.strerror}"
-                ) from None
-            if not text:
-                raise InvalidInput(f"NATS_PASSWORD_FILE: {self.nats_password_file} is empty")
-            password = SecretStr(text)
+            password = read_password_file(self.nats_password_file, "NATS_PASSWORD_FILE")
         if self.nats_user and password is not None:
             return self.nats_user, password
         if self.nats_user or password is not None:
@@ -105,6 +97,18 @@ class Settings(BaseSettings):
         if name not in type(self).model_fields:
             raise KeyError(name)
         return name in self.model_fields_set
+
+
+def read_password_file(path: Path, what: str) -> SecretStr:
+    """The password kept in the file ``path`` (without the trailing newline an editor or
+    ``kubectl`` leaves). An error names ``what`` and the file, never its content."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InvalidInput(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise InvalidInput(f"{what}: {path} is empty")
+    return SecretStr(text)
 
 
 def load_settings() -> Settings:

@@ -47,6 +47,7 @@ from libs.contracts.subjects import (
 from libs.errors import InvalidInput
 from libs.runtime.registry import BusAccess, ServiceRegistration
 from libs.runtime.state import write_private
+from libs.settings import read_password_file
 
 RELAY_USER = "relay"
 OPERATOR_USER = "operator"
@@ -176,15 +177,25 @@ def hash_password(password: SecretStr) -> str:
     return bcrypt.hashpw(password.get_secret_value().encode(), salt).decode()
 
 
-def write_credentials(directory: Path, users: Iterable[str]) -> dict[str, SecretStr]:
-    """A new password for each of ``users``, each written to ``directory/<user>`` (mode 0600, in
-    a directory of mode 0700). Replaces what was there: every start has new passwords."""
+def write_credentials(
+    directory: Path, users: Iterable[str], *, keep: bool = False
+) -> dict[str, SecretStr]:
+    """The password of each of ``users``, each in its file ``directory/<user>`` (mode 0600, in a
+    directory of mode 0700).
+
+    ``mctl up`` makes new ones at every start (``keep=False``); ``mctl nats-users`` keeps those
+    already there and makes only the missing ones (``keep=True``), so it can be run again.
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     passwords: dict[str, SecretStr] = {}
     for user in users:
+        path = directory / user
+        if keep and path.exists():
+            passwords[user] = read_password_file(path, f"the password of {user}")
+            continue
         passwords[user] = new_password()
-        write_private(directory / user, passwords[user].get_secret_value())
+        write_private(path, passwords[user].get_secret_value())
     return passwords
 
 

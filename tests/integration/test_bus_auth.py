@@ -20,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from libs.contracts.subjects import (
     DLQ_STREAM,
@@ -38,8 +39,10 @@ from libs.runtime.busauth import (
     credentials_dir,
     write_credentials,
 )
+from libs.runtime.cli import app
 from libs.runtime.embedded import ServerProcess, start_nats
 from libs.runtime.registry import ServiceRegistration, discover
+from libs.settings import Settings
 from tests.conftest import wait_until
 from tests.integration.helpers.busprobe import (
     EVENT_TYPES,
@@ -342,3 +345,28 @@ async def test_no_service_can_touch_another_services_consumers_or_the_streams(
     figures.add(tally)
     assert tally.leaks == []
     assert tally.refused == tally.tried
+
+
+async def test_mctl_nats_users_makes_users_an_external_server_admits(tmp_path: Path) -> None:
+    """The external-server path: ``mctl nats-users`` writes the password files and the users
+    block; a server with that block admits each process by its settings' password file, and
+    running the command again keeps the passwords."""
+    passwords = tmp_path / "passwords"
+    conf = tmp_path / "nats-users.conf"
+    args = ["nats-users", str(passwords), "--conf", str(conf)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    first = {p.name: p.read_text() for p in passwords.iterdir()}
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert {p.name: p.read_text() for p in passwords.iterdir()} == first
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    server = start_nats(tmp_path / "server", authorization=conf.read_text())
+    try:
+        for user in sorted(first):
+            settings = Settings(NATS_USER=user, NATS_PASSWORD_FILE=passwords / user)
+            nc = await connect(server.url, user, settings.nats_credentials())
+            assert nc.is_connected, user
+            await nc.close()
+        assert "Authorization Violation" in await _refused_login(server.url)
+    finally:
+        server.stop()
