@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     """A file holding the password (mode 0600); takes precedence over ``NATS_PASSWORD``."""
     nats_credentials_dir: Path | None = Field(default=None, alias="MC_NATS_CREDENTIALS_DIR")
     """With an external ``NATS_URL``: the directory of password files, one per NATS user and
-    named after it (``mctl nats-credentials`` writes one), from which ``mctl up`` gives each
+    named after it (``mctl nats-users`` writes one), from which ``mctl up`` gives each
     process its own."""
 
     def nats_credentials(self) -> tuple[str, SecretStr] | None:
