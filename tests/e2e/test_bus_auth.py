@@ -116,3 +116,14 @@ def test_no_nats_password_reaches_a_log_the_state_or_a_process_environment(whole
         assert b"NATS_PASSWORD_FILE=" in environ, child["name"]
         for secret in secrets.values():
             assert secret.encode() not in environ, child["name"]
+
+
+def test_the_processes_themselves_are_never_refused_anything(whole_system):
+    """The permissions cover all the system really does: every violation nats-server logged in
+    this session came from a probe's connection, none from a service or the relay."""
+    mc = whole_system.new_tenant("busown")
+    run = mc.start_run(agent_id="own-agent").run_id
+    wait_for(lambda: mc.run(run), 20, "the run's projection")
+    log = (whole_system.data_dir / "nats" / "nats.log").read_text()
+    refused = [line for line in log.splitlines() if "Violation" in line]
+    assert [line for line in refused if ":probe-" not in line] == []
