@@ -61,11 +61,54 @@ class Settings(BaseSettings):
         default=250.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
     )
 
+    # --- NATS credentials (libs/runtime/busauth.py) ---------------------------------------------
+    # Each process connects as a NATS user of its own. ``mctl up`` points each child at its
+    # password file; in Kubernetes NATS_PASSWORD comes from a Secret.
+    nats_user: str | None = Field(default=None, alias="NATS_USER")
+    nats_password: SecretStr | None = Field(default=None, alias="NATS_PASSWORD")
+    nats_password_file: Path | None = Field(default=None, alias="NATS_PASSWORD_FILE")
+    """A file holding the password (mode 0600); takes precedence over ``NATS_PASSWORD``."""
+    nats_credentials_dir: Path | None = Field(default=None, alias="MC_NATS_CREDENTIALS_DIR")
+    """With an external ``NATS_URL``: the directory of password files, one per NATS user and
+    named after it (``mctl nats-users`` writes one), from which ``mctl up`` gives each
+    process its own."""
+
+    def nats_credentials(self) -> tuple[str, SecretStr] | None:
+        """The NATS user and password this process connects with (``None``: no user given).
+
+        A user without a password (or the reverse) is a configuration mistake, refused here with
+        :class:`~libs.errors.InvalidInput` naming the variables, never their values.
+        """
+        password = self.nats_password
+        if self.nats_password_file is not None:
+            password = read_password_file(self.nats_password_file, "NATS_PASSWORD_FILE")
+        if self.nats_user and password is not None:
+            return self.nats_user, password
+        if self.nats_user or password is not None:
+            raise InvalidInput(
+                "NATS_USER and NATS_PASSWORD (or NATS_PASSWORD_FILE) are set together or not at all"
+            )
+        return None
+
+    # --- end of NATS credentials ---
+
     def configured(self, name: str) -> bool:
         """Whether the field ``name`` was given (environment or constructor), not defaulted."""
         if name not in type(self).model_fields:
             raise KeyError(name)
         return name in self.model_fields_set
+
+
+def read_password_file(path: Path, what: str) -> SecretStr:
+    """The password kept in the file ``path`` (without the trailing newline an editor or
+    ``kubectl`` leaves). An error names ``what`` and the file, never its content."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise InvalidInput(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if not text:
+        raise InvalidInput(f"{what}: {path} is empty")
+    return SecretStr(text)
 
 
 def load_settings() -> Settings:

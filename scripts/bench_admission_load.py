@@ -343,7 +343,7 @@ def run_bench(args: argparse.Namespace) -> None:
         print("Mission Control admission under load (whole system and load generator on this box)")
 
         rego = bench_bare_evaluation(3000)
-        rtt = asyncio.run(bare_nats_round_trip(state["nats_url"]))
+        rtt = asyncio.run(bare_nats_round_trip(data_dir, state["nats_url"]))
         floor50 = (statistics.median(rego) + statistics.median(rtt)) * 1000
         floor99 = (pct(rego, 99) + pct(rtt, 99)) * 1000
         bare_env = {"MC_BENCH_PATH": "/bare"}

@@ -31,14 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import nats
 import psutil
 import psycopg
 
 from libs.contracts.subjects import EVENTS_PREFIX
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchkit import bare_chdb_insert, pct, whole_system
+from benchkit import bare_chdb_insert, bench_connect, pct, whole_system
 
 PER_RUN = 500
 
@@ -116,22 +115,22 @@ def wait_drained(audit_url: str, timeout: float = 600) -> float:
 class BusWatch:
     """Wall-clock arrival on NATS of every ``incident.opened``, by run id (a plain subscriber)."""
 
-    def __init__(self, nats_url: str) -> None:
+    def __init__(self, data_dir: Path, nats_url: str) -> None:
         self.seen: dict[str, float] = {}
         self._nc: Any = None
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
-        threading.Thread(target=self._run, args=(nats_url,), daemon=True).start()
+        threading.Thread(target=self._run, args=(data_dir, nats_url), daemon=True).start()
         self._ready.wait(30)
 
-    def _run(self, nats_url: str) -> None:
+    def _run(self, data_dir: Path, nats_url: str) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def on_msg(msg: Any) -> None:
             self.seen[json.loads(msg.data)["payload"]["run_id"]] = time.time()
 
         async def start() -> None:
-            self._nc = await nats.connect(nats_url)
+            self._nc = await bench_connect(data_dir, nats_url)
             await self._nc.subscribe(f"{EVENTS_PREFIX}.*.incident.opened", cb=on_msg)
             await self._nc.flush()
             self._ready.set()
@@ -215,7 +214,7 @@ def main() -> None:
             drained = wait_drained(audit)
             print(f"  (cost events and the rest drained {drained:.1f}s after the steps)")
 
-            bus = BusWatch(state["nats_url"])
+            bus = BusWatch(system.data_dir, state["nats_url"])
             quiet = stops(c, admin_url, bus, args.stops)
             post_burst(c, args.steps, "burst")
             busy = stops(c, admin_url, bus, args.stops)

@@ -7,6 +7,7 @@ this directory is on ``sys.path``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
+from nats.aio.client import Client as NATS
+from pydantic import SecretStr
 
+from libs.contracts.subjects import EVENTS_PREFIX, inbox_prefix
+from libs.eventbus.jetstream import connect
+from libs.runtime.busauth import (
+    Permissions,
+    authorization_config,
+    bus_permissions,
+    credentials_dir,
+    write_credentials,
+)
+from libs.runtime.embedded import ServerProcess, start_nats
+from libs.runtime.registry import discover
 from services.gateway.keys import provision_tenant, run_with_pool
+
+BENCH_USER = "bench"
+"""The benchmarks' own NATS user: it watches events go by and answers its own echo requests."""
 
 
 def pct(values: list[float], p: float) -> float:
@@ -29,9 +45,28 @@ def pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
 
 
-def mctl(*args: str) -> None:
+def mctl(*args: str, env: dict[str, str] | None = None) -> None:
     """Run ``mctl`` with this interpreter."""
-    subprocess.run([sys.executable, "-m", "libs.runtime.cli", *args], check=True)
+    subprocess.run([sys.executable, "-m", "libs.runtime.cli", *args], check=True, env=env)
+
+
+def bench_nats(data_dir: Path) -> ServerProcess:
+    """The system's NATS server, as ``mctl up`` would start it (same place, same users), plus
+    the benchmarks' user; ``mctl up`` then uses it as an external server."""
+    permissions = bus_permissions(discover())
+    permissions[BENCH_USER] = Permissions(
+        publish=("bench.>",),
+        subscribe=(f"{inbox_prefix(BENCH_USER)}.>", "bench.>", f"{EVENTS_PREFIX}.>"),
+        allow_responses=True,
+    )
+    passwords = write_credentials(credentials_dir(data_dir), permissions)
+    return start_nats(data_dir, authorization=authorization_config(permissions, passwords))
+
+
+async def bench_connect(data_dir: Path, url: str) -> NATS:
+    """A NATS connection as the benchmarks' user of the system on ``data_dir``."""
+    password = (credentials_dir(data_dir) / BENCH_USER).read_text()
+    return await connect(url, "bench", (BENCH_USER, SecretStr(password)))
 
 
 @dataclass
@@ -56,19 +91,30 @@ def whole_system(tenant: str, prefix: str = "mc-bench-") -> Iterator[System]:
     """``mctl up --detach`` in a scratch data directory with ``tenant`` provisioned; stopped and
     removed on exit."""
     data_dir = Path(tempfile.mkdtemp(prefix=prefix)) / "mc"
-    mctl("up", "--detach", "--data-dir", str(data_dir))
+    nats_server = bench_nats(data_dir)
+    env = {
+        **os.environ,
+        "NATS_URL": nats_server.url,
+        "MC_NATS_CREDENTIALS_DIR": str(credentials_dir(data_dir)),
+    }
+    try:
+        mctl("up", "--detach", "--data-dir", str(data_dir), env=env)
+    except BaseException:
+        nats_server.stop()
+        raise
     try:
         state = json.loads((data_dir / "state.json").read_text())
         _, key = run_with_pool(state["postgres_admin_url"], lambda p: provision_tenant(p, tenant))
         yield System(data_dir, state, key)
     finally:
         mctl("down", "--data-dir", str(data_dir))
+        nats_server.stop()
         shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
-async def bare_nats_round_trip(url: str, n: int = 2000) -> list[float]:
+async def bare_nats_round_trip(data_dir: Path, url: str, n: int = 2000) -> list[float]:
     """Seconds per request–reply round trip to an in-process echo responder."""
-    nc = await nats.connect(url)
+    nc = await bench_connect(data_dir, url)
 
     async def echo(msg: Any) -> None:
         await msg.respond(msg.data)

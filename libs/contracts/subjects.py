@@ -5,6 +5,8 @@
   ``mc.evt.*.run.>`` is every tenant's run events. Tenant ids cannot contain ``.``, ``*`` or ``>``.
 * Dead letters: ``mc.dlq.<consumer>``.
 * Requests: ``mc.rpc.<service>.<method>`` (core NATS request–reply, queue group per service).
+* Replies and fetched messages: a process's own inbox, ``_INBOX.<nats user>.<unique>`` when it
+  connects as a user (``_INBOX.<unique>`` otherwise).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ EVENTS_PREFIX = "mc.evt"
 DLQ_STREAM = "MC_DLQ"
 DLQ_PREFIX = "mc.dlq"
 RPC_PREFIX = "mc.rpc"
+INBOX_PREFIX = "_INBOX"
 
 
 def event_subject(tenant_id: str, event_type: str) -> str:
@@ -34,3 +37,9 @@ def dlq_subject(consumer: str) -> str:
 def rpc_subject(service: str, method: str) -> str:
     """Subject of a request handled by ``service``."""
     return f"{RPC_PREFIX}.{service}.{method}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of a process connected as NATS ``user``: only that user may subscribe
+    under it, so nobody else can read the replies it receives."""
+    return f"{INBOX_PREFIX}.{user}"

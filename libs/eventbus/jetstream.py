@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import structlog
@@ -26,8 +27,15 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import BadRequestError
+from pydantic import SecretStr
 
-from libs.contracts.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_PREFIX, EVENTS_STREAM
+from libs.contracts.subjects import (
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    inbox_prefix,
+)
 
 log = structlog.get_logger("jetstream")
 
@@ -101,8 +109,21 @@ class ConsumerSpec:
         return self.backoff[min(max(delivery, 1), len(self.backoff)) - 1]
 
 
-async def connect(url: str, name: str) -> NATS:
-    """A NATS connection that keeps reconnecting while the server restarts."""
+async def connect(url: str, name: str, credentials: tuple[str, SecretStr] | None = None) -> NATS:
+    """A NATS connection that keeps reconnecting while the server restarts.
+
+    With ``credentials`` (user, password) it logs in as that user, and its inbox (where replies
+    and fetched messages arrive) is the user's own, ``_INBOX.<user>.``, the only one its
+    permissions let it subscribe to (:mod:`libs.runtime.busauth`).
+    """
+    auth: dict[str, Any] = {}
+    if credentials is not None:
+        user, password = credentials
+        auth = {
+            "user": user,
+            "password": password.get_secret_value(),
+            "inbox_prefix": inbox_prefix(user),
+        }
     return await nats.connect(
         url,
         name=name,
@@ -110,16 +131,25 @@ async def connect(url: str, name: str) -> NATS:
         reconnect_time_wait=0.25,
         connect_timeout=5,
         allow_reconnect=True,
+        **auth,
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update the streams above (idempotent; safe from every process)."""
+async def ensure_streams(js: JetStreamContext, *, update: bool = True) -> None:
+    """Create the streams above, or update them to match (idempotent; safe from every process).
+
+    Only the relay may update a stream when the bus has users (:mod:`libs.runtime.busauth`); the
+    services pass ``update=False``: a stream that exists with other settings is left for the
+    relay to bring up to date.
+    """
     for cfg in (EVENTS, DLQ):
         try:
             await js.add_stream(cfg)
-        except BadRequestError:
-            await js.update_stream(cfg)
+        except BadRequestError as exc:
+            if update:
+                await js.update_stream(cfg)
+            else:
+                log.info("stream.config_differs", stream=cfg.name, error=str(exc))
 
 
 async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:

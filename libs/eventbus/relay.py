@@ -352,7 +352,7 @@ async def _main() -> None:
 
     settings = get_settings()
     configure_logging("relay", settings.log_level)
-    nc = await connect(settings.nats_url, "relay")
+    nc = await connect(settings.nats_url, "relay", settings.nats_credentials())
     js = nc.jetstream()
     await ensure_streams(js)
     relay = Relay(settings.database_url.get_secret_value(), js)

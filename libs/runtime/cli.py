@@ -411,6 +411,43 @@ def migrate(
         typer.echo("database is up to date")
 
 
+# --- nats-users -----------------------------------------------------------------------------------
+
+
+@app.command("nats-users")
+@one_line_errors
+def nats_users(
+    directory: Annotated[
+        Path, typer.Argument(help="Directory of the password files, one per NATS user (0600).")
+    ],
+    conf: Annotated[
+        Path | None,
+        typer.Option(
+            "--conf",
+            help="Write the server's users block here (mode 0600) instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """The NATS users of an external server: a password file for each (those already there are
+    kept), and the nats-server `authorization` block with their bcrypt hashes and permissions.
+
+    Include the block in the server's configuration; point `mctl up` at the directory with
+    MC_NATS_CREDENTIALS_DIR, or give each process its user's NATS_USER and NATS_PASSWORD (a
+    Kubernetes Secret made from the directory)."""
+    from libs.runtime.busauth import authorization_config, bus_permissions, write_credentials
+    from libs.runtime.state import write_private
+
+    permissions = bus_permissions(discover())
+    passwords = write_credentials(directory, permissions, keep=True)
+    block = authorization_config(permissions, passwords)
+    if conf is None:
+        typer.echo(block, nl=False)
+    else:
+        write_private(conf, block)
+        typer.echo(f"wrote {conf}")
+    typer.echo(f"passwords of {', '.join(sorted(permissions))} are in {directory}", err=True)
+
+
 def _mount_registered() -> None:
     try:
         mount_commands(app, discover())

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.errors import TransientError
+from libs.runtime.state import write_private
 
 PG_ADMIN_USER = "postgres"
 PG_DATABASE = "missioncontrol"
@@ -86,11 +87,15 @@ class ServerProcess:
             self.proc.wait(5)
 
 
-def nats_config(store_dir: Path, port: int, monitor_port: int) -> str:
+def nats_config(
+    store_dir: Path, port: int, monitor_port: int, authorization: str | None = None
+) -> str:
     """The embedded server's configuration.
 
     ``sync_interval: always`` makes JetStream fsync before it acks a publish; the default (two
-    minutes) acks writes that a power cut can lose.
+    minutes) acks writes that a power cut can lose. ``authorization`` is the users block
+    (:func:`libs.runtime.busauth.authorization_config`); without it the server takes anonymous
+    connections, which only tests of the bus alone do.
     """
     return (
         f"listen: 127.0.0.1:{port}\n"
@@ -102,17 +107,21 @@ def nats_config(store_dir: Path, port: int, monitor_port: int) -> str:
         "  max_file_store: 10GB\n"
         "  max_memory_store: 256MB\n"
         "}\n"
-    )
+    ) + (authorization or "")
 
 
-def start_nats(data_dir: Path, port: int | None = None) -> ServerProcess:
-    """Start nats-server with JetStream file storage under ``data_dir/nats``."""
+def start_nats(
+    data_dir: Path, port: int | None = None, authorization: str | None = None
+) -> ServerProcess:
+    """Start nats-server with JetStream file storage under ``data_dir/nats``, with the users of
+    ``authorization`` (see :func:`nats_config`)."""
     root = data_dir / "nats"
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     monitor = free_port()
     conf = root / "nats.conf"
-    conf.write_text(nats_config(root / "jetstream", port, monitor))
+    # 0600: with users it holds their password hashes.
+    write_private(conf, nats_config(root / "jetstream", port, monitor, authorization))
     log = open(root / "nats.log", "ab")  # noqa: SIM115 - handed to the child, closed with it
     proc = subprocess.Popen(
         [nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT

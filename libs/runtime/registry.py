@@ -30,6 +30,24 @@ from libs.errors import MissionControlError
 ENTRY_POINT_GROUP = "mission_control.services"
 
 
+@dataclass(frozen=True)
+class BusAccess:
+    """What a service does on NATS. Its NATS user may do this and nothing else
+    (:mod:`libs.runtime.busauth` turns it into the server's subject permissions)."""
+
+    serves: str | None = None
+    """The request namespace it answers: it subscribes ``mc.rpc.<serves>.>`` in the queue group
+    ``<serves>`` and may publish one reply to each request it receives."""
+    calls: tuple[str, ...] = ()
+    """The request namespaces it sends requests to (``mc.rpc.<name>.>``). Only the gateway
+    does: a request's ``tenant_id`` is trusted because nobody else can send one."""
+    consumers: tuple[str, ...] = ()
+    """Durable consumers on the events stream it creates, fetches from, acks and dead-letters
+    (``mc.dlq.<durable>``)."""
+    removes: tuple[str, ...] = ()
+    """Durable consumers of earlier builds it deletes at start."""
+
+
 class RegistrationError(MissionControlError):
     """The installed service registrations are inconsistent (the message says how)."""
 
@@ -65,6 +83,8 @@ class ServiceRegistration:
     single_replica: str | None = None
     """Why this service runs as exactly one process whatever is configured, when it does (the
     supervisor refuses more and says this)."""
+    bus: BusAccess = field(default_factory=BusAccess)
+    """What it does on NATS: its NATS user's permissions are made from this."""
 
     @property
     def migration_component(self) -> str | None:

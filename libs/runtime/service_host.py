@@ -172,11 +172,11 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await connect(settings.nats_url, service.name)
+        nc = await connect(settings.nats_url, service.name, settings.nats_credentials())
         pool: AsyncConnectionPool | None = None
         try:
             js = nc.jetstream()
-            await ensure_streams(js)
+            await ensure_streams(js, update=False)
             pool = await open_pool(settings.database_url.get_secret_value())
             ctx = ServiceContext.wire(service.name, settings, nc, pool, registry)
             app.state.ctx = ctx

@@ -36,6 +36,13 @@ import psutil
 
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError, first_line
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.runtime.busauth import (
+    RELAY_USER,
+    authorization_config,
+    bus_permissions,
+    credentials_dir,
+    write_credentials,
+)
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
 from libs.runtime.registry import ServiceRegistration, discover, require_services
 from libs.runtime.state import STATE_FILE, redact_url, write_json_atomic
@@ -348,6 +355,9 @@ class Supervisor:
         self.nats_url = ""
         self.database_url = ""
         self.admin_url: str | None = None
+        self.nats_credentials_dir: Path | None = None
+        """Where each NATS user's password file is (``None``: the processes inherit
+        ``NATS_USER`` / ``NATS_PASSWORD`` from the environment, if any)."""
         self._stop_requested = False
         self._lock_fd: int | None = None
         self._log_file: Any = None
@@ -397,8 +407,10 @@ class Supervisor:
         nats = resolve_url("nats", settings=self.settings)
         if nats is not None:
             self.nats_url = nats.secret()
+            self._external_nats_users()
         else:
-            server = self._add_server("nats", lambda port: start_nats(self.data_dir, port))
+            users = self._new_nats_users()
+            server = self._add_server("nats", lambda port: start_nats(self.data_dir, port, users))
             self.nats_url = server.url or ""
         if self._stop_requested:
             return
@@ -425,6 +437,42 @@ class Supervisor:
                 f"migrations failed on {redact_url(migrate_url)}: {_first_line(exc)}"
             ) from exc
         self._log(f"migrations applied: {', '.join(applied) if applied else 'none pending'}")
+
+    # -- NATS users (libs/runtime/busauth.py) -----------------------------------------------------
+
+    def _new_nats_users(self) -> str:
+        """New passwords for every NATS user of this system, each in its file (mode 0600) under
+        the data directory; returns the embedded server's users block (bcrypt hashes)."""
+        permissions = bus_permissions(self.services)
+        self.nats_credentials_dir = credentials_dir(self.data_dir)
+        passwords = write_credentials(self.nats_credentials_dir, permissions)
+        self._log(
+            f"NATS users {', '.join(sorted(permissions))}: passwords in "
+            f"{self.nats_credentials_dir} (mode 0600)"
+        )
+        return authorization_config(permissions, passwords)
+
+    def _external_nats_users(self) -> None:
+        """With ``MC_NATS_CREDENTIALS_DIR``, check that it holds a password file for every
+        process; without it the processes inherit the environment's ``NATS_USER``."""
+        directory = self.settings.nats_credentials_dir
+        if directory is None:
+            return
+        missing = sorted(
+            user for user in bus_permissions(self.services) if not (directory / user).is_file()
+        )
+        if missing:
+            raise SupervisorError(
+                f"MC_NATS_CREDENTIALS_DIR {directory} has no password file for {', '.join(missing)}"
+            )
+        self.nats_credentials_dir = directory.resolve()
+
+    def _nats_env(self, user: str) -> dict[str, str]:
+        """The environment that makes a child connect to NATS as ``user``: its password file,
+        never the password itself."""
+        if self.nats_credentials_dir is None:
+            return {}
+        return {"NATS_USER": user, "NATS_PASSWORD_FILE": str(self.nats_credentials_dir / user)}
 
     def _add_server(self, name: str, start: Callable[[int | None], ServerProcess]) -> Child:
         try:
@@ -469,7 +517,7 @@ class Supervisor:
                 name="relay",
                 kind="relay",
                 module=RELAY_MODULE,
-                env={**common, "MC_SERVICE": "relay"},
+                env={**common, **self._nats_env(RELAY_USER), "MC_SERVICE": "relay"},
                 log_path=self.log_dir / "relay.log",
             )
         ]
@@ -488,6 +536,7 @@ class Supervisor:
                         module=service.module,
                         env={
                             **common,
+                            **self._nats_env(service.name),
                             "MC_SERVICE": service.name,
                             "MC_HTTP_HOST": host,
                             "MC_HTTP_PORT": str(port),

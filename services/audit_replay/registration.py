@@ -1,10 +1,13 @@
 """How the runtime finds the audit-replay service (entry point ``mission_control.services``)."""
 
-from libs.runtime.registry import ServiceRegistration
+from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="audit-replay",
     module="services.audit_replay",
+    bus=BusAccess(
+        serves="audit", consumers=("audit-control", "audit-bulk"), removes=("audit-projector",)
+    ),
     single_replica=(
         "its projector keeps run and incident states in the process and folds new events onto "
         "them, so two replicas sharing its consumers would each fold onto states the other has "

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from libs.runtime.registry import ServiceRegistration
+from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="cost",
     module="services.cost",
     migrations=Path(__file__).parent / "migrations",
+    bus=BusAccess(serves="cost", consumers=("cost-steps",)),
 )

@@ -6,7 +6,7 @@ after them. It also contributes ``mctl tenant ...`` and the demo ``mctl up --dem
 
 from pathlib import Path
 
-from libs.runtime.registry import ServiceRegistration
+from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="gateway",
@@ -15,4 +15,7 @@ REGISTRATION = ServiceRegistration(
     after=("audit-replay", "cost", "incident", "policy-admission", "workflow-engine"),
     demo="services.gateway.demo:run_demo",
     commands={"tenant": "services.gateway.cli:tenant_app"},
+    # The one sender of requests: the services trust the tenant a request names because only
+    # the gateway, which has authenticated the caller, can send one.
+    bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow")),
 )

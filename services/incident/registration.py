@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from libs.runtime.registry import ServiceRegistration
+from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="incident",
     module="services.incident",
     migrations=Path(__file__).parent / "migrations",
+    bus=BusAccess(serves="incident", consumers=("incident-violations",)),
 )

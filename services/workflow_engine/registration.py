@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from libs.runtime.registry import ServiceRegistration
+from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="workflow-engine",
     module="services.workflow_engine",
     migrations=Path(__file__).parent / "migrations",
+    bus=BusAccess(serves="workflow", consumers=("workflow-violations",)),
 )

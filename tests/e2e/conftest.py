@@ -18,8 +18,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
 from libs.eventbus.jetstream import connect
+from libs.runtime.busauth import OPERATOR_USER, credentials_dir
 from services.gateway.client import MissionControlClient
 from services.gateway.keys import provision_tenant, run_with_pool
 
@@ -54,6 +56,12 @@ class RunningSystem:
     @property
     def nats_url(self) -> str:
         return str(self.state["nats_url"])
+
+    def nats_credentials(self, user: str = OPERATOR_USER) -> tuple[str, SecretStr]:
+        """The NATS user ``user`` of the running system and its password (``mctl up`` wrote it
+        under the data directory)."""
+        path = credentials_dir(self.data_dir) / user
+        return user, SecretStr(path.read_text().strip())
 
     def url_of(self, name: str) -> str:
         return str(self.child(name)["url"])
@@ -142,11 +150,12 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "", interval: fl
     raise AssertionError(f"timed out waiting for {what}: last value {last!r}")
 
 
-def consumers_idle(nats_url: str) -> bool:
-    """Whether every durable consumer of ``MC_EVENTS`` has handled and acknowledged everything."""
+def consumers_idle(sys_: RunningSystem) -> bool:
+    """Whether every durable consumer of ``MC_EVENTS`` has handled and acknowledged everything
+    (asked as the system's read-only ``operator`` NATS user)."""
 
     async def check() -> bool:
-        nc = await connect(nats_url, "e2e-check")
+        nc = await connect(sys_.nats_url, "e2e-check", sys_.nats_credentials())
         try:
             jsm = nc.jetstream()
             infos = await jsm.consumers_info("MC_EVENTS")

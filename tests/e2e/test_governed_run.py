@@ -16,6 +16,7 @@ import pytest
 
 from libs.contracts.subjects import event_subject
 from libs.eventbus.jetstream import connect
+from libs.runtime.busauth import RELAY_USER
 from services.gateway.client import ApiError, MissionControlClient
 from tests.e2e.conftest import (
     RUN_STATE_FIELDS,
@@ -184,14 +185,17 @@ def test_redelivering_every_event_changes_nothing_and_opens_no_second_incident(w
     run, _ = _seed_000(mc)
     wait_for(lambda: len(mc.incidents(run_id=run)["incidents"]) == 1, 20, "incident")
     wait_for(lambda: len([s for s in mc.trace(run)["steps"] if s["cost"]]) == 2, 20, "costs")
-    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "consumers idle")
+    wait_for(lambda: consumers_idle(whole_system), 30, "consumers idle")
     before = _snapshot(mc, run)
     counts_before = event_counts(whole_system.admin_url, tenant)
 
     async def redeliver() -> int:
         # Publish every stored event of the tenant again under a new message id: what a
         # redelivery looks like once JetStream's duplicate window has passed.
-        nc = await connect(whole_system.nats_url, "e2e-redeliver")
+        # As the relay: the one NATS user that may publish events.
+        nc = await connect(
+            whole_system.nats_url, "e2e-redeliver", whole_system.nats_credentials(RELAY_USER)
+        )
         js = nc.jetstream()
         n = 0
         with psycopg.connect(whole_system.admin_url) as conn:
@@ -211,7 +215,7 @@ def test_redelivering_every_event_changes_nothing_and_opens_no_second_incident(w
         return n
 
     assert asyncio.run(redeliver()) == sum(counts_before.values())
-    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "redeliveries handled")
+    wait_for(lambda: consumers_idle(whole_system), 30, "redeliveries handled")
     assert event_counts(whole_system.admin_url, tenant) == counts_before
     assert _snapshot(mc, run) == before
     assert len(mc.incidents(run_id=run)["incidents"]) == 1
@@ -222,7 +226,7 @@ def test_rebuilding_all_projections_from_the_store_gives_the_same_answers(whole_
     run, _ = _seed_000(mc)
     wait_for(lambda: len(mc.incidents(run_id=run)["incidents"]) == 1, 20, "incident")
     wait_for(lambda: len([s for s in mc.trace(run)["steps"] if s["cost"]]) == 2, 20, "costs")
-    wait_for(lambda: consumers_idle(whole_system.nats_url), 30, "consumers idle")
+    wait_for(lambda: consumers_idle(whole_system), 30, "consumers idle")
     before = _snapshot(mc, run)
     runs_before = mc.runs()
     assert whole_system.admin_token

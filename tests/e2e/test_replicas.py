@@ -217,7 +217,7 @@ def run_workload(sys_: RunningSystem) -> Outcomes:
     _retrying(lambda: o.clients["pricey"].resolve_incident(cap_incident, "raised", by="oncall"))
     wait_for(lambda: _incidents_of(o, "cap")[0]["status"] == "resolved", 30, "resolved")
     wait_for(lambda: _incidents_of(o, "seed")[0]["status"] == "acknowledged", 30, "acknowledged")
-    wait_for(lambda: consumers_idle(sys_.nats_url), 60, "consumers idle")
+    wait_for(lambda: consumers_idle(sys_), 60, "consumers idle")
     return o
 
 
