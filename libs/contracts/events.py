@@ -289,3 +289,44 @@ class TenantCreated(DomainEvent):
 
     tenant_id: str
     name: str
+
+
+# --- workflow definitions and the agent catalogue (owned by workflow-engine) ---------------------
+
+
+@register
+class AgentRegistered(DomainEvent):
+    """An agent was added to the tenant's catalogue, so workflow steps may name it."""
+
+    event_type = "agent.registered"
+    schema_version = 1
+
+    agent_id: str
+    description: str = ""
+
+
+@register
+class WorkflowDefinitionCreated(DomainEvent):
+    """Version 1 of a workflow definition was saved (``document`` is the validated document)."""
+
+    event_type = "workflow.definition_created"
+    schema_version = 1
+
+    workflow_id: str
+    version: int = Field(ge=1)
+    document: dict[str, Any]
+    document_hash: str
+
+
+@register
+class WorkflowDefinitionRevised(DomainEvent):
+    """A later version of a workflow definition was saved."""
+
+    event_type = "workflow.definition_revised"
+    schema_version = 1
+
+    workflow_id: str
+    version: int = Field(ge=2)
+    document: dict[str, Any]
+    document_hash: str
+    previous_hash: str

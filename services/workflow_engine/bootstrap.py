@@ -9,10 +9,11 @@ from libs.runtime.service_host import ConsumerRpcService, ServiceContext, run_se
 from services.workflow_engine.entrypoints import (
     APPLIED_TABLE,
     RPC_SERVICE,
+    build_definition_rpc,
     build_rpc,
     violation_consumer_spec,
 )
-from services.workflow_engine.handlers import WorkflowHandlers
+from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 
 
 class WorkflowEngineService(ConsumerRpcService):
@@ -39,7 +40,9 @@ class WorkflowEngineService(ConsumerRpcService):
             self.handlers.on_violation,
             applied_table=APPLIED_TABLE,
         )
-        return consumer, build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
+        server = build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
+        build_definition_rpc(server, DefinitionHandlers(ctx.store))
+        return consumer, server
 
 
 def main() -> None:

@@ -12,8 +12,9 @@ from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Meta, RpcServer
+from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
-from services.workflow_engine.handlers import WorkflowHandlers
+from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 
 RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"
@@ -89,6 +90,72 @@ class GetRunRequest(_Request):
     """``get_run``."""
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
+
+
+class SaveWorkflowRequest(_Request):
+    """``save_workflow``: a workflow document (its ``name`` is the workflow id)."""
+
+    document: dict[str, Any]
+    base_version: int | None = Field(default=None, ge=0)
+
+
+class WorkflowRequest(_Request):
+    """``get_workflow``: one version (default: the newest)."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1)
+
+
+class DiffWorkflowRequest(_Request):
+    """``diff_workflow``: from one version to another (default: the newest)."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    from_version: int = Field(ge=1)
+    to_version: int | None = Field(default=None, ge=1)
+
+
+class RegisterAgentRequest(_Request):
+    """``register_agent``."""
+
+    agent_id: str = Field(pattern=NAME_PATTERN)
+    description: str = Field(default="", max_length=2000)
+
+
+def build_definition_rpc(server: RpcServer, handlers: DefinitionHandlers) -> RpcServer:
+    """Register the workflow-definition and agent-catalogue routes on ``server``."""
+
+    @server.handler("save_workflow")
+    async def save_workflow(req: SaveWorkflowRequest, meta: Meta) -> Any:
+        """Validate a workflow document and save it as its next version."""
+        doc = document_from(req.document)
+        return await handlers.save(req.tenant_id, doc, req.base_version, meta)
+
+    @server.handler("list_workflows")
+    async def list_workflows(req: _Request) -> Any:
+        """The tenant's workflows, newest version of each."""
+        return {"workflows": await handlers.list_workflows(req.tenant_id)}
+
+    @server.handler("get_workflow")
+    async def get_workflow(req: WorkflowRequest) -> Any:
+        """One version of a workflow with its document."""
+        return await handlers.get(req.tenant_id, req.workflow_id, req.version)
+
+    @server.handler("diff_workflow")
+    async def diff_workflow(req: DiffWorkflowRequest) -> Any:
+        """What changed between two versions of a workflow."""
+        return await handlers.diff(req.tenant_id, req.workflow_id, req.from_version, req.to_version)
+
+    @server.handler("register_agent")
+    async def register_agent(req: RegisterAgentRequest, meta: Meta) -> Any:
+        """Add an agent to the tenant's catalogue."""
+        return await handlers.register_agent(req.tenant_id, req.agent_id, req.description, meta)
+
+    @server.handler("list_agents")
+    async def list_agents(req: _Request) -> Any:
+        """The tenant's registered agents."""
+        return {"agents": await handlers.list_agents(req.tenant_id)}
+
+    return server
 
 
 def build_rpc(server: RpcServer, handlers: WorkflowHandlers) -> RpcServer:
