@@ -6,6 +6,7 @@ Naming: ``<aggregate>.<past-tense fact>``. The NATS subject of an event is
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -330,3 +331,122 @@ class WorkflowDefinitionRevised(DomainEvent):
     document: dict[str, Any]
     document_hash: str
     previous_hash: str
+
+
+# --- workflow executions (owned by workflow-engine) ----------------------------------------------
+
+
+@register
+class ExecutionStarted(DomainEvent):
+    """An execution of a workflow version began; ``document`` is that version's definition."""
+
+    event_type = "execution.started"
+    schema_version = 1
+
+    execution_id: str
+    workflow_id: str
+    workflow_version: int = Field(ge=1)
+    document_hash: str
+    document: dict[str, Any]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    started_at: datetime
+
+
+@register
+class StepDispatched(DomainEvent):
+    """An attempt of a step was handed to its agent's work queue, as the governed run ``run_id``."""
+
+    event_type = "execution.step_dispatched"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    agent_id: str
+    workflow_id: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    risk_tier: Literal["read_only", "write", "irreversible"]
+    dispatched_at: datetime
+    deadline_at: datetime
+
+
+@register
+class StepAttemptCompleted(DomainEvent):
+    """An attempt's run completed: the step is done."""
+
+    event_type = "execution.step_completed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    finished_at: datetime
+
+
+@register
+class StepAttemptFailed(DomainEvent):
+    """An attempt failed or timed out; it is tried again at ``retry_at`` (None: no retry left)."""
+
+    event_type = "execution.step_failed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    reason: str
+    retry_at: datetime | None = None
+    finished_at: datetime
+
+
+@register
+class StepAttemptBlocked(DomainEvent):
+    """Admission stopped an attempt's run: the step is blocked by policy."""
+
+    event_type = "execution.step_blocked"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    reason: str
+    finished_at: datetime
+
+
+@register
+class ExecutionCompleted(DomainEvent):
+    """Every step of an execution ended (completed, or failed where failure may continue)."""
+
+    event_type = "execution.completed"
+    schema_version = 1
+
+    execution_id: str
+    finished_at: datetime
+
+
+@register
+class ExecutionFailed(DomainEvent):
+    """An execution failed because of ``step_id``: its attempts were used up, or it was blocked."""
+
+    event_type = "execution.failed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    reason: str
+    finished_at: datetime
+
+
+@register
+class ExecutionAborted(DomainEvent):
+    """An operator aborted an execution."""
+
+    event_type = "execution.aborted"
+    schema_version = 1
+
+    execution_id: str
+    reason: str
+    finished_at: datetime

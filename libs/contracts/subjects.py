@@ -5,6 +5,8 @@
   ``mc.evt.*.run.>`` is every tenant's run events. Tenant ids cannot contain ``.``, ``*`` or ``>``.
 * Dead letters: ``mc.dlq.<consumer>``.
 * Requests: ``mc.rpc.<service>.<method>`` (core NATS request–reply, queue group per service).
+* Work: ``mc.work.<tenant>.<agent>``, the dispatched steps of workflow executions waiting for
+  the agent's workers (the ``MC_WORK`` work-queue stream).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ EVENTS_PREFIX = "mc.evt"
 DLQ_STREAM = "MC_DLQ"
 DLQ_PREFIX = "mc.dlq"
 RPC_PREFIX = "mc.rpc"
+WORK_STREAM = "MC_WORK"
+WORK_PREFIX = "mc.work"
 
 
 def event_subject(tenant_id: str, event_type: str) -> str:
@@ -34,3 +38,8 @@ def dlq_subject(consumer: str) -> str:
 def rpc_subject(service: str, method: str) -> str:
     """Subject of a request handled by ``service``."""
     return f"{RPC_PREFIX}.{service}.{method}"
+
+
+def work_subject(tenant_id: str, agent_id: str) -> str:
+    """Where the dispatched steps of ``agent_id`` in ``tenant_id`` wait for a worker."""
+    return f"{WORK_PREFIX}.{tenant_id}.{agent_id}"

@@ -14,10 +14,13 @@ from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Meta, RpcServer
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
+from services.workflow_engine.execution_handlers import ExecutionHandlers
 from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 
 RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"
+EXECUTIONS_DURABLE = "workflow-executions"
+DISPATCH_DURABLE = "workflow-dispatch"
 APPLIED_TABLE = "workflow.applied_events"
 MAX_BATCH = 1000
 
@@ -32,6 +35,27 @@ def violation_consumer_spec(
     return ConsumerSpec(
         durable=durable,
         filter_subjects=(events_filter("policy.violation_detected", tenant_id),),
+    )
+
+
+def execution_consumer_spec(
+    durable: str = EXECUTIONS_DURABLE, tenant_id: str = "*"
+) -> ConsumerSpec:
+    """The durable consumer of runs ending (the attempts of workflow steps among them)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(
+            events_filter("run.completed", tenant_id),
+            events_filter("run.stopped_by_policy", tenant_id),
+        ),
+    )
+
+
+def dispatch_consumer_spec(durable: str = DISPATCH_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer that forwards dispatched attempts to the agents' work queues."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("execution.step_dispatched", tenant_id),),
     )
 
 
@@ -154,6 +178,60 @@ def build_definition_rpc(server: RpcServer, handlers: DefinitionHandlers) -> Rpc
     async def list_agents(req: _Request) -> Any:
         """The tenant's registered agents."""
         return {"agents": await handlers.list_agents(req.tenant_id)}
+
+    return server
+
+
+class StartExecutionRequest(_Request):
+    """``start_execution``: run a workflow version (default: the newest) with inputs."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionRequest(_Request):
+    """``get_execution``."""
+
+    execution_id: str = Field(pattern=RUN_ID_PATTERN)
+
+
+class AbortExecutionRequest(ExecutionRequest):
+    """``abort_execution``: the reason is recorded."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ListExecutionsRequest(_Request):
+    """``list_executions``: newest first."""
+
+    status: Literal["pending", "running", "completed", "failed", "aborted"] | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: Any) -> RpcServer:
+    """Register the workflow-execution routes on ``server``."""
+
+    @server.handler("start_execution")
+    async def start_execution(req: StartExecutionRequest, meta: Meta) -> Any:
+        """Start an execution; its first steps are dispatched at once."""
+        return await handlers.start(req.tenant_id, req.workflow_id, req.version, req.inputs, meta)
+
+    @server.handler("get_execution")
+    async def get_execution(req: ExecutionRequest) -> Any:
+        """An execution with its steps' states."""
+        return await handlers.get(req.tenant_id, req.execution_id)
+
+    @server.handler("list_executions")
+    async def list_executions(req: ListExecutionsRequest) -> Any:
+        """The tenant's executions, newest first."""
+        found = await handlers.list_executions(req.tenant_id, req.status, req.limit, pool)
+        return {"executions": found}
+
+    @server.handler("abort_execution")
+    async def abort_execution(req: AbortExecutionRequest, meta: Meta) -> Any:
+        """Abort an execution: nothing more is dispatched and its running attempts end."""
+        return await handlers.abort(req.tenant_id, req.execution_id, req.reason, meta)
 
     return server
 

@@ -27,6 +27,7 @@ from libs.eventbus.repository import (
     Recorded,
     Repository,
     Store,
+    fold_with,
 )
 from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
@@ -43,7 +44,7 @@ from services.workflow_engine.definitions import (
     decide_definition,
     diff_documents,
     empty_catalogue,
-    fold_catalogue,
+    evolve_catalogue,
     summary,
 )
 from services.workflow_engine.domain import (
@@ -82,17 +83,13 @@ def _request_meta(meta: RequestMeta, agent_id: str | None = None) -> EventMeta:
     )
 
 
-def _caller_meta(meta: RequestMeta) -> EventMeta:
+def caller_meta(meta: RequestMeta) -> EventMeta:
     """Catalogue changes are acted by the caller the gateway names (a user or an API key)."""
     return EventMeta(
         correlation_id=meta.correlation_id,
         actor=meta.actor or SERVICE_ACTOR,
         trace_context=meta.trace_context,
     )
-
-
-def _fold_catalogue(state: Catalogue, recorded: Sequence[Recorded]) -> Catalogue:
-    return fold_catalogue(state, [r.event for r in recorded])
 
 
 def _catalogue_streams(first: str, second: str) -> Any:
@@ -108,7 +105,7 @@ def _catalogue_streams(first: str, second: str) -> Any:
 WORKFLOWS = Aggregate[Catalogue](
     category=WORKFLOW_CATEGORY,
     initial=empty_catalogue,
-    fold=_fold_catalogue,
+    fold=fold_with(evolve_catalogue),
     streams=_catalogue_streams(WORKFLOW_CATEGORY, AGENT_CATEGORY),
 )
 """A tenant's catalogue seen from its definitions stream (saves append there)."""
@@ -116,7 +113,7 @@ WORKFLOWS = Aggregate[Catalogue](
 AGENTS = Aggregate[Catalogue](
     category=AGENT_CATEGORY,
     initial=empty_catalogue,
-    fold=_fold_catalogue,
+    fold=fold_with(evolve_catalogue),
     streams=_catalogue_streams(AGENT_CATEGORY, WORKFLOW_CATEGORY),
 )
 """The same catalogue seen from its agents stream (registrations append there)."""
@@ -142,7 +139,7 @@ class DefinitionHandlers:
         """
         cmd = SaveDefinition(document=document, base_version=base_version)
         state, stored = await self.workflows.execute(
-            tenant_id, CATALOGUE, partial(decide_definition, command=cmd), _caller_meta(meta)
+            tenant_id, CATALOGUE, partial(decide_definition, command=cmd), caller_meta(meta)
         )
         newest = state.version(document.name)
         return {
@@ -158,7 +155,7 @@ class DefinitionHandlers:
         """Add ``agent_id`` to the tenant's catalogue (idempotent)."""
         cmd = RegisterAgent(agent_id=agent_id, description=description)
         _, stored = await self.agents.execute(
-            tenant_id, CATALOGUE, partial(decide_agent, command=cmd), _caller_meta(meta)
+            tenant_id, CATALOGUE, partial(decide_agent, command=cmd), caller_meta(meta)
         )
         return {"agent_id": agent_id, "registered": bool(stored)}
 

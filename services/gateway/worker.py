@@ -1,0 +1,278 @@
+"""The agent worker SDK: serve the workflow steps Mission Control dispatches to your agents.
+
+    worker = Worker(gateway_url, api_key, nats_url=nats_url, tenant_id="acme")
+
+    @worker.agent("summarizer")
+    async def summarize(step: Step) -> Any:
+        decision = await step.admit(model="gpt-4o-mini", input_tokens=800, max_output_tokens=200)
+        text = await call_the_model(step.inputs["document"])
+        await step.record(model="gpt-4o-mini", input_tokens=812, output_tokens=164, output=text)
+        return text
+
+    await worker.run()        # until worker.stop() or SIGTERM
+
+Each dispatched attempt of a step arrives once on the agent's work queue
+(``mc.work.<tenant>.<agent>`` on JetStream). The attempt is a governed run that the engine has
+already started: the handler asks admission before every model or tool call (:meth:`Step.admit`,
+which raises :class:`StepDenied` when policy says no) and records each call with its usage
+(:meth:`Step.record`). When the handler returns, the worker finishes the run as completed; when it
+raises, as failed with the error's first line, and the engine retries the step if its definition
+allows. A worker that dies mid-step loses nothing: the engine's deadline fails that attempt and
+dispatches the next one.
+
+The worker acknowledges a work item as soon as it takes it, so one attempt never runs twice; the
+engine's timeouts and retries are what make a step happen at least once. :meth:`Worker.stop` (or
+SIGTERM under :meth:`Worker.run_until_signalled`) stops taking work and waits for the steps in hand
+to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import nats
+import orjson
+import structlog
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import BadRequestError
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from libs.contracts.subjects import WORK_STREAM, work_subject
+from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
+from services.gateway.schemas import AdmissionResponse
+
+log = structlog.get_logger("mission_control.worker")
+
+Handler = Callable[["Step"], Awaitable[Any]]
+
+
+class StepDenied(Exception):
+    """Admission denied a call of the step: the run is stopped and the step is blocked."""
+
+    def __init__(self, decision: AdmissionResponse) -> None:
+        super().__init__("; ".join(r.message for r in decision.reasons) or "denied by policy")
+        self.decision = decision
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiError):
+        return exc.status in (429, 502, 503, 504)
+    return isinstance(exc, OSError | TimeoutError)
+
+
+@dataclass
+class Step:
+    """One dispatched attempt of a workflow step, as its handler sees it."""
+
+    tenant_id: str
+    execution_id: str
+    workflow_id: str
+    step_id: str
+    attempt: int
+    run_id: str
+    agent_id: str
+    inputs: dict[str, Any]
+    risk_tier: str
+    deadline_at: datetime
+    _client: AsyncMissionControlClient = field(repr=False)
+    _next_index: int = field(default=1, repr=False)
+
+    async def _send(self, request: ApiRequest[Any]) -> Any:
+        # Only overload and unavailability are retried: a 4xx is an answer, not a hiccup.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_transient),
+            stop=stop_after_attempt(5),
+            wait=wait_exponential_jitter(initial=0.1, max=5),
+            reraise=True,
+        ):
+            with attempt:
+                return await self._client.send(request)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def admit(
+        self,
+        *,
+        model: str | None = None,
+        tool: str | None = None,
+        kind: str = "llm_call",
+        input_tokens: int = 0,
+        max_output_tokens: int = 0,
+    ) -> AdmissionResponse:
+        """Ask admission for the next call of this step; raises :class:`StepDenied` on deny."""
+        request = Requests.admit(
+            self.run_id,
+            self._next_index,
+            kind=kind,
+            model=model,
+            tool=tool,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+        )
+        decision: AdmissionResponse = await self._send(request)
+        if decision.outcome == "deny":
+            raise StepDenied(decision)
+        return decision
+
+    async def record(self, **fields: Any) -> None:
+        """Record the admitted call's outcome and usage (fields as in the steps endpoint)."""
+        await self._send(Requests.record_step(self.run_id, self._next_index, **fields))
+        self._next_index += 1
+
+
+class Worker:
+    """Serves the steps dispatched to the agents registered with :meth:`agent`."""
+
+    def __init__(
+        self,
+        gateway_url: str,
+        api_key: str,
+        *,
+        nats_url: str,
+        tenant_id: str,
+        concurrency: int = 4,
+        nats_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.gateway_url = gateway_url
+        self._api_key = api_key
+        self.nats_url = nats_url
+        self.tenant_id = tenant_id
+        self.concurrency = concurrency
+        self._nats_options = dict(nats_options or {})
+        self._handlers: dict[str, Handler] = {}
+        self._stopping = asyncio.Event()
+        self._in_hand: set[asyncio.Task[None]] = set()
+        self.taken: list[str] = []
+        """Run ids of the attempts this worker took, in order (for operators and tests)."""
+
+    def agent(self, name: str) -> Callable[[Handler], Handler]:
+        """Decorator: ``handler(step)`` serves the steps dispatched to agent ``name``."""
+
+        def register(handler: Handler) -> Handler:
+            self._handlers[name] = handler
+            return handler
+
+        return register
+
+    def stop(self) -> None:
+        """Stop taking work; :meth:`run` returns once the steps in hand have finished."""
+        self._stopping.set()
+
+    async def run_until_signalled(self) -> None:
+        """:meth:`run`, stopping gracefully on SIGTERM or SIGINT."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        await self.run()
+
+    async def run(self) -> None:
+        """Take and serve work until :meth:`stop`."""
+        if not self._handlers:
+            raise ValueError("register at least one agent with @worker.agent(name)")
+        # The engine creates the work stream; a worker only binds its agents' consumers to it.
+        nc = await nats.connect(
+            self.nats_url,
+            name=f"worker-{self.tenant_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.25,
+            **self._nats_options,
+        )
+        client = AsyncMissionControlClient(self.gateway_url, self._api_key)
+        try:
+            pullers = [
+                asyncio.create_task(self._pull(nc, agent, handler, client))
+                for agent, handler in self._handlers.items()
+            ]
+            await self._stopping.wait()
+            for p in pullers:
+                p.cancel()
+            await asyncio.gather(*pullers, return_exceptions=True)
+            if self._in_hand:
+                await asyncio.gather(*self._in_hand, return_exceptions=True)
+        finally:
+            await client.aclose()
+            await nc.drain()
+
+    async def _pull(
+        self, nc: NATS, agent: str, handler: Handler, client: AsyncMissionControlClient
+    ) -> None:
+        js = nc.jetstream()
+        durable = f"worker-{self.tenant_id}-{agent}"
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=work_subject(self.tenant_id, agent),
+            # Taken work is acknowledged at once, so a redelivery never runs an attempt twice.
+            max_deliver=1,
+            ack_wait=30,
+        )
+        with contextlib.suppress(BadRequestError):
+            await js.add_consumer(WORK_STREAM, config)
+        sub = await js.pull_subscribe_bind(durable, stream=WORK_STREAM)
+        slots = asyncio.Semaphore(self.concurrency)
+        while not self._stopping.is_set():
+            await slots.acquire()
+            try:
+                msgs = await sub.fetch(1, timeout=1)
+            except NatsTimeout:
+                slots.release()
+                continue
+            msg = msgs[0]
+            await msg.ack()
+            item = orjson.loads(msg.data)
+            task = asyncio.create_task(self._serve(item, handler, client))
+            self._in_hand.add(task)
+            task.add_done_callback(self._in_hand.discard)
+            task.add_done_callback(lambda _t: slots.release())
+
+    async def _serve(
+        self, item: dict[str, Any], handler: Handler, client: AsyncMissionControlClient
+    ) -> None:
+        step = Step(
+            tenant_id=item["tenant_id"],
+            execution_id=item["execution_id"],
+            workflow_id=item["workflow_id"],
+            step_id=item["step_id"],
+            attempt=item["attempt"],
+            run_id=item["run_id"],
+            agent_id=item["agent_id"],
+            inputs=item["inputs"],
+            risk_tier=item["risk_tier"],
+            deadline_at=datetime.fromisoformat(item["deadline_at"]),
+            _client=client,
+        )
+        self.taken.append(step.run_id)
+        bound = log.bind(run_id=step.run_id, step_id=step.step_id, attempt=step.attempt)
+        try:
+            await handler(step)
+        except StepDenied as denied:
+            # The run is already stopped by policy; the engine blocks the step from that.
+            bound.info("worker.step_denied", reason=str(denied))
+            return
+        except Exception as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:500]
+            bound.warning("worker.step_failed", error=type(exc).__name__)
+            await self._finish(step, "failed", f"{type(exc).__name__}: {reason}")
+            return
+        await self._finish(step, "completed", None)
+
+    async def _finish(self, step: Step, status: str, reason: str | None) -> None:
+        try:
+            await step._send(Requests.finish_run(step.run_id, status, reason))
+        except ApiError as exc:
+            # 409: the run already ended (timed out, aborted): the engine has moved on.
+            if exc.status != 409:
+                raise
