@@ -46,7 +46,7 @@ from nats.js.errors import BadRequestError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
-    stop_after_attempt,
+    stop_after_delay,
     wait_exponential_jitter,
 )
 
@@ -88,14 +88,17 @@ class Step:
     risk_tier: str
     deadline_at: datetime
     _client: AsyncMissionControlClient = field(repr=False)
+    _patience_s: float = field(default=60.0, repr=False)
     _next_index: int = field(default=1, repr=False)
 
     async def _send(self, request: ApiRequest[Any]) -> Any:
-        # Only overload and unavailability are retried: a 4xx is an answer, not a hiccup.
+        # Only overload and unavailability are retried: a 4xx is an answer, not a hiccup. A
+        # service restarting behind the gateway answers 503 for a few seconds: keep trying for
+        # up to `patience_s`, so a restart costs the step time, not its result.
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(_transient),
-            stop=stop_after_attempt(5),
-            wait=wait_exponential_jitter(initial=0.1, max=5),
+            stop=stop_after_delay(self._patience_s),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2),
             reraise=True,
         ):
             with attempt:
@@ -143,6 +146,7 @@ class Worker:
         nats_url: str,
         tenant_id: str,
         concurrency: int = 4,
+        patience_s: float = 60.0,
         nats_options: dict[str, Any] | None = None,
     ) -> None:
         self.gateway_url = gateway_url
@@ -150,6 +154,8 @@ class Worker:
         self.nats_url = nats_url
         self.tenant_id = tenant_id
         self.concurrency = concurrency
+        self.patience_s = patience_s
+        """How long a call to the API is retried while it answers 429 or 5xx."""
         self._nats_options = dict(nats_options or {})
         self._handlers: dict[str, Handler] = {}
         self._stopping = asyncio.Event()
@@ -253,6 +259,7 @@ class Worker:
             risk_tier=item["risk_tier"],
             deadline_at=datetime.fromisoformat(item["deadline_at"]),
             _client=client,
+            _patience_s=self.patience_s,
         )
         self.taken.append(step.run_id)
         bound = log.bind(run_id=step.run_id, step_id=step.step_id, attempt=step.attempt)
