@@ -11,7 +11,7 @@ from libs.contracts.envelope import TenantId
 from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import Meta, RpcServer
+from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
 from services.workflow_engine.approvals import rules_from
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
@@ -249,21 +249,21 @@ def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: An
         """Abort an execution: nothing more is dispatched and its running attempts end."""
         return await handlers.abort(req.tenant_id, req.execution_id, req.reason, meta)
 
+    async def decide(req: ApprovalRequest, meta: RequestMeta, approve: bool) -> Any:
+        return await handlers.decide_approval(
+            req.tenant_id, req.execution_id, req.step_id, approve=approve,
+            approver=req.approver, role=req.role, reason=req.reason, meta=meta,
+        )  # fmt: skip
+
     @server.handler("approve_step")
     async def approve_step(req: ApprovalRequest, meta: Meta) -> Any:
         """Approve a step waiting for approval; it is dispatched once enough people have."""
-        return await handlers.decide_approval(
-            req.tenant_id, req.execution_id, req.step_id, approve=True,
-            approver=req.approver, role=req.role, reason=req.reason, meta=meta,
-        )  # fmt: skip
+        return await decide(req, meta, approve=True)
 
     @server.handler("reject_step")
     async def reject_step(req: ApprovalRequest, meta: Meta) -> Any:
         """Reject a step waiting for approval: the execution fails with the reason."""
-        return await handlers.decide_approval(
-            req.tenant_id, req.execution_id, req.step_id, approve=False,
-            approver=req.approver, role=req.role, reason=req.reason, meta=meta,
-        )  # fmt: skip
+        return await decide(req, meta, approve=False)
 
     @server.handler("approval_queue")
     async def approval_queue(req: _Request) -> Any:
