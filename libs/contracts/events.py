@@ -6,6 +6,7 @@ Naming: ``<aggregate>.<past-tense fact>``. The NATS subject of an event is
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -289,3 +290,234 @@ class TenantCreated(DomainEvent):
 
     tenant_id: str
     name: str
+
+
+# --- workflow definitions and the agent catalogue (owned by workflow-engine) ---------------------
+
+
+@register
+class AgentRegistered(DomainEvent):
+    """An agent was added to the tenant's catalogue, so workflow steps may name it."""
+
+    event_type = "agent.registered"
+    schema_version = 1
+
+    agent_id: str
+    description: str = ""
+
+
+@register
+class WorkflowDefinitionCreated(DomainEvent):
+    """Version 1 of a workflow definition was saved (``document`` is the validated document)."""
+
+    event_type = "workflow.definition_created"
+    schema_version = 1
+
+    workflow_id: str
+    version: int = Field(ge=1)
+    document: dict[str, Any]
+    document_hash: str
+
+
+@register
+class WorkflowDefinitionRevised(DomainEvent):
+    """A later version of a workflow definition was saved."""
+
+    event_type = "workflow.definition_revised"
+    schema_version = 1
+
+    workflow_id: str
+    version: int = Field(ge=2)
+    document: dict[str, Any]
+    document_hash: str
+    previous_hash: str
+
+
+# --- workflow executions (owned by workflow-engine) ----------------------------------------------
+
+
+@register
+class ExecutionStarted(DomainEvent):
+    """An execution of a workflow version began; ``document`` is that version's definition."""
+
+    event_type = "execution.started"
+    schema_version = 1
+
+    execution_id: str
+    workflow_id: str
+    workflow_version: int = Field(ge=1)
+    document_hash: str
+    document: dict[str, Any]
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    approvals: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """The tenant's approval rule of each risk tier when the execution started (fixed for it)."""
+    started_at: datetime
+
+
+@register
+class StepDispatched(DomainEvent):
+    """An attempt of a step was handed to its agent's work queue, as the governed run ``run_id``."""
+
+    event_type = "execution.step_dispatched"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    agent_id: str
+    workflow_id: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    risk_tier: Literal["read_only", "write", "irreversible"]
+    dispatched_at: datetime
+    deadline_at: datetime
+
+
+@register
+class StepAttemptCompleted(DomainEvent):
+    """An attempt's run completed: the step is done."""
+
+    event_type = "execution.step_completed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    finished_at: datetime
+
+
+@register
+class StepAttemptFailed(DomainEvent):
+    """An attempt failed or timed out; it is tried again at ``retry_at`` (None: no retry left)."""
+
+    event_type = "execution.step_failed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    reason: str
+    retry_at: datetime | None = None
+    finished_at: datetime
+
+
+@register
+class StepAttemptBlocked(DomainEvent):
+    """Admission stopped an attempt's run: the step is blocked by policy."""
+
+    event_type = "execution.step_blocked"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    reason: str
+    finished_at: datetime
+
+
+@register
+class ExecutionCompleted(DomainEvent):
+    """Every step of an execution ended (completed, or failed where failure may continue)."""
+
+    event_type = "execution.completed"
+    schema_version = 1
+
+    execution_id: str
+    finished_at: datetime
+
+
+@register
+class ExecutionFailed(DomainEvent):
+    """An execution failed because of ``step_id``: its attempts were used up, or it was blocked."""
+
+    event_type = "execution.failed"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    reason: str
+    finished_at: datetime
+
+
+@register
+class ExecutionAborted(DomainEvent):
+    """An operator aborted an execution."""
+
+    event_type = "execution.aborted"
+    schema_version = 1
+
+    execution_id: str
+    reason: str
+    finished_at: datetime
+
+
+@register
+class ApprovalRequested(DomainEvent):
+    """A ready step's risk tier needs approval before it is dispatched."""
+
+    event_type = "execution.approval_requested"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    risk_tier: str
+    required: int = Field(ge=1)
+    role: str
+    requested_at: datetime
+    expires_at: datetime
+
+
+@register
+class StepApproved(DomainEvent):
+    """A person approved a step waiting for approval (``approver`` is their identity)."""
+
+    event_type = "execution.step_approved"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    approver: str
+    role: str
+    reason: str
+    approved_at: datetime
+
+
+@register
+class StepRejected(DomainEvent):
+    """A step waiting for approval was rejected, by a person or by its SLA running out."""
+
+    event_type = "execution.step_rejected"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    rejected_by: str
+    reason: str
+    rejected_at: datetime
+
+
+@register
+class ApprovalEscalated(DomainEvent):
+    """A step's approval SLA ran out and the request now needs ``role``, with a new deadline."""
+
+    event_type = "execution.approval_escalated"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    role: str
+    escalated_at: datetime
+    expires_at: datetime
+
+
+@register
+class ApprovalPolicySet(DomainEvent):
+    """A tenant set the approvals each risk tier needs (``rules``: tier → rule)."""
+
+    event_type = "approval_policy.set"
+    schema_version = 1
+
+    rules: dict[str, dict[str, Any]]

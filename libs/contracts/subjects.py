@@ -7,6 +7,8 @@
 * Requests: ``mc.rpc.<service>.<method>`` (core NATS request–reply, queue group per service).
 * Replies and fetched messages: a process's own inbox, ``_INBOX.<nats user>.<unique>`` when it
   connects as a user (``_INBOX.<unique>`` otherwise).
+* Work: ``mc.work.<tenant>.<agent>``, the dispatched steps of workflow executions waiting for
+  the agent's workers (the ``MC_WORK`` work-queue stream).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ DLQ_STREAM = "MC_DLQ"
 DLQ_PREFIX = "mc.dlq"
 RPC_PREFIX = "mc.rpc"
 INBOX_PREFIX = "_INBOX"
+WORK_STREAM = "MC_WORK"
+WORK_PREFIX = "mc.work"
 
 
 def event_subject(tenant_id: str, event_type: str) -> str:
@@ -43,3 +47,8 @@ def inbox_prefix(user: str) -> str:
     """The inbox prefix of a process connected as NATS ``user``: only that user may subscribe
     under it, so nobody else can read the replies it receives."""
     return f"{INBOX_PREFIX}.{user}"
+
+
+def work_subject(tenant_id: str, agent_id: str) -> str:
+    """Where the dispatched steps of ``agent_id`` in ``tenant_id`` wait for a worker."""
+    return f"{WORK_PREFIX}.{tenant_id}.{agent_id}"

@@ -6,6 +6,10 @@
   absorbed by the consumers' applied-event records. ``allow_atomic`` lets the relay publish
   atomic batches (all or nothing, one acknowledgement each).
 * ``MC_DLQ`` keeps poison messages for 30 days for inspection and manual replay.
+* ``MC_WORK`` is a work queue: each dispatched workflow step is delivered to one worker of its
+  agent and removed when acknowledged. Its hour-long ``duplicate_window`` makes the engine's
+  re-publication of a dispatch after a crash (same ``Nats-Msg-Id``, the attempt's run id) a
+  no-op.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from libs.contracts.subjects import (
     DLQ_STREAM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
+    WORK_PREFIX,
+    WORK_STREAM,
     inbox_prefix,
 )
 
@@ -63,6 +69,19 @@ DLQ = StreamConfig(
     storage=StorageType.FILE,
     discard=DiscardPolicy.NEW,
     max_age=30 * 24 * 3600.0,
+    num_replicas=1,
+)
+
+
+WORK_DUPLICATE_WINDOW_S = 3600.0
+
+WORK = StreamConfig(
+    name=WORK_STREAM,
+    subjects=[f"{WORK_PREFIX}.>"],
+    retention=RetentionPolicy.WORK_QUEUE,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.NEW,
+    duplicate_window=WORK_DUPLICATE_WINDOW_S,
     num_replicas=1,
 )
 
@@ -142,7 +161,7 @@ async def ensure_streams(js: JetStreamContext, *, update: bool = True) -> None:
     services pass ``update=False``: a stream that exists with other settings is left for the
     relay to bring up to date.
     """
-    for cfg in (EVENTS, DLQ):
+    for cfg in (EVENTS, DLQ, WORK):
         try:
             await js.add_stream(cfg)
         except BadRequestError as exc:

@@ -17,6 +17,10 @@ Their permissions are made from the services' registrations
   and read their information; only the relay may update them. Each service may create, read,
   fetch from and acknowledge its own durable consumers and nothing else; none may delete or purge
   a stream or read another's consumer.
+* **Work queues** ``mc.work.<tenant>.<agent>`` (stream ``MC_WORK``): only the workflow-engine
+  publishes dispatched steps; only the gateway creates, fetches from and acknowledges the
+  per-agent consumers (``work-<tenant>-<agent>``) that workers take their steps through over
+  HTTP, so an agent never needs bus credentials.
 * **Replies** reach a process on its own inbox prefix ``_INBOX.<user>.``, which no other user may
   subscribe to.
 
@@ -42,6 +46,8 @@ from libs.contracts.subjects import (
     EVENTS_PREFIX,
     EVENTS_STREAM,
     RPC_PREFIX,
+    WORK_PREFIX,
+    WORK_STREAM,
     inbox_prefix,
 )
 from libs.errors import InvalidInput
@@ -56,7 +62,7 @@ RESERVED_USERS = frozenset({RELAY_USER, OPERATOR_USER})
 CREDENTIALS_DIR = "credentials"
 
 JS_API = "$JS.API"
-STREAMS = (EVENTS_STREAM, DLQ_STREAM)
+STREAMS = (EVENTS_STREAM, DLQ_STREAM, WORK_STREAM)
 # nats-server checks the password of every new connection against its hash, in the connection's
 # read loop. The cost of bcrypt protects guessable passwords; these are 256 random bits, which no
 # cost makes easier or harder to find from the hash. 2**6 rounds take ~5 ms a check; 2**10 took
@@ -110,6 +116,17 @@ def service_permissions(user: str, bus: BusAccess) -> Permissions:
     for durable in bus.consumers:
         publish += _consumer(durable)
     publish += [f"{JS_API}.CONSUMER.DELETE.{EVENTS_STREAM}.{d}" for d in bus.removes]
+    if bus.work == "dispatch":
+        publish.append(f"{WORK_PREFIX}.>")
+    elif bus.work == "take":
+        # The consumers are made per tenant and agent on first use: names not known in advance.
+        publish += [
+            f"{JS_API}.CONSUMER.CREATE.{WORK_STREAM}.>",
+            f"{JS_API}.CONSUMER.DURABLE.CREATE.{WORK_STREAM}.>",
+            f"{JS_API}.CONSUMER.INFO.{WORK_STREAM}.>",
+            f"{JS_API}.CONSUMER.MSG.NEXT.{WORK_STREAM}.>",
+            f"$JS.ACK.{WORK_STREAM}.>",
+        ]
     if bus.serves:
         # Only in the queue group: a plain subscription would get a copy of every request.
         subscribe.append(f"{RPC_PREFIX}.{bus.serves}.> {bus.serves}")

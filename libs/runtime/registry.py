@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from libs.errors import MissionControlError
 
@@ -46,6 +46,10 @@ class BusAccess:
     (``mc.dlq.<durable>``)."""
     removes: tuple[str, ...] = ()
     """Durable consumers of earlier builds it deletes at start."""
+    work: Literal["dispatch", "take"] | None = None
+    """Its part in the workflow work queues (``MC_WORK``): ``dispatch`` publishes dispatched
+    steps to ``mc.work.>`` (the workflow-engine); ``take`` holds the per-agent pull consumers
+    workers take their steps through (the gateway)."""
 
 
 class RegistrationError(MissionControlError):

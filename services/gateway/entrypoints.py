@@ -61,6 +61,19 @@ from services.gateway.schemas import (
     StepsRecordedResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
+from services.gateway.work import work_queues
+from services.gateway.workflows import (
+    DOCUMENT_BODY,
+    MAX_WAIT_S,
+    AbortExecutionRequest,
+    AgentNamePath,
+    ExecutionIdPath,
+    ExecutionStatus,
+    RegisterAgentRequest,
+    StartExecutionRequest,
+    WorkflowIdPath,
+    read_document,
+)
 
 log = structlog.get_logger("gateway")
 _tracer = trace.get_tracer("mission-control.gateway")
@@ -575,6 +588,130 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         configured = ctx.settings.admin_token
         require_admin_token(configured.get_secret_value() if configured else None, admin_token)
         return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
+
+    # -- agents, workflows and executions ---------------------------------------------------------
+
+    @router.post("/agents", status_code=201, tags=["workflows"])
+    async def register_agent(body: RegisterAgentRequest, call: Call) -> Any:
+        """Register an agent in the tenant's catalogue (registering it again changes nothing)."""
+        payload = body.model_dump()
+        return await call.answer("workflow", "register_agent", payload, status=201)
+
+    @router.post(
+        "/agents/{agent_id}/work:take",
+        tags=["workflows"],
+        responses={204: {"description": "No work arrived within `wait_s`."}},
+    )
+    async def take_work(
+        agent_id: AgentNamePath,
+        request: Request,
+        call: Call,
+        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 20.0,
+    ) -> Response:
+        """Take the agent's next dispatched step (a long poll of up to ``wait_s`` seconds).
+
+        The item names the attempt's run: ask admission for each call, record each call and
+        finish the run. An item is handed over once; a worker that loses it leaves the attempt
+        to time out, and the engine dispatches the next attempt.
+        """
+        ctx = getattr(request.app.state, "ctx", None)
+        if ctx is None:
+            raise errors.TransientError("the gateway is not started")
+        item = await work_queues(ctx.js).take(call.principal.tenant_id, agent_id, wait_s)
+        if item is None:
+            return Response(status_code=204)
+        return json_response(item)
+
+    @router.get("/agents", tags=["workflows"])
+    async def list_agents(call: Call) -> Any:
+        """The tenant's registered agents."""
+        return await call.answer("workflow", "list_agents")
+
+    @router.post("/workflows", tags=["workflows"], openapi_extra=DOCUMENT_BODY)
+    async def save_workflow(
+        request: Request,
+        call: Call,
+        base_version: Annotated[int | None, Query(ge=0)] = None,
+    ) -> Response:
+        """Validate a workflow document and save it as its workflow's next version.
+
+        Every problem is named at once: a cycle (``a → b → c → a``), a dependency on a missing
+        step, an unregistered agent. Saving a document equal to the newest version changes
+        nothing (200, ``created: false``); a new version answers 201. With ``base_version``,
+        saving fails with 409 if someone saved a newer version meanwhile.
+        """
+        payload: dict[str, Any] = {"document": await read_document(request)}
+        if base_version is not None:
+            payload["base_version"] = base_version
+        result = await call("workflow", "save_workflow", payload)
+        return Response(
+            orjson.dumps(result),
+            status_code=201 if result.get("created") else 200,
+            media_type="application/json",
+        )
+
+    @router.get("/workflows", tags=["workflows"])
+    async def list_workflows(call: Call) -> Any:
+        """The tenant's workflows, newest version of each."""
+        return await call.answer("workflow", "list_workflows")
+
+    @router.get("/workflows/{workflow_id}", tags=["workflows"])
+    async def get_workflow(
+        workflow_id: WorkflowIdPath,
+        call: Call,
+        version: Annotated[int | None, Query(ge=1)] = None,
+    ) -> Any:
+        """One version of a workflow (the newest by default) with its document."""
+        payload: dict[str, Any] = {"workflow_id": workflow_id}
+        if version is not None:
+            payload["version"] = version
+        return await call.answer("workflow", "get_workflow", payload)
+
+    @router.get("/workflows/{workflow_id}/diff", tags=["workflows"])
+    async def diff_workflow(
+        workflow_id: WorkflowIdPath,
+        call: Call,
+        from_version: Annotated[int, Query(ge=1)],
+        to_version: Annotated[int | None, Query(ge=1)] = None,
+    ) -> Any:
+        """Steps added and removed and each changed field between two versions."""
+        payload: dict[str, Any] = {"workflow_id": workflow_id, "from_version": from_version}
+        if to_version is not None:
+            payload["to_version"] = to_version
+        return await call.answer("workflow", "diff_workflow", payload)
+
+    @router.post("/workflows/{workflow_id}/executions", status_code=201, tags=["workflows"])
+    async def start_execution(
+        workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Call
+    ) -> Any:
+        """Start an execution; the steps with no dependencies are dispatched at once."""
+        payload = {"workflow_id": workflow_id, **body.model_dump(exclude_none=True)}
+        return await call.answer("workflow", "start_execution", payload, status=201)
+
+    @router.get("/executions", tags=["workflows"])
+    async def list_executions(
+        call: Call,
+        status: ExecutionStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Any:
+        """The tenant's executions, newest first."""
+        payload: dict[str, Any] = {"limit": limit}
+        if status is not None:
+            payload["status"] = status
+        return await call.answer("workflow", "list_executions", payload)
+
+    @router.get("/executions/{execution_id}", tags=["workflows"])
+    async def get_execution(execution_id: ExecutionIdPath, call: Call) -> Any:
+        """An execution: its DAG with each step's state, attempt, run and duration."""
+        return await call.answer("workflow", "get_execution", {"execution_id": execution_id})
+
+    @router.post("/executions/{execution_id}/abort", tags=["workflows"])
+    async def abort_execution(
+        execution_id: ExecutionIdPath, body: AbortExecutionRequest, call: Call
+    ) -> Any:
+        """Abort an execution: nothing more is dispatched and its running attempts' runs end."""
+        payload = {"execution_id": execution_id, "reason": body.reason}
+        return await call.answer("workflow", "abort_execution", payload)
 
     return router
 

@@ -17,5 +17,5 @@ REGISTRATION = ServiceRegistration(
     commands={"tenant": "services.gateway.cli:tenant_app"},
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.
-    bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow")),
+    bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow"), work="take"),
 )

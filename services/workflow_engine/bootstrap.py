@@ -2,36 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
+import structlog
+
+from libs.contracts.envelope import EventEnvelope
 from libs.eventbus.consumer import EventConsumer
+from libs.eventbus.db import AsyncConn
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
 from libs.runtime.service_host import ConsumerRpcService, ServiceContext, run_service
 from services.workflow_engine.entrypoints import (
     APPLIED_TABLE,
     RPC_SERVICE,
+    build_definition_rpc,
+    build_execution_rpc,
     build_rpc,
+    dispatch_consumer_spec,
+    execution_consumer_spec,
     violation_consumer_spec,
 )
-from services.workflow_engine.handlers import WorkflowHandlers
+from services.workflow_engine.execution_handlers import ExecutionHandlers, publish_work
+from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
+
+log = structlog.get_logger("workflow_engine")
+
+TICK_INTERVAL_S = 0.5
+"""How often due deadlines and retries are looked for: the slack on a step's timeout."""
 
 
 class WorkflowEngineService(ConsumerRpcService):
-    """The run aggregate's owner: ``mc.rpc.workflow.*`` and the policy-violation consumer.
+    """The run and execution aggregates' owner.
 
-    ``violation_spec`` defaults to the production consumer; tests pass one with their own durable
-    name and tenant filter.
+    It serves ``mc.rpc.workflow.*``, consumes policy violations (stopping runs), runs ending
+    (moving executions on), its own dispatches (forwarding them to the agents' work queues),
+    and ticks deadlines and retries. Tests pass consumer specs with their own durable names
+    and tenant filters.
     """
 
     name: str = "workflow-engine"
 
-    def __init__(self, violation_spec: ConsumerSpec | None = None) -> None:
+    def __init__(
+        self,
+        violation_spec: ConsumerSpec | None = None,
+        execution_spec: ConsumerSpec | None = None,
+        dispatch_spec: ConsumerSpec | None = None,
+    ) -> None:
         super().__init__()
         self.violation_spec = violation_spec or violation_consumer_spec()
+        self.execution_spec = execution_spec or execution_consumer_spec()
+        self.dispatch_spec = dispatch_spec or dispatch_consumer_spec()
         self.handlers: WorkflowHandlers | None = None
+        self.executions: ExecutionHandlers | None = None
+        self._extra: list[EventConsumer] = []
+        self._extra_tasks: list[asyncio.Task[None]] = []
 
     def wire(self, ctx: ServiceContext) -> tuple[EventConsumer, RpcServer]:
-        """The violation consumer and the run commands' routes."""
+        """The violation consumer and the routes; the execution consumers start beside them."""
         self.handlers = WorkflowHandlers(ctx.store)
+        definitions = DefinitionHandlers(ctx.store)
+        self.executions = ExecutionHandlers(ctx.store, self.handlers, definitions)
         consumer = EventConsumer(
             ctx.js,
             ctx.pool,
@@ -39,7 +70,64 @@ class WorkflowEngineService(ConsumerRpcService):
             self.handlers.on_violation,
             applied_table=APPLIED_TABLE,
         )
-        return consumer, build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
+
+        async def forward(conn: AsyncConn, env: EventEnvelope) -> None:
+            await publish_work(ctx.js, env)
+
+        self._extra = [
+            EventConsumer(
+                ctx.js,
+                ctx.pool,
+                self.execution_spec,
+                self.executions.on_run_event,
+                applied_table=APPLIED_TABLE,
+            ),
+            EventConsumer(
+                ctx.js, ctx.pool, self.dispatch_spec, forward, applied_table=APPLIED_TABLE
+            ),
+        ]
+        server = build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
+        build_definition_rpc(server, definitions)
+        build_execution_rpc(server, self.executions, ctx.pool)
+        return consumer, server
+
+    async def start(self, ctx: ServiceContext) -> None:
+        """Start the violation consumer and the routes, then the execution consumers and ticker."""
+        await super().start(ctx)
+        for extra in self._extra:
+            task = asyncio.create_task(extra.run(), name=f"{self.name}-{extra.spec.durable}")
+            self._extra_tasks.append(task)
+            ctx.tasks.append(task)
+        ticker = asyncio.create_task(self._tick_forever(ctx), name=f"{self.name}-ticker")
+        self._extra_tasks.append(ticker)
+        ctx.tasks.append(ticker)
+
+    async def _tick_forever(self, ctx: ServiceContext) -> None:
+        assert self.executions is not None
+        while True:
+            try:
+                moved = await self.executions.tick(ctx.pool)
+            except Exception as exc:
+                # The index keeps what is due: the next tick picks it up again.
+                log.warning("workflow.tick_failed", error=type(exc).__name__)
+                moved = 0
+            if not moved:
+                await asyncio.sleep(TICK_INTERVAL_S)
+
+    async def stop(self) -> None:
+        """Stop the routes and every consumer; cancel the ticker."""
+        await super().stop()
+        for extra in self._extra:
+            extra.stop()
+        for task in self._extra_tasks:
+            if task.get_name().endswith("-ticker"):
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait(set(self._extra_tasks), timeout=10)
+
+    def ready(self) -> bool:
+        """Ready once the routes and every consumer are running."""
+        return super().ready() and all(c.running for c in self._extra)
 
 
 def main() -> None:

@@ -11,12 +11,17 @@ from libs.contracts.envelope import TenantId
 from libs.contracts.events import StepStatus
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import Meta, RpcServer
+from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
+from services.workflow_engine.approvals import rules_from
+from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
-from services.workflow_engine.handlers import WorkflowHandlers
+from services.workflow_engine.execution_handlers import ExecutionHandlers
+from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 
 RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"
+EXECUTIONS_DURABLE = "workflow-executions"
+DISPATCH_DURABLE = "workflow-dispatch"
 APPLIED_TABLE = "workflow.applied_events"
 MAX_BATCH = 1000
 
@@ -31,6 +36,27 @@ def violation_consumer_spec(
     return ConsumerSpec(
         durable=durable,
         filter_subjects=(events_filter("policy.violation_detected", tenant_id),),
+    )
+
+
+def execution_consumer_spec(
+    durable: str = EXECUTIONS_DURABLE, tenant_id: str = "*"
+) -> ConsumerSpec:
+    """The durable consumer of runs ending (the attempts of workflow steps among them)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(
+            events_filter("run.completed", tenant_id),
+            events_filter("run.stopped_by_policy", tenant_id),
+        ),
+    )
+
+
+def dispatch_consumer_spec(durable: str = DISPATCH_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer that forwards dispatched attempts to the agents' work queues."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("execution.step_dispatched", tenant_id),),
     )
 
 
@@ -89,6 +115,172 @@ class GetRunRequest(_Request):
     """``get_run``."""
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
+
+
+class SaveWorkflowRequest(_Request):
+    """``save_workflow``: a workflow document (its ``name`` is the workflow id)."""
+
+    document: dict[str, Any]
+    base_version: int | None = Field(default=None, ge=0)
+
+
+class WorkflowRequest(_Request):
+    """``get_workflow``: one version (default: the newest)."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1)
+
+
+class DiffWorkflowRequest(_Request):
+    """``diff_workflow``: from one version to another (default: the newest)."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    from_version: int = Field(ge=1)
+    to_version: int | None = Field(default=None, ge=1)
+
+
+class RegisterAgentRequest(_Request):
+    """``register_agent``."""
+
+    agent_id: str = Field(pattern=NAME_PATTERN)
+    description: str = Field(default="", max_length=2000)
+
+
+def build_definition_rpc(server: RpcServer, handlers: DefinitionHandlers) -> RpcServer:
+    """Register the workflow-definition and agent-catalogue routes on ``server``."""
+
+    @server.handler("save_workflow")
+    async def save_workflow(req: SaveWorkflowRequest, meta: Meta) -> Any:
+        """Validate a workflow document and save it as its next version."""
+        doc = document_from(req.document)
+        return await handlers.save(req.tenant_id, doc, req.base_version, meta)
+
+    @server.handler("list_workflows")
+    async def list_workflows(req: _Request) -> Any:
+        """The tenant's workflows, newest version of each."""
+        return {"workflows": await handlers.list_workflows(req.tenant_id)}
+
+    @server.handler("get_workflow")
+    async def get_workflow(req: WorkflowRequest) -> Any:
+        """One version of a workflow with its document."""
+        return await handlers.get(req.tenant_id, req.workflow_id, req.version)
+
+    @server.handler("diff_workflow")
+    async def diff_workflow(req: DiffWorkflowRequest) -> Any:
+        """What changed between two versions of a workflow."""
+        return await handlers.diff(req.tenant_id, req.workflow_id, req.from_version, req.to_version)
+
+    @server.handler("register_agent")
+    async def register_agent(req: RegisterAgentRequest, meta: Meta) -> Any:
+        """Add an agent to the tenant's catalogue."""
+        return await handlers.register_agent(req.tenant_id, req.agent_id, req.description, meta)
+
+    @server.handler("list_agents")
+    async def list_agents(req: _Request) -> Any:
+        """The tenant's registered agents."""
+        return {"agents": await handlers.list_agents(req.tenant_id)}
+
+    return server
+
+
+class StartExecutionRequest(_Request):
+    """``start_execution``: run a workflow version (default: the newest) with inputs."""
+
+    workflow_id: str = Field(pattern=NAME_PATTERN)
+    version: int | None = Field(default=None, ge=1)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionRequest(_Request):
+    """``get_execution``."""
+
+    execution_id: str = Field(pattern=RUN_ID_PATTERN)
+
+
+class AbortExecutionRequest(ExecutionRequest):
+    """``abort_execution``: the reason is recorded."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ListExecutionsRequest(_Request):
+    """``list_executions``: newest first."""
+
+    status: Literal["pending", "running", "completed", "failed", "aborted"] | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class ApprovalRequest(ExecutionRequest):
+    """``approve_step`` / ``reject_step``: the gateway names the person and their role."""
+
+    step_id: str = Field(pattern=NAME_PATTERN)
+    approver: str = Field(min_length=1, max_length=200)
+    role: Literal["viewer", "operator", "approver", "admin"]
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class SetApprovalRulesRequest(_Request):
+    """``set_approval_rules``: the rule of each gated tier (``write``, ``irreversible``)."""
+
+    rules: dict[str, Any]
+
+
+def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: Any) -> RpcServer:
+    """Register the workflow-execution routes on ``server``."""
+
+    @server.handler("start_execution")
+    async def start_execution(req: StartExecutionRequest, meta: Meta) -> Any:
+        """Start an execution; its first steps are dispatched at once."""
+        return await handlers.start(req.tenant_id, req.workflow_id, req.version, req.inputs, meta)
+
+    @server.handler("get_execution")
+    async def get_execution(req: ExecutionRequest) -> Any:
+        """An execution with its steps' states."""
+        return await handlers.get(req.tenant_id, req.execution_id)
+
+    @server.handler("list_executions")
+    async def list_executions(req: ListExecutionsRequest) -> Any:
+        """The tenant's executions, newest first."""
+        found = await handlers.list_executions(req.tenant_id, req.status, req.limit, pool)
+        return {"executions": found}
+
+    @server.handler("abort_execution")
+    async def abort_execution(req: AbortExecutionRequest, meta: Meta) -> Any:
+        """Abort an execution: nothing more is dispatched and its running attempts end."""
+        return await handlers.abort(req.tenant_id, req.execution_id, req.reason, meta)
+
+    async def decide(req: ApprovalRequest, meta: RequestMeta, approve: bool) -> Any:
+        return await handlers.decide_approval(
+            req.tenant_id, req.execution_id, req.step_id, approve=approve,
+            approver=req.approver, role=req.role, reason=req.reason, meta=meta,
+        )  # fmt: skip
+
+    @server.handler("approve_step")
+    async def approve_step(req: ApprovalRequest, meta: Meta) -> Any:
+        """Approve a step waiting for approval; it is dispatched once enough people have."""
+        return await decide(req, meta, approve=True)
+
+    @server.handler("reject_step")
+    async def reject_step(req: ApprovalRequest, meta: Meta) -> Any:
+        """Reject a step waiting for approval: the execution fails with the reason."""
+        return await decide(req, meta, approve=False)
+
+    @server.handler("approval_queue")
+    async def approval_queue(req: _Request) -> Any:
+        """Steps waiting for approval, oldest first, with age and SLA."""
+        return {"approvals": await handlers.approval_queue(req.tenant_id, pool)}
+
+    @server.handler("approval_rules")
+    async def approval_rules(req: _Request) -> Any:
+        """The tenant's approval rules."""
+        return await handlers.approval_rules(req.tenant_id)
+
+    @server.handler("set_approval_rules")
+    async def set_approval_rules(req: SetApprovalRulesRequest, meta: Meta) -> Any:
+        """Set the tenant's approval rules for executions started from now on."""
+        return await handlers.set_approval_rules(req.tenant_id, rules_from(req.rules), meta)
+
+    return server
 
 
 def build_rpc(server: RpcServer, handlers: WorkflowHandlers) -> RpcServer:

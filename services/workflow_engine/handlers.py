@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import structlog
 
-from libs.contracts.envelope import EventEnvelope
+from libs.contracts.envelope import EventEnvelope, stream_id_for
 from libs.contracts.events import PolicyViolationDetected
 from libs.contracts.registry import decode
 from libs.domain.run import RUN_CATEGORY
@@ -27,10 +27,26 @@ from libs.eventbus.repository import (
     Recorded,
     Repository,
     Store,
+    fold_with,
 )
 from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
 from libs.eventbus.uow import UnitOfWork, join
+from services.workflow_engine.definitions import (
+    AGENT_CATEGORY,
+    CATALOGUE,
+    WORKFLOW_CATEGORY,
+    Catalogue,
+    RegisterAgent,
+    SaveDefinition,
+    WorkflowDocument,
+    decide_agent,
+    decide_definition,
+    diff_documents,
+    empty_catalogue,
+    evolve_catalogue,
+    summary,
+)
 from services.workflow_engine.domain import (
     FinishRun,
     RecordStep,
@@ -65,6 +81,123 @@ def _request_meta(meta: RequestMeta, agent_id: str | None = None) -> EventMeta:
     return EventMeta(
         correlation_id=meta.correlation_id, actor=actor, trace_context=meta.trace_context
     )
+
+
+def caller_meta(meta: RequestMeta) -> EventMeta:
+    """Catalogue changes are acted by the caller the gateway names (a user or an API key)."""
+    return EventMeta(
+        correlation_id=meta.correlation_id,
+        actor=meta.actor or SERVICE_ACTOR,
+        trace_context=meta.trace_context,
+    )
+
+
+def _catalogue_streams(first: str, second: str) -> Any:
+    def streams(tenant_id: str, entity_id: str) -> tuple[str, ...]:
+        return (
+            stream_id_for(tenant_id, first, entity_id),
+            stream_id_for(tenant_id, second, entity_id),
+        )
+
+    return streams
+
+
+WORKFLOWS = Aggregate[Catalogue](
+    category=WORKFLOW_CATEGORY,
+    initial=empty_catalogue,
+    fold=fold_with(evolve_catalogue),
+    streams=_catalogue_streams(WORKFLOW_CATEGORY, AGENT_CATEGORY),
+)
+"""A tenant's catalogue seen from its definitions stream (saves append there)."""
+
+AGENTS = Aggregate[Catalogue](
+    category=AGENT_CATEGORY,
+    initial=empty_catalogue,
+    fold=fold_with(evolve_catalogue),
+    streams=_catalogue_streams(AGENT_CATEGORY, WORKFLOW_CATEGORY),
+)
+"""The same catalogue seen from its agents stream (registrations append there)."""
+
+
+class DefinitionHandlers:
+    """Commands and queries of workflow definitions and the agent catalogue."""
+
+    def __init__(self, store: Store, *, max_retries: int = 3):
+        self.workflows = Repository(store, WORKFLOWS, cache_size=1_000, max_retries=max_retries)
+        self.agents = Repository(store, AGENTS, cache_size=1_000, max_retries=max_retries)
+
+    async def save(
+        self,
+        tenant_id: str,
+        document: WorkflowDocument,
+        base_version: int | None,
+        meta: RequestMeta,
+    ) -> dict[str, Any]:
+        """Validate and save ``document`` as its workflow's next version.
+
+        ``created`` is False when the document equals the newest version (nothing was saved).
+        """
+        cmd = SaveDefinition(document=document, base_version=base_version)
+        state, stored = await self.workflows.execute(
+            tenant_id, CATALOGUE, partial(decide_definition, command=cmd), caller_meta(meta)
+        )
+        newest = state.version(document.name)
+        return {
+            "workflow_id": document.name,
+            "version": newest.version,
+            "document_hash": newest.document_hash,
+            "created": bool(stored),
+        }
+
+    async def register_agent(
+        self, tenant_id: str, agent_id: str, description: str, meta: RequestMeta
+    ) -> dict[str, Any]:
+        """Add ``agent_id`` to the tenant's catalogue (idempotent)."""
+        cmd = RegisterAgent(agent_id=agent_id, description=description)
+        _, stored = await self.agents.execute(
+            tenant_id, CATALOGUE, partial(decide_agent, command=cmd), caller_meta(meta)
+        )
+        return {"agent_id": agent_id, "registered": bool(stored)}
+
+    async def catalogue(self, tenant_id: str) -> Catalogue:
+        """The tenant's catalogue, caught up with the store."""
+        return await self.workflows.load(tenant_id, CATALOGUE)
+
+    async def list_workflows(self, tenant_id: str) -> list[dict[str, Any]]:
+        """Every workflow of the tenant, newest version of each, by name."""
+        cat = await self.catalogue(tenant_id)
+        return [summary(name, versions) for name, versions in sorted(cat.workflows.items())]
+
+    async def list_agents(self, tenant_id: str) -> list[dict[str, Any]]:
+        """The tenant's registered agents, by id."""
+        cat = await self.catalogue(tenant_id)
+        return [{"agent_id": a, "description": d} for a, d in sorted(cat.agents.items())]
+
+    async def get(self, tenant_id: str, workflow_id: str, version: int | None) -> dict[str, Any]:
+        """One version of a workflow (the newest by default), with every version's number."""
+        cat = await self.catalogue(tenant_id)
+        found = cat.version(workflow_id, version)
+        return {
+            "workflow_id": workflow_id,
+            "version": found.version,
+            "versions": [v.version for v in cat.versions(workflow_id)],
+            "document_hash": found.document_hash,
+            "document": found.document.content(),
+        }
+
+    async def diff(
+        self, tenant_id: str, workflow_id: str, from_version: int, to_version: int | None
+    ) -> dict[str, Any]:
+        """What changed from ``from_version`` to ``to_version`` (default: the newest)."""
+        cat = await self.catalogue(tenant_id)
+        before = cat.version(workflow_id, from_version)
+        after = cat.version(workflow_id, to_version)
+        return {
+            "workflow_id": workflow_id,
+            "from_version": before.version,
+            "to_version": after.version,
+            **diff_documents(before.document, after.document),
+        }
 
 
 class WorkflowHandlers:

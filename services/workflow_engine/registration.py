@@ -8,5 +8,9 @@ REGISTRATION = ServiceRegistration(
     name="workflow-engine",
     module="services.workflow_engine",
     migrations=Path(__file__).parent / "migrations",
-    bus=BusAccess(serves="workflow", consumers=("workflow-violations",)),
+    bus=BusAccess(
+        serves="workflow",
+        consumers=("workflow-violations", "workflow-executions", "workflow-dispatch"),
+        work="dispatch",
+    ),
 )

@@ -405,3 +405,31 @@ async def test_a_violation_stops_the_run_at_its_step_exactly_once(
     types = [e.event_type for e in await _events(pool, tenant, run_id)]
     assert types.count("run.stopped_by_policy") == 1
     assert consumer.stats.dead_lettered == 0
+
+
+async def test_workflow_definitions_over_the_bus(
+    workflow: WorkflowEngineService, tenant: str
+) -> None:
+    await _call(workflow, "register_agent", tenant, agent_id="fetcher")
+    document = {
+        "name": "triage",
+        "steps": [
+            {"id": "fetch", "agent": "fetcher"},
+            {"id": "act", "agent": "fetcher", "depends_on": ["fetch"]},
+        ],
+    }
+    saved = await _call(workflow, "save_workflow", tenant, document=document)
+    assert (saved["version"], saved["created"]) == (1, True)
+    fetch, act = document["steps"]
+    cyclic = {**document, "steps": [{**fetch, "depends_on": ["act"]}, act]}
+    with pytest.raises(InvalidInput, match=r"cycle: (act → fetch → act|fetch → act → fetch)"):
+        await _call(workflow, "save_workflow", tenant, document=cyclic)
+    unknown = {**document, "steps": [{"id": "x", "agent": "nobody"}]}
+    with pytest.raises(InvalidInput, match="agent 'nobody'"):
+        await _call(workflow, "save_workflow", tenant, document=unknown)
+    listed = await _call(workflow, "list_workflows", tenant)
+    assert [w["workflow_id"] for w in listed["workflows"]] == ["triage"]
+    got = await _call(workflow, "get_workflow", tenant, workflow_id="triage")
+    assert got["document"]["steps"][1]["depends_on"] == ["fetch"]
+    with pytest.raises(NotFound):
+        await _call(workflow, "get_workflow", "someone-else", workflow_id="triage")

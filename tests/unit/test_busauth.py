@@ -30,6 +30,7 @@ from services.incident.entrypoints import RPC_SERVICE as INCIDENT_RPC
 from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
 from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW_RPC
+from services.workflow_engine.entrypoints import DISPATCH_DURABLE, EXECUTIONS_DURABLE
 from services.workflow_engine.entrypoints import VIOLATIONS_DURABLE as WORKFLOW_DURABLE
 
 pytestmark = pytest.mark.unit
@@ -43,8 +44,11 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     """A consumer or route the registration leaves out would be refused by the server."""
     regs = _by_name()
     assert regs["workflow-engine"].bus == BusAccess(
-        serves=WORKFLOW_RPC, consumers=(WORKFLOW_DURABLE,)
+        serves=WORKFLOW_RPC,
+        consumers=(WORKFLOW_DURABLE, EXECUTIONS_DURABLE, DISPATCH_DURABLE),
+        work="dispatch",
     )
+    assert regs["gateway"].bus.work == "take"
     assert regs["incident"].bus == BusAccess(serves=INCIDENT_RPC, consumers=(INCIDENT_DURABLE,))
     assert regs["cost"].bus == BusAccess(serves="cost", consumers=(COST_CONSUMER,))
     assert regs["policy-admission"].bus == BusAccess(serves=ADMISSION_RPC)
@@ -64,6 +68,15 @@ def test_only_the_gateway_sends_requests_and_it_reaches_every_service() -> None:
     perms = bus_permissions(tuple(regs.values()))
     senders = [u for u, p in perms.items() if any(s.startswith("mc.rpc.") for s in p.publish)]
     assert senders == ["gateway"]
+
+
+def test_only_the_engine_dispatches_work_and_only_the_gateway_takes_it() -> None:
+    perms = bus_permissions(discover())
+    for user, p in perms.items():
+        dispatches = [s for s in p.publish if s.startswith("mc.work")]
+        assert dispatches == (["mc.work.>"] if user == "workflow-engine" else []), user
+        takes = [s for s in p.publish if "MSG.NEXT.MC_WORK" in s]
+        assert bool(takes) == (user == "gateway"), user
 
 
 def test_only_the_relay_publishes_events_and_nobody_deletes_or_updates_a_stream() -> None:

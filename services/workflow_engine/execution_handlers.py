@@ -1,0 +1,421 @@
+"""The execution process manager's handlers: start, react to runs ending, tick, abort, dispatch.
+
+Every change to an execution is one transaction that appends the execution's events, starts the
+governed run of each attempt it dispatches, ends the runs of attempts it gives up on, and
+updates the engine's index row (``workflow.executions``: status and next wake-up). So whatever
+moment the engine dies at, the store and the index agree, and a restarted engine resumes from
+them:
+
+* a run that ended while the engine was down is still in its durable consumer;
+* a deadline or retry that fell due meanwhile is found by the ticker in the index;
+* a dispatch whose work item was not yet published is still in the dispatch consumer, and
+  publishing it again is a no-op: the work item's ``Nats-Msg-Id`` is the attempt's run id, and
+  ``MC_WORK`` drops duplicates within an hour.
+
+No attempt is dispatched twice: a dispatch is an event appended under the execution stream's
+expected version, so two engines (or a retried command) cannot both append it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from datetime import datetime
+from functools import partial
+from typing import Any, Literal
+
+import orjson
+import structlog
+from nats.js import JetStreamContext
+
+from libs.contracts.envelope import EventEnvelope, new_uuid7, utcnow
+from libs.contracts.events import (
+    ExecutionAborted,
+    ExecutionCompleted,
+    ExecutionFailed,
+    RunCompleted,
+    RunStoppedByPolicy,
+    StepAttemptFailed,
+    StepDispatched,
+)
+from libs.contracts.registry import decode
+from libs.contracts.subjects import work_subject
+from libs.errors import Conflict, NotFound
+from libs.eventbus.db import AsyncConn, transaction
+from libs.eventbus.repository import Aggregate, EventMeta, Repository, Store, fold_with
+from libs.eventbus.rpc import RequestMeta
+from libs.eventbus.store import EventStore
+from libs.eventbus.uow import UnitOfWork, begin, join
+from services.workflow_engine.approvals import (
+    APPROVAL_POLICY_CATEGORY,
+    CURRENT,
+    ApprovalPolicy,
+    ApprovalRules,
+    decide_policy,
+    empty_policy,
+    evolve_policy,
+)
+from services.workflow_engine.domain import FinishRun, StartRun
+from services.workflow_engine.domain import decide as decide_run
+from services.workflow_engine.executions import (
+    EXECUTION_CATEGORY,
+    Abort,
+    Approve,
+    AttemptEnded,
+    Command,
+    Execution,
+    Reject,
+    StartExecution,
+    Tick,
+    decide,
+    empty_execution,
+    evolve,
+    parse_attempt_run_id,
+    running_attempts,
+    wake_at,
+)
+from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers, caller_meta
+
+log = structlog.get_logger("workflow_engine.executions")
+
+ENGINE_ACTOR = "service:workflow-engine"
+
+
+EXECUTION = Aggregate[Execution](
+    category=EXECUTION_CATEGORY, initial=empty_execution, fold=fold_with(evolve)
+)
+"""The execution aggregate: ``<tenant>/execution/<execution_id>``."""
+
+APPROVAL_POLICY = Aggregate[ApprovalPolicy](
+    category=APPROVAL_POLICY_CATEGORY, initial=empty_policy, fold=fold_with(evolve_policy)
+)
+"""A tenant's approval rules: ``<tenant>/approval_policy/current``."""
+
+
+def work_item(env: EventEnvelope, event: StepDispatched) -> bytes:
+    """What a worker receives for one dispatched attempt."""
+    return orjson.dumps(
+        {
+            "tenant_id": env.tenant_id,
+            "execution_id": event.execution_id,
+            "workflow_id": event.workflow_id,
+            "step_id": event.step_id,
+            "attempt": event.attempt,
+            "run_id": event.run_id,
+            "agent_id": event.agent_id,
+            "inputs": event.inputs,
+            "risk_tier": event.risk_tier,
+            "deadline_at": event.deadline_at.isoformat(),
+            "correlation_id": env.correlation_id,
+        }
+    )
+
+
+class ExecutionHandlers:
+    """Commands, queries and reactions of workflow executions."""
+
+    def __init__(
+        self,
+        store: Store,
+        runs: WorkflowHandlers,
+        definitions: DefinitionHandlers,
+        *,
+        max_retries: int = 3,
+    ) -> None:
+        self.store = store
+        self.runs = runs.runs
+        self.definitions = definitions
+        self.executions = Repository(store, EXECUTION, cache_size=10_000, max_retries=max_retries)
+        self.policies = Repository(
+            store, APPROVAL_POLICY, cache_size=1_000, max_retries=max_retries
+        )
+
+    # --- the one path every change takes -----------------------------------------------------
+
+    async def _apply(
+        self,
+        uow: UnitOfWork,
+        tenant_id: str,
+        execution_id: str,
+        command: Command,
+        meta: EventMeta,
+    ) -> tuple[Execution, list[EventEnvelope]]:
+        state, stored = await self.executions.execute(
+            tenant_id, execution_id, partial(decide, command=command), meta, uow=uow
+        )
+        if not stored:
+            return state, stored
+        events = [decode(e) for e in stored]
+        run_meta = EventMeta(
+            correlation_id=meta.correlation_id,
+            actor=ENGINE_ACTOR,
+            trace_context=meta.trace_context,
+        )
+        for event in events:
+            if isinstance(event, StepDispatched):
+                start = StartRun(
+                    run_id=event.run_id,
+                    agent_id=event.agent_id,
+                    labels={
+                        "execution_id": event.execution_id,
+                        "workflow_id": event.workflow_id,
+                        "step_id": event.step_id,
+                        "attempt": str(event.attempt),
+                    },
+                )
+                await self.runs.execute(
+                    tenant_id, event.run_id, partial(decide_run, command=start), run_meta, uow=uow
+                )
+        for event in events:
+            if isinstance(event, StepAttemptFailed):
+                # A timed-out attempt's run is ended, so a late worker cannot go on with it.
+                await self._end_run(uow, tenant_id, event.run_id, event.reason, run_meta)
+        if any(isinstance(e, ExecutionAborted | ExecutionFailed) for e in events):
+            # Ending the runs of attempts still out is the cancellation: admission refuses any
+            # further step of an ended run, so the agent cannot carry on.
+            reason = state.reason or "the execution ended"
+            for _, run_id in running_attempts(state):
+                await self._end_run(uow, tenant_id, run_id, reason, run_meta)
+        if any(isinstance(e, ExecutionCompleted) for e in events):
+            log.info("execution.completed", execution_id=execution_id)
+        await self._index(uow, state)
+        return state, stored
+
+    async def _end_run(
+        self, uow: UnitOfWork, tenant_id: str, run_id: str, reason: str, meta: EventMeta
+    ) -> None:
+        finish = FinishRun(run_id=run_id, status="failed", reason=reason)
+        with contextlib.suppress(Conflict):  # it ended on its own meanwhile
+            await self.runs.execute(
+                tenant_id, run_id, partial(decide_run, command=finish), meta, uow=uow
+            )
+
+    async def _index(self, uow: UnitOfWork, state: Execution) -> None:
+        conn = uow.conn
+        if conn is None:  # the in-memory twin has no tables
+            return
+        # The approval queue: this execution's steps waiting for people, as they are now.
+        await conn.execute(
+            "DELETE FROM workflow.approval_queue WHERE tenant_id = %s AND execution_id = %s",
+            (state.tenant_id, state.execution_id),
+        )
+        for step_id, run in state.steps.items():
+            if state.status in ("completed", "failed", "aborted") or not run.awaiting_approval:
+                continue
+            await conn.execute(
+                "INSERT INTO workflow.approval_queue (tenant_id, execution_id, step_id,"
+                " workflow_id, risk_tier, required, approvals, role, requested_at, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    state.tenant_id, state.execution_id, step_id, state.workflow_id,
+                    state.spec(step_id).risk_tier, run.approval_required, len(run.approvers),
+                    run.approval_role, run.approval_requested_at, run.approval_expires_at,
+                ),
+            )  # fmt: skip
+        terminal = state.status in ("completed", "failed", "aborted")
+        await conn.execute(
+            "INSERT INTO workflow.executions (tenant_id, execution_id, workflow_id,"
+            " workflow_version, status, started_at, finished_at, wake_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (tenant_id, execution_id) DO UPDATE SET status = EXCLUDED.status,"
+            " finished_at = EXCLUDED.finished_at, wake_at = EXCLUDED.wake_at",
+            (
+                state.tenant_id,
+                state.execution_id,
+                state.workflow_id,
+                state.workflow_version,
+                state.status,
+                state.started_at,
+                state.finished_at if terminal else None,
+                wake_at(state),
+            ),
+        )
+
+    # --- commands ------------------------------------------------------------------------------
+
+    async def start(
+        self,
+        tenant_id: str,
+        workflow_id: str,
+        version: int | None,
+        inputs: Mapping[str, Any],
+        meta: RequestMeta,
+    ) -> dict[str, Any]:
+        """Start an execution of a workflow version (the newest by default)."""
+        catalogue = await self.definitions.catalogue(tenant_id)
+        found = catalogue.version(workflow_id, version)
+        policy = await self.policies.load(tenant_id, CURRENT)
+        execution_id = str(new_uuid7())
+        cmd = StartExecution(
+            document=found.document,
+            workflow_version=found.version,
+            document_hash=found.document_hash,
+            inputs=dict(inputs),
+            now=utcnow(),
+            approvals=policy.rules,
+        )
+        async with self._unit() as uow:
+            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, caller_meta(meta))
+        return state.to_dict()
+
+    async def abort(
+        self, tenant_id: str, execution_id: str, reason: str, meta: RequestMeta
+    ) -> dict[str, Any]:
+        """Abort a running execution."""
+        await self._require(tenant_id, execution_id)
+        async with self._unit() as uow:
+            state, _ = await self._apply(
+                uow, tenant_id, execution_id, Abort(reason=reason, now=utcnow()), caller_meta(meta)
+            )
+        return state.to_dict()
+
+    async def decide_approval(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        step_id: str,
+        *,
+        approve: bool,
+        approver: str,
+        role: str,
+        reason: str,
+        meta: RequestMeta,
+    ) -> dict[str, Any]:
+        """Approve or reject a step waiting for approval, as ``approver`` holding ``role``."""
+        await self._require(tenant_id, execution_id)
+        kind = Approve if approve else Reject
+        cmd = kind(step_id=step_id, approver=approver, role=role, reason=reason, now=utcnow())
+        actor = EventMeta(
+            correlation_id=meta.correlation_id, actor=approver, trace_context=meta.trace_context
+        )
+        async with self._unit() as uow:
+            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, actor)
+        return state.to_dict()
+
+    async def set_approval_rules(
+        self, tenant_id: str, rules: ApprovalRules, meta: RequestMeta
+    ) -> dict[str, Any]:
+        """Set the tenant's approval rules (executions started from now on follow them)."""
+        state, _ = await self.policies.execute(
+            tenant_id, CURRENT, partial(decide_policy, rules=rules), caller_meta(meta)
+        )
+        return {"version": state.version, "rules": state.rules.content()}
+
+    async def approval_rules(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant's approval rules (the defaults until it sets its own)."""
+        state = await self.policies.load(tenant_id, CURRENT)
+        return {"version": state.version, "rules": state.rules.content()}
+
+    async def approval_queue(self, tenant_id: str, pool: Any) -> list[dict[str, Any]]:
+        """Steps waiting for approval, oldest first, with their age and time left."""
+        async with transaction(pool) as conn:
+            cur = await conn.execute(
+                "SELECT execution_id, step_id, workflow_id, risk_tier, required, approvals, role,"
+                " requested_at, expires_at,"
+                " extract(epoch FROM now() - requested_at) AS age_s,"
+                " extract(epoch FROM expires_at - now()) AS sla_left_s"
+                " FROM workflow.approval_queue WHERE tenant_id = %s ORDER BY requested_at",
+                (tenant_id,),
+            )
+            rows = await cur.fetchall()
+        return [
+            {
+                **r,
+                "requested_at": r["requested_at"].isoformat(),
+                "expires_at": r["expires_at"].isoformat(),
+                "age_s": round(float(r["age_s"]), 3),
+                "sla_left_s": round(float(r["sla_left_s"]), 3),
+            }
+            for r in rows
+        ]
+
+    # --- queries -------------------------------------------------------------------------------
+
+    async def _require(self, tenant_id: str, execution_id: str) -> Execution:
+        state = await self.executions.load(tenant_id, execution_id)
+        if not state.exists:
+            raise NotFound(f"execution {execution_id} not found")
+        return state
+
+    async def get(self, tenant_id: str, execution_id: str) -> dict[str, Any]:
+        """An execution with its DAG's step states."""
+        return (await self._require(tenant_id, execution_id)).to_dict()
+
+    async def list_executions(
+        self, tenant_id: str, status: str | None, limit: int, pool: Any
+    ) -> list[dict[str, Any]]:
+        """The tenant's executions, newest first."""
+        async with transaction(pool) as conn:
+            cur = await conn.execute(
+                "SELECT execution_id, workflow_id, workflow_version, status, started_at,"
+                " finished_at FROM workflow.executions WHERE tenant_id = %s"
+                " AND (%s::text IS NULL OR status = %s)"
+                " ORDER BY started_at DESC, execution_id DESC LIMIT %s",
+                (tenant_id, status, status, limit),
+            )
+            rows = await cur.fetchall()
+        return [
+            {
+                **r,
+                "started_at": r["started_at"].isoformat(),
+                "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+            }
+            for r in rows
+        ]
+
+    # --- reactions -----------------------------------------------------------------------------
+
+    async def on_run_event(self, conn: AsyncConn, env: EventEnvelope) -> None:
+        """``EventConsumer`` handler: an attempt's run ended (others are ignored)."""
+        event = decode(env)
+        outcome: Literal["completed", "failed", "stopped"]
+        if isinstance(event, RunCompleted):
+            run_id, outcome, reason = event.run_id, event.status, event.reason
+        elif isinstance(event, RunStoppedByPolicy):
+            run_id, outcome, reason = event.run_id, "stopped", event.reason
+        else:
+            return
+        parsed = parse_attempt_run_id(run_id)
+        if parsed is None:
+            return
+        if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
+            raise TypeError("the execution consumer needs the PostgreSQL event store")
+        cmd = AttemptEnded(run_id=run_id, outcome=outcome, reason=reason, now=utcnow())
+        await self._apply(
+            join(self.store, conn), env.tenant_id, parsed[0], cmd,
+            EventMeta.caused_by(env, ENGINE_ACTOR),
+        )  # fmt: skip
+
+    async def tick(self, pool: Any, now: datetime | None = None, limit: int = 100) -> int:
+        """Move every execution whose deadline or retry is due; the number moved."""
+        now = now or utcnow()
+        async with transaction(pool) as conn:
+            cur = await conn.execute(
+                "SELECT tenant_id, execution_id FROM workflow.executions"
+                " WHERE wake_at IS NOT NULL AND wake_at <= %s ORDER BY wake_at LIMIT %s",
+                (now, limit),
+            )
+            due = await cur.fetchall()
+        for row in due:
+            tenant_id, execution_id = row["tenant_id"], row["execution_id"]
+            meta = EventMeta(correlation_id=str(new_uuid7()), actor=ENGINE_ACTOR)
+            async with self._unit() as uow:
+                await self._apply(uow, tenant_id, execution_id, Tick(now=now), meta)
+        return len(due)
+
+    def _unit(self) -> Any:
+        if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
+            raise TypeError("executions need the PostgreSQL event store")
+        return begin(self.store)
+
+
+async def publish_work(js: JetStreamContext, env: EventEnvelope) -> None:
+    """Hand a dispatched attempt to its agent's work queue (idempotent per attempt)."""
+    event = decode(env)
+    if not isinstance(event, StepDispatched):
+        return
+    await js.publish(
+        work_subject(env.tenant_id, event.agent_id),
+        work_item(env, event),
+        headers={"Nats-Msg-Id": event.run_id, "Mc-Correlation-Id": env.correlation_id},
+    )

@@ -1,0 +1,253 @@
+"""Workflow executions on real NATS and PostgreSQL: dispatch through work queues, retries,
+timeouts, aborts, and the index a restarted engine resumes from."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig
+from psycopg_pool import AsyncConnectionPool
+
+from libs.contracts import stream_id_for
+from libs.contracts.subjects import WORK_STREAM, work_subject
+from libs.errors import Conflict, Forbidden
+from libs.eventbus.db import open_pool
+from libs.eventbus.jetstream import connect, ensure_streams
+from libs.eventbus.relay import Relay
+from libs.eventbus.rpc import RpcClient
+from libs.eventbus.store import EventStore
+from libs.runtime.service_host import ServiceContext
+from libs.settings import get_settings
+from services.workflow_engine.bootstrap import WorkflowEngineService
+from services.workflow_engine.entrypoints import (
+    dispatch_consumer_spec,
+    execution_consumer_spec,
+    violation_consumer_spec,
+)
+from tests.conftest import System, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def pool(own_system: System) -> AsyncIterator[AsyncConnectionPool]:
+    pool = await open_pool(own_system.service_url, max_size=8)
+    yield pool
+    await pool.close()
+
+
+# Its own servers: executions move only when their events come back through the relay, and a
+# relay on the shared session system would republish every other test's events.
+@pytest.fixture
+async def engine(
+    own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
+) -> AsyncIterator[WorkflowEngineService]:
+    nc = await connect(own_system.nats_url, "test-executions")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    relay = Relay(own_system.service_url, js, name=unique("relay-"), idle_wait=0.2)
+    relay_task = asyncio.create_task(relay.run(), name=unique("executions-relay-"))
+    specs = (
+        violation_consumer_spec(durable=unique("v-"), tenant_id=tenant),
+        execution_consumer_spec(durable=unique("x-"), tenant_id=tenant),
+        dispatch_consumer_spec(durable=unique("d-"), tenant_id=tenant),
+    )
+    svc = WorkflowEngineService(*specs)
+    await svc.start(ServiceContext.wire(svc.name, get_settings(), nc, pool))
+    await wait_until(svc.ready, what="workflow-engine ready")
+    yield svc
+    await svc.stop()
+    relay.stop()
+    await asyncio.wait_for(relay_task, 10)
+    await nc.close()
+
+
+async def call(svc: WorkflowEngineService, method: str, tenant: str, **body: Any) -> Any:
+    assert svc.ctx is not None
+    return await RpcClient(svc.ctx.nc).call("workflow", method, {"tenant_id": tenant, **body})
+
+
+class Queue:
+    """An agent's work queue, read as a worker would."""
+
+    def __init__(self, nc: NATS, tenant: str, agent: str) -> None:
+        self.nc, self.tenant, self.agent = nc, tenant, agent
+        self.sub: Any = None
+
+    async def open(self) -> Queue:
+        js = self.nc.jetstream()
+        durable = f"w-{self.tenant}-{self.agent}"
+        await js.add_consumer(
+            WORK_STREAM,
+            ConsumerConfig(
+                durable_name=durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                filter_subject=work_subject(self.tenant, self.agent),
+            ),
+        )
+        self.sub = await js.pull_subscribe_bind(durable, stream=WORK_STREAM)
+        return self
+
+    async def take(self, n: int, timeout: float = 15) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        loop_deadline = timeout
+        while len(got) < n and loop_deadline > 0:
+            try:
+                msgs = await self.sub.fetch(n - len(got), timeout=1)
+            except NatsTimeout:
+                loop_deadline -= 1
+                continue
+            for m in msgs:
+                await m.ack()
+                got.append(orjson.loads(m.data))
+        assert len(got) == n, f"expected {n} work items, got {got}"
+        return got
+
+    async def nothing_more(self) -> bool:
+        try:
+            msgs = await self.sub.fetch(1, timeout=1)
+        except NatsTimeout:
+            return True
+        return not msgs
+
+
+DOC = {
+    "name": "fanout",
+    "steps": [
+        {"id": "a", "agent": "bot"},
+        {"id": "b", "agent": "bot", "depends_on": ["a"]},
+        {"id": "c", "agent": "bot", "depends_on": ["a"]},
+        {"id": "d", "agent": "bot", "depends_on": ["b", "c"], "risk_tier": "write"},
+    ],
+}
+
+
+async def setup_workflow(svc: WorkflowEngineService, tenant: str, doc: dict[str, Any]) -> None:
+    await call(svc, "register_agent", tenant, agent_id="bot")
+    await call(svc, "save_workflow", tenant, document=doc)
+
+
+async def finish(svc: WorkflowEngineService, tenant: str, run_id: str, status: str) -> None:
+    await call(svc, "finish_run", tenant, run_id=run_id, status=status, reason="worker said so")
+
+
+async def test_a_dag_runs_each_step_once_through_the_work_queue(
+    engine: WorkflowEngineService, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    assert engine.ctx is not None
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    await setup_workflow(engine, tenant, DOC)
+    started = await call(engine, "start_execution", tenant, workflow_id="fanout", inputs={"k": 1})
+    eid = started["execution_id"]
+    assert started["status"] == "running"
+
+    (a,) = await queue.take(1)
+    assert (a["step_id"], a["attempt"], a["inputs"]) == ("a", 1, {"k": 1})
+    await finish(engine, tenant, a["run_id"], "completed")
+    b, c = sorted(await queue.take(2), key=lambda i: i["step_id"])
+    assert (b["step_id"], c["step_id"]) == ("b", "c")
+    await finish(engine, tenant, b["run_id"], "completed")
+    await finish(engine, tenant, c["run_id"], "completed")
+    (d,) = await queue.take(1)
+    assert d["risk_tier"] == "write"
+    await finish(engine, tenant, d["run_id"], "completed")
+
+    async def completed() -> bool:
+        got = await call(engine, "get_execution", tenant, execution_id=eid)
+        return bool(got["status"] == "completed")
+
+    await wait_until(completed, what="execution completed")
+    assert await queue.nothing_more()
+    events = await EventStore(pool).read_stream(stream_id_for(tenant, "execution", eid))
+    dispatched = [e.payload["run_id"] for e in events if e.event_type.endswith("dispatched")]
+    assert sorted(dispatched) == sorted(f"{eid}:{s}:1" for s in "abcd")
+    listed = await call(engine, "list_executions", tenant)
+    assert [x["status"] for x in listed["executions"]] == ["completed"]
+    # Each attempt is a governed run of its agent, labelled with its execution.
+    run = await call(engine, "get_run", tenant, run_id=a["run_id"])
+    assert run["agent_id"] == "bot" and run["labels"]["execution_id"] == eid
+
+
+async def test_a_failed_attempt_is_retried_and_a_timed_out_one_is_ended(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    doc = {
+        "name": "flaky",
+        "steps": [{"id": "s", "agent": "bot", "retries": 2, "retry_backoff_s": 0, "timeout_s": 1}],
+    }
+    await setup_workflow(engine, tenant, doc)
+    eid = (await call(engine, "start_execution", tenant, workflow_id="flaky"))["execution_id"]
+    (first,) = await queue.take(1)
+    await finish(engine, tenant, first["run_id"], "failed")
+    (second,) = await queue.take(1)
+    assert second["attempt"] == 2
+    # Nobody finishes the second attempt: its deadline fails it and the third goes out.
+    (third,) = await queue.take(1, timeout=20)
+    assert third["attempt"] == 3
+    late = await call(engine, "get_run", tenant, run_id=second["run_id"])
+    assert late["status"] == "failed"  # ended by the engine, so a late worker cannot go on
+    await finish(engine, tenant, third["run_id"], "completed")
+
+    async def completed() -> bool:
+        got = await call(engine, "get_execution", tenant, execution_id=eid)
+        return bool(got["status"] == "completed")
+
+    await wait_until(completed, what="execution completed after retries")
+
+
+async def test_abort_ends_the_running_attempts_runs(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    await setup_workflow(engine, tenant, DOC)
+    eid = (await call(engine, "start_execution", tenant, workflow_id="fanout"))["execution_id"]
+    (a,) = await queue.take(1)
+    aborted = await call(engine, "abort_execution", tenant, execution_id=eid, reason="wrong input")
+    assert aborted["status"] == "aborted"
+    run = await call(engine, "get_run", tenant, run_id=a["run_id"])
+    assert run["status"] == "failed"
+    assert await queue.nothing_more()
+
+
+async def test_an_irreversible_step_waits_in_the_approval_queue_until_approved(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    rules = {"irreversible": {"required": 2, "role": "approver", "sla_s": 600}}
+    set_ = await call(engine, "set_approval_rules", tenant, rules=rules)
+    assert set_["rules"]["irreversible"]["required"] == 2
+    doc = {"name": "payout", "steps": [{"id": "pay", "agent": "bot", "risk_tier": "irreversible"}]}
+    await setup_workflow(engine, tenant, doc)
+    eid = (await call(engine, "start_execution", tenant, workflow_id="payout"))["execution_id"]
+    assert await queue.nothing_more()
+    (waiting,) = (await call(engine, "approval_queue", tenant))["approvals"]
+    assert (waiting["execution_id"], waiting["step_id"], waiting["required"]) == (eid, "pay", 2)
+    assert 0 < waiting["sla_left_s"] <= 600
+
+    async def approve(who: str, role: str) -> Any:
+        return await call(
+            engine, "approve_step", tenant, execution_id=eid, step_id="pay",
+            approver=who, role=role, reason="checked the amount",
+        )  # fmt: skip
+
+    with pytest.raises(Forbidden, match="needs the role approver"):
+        await approve("user:olga", "operator")
+    await approve("user:ann", "approver")
+    assert await queue.nothing_more()
+    with pytest.raises(Conflict, match="already approved"):
+        await approve("user:ann", "approver")
+    after = await approve("user:bob", "admin")
+    assert after["steps"][0]["approval"]["approvers"] == ["user:ann", "user:bob"]
+    (item,) = await queue.take(1)
+    assert item["step_id"] == "pay"
+    assert (await call(engine, "approval_queue", tenant))["approvals"] == []
