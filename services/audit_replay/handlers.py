@@ -661,7 +661,7 @@ def inbox_item(data: bytes) -> InboxItem | None:
     try:
         d = orjson.loads(data)
         event_type = d["event_type"]
-        if schema.INBOX_EVENT_TYPES.get(event_type) != d["schema_version"]:
+        if d["schema_version"] not in schema.INBOX_EVENT_TYPES.get(event_type, ()):
             return None
         position = d["position"]
         tenant_id, stream_id = d["tenant_id"], d["stream_id"]

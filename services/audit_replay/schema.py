@@ -31,8 +31,12 @@ INBOX_FORMAT_SETTINGS = {
     "input_format_skip_unknown_fields": 1,
 }
 """Settings of an insert into the inbox."""
-INBOX_EVENT_TYPES = {"run.step_recorded": 1, "cost.recorded": 1}
-"""The event types (and the schema version) the inbox views turn into rows."""
+INBOX_EVENT_TYPES: dict[str, frozenset[int]] = {
+    "run.step_recorded": frozenset({1, 2}),
+    "cost.recorded": frozenset({1}),
+}
+"""The event types (and the schema versions) the inbox views turn into rows (run.step_recorded
+v2 only adds ``irregularities``, which no step row reads)."""
 _TS = "parseDateTime64BestEffort(occurred_at, 6, 'UTC') AS occurred_at"
 _TRACEPARENT = "JSONExtract(trace_context, 'traceparent', 'Nullable(String)')"
 # The same rows as ``domain.rows``: event_row, step_row and cost_row.

@@ -151,7 +151,9 @@ def test_only_known_bulk_envelopes_take_the_inbox() -> None:
     assert cost_item is not None and cost_item.step is None
     decided = next(e for e in envs if e.event_type == "admission.decided")
     assert inbox_item(message_for(_store_row(decided))[1]) is None
-    newer = step.model_copy(update={"schema_version": 2})
+    older = step.model_copy(update={"schema_version": 1})  # before irregularities: same rows
+    assert inbox_item(message_for(_store_row(older))[1]) is not None
+    newer = step.model_copy(update={"schema_version": 3})
     assert inbox_item(message_for(_store_row(newer))[1]) is None
     assert inbox_item(b"not json") is None
     assert inbox_item(b'{"event_type": "run.step_recorded", "schema_version": 1}') is None
