@@ -62,6 +62,11 @@ INBOX_STEP_ROW = (
     f"JSONExtract(payload, 'error', 'Nullable(String)') AS error, {_TS}, event_id, "
     "position AS version"
 )
+# Since migration 17 the steps view also carries the step's marks (run.step_recorded v2; a v1
+# event has none, and JSONExtract of a missing key reads an empty array).
+INBOX_STEP_ROW_MARKED = (
+    INBOX_STEP_ROW + ", JSONExtract(payload, 'irregularities', 'Array(String)') AS irregularities"
+)
 INBOX_COST_ROW = (
     "tenant_id, JSONExtractString(payload, 'cost_id') AS cost_id, "
     "JSONExtractString(payload, 'run_id') AS run_id, "
@@ -209,6 +214,22 @@ MIGRATIONS: tuple[Migration, ...] = (
         "inbox_costs",
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
         f"AS SELECT {INBOX_COST_ROW} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
+    ),
+    # A step recorded against the rules (without an allowed admission, twice, out of order)
+    # shows its marks in the trace. Rows written before read an empty list.
+    Migration(
+        15,
+        "steps_irregularities",
+        f"ALTER TABLE {DATABASE}.steps "
+        "ADD COLUMN IF NOT EXISTS irregularities Array(String) DEFAULT []",
+    ),
+    Migration(16, "inbox_steps_drop", f"DROP VIEW IF EXISTS {DATABASE}.inbox_steps"),
+    Migration(
+        17,
+        "inbox_steps_marked",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_steps TO {DATABASE}.steps "
+        f"AS SELECT {INBOX_STEP_ROW_MARKED} FROM {DATABASE}.inbox "
+        "WHERE event_type = 'run.step_recorded'",
     ),
 )
 
