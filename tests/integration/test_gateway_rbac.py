@@ -45,6 +45,7 @@ IDP_AUDIENCE = "mc-rbac-test"
 NO_RUN = "rbac-no-such-run"
 NO_INCIDENT = "0193e1a0-0000-7000-8000-000000000000"
 SIGN_IN_USER = f"sign-in-{time.time_ns()}"
+PRICES = {"prices": [{"model": "m", "input_per_token": 1, "output_per_token": 1}]}
 
 
 def _not_started() -> NoReturn:
@@ -94,7 +95,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/policies"): ("/v1/policies", None),
     ("GET", "/v1/costs"): ("/v1/costs", None),
     ("GET", "/v1/prices"): ("/v1/prices", None),
-    ("PUT", "/v1/prices"): ("/v1/prices", {"prices": []}),
+    ("PUT", "/v1/prices"): ("/v1/prices", PRICES),
     ("POST", "/v1/admin/rebuild-projections"): ("/v1/admin/rebuild-projections", None),
     ("GET", "/.well-known/jwks.json"): ("/.well-known/jwks.json", None),
 }
@@ -236,7 +237,7 @@ async def test_a_user_of_one_tenant_cannot_act_in_another(world: World) -> None:
         ("POST", "/v1/runs", {"agent_id": "x"}),
         ("POST", f"/v1/runs/{run_b}/steps", {"step_index": 1}),
         ("POST", f"/v1/runs/{run_b}/finish", {"status": "failed"}),
-        ("PUT", "/v1/prices", {"prices": []}),
+        ("PUT", "/v1/prices", PRICES),
         ("GET", "/v1/auth/whoami", None),
     ]
     for method, url, body in probes:
