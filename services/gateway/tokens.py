@@ -90,11 +90,13 @@ class SigningKey:
                 pass
             finally:
                 tmp.unlink()
-        if path.stat().st_mode & 0o077:
-            raise InvalidInput(
-                f"the token signing key {path} is readable by other users: chmod 600 it"
-            )
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        # Group read is allowed for a Kubernetes Secret mounted with fsGroup (mode 0440).
+        if path.stat().st_mode & 0o037:
+            raise InvalidInput(f"the token signing key {path} is open to other users: chmod 600 it")
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (ValueError, TypeError):
+            raise InvalidInput(f"the token signing key {path} is not a PEM private key") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise InvalidInput(f"the token signing key {path} is not an Ed25519 private key")
         return cls(key)

@@ -266,8 +266,15 @@ def test_the_signing_key_is_made_once_mode_0600_and_kept(tmp_path: Path) -> None
     assert first.jwks()["keys"][0]["kid"] == first.kid
     assert "d" not in first.jwks()["keys"][0], "the private part must never be published"
     assert [p.name for p in path.parent.iterdir()] == [path.name]
-    os.chmod(path, 0o644)
-    with pytest.raises(InvalidInput, match="chmod 600"):
+    os.chmod(path, 0o440)  # a Kubernetes Secret mounted for the pod's group
+    assert SigningKey.load_or_create(path).kid == first.kid
+    for open_mode in (0o644, 0o660, 0o604):
+        os.chmod(path, open_mode)
+        with pytest.raises(InvalidInput, match="chmod 600"):
+            SigningKey.load_or_create(path)
+    os.chmod(path, 0o600)
+    path.write_text("CHANGE-ME")
+    with pytest.raises(InvalidInput, match="not a PEM private key"):
         SigningKey.load_or_create(path)
 
 
