@@ -49,6 +49,24 @@ class Settings(BaseSettings):
     service_db_password: SecretStr | None = Field(default=None, alias="MC_SERVICE_DB_PASSWORD")
     """Password ``mctl migrate`` / ``mctl up`` set on the ``mc_service`` role."""
 
+    # Human identities (services/gateway/tokens.py). The gateway always accepts the tokens it
+    # issues itself (``POST /v1/auth/token``); with an issuer and a JWKS it also accepts an
+    # external OIDC provider's.
+    oidc_issuer: str | None = Field(default=None, alias="MC_OIDC_ISSUER")
+    """``iss`` of the external provider's tokens (unset: only the gateway's own are accepted)."""
+    oidc_audience: str | None = Field(default=None, alias="MC_OIDC_AUDIENCE")
+    """``aud`` the external provider's tokens must carry (required with an issuer)."""
+    oidc_jwks_url: str | None = Field(default=None, alias="MC_OIDC_JWKS_URL")
+    oidc_jwks_file: Path | None = Field(default=None, alias="MC_OIDC_JWKS_FILE")
+    """The provider's signing keys: a JWKS URL (fetched and cached) or a JWKS file."""
+    oidc_roles_claim: str = Field(default="mc_roles", min_length=1, alias="MC_OIDC_ROLES_CLAIM")
+    """The claim that carries the roles per tenant (docs/rbac.md)."""
+    auth_token_ttl_s: int = Field(default=900, ge=30, le=86_400, alias="MC_AUTH_TOKEN_TTL_S")
+    """Lifetime of the tokens the gateway issues."""
+    auth_signing_key_file: Path | None = Field(default=None, alias="MC_AUTH_SIGNING_KEY_FILE")
+    """The gateway's token signing key (default: ``<data dir>/gateway/auth-signing-key.pem``,
+    generated at first start, mode 0600)."""
+
     replicas: str = Field(default="", alias="MC_REPLICAS")
     """How many processes of a service ``mctl up`` runs, ``name=N,...`` (unnamed services: one);
     parsed and checked by the supervisor, which knows the registered services."""

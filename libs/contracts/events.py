@@ -580,3 +580,76 @@ class ApprovalPolicySet(DomainEvent):
     schema_version = 1
 
     rules: dict[str, dict[str, Any]]
+
+
+# --- people and credentials (owned by gateway) ---------------------------------------------------
+# Users are global (one login, roles per tenant): their creation and disabling are recorded in the
+# system's own streams, each grant and revocation in the stream of the tenant it concerns, so a
+# tenant's log alone tells who could act in it and since when.
+
+Role = Literal["viewer", "operator", "approver", "admin"]
+KeyScope = Literal["ingest", "admit", "read"]
+
+
+@register
+class UserCreated(DomainEvent):
+    """A user of the embedded identity provider was created (the password is never recorded)."""
+
+    event_type = "user.created"
+    schema_version = 1
+
+    user_id: str
+
+
+@register
+class UserDisabled(DomainEvent):
+    """A user was disabled: every token of theirs is refused from now on."""
+
+    event_type = "user.disabled"
+    schema_version = 1
+
+    user_id: str
+
+
+@register
+class UserRoleGranted(DomainEvent):
+    """A user was given a role in the tenant of the event."""
+
+    event_type = "user.role_granted"
+    schema_version = 1
+
+    user_id: str
+    role: Role
+
+
+@register
+class UserRoleRevoked(DomainEvent):
+    """A user's role in the tenant of the event was taken away."""
+
+    event_type = "user.role_revoked"
+    schema_version = 1
+
+    user_id: str
+    role: Role
+
+
+@register
+class ApiKeyIssued(DomainEvent):
+    """An API key of the tenant of the event was issued (its secret is never recorded)."""
+
+    event_type = "api_key.issued"
+    schema_version = 1
+
+    key_id: str
+    name: str
+    scopes: list[KeyScope]
+
+
+@register
+class ApiKeyRevoked(DomainEvent):
+    """An API key of the tenant of the event was revoked."""
+
+    event_type = "api_key.revoked"
+    schema_version = 1
+
+    key_id: str

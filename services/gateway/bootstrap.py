@@ -14,18 +14,25 @@ from libs.eventbus.rpc import RpcClient
 from libs.observability import configure_logging
 from libs.runtime.service_host import ServiceContext, build_app, new_registry
 from libs.settings import Settings, get_settings
-from services.gateway.entrypoints import build_router, map_exception
-from services.gateway.keys import KeyVerifier
+from services.gateway.auth import Authenticator
+from services.gateway.entrypoints import build_router, build_well_known_router, map_exception
+from services.gateway.keys import REVOKED_CHANNEL, KeyVerifier, follow_notifications
 from services.gateway.middleware import LoadShedding, RateLimiting
 from services.gateway.ratelimit import Limit, RateLimiter, parse_overrides
 from services.gateway.shedding import AGENT, QUERY, GatewayMetrics, InFlightLimiter
+from services.gateway.tokens import SigningKey, signing_key_path, verifier_for
+from services.gateway.users import USER_CHANNEL, UserDirectory
 
 API_TITLE = "Mission Control API"
 API_VERSION = "1.0.0"
 API_DESCRIPTION = (
     "Govern and observe AI-agent runs: ask admission before every step, record steps, and read "
-    "runs, traces, incidents, policies and costs. Authenticate every request with an API key "
-    "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`.\n\n"
+    "runs, traces, incidents, policies and costs. Agents authenticate with an API key "
+    "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`, "
+    "whose scopes (`ingest`, `admit`, `read`) bound what it may do; people with a bearer token "
+    "from `POST /v1/auth/token` or the configured OIDC provider, and their role in the tenant "
+    "(viewer, operator, approver, admin) bounds what they may do. Each route names the permission "
+    "it needs; 403 says which role or scope is missing.\n\n"
     "The gateway refuses work above its bound of requests in flight, and passes on the refusals "
     "of the services behind it, with `429 Too Many Requests` and a `Retry-After` header at once "
     "rather than queueing: back off for that many seconds and retry. Each API key and each "
@@ -35,14 +42,15 @@ API_DESCRIPTION = (
 
 
 class GatewayService:
-    """The public HTTP API: authenticates API keys and forwards each request to its service."""
+    """The public HTTP API: authenticates API keys and people's tokens, checks each route's
+    permission, and forwards each request to its service."""
 
     name: str = "gateway"
 
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.ctx: ServiceContext | None = None
         self._rpc: RpcClient | None = None
-        self._keys: KeyVerifier | None = None
+        self._auth: Authenticator | None = None
         self._router: APIRouter | None = None
         # The agent hot path adapts its bound to keep admissions near the latency target;
         # queries (exports, rebuilds) may legitimately take long, so theirs stays fixed.
@@ -56,33 +64,48 @@ class GatewayService:
         self.metrics = GatewayMetrics(registry, self.limiter)
 
     async def start(self, ctx: ServiceContext) -> None:
-        """Create the RPC client on the host's NATS connection and the key verifier, and follow
-        key revocations."""
+        """Create the RPC client on the host's NATS connection and the authenticator (its signing
+        key made at first start), and follow key revocations and user changes."""
         self.ctx = ctx
         self._rpc = RpcClient(ctx.nc)
-        self._keys = KeyVerifier(ctx.pool)
+        settings = ctx.settings
+        signer = SigningKey.load_or_create(signing_key_path(settings))
+        keys, users = KeyVerifier(ctx.pool), UserDirectory(ctx.pool)
+        self._auth = Authenticator(
+            keys, verifier_for(settings, signer), users, signer, settings.auth_token_ttl_s
+        )
+
+        def forget_all() -> None:
+            keys.forget_all()
+            users.forget_all()
+
         # Cancelled by the host with the rest of ctx.tasks.
         ctx.tasks.append(
             asyncio.create_task(
-                self._keys.follow_revocations(ctx.settings.database_url.get_secret_value()),
-                name="gateway-key-revocations",
+                follow_notifications(
+                    settings.database_url.get_secret_value(),
+                    {REVOKED_CHANNEL: keys.forget, USER_CHANNEL: users.forget},
+                    forget_all,
+                    keys.set_listening,
+                ),
+                name="gateway-revocations",
             )
         )
 
     async def stop(self) -> None:
         """Nothing of its own to stop: the host drains NATS and closes the pool."""
         self._rpc = None
-        self._keys = None
+        self._auth = None
 
     def router(self) -> APIRouter:
-        """The ``/v1`` API (built once)."""
+        """The API (built once)."""
         if self._router is None:
-            self._router = build_router(self.rpc_client, self.key_verifier)
+            self._router = build_router(self.rpc_client, self.authenticator)
         return self._router
 
     def ready(self) -> bool:
         """Ready once started."""
-        return self._rpc is not None and self._keys is not None
+        return self._rpc is not None and self._auth is not None
 
     def rpc_client(self) -> RpcClient:
         """The RPC client (only while started)."""
@@ -90,11 +113,15 @@ class GatewayService:
             raise TransientError("the gateway is not started")
         return self._rpc
 
-    def key_verifier(self) -> KeyVerifier:
-        """The API key verifier (only while started)."""
-        if self._keys is None:
+    def authenticator(self) -> Authenticator:
+        """The authenticator of keys and tokens (only while started)."""
+        if self._auth is None:
             raise TransientError("the gateway is not started")
-        return self._keys
+        return self._auth
+
+    def key_verifier(self) -> KeyVerifier:
+        """The API-key verifier the rate limits identify keys with (only while started)."""
+        return self.authenticator().keys
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -132,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return map_exception(exc)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.include_router(build_well_known_router(service.authenticator))
     app.title = API_TITLE
     app.version = API_VERSION
     app.description = API_DESCRIPTION

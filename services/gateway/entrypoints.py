@@ -1,9 +1,13 @@
 """The public HTTP API (``/v1``): authentication, request validation, error mapping, and one RPC
 per endpoint to the service that owns the answer.
 
-Every RPC carries the tenant of the API key that authenticated the request, never one from the
-request body, so a key of tenant A cannot name, read or change anything of tenant B: the services
-behind the gateway answer "not found" for B's ids.
+Every route declares the one permission it needs through its caller dependency (``Read``,
+``Ingest``, ...: :class:`Requires`), which authenticates the API key or bearer token and checks the
+permission against the caller's key scopes or roles (``services/gateway/rbac.py``). Every RPC
+carries the tenant of the principal that authenticated the request, never one from the request
+body, so a caller of tenant A cannot name, read or change anything of tenant B: the services
+behind the gateway answer "not found" for B's ids. A person's requests also name them as the
+actor (``Mc-Actor: user:<id>``) of every event they cause.
 
 Errors leave in one shape, ``{"error": {"code", "message"}}``, from one place
 (:class:`GatewayRoute`): project errors with their ``http_status``, validation errors as 422 naming
@@ -36,7 +40,8 @@ from libs import errors
 from libs.contracts import new_uuid7
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
-from services.gateway.keys import KeyVerifier, Principal
+from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
+from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
     AGENT_ID_PATTERN,
     ID_PATTERN,
@@ -59,19 +64,27 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
     StepsRecordedResponse,
+    TokenRequest,
+    TokenResponse,
+    WhoAmIResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
+from services.gateway.tokens import JWKS_PATH
 from services.gateway.work import work_queues
 from services.gateway.workflows import (
     DOCUMENT_BODY,
     MAX_WAIT_S,
     AbortExecutionRequest,
     AgentNamePath,
+    ApprovalDecision,
+    ApprovalRulesIn,
     ExecutionIdPath,
     ExecutionStatus,
     RegisterAgentRequest,
     StartExecutionRequest,
+    StepIdPath,
     WorkflowIdPath,
+    approval_payload,
     read_document,
 )
 
@@ -104,13 +117,6 @@ class PayloadTooLarge(errors.PermanentError):
     http_status = 413
 
 
-class Forbidden(errors.PermanentError):
-    """The caller is authenticated but may not do this (operator-only routes)."""
-
-    code = "forbidden"
-    http_status = 403
-
-
 def require_admin_token(configured: str | None, given: str | None) -> None:
     """Let an operator-only request through only with the configured operator token.
 
@@ -118,9 +124,9 @@ def require_admin_token(configured: str | None, given: str | None) -> None:
     credential, and these routes act on every tenant's data.
     """
     if not configured:
-        raise Forbidden("admin operations are disabled: set MC_ADMIN_TOKEN")
+        raise errors.Forbidden("admin operations are disabled: set MC_ADMIN_TOKEN")
     if not given or not secrets.compare_digest(given.encode(), configured.encode()):
-        raise Forbidden(f"missing or wrong operator token in the {ADMIN_HEADER} header")
+        raise errors.Forbidden(f"missing or wrong operator token in the {ADMIN_HEADER} header")
 
 
 def error_response(
@@ -274,7 +280,7 @@ class Caller:
         *,
         timeout: float | None = None,
     ) -> Any:
-        """Call ``service.method`` with ``payload`` plus the key's tenant."""
+        """Call ``service.method`` with ``payload`` plus the principal's tenant."""
         # The tenant goes last so nothing in the payload can replace it.
         body = {**(payload or {}), "tenant_id": self.principal.tenant_id}
         try:
@@ -298,14 +304,15 @@ class Caller:
     @property
     def actor(self) -> str:
         """How this caller is named in the records it causes."""
-        return f"api-key:{self.principal.key_id}"
+        return self.principal.actor
 
 
 _bearer = HTTPBearer(
     auto_error=False,
     scheme_name="bearer",
-    bearerFormat="mc_<key_id>_<secret>",
-    description="An API key issued by `mctl tenant create` or `mctl tenant key`.",
+    bearerFormat="mc_<key_id>_<secret> or JWT",
+    description="An API key issued by `mctl tenant create` or `mctl tenant key`, or a person's "
+    "token (from `POST /v1/auth/token` or the configured OIDC provider).",
 )
 _api_key_header = APIKeyHeader(
     name="X-API-Key",
@@ -324,7 +331,15 @@ OptionalPolicyId = Annotated[str | None, Query(pattern=POLICY_ID_PATTERN)]
 StorePosition = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing, invalid or revoked API key."},
+    401: {
+        "model": ErrorResponse,
+        "description": "Missing, invalid, expired or revoked API key or token, or a disabled user.",
+    },
+    403: {
+        "model": ErrorResponse,
+        "description": "The caller's role or key scope does not allow this route, or the tenant "
+        "named in X-Tenant-Id is not one of the caller's.",
+    },
     404: {"model": ErrorResponse, "description": "Not found (or not visible to this tenant)."},
     409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
     413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
@@ -354,35 +369,104 @@ def _json_body(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"result": value}
 
 
-def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) -> APIRouter:
-    """The ``/v1`` routes; ``rpc`` and ``keys`` give the started service's clients per request."""
+TenantHeader = Annotated[
+    str | None,
+    Header(
+        alias=TENANT_HEADER,
+        description="The tenant to act in, for a person holding roles in several.",
+    ),
+]
 
-    async def caller(
+
+class Requires:
+    """A route's caller dependency: authenticates the request and checks ``permission``.
+
+    Every ``/v1`` route has exactly one (a test holds to it, and ``docs/rbac.md`` is generated
+    from them): 401 without valid credentials, 403 naming the missing role or scope.
+    """
+
+    def __init__(
+        self,
+        permission: Permission,
+        rpc: Callable[[], RpcClient],
+        auth: Callable[[], Authenticator],
+    ) -> None:
+        self.permission = permission
+        self._rpc = rpc
+        self._auth = auth
+
+    async def __call__(
+        self,
         request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         api_key: Annotated[str | None, Depends(_api_key_header)],
+        tenant: TenantHeader = None,
     ) -> Caller:
         token = bearer.credentials if bearer is not None else api_key
         if not token:
             raise errors.Unauthorized(
-                "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+                "missing credentials: send 'Authorization: Bearer <API key or token>' or "
+                "'X-API-Key: <key>'"
             )
-        principal = await keys().verify(token)
-        return Caller(principal, rpc(), request.state.rpc_headers)
+        principal = await self._auth().authenticate(token, tenant)
+        authorize(principal, self.permission)
+        headers = request.state.rpc_headers
+        if principal.human:
+            headers = {**headers, "Mc-Actor": principal.actor}
+        return Caller(principal, self._rpc(), headers)
 
-    Call = Annotated[Caller, Depends(caller)]
+
+class Public:
+    """The dependency of the routes anyone may call (signing in, the signing keys)."""
+
+    permission = Permission.PUBLIC
+
+    async def __call__(self) -> None:
+        return None
+
+
+def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]) -> APIRouter:
+    """The API routes; ``rpc`` and ``auth`` give the started service's clients per request."""
+
+    Me = Annotated[Caller, Depends(Requires(Permission.SELF, rpc, auth))]
+    Read = Annotated[Caller, Depends(Requires(Permission.READ, rpc, auth))]
+    Admit = Annotated[Caller, Depends(Requires(Permission.ADMIT, rpc, auth))]
+    Ingest = Annotated[Caller, Depends(Requires(Permission.INGEST, rpc, auth))]
+    Incidents = Annotated[Caller, Depends(Requires(Permission.INCIDENTS, rpc, auth))]
+    Configure = Annotated[Caller, Depends(Requires(Permission.CONFIGURE, rpc, auth))]
+    Operate = Annotated[Caller, Depends(Requires(Permission.OPERATE, rpc, auth))]
+    Workflows = Annotated[Caller, Depends(Requires(Permission.WORKFLOWS, rpc, auth))]
+    Execute = Annotated[Caller, Depends(Requires(Permission.EXECUTE, rpc, auth))]
+    Work = Annotated[Caller, Depends(Requires(Permission.WORK, rpc, auth))]
+    Approve = Annotated[Caller, Depends(Requires(Permission.APPROVE, rpc, auth))]
+    Govern = Annotated[Caller, Depends(Requires(Permission.GOVERN, rpc, auth))]
+    Anyone = Annotated[None, Depends(Public())]
     router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
+
+    # -- people ------------------------------------------------------------------------------------
+
+    @router.post("/auth/token", response_model=TokenResponse, tags=["auth"])
+    async def issue_token(body: TokenRequest, _: Anyone) -> Any:
+        """Sign in with a user name and password (users of `mctl user create`) for a short-lived
+        bearer token; send it as `Authorization: Bearer <token>`."""
+        token = await auth().issue_token(body.username, body.password.get_secret_value())
+        return json_response(token)
+
+    @router.get("/auth/whoami", response_model=WhoAmIResponse, tags=["auth"])
+    async def who_am_i(call: Me) -> Any:
+        """Who the credentials name: user or API key, the tenant, and the roles or scopes held."""
+        return json_response(whoami(call.principal))
 
     # -- runs and steps ----------------------------------------------------------------------------
 
     @router.post("/runs", status_code=201, response_model=RunStartedResponse, tags=["runs"])
-    async def start_run(body: StartRunRequest, call: Call) -> Any:
+    async def start_run(body: StartRunRequest, call: Ingest) -> Any:
         """Start a run of an agent."""
         payload = body.model_dump(mode="json", exclude_none=True)
         return await call.answer("workflow", "start_run", payload, status=201)
 
     @router.post("/runs/{run_id}/admissions", response_model=AdmissionResponse, tags=["runs"])
-    async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Call) -> Any:
+    async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Admit) -> Any:
         """Ask, before running a step, whether it may run. ``deny`` means: do not run it."""
         return await call.answer(
             "admission", "admit", {"run_id": run_id, **body.model_dump(mode="json")}
@@ -394,7 +478,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         response_model=StepsRecordedResponse,
         tags=["runs"],
     )
-    async def record_step(run_id: RunIdPath, body: StepFields, call: Call) -> Any:
+    async def record_step(run_id: RunIdPath, body: StepFields, call: Ingest) -> Any:
         """Record the outcome of one step of a run."""
         item = {"run_id": run_id, **body.model_dump(mode="json")}
         return await call.answer("workflow", "record_steps", {"items": [item]}, status=201)
@@ -402,7 +486,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     @router.post(
         "/steps:batch", status_code=201, response_model=StepsRecordedResponse, tags=["runs"]
     )
-    async def record_steps_batch(body: StepBatchRequest, call: Call) -> Any:
+    async def record_steps_batch(body: StepBatchRequest, call: Ingest) -> Any:
         """Record up to 5,000 steps of any of the tenant's runs in one request.
 
         The steps are forwarded in chunks of at most 1,000 (and a few MB), in order; each chunk is
@@ -422,13 +506,13 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return json_response({"recorded": recorded, "positions": positions}, 201)
 
     @router.post("/runs/{run_id}/finish", response_model=RunFinishedResponse, tags=["runs"])
-    async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Call) -> Any:
+    async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Ingest) -> Any:
         """End a run as ``completed`` or ``failed``."""
         return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
 
     @router.get("/runs", tags=["runs"])
     async def list_runs(
-        call: Call,
+        call: Read,
         status: RunStatusFilter | None = None,
         agent_id: OptionalAgentId = None,
         limit: Limit = 100,
@@ -439,19 +523,19 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return await call.answer("audit", "runs", _present(query))
 
     @router.get("/runs/{run_id}", tags=["runs"])
-    async def get_run(run_id: RunIdPath, call: Call) -> Any:
+    async def get_run(run_id: RunIdPath, call: Read) -> Any:
         """One run: status, steps, tokens, cost, and where it stopped."""
         return await call.answer("audit", "run", {"run_id": run_id})
 
     @router.get("/runs/{run_id}/trace", tags=["runs"])
-    async def get_trace(run_id: RunIdPath, call: Call) -> Any:
+    async def get_trace(run_id: RunIdPath, call: Read) -> Any:
         """The run's steps and decisions in order, with its inflection point."""
         return await call.answer("audit", "trace", {"run_id": run_id})
 
     @router.get("/runs/{run_id}/replay", tags=["runs"])
     async def replay_run(
         run_id: RunIdPath,
-        call: Call,
+        call: Read,
         at_position: StorePosition = None,
         at_version: StorePosition = None,
     ) -> Any:
@@ -469,7 +553,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
             }
         },
     )
-    async def export_run(run_id: RunIdPath, call: Call, format: ExportFormat = "json") -> Response:
+    async def export_run(run_id: RunIdPath, call: Read, format: ExportFormat = "json") -> Response:
         """The run's complete audit record (events, decisions, costs) as JSON or CSV."""
         result = await call(
             "audit", "export", {"run_id": run_id, "format": format}, timeout=EXPORT_TIMEOUT_S
@@ -480,7 +564,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     @router.get("/incidents", tags=["incidents"])
     async def list_incidents(
-        call: Call,
+        call: Read,
         status: IncidentStatus | None = None,
         run_id: OptionalId = None,
         policy_id: OptionalPolicyId = None,
@@ -498,14 +582,14 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return await call.answer("audit", "incidents", _present(query))
 
     @router.get("/incidents/{incident_id}", tags=["incidents"])
-    async def get_incident(incident_id: IncidentIdPath, call: Call) -> Any:
+    async def get_incident(incident_id: IncidentIdPath, call: Read) -> Any:
         """One incident with its history."""
         return await call.answer("audit", "incident", {"incident_id": str(incident_id)})
 
     @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
     async def acknowledge_incident(
         incident_id: IncidentIdPath,
-        call: Call,
+        call: Incidents,
         body: Annotated[AcknowledgeRequest | None, Body()] = None,
     ) -> Any:
         """Take ownership of an incident (the body, and ``by`` in it, may be left out)."""
@@ -515,7 +599,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])
     async def resolve_incident(
-        incident_id: IncidentIdPath, body: ResolveRequest, call: Call
+        incident_id: IncidentIdPath, body: ResolveRequest, call: Incidents
     ) -> Any:
         """Close an incident, recording the resolution."""
         payload = {
@@ -528,24 +612,24 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     # -- policies, costs, prices -------------------------------------------------------------------
 
     @router.get("/policies", tags=["policies"])
-    async def list_policies(call: Call) -> Any:
+    async def list_policies(call: Read) -> Any:
         """The active bundle's policies, with how many incidents each has caused."""
         return await call.answer("audit", "policies")
 
     @router.get("/costs", tags=["costs"])
-    async def costs(call: Call, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
+    async def costs(call: Read, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
         """Cost of the tenant's runs, grouped by run, agent or model."""
         return await call.answer(
             "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
         )
 
     @router.get("/prices", tags=["costs"])
-    async def prices(call: Call) -> Any:
+    async def prices(call: Read) -> Any:
         """The tenant's price table (custom prices over the defaults) and its version."""
         return await call.answer("cost", "prices")
 
     @router.put("/prices", tags=["costs"])
-    async def set_prices(body: SetPricesRequest, call: Call) -> Any:
+    async def set_prices(body: SetPricesRequest, call: Configure) -> Any:
         """Publish a new version of the tenant's custom price table."""
         payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
         return await call.answer("cost", "set_prices", payload)
@@ -565,7 +649,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     )
     async def rebuild_projections(
         request: Request,
-        call: Call,
+        call: Operate,
         admin_token: Annotated[
             str | None,
             Header(
@@ -576,11 +660,12 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     ) -> Any:
         """Drop and rebuild every query projection from the event store (operators only).
 
-        The projections of all tenants share one database, so besides an API key this needs the
-        operator token: set `MC_ADMIN_TOKEN` in the gateway's environment and send it in the
-        `X-Admin-Token` header. Without a configured token the route answers 403 ("admin
-        operations are disabled"). While the rebuild runs, queries of every tenant answer 503
-        `unavailable` ("projections are being rebuilt, retry shortly") rather than partial data.
+        The projections of all tenants share one database, so besides the `operate` permission
+        (role admin, or an API key with the `ingest` scope) this needs the operator token: set
+        `MC_ADMIN_TOKEN` in the gateway's environment and send it in the `X-Admin-Token` header.
+        Without a configured token the route answers 403 ("admin operations are disabled").
+        While the rebuild runs, queries of every tenant answer 503 `unavailable` ("projections
+        are being rebuilt, retry shortly") rather than partial data.
         """
         ctx = getattr(request.app.state, "ctx", None)
         if ctx is None:
@@ -592,7 +677,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     # -- agents, workflows and executions ---------------------------------------------------------
 
     @router.post("/agents", status_code=201, tags=["workflows"])
-    async def register_agent(body: RegisterAgentRequest, call: Call) -> Any:
+    async def register_agent(body: RegisterAgentRequest, call: Workflows) -> Any:
         """Register an agent in the tenant's catalogue (registering it again changes nothing)."""
         payload = body.model_dump()
         return await call.answer("workflow", "register_agent", payload, status=201)
@@ -605,7 +690,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     async def take_work(
         agent_id: AgentNamePath,
         request: Request,
-        call: Call,
+        call: Work,
         wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 20.0,
     ) -> Response:
         """Take the agent's next dispatched step (a long poll of up to ``wait_s`` seconds).
@@ -623,14 +708,14 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return json_response(item)
 
     @router.get("/agents", tags=["workflows"])
-    async def list_agents(call: Call) -> Any:
+    async def list_agents(call: Read) -> Any:
         """The tenant's registered agents."""
         return await call.answer("workflow", "list_agents")
 
     @router.post("/workflows", tags=["workflows"], openapi_extra=DOCUMENT_BODY)
     async def save_workflow(
         request: Request,
-        call: Call,
+        call: Workflows,
         base_version: Annotated[int | None, Query(ge=0)] = None,
     ) -> Response:
         """Validate a workflow document and save it as its workflow's next version.
@@ -651,14 +736,14 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         )
 
     @router.get("/workflows", tags=["workflows"])
-    async def list_workflows(call: Call) -> Any:
+    async def list_workflows(call: Read) -> Any:
         """The tenant's workflows, newest version of each."""
         return await call.answer("workflow", "list_workflows")
 
     @router.get("/workflows/{workflow_id}", tags=["workflows"])
     async def get_workflow(
         workflow_id: WorkflowIdPath,
-        call: Call,
+        call: Read,
         version: Annotated[int | None, Query(ge=1)] = None,
     ) -> Any:
         """One version of a workflow (the newest by default) with its document."""
@@ -670,7 +755,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     @router.get("/workflows/{workflow_id}/diff", tags=["workflows"])
     async def diff_workflow(
         workflow_id: WorkflowIdPath,
-        call: Call,
+        call: Read,
         from_version: Annotated[int, Query(ge=1)],
         to_version: Annotated[int | None, Query(ge=1)] = None,
     ) -> Any:
@@ -682,7 +767,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     @router.post("/workflows/{workflow_id}/executions", status_code=201, tags=["workflows"])
     async def start_execution(
-        workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Call
+        workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Execute
     ) -> Any:
         """Start an execution; the steps with no dependencies are dispatched at once."""
         payload = {"workflow_id": workflow_id, **body.model_dump(exclude_none=True)}
@@ -690,7 +775,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     @router.get("/executions", tags=["workflows"])
     async def list_executions(
-        call: Call,
+        call: Read,
         status: ExecutionStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Any:
@@ -701,19 +786,86 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return await call.answer("workflow", "list_executions", payload)
 
     @router.get("/executions/{execution_id}", tags=["workflows"])
-    async def get_execution(execution_id: ExecutionIdPath, call: Call) -> Any:
+    async def get_execution(execution_id: ExecutionIdPath, call: Read) -> Any:
         """An execution: its DAG with each step's state, attempt, run and duration."""
         return await call.answer("workflow", "get_execution", {"execution_id": execution_id})
 
     @router.post("/executions/{execution_id}/abort", tags=["workflows"])
     async def abort_execution(
-        execution_id: ExecutionIdPath, body: AbortExecutionRequest, call: Call
+        execution_id: ExecutionIdPath, body: AbortExecutionRequest, call: Execute
     ) -> Any:
         """Abort an execution: nothing more is dispatched and its running attempts' runs end."""
         payload = {"execution_id": execution_id, "reason": body.reason}
         return await call.answer("workflow", "abort_execution", payload)
 
+    @router.post("/executions/{execution_id}/steps/{step_id}/approve", tags=["workflows"])
+    async def approve_step(
+        execution_id: ExecutionIdPath, step_id: StepIdPath, body: ApprovalDecision, call: Approve
+    ) -> Any:
+        """Approve a step waiting for approval, as yourself; it is dispatched once enough
+        distinct people with the tier's role have approved it."""
+        payload = approval_payload(call.principal, execution_id, step_id, body.reason)
+        return await call.answer("workflow", "approve_step", payload)
+
+    @router.post("/executions/{execution_id}/steps/{step_id}/reject", tags=["workflows"])
+    async def reject_step(
+        execution_id: ExecutionIdPath, step_id: StepIdPath, body: ApprovalDecision, call: Approve
+    ) -> Any:
+        """Reject a step waiting for approval: the execution fails with your name and reason."""
+        payload = approval_payload(call.principal, execution_id, step_id, body.reason)
+        return await call.answer("workflow", "reject_step", payload)
+
+    @router.get("/approvals", tags=["workflows"])
+    async def approval_queue(call: Read) -> Any:
+        """Steps waiting for approval, oldest first, with their age and the SLA left."""
+        return await call.answer("workflow", "approval_queue")
+
+    @router.get("/approval-rules", tags=["workflows"])
+    async def approval_rules(call: Read) -> Any:
+        """How many approvers of which role each risk tier needs, and its SLA."""
+        return await call.answer("workflow", "approval_rules")
+
+    @router.put("/approval-rules", tags=["workflows"])
+    async def set_approval_rules(body: ApprovalRulesIn, call: Govern) -> Any:
+        """Set the approval rules; executions started from now on follow them."""
+        rules = body.model_dump(mode="json", exclude_none=True)
+        return await call.answer("workflow", "set_approval_rules", {"rules": rules})
+
     return router
+
+
+def build_well_known_router(auth: Callable[[], Authenticator]) -> APIRouter:
+    """The routes outside ``/v1`` that other parties look for at fixed paths."""
+    router = APIRouter(route_class=GatewayRoute)
+
+    # A fixed, standard path for verifiers, like the probes: not an operation of the API.
+    @router.get(JWKS_PATH, include_in_schema=False)
+    async def signing_keys(_: Annotated[None, Depends(Public())]) -> Any:
+        """The public keys that verify the gateway's tokens (JWKS, RFC 7517)."""
+        return json_response(auth().signer.jwks())
+
+    return router
+
+
+def declared_permissions(route: APIRoute) -> list[Permission]:
+    """The permissions ``route``'s dependencies declare (every API route declares one)."""
+    return [
+        d.call.permission
+        for d in route.dependant.dependencies
+        if isinstance(d.call, Requires | Public)
+    ]
+
+
+def permission_table(*routers: APIRouter) -> list[tuple[str, str, Permission]]:
+    """(method, path, permission) of each route of ``routers``, in their order."""
+    return [
+        (method, route.path, permission)
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute)
+        for method in sorted(route.methods or ())
+        for permission in declared_permissions(route)
+    ]
 
 
 def _present(query: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -16,9 +16,10 @@ import psycopg
 import structlog
 from psycopg_pool import AsyncConnectionPool
 
-from libs.contracts import envelope_for, new_uuid7, stream_id_for
+from libs.contracts import DomainEvent, envelope_for, new_uuid7, stream_id_for
+from libs.contracts.events import ApiKeyIssued, ApiKeyRevoked
 from libs.errors import Conflict, NotFound, Unauthorized, first_line
-from libs.eventbus.db import open_pool, transaction
+from libs.eventbus.db import AsyncConn, open_pool, transaction
 from libs.eventbus.store import EventStore
 from services.gateway.domain import (
     check_tenant_id,
@@ -27,6 +28,7 @@ from services.gateway.domain import (
     parse_key,
     secret_matches,
 )
+from services.gateway.rbac import KeyPrincipal, check_scopes
 
 T = TypeVar("T")
 
@@ -42,14 +44,6 @@ RELISTEN_DELAY_S = 1.0
 LISTEN_PROBE_S = 0.5
 # The listening connection's application_name, so operators can find it in pg_stat_activity.
 LISTENER_NAME = "mc-gateway-revocations"
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the tenant every request is scoped to, and the key that proved it."""
-
-    tenant_id: str
-    key_id: str
 
 
 async def create_tenant(
@@ -77,47 +71,97 @@ async def create_tenant(
             if exist_ok:
                 return False
             raise Conflict(f"tenant {event.tenant_id!r} already exists")
-        envelope = envelope_for(
-            event,
-            tenant_id=event.tenant_id,
-            stream_id=stream_id,
-            correlation_id=str(new_uuid7()),
-            actor=actor,
+        await record_event(
+            pool, conn, event, tenant_id=event.tenant_id, stream_id=stream_id, actor=actor, new=True
         )
-        await EventStore(pool).append(stream_id, [envelope], expected_version=0, conn=conn)
     return True
 
 
-async def issue_key(pool: AsyncConnectionPool, tenant_id: str, name: str = "") -> str:
-    """A new API key of ``tenant_id``; the returned token is the only copy of its secret."""
+async def record_event(
+    pool: AsyncConnectionPool,
+    conn: AsyncConn,
+    event: DomainEvent,
+    *,
+    tenant_id: str,
+    stream_id: str,
+    actor: str,
+    new: bool = False,
+) -> None:
+    """Append ``event`` in the caller's transaction, so the table change and its record commit
+    together (``new``: the stream must not exist yet)."""
+    envelope = envelope_for(
+        event,
+        tenant_id=tenant_id,
+        stream_id=stream_id,
+        correlation_id=str(new_uuid7()),
+        actor=actor,
+    )
+    store = EventStore(pool)
+    await store.append(stream_id, [envelope], expected_version=0 if new else None, conn=conn)
+
+
+async def issue_key(
+    pool: AsyncConnectionPool,
+    tenant_id: str,
+    name: str = "",
+    scopes: Iterable[str] = (),
+    *,
+    actor: str = "mctl",
+) -> str:
+    """A new API key of ``tenant_id`` holding ``scopes`` (default: all); the returned token is the
+    only copy of its secret. ``api_key.issued`` records it in the tenant's log."""
     tenant_id = check_tenant_id(tenant_id)
+    granted = check_scopes(scopes)
     issued = generate_key()
     async with transaction(pool) as conn:
         cur = await conn.execute("SELECT 1 FROM gateway.tenants WHERE tenant_id = %s", (tenant_id,))
         if await cur.fetchone() is None:
             raise NotFound(f"tenant {tenant_id!r} does not exist")
         await conn.execute(
-            "INSERT INTO gateway.api_keys (key_id, tenant_id, secret_hash, name) "
-            "VALUES (%s, %s, %s, %s)",
-            (issued.key_id, tenant_id, issued.secret_hash, name),
+            "INSERT INTO gateway.api_keys (key_id, tenant_id, secret_hash, name, scopes) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (issued.key_id, tenant_id, issued.secret_hash, name, granted),
+        )
+        await record_event(
+            pool,
+            conn,
+            ApiKeyIssued(key_id=issued.key_id, name=name, scopes=granted),
+            tenant_id=tenant_id,
+            stream_id=stream_id_for(tenant_id, "api_key", issued.key_id),
+            actor=actor,
+            new=True,
         )
     return issued.token
 
 
-async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> None:
+async def revoke_key(pool: AsyncConnectionPool, key_id: str, *, actor: str = "mctl") -> None:
     """Revoke a key; gateways stop accepting it when the revocation commits.
 
     The notification on :data:`REVOKED_CHANNEL` is delivered at commit; a gateway that is not
-    listening at that moment still stops within :data:`CACHE_TTL_S` seconds.
+    listening at that moment still stops within :data:`CACHE_TTL_S` seconds. The first revocation
+    is recorded as ``api_key.revoked``; revoking again changes nothing.
     """
     async with transaction(pool) as conn:
         cur = await conn.execute(
-            "UPDATE gateway.api_keys SET revoked_at = coalesce(revoked_at, now()) "
-            "WHERE key_id = %s RETURNING key_id",
+            "SELECT tenant_id, revoked_at FROM gateway.api_keys WHERE key_id = %s FOR UPDATE",
             (key_id,),
         )
-        if await cur.fetchone() is None:
+        row = await cur.fetchone()
+        if row is None:
             raise NotFound(f"API key {key_id!r} does not exist")
+        if row["revoked_at"] is not None:
+            return
+        await conn.execute(
+            "UPDATE gateway.api_keys SET revoked_at = now() WHERE key_id = %s", (key_id,)
+        )
+        await record_event(
+            pool,
+            conn,
+            ApiKeyRevoked(key_id=key_id),
+            tenant_id=row["tenant_id"],
+            stream_id=stream_id_for(row["tenant_id"], "api_key", key_id),
+            actor=actor,
+        )
         await conn.execute("SELECT pg_notify(%s, %s)", (REVOKED_CHANNEL, key_id))
 
 
@@ -125,11 +169,12 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str) -> None:
 class _CachedKey:
     tenant_id: str
     secret_hash: bytes
+    scopes: frozenset[str]
     expires_at: float
 
 
 class KeyVerifier:
-    """Turns a presented API key into a :class:`Principal`, or raises :class:`Unauthorized`.
+    """Turns a presented API key into a :class:`KeyPrincipal`, or raises :class:`Unauthorized`.
 
     Valid keys' rows are cached for ``ttl`` seconds so a request costs one hash, not a database
     round trip. :meth:`follow_revocations` evicts a key as soon as its revocation commits. While
@@ -160,7 +205,7 @@ class KeyVerifier:
             return False
         return self.listening or not self._following
 
-    async def verify(self, token: str) -> Principal:
+    async def verify(self, token: str) -> KeyPrincipal:
         """The principal ``token`` authenticates."""
         parsed = parse_key(token)
         now = time.monotonic()
@@ -169,12 +214,12 @@ class KeyVerifier:
             row = await self._load(parsed.key_id, now)
         if not secret_matches(parsed.secret, row.secret_hash):
             raise Unauthorized("invalid or revoked API key")
-        return Principal(tenant_id=row.tenant_id, key_id=parsed.key_id)
+        return KeyPrincipal(row.tenant_id, parsed.key_id, row.scopes)
 
     async def _load(self, key_id: str, now: float) -> _CachedKey:
         async with transaction(self.pool) as conn:
             cur = await conn.execute(
-                "SELECT tenant_id, secret_hash FROM gateway.api_keys "
+                "SELECT tenant_id, secret_hash, scopes FROM gateway.api_keys "
                 "WHERE key_id = %s AND revoked_at IS NULL",
                 (key_id,),
             )
@@ -182,47 +227,36 @@ class KeyVerifier:
         if found is None:
             self._cache.pop(key_id, None)
             raise Unauthorized("invalid or revoked API key")
-        row = _CachedKey(found["tenant_id"], bytes(found["secret_hash"]), now + self.ttl)
+        row = _CachedKey(
+            found["tenant_id"],
+            bytes(found["secret_hash"]),
+            frozenset(found["scopes"]),
+            now + self.ttl,
+        )
         if len(self._cache) >= self.max_entries:
             self._evict(now)
         self._cache[key_id] = row
         return row
 
-    async def follow_revocations(self, database_url: str) -> None:
-        """Evict keys from the cache as their revocations commit, until cancelled.
+    def forget(self, key_id: str) -> None:
+        """Drop ``key_id`` from the cache (its row changed)."""
+        self._cache.pop(key_id, None)
 
-        Listens on :data:`REVOKED_CHANNEL` on a connection of its own, probed every
-        :data:`LISTEN_PROBE_S` seconds without notifications. Notifications sent while it is not
-        listening are lost, so until it listens again the cache is bypassed, and it is emptied
-        each time listening (re)starts.
-        """
+    def forget_all(self) -> None:
+        """Drop every cached key."""
+        self._cache.clear()
+
+    def set_listening(self, listening: bool) -> None:
+        """Told by the notification follower whether it listens now: the cache is trusted only
+        while it does, since a revocation notified in a gap would be missed."""
         self._following = True
-        try:
-            while True:
-                try:
-                    await self._listen(database_url)
-                except (psycopg.Error, OSError) as exc:
-                    log.warning("gateway.revocations_not_followed", error=first_line(exc))
-                finally:
-                    self.listening = False
-                await asyncio.sleep(RELISTEN_DELAY_S)
-        finally:
-            self._following = False
+        self.listening = listening
 
-    async def _listen(self, database_url: str) -> None:
-        conn = await psycopg.AsyncConnection.connect(
-            database_url, autocommit=True, connect_timeout=5, application_name=LISTENER_NAME
+    async def follow_revocations(self, database_url: str) -> None:
+        """Evict keys from the cache as their revocations commit, until cancelled."""
+        await follow_notifications(
+            database_url, {REVOKED_CHANNEL: self.forget}, self.forget_all, self.set_listening
         )
-        async with conn:
-            await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
-            self._cache.clear()
-            self.listening = True
-            while True:
-                async for note in conn.notifies(timeout=LISTEN_PROBE_S):
-                    self._cache.pop(note.payload, None)
-                # No notification for a while: make sure the connection is still there (a
-                # probe that does not come back in time counts as a dropped connection).
-                await asyncio.wait_for(conn.execute("SELECT 1"), LISTEN_PROBE_S * 2)
 
     def _evict(self, now: float) -> None:
         for key_id in [k for k, v in self._cache.items() if v.expires_at <= now]:
@@ -230,6 +264,45 @@ class KeyVerifier:
         while len(self._cache) >= self.max_entries:
             # Dicts keep insertion order: the first entry is the oldest load.
             del self._cache[next(iter(self._cache))]
+
+
+async def follow_notifications(
+    database_url: str,
+    channels: Mapping[str, Callable[[str], None]],
+    on_listen: Callable[[], None],
+    on_state: Callable[[bool], None] | None = None,
+) -> None:
+    """Call ``channels[channel](payload)`` for each notification on those channels, until
+    cancelled.
+
+    Listens on a connection of its own (``application_name`` :data:`LISTENER_NAME`), probed every
+    :data:`LISTEN_PROBE_S` seconds without notifications, so a connection that dropped silently
+    is noticed within a second. Notifications sent while it is not listening are lost, so
+    ``on_listen`` (which empties the caches they keep fresh) runs each time listening (re)starts,
+    and ``on_state`` is told whether it listens, so a cache can stop trusting itself meanwhile.
+    """
+    state = on_state or (lambda _listening: None)
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(
+                database_url, autocommit=True, connect_timeout=5, application_name=LISTENER_NAME
+            )
+            async with conn:
+                for channel in channels:
+                    await conn.execute(f"LISTEN {channel}")
+                on_listen()
+                state(True)
+                while True:
+                    async for note in conn.notifies(timeout=LISTEN_PROBE_S):
+                        channels[note.channel](note.payload)
+                    # No notification for a while: make sure the connection is still there (a
+                    # probe that does not come back in time counts as a dropped connection).
+                    await asyncio.wait_for(conn.execute("SELECT 1"), LISTEN_PROBE_S * 2)
+        except (psycopg.Error, OSError, TimeoutError) as exc:
+            log.warning("gateway.revocations_not_followed", error=first_line(exc))
+        finally:
+            state(False)
+        await asyncio.sleep(RELISTEN_DELAY_S)
 
 
 async def provision_tenant(
@@ -240,13 +313,14 @@ async def provision_tenant(
     exist_ok: bool = False,
     key_name: str = "",
     actor: str = "mctl",
+    scopes: Iterable[str] = (),
 ) -> tuple[bool, str]:
     """Create ``tenant_id`` (unless it exists and ``exist_ok``) and issue it a key.
 
     Returns (whether the tenant was created now, the new key's token).
     """
     created = await create_tenant(pool, tenant_id, name, exist_ok=exist_ok, actor=actor)
-    return created, await issue_key(pool, tenant_id, key_name)
+    return created, await issue_key(pool, tenant_id, key_name, scopes, actor=actor)
 
 
 def run_with_pool(database_url: str, work: Callable[[AsyncConnectionPool], Awaitable[T]]) -> T:

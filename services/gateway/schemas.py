@@ -19,9 +19,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     StringConstraints,
     WithJsonSchema,
 )
+
+from services.gateway.rbac import USER_ID_PATTERN
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 """Run ids: safe in URLs, stream ids, subjects and CSV without quoting."""
@@ -247,6 +250,35 @@ class PriceTableResponse(_Result):
 
 
 # --- errors ---------------------------------------------------------------------------------------
+
+
+# --- people ---------------------------------------------------------------------------------------
+
+
+class TokenRequest(_Body):
+    """``POST /v1/auth/token``: a user of the embedded identity provider signs in."""
+
+    username: str = Field(pattern=USER_ID_PATTERN, description="The user's id.")
+    password: SecretStr = Field(min_length=1, max_length=1024)
+
+
+class TokenResponse(_Result):
+    """A short-lived bearer token and the roles its user held per tenant when it was issued."""
+
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int = Field(description="Seconds until the token expires.")
+    tenants: dict[str, list[str]]
+
+
+class WhoAmIResponse(_Result):
+    """Who the presented credentials name."""
+
+    kind: Literal["user", "api_key"]
+    actor: str = Field(description="How the caller is named in the events it causes.")
+    tenant_id: str
+    roles: list[str]
+    scopes: list[str]
 
 
 class ErrorDetail(BaseModel):

@@ -12,7 +12,6 @@ fails the attempt and dispatches the next one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import weakref
 from typing import Any
@@ -21,9 +20,10 @@ import orjson
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from libs.contracts.subjects import WORK_STREAM, work_subject
+from libs.errors import TransientError
 
 POLL_S = 1.0
 """One fetch's wait: a long poll is several, so other requests for the same queue get turns."""
@@ -56,8 +56,14 @@ class WorkQueues:
                 max_deliver=1,
                 ack_wait=30,
             )
-            with contextlib.suppress(BadRequestError):  # it exists already
+            try:
                 await self.js.add_consumer(WORK_STREAM, config)
+            except NotFoundError:
+                raise TransientError(
+                    "no work queue yet: the workflow-engine has not created it"
+                ) from None
+            except BadRequestError:
+                pass  # it exists already
             sub = self._subs[key] = await self.js.pull_subscribe_bind(durable, stream=WORK_STREAM)
         return sub
 

@@ -26,6 +26,7 @@ WorkflowIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The work
 ExecutionIdPath = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The execution's id.")
 ]
+StepIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The step's id.")]
 ExecutionStatus = Literal["pending", "running", "completed", "failed", "aborted"]
 
 
@@ -83,3 +84,50 @@ async def read_document(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise errors.InvalidInput("workflow document must be a mapping with 'name' and 'steps'")
     return data
+
+
+class ApprovalDecision(BaseModel):
+    """Why you approve or reject (recorded with your identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ApprovalRuleIn(BaseModel):
+    """One risk tier's approval rule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    required: int = Field(default=0, ge=0, le=10)
+    role: Literal["viewer", "operator", "approver", "admin"] = "approver"
+    sla_s: float = Field(default=3600, gt=0, le=30 * 86_400)
+    on_expiry: Literal["reject", "escalate"] = "reject"
+
+
+class ApprovalRulesIn(BaseModel):
+    """The approval rules of the gated tiers (``read_only`` never waits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    write: ApprovalRuleIn | None = None
+    irreversible: ApprovalRuleIn | None = None
+
+
+def approval_payload(
+    principal: Any, execution_id: str, step_id: str, reason: str
+) -> dict[str, Any]:
+    """The engine's request for a person's approval decision: who they are and their highest
+    role in the tenant (the engine checks it against the tier's rule)."""
+    roles: frozenset[str] = getattr(principal, "roles", frozenset())
+    ranked = [r for r in ROLE_ORDER if r in roles]
+    return {
+        "execution_id": execution_id,
+        "step_id": step_id,
+        "approver": principal.actor,
+        "role": ranked[-1] if ranked else "viewer",
+        "reason": reason,
+    }
+
+
+ROLE_ORDER = ("viewer", "operator", "approver", "admin")

@@ -125,11 +125,23 @@ def _stand_ins(nc: Any, store: EventStore) -> list[RpcServer]:
 
 @pytest.fixture(scope="module")
 async def gateway(system, tmp_path_factory) -> AsyncIterator[Gateway]:  # type: ignore[no-untyped-def]
+    # Whatever the environment says: admin routes disabled here.
+    async with serve_gateway(system, tmp_path_factory.mktemp("gw"), None, "gw-test") as gw:
+        yield gw
+
+
+@contextlib.asynccontextmanager
+async def serve_gateway(
+    system: Any, data_dir: Any, admin_token: str | None, prefix: str, **extra: Any
+) -> AsyncIterator[Gateway]:
+    """The gateway app started in-process, with the real workflow-engine and incident behind it
+    and the stand-ins of the others; ``prefix`` names its consumers, ``extra`` adds settings."""
     settings = Settings(
         nats_url=system.nats_url,
         database_url=system.service_url,
-        MC_DATA_DIR=str(tmp_path_factory.mktemp("gw")),
-        MC_ADMIN_TOKEN=None,  # whatever the environment says: admin routes disabled here
+        MC_DATA_DIR=str(data_dir),
+        MC_ADMIN_TOKEN=admin_token,
+        **extra,
     )
     pool = await open_pool(system.service_url, max_size=4)
     store = EventStore(pool)
@@ -138,8 +150,8 @@ async def gateway(system, tmp_path_factory) -> AsyncIterator[Gateway]:  # type: 
     await ensure_streams(js)
     # The real workflow-engine and incident services; their violation consumers watch a tenant
     # no test here uses (nothing in this module publishes violations).
-    wf_spec = violation_consumer_spec(durable="gw-test-wf-violations", tenant_id="gw-none")
-    inc_spec = incident_consumer_spec(durable="gw-test-inc-violations", tenant_id="gw-none")
+    wf_spec = violation_consumer_spec(durable=f"{prefix}-wf-violations", tenant_id="gw-none")
+    inc_spec = incident_consumer_spec(durable=f"{prefix}-inc-violations", tenant_id="gw-none")
     services: list[Service] = [
         WorkflowEngineService(violation_spec=wf_spec),
         IncidentService(violation_spec=inc_spec),

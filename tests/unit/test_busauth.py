@@ -29,8 +29,8 @@ from services.cost.handlers import CONSUMER as COST_CONSUMER
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT_RPC
 from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
-from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW_RPC
 from services.workflow_engine.entrypoints import DISPATCH_DURABLE, EXECUTIONS_DURABLE
+from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW_RPC
 from services.workflow_engine.entrypoints import VIOLATIONS_DURABLE as WORKFLOW_DURABLE
 
 pytestmark = pytest.mark.unit
