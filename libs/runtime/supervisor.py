@@ -35,6 +35,7 @@ import httpx
 import psutil
 
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError, first_line
+from libs.eventbus.anchor import ensure_key_files
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
 from libs.runtime.registry import ServiceRegistration, discover, require_services
@@ -469,7 +470,7 @@ class Supervisor:
                 name="relay",
                 kind="relay",
                 module=RELAY_MODULE,
-                env={**common, "MC_SERVICE": "relay"},
+                env={**common, "MC_SERVICE": "relay", **self._anchor_key_env()},
                 log_path=self.log_dir / "relay.log",
             )
         ]
@@ -496,6 +497,14 @@ class Supervisor:
                     )
                 )
         return planned
+
+    def _anchor_key_env(self) -> dict[str, str]:
+        """The checkpoint signing key for the relay: the operator's ``MC_ANCHOR_SIGNING_KEY``
+        (inherited as it is), else the key kept in the data dir, generated on first use."""
+        if self.settings.anchor_signing_key is not None:
+            return {}
+        private, _ = ensure_key_files(self.data_dir)
+        return {"MC_ANCHOR_SIGNING_KEY": private.read_text()}
 
     def _spawn(self, child: Child) -> None:
         assert child.module is not None
