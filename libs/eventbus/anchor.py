@@ -4,7 +4,8 @@ The hash chains prove that the rows of a stream still link; they cannot prove th
 last events, or a whole stream, were not removed, nor that someone with write access did not
 recompute a chain after editing it. The checkpoints close that gap.
 
-* Every append moves its streams' rows in ``eventstore.stream_heads`` (migration 0004).
+* Every append moves its streams' rows in ``eventstore.stream_heads`` in its own transaction
+  (a trigger of migration 0004, as the table's owner: the services may only read the heads).
 * Every ``anchor_interval`` seconds one process (the relay's host, holding an advisory lock, so
   two relays never both write) takes the heads of every stream as of a **horizon**: the
   snapshot's ``pg_snapshot_xmin``. An event with ``log_xid`` below it is committed and no new one

@@ -23,9 +23,9 @@ WAL write (group commit). What keeps the log exact without a global lock:
 The locking, version checks, hash chaining, the stream heads and the INSERT run in one statement,
 the SQL function ``eventstore.append_events`` (migrations 0002 and 0004), so an append outside a
 caller's transaction is one round trip. Since 0004 it takes each event's position and recorded_at
-before hashing it, so the hash covers both (:func:`chain_hash_v2`), and it moves the stream's row
-in ``eventstore.stream_heads`` in the same transaction (what ``mctl verify`` and the signed
-checkpoints of :mod:`libs.eventbus.anchor` compare the log with).
+before hashing it, so the hash covers both (:func:`chain_hash_v2`), and the INSERT's trigger moves
+the stream's row in ``eventstore.stream_heads`` in the same transaction (what ``mctl verify`` and
+the signed checkpoints of :mod:`libs.eventbus.anchor` compare the log with).
 """
 
 from __future__ import annotations

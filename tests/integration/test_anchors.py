@@ -317,6 +317,51 @@ def test_the_heads_table_matches_every_streams_last_event(anchored: Anchored) ->
     assert mismatched == (0,)
 
 
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE eventstore.stream_heads SET last_version = 1",
+        "DELETE FROM eventstore.stream_heads",
+        "INSERT INTO eventstore.stream_heads VALUES ('x/run/y', 'x', 9, '\\x00', 1, '1', now())",
+    ],
+)
+def test_an_appending_role_can_read_the_heads_but_never_forge_one(
+    anchored: Anchored, statement: str
+) -> None:
+    with psycopg.connect(anchored.system.service_url) as conn:
+        assert conn.execute("SELECT count(*) FROM eventstore.stream_heads").fetchone() == (
+            len(anchored.streams) + 1,
+        )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)
+
+
+def test_an_insert_that_bypasses_the_append_function_still_moves_the_head(
+    anchored: Anchored,
+) -> None:
+    sid = sorted(anchored.streams)[0]
+    version = anchored.streams[sid] + 1
+    # The owner, triggers on, in a transaction rolled back at the end.
+    with psycopg.connect(anchored.system.admin_url, row_factory=dict_row) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.execute(
+            "INSERT INTO eventstore.events (event_id, event_type, schema_version, tenant_id, "
+            "stream_id, stream_version, occurred_at, correlation_id, actor, payload, prev_hash, "
+            "hash, hash_scheme) VALUES (gen_random_uuid(), 'run.step_recorded', 1, %s, %s, %s, "
+            "now(), 'c', 'foreign', '{}', '\\x00', '\\x01', 2)",
+            (anchored.tenant, sid, version),
+        )
+        head = conn.execute(
+            "SELECT last_version, last_hash FROM eventstore.stream_heads WHERE stream_id = %s",
+            (sid,),
+        ).fetchone()
+        assert head == {"last_version": version, "last_hash": b"\x01"}
+        report = anchored.verify(conn)
+        conn.rollback()
+    found = {(f.kind, f.stream_id, f.version) for f in report.findings}
+    assert ("edited_row", sid, version) in found
+
+
 def test_a_truncated_tail_is_named(anchored: Anchored, attacker: Conn) -> None:
     expected = truncate_tail(attacker, anchored, random.Random(1))
     report = anchored.verify(attacker)

@@ -9,17 +9,19 @@
 -- as scheme 1; eventstore.append_events writes 2.
 ALTER TABLE eventstore.events ADD COLUMN hash_scheme smallint NOT NULL DEFAULT 1;
 
--- The head of every stream, written by eventstore.append_events in the appending transaction,
--- so no append can skip it. `mctl verify` compares it with the last stored event (a deleted
--- tail or stream shows), and the checkpoints sign a Merkle root over these heads.
+-- The head of every stream. A statement trigger on eventstore.events moves it in the inserting
+-- transaction (so eventstore.append_events, and any other INSERT, cannot skip it), as the owner:
+-- the appending roles may only read the heads, never forge one. `mctl verify` compares the heads
+-- with the last stored events (a deleted tail or stream shows), and the checkpoints sign a Merkle
+-- root over them.
 CREATE TABLE eventstore.stream_heads (
     stream_id        text PRIMARY KEY,
     tenant_id        text        NOT NULL,
     last_version     bigint      NOT NULL CHECK (last_version >= 1),
     last_hash        bytea       NOT NULL,
     updated_position bigint      NOT NULL,
-    -- The last append's log_xid (see 0002): the checkpoint tells heads below its horizon from
-    -- those it must look up in the events, and appends chain on it as they did on the events.
+    -- The last append's log_xid (see 0002): appends chain on it as they did on the events', and
+    -- the checkpoint tells heads below its horizon from those it must look up in the events.
     log_xid          xid8        NOT NULL,
     updated_at       timestamptz NOT NULL
 ) WITH (fillfactor = 70);  -- room for HOT updates: one row is updated per stream per append
@@ -30,9 +32,30 @@ SELECT DISTINCT ON (stream_id) stream_id, tenant_id, stream_version, hash, posit
     recorded_at
 FROM eventstore.events ORDER BY stream_id, stream_version DESC;
 
+CREATE FUNCTION eventstore.move_stream_heads() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    INSERT INTO eventstore.stream_heads AS sh (stream_id, tenant_id, last_version, last_hash,
+        updated_position, log_xid, updated_at)
+    SELECT DISTINCT ON (n.stream_id) n.stream_id, n.tenant_id, n.stream_version, n.hash,
+        n.position, n.log_xid, n.recorded_at
+    FROM appended n ORDER BY n.stream_id, n.stream_version DESC
+    ON CONFLICT (stream_id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,
+        last_version = EXCLUDED.last_version, last_hash = EXCLUDED.last_hash,
+        updated_position = EXCLUDED.updated_position, log_xid = EXCLUDED.log_xid,
+        updated_at = EXCLUDED.updated_at
+    WHERE EXCLUDED.last_version > sh.last_version;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION eventstore.move_stream_heads() FROM PUBLIC;
+
+CREATE TRIGGER events_move_heads AFTER INSERT ON eventstore.events
+    REFERENCING NEW TABLE AS appended
+    FOR EACH STATEMENT EXECUTE FUNCTION eventstore.move_stream_heads();
+
 -- Grants go to every role that may append (mc_service, and the per-service roles where a
--- migration created them): an append now also reads and writes the heads and takes positions
--- from the identity sequence itself (it hashes them before the row is inserted).
+-- migration created them): an append reads its streams' heads and takes positions from the
+-- identity sequence itself (it hashes them before the row is inserted).
 DO $$
 DECLARE
     r text;
@@ -43,14 +66,15 @@ BEGIN
             AND privilege_type = 'INSERT' AND grantee <> current_user
         UNION SELECT 'mc_service'
     LOOP
-        EXECUTE format('GRANT SELECT, INSERT, UPDATE ON eventstore.stream_heads TO %I', r);
+        EXECUTE format('GRANT SELECT ON eventstore.stream_heads TO %I', r);
         EXECUTE format('GRANT USAGE ON SEQUENCE eventstore.events_position_seq TO %I', r);
     END LOOP;
 END $$;
 
--- Same contract as in 0002 (one statement: lock, check, chain, insert), plus: the heads are read
--- from and written to eventstore.stream_heads, and every event's position (from the identity
--- sequence) and recorded_at (clock_timestamp()) are assigned before it is hashed, with scheme 2.
+-- Same contract as in 0002 (one statement: lock, check, chain, insert), plus: the previous heads
+-- are read from eventstore.stream_heads (the INSERT's trigger moves them), and every event's
+-- position (from the identity sequence) and recorded_at (clock_timestamp()) are assigned before
+-- it is hashed, with scheme 2.
 CREATE OR REPLACE FUNCTION eventstore.append_events(p_events jsonb)
 RETURNS TABLE (o_event_id uuid, o_version bigint, o_position bigint, o_recorded_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -71,11 +95,8 @@ DECLARE
     p_expected bigint[];
     lock_key bigint;
     s_ids text[];
-    s_tenant text[];
     s_ver bigint[];
     s_hash bytea[];
-    s_pos bigint[];
-    s_at timestamptz[];
     v bigint;
     h bytea;
     x xid8;
@@ -143,17 +164,7 @@ BEGIN
             || int8send((extract(epoch FROM stamps[i]) * 1000000)::bigint)
         );
         hashes[i] := s_hash[j];
-        s_tenant[j] := p_tenant_id[i];
-        s_pos[j] := positions[i];
-        s_at[j] := stamps[i];
     END LOOP;
-    INSERT INTO eventstore.stream_heads AS sh (stream_id, tenant_id, last_version, last_hash,
-        updated_position, log_xid, updated_at)
-    SELECT t.a, t.b, t.c, t.d, t.e, xid, t.f
-    FROM unnest(s_ids, s_tenant, s_ver, s_hash, s_pos, s_at) AS t(a, b, c, d, e, f)
-    ON CONFLICT (stream_id) DO UPDATE SET last_version = EXCLUDED.last_version,
-        last_hash = EXCLUDED.last_hash, updated_position = EXCLUDED.updated_position,
-        log_xid = EXCLUDED.log_xid, updated_at = EXCLUDED.updated_at;
     RETURN QUERY
         INSERT INTO eventstore.events AS ev (position, event_id, event_type, schema_version,
             tenant_id, stream_id, stream_version, occurred_at, recorded_at, correlation_id,
