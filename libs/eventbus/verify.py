@@ -55,7 +55,7 @@ FindingKind = Literal[
     "checkpoint_mismatch",
 ]
 # At most this many rows whose hash does not recompute are kept to look for swapped positions.
-_SUSPECTS_MAX = 5000
+_SUSPECTS_MAX = 2000
 
 
 @dataclass(frozen=True)
