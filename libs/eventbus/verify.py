@@ -7,8 +7,8 @@ mistaken for damage), and what each finding is called:
   ``prev_hash`` is the previous row's hash and each row's hash recomputes under its
   ``hash_scheme`` (``edited_row``). Scheme 2 covers ``position`` and ``recorded_at``, so a row
   whose hash would recompute with another broken row's position is a ``reordered_position``, as
-  is a stream whose positions do not increase with its versions. A scheme-1 row stored after the
-  first scheme-2 row, which no append writes, is a ``scheme_downgrade``;
+  is a stream whose positions do not increase with its versions. A scheme-1 row at or after the
+  position where scheme 2 started, which no append writes, is a ``scheme_downgrade``;
 * every stream against its head in ``eventstore.stream_heads``: events missing after the last
   one stored (``truncated_tail``), a head whose stream has no event left (``deleted_stream``), a
   stream with no head or a head that names another last event (``head_mismatch``);
@@ -144,8 +144,11 @@ def verify_in(
             f"SELECT stream_id, last_version, last_hash FROM eventstore.stream_heads {where}", args
         )
     }
+    # Scheme 2 starts where migration 0004 recorded, and no later than the first scheme-2 row.
     row = conn.execute(
-        "SELECT min(position) AS p FROM eventstore.events WHERE hash_scheme = %s", (HASH_SCHEME,)
+        "SELECT least((SELECT first_position FROM eventstore.hash_schemes WHERE scheme = %s), "
+        "(SELECT min(position) + 1 FROM eventstore.events WHERE hash_scheme = %s)) AS p",
+        (HASH_SCHEME, HASH_SCHEME),
     ).fetchone()
     first_v2 = row["p"] if row and row["p"] is not None else None
 
@@ -254,7 +257,7 @@ def verify_in(
                     )
                 )
             if scheme == HASH_SCHEME_V1 and (
-                seen_v2 or (first_v2 is not None and position > first_v2)
+                seen_v2 or (first_v2 is not None and position >= first_v2)
             ):
                 findings.append(
                     Finding(

@@ -161,7 +161,7 @@ def _rehash_from(conn: Conn, sid: str, version: int, *, scheme1_at: int | None =
 
 
 def truncate_tail(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
-    sid = rng.choice([s for s, n in a.streams.items() if n >= 2])
+    sid = rng.choice(sorted(s for s, n in a.streams.items() if n >= 2))
     keep = rng.randint(1, a.streams[sid] - 1)
     conn.execute(
         "DELETE FROM eventstore.events WHERE stream_id = %s AND stream_version > %s", (sid, keep)
@@ -170,7 +170,7 @@ def truncate_tail(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
 
 
 def truncate_tail_and_forge_head(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
-    sid = rng.choice([s for s in a.covered if a.streams[s] >= 2])
+    sid = rng.choice(sorted(s for s in a.covered if a.streams[s] >= 2))
     keep = rng.randint(1, a.streams[sid] - 1)
     conn.execute(
         "DELETE FROM eventstore.events WHERE stream_id = %s AND stream_version > %s", (sid, keep)
@@ -239,7 +239,7 @@ def swap_positions(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
 
 
 def delete_a_middle_event(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
-    sid = rng.choice([s for s, n in a.streams.items() if n >= 3])
+    sid = rng.choice(sorted(s for s, n in a.streams.items() if n >= 3))
     version = rng.randint(2, a.streams[sid] - 1)
     conn.execute(
         "DELETE FROM eventstore.events WHERE stream_id = %s AND stream_version = %s",
@@ -256,15 +256,15 @@ def downgrade_scheme(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
 
 
 def forge_checkpoint(conn: Conn, a: Anchored, rng: random.Random) -> Expected:
-    field = rng.choice(["merkle_root", "events", "streams", "horizon_xid"])
-    value: Any = {
-        "merkle_root": f"{rng.getrandbits(256):064x}",
-        "events": rng.randint(1, 10_000),
-        "streams": rng.randint(1, 100),
-        "horizon_xid": str(rng.randint(1, 10**6)),
-    }[field]
     (row,) = _rows(conn, CHECKPOINT_STREAM)[-1:]
-    payload = dict(row["payload"], **{field: value})
+    payload = dict(row["payload"])
+    field = rng.choice(["merkle_root", "events", "streams", "horizon_xid"])
+    if field == "merkle_root":
+        payload[field] = f"{int(payload[field], 16) ^ (1 << rng.randrange(256)):064x}"
+    elif field == "horizon_xid":
+        payload[field] = str(int(payload[field]) + rng.randint(1, 1000))
+    else:
+        payload[field] += rng.randint(1, 100)
     conn.execute(
         "UPDATE eventstore.events SET payload = %s WHERE event_id = %s",
         (Jsonb(payload), row["event_id"]),
@@ -399,6 +399,18 @@ def test_a_rewritten_chain_with_a_forged_head_is_caught_by_the_checkpoint(
     expected = edit_row_and_rehash(attacker, anchored, random.Random(4))
     report = anchored.verify(attacker)
     assert [(f.kind, f.stream_id) for f in report.findings] == [expected[:2]]
+
+
+def test_a_downgrade_of_the_stores_first_row_to_scheme_1_is_named(
+    anchored: Anchored, attacker: Conn
+) -> None:
+    first = attacker.execute(
+        "SELECT stream_id FROM eventstore.events ORDER BY position LIMIT 1"
+    ).fetchone()
+    assert first is not None
+    _rehash_from(attacker, first["stream_id"], 1, scheme1_at=1)
+    report = anchored.verify(attacker)
+    assert _named(report, ("scheme_downgrade", first["stream_id"], 1)), report.findings
 
 
 def test_a_forged_checkpoint_is_named(anchored: Anchored, attacker: Conn) -> None:

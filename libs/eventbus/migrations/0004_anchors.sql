@@ -9,6 +9,16 @@
 -- as scheme 1; eventstore.append_events writes 2.
 ALTER TABLE eventstore.events ADD COLUMN hash_scheme smallint NOT NULL DEFAULT 1;
 
+-- Where scheme 2 starts: every row at or above this position was appended after this migration,
+-- so a scheme-1 row there is a downgrade (`mctl verify` names it). The ALTER above waited for
+-- every append in flight, so no scheme-1 row can take a position above the highest one now.
+CREATE TABLE eventstore.hash_schemes (
+    scheme         smallint PRIMARY KEY,
+    first_position bigint NOT NULL
+);
+INSERT INTO eventstore.hash_schemes
+SELECT 2, coalesce(max(position), 0) + 1 FROM eventstore.events;
+
 -- The head of every stream. A statement trigger on eventstore.events moves it in the inserting
 -- transaction (so eventstore.append_events, and any other INSERT, cannot skip it), as the owner:
 -- the appending roles may only read the heads, never forge one. `mctl verify` compares the heads
