@@ -37,7 +37,7 @@ from libs.eventbus.db import open_pool
 from libs.eventbus.store import GENESIS, EventStore, chain_hash, chain_hash_v2, row_to_envelope
 from libs.eventbus.verify import VerifyReport, verify_chains, verify_in
 from libs.runtime.cli import app
-from tests.conftest import System, start_system
+from tests.conftest import System, start_system, wait_until
 from tests.contract.eventstore import step
 
 pytestmark = pytest.mark.integration
@@ -585,3 +585,56 @@ async def test_rows_chained_before_the_migration_still_verify_and_new_ones_use_s
         }
     finally:
         pg.stop()
+
+
+async def test_two_relays_hosts_write_checkpoints_one_at_a_time(own_system: System) -> None:
+    key = Ed25519PrivateKey.generate()
+    await _build(own_system, key, "gamma", 4)
+    pool = await open_pool(own_system.service_url)
+    try:
+        store = EventStore(pool)
+        # Both on a stale view at once: the expected version lets at most one of them land.
+        a, b = (Anchorer(own_system.service_url, store, key, 60.0) for _ in range(2))
+        async with (
+            await psycopg.AsyncConnection.connect(
+                own_system.service_url, autocommit=True, row_factory=dict_row
+            ) as ca,
+            await psycopg.AsyncConnection.connect(
+                own_system.service_url, autocommit=True, row_factory=dict_row
+            ) as cb,
+        ):
+            await asyncio.gather(
+                a.checkpoint_once(ca, force=True), b.checkpoint_once(cb, force=True)
+            )
+        # Running, only the one holding the anchor lock writes.
+        first, second = (Anchorer(own_system.service_url, store, key, 0.05) for _ in range(2))
+        tasks = [asyncio.create_task(x.run()) for x in (first, second)]
+        try:
+            # One checkpoint at the start, then one after each append that moved a stream.
+            await wait_until(lambda: first.written + second.written >= 1, 60, what="a start")
+            run = "late"
+            for i in range(1, 4):
+                sid = stream_id_for("gamma", "run", run)
+                await store.append(sid, [step("gamma", run, i)])
+                await wait_until(
+                    lambda n=i + 1: first.written + second.written >= n,
+                    60,
+                    what=f"the checkpoint after append {i}",
+                )
+        finally:
+            first.stop()
+            second.stop()
+            await asyncio.gather(*tasks)
+        assert sorted([first.written, second.written])[0] == 0
+    finally:
+        await pool.close()
+    report = verify_chains(own_system.admin_url, public_key=key.public_key())
+    assert report.ok, report.findings
+    with psycopg.connect(own_system.admin_url) as conn:
+        seqs = conn.execute(
+            "SELECT stream_version, (payload->>'seq')::int FROM eventstore.events "
+            "WHERE stream_id = %s ORDER BY stream_version",
+            (CHECKPOINT_STREAM,),
+        ).fetchall()
+    assert all(v == s for v, s in seqs) and len(seqs) >= 5
+    assert report.anchored == len(seqs)
