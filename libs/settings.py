@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     """The gateway's token signing key (default: ``<data dir>/gateway/auth-signing-key.pem``,
     generated at first start, mode 0600)."""
 
+    anchor_signing_key: SecretStr | None = Field(default=None, alias="MC_ANCHOR_SIGNING_KEY")
+    """ed25519 private key (PEM, PKCS#8) the relay signs the event store's checkpoints with.
+    ``mctl up`` generates one in ``<data dir>/anchor/signing.key`` (mode 0600) and hands it to
+    the relay; without one the relay writes no checkpoints."""
+    anchor_interval_s: float = Field(default=60.0, gt=0, alias="MC_ANCHOR_INTERVAL")
+    """Seconds between two checkpoints (a round where no stream moved writes none)."""
+    anchor_public_key: Path | None = Field(default=None, alias="MC_ANCHOR_PUBLIC_KEY")
+    """PEM file of the public key ``mctl verify`` checks checkpoint signatures with (default:
+    ``<data dir>/anchor/signing.pub`` when it exists)."""
+
     replicas: str = Field(default="", alias="MC_REPLICAS")
     """How many processes of a service ``mctl up`` runs, ``name=N,...`` (unnamed services: one);
     parsed and checked by the supervisor, which knows the registered services."""

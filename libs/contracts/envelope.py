@@ -89,10 +89,11 @@ class EventEnvelope(BaseModel):
     payload: dict[str, Any]
 
     def hashed_fields(self) -> dict[str, Any]:
-        """The fields the stream hash chain covers, as JSON-ready values.
+        """The fields whose canonical JSON the stream hash chain covers, as JSON-ready values.
 
-        ``recorded_at`` and ``position`` are assigned by the database, so they are left out: the
-        chain proves *what* was appended, in which order per stream.
+        ``recorded_at`` and ``position`` are assigned by the database, so they are not in this
+        JSON; hash scheme 2 (``libs.eventbus.store.chain_hash_v2``) adds both to the link beside
+        the JSON's hash.
         """
         return {
             "event_id": str(self.event_id),

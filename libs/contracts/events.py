@@ -653,3 +653,27 @@ class ApiKeyRevoked(DomainEvent):
     schema_version = 1
 
     key_id: str
+
+
+# --- the event store's anchors (written by the relay's host, libs/eventbus/anchor.py) ------------
+
+
+@register
+class AnchorCheckpointed(DomainEvent):
+    """A signed Merkle root over every stream head of the event store was taken.
+
+    ``horizon_xid``: the heads are each stream's last event with ``log_xid`` below it.
+    ``merkle_root``: RFC 6962 root (hex) over the heads sorted by stream id. ``signature``:
+    ed25519 (hex) over the RFC 8785 JSON of the other fields, by the key ``key_id`` names.
+    """
+
+    event_type = "anchor.checkpointed"
+    schema_version = 1
+
+    seq: int = Field(ge=1)
+    horizon_xid: str = Field(pattern=r"^[0-9]{1,20}$")
+    streams: int = Field(ge=0)
+    events: int = Field(ge=0)
+    merkle_root: str = Field(pattern=r"^[0-9a-f]{64}$")
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    signature: str = Field(pattern=r"^([0-9a-f]{128})?$")

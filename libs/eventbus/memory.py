@@ -5,7 +5,8 @@ both (``tests/unit/test_eventstore_contract.py`` and
 ``tests/integration/test_eventstore_contract.py``): per-stream versions from 1, an increasing
 global position, ``expected_version`` (``None``
 any, ``0`` new stream, ``n`` exactly at ``n``) raising :class:`~libs.errors.ConcurrencyError`,
-all-or-nothing multi-stream appends, the size limit, and the hash chain. Transactions
+all-or-nothing multi-stream appends, the size limit, the hash chain (scheme 2: over each event's
+position and recorded_at too) and the stream heads moved with every append. Transactions
 (:meth:`InMemoryEventStore.begin`) buffer their appends until they commit. Positions here follow
 commit order; the real store's log order is ``(log_xid, position)`` (see its module docstring),
 which the twin does not model: code that needs "everything up to here" across streams belongs
@@ -22,7 +23,13 @@ from typing import Any
 from libs.contracts.canonical import canonical_json
 from libs.contracts.envelope import EventEnvelope, utcnow
 from libs.errors import ConcurrencyError, InvalidInput
-from libs.eventbus.store import GENESIS, MAX_EVENT_BYTES, Append, chain_hash
+from libs.eventbus.store import (
+    GENESIS,
+    MAX_EVENT_BYTES,
+    Append,
+    StreamHead,
+    chain_hash_v2,
+)
 
 
 class InMemoryEventStore:
@@ -31,7 +38,7 @@ class InMemoryEventStore:
     def __init__(self) -> None:
         self._log: list[EventEnvelope] = []
         self._streams: dict[str, list[EventEnvelope]] = {}
-        self._hashes: dict[str, bytes] = {}
+        self._heads: dict[str, StreamHead] = {}
         self._next_position = 1
         self._append_lock = asyncio.Lock()
         self._locks: dict[str, asyncio.Lock] = {}
@@ -88,6 +95,10 @@ class InMemoryEventStore:
             yield rows
             pos = rows[-1].position or pos
 
+    async def stream_head(self, stream_id: str) -> StreamHead | None:
+        """The head of ``stream_id`` as the append that last moved it recorded it."""
+        return self._heads.get(stream_id)
+
     async def head_position(self) -> int:
         """The highest position (0 when empty)."""
         return (self._log[-1].position or 0) if self._log else 0
@@ -117,7 +128,7 @@ class MemoryUnitOfWork:
     def __init__(self, store: InMemoryEventStore) -> None:
         self.store = store
         self._pending: list[EventEnvelope] = []
-        self._hashes: dict[str, bytes] = {}
+        self._heads: dict[str, StreamHead] = {}
         self._holds_append_lock = False
         self._locks: list[asyncio.Lock] = []
         self._held: set[str] = set()
@@ -141,16 +152,16 @@ class MemoryUnitOfWork:
         if not self._holds_append_lock:
             await self.store._append_lock.acquire()
             self._holds_append_lock = True
-        staged: list[EventEnvelope] = []
-        hashes = dict(self._hashes)
+        staged: list[tuple[EventEnvelope, bytes]] = []
         for a in appends:
             if not a.events:
                 continue
-            mine = [e for e in (*self._pending, *staged) if e.stream_id == a.stream_id]
+            mine = [
+                e for e in (*self._pending, *(s for s, _ in staged)) if e.stream_id == a.stream_id
+            ]
             version = self.store._version(a.stream_id) + len(mine)
             if a.expected_version is not None and a.expected_version != version:
                 raise ConcurrencyError(a.stream_id, a.expected_version, version)
-            prev = hashes.get(a.stream_id) or self.store._hashes.get(a.stream_id, GENESIS)
             for e in a.events:
                 if e.stream_id != a.stream_id:
                     raise InvalidInput(
@@ -164,20 +175,24 @@ class MemoryUnitOfWork:
                         f"{e.event_type} event is {len(body):,} bytes of JSON, over the limit "
                         f"of {MAX_EVENT_BYTES:,}"
                     )
-                prev = chain_hash(prev, env, body)
-                hashes[a.stream_id] = prev
-                staged.append(env)
-        # Positions are taken only once the whole append is valid (a refused one burns none).
+                staged.append((env, body))
+        # Positions are taken only once the whole append is valid (a refused one burns none),
+        # and before hashing: the hash covers position and recorded_at, as in the real store.
+        heads = dict(self._heads)
         out = []
-        for env in staged:
-            out.append(
-                env.model_copy(
-                    update={"position": self.store._next_position, "recorded_at": utcnow()}
-                )
+        for env, body in staged:
+            env = env.model_copy(
+                update={"position": self.store._next_position, "recorded_at": utcnow()}
             )
             self.store._next_position += 1
+            head = heads.get(env.stream_id) or self.store._heads.get(env.stream_id)
+            digest = chain_hash_v2(head.hash if head else GENESIS, env, body)
+            heads[env.stream_id] = StreamHead(
+                env.stream_id, env.tenant_id, env.stream_version, digest, env.position or 0
+            )
+            out.append(env)
         self._pending.extend(out)
-        self._hashes = hashes
+        self._heads = heads
         return out
 
     async def lock(self, key: str) -> None:
@@ -192,13 +207,13 @@ class MemoryUnitOfWork:
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
         """Undo only what the block staged when it raises."""
-        mark, hashes, callbacks = len(self._pending), dict(self._hashes), len(self._callbacks)
+        mark, heads, callbacks = len(self._pending), dict(self._heads), len(self._callbacks)
         try:
             yield
         except BaseException:
             del self._pending[mark:]
             del self._callbacks[callbacks:]  # what was undone must not be remembered at commit
-            self._hashes = hashes
+            self._heads = heads
             raise
 
     def wrote(self, stream_id: str) -> bool:
@@ -213,7 +228,7 @@ class MemoryUnitOfWork:
         for env in self._pending:
             self.store._streams.setdefault(env.stream_id, []).append(env)
             self.store._log.append(env)
-        self.store._hashes.update(self._hashes)
+        self.store._heads.update(self._heads)
         self._pending = []
         self._release()
         callbacks, self._callbacks = self._callbacks, []

@@ -20,9 +20,9 @@ import contextlib
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import psycopg
@@ -35,6 +35,9 @@ from libs.contracts.subjects import event_subject
 from libs.errors import TransientError
 from libs.eventbus.db import NOTIFY_CHANNEL, translate
 from libs.eventbus.store import HORIZON, START, LogCursor
+
+if TYPE_CHECKING:
+    from libs.eventbus.anchor import Anchorer
 
 RELAY_LOCK = 7_231_002
 # JetStream takes at most 1,000 messages in one atomic batch; the byte cap keeps a batch of large
@@ -346,7 +349,10 @@ class Relay:
 
 
 async def _main() -> None:
+    from libs.eventbus.anchor import Anchorer, load_signing_key
+    from libs.eventbus.db import open_pool
     from libs.eventbus.jetstream import connect, ensure_streams
+    from libs.eventbus.store import EventStore
     from libs.observability import configure_logging
     from libs.settings import get_settings
 
@@ -355,15 +361,40 @@ async def _main() -> None:
     nc = await connect(settings.nats_url, "relay", settings.nats_credentials())
     js = nc.jetstream()
     await ensure_streams(js)
-    relay = Relay(settings.database_url.get_secret_value(), js)
+    database_url = settings.database_url.get_secret_value()
+    relay = Relay(database_url, js)
+    # The relay's host also writes the event store's signed checkpoints (one writer: the anchor
+    # lock), when it has a signing key.
+    anchorer: Anchorer | None = None
+    pool = None
+    if settings.anchor_signing_key is not None:
+        key = load_signing_key(settings.anchor_signing_key)
+        pool = await open_pool(database_url, min_size=1, max_size=1)
+        anchorer = Anchorer(database_url, EventStore(pool), key, settings.anchor_interval_s)
+    else:
+        log.warning("relay.no_anchor_key", hint="set MC_ANCHOR_SIGNING_KEY to sign checkpoints")
     loop = asyncio.get_running_loop()
+    stop = relay.stop if anchorer is None else _stop_both(relay, anchorer)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, relay.stop)
+        loop.add_signal_handler(sig, stop)
     log.info("relay.started", nats=settings.nats_url)
     try:
-        await relay.run()
+        if anchorer is None:
+            await relay.run()
+        else:
+            await asyncio.gather(relay.run(), anchorer.run())
     finally:
+        if pool is not None:
+            await pool.close()
         await nc.drain()
+
+
+def _stop_both(relay: Relay, anchorer: Anchorer) -> Callable[[], None]:
+    def stop() -> None:
+        relay.stop()
+        anchorer.stop()
+
+    return stop
 
 
 def main() -> None:

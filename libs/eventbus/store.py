@@ -20,17 +20,22 @@ WAL write (group commit). What keeps the log exact without a global lock:
   appended after another committed has a higher position), so it stays a fine sort key inside a
   run's history; it is only not a cursor for the whole log.
 
-The locking, version checks, hash chaining and INSERT run in one statement, the SQL function
-``eventstore.append_events`` (migration 0002), so an append outside a caller's transaction is one
-round trip.
+The locking, version checks, hash chaining, the stream heads and the INSERT run in one statement,
+the SQL function ``eventstore.append_events`` (migrations 0002 and 0004), so an append outside a
+caller's transaction is one round trip. Since 0004 it takes each event's position and recorded_at
+before hashing it, so the hash covers both (:func:`chain_hash_v2`), and the INSERT's trigger moves
+the stream's row in ``eventstore.stream_heads`` in the same transaction (what ``mctl verify`` and
+the signed checkpoints of :mod:`libs.eventbus.anchor` compare the log with).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import psycopg.errors
@@ -54,6 +59,11 @@ from libs.eventbus.db import (
 # behind it, so it is refused here, where the caller still gets the error.
 MAX_EVENT_BYTES = 900 * 1024
 GENESIS = b"\x00" * 32
+HASH_SCHEME_V1 = 1
+HASH_SCHEME = 2  # what appends write since migration 0004 (see chain_hash_v2)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_LINK_TAIL = struct.Struct(">qq")
 
 # A stream's advisory-lock key is hashtextextended(stream_id, 0). policy-admission takes the same
 # key on a run's stream, so admissions of a run serialise with each other and with appends to the
@@ -97,13 +107,59 @@ class LogPage:
 
 
 def chain_hash(prev_hash: bytes, envelope: EventEnvelope, body: bytes | None = None) -> bytes:
-    """sha256(prev_hash || RFC 8785 canonical JSON of the envelope's hashed fields).
+    """Hash scheme 1: sha256(prev_hash || RFC 8785 canonical JSON of the envelope's hashed
+    fields). Rows appended before migration 0004 carry it; it does not cover ``position`` or
+    ``recorded_at``.
 
     ``body`` is that canonical JSON when the caller already has it.
     """
     if body is None:
         body = canonical_json(envelope.hashed_fields())
     return hashlib.sha256(prev_hash + body).digest()
+
+
+def micros_since_epoch(at: datetime) -> int:
+    """``at`` as whole microseconds since the Unix epoch (PostgreSQL keeps microseconds)."""
+    return (at - _EPOCH) // _MICROSECOND
+
+
+def link_hash(prev_hash: bytes, content_hash: bytes, position: int, recorded_at: datetime) -> bytes:
+    """Hash scheme 2's link: sha256(prev_hash || content_hash || int8(position) ||
+    int8(recorded_at in microseconds)), big-endian as PostgreSQL's ``int8send``."""
+    return hashlib.sha256(
+        prev_hash + content_hash + _LINK_TAIL.pack(position, micros_since_epoch(recorded_at))
+    ).digest()
+
+
+def chain_hash_v2(prev_hash: bytes, envelope: EventEnvelope, body: bytes | None = None) -> bytes:
+    """Hash scheme 2, the one every append uses since migration 0004: the link over
+    sha256(canonical JSON), the store ``position`` and ``recorded_at`` (both must be set)."""
+    if envelope.position is None or envelope.recorded_at is None:
+        raise ValueError("scheme 2 hashes a stored event: position and recorded_at must be set")
+    if body is None:
+        body = canonical_json(envelope.hashed_fields())
+    content = hashlib.sha256(body).digest()
+    return link_hash(prev_hash, content, envelope.position, envelope.recorded_at)
+
+
+def event_hash(scheme: int, prev_hash: bytes, envelope: EventEnvelope) -> bytes:
+    """The hash of a stored event under its ``hash_scheme``."""
+    if scheme == HASH_SCHEME_V1:
+        return chain_hash(prev_hash, envelope)
+    if scheme == HASH_SCHEME:
+        return chain_hash_v2(prev_hash, envelope)
+    raise ValueError(f"unknown hash scheme {scheme}")
+
+
+@dataclass(frozen=True)
+class StreamHead:
+    """The last event of a stream as its head records it (``eventstore.stream_heads``)."""
+
+    stream_id: str
+    tenant_id: str
+    version: int
+    hash: bytes
+    position: int
 
 
 def row_to_envelope(row: dict[str, Any]) -> EventEnvelope:
@@ -271,6 +327,25 @@ class EventStore:
             yield page.events
             cursor = page.cursor
 
+    async def stream_head(self, stream_id: str) -> StreamHead | None:
+        """The head of ``stream_id`` as the append that last moved it recorded it."""
+        async with transaction(self.pool) as c:
+            cur = await c.execute(
+                "SELECT stream_id, tenant_id, last_version, last_hash, updated_position "
+                "FROM eventstore.stream_heads WHERE stream_id = %s",
+                (stream_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return StreamHead(
+            row["stream_id"],
+            row["tenant_id"],
+            int(row["last_version"]),
+            bytes(row["last_hash"]),
+            int(row["updated_position"]),
+        )
+
     async def head_position(self) -> int:
         """The highest position in the store (0 when empty)."""
         async with transaction(self.pool) as c:
@@ -357,8 +432,8 @@ class EventStore:
 
 
 async def _append(conn: AsyncConn, appends: Sequence[Append]) -> list[EventEnvelope]:
-    """Send the append to ``eventstore.append_events`` (migration 0002), which locks, checks,
-    chains and inserts in one statement; return the events as stored."""
+    """Send the append to ``eventstore.append_events`` (migration 0004), which locks, checks,
+    chains, moves the heads and inserts in one statement; return the events as stored."""
     docs: list[dict[str, Any]] = []
     stamped: list[EventEnvelope] = []
     for a in appends:

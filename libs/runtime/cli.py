@@ -361,21 +361,50 @@ def down(data_dir: DataDirOption = None) -> None:
 def verify(
     database_url: DatabaseUrlOption = None,
     data_dir: DataDirOption = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            help="PEM file of the key checkpoints must be signed with (default: "
+            "$MC_ANCHOR_PUBLIC_KEY, else <data dir>/anchor/signing.pub when it exists).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Recompute every stream's hash chain; exit 1 naming the first broken stream and version."""
-    url = admin_database(database_url, data_dir_of(data_dir)).secret()
+    """Check every stream's hash chain, its head and the signed checkpoints; exit 1 naming
+    each problem found (truncated tail, deleted stream, edited row, reordered position ...)."""
+    from libs.eventbus.anchor import KEY_DIR, PUBLIC_KEY_FILE, load_public_key
     from libs.eventbus.verify import verify_chains
 
-    result = verify_chains(url)
+    settings = load_settings()
+    folder = data_dir_of(data_dir, settings)
+    url = admin_database(database_url, folder, settings).secret()
+    key_path = public_key or settings.anchor_public_key
+    if key_path is None and (folder / KEY_DIR / PUBLIC_KEY_FILE).is_file():
+        key_path = folder / KEY_DIR / PUBLIC_KEY_FILE
+    trusted = load_public_key(key_path) if key_path is not None else None
+    result = verify_chains(url, public_key=trusted)
+    checked = f"{result.events} events in {result.streams} streams"
+    if trusted is None:
+        typer.echo(
+            "warning: no public key (--public-key): checkpoint signatures and roots not checked",
+            err=True,
+        )
     if result.ok:
-        typer.echo(f"ok: {result.events} events in {result.streams} streams, every chain intact")
+        anchored = (
+            f", checkpoint {result.anchored} matches its signed root"
+            if result.anchored is not None
+            else ""
+        )
+        typer.echo(
+            f"ok: {checked}, every chain and head intact; "
+            f"{result.checkpoints} checkpoint signature(s) valid{anchored}"
+        )
         return
-    stream_id, version, reason = result.first_broken or ("?", 0, "unknown")
-    typer.echo(
-        f"BROKEN: stream {stream_id} at version {version}: {reason} "
-        f"({result.events} events in {result.streams} streams checked)",
-        err=True,
-    )
+    for finding in result.findings:
+        typer.echo(f"BROKEN: {finding}", err=True)
+    typer.echo(f"{len(result.findings)} problem(s) found ({checked} checked)", err=True)
     raise typer.Exit(1)
 
 

@@ -35,6 +35,7 @@ import httpx
 import psutil
 
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError, first_line
+from libs.eventbus.anchor import ensure_key_files
 from libs.eventbus.migrate import SERVICE_ROLE, apply_all
 from libs.runtime.busauth import (
     RELAY_USER,
@@ -517,7 +518,12 @@ class Supervisor:
                 name="relay",
                 kind="relay",
                 module=RELAY_MODULE,
-                env={**common, **self._nats_env(RELAY_USER), "MC_SERVICE": "relay"},
+                env={
+                    **common,
+                    **self._nats_env(RELAY_USER),
+                    "MC_SERVICE": "relay",
+                    **self._anchor_key_env(),
+                },
                 log_path=self.log_dir / "relay.log",
             )
         ]
@@ -545,6 +551,14 @@ class Supervisor:
                     )
                 )
         return planned
+
+    def _anchor_key_env(self) -> dict[str, str]:
+        """The checkpoint signing key for the relay: the operator's ``MC_ANCHOR_SIGNING_KEY``
+        (inherited as it is), else the key kept in the data dir, generated on first use."""
+        if self.settings.anchor_signing_key is not None:
+            return {}
+        private, _ = ensure_key_files(self.data_dir)
+        return {"MC_ANCHOR_SIGNING_KEY": private.read_text()}
 
     def _spawn(self, child: Child) -> None:
         assert child.module is not None

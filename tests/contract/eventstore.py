@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from libs.contracts.events import StepRecorded
 from libs.contracts.registry import decode
 from libs.errors import ConcurrencyError, InvalidInput
 from libs.eventbus.repository import Store, begin
-from libs.eventbus.store import MAX_EVENT_BYTES, Append
+from libs.eventbus.store import GENESIS, MAX_EVENT_BYTES, Append, chain_hash_v2
 from libs.eventbus.uow import UnitOfWork
 from tests.conftest import wait_until
 
@@ -214,3 +215,63 @@ class EventStoreContract:
             await uow.append_many([Append(sid, [step(tenant, run, 1)], expected_version=0)])
         await asyncio.wait_for(task, 10)
         assert steps_of(await store.read_stream(sid)) == [1, 2]
+
+    async def test_every_append_moves_its_stream_head_in_the_same_transaction(
+        self, store: Store, tenant: str, unique: Callable[[str], str]
+    ) -> None:
+        a, b = unique("ra"), unique("rb")
+        sa, sb = stream_id_for(tenant, "run", a), stream_id_for(tenant, "run", b)
+        assert await store.stream_head(sa) is None
+        await store.append(sa, [step(tenant, a, 1), step(tenant, a, 2)])
+        out = await store.append_many(
+            [Append(sa, [step(tenant, a, 3)]), Append(sb, [step(tenant, b, 1)])]
+        )
+        for sid, last in ((sa, out[0]), (sb, out[1])):
+            head = await store.stream_head(sid)
+            assert head is not None
+            assert (head.stream_id, head.tenant_id, head.version, head.position) == (
+                sid,
+                tenant,
+                last.stream_version,
+                last.position,
+            )
+        # A refused append and an undone transaction leave the head where it was.
+        before = await store.stream_head(sa)
+        with pytest.raises(ConcurrencyError):
+            await store.append(sa, [step(tenant, a, 4)], expected_version=1)
+
+        async def undone() -> None:
+            async with begin(store) as uow:
+                await uow.append_many([Append(sa, [step(tenant, a, 4)])])
+                raise RuntimeError("undone")
+
+        with pytest.raises(RuntimeError, match="undone"):
+            await undone()
+        assert await store.stream_head(sa) == before
+
+    async def test_the_chain_covers_each_events_position_and_recorded_at(
+        self, store: Store, tenant: str, unique: Callable[[str], str]
+    ) -> None:
+        run = unique("run")
+        sid = stream_id_for(tenant, "run", run)
+        await store.append(sid, [step(tenant, run, i) for i in (1, 2)])
+        await store.append(sid, [step(tenant, run, 3)])
+        events = await store.read_stream(sid)
+        head = await store.stream_head(sid)
+        assert head is not None
+
+        def chain(evs: list[EventEnvelope]) -> bytes:
+            digest = GENESIS
+            for e in evs:
+                digest = chain_hash_v2(digest, e)
+            return digest
+
+        # The head's hash is the scheme-2 chain over the events as stored ...
+        assert chain(events) == head.hash
+        # ... so it changes with any one event's position or recorded_at.
+        moved = events[1].model_copy(update={"position": (events[1].position or 0) + 1})
+        assert chain([events[0], moved, events[2]]) != head.hash
+        recorded = events[1].recorded_at
+        assert recorded is not None
+        later = events[1].model_copy(update={"recorded_at": recorded + timedelta(microseconds=1)})
+        assert chain([events[0], later, events[2]]) != head.hash

@@ -162,6 +162,28 @@ def test_migrate_and_verify_use_the_embedded_database(running: Running) -> None:
     assert verify.stdout.startswith("ok:")
 
 
+def test_up_generates_the_signing_key_and_the_relay_publishes_signed_checkpoints(
+    running: Running,
+) -> None:
+    private = running.data_dir / "anchor" / "signing.key"
+    public = running.data_dir / "anchor" / "signing.pub"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.is_file()
+    seen: list[str] = []
+
+    def a_checkpoint_verifies() -> bool:
+        verify = mctl("verify", "--data-dir", str(running.data_dir), timeout=60)
+        seen[:] = [verify.stdout + verify.stderr]
+        return verify.returncode == 0 and "matches its signed root" in verify.stdout
+
+    wait_until(a_checkpoint_verifies, timeout=90, what="a signed checkpoint")
+    assert "warning" not in seen[0]
+    # The key never reaches a log.
+    secret = "".join(private.read_text().splitlines()[1:-1])
+    for log in (running.data_dir / "logs").iterdir():
+        assert secret not in log.read_text(errors="replace"), log
+
+
 def test_tenant_commands_find_the_running_systems_database(running: Running) -> None:
     create = mctl("tenant", "create", "runtime-t", "--data-dir", str(running.data_dir), timeout=60)
     assert create.returncode == 0, create.stdout + create.stderr
