@@ -36,6 +36,8 @@ CACHE_TTL_S = 30.0
 CACHE_MAX_ENTRIES = 10_000
 # revoke_key notifies this channel with the key id, in the revoking transaction.
 REVOKED_CHANNEL = "mc_api_key_revoked"
+TENANT_CATEGORY = "tenant"
+"""Streams ``<tenant>/tenant/<tenant>``: each tenant's own history (``tenant.created``)."""
 RELISTEN_DELAY_S = 1.0
 
 
@@ -61,7 +63,7 @@ async def create_tenant(
     when it existed and not ``exist_ok``.
     """
     event = decide_create_tenant(tenant_id, name)
-    stream_id = stream_id_for(event.tenant_id, "tenant", event.tenant_id)
+    stream_id = stream_id_for(event.tenant_id, TENANT_CATEGORY, event.tenant_id)
     async with transaction(pool) as conn:
         cur = await conn.execute(
             "INSERT INTO gateway.tenants (tenant_id, name) VALUES (%s, %s) "

@@ -8,4 +8,6 @@ REGISTRATION = ServiceRegistration(
     name="incident",
     module="services.incident",
     migrations=Path(__file__).parent / "migrations",
+    db_role="mc_incident",
+    stream_categories=("incident",),
 )

@@ -8,4 +8,6 @@ REGISTRATION = ServiceRegistration(
     name="workflow-engine",
     module="services.workflow_engine",
     migrations=Path(__file__).parent / "migrations",
+    db_role="mc_workflow_engine",
+    stream_categories=("run",),
 )

@@ -24,7 +24,7 @@ ENV_VARS = (
     "CLICKHOUSE_URL",
     "MC_DATA_DIR",
     "MC_ADMIN_TOKEN",
-    "MC_SERVICE_DB_PASSWORD",
+    "MC_DB_ROLE_PASSWORDS",
 )
 EMBEDDED_ADMIN = "postgresql://postgres@127.0.0.1:5999/missioncontrol"
 
@@ -109,7 +109,7 @@ def test_secrets_are_redacted_in_settings_and_resolved_urls(
     monkeypatch.setenv("DATABASE_ADMIN_URL", "postgresql://admin:adminpass@db/mc")
     monkeypatch.setenv("CLICKHOUSE_URL", "http://ch:chpass@ch:8123")
     monkeypatch.setenv("MC_ADMIN_TOKEN", "operator-token")
-    monkeypatch.setenv("MC_SERVICE_DB_PASSWORD", "svcpass")
+    monkeypatch.setenv("MC_DB_ROLE_PASSWORDS", '{"mc_gateway": "svcpass"}')
     settings = Settings()
     shown = f"{settings} {settings!r} {settings.model_dump()}"
     for secret in ("dbpass", "adminpass", "chpass", "operator-token", "svcpass"):
