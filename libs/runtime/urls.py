@@ -101,7 +101,9 @@ def resolve_url(
 
 def _with_admin_password(url: str, data_dir: Path) -> str:
     """The embedded server's admin ``url`` with the password stored for its user, if any."""
-    rest = url.partition("://")[2]
-    user = rest.partition("@")[0] if "@" in rest.split("/", 1)[0] else ""
-    password = load_passwords(data_dir).get(user) if user else None
-    return with_credentials(url, user, password) if password is not None else url
+    authority = url.partition("://")[2].split("/", 1)[0]
+    userinfo = authority.rpartition("@")[0]
+    if not userinfo or ":" in userinfo:
+        return url  # no user to look up, or a password already
+    password = load_passwords(data_dir).get(userinfo)
+    return with_credentials(url, userinfo, password) if password is not None else url
