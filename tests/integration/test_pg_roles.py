@@ -10,10 +10,13 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, ClassVar
 
 import psycopg
 import psycopg.errors
 import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 from pydantic import SecretStr
 
 from libs.contracts import envelope_for, stream_id_for
@@ -349,20 +352,46 @@ async def test_a_read_scoped_to_tenant_a_sees_no_row_of_tenant_b(
         await pool.close()
 
 
-async def test_the_stores_per_tenant_reads_are_scoped(
+class _ScopeWatching(psycopg.AsyncConnection[Any]):
+    """A connection that notes, after each read of the events, the tenant scope it ran under."""
+
+    scopes: ClassVar[list[str]] = []
+
+    async def execute(self, query: Any, params: Any = None, **kw: Any) -> Any:
+        cur = await super().execute(query, params, **kw)
+        if isinstance(query, str) and query.startswith("SELECT") and "eventstore.events" in query:
+            scope = await super().execute("SELECT current_setting('mc.tenant_id', true)")
+            row = await scope.fetchone()
+            _ScopeWatching.scopes.append(next(iter(row.values())) or "" if row else "")
+        return cur
+
+
+async def test_the_stores_per_tenant_reads_run_scoped_to_their_tenant(
     system: System, roles: Roles, unique: Callable[[str], str]
 ) -> None:
     a, b = unique("ta"), unique("tb")
     await _seed(system, a, b)
-    pool = await open_pool(roles.url("mc_audit_replay"), max_size=1)
+    pool = AsyncConnectionPool(
+        roles.url("mc_audit_replay"),
+        connection_class=_ScopeWatching,
+        kwargs={"row_factory": dict_row, "autocommit": False},
+        min_size=1,
+        max_size=1,
+        open=False,
+    )
+    await pool.open(wait=True)
     try:
         store = EventStore(pool)
-        # Asking for tenant b's stream while reading for tenant a gets nothing.
-        assert await store.read_history(a, [stream_id_for(b, "run", "r")]) == []
-        got = await store.read_history(a, [stream_id_for(a, "run", "r")])
+        _ScopeWatching.scopes.clear()
+        got = await store.read_history(
+            a, [stream_id_for(a, "run", "r"), stream_id_for(b, "run", "r")]
+        )
         assert {e.tenant_id for e in got} == {a}
-        page = await store.read_all(0, limit=100_000, tenant_id=a)
-        assert {e.tenant_id for e in page} == {a}
+        page = await store.read_log(tenant_id=a, limit=100_000)
+        assert {e.tenant_id for e in page.events} == {a}
+        assert _ScopeWatching.scopes == [a, a]
+        await store.read_log(limit=1)  # a read of every tenant (the relay's, a rebuild's) is not
+        assert _ScopeWatching.scopes[-1] == ""
     finally:
         await pool.close()
 
