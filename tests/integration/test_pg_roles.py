@@ -32,7 +32,12 @@ from libs.runtime.embedded import (
     _pg_user,
     start_postgres,
 )
-from libs.runtime.pg_credentials import load_passwords, new_password, with_credentials
+from libs.runtime.pg_credentials import (
+    load_passwords,
+    new_password,
+    scram_verifier,
+    with_credentials,
+)
 from services.gateway.keys import provision_tenant, run_with_pool
 from tests.conftest import System
 
@@ -417,6 +422,7 @@ def test_the_role_migrations_upgrade_a_database_made_by_the_earlier_ones(tmp_pat
     from libs.eventbus.migrate import apply_all, ensure_service_role, migration_dirs
 
     pg = start_postgres(tmp_path)
+    shared = SecretStr(new_password())
     before = {"eventstore": "0003"}  # the first migration of each folder not yet applied
     try:
         with psycopg.connect(pg.dsn(), autocommit=True) as conn:
@@ -435,6 +441,8 @@ def test_the_role_migrations_upgrade_a_database_made_by_the_earlier_ones(tmp_pat
                         (f"{component}/{f.name}",),
                     )
             conn.execute("INSERT INTO gateway.tenants (tenant_id, name) VALUES ('old', 'Old')")
+            # The shared role could log in, with a password (MC_SERVICE_DB_PASSWORD as was).
+            conn.execute(f"ALTER ROLE mc_service LOGIN PASSWORD '{scram_verifier(shared)}'")
         old = stream_id_for("old", "run", "r")
 
         async def append_old() -> None:
@@ -463,8 +471,8 @@ def test_the_role_migrations_upgrade_a_database_made_by_the_earlier_ones(tmp_pat
             assert c.execute(
                 "SELECT name FROM gateway.tenants WHERE tenant_id = 'old'"
             ).fetchone() == ("Old",)
-        with pytest.raises(psycopg.OperationalError):
-            psycopg.connect(with_credentials(base, "mc_service", SecretStr("anything")))
+        with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+            psycopg.connect(with_credentials(base, "mc_service", shared))
         assert apply_all(pg.dsn(), passwords) == []  # and a second run finds nothing to do
     finally:
         pg.stop()
