@@ -18,7 +18,7 @@ from libs.errors import InvalidInput
 
 DEFAULT_DATA_DIR = Path("var/mc")
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-DEFAULT_DATABASE_URL = "postgresql://mc_service@127.0.0.1:5432/missioncontrol"
+DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/missioncontrol"
 
 
 class Settings(BaseSettings):
@@ -46,8 +46,11 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", alias="MC_LOG_LEVEL")
     policy_bundle_dir: Path | None = Field(default=None, alias="MC_POLICY_BUNDLE")
     admin_token: SecretStr | None = Field(default=None, alias="MC_ADMIN_TOKEN")
-    service_db_password: SecretStr | None = Field(default=None, alias="MC_SERVICE_DB_PASSWORD")
-    """Password ``mctl migrate`` / ``mctl up`` set on the ``mc_service`` role."""
+    db_role_passwords: SecretStr | None = Field(default=None, alias="MC_DB_ROLE_PASSWORDS")
+    """The passwords of the services' PostgreSQL roles, a JSON object of role name to password
+    (``{"mc_gateway": "...", ...}``). ``mctl migrate`` / ``mctl up`` set them on the roles, and
+    ``mctl up`` hands each process its own; without it ``mctl up`` generates them into the data
+    directory (see :mod:`libs.runtime.pg_credentials`)."""
 
     # Human identities (services/gateway/tokens.py). The gateway always accepts the tokens it
     # issues itself (``POST /v1/auth/token``); with an issuer and a JWKS it also accepts an

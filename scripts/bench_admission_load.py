@@ -391,12 +391,12 @@ def run_bench(args: argparse.Namespace) -> None:
               f"p99 {pct(lat_ms, 99):7.2f} ms  max {max(lat_ms):7.2f} ms  "
               f"[{status_line(statuses)}]  generator lag max {lag * 1000:.1f} ms  "
               "target p99 <= 25 ms, only 200s")  # fmt: skip
-        lost = missing_decisions(state["postgres_admin_url"], tenant, ids)
+        lost = missing_decisions(system.admin_url, tenant, ids)
         print(f"  {len(ids)} decisions answered 200, {lost} of them missing from the store")
 
         flood = wrk(base, connections=args.clients, seconds=args.flood_seconds, env=env, threads=2)
         flood_ids: list[str] = flood["decision_ids"]
-        lost = missing_decisions(state["postgres_admin_url"], tenant, flood_ids)
+        lost = missing_decisions(system.admin_url, tenant, flood_ids)
         errors = {k: v for k, v in flood["errors"].items() if v and k != "status"}
         print(f"admission, {args.clients} concurrent clients for {args.flood_seconds:g} s (wrk)")
         print(f"  {flood['requests']} answers  p50 {ms(flood['p50_us']):7.2f} ms  "

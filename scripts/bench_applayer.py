@@ -23,7 +23,7 @@ from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.events import RunStarted, StepRecorded
 from libs.eventbus.db import open_pool
 from libs.eventbus.memory import InMemoryEventStore
-from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.eventbus.migrate import apply_all
 from libs.eventbus.repository import Store
 from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
@@ -142,8 +142,8 @@ def sum_p50(*samples: list[float]) -> list[float]:
 async def main(n: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="mc-bench-app-"))
     pg = start_postgres(base)
-    apply_all(pg.url)
-    pool = await open_pool(f"postgresql://{SERVICE_ROLE}@127.0.0.1:{pg.port}/missioncontrol")
+    apply_all(pg.dsn())
+    pool = await open_pool(pg.dsn())
     try:
         print(f"Mission Control application-layer benchmark ({n:,} commands, one at a time)")
         pg_store, twin = EventStore(pool), InMemoryEventStore()

@@ -31,7 +31,7 @@ from libs.contracts.events import StepRecorded
 from libs.contracts.subjects import events_filter
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import ConsumerSpec, connect, ensure_consumer, ensure_streams
-from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.eventbus.migrate import apply_all
 from libs.eventbus.relay import Relay
 from libs.eventbus.store import EventStore
 from libs.runtime.embedded import (
@@ -122,8 +122,8 @@ async def main(n: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="mc-bench-"))
     nats_srv = start_nats(base)
     pg = start_postgres(base)
-    apply_all(pg.url)
-    url = f"postgresql://{SERVICE_ROLE}@127.0.0.1:{pg.port}/missioncontrol"
+    apply_all(pg.dsn())
+    url = pg.dsn()
     pool = await open_pool(url, max_size=4)
     store = EventStore(pool)
     nc = await connect(nats_srv.url, "bench")
@@ -133,10 +133,10 @@ async def main(n: int) -> None:
         print(f"Mission Control foundation benchmark ({n:,} events of ~1 KB; 2-core machine)")
 
         # Floor: bare batched INSERT of the same rows into a plain table.
-        with psycopg.connect(pg.url, autocommit=True) as admin:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
             admin.execute("CREATE TABLE bare (id uuid, stream text, v int, payload jsonb)")
         t0 = time.perf_counter()
-        async with await psycopg.AsyncConnection.connect(pg.url) as c:
+        async with await psycopg.AsyncConnection.connect(pg.dsn()) as c:
             for start in range(0, n, 500):
                 async with c.cursor() as cur:
                     await cur.executemany(
@@ -159,11 +159,11 @@ async def main(n: int) -> None:
         # streams; floor: bare single-row INSERT + commit from 16 concurrent connections.
         writers = 16
         per_writer = max(50, n // 40)
-        with psycopg.connect(pg.url, autocommit=True) as admin:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
             admin.execute("CREATE TABLE bare_single (id uuid, stream text, v int, payload jsonb)")
 
         async def bare_writer(w: int) -> None:
-            async with await psycopg.AsyncConnection.connect(pg.url, autocommit=True) as c:
+            async with await psycopg.AsyncConnection.connect(pg.dsn(), autocommit=True) as c:
                 for i in range(per_writer):
                     await c.execute(
                         "INSERT INTO bare_single VALUES (%s, %s, %s, %s)",

@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--stops", type=int, default=30)
     args = ap.parse_args()
     with whole_system("bench") as system:
-        state, admin_url = system.state, system.state["postgres_admin_url"]
+        state, admin_url = system.state, system.admin_url
         audit = system.url_of("audit-replay")
         headers = {"Authorization": f"Bearer {system.key}"}
         print("Mission Control ingest and stop-latency benchmark (whole system on this machine)")

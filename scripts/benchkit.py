@@ -33,6 +33,8 @@ from libs.runtime.busauth import (
 )
 from libs.runtime.embedded import ServerProcess, start_nats
 from libs.runtime.registry import discover
+from libs.runtime.urls import resolve_url
+from libs.settings import Settings
 from services.gateway.keys import provision_tenant, run_with_pool
 
 BENCH_USER = "bench"
@@ -85,6 +87,19 @@ class System:
     def gateway(self) -> str:
         return self.url_of("gateway")
 
+    @property
+    def admin_url(self) -> str:
+        """The embedded PostgreSQL's administrator URL, with its password (never to print)."""
+        return admin_url_of(self.data_dir)
+
+
+def admin_url_of(data_dir: Path) -> str:
+    """The administrator URL of the system running on ``data_dir``."""
+    found = resolve_url("admin_database", settings=Settings.model_construct(), data_dir=data_dir)
+    if found is None:
+        raise RuntimeError(f"no system is running on {data_dir}")
+    return found.secret()
+
 
 @contextmanager
 def whole_system(tenant: str, prefix: str = "mc-bench-") -> Iterator[System]:
@@ -104,7 +119,7 @@ def whole_system(tenant: str, prefix: str = "mc-bench-") -> Iterator[System]:
         raise
     try:
         state = json.loads((data_dir / "state.json").read_text())
-        _, key = run_with_pool(state["postgres_admin_url"], lambda p: provision_tenant(p, tenant))
+        _, key = run_with_pool(admin_url_of(data_dir), lambda p: provision_tenant(p, tenant))
         yield System(data_dir, state, key)
     finally:
         mctl("down", "--data-dir", str(data_dir))

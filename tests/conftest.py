@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.eventbus.migrate import apply_all
 from libs.runtime.embedded import ServerProcess, start_nats, start_postgres
 
 
@@ -36,11 +36,13 @@ class System:
 
     @property
     def admin_url(self) -> str:
-        return self.pg.url
+        return self.pg.dsn()
 
     @property
     def service_url(self) -> str:
-        return f"postgresql://{SERVICE_ROLE}@127.0.0.1:{self.pg.port}/missioncontrol"
+        # Tests of behaviour act for every service at once, so they log in as the administrator;
+        # the per-service roles and what they are refused are tested in test_pg_roles.py.
+        return self.pg.dsn()
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -62,7 +64,7 @@ def start_system(base: Path) -> System:
     base.mkdir(parents=True, exist_ok=True)
     nats = start_nats(base)
     pg = start_postgres(base)
-    apply_all(pg.url)
+    apply_all(pg.dsn())
     return System(base, nats, pg)
 
 

@@ -69,6 +69,17 @@ def translate(exc: BaseException) -> MissionControlError:
     return MissionControlError(f"database error: {first_line(exc)}")
 
 
+TENANT_SCOPE_SETTING = "mc.tenant_id"
+"""The setting a transaction reading for one tenant is scoped with. Row-level security on
+``eventstore.events`` (migration 0003) then shows readers that tenant's rows only."""
+
+
+async def scope_to_tenant(conn: AsyncConn, tenant_id: str) -> None:
+    """``SET LOCAL mc.tenant_id``: until the end of ``conn``'s transaction, the rows it reads are
+    ``tenant_id``'s alone, whatever the query's own filter says."""
+    await conn.execute("SELECT set_config(%s, %s, true)", (TENANT_SCOPE_SETTING, tenant_id))
+
+
 # Connections inside a transaction() block, and those of them that appended events there.
 _managed: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
 _appended: weakref.WeakSet[AsyncConn] = weakref.WeakSet()

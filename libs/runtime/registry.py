@@ -89,6 +89,13 @@ class ServiceRegistration:
     supervisor refuses more and says this)."""
     bus: BusAccess = field(default_factory=BusAccess)
     """What it does on NATS: its NATS user's permissions are made from this."""
+    db_role: str | None = None
+    """The PostgreSQL role this service's processes log in as (``mc_<name>``); its migrations
+    make it the owner of the service's schema and grant it what it needs of the event store."""
+    stream_categories: tuple[str, ...] = ()
+    """The stream categories (``<tenant>/<category>/<entity>``) this service appends to. Only
+    its ``db_role`` may append to them: row-level security on the event store checks every
+    event against this map, which the migrator records (``eventstore.stream_categories``)."""
 
     @property
     def migration_component(self) -> str | None:

@@ -33,10 +33,11 @@ from typing import Any, Literal
 
 import httpx
 import psutil
+from pydantic import SecretStr
 
 from libs.errors import Conflict, InvalidInput, MissionControlError, TransientError, first_line
 from libs.eventbus.anchor import ensure_key_files
-from libs.eventbus.migrate import SERVICE_ROLE, apply_all
+from libs.eventbus.migrate import RELAY_NAME, apply_all, login_roles
 from libs.runtime.busauth import (
     RELAY_USER,
     authorization_config,
@@ -45,6 +46,7 @@ from libs.runtime.busauth import (
     write_credentials,
 )
 from libs.runtime.embedded import PG_DATABASE, ServerProcess, free_port, start_nats, start_postgres
+from libs.runtime.pg_credentials import ensure_passwords, parse_role_passwords, with_credentials
 from libs.runtime.registry import ServiceRegistration, discover, require_services
 from libs.runtime.state import STATE_FILE, redact_url, write_json_atomic
 from libs.runtime.urls import resolve_url
@@ -160,9 +162,24 @@ def replica_counts(
     return {s.name: asked.get(s.name, 1) for s in services}
 
 
-def service_database_url(port: int) -> str:
-    """The URL services use against the embedded server (trust authentication on loopback)."""
-    return f"postgresql://{SERVICE_ROLE}@127.0.0.1:{port}/{PG_DATABASE}"
+def embedded_database_url(port: int) -> str:
+    """The embedded server's database, without a user (each process logs in as its own role)."""
+    return f"postgresql://127.0.0.1:{port}/{PG_DATABASE}"
+
+
+def role_passwords(
+    settings: Settings, data_dir: Path, roles: Sequence[str]
+) -> dict[str, SecretStr]:
+    """The password of each of ``roles``: from ``MC_DB_ROLE_PASSWORDS`` when it is set (and
+    then it must name them all), else from the data directory, generated on first use."""
+    if settings.db_role_passwords is not None:
+        given = parse_role_passwords(settings.db_role_passwords)
+        missing = sorted(set(roles) - given.keys())
+        if missing:
+            raise InvalidInput(f"MC_DB_ROLE_PASSWORDS: no password for {', '.join(missing)}")
+        return {r: given[r] for r in roles}
+    stored = ensure_passwords(data_dir, roles)
+    return {r: stored[r] for r in roles}
 
 
 def format_table(state: Mapping[str, Any]) -> str:
@@ -359,6 +376,8 @@ class Supervisor:
         self.nats_credentials_dir: Path | None = None
         """Where each NATS user's password file is (``None``: the processes inherit
         ``NATS_USER`` / ``NATS_PASSWORD`` from the environment, if any)."""
+        self.process_database_urls: dict[str, str] = {}
+        """Process name (relay, each service) → the URL it connects with, as its own role."""
         self._stop_requested = False
         self._lock_fd: int | None = None
         self._log_file: Any = None
@@ -424,15 +443,18 @@ class Supervisor:
             pg = self._add_server("postgres", lambda port: start_postgres(self.data_dir, port))
             assert pg.port is not None
             assert pg.url is not None
-            self.admin_url = migrate_url = pg.url
-            self.database_url = service_database_url(pg.port)
-        password = self.settings.service_db_password
+            assert pg.server is not None
+            self.admin_url = pg.url  # no password in it: it is recorded in state.json
+            migrate_url = pg.server.dsn()
+            self.database_url = embedded_database_url(pg.port)
+        roles = login_roles(self.services)
+        passwords = role_passwords(self.settings, self.data_dir, sorted(set(roles.values())))
+        self.process_database_urls = {
+            name: with_credentials(self.database_url, role, passwords[role])
+            for name, role in roles.items()
+        }
         try:
-            applied = apply_all(
-                migrate_url,
-                password.get_secret_value() if password else None,
-                self.services,
-            )
+            applied = apply_all(migrate_url, passwords, self.services)
         except Exception as exc:
             raise SupervisorError(
                 f"migrations failed on {redact_url(migrate_url)}: {_first_line(exc)}"
@@ -523,6 +545,7 @@ class Supervisor:
                     **self._nats_env(RELAY_USER),
                     "MC_SERVICE": "relay",
                     **self._anchor_key_env(),
+                    **self._database_env(RELAY_NAME),
                 },
                 log_path=self.log_dir / "relay.log",
             )
@@ -546,6 +569,7 @@ class Supervisor:
                             "MC_SERVICE": service.name,
                             "MC_HTTP_HOST": host,
                             "MC_HTTP_PORT": str(port),
+                            **self._database_env(service.name),
                         },
                         log_path=self.log_dir / f"{name}.log",
                     )
@@ -559,6 +583,11 @@ class Supervisor:
             return {}
         private, _ = ensure_key_files(self.data_dir)
         return {"MC_ANCHOR_SIGNING_KEY": private.read_text()}
+
+    def _database_env(self, name: str) -> dict[str, str]:
+        """``DATABASE_URL`` of process ``name``: its own role's, with that role's password."""
+        url = self.process_database_urls.get(name)
+        return {"DATABASE_URL": url} if url else {}
 
     def _spawn(self, child: Child) -> None:
         assert child.module is not None

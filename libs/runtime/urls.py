@@ -25,6 +25,7 @@ from typing import Literal
 
 from pydantic import SecretStr
 
+from libs.runtime.pg_credentials import load_passwords, with_credentials
 from libs.runtime.state import read_state, redact_url
 from libs.settings import Settings, load_settings
 
@@ -38,7 +39,7 @@ _SETTINGS_FIELDS: dict[UrlKind, tuple[str, ...]] = {
 }
 # Per kind: the state.json key naming the embedded server. The services' database URL is
 # recorded redacted, so it cannot be read back; the admin URL of the embedded server is recorded
-# as is because it has no password.
+# without its password, which is read from the data directory (libs.runtime.pg_credentials).
 _STATE_KEYS: dict[UrlKind, str] = {"nats": "nats_url", "admin_database": "postgres_admin_url"}
 
 
@@ -91,5 +92,18 @@ def resolve_url(
         key = _STATE_KEYS.get(kind)
         recorded = (state or {}).get(key) if key else None
         if recorded:
-            return ResolvedUrl(SecretStr(str(recorded)), Source.RUNNING_SYSTEM)
+            found = str(recorded)
+            if kind == "admin_database":
+                found = _with_admin_password(found, data_dir.resolve())
+            return ResolvedUrl(SecretStr(found), Source.RUNNING_SYSTEM)
     return None
+
+
+def _with_admin_password(url: str, data_dir: Path) -> str:
+    """The embedded server's admin ``url`` with the password stored for its user, if any."""
+    authority = url.partition("://")[2].split("/", 1)[0]
+    userinfo = authority.rpartition("@")[0]
+    if not userinfo or ":" in userinfo:
+        return url  # no user to look up, or a password already
+    password = load_passwords(data_dir).get(userinfo)
+    return with_credentials(url, userinfo, password) if password is not None else url

@@ -1,10 +1,14 @@
 """How the runtime finds the audit-replay service (entry point ``mission_control.services``)."""
 
+from pathlib import Path
+
 from libs.runtime.registry import BusAccess, ServiceRegistration
 
 REGISTRATION = ServiceRegistration(
     name="audit-replay",
     module="services.audit_replay",
+    migrations=Path(__file__).parent / "migrations",
+    db_role="mc_audit_replay",
     bus=BusAccess(
         serves="audit", consumers=("audit-control", "audit-bulk"), removes=("audit-projector",)
     ),

@@ -8,5 +8,7 @@ REGISTRATION = ServiceRegistration(
     name="cost",
     module="services.cost",
     migrations=Path(__file__).parent / "migrations",
+    db_role="mc_cost",
+    stream_categories=("cost", "prices"),
     bus=BusAccess(serves="cost", consumers=("cost-steps",)),
 )

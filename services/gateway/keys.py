@@ -38,6 +38,9 @@ CACHE_TTL_S = 30.0
 CACHE_MAX_ENTRIES = 10_000
 # revoke_key notifies this channel with the key id, in the revoking transaction.
 REVOKED_CHANNEL = "mc_api_key_revoked"
+TENANT_CATEGORY = "tenant"
+API_KEY_CATEGORY = "api_key"
+"""Streams ``<tenant>/tenant/<tenant>``: each tenant's own history (``tenant.created``)."""
 RELISTEN_DELAY_S = 1.0
 # How often the listening connection is probed while no notification arrives: a connection that
 # died without closing (a dropped route, a killed backend behind a proxy) is noticed this fast.
@@ -60,7 +63,7 @@ async def create_tenant(
     when it existed and not ``exist_ok``.
     """
     event = decide_create_tenant(tenant_id, name)
-    stream_id = stream_id_for(event.tenant_id, "tenant", event.tenant_id)
+    stream_id = stream_id_for(event.tenant_id, TENANT_CATEGORY, event.tenant_id)
     async with transaction(pool) as conn:
         cur = await conn.execute(
             "INSERT INTO gateway.tenants (tenant_id, name) VALUES (%s, %s) "
@@ -127,7 +130,7 @@ async def issue_key(
             conn,
             ApiKeyIssued(key_id=issued.key_id, name=name, scopes=granted),
             tenant_id=tenant_id,
-            stream_id=stream_id_for(tenant_id, "api_key", issued.key_id),
+            stream_id=stream_id_for(tenant_id, API_KEY_CATEGORY, issued.key_id),
             actor=actor,
             new=True,
         )
@@ -159,7 +162,7 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str, *, actor: str = "mc
             conn,
             ApiKeyRevoked(key_id=key_id),
             tenant_id=row["tenant_id"],
-            stream_id=stream_id_for(row["tenant_id"], "api_key", key_id),
+            stream_id=stream_id_for(row["tenant_id"], API_KEY_CATEGORY, key_id),
             actor=actor,
         )
         await conn.execute("SELECT pg_notify(%s, %s)", (REVOKED_CHANNEL, key_id))

@@ -28,6 +28,7 @@ from services.gateway.rbac import check_role, check_user_id
 USER_CHANNEL = "mc_user_changed"
 # Users are global: their own records live in the streams of the reserved tenant.
 SYSTEM_TENANT = "system"
+USER_CATEGORY = "user"
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ async def _record_change(
     new: bool = False,
 ) -> None:
     """Record ``event`` in ``<tenant>/user/<id>`` and tell the gateways, both at commit."""
-    stream_id = stream_id_for(tenant_id, "user", event.user_id)
+    stream_id = stream_id_for(tenant_id, USER_CATEGORY, event.user_id)
     await record_event(
         pool, conn, event, tenant_id=tenant_id, stream_id=stream_id, actor=actor, new=new
     )

@@ -8,5 +8,7 @@ REGISTRATION = ServiceRegistration(
     name="incident",
     module="services.incident",
     migrations=Path(__file__).parent / "migrations",
+    db_role="mc_incident",
+    stream_categories=("incident",),
     bus=BusAccess(serves="incident", consumers=("incident-violations",)),
 )

@@ -22,6 +22,8 @@ from pydantic import SecretStr
 
 from libs.eventbus.jetstream import connect
 from libs.runtime.busauth import OPERATOR_USER, credentials_dir
+from libs.runtime.urls import Source, resolve_url
+from libs.settings import Settings
 from services.gateway.client import MissionControlClient
 from services.gateway.keys import provision_tenant, run_with_pool
 
@@ -51,7 +53,11 @@ class RunningSystem:
 
     @property
     def admin_url(self) -> str:
-        return str(self.state["postgres_admin_url"])
+        found = resolve_url(
+            "admin_database", settings=Settings.model_construct(), data_dir=self.data_dir
+        )
+        assert found is not None and found.source == Source.RUNNING_SYSTEM
+        return found.secret()
 
     @property
     def nats_url(self) -> str:

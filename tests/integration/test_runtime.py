@@ -102,7 +102,7 @@ def test_up_prints_every_service(running: Running) -> None:
     names = {c["name"] for c in state["children"]}
     assert names == {"nats", "postgres", "relay", *SERVICE_NAMES}
     assert state["nats_url"].startswith("nats://127.0.0.1:")
-    assert state["database_url"].startswith("postgresql://mc_service@127.0.0.1:")
+    assert state["database_url"].startswith("postgresql://127.0.0.1:")
 
 
 def test_processes_start_in_order_servers_relay_then_registered_services(running: Running) -> None:

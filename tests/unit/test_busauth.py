@@ -29,6 +29,7 @@ from services.cost.handlers import CONSUMER as COST_CONSUMER
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT_RPC
 from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
+from services.policy_admission.entrypoints import STEPS_DURABLE as ADMISSION_STEPS_DURABLE
 from services.workflow_engine.entrypoints import DISPATCH_DURABLE, EXECUTIONS_DURABLE
 from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW_RPC
 from services.workflow_engine.entrypoints import VIOLATIONS_DURABLE as WORKFLOW_DURABLE
@@ -51,7 +52,9 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     assert regs["gateway"].bus.work == "take"
     assert regs["incident"].bus == BusAccess(serves=INCIDENT_RPC, consumers=(INCIDENT_DURABLE,))
     assert regs["cost"].bus == BusAccess(serves="cost", consumers=(COST_CONSUMER,))
-    assert regs["policy-admission"].bus == BusAccess(serves=ADMISSION_RPC)
+    assert regs["policy-admission"].bus == BusAccess(
+        serves=ADMISSION_RPC, consumers=(ADMISSION_STEPS_DURABLE,)
+    )
     assert regs["audit-replay"].bus == BusAccess(
         serves="audit",
         consumers=tuple(lane.durable for lane in LANES),

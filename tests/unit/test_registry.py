@@ -129,9 +129,11 @@ def test_migration_ids_keep_their_historic_prefixes() -> None:
     # Ids already recorded in databases: a renamed prefix would re-apply a migration.
     assert [component for component, _ in migration_dirs()] == [
         "eventstore",
+        "audit_replay",
         "cost",
         "gateway",
         "incident",
+        "policy_admission",
         "workflow_engine",
     ]
 

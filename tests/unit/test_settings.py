@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from libs.errors import InvalidInput
 from libs.runtime.cli import app
 from libs.runtime.cli_support import CliError, admin_database, data_dir_of
+from libs.runtime.pg_credentials import ensure_passwords
 from libs.runtime.state import STATE_FILE
 from libs.runtime.urls import Source, resolve_url
 from libs.settings import DEFAULT_DATA_DIR, Settings, load_settings
@@ -24,7 +25,7 @@ ENV_VARS = (
     "CLICKHOUSE_URL",
     "MC_DATA_DIR",
     "MC_ADMIN_TOKEN",
-    "MC_SERVICE_DB_PASSWORD",
+    "MC_DB_ROLE_PASSWORDS",
 )
 EMBEDDED_ADMIN = "postgresql://postgres@127.0.0.1:5999/missioncontrol"
 
@@ -63,6 +64,18 @@ def test_precedence_is_flag_then_environment_then_running_system(
     found = resolve_url("admin_database", flag="postgresql://flag-db/mc", data_dir=running)
     assert found is not None
     assert (found.secret(), found.source) == ("postgresql://flag-db/mc", Source.FLAG)
+
+
+def test_the_running_systems_admin_url_gets_its_password_from_the_data_directory(
+    running: Path,
+) -> None:
+    """``state.json`` names the embedded server without a password; the password is read from
+    the private credentials file beside it, and shown by no ``str``."""
+    password = ensure_passwords(running, ["postgres"])["postgres"].get_secret_value()
+    found = resolve_url("admin_database", data_dir=running)
+    assert found is not None
+    assert found.secret() == f"postgresql://postgres:{password}@127.0.0.1:5999/missioncontrol"
+    assert password not in f"{found} {found!r}"
 
 
 def test_nothing_configured_and_nothing_running_leaves_the_embedded_default(
@@ -109,7 +122,7 @@ def test_secrets_are_redacted_in_settings_and_resolved_urls(
     monkeypatch.setenv("DATABASE_ADMIN_URL", "postgresql://admin:adminpass@db/mc")
     monkeypatch.setenv("CLICKHOUSE_URL", "http://ch:chpass@ch:8123")
     monkeypatch.setenv("MC_ADMIN_TOKEN", "operator-token")
-    monkeypatch.setenv("MC_SERVICE_DB_PASSWORD", "svcpass")
+    monkeypatch.setenv("MC_DB_ROLE_PASSWORDS", '{"mc_gateway": "svcpass"}')
     settings = Settings()
     shown = f"{settings} {settings!r} {settings.model_dump()}"
     for secret in ("dbpass", "adminpass", "chpass", "operator-token", "svcpass"):

@@ -81,13 +81,20 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Readers (the relay's checkpoints, verification) read the heads; the relay appends its
+-- checkpoints through append_events like any service.
+GRANT SELECT ON eventstore.stream_heads TO mc_eventstore_reader;
+GRANT mc_eventstore_appender TO mc_relay;
+
 -- Same contract as in 0002 (one statement: lock, check, chain, insert), plus: the previous heads
 -- are read from eventstore.stream_heads (the INSERT's trigger moves them), and every event's
 -- position (from the identity sequence) and recorded_at (clock_timestamp()) are assigned before
 -- it is hashed, with scheme 2.
+-- SECURITY DEFINER as 0003 made it: the function runs as mc_eventstore_writer, the only role
+-- that inserts events (CREATE OR REPLACE would otherwise turn it back into SECURITY INVOKER).
 CREATE OR REPLACE FUNCTION eventstore.append_events(p_events jsonb)
 RETURNS TABLE (o_event_id uuid, o_version bigint, o_position bigint, o_recorded_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     p_event_id uuid[];
     p_event_type text[];

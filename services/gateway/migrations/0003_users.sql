@@ -28,5 +28,5 @@ ALTER TABLE gateway.api_keys
     ADD COLUMN scopes text[] NOT NULL DEFAULT ARRAY['ingest', 'admit', 'read']
         CHECK (cardinality(scopes) > 0 AND scopes <@ ARRAY['ingest', 'admit', 'read']);
 
-GRANT SELECT, INSERT, UPDATE (disabled_at) ON gateway.users TO mc_service;
-GRANT SELECT, INSERT, UPDATE (granted_at, revoked_at) ON gateway.role_grants TO mc_service;
+-- The gateway's role owns what it keeps (see 0002_roles).
+SELECT eventstore.hand_over_schema('gateway', 'mc_gateway');

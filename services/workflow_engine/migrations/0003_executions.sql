@@ -20,7 +20,6 @@ CREATE INDEX IF NOT EXISTS executions_wake ON workflow.executions (wake_at)
 CREATE INDEX IF NOT EXISTS executions_tenant_started
     ON workflow.executions (tenant_id, started_at DESC);
 
-GRANT SELECT, INSERT, UPDATE ON workflow.executions TO mc_service;
 
 -- The approval queue: steps waiting for people, rewritten with their execution's events.
 CREATE TABLE IF NOT EXISTS workflow.approval_queue (
@@ -37,4 +36,5 @@ CREATE TABLE IF NOT EXISTS workflow.approval_queue (
     PRIMARY KEY (tenant_id, execution_id, step_id)
 );
 
-GRANT SELECT, INSERT, DELETE ON workflow.approval_queue TO mc_service;
+-- The engine's role owns what it keeps (see 0002_roles).
+SELECT eventstore.hand_over_schema('workflow', 'mc_workflow_engine');
