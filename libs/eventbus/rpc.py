@@ -46,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
+from libs.contracts.limits import agent_actor
 from libs.contracts.subjects import RPC_PREFIX, rpc_subject
 from libs.observability import bind_from_headers, extract_context, inject_headers, tracer
 from libs.settings import get_settings
@@ -125,7 +126,7 @@ class RequestMeta:
 
     def actor_for(self, agent_id: str) -> str:
         """``Mc-Actor`` when the caller named one, else the agent the run belongs to."""
-        return self.actor or f"agent:{agent_id}"
+        return self.actor or agent_actor(agent_id)
 
 
 class _SharedConnectionBroker(NatsBroker):

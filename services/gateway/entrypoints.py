@@ -34,11 +34,11 @@ from starlette.exceptions import HTTPException
 
 from libs import errors
 from libs.contracts import new_uuid7
+from libs.contracts.limits import AGENT_ID_PATTERN
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.keys import KeyVerifier, Principal
 from services.gateway.schemas import (
-    AGENT_ID_PATTERN,
     ID_PATTERN,
     MAX_PAGE,
     POLICY_ID_PATTERN,
@@ -46,12 +46,22 @@ from services.gateway.schemas import (
     AdmissionRequest,
     AdmissionResponse,
     CostGrouping,
+    CostsResponse,
     ErrorResponse,
     ExportFormat,
     FinishRunRequest,
+    IncidentList,
     IncidentStatus,
+    IncidentView,
+    PoliciesResponse,
+    PriceListing,
+    PricesPublishedResponse,
+    RebuildResponse,
+    ReplayResponse,
     ResolveRequest,
+    RunDetail,
     RunFinishedResponse,
+    RunList,
     RunStartedResponse,
     RunStatusFilter,
     SetPricesRequest,
@@ -59,6 +69,7 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
     StepsRecordedResponse,
+    TraceResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
 
@@ -139,6 +150,17 @@ def validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def body_error_message(cause: BaseException) -> str:
+    """Why a JSON body could not be read, without quoting it."""
+    if isinstance(cause, UnicodeError):
+        problem = "not valid UTF-8"
+    elif isinstance(cause, RecursionError):
+        problem = "nested too deeply"
+    else:
+        problem = "malformed"
+    return f"invalid request: body: invalid JSON ({problem})"
+
+
 def map_exception(exc: BaseException) -> JSONResponse:
     """The response for an exception raised while handling a request."""
     if isinstance(exc, HTTPException) and isinstance(exc.__cause__, errors.MissionControlError):
@@ -146,6 +168,11 @@ def map_exception(exc: BaseException) -> JSONResponse:
         exc = exc.__cause__
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_input", validation_message(exc))
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI answers 400 when reading a JSON body raised anything but a JSON syntax error:
+        # bytes that are not UTF-8, nesting past the parser's recursion limit. To the caller it is
+        # the same mistake as malformed JSON, so it gets the same 422.
+        return error_response(422, "invalid_input", body_error_message(exc.__cause__))
     if isinstance(exc, errors.Overloaded):
         return overloaded_response(str(exc))
     if isinstance(exc, errors.MissionControlError) and exc.http_status < 500:
@@ -315,7 +342,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Not found (or not visible to this tenant)."},
     409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
     413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
-    422: {"model": ErrorResponse, "description": "Invalid request; the message names the fields."},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid request: a path, query or body value out of its limits, or a body "
+        "that is not JSON (malformed, not UTF-8, nested too deeply); the message names the "
+        "fields.",
+    },
     429: {
         "model": ErrorResponse,
         "description": "Over the gateway's or a service's bound of requests in flight; refused "
@@ -413,7 +445,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         """End a run as ``completed`` or ``failed``."""
         return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
 
-    @router.get("/runs", tags=["runs"])
+    @router.get("/runs", response_model=RunList, tags=["runs"])
     async def list_runs(
         call: Call,
         status: RunStatusFilter | None = None,
@@ -425,17 +457,17 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         query = {"status": status, "agent_id": agent_id, "limit": limit, "offset": offset}
         return await call.answer("audit", "runs", _present(query))
 
-    @router.get("/runs/{run_id}", tags=["runs"])
+    @router.get("/runs/{run_id}", response_model=RunDetail, tags=["runs"])
     async def get_run(run_id: RunIdPath, call: Call) -> Any:
         """One run: status, steps, tokens, cost, and where it stopped."""
         return await call.answer("audit", "run", {"run_id": run_id})
 
-    @router.get("/runs/{run_id}/trace", tags=["runs"])
+    @router.get("/runs/{run_id}/trace", response_model=TraceResponse, tags=["runs"])
     async def get_trace(run_id: RunIdPath, call: Call) -> Any:
         """The run's steps and decisions in order, with its inflection point."""
         return await call.answer("audit", "trace", {"run_id": run_id})
 
-    @router.get("/runs/{run_id}/replay", tags=["runs"])
+    @router.get("/runs/{run_id}/replay", response_model=ReplayResponse, tags=["runs"])
     async def replay_run(
         run_id: RunIdPath,
         call: Call,
@@ -451,8 +483,10 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         tags=["runs"],
         responses={
             200: {
-                "description": "The run's audit record as a file.",
-                "content": {"application/json": {}, "text/csv": {}},
+                "model": TraceResponse,
+                "description": "The run's audit record as a file: the trace as JSON, or its "
+                "steps as CSV.",
+                "content": {"text/csv": {"schema": {"type": "string"}}},
             }
         },
     )
@@ -465,7 +499,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     # -- incidents ---------------------------------------------------------------------------------
 
-    @router.get("/incidents", tags=["incidents"])
+    @router.get("/incidents", response_model=IncidentList, tags=["incidents"])
     async def list_incidents(
         call: Call,
         status: IncidentStatus | None = None,
@@ -484,12 +518,14 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         }
         return await call.answer("audit", "incidents", _present(query))
 
-    @router.get("/incidents/{incident_id}", tags=["incidents"])
+    @router.get("/incidents/{incident_id}", response_model=IncidentView, tags=["incidents"])
     async def get_incident(incident_id: IncidentIdPath, call: Call) -> Any:
         """One incident with its history."""
         return await call.answer("audit", "incident", {"incident_id": str(incident_id)})
 
-    @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
+    @router.post(
+        "/incidents/{incident_id}/acknowledge", response_model=IncidentView, tags=["incidents"]
+    )
     async def acknowledge_incident(
         incident_id: IncidentIdPath,
         call: Call,
@@ -500,7 +536,9 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         payload = {"incident_id": str(incident_id), "by": by or call.actor}
         return await call.answer("incident", "acknowledge", payload)
 
-    @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])
+    @router.post(
+        "/incidents/{incident_id}/resolve", response_model=IncidentView, tags=["incidents"]
+    )
     async def resolve_incident(
         incident_id: IncidentIdPath, body: ResolveRequest, call: Call
     ) -> Any:
@@ -514,24 +552,24 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     # -- policies, costs, prices -------------------------------------------------------------------
 
-    @router.get("/policies", tags=["policies"])
+    @router.get("/policies", response_model=PoliciesResponse, tags=["policies"])
     async def list_policies(call: Call) -> Any:
         """The active bundle's policies, with how many incidents each has caused."""
         return await call.answer("audit", "policies")
 
-    @router.get("/costs", tags=["costs"])
+    @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(call: Call, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
         """Cost of the tenant's runs, grouped by run, agent or model."""
         return await call.answer(
             "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
         )
 
-    @router.get("/prices", tags=["costs"])
+    @router.get("/prices", response_model=PriceListing, tags=["costs"])
     async def prices(call: Call) -> Any:
         """The tenant's price table (custom prices over the defaults) and its version."""
         return await call.answer("cost", "prices")
 
-    @router.put("/prices", tags=["costs"])
+    @router.put("/prices", response_model=PricesPublishedResponse, tags=["costs"])
     async def set_prices(body: SetPricesRequest, call: Call) -> Any:
         """Publish a new version of the tenant's custom price table."""
         payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
@@ -542,6 +580,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
     @router.post(
         "/admin/rebuild-projections",
         status_code=202,
+        response_model=RebuildResponse,
         tags=["admin"],
         responses={
             403: {
@@ -574,7 +613,8 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
             raise errors.TransientError("the gateway is not started")
         configured = ctx.settings.admin_token
         require_admin_token(configured.get_secret_value() if configured else None, admin_token)
-        return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
+        result = await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S)
+        return json_response(_json_body(result), 202)
 
     return router
 
