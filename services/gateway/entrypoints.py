@@ -50,16 +50,16 @@ from services.gateway.schemas import (
     ErrorResponse,
     ExportFormat,
     FinishRunRequest,
+    Incident,
     IncidentList,
     IncidentStatus,
-    IncidentView,
     PoliciesResponse,
     PriceListing,
     PricesPublishedResponse,
     RebuildResponse,
     ReplayResponse,
     ResolveRequest,
-    RunDetail,
+    Run,
     RunFinishedResponse,
     RunList,
     RunStartedResponse,
@@ -364,6 +364,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# OpenAPI links: how an answer's ids feed the next operations (a run started → admit, record,
+# finish, read it; an incident listed → read, acknowledge, resolve it). Clients and stateful API
+# testing follow them. Operation ids are the route functions' names.
+_RUN_READS = ("get_run", "get_trace", "replay_run", "export_run")
+_RUN_WRITES = ("admit", "record_step", "finish_run")
+_INCIDENT_OPS = ("get_incident", "acknowledge_incident", "resolve_incident")
+
+
+def _links(status: int, param: str, source: str, *operations: str) -> dict[int | str, Any]:
+    """``responses`` entry: the ``status`` answer's links to ``operations``, passing ``source``
+    (a runtime expression) as their ``param``."""
+    links = {op: {"operationId": op, "parameters": {param: source}} for op in operations}
+    return {status: {"links": links}}
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
 def json_response(value: Any, status: int = 200) -> Response:
     """``value`` encoded with orjson, as an ``application/json`` answer."""
     return Response(orjson.dumps(value), status_code=status, media_type="application/json")
@@ -390,17 +409,33 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return Caller(principal, rpc(), request.state.rpc_headers)
 
     Call = Annotated[Caller, Depends(caller)]
-    router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
+    router = APIRouter(
+        prefix="/v1",
+        route_class=GatewayRoute,
+        responses=_ERRORS,
+        generate_unique_id_function=_operation_id,
+    )
 
     # -- runs and steps ----------------------------------------------------------------------------
 
-    @router.post("/runs", status_code=201, response_model=RunStartedResponse, tags=["runs"])
+    @router.post(
+        "/runs",
+        status_code=201,
+        response_model=RunStartedResponse,
+        tags=["runs"],
+        responses=_links(201, "run_id", "$response.body#/run_id", *_RUN_WRITES, *_RUN_READS),
+    )
     async def start_run(body: StartRunRequest, call: Call) -> Any:
         """Start a run of an agent."""
         payload = body.model_dump(mode="json", exclude_none=True)
         return await call.answer("workflow", "start_run", payload, status=201)
 
-    @router.post("/runs/{run_id}/admissions", response_model=AdmissionResponse, tags=["runs"])
+    @router.post(
+        "/runs/{run_id}/admissions",
+        response_model=AdmissionResponse,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$request.path.run_id", "record_step", "get_trace"),
+    )
     async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Call) -> Any:
         """Ask, before running a step, whether it may run. ``deny`` means: do not run it."""
         return await call.answer(
@@ -412,6 +447,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         status_code=201,
         response_model=StepsRecordedResponse,
         tags=["runs"],
+        responses=_links(201, "run_id", "$request.path.run_id", *_RUN_WRITES, *_RUN_READS),
     )
     async def record_step(run_id: RunIdPath, body: StepFields, call: Call) -> Any:
         """Record the outcome of one step of a run."""
@@ -440,12 +476,22 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
             positions += list(result.get("positions", []))
         return json_response({"recorded": recorded, "positions": positions}, 201)
 
-    @router.post("/runs/{run_id}/finish", response_model=RunFinishedResponse, tags=["runs"])
+    @router.post(
+        "/runs/{run_id}/finish",
+        response_model=RunFinishedResponse,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$response.body#/run_id", "admit", *_RUN_READS),
+    )
     async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Call) -> Any:
         """End a run as ``completed`` or ``failed``."""
         return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
 
-    @router.get("/runs", response_model=RunList, tags=["runs"])
+    @router.get(
+        "/runs",
+        response_model=RunList,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$response.body#/runs/0/run_id", *_RUN_READS),
+    )
     async def list_runs(
         call: Call,
         status: RunStatusFilter | None = None,
@@ -457,7 +503,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         query = {"status": status, "agent_id": agent_id, "limit": limit, "offset": offset}
         return await call.answer("audit", "runs", _present(query))
 
-    @router.get("/runs/{run_id}", response_model=RunDetail, tags=["runs"])
+    @router.get("/runs/{run_id}", response_model=Run, tags=["runs"])
     async def get_run(run_id: RunIdPath, call: Call) -> Any:
         """One run: status, steps, tokens, cost, and where it stopped."""
         return await call.answer("audit", "run", {"run_id": run_id})
@@ -499,7 +545,14 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
 
     # -- incidents ---------------------------------------------------------------------------------
 
-    @router.get("/incidents", response_model=IncidentList, tags=["incidents"])
+    @router.get(
+        "/incidents",
+        response_model=IncidentList,
+        tags=["incidents"],
+        responses=_links(
+            200, "incident_id", "$response.body#/incidents/0/incident_id", *_INCIDENT_OPS
+        ),
+    )
     async def list_incidents(
         call: Call,
         status: IncidentStatus | None = None,
@@ -518,13 +571,23 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         }
         return await call.answer("audit", "incidents", _present(query))
 
-    @router.get("/incidents/{incident_id}", response_model=IncidentView, tags=["incidents"])
+    @router.get(
+        "/incidents/{incident_id}",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(200, "run_id", "$response.body#/run_id", "get_run", "get_trace"),
+    )
     async def get_incident(incident_id: IncidentIdPath, call: Call) -> Any:
         """One incident with its history."""
         return await call.answer("audit", "incident", {"incident_id": str(incident_id)})
 
     @router.post(
-        "/incidents/{incident_id}/acknowledge", response_model=IncidentView, tags=["incidents"]
+        "/incidents/{incident_id}/acknowledge",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(
+            200, "incident_id", "$request.path.incident_id", "get_incident", "resolve_incident"
+        ),
     )
     async def acknowledge_incident(
         incident_id: IncidentIdPath,
@@ -537,7 +600,10 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         return await call.answer("incident", "acknowledge", payload)
 
     @router.post(
-        "/incidents/{incident_id}/resolve", response_model=IncidentView, tags=["incidents"]
+        "/incidents/{incident_id}/resolve",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(200, "incident_id", "$request.path.incident_id", "get_incident"),
     )
     async def resolve_incident(
         incident_id: IncidentIdPath, body: ResolveRequest, call: Call

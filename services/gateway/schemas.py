@@ -228,7 +228,7 @@ Timestamp = Annotated[str, Field(description="ISO 8601, UTC, with microseconds a
 Usd = Annotated[str, Field(description="US dollars as a decimal string with 10 places.")]
 
 
-class RunView(_Result):
+class RunSummary(_Result):
     """A run with its totals; ``cost_usd`` sums its priced steps only (``null``: none priced)."""
 
     run_id: str
@@ -247,7 +247,7 @@ class RunView(_Result):
     unpriced_steps: int
 
 
-class RunDetail(RunView):
+class Run(RunSummary):
     """A run with the ids of the incidents it caused."""
 
     incident_ids: list[str]
@@ -256,7 +256,7 @@ class RunDetail(RunView):
 class RunList(_Result):
     """A page of runs, newest first."""
 
-    runs: list[RunView]
+    runs: list[RunSummary]
     limit: int
     offset: int
 
@@ -316,7 +316,7 @@ class TraceStep(_Result):
 class TraceResponse(_Result):
     """A run's steps in order, with their decisions and costs, and its inflection point."""
 
-    run: RunDetail
+    run: Run
     steps: list[TraceStep]
     inflection_point: InflectionPoint | None
 
@@ -324,7 +324,7 @@ class TraceResponse(_Result):
 class ReplayResponse(_Result):
     """The run folded from the event store up to a point (``state`` null: nothing there yet)."""
 
-    state: RunDetail | None
+    state: Run | None
     events_applied: int
     inflection_point: InflectionPoint | None
     at_position: int | None
@@ -346,7 +346,7 @@ class ResolveRequest(_Body):
     by: By | None = None
 
 
-class IncidentView(_Result):
+class Incident(_Result):
     """An incident and what was done about it."""
 
     incident_id: str
@@ -370,7 +370,7 @@ class IncidentView(_Result):
 class IncidentList(_Result):
     """A page of incidents, newest first."""
 
-    incidents: list[IncidentView]
+    incidents: list[Incident]
     limit: int
     offset: int
 
