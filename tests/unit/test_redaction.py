@@ -178,7 +178,8 @@ def stdlib_to_buffer() -> Iterator[tuple[logging.Logger, io.StringIO]]:
     old_factory = logging.getLogRecordFactory()
     old_hook = sys.excepthook
     observability.install_stdlib_redaction()
-    logger = logging.getLogger("uvicorn.error.redaction-test")
+    logger = logging.getLogger("mc.redaction-test")
+    logger.setLevel(logging.DEBUG)
     handler = logging.StreamHandler(buffer)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     logger.addHandler(handler)
