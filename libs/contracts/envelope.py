@@ -14,7 +14,9 @@ from uuid import UUID
 import uuid_utils
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+from libs.contracts.limits import MAX_ACTOR, MAX_CORRELATION_ID, MAX_STREAM_ID, MAX_TENANT_ID
+
+_TENANT_RE = re.compile(rf"^[a-z0-9][a-z0-9_-]{{0,{MAX_TENANT_ID - 1}}}$")
 
 
 def _check_tenant(value: str) -> str:
@@ -22,8 +24,8 @@ def _check_tenant(value: str) -> str:
     # no dots, wildcards, slashes or upper case that could escape a subject filter.
     if not _TENANT_RE.fullmatch(value):
         raise ValueError(
-            "tenant id must be 1-63 characters of a-z, 0-9, '_' or '-', starting with a letter "
-            "or digit"
+            f"tenant id must be 1-{MAX_TENANT_ID} characters of a-z, 0-9, '_' or '-', starting "
+            "with a letter or digit"
         )
     return value
 
@@ -77,14 +79,14 @@ class EventEnvelope(BaseModel):
     event_type: str
     schema_version: int = Field(ge=1)
     tenant_id: TenantId
-    stream_id: str = Field(min_length=1, max_length=300)
+    stream_id: str = Field(min_length=1, max_length=MAX_STREAM_ID)
     stream_version: int = Field(default=0, ge=0)
     position: int | None = None
     occurred_at: datetime = Field(default_factory=utcnow)
     recorded_at: datetime | None = None
-    correlation_id: str = Field(min_length=1, max_length=200)
+    correlation_id: str = Field(min_length=1, max_length=MAX_CORRELATION_ID)
     causation_id: str | None = None
-    actor: str = Field(min_length=1, max_length=200)
+    actor: str = Field(min_length=1, max_length=MAX_ACTOR)
     trace_context: TraceContext = Field(default_factory=TraceContext)
     payload: dict[str, Any]
 

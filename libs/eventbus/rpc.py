@@ -46,8 +46,10 @@ from pydantic import BaseModel, ValidationError
 
 from libs import errors
 from libs.contracts.envelope import TraceContext, new_uuid7
+from libs.contracts.limits import agent_actor
 from libs.contracts.subjects import RPC_PREFIX, rpc_subject
 from libs.observability import bind_from_headers, extract_context, inject_headers, tracer
+from libs.redaction import redact_text
 from libs.settings import get_settings
 
 log = structlog.get_logger("rpc")
@@ -89,7 +91,9 @@ def _error_body(exc: errors.MissionControlError) -> bytes:
 
 
 def _internal_body(exc: Exception) -> bytes:
-    return orjson.dumps({"ok": False, "error": {"code": "internal", "message": repr(exc)[:500]}})
+    # The caller learns what failed, never the secrets or payload values the error may quote.
+    message = redact_text(repr(exc))[:500]
+    return orjson.dumps({"ok": False, "error": {"code": "internal", "message": message}})
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -126,7 +130,7 @@ class RequestMeta:
 
     def actor_for(self, agent_id: str) -> str:
         """``Mc-Actor`` when the caller named one, else the agent the run belongs to."""
-        return self.actor or f"agent:{agent_id}"
+        return self.actor or agent_actor(agent_id)
 
 
 class _SharedConnectionBroker(NatsBroker):

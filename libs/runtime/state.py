@@ -9,35 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from libs.redaction import redact_url
+
+__all__ = ["STATE_FILE", "read_state", "redact_url", "write_json_atomic"]
+
 STATE_FILE = "state.json"
-
-
-# ``password=...`` in a key-value connection string or a URL's query, quoted or not.
-_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]+)", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to print and to write to disk).
-
-    Covers every form a connection string takes: ``scheme://user:pw@host``, ``?password=pw``
-    and libpq's ``key=value`` form. Nothing is parsed strictly, so a malformed URL is redacted
-    too instead of raising.
-    """
-    out = _PASSWORD_PARAM.sub(r"\1***", url)
-    scheme, sep, rest = out.partition("://")
-    if not sep:
-        return out
-    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, host = rest[:end].rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}{rest[end:]}"
-    return out
 
 
 def read_state(data_dir: Path) -> dict[str, Any] | None:

@@ -38,12 +38,12 @@ from starlette.exceptions import HTTPException
 
 from libs import errors
 from libs.contracts import new_uuid7
+from libs.contracts.limits import AGENT_ID_PATTERN
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
-    AGENT_ID_PATTERN,
     ID_PATTERN,
     MAX_PAGE,
     POLICY_ID_PATTERN,
@@ -51,12 +51,22 @@ from services.gateway.schemas import (
     AdmissionRequest,
     AdmissionResponse,
     CostGrouping,
+    CostsResponse,
     ErrorResponse,
     ExportFormat,
     FinishRunRequest,
+    Incident,
+    IncidentList,
     IncidentStatus,
+    PoliciesResponse,
+    PriceListing,
+    PricesPublishedResponse,
+    RebuildResponse,
+    ReplayResponse,
     ResolveRequest,
+    Run,
     RunFinishedResponse,
+    RunList,
     RunStartedResponse,
     RunStatusFilter,
     SetPricesRequest,
@@ -66,6 +76,7 @@ from services.gateway.schemas import (
     StepsRecordedResponse,
     TokenRequest,
     TokenResponse,
+    TraceResponse,
     WhoAmIResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
@@ -75,15 +86,26 @@ from services.gateway.workflows import (
     DOCUMENT_BODY,
     MAX_WAIT_S,
     AbortExecutionRequest,
+    AgentListing,
     AgentNamePath,
+    AgentRegisteredResponse,
     ApprovalDecision,
+    ApprovalQueue,
     ApprovalRulesIn,
+    ApprovalRulesView,
     ExecutionIdPath,
+    ExecutionListing,
     ExecutionStatus,
+    ExecutionView,
     RegisterAgentRequest,
     StartExecutionRequest,
     StepIdPath,
+    WorkflowDiff,
     WorkflowIdPath,
+    WorkflowListing,
+    WorkflowSaved,
+    WorkflowVersion,
+    WorkItem,
     approval_payload,
     read_document,
 )
@@ -158,6 +180,17 @@ def validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def body_error_message(cause: BaseException) -> str:
+    """Why a JSON body could not be read, without quoting it."""
+    if isinstance(cause, UnicodeError):
+        problem = "not valid UTF-8"
+    elif isinstance(cause, RecursionError):
+        problem = "nested too deeply"
+    else:
+        problem = "malformed"
+    return f"invalid request: body: invalid JSON ({problem})"
+
+
 def map_exception(exc: BaseException) -> JSONResponse:
     """The response for an exception raised while handling a request."""
     if isinstance(exc, HTTPException) and isinstance(exc.__cause__, errors.MissionControlError):
@@ -165,6 +198,11 @@ def map_exception(exc: BaseException) -> JSONResponse:
         exc = exc.__cause__
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_input", validation_message(exc))
+    if isinstance(exc, HTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI answers 400 when reading a JSON body raised anything but a JSON syntax error:
+        # bytes that are not UTF-8, nesting past the parser's recursion limit. To the caller it is
+        # the same mistake as malformed JSON, so it gets the same 422.
+        return error_response(422, "invalid_input", body_error_message(exc.__cause__))
     if isinstance(exc, errors.Overloaded):
         return overloaded_response(str(exc))
     if isinstance(exc, errors.MissionControlError) and exc.http_status < 500:
@@ -343,7 +381,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Not found (or not visible to this tenant)."},
     409: {"model": ErrorResponse, "description": "Conflicts with the current state."},
     413: {"model": ErrorResponse, "description": "Request body larger than 10 MB."},
-    422: {"model": ErrorResponse, "description": "Invalid request; the message names the fields."},
+    422: {
+        "model": ErrorResponse,
+        "description": "Invalid request: a path, query or body value out of its limits, or a body "
+        "that is not JSON (malformed, not UTF-8, nested too deeply); the message names the "
+        "fields.",
+    },
     429: {
         "model": ErrorResponse,
         "description": "Over the gateway's or a service's bound of requests in flight; refused "
@@ -358,6 +401,25 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorResponse, "description": "A service behind the gateway is unavailable."},
     504: {"model": ErrorResponse, "description": "A service did not answer in time."},
 }
+
+
+# OpenAPI links: how an answer's ids feed the next operations (a run started → admit, record,
+# finish, read it; an incident listed → read, acknowledge, resolve it). Clients and stateful API
+# testing follow them. Operation ids are the route functions' names.
+_RUN_READS = ("get_run", "get_trace", "replay_run", "export_run")
+_RUN_WRITES = ("admit", "record_step", "finish_run")
+_INCIDENT_OPS = ("get_incident", "acknowledge_incident", "resolve_incident")
+
+
+def _links(status: int, param: str, source: str, *operations: str) -> dict[int | str, Any]:
+    """``responses`` entry: the ``status`` answer's links to ``operations``, passing ``source``
+    (a runtime expression) as their ``param``."""
+    links = {op: {"operationId": op, "parameters": {param: source}} for op in operations}
+    return {status: {"links": links}}
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -441,7 +503,12 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     Approve = Annotated[Caller, Depends(Requires(Permission.APPROVE, rpc, auth))]
     Govern = Annotated[Caller, Depends(Requires(Permission.GOVERN, rpc, auth))]
     Anyone = Annotated[None, Depends(Public())]
-    router = APIRouter(prefix="/v1", route_class=GatewayRoute, responses=_ERRORS)
+    router = APIRouter(
+        prefix="/v1",
+        route_class=GatewayRoute,
+        responses=_ERRORS,
+        generate_unique_id_function=_operation_id,
+    )
 
     # -- people ------------------------------------------------------------------------------------
 
@@ -459,13 +526,24 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     # -- runs and steps ----------------------------------------------------------------------------
 
-    @router.post("/runs", status_code=201, response_model=RunStartedResponse, tags=["runs"])
+    @router.post(
+        "/runs",
+        status_code=201,
+        response_model=RunStartedResponse,
+        tags=["runs"],
+        responses=_links(201, "run_id", "$response.body#/run_id", *_RUN_WRITES, *_RUN_READS),
+    )
     async def start_run(body: StartRunRequest, call: Ingest) -> Any:
         """Start a run of an agent."""
         payload = body.model_dump(mode="json", exclude_none=True)
         return await call.answer("workflow", "start_run", payload, status=201)
 
-    @router.post("/runs/{run_id}/admissions", response_model=AdmissionResponse, tags=["runs"])
+    @router.post(
+        "/runs/{run_id}/admissions",
+        response_model=AdmissionResponse,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$request.path.run_id", "record_step", "get_trace"),
+    )
     async def admit(run_id: RunIdPath, body: AdmissionRequest, call: Admit) -> Any:
         """Ask, before running a step, whether it may run. ``deny`` means: do not run it."""
         return await call.answer(
@@ -477,6 +555,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         status_code=201,
         response_model=StepsRecordedResponse,
         tags=["runs"],
+        responses=_links(201, "run_id", "$request.path.run_id", *_RUN_WRITES, *_RUN_READS),
     )
     async def record_step(run_id: RunIdPath, body: StepFields, call: Ingest) -> Any:
         """Record the outcome of one step of a run."""
@@ -505,12 +584,22 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             positions += list(result.get("positions", []))
         return json_response({"recorded": recorded, "positions": positions}, 201)
 
-    @router.post("/runs/{run_id}/finish", response_model=RunFinishedResponse, tags=["runs"])
+    @router.post(
+        "/runs/{run_id}/finish",
+        response_model=RunFinishedResponse,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$response.body#/run_id", "admit", *_RUN_READS),
+    )
     async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Ingest) -> Any:
         """End a run as ``completed`` or ``failed``."""
         return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
 
-    @router.get("/runs", tags=["runs"])
+    @router.get(
+        "/runs",
+        response_model=RunList,
+        tags=["runs"],
+        responses=_links(200, "run_id", "$response.body#/runs/0/run_id", *_RUN_READS),
+    )
     async def list_runs(
         call: Read,
         status: RunStatusFilter | None = None,
@@ -522,17 +611,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         query = {"status": status, "agent_id": agent_id, "limit": limit, "offset": offset}
         return await call.answer("audit", "runs", _present(query))
 
-    @router.get("/runs/{run_id}", tags=["runs"])
+    @router.get("/runs/{run_id}", response_model=Run, tags=["runs"])
     async def get_run(run_id: RunIdPath, call: Read) -> Any:
         """One run: status, steps, tokens, cost, and where it stopped."""
         return await call.answer("audit", "run", {"run_id": run_id})
 
-    @router.get("/runs/{run_id}/trace", tags=["runs"])
+    @router.get("/runs/{run_id}/trace", response_model=TraceResponse, tags=["runs"])
     async def get_trace(run_id: RunIdPath, call: Read) -> Any:
         """The run's steps and decisions in order, with its inflection point."""
         return await call.answer("audit", "trace", {"run_id": run_id})
 
-    @router.get("/runs/{run_id}/replay", tags=["runs"])
+    @router.get("/runs/{run_id}/replay", response_model=ReplayResponse, tags=["runs"])
     async def replay_run(
         run_id: RunIdPath,
         call: Read,
@@ -548,8 +637,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         tags=["runs"],
         responses={
             200: {
-                "description": "The run's audit record as a file.",
-                "content": {"application/json": {}, "text/csv": {}},
+                "model": TraceResponse,
+                "description": "The run's audit record as a file: the trace as JSON, or its "
+                "steps as CSV.",
+                "content": {"text/csv": {"schema": {"type": "string"}}},
             }
         },
     )
@@ -562,7 +653,14 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     # -- incidents ---------------------------------------------------------------------------------
 
-    @router.get("/incidents", tags=["incidents"])
+    @router.get(
+        "/incidents",
+        response_model=IncidentList,
+        tags=["incidents"],
+        responses=_links(
+            200, "incident_id", "$response.body#/incidents/0/incident_id", *_INCIDENT_OPS
+        ),
+    )
     async def list_incidents(
         call: Read,
         status: IncidentStatus | None = None,
@@ -581,12 +679,24 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         }
         return await call.answer("audit", "incidents", _present(query))
 
-    @router.get("/incidents/{incident_id}", tags=["incidents"])
+    @router.get(
+        "/incidents/{incident_id}",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(200, "run_id", "$response.body#/run_id", "get_run", "get_trace"),
+    )
     async def get_incident(incident_id: IncidentIdPath, call: Read) -> Any:
         """One incident with its history."""
         return await call.answer("audit", "incident", {"incident_id": str(incident_id)})
 
-    @router.post("/incidents/{incident_id}/acknowledge", tags=["incidents"])
+    @router.post(
+        "/incidents/{incident_id}/acknowledge",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(
+            200, "incident_id", "$request.path.incident_id", "get_incident", "resolve_incident"
+        ),
+    )
     async def acknowledge_incident(
         incident_id: IncidentIdPath,
         call: Incidents,
@@ -597,7 +707,12 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         payload = {"incident_id": str(incident_id), "by": by or call.actor}
         return await call.answer("incident", "acknowledge", payload)
 
-    @router.post("/incidents/{incident_id}/resolve", tags=["incidents"])
+    @router.post(
+        "/incidents/{incident_id}/resolve",
+        response_model=Incident,
+        tags=["incidents"],
+        responses=_links(200, "incident_id", "$request.path.incident_id", "get_incident"),
+    )
     async def resolve_incident(
         incident_id: IncidentIdPath, body: ResolveRequest, call: Incidents
     ) -> Any:
@@ -611,24 +726,24 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     # -- policies, costs, prices -------------------------------------------------------------------
 
-    @router.get("/policies", tags=["policies"])
+    @router.get("/policies", response_model=PoliciesResponse, tags=["policies"])
     async def list_policies(call: Read) -> Any:
         """The active bundle's policies, with how many incidents each has caused."""
         return await call.answer("audit", "policies")
 
-    @router.get("/costs", tags=["costs"])
+    @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(call: Read, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
         """Cost of the tenant's runs, grouped by run, agent or model."""
         return await call.answer(
             "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
         )
 
-    @router.get("/prices", tags=["costs"])
+    @router.get("/prices", response_model=PriceListing, tags=["costs"])
     async def prices(call: Read) -> Any:
         """The tenant's price table (custom prices over the defaults) and its version."""
         return await call.answer("cost", "prices")
 
-    @router.put("/prices", tags=["costs"])
+    @router.put("/prices", response_model=PricesPublishedResponse, tags=["costs"])
     async def set_prices(body: SetPricesRequest, call: Configure) -> Any:
         """Publish a new version of the tenant's custom price table."""
         payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
@@ -639,6 +754,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     @router.post(
         "/admin/rebuild-projections",
         status_code=202,
+        response_model=RebuildResponse,
         tags=["admin"],
         responses={
             403: {
@@ -672,11 +788,14 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             raise errors.TransientError("the gateway is not started")
         configured = ctx.settings.admin_token
         require_admin_token(configured.get_secret_value() if configured else None, admin_token)
-        return _json_body(await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S))
+        result = await call("audit", "rebuild", timeout=REBUILD_TIMEOUT_S)
+        return json_response(_json_body(result), 202)
 
     # -- agents, workflows and executions ---------------------------------------------------------
 
-    @router.post("/agents", status_code=201, tags=["workflows"])
+    @router.post(
+        "/agents", response_model=AgentRegisteredResponse, status_code=201, tags=["workflows"]
+    )
     async def register_agent(body: RegisterAgentRequest, call: Workflows) -> Any:
         """Register an agent in the tenant's catalogue (registering it again changes nothing)."""
         payload = body.model_dump()
@@ -684,6 +803,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     @router.post(
         "/agents/{agent_id}/work:take",
+        response_model=WorkItem,
         tags=["workflows"],
         responses={204: {"description": "No work arrived within `wait_s`."}},
     )
@@ -707,12 +827,14 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             return Response(status_code=204)
         return json_response(item)
 
-    @router.get("/agents", tags=["workflows"])
+    @router.get("/agents", response_model=AgentListing, tags=["workflows"])
     async def list_agents(call: Read) -> Any:
         """The tenant's registered agents."""
         return await call.answer("workflow", "list_agents")
 
-    @router.post("/workflows", tags=["workflows"], openapi_extra=DOCUMENT_BODY)
+    @router.post(
+        "/workflows", response_model=WorkflowSaved, tags=["workflows"], openapi_extra=DOCUMENT_BODY
+    )
     async def save_workflow(
         request: Request,
         call: Workflows,
@@ -735,12 +857,12 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             media_type="application/json",
         )
 
-    @router.get("/workflows", tags=["workflows"])
+    @router.get("/workflows", response_model=WorkflowListing, tags=["workflows"])
     async def list_workflows(call: Read) -> Any:
         """The tenant's workflows, newest version of each."""
         return await call.answer("workflow", "list_workflows")
 
-    @router.get("/workflows/{workflow_id}", tags=["workflows"])
+    @router.get("/workflows/{workflow_id}", response_model=WorkflowVersion, tags=["workflows"])
     async def get_workflow(
         workflow_id: WorkflowIdPath,
         call: Read,
@@ -752,7 +874,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             payload["version"] = version
         return await call.answer("workflow", "get_workflow", payload)
 
-    @router.get("/workflows/{workflow_id}/diff", tags=["workflows"])
+    @router.get("/workflows/{workflow_id}/diff", response_model=WorkflowDiff, tags=["workflows"])
     async def diff_workflow(
         workflow_id: WorkflowIdPath,
         call: Read,
@@ -765,7 +887,12 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             payload["to_version"] = to_version
         return await call.answer("workflow", "diff_workflow", payload)
 
-    @router.post("/workflows/{workflow_id}/executions", status_code=201, tags=["workflows"])
+    @router.post(
+        "/workflows/{workflow_id}/executions",
+        response_model=ExecutionView,
+        status_code=201,
+        tags=["workflows"],
+    )
     async def start_execution(
         workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Execute
     ) -> Any:
@@ -773,7 +900,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         payload = {"workflow_id": workflow_id, **body.model_dump(exclude_none=True)}
         return await call.answer("workflow", "start_execution", payload, status=201)
 
-    @router.get("/executions", tags=["workflows"])
+    @router.get("/executions", response_model=ExecutionListing, tags=["workflows"])
     async def list_executions(
         call: Read,
         status: ExecutionStatus | None = None,
@@ -785,12 +912,14 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             payload["status"] = status
         return await call.answer("workflow", "list_executions", payload)
 
-    @router.get("/executions/{execution_id}", tags=["workflows"])
+    @router.get("/executions/{execution_id}", response_model=ExecutionView, tags=["workflows"])
     async def get_execution(execution_id: ExecutionIdPath, call: Read) -> Any:
         """An execution: its DAG with each step's state, attempt, run and duration."""
         return await call.answer("workflow", "get_execution", {"execution_id": execution_id})
 
-    @router.post("/executions/{execution_id}/abort", tags=["workflows"])
+    @router.post(
+        "/executions/{execution_id}/abort", response_model=ExecutionView, tags=["workflows"]
+    )
     async def abort_execution(
         execution_id: ExecutionIdPath, body: AbortExecutionRequest, call: Execute
     ) -> Any:
@@ -798,7 +927,11 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         payload = {"execution_id": execution_id, "reason": body.reason}
         return await call.answer("workflow", "abort_execution", payload)
 
-    @router.post("/executions/{execution_id}/steps/{step_id}/approve", tags=["workflows"])
+    @router.post(
+        "/executions/{execution_id}/steps/{step_id}/approve",
+        response_model=ExecutionView,
+        tags=["workflows"],
+    )
     async def approve_step(
         execution_id: ExecutionIdPath, step_id: StepIdPath, body: ApprovalDecision, call: Approve
     ) -> Any:
@@ -807,7 +940,11 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         payload = approval_payload(call.principal, execution_id, step_id, body.reason)
         return await call.answer("workflow", "approve_step", payload)
 
-    @router.post("/executions/{execution_id}/steps/{step_id}/reject", tags=["workflows"])
+    @router.post(
+        "/executions/{execution_id}/steps/{step_id}/reject",
+        response_model=ExecutionView,
+        tags=["workflows"],
+    )
     async def reject_step(
         execution_id: ExecutionIdPath, step_id: StepIdPath, body: ApprovalDecision, call: Approve
     ) -> Any:
@@ -815,17 +952,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         payload = approval_payload(call.principal, execution_id, step_id, body.reason)
         return await call.answer("workflow", "reject_step", payload)
 
-    @router.get("/approvals", tags=["workflows"])
+    @router.get("/approvals", response_model=ApprovalQueue, tags=["workflows"])
     async def approval_queue(call: Read) -> Any:
         """Steps waiting for approval, oldest first, with their age and the SLA left."""
         return await call.answer("workflow", "approval_queue")
 
-    @router.get("/approval-rules", tags=["workflows"])
+    @router.get("/approval-rules", response_model=ApprovalRulesView, tags=["workflows"])
     async def approval_rules(call: Read) -> Any:
         """How many approvers of which role each risk tier needs, and its SLA."""
         return await call.answer("workflow", "approval_rules")
 
-    @router.put("/approval-rules", tags=["workflows"])
+    @router.put("/approval-rules", response_model=ApprovalRulesView, tags=["workflows"])
     async def set_approval_rules(body: ApprovalRulesIn, call: Govern) -> Any:
         """Set the approval rules; executions started from now on follow them."""
         rules = body.model_dump(mode="json", exclude_none=True)

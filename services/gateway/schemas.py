@@ -24,13 +24,25 @@ from pydantic import (
     WithJsonSchema,
 )
 
+from libs.contracts.limits import (
+    AGENT_ID_PATTERN,
+    MAX_BY,
+    MAX_JSON_DEPTH,
+    MAX_KIND,
+    MAX_LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_NAME,
+    MAX_REASON,
+    MAX_STEP_INDEX,
+    MAX_TOKENS,
+    RUN_ID_PATTERN,
+)
 from services.gateway.rbac import USER_ID_PATTERN
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
+ID_PATTERN = RUN_ID_PATTERN
 """Run ids: safe in URLs, stream ids, subjects and CSV without quoting."""
 
-MAX_TOKENS = 1_000_000_000
-MAX_STEP_INDEX = 1_000_000
 MAX_BATCH = 5000
 MAX_PAGE = 500
 
@@ -42,8 +54,26 @@ def _no_nul(value: str) -> str:
     return value
 
 
+def _json_depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        nested: list[Any] = []
+        for v in level:
+            if isinstance(v, dict):
+                nested.extend(v.values())
+            elif isinstance(v, list):
+                nested.extend(v)
+        level = nested
+    return depth
+
+
 def _json_without_nul(value: Any) -> Any:
-    # Arbitrary JSON (step input/output) may nest strings anywhere; one serialisation finds them.
+    # Arbitrary JSON (step input/output) is stored inside events and serialised on the way, with
+    # a few levels of envelope around it; past MAX_JSON_DEPTH some encoder along the way refuses.
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"must not nest deeper than {MAX_JSON_DEPTH} levels")
+    # NUL characters may sit in strings anywhere; one serialisation finds them.
     try:
         dumped = orjson.dumps(value)
     except TypeError as exc:  # pragma: no cover - a JSON body only ever holds JSON values
@@ -54,21 +84,20 @@ def _json_without_nul(value: Any) -> Any:
 
 
 NoNul = AfterValidator(_no_nul)
-AGENT_ID_PATTERN = r"^[^\x00-\x1f\x7f\\]{1,200}$"
-"""Agent ids: free text, but no control characters or backslashes (they are query filters)."""
 POLICY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-Name = Annotated[str, StringConstraints(min_length=1, max_length=200), NoNul]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME), NoNul]
+By = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BY), NoNul]
 AgentId = Annotated[str, StringConstraints(pattern=AGENT_ID_PATTERN)]
-Kind = Annotated[str, StringConstraints(min_length=1, max_length=100), NoNul]
-LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=100), NoNul]
-LabelValue = Annotated[str, StringConstraints(max_length=500), NoNul]
+Kind = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KIND), NoNul]
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_KEY), NoNul]
+LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE), NoNul]
 LongText = Annotated[str, StringConstraints(max_length=10_000), NoNul]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=2000), NoNul]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REASON), NoNul]
 Json = Annotated[Any, AfterValidator(_json_without_nul)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 StepIndex = Annotated[int, Field(ge=1, le=MAX_STEP_INDEX)]
-Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=50)]
+Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
 
 RunStatus = Literal["running", "completed", "failed", "stopped_by_policy"]
 RunStatusFilter = Literal["live", "running", "completed", "failed", "stopped_by_policy"]
@@ -106,6 +135,7 @@ class RunStartedResponse(_Result):
 
     run_id: str
     status: str
+    positions: list[int] = Field(default_factory=list)
 
 
 class Estimate(_Body):
@@ -191,6 +221,115 @@ class RunFinishedResponse(_Result):
 
     run_id: str
     status: str
+    positions: list[int] = Field(default_factory=list)
+
+
+# --- reading runs ---------------------------------------------------------------------------------
+
+Timestamp = Annotated[str, Field(description="ISO 8601, UTC, with microseconds and `Z`.")]
+Usd = Annotated[str, Field(description="US dollars as a decimal string with 10 places.")]
+
+
+class RunSummary(_Result):
+    """A run with its totals; ``cost_usd`` sums its priced steps only (``null``: none priced)."""
+
+    run_id: str
+    agent_id: str
+    status: str
+    started_at: Timestamp | None
+    ended_at: Timestamp | None
+    stopped_at_step: int | None
+    violation_policy_id: str | None
+    violation_decision_id: str | None
+    stop_reason: str | None
+    last_step_index: int
+    version: int
+    tokens_used: int
+    cost_usd: Usd | None
+    unpriced_steps: int
+
+
+class Run(RunSummary):
+    """A run with the ids of the incidents it caused."""
+
+    incident_ids: list[str]
+
+
+class RunList(_Result):
+    """A page of runs, newest first."""
+
+    runs: list[RunSummary]
+    limit: int
+    offset: int
+
+
+class InflectionPoint(_Result):
+    """The step where the run went wrong, and which policy said so."""
+
+    step_index: int
+    policy_id: str | None
+    decision_id: str | None
+    reason: str | None
+
+
+class StepDecision(_Result):
+    """The admission decision that governed a step."""
+
+    decision_id: str
+    outcome: str
+    policy_ids: list[str]
+    reasons: list[dict[str, Any]]
+
+
+class StepCost(_Result):
+    """What a step cost, or why it could not be priced."""
+
+    cost_id: str
+    step_index: int
+    model: str | None
+    pricing_status: str
+    input_cost_usd: Usd | None
+    output_cost_usd: Usd | None
+    total_cost_usd: Usd | None
+    price_table_version: str | None
+
+
+class TraceStep(_Result):
+    """One step of a trace; a denied step never ran and has status ``denied``."""
+
+    step_index: int
+    kind: str | None
+    model: str | None
+    tool: str | None
+    status: str
+    input_tokens: int
+    output_tokens: int
+    duration_ms: float
+    input: Any = None
+    output: Any = None
+    error: str | None
+    occurred_at: Timestamp | None
+    event_id: str | None
+    decision: StepDecision | None
+    cost: StepCost | None
+    inflection: bool
+
+
+class TraceResponse(_Result):
+    """A run's steps in order, with their decisions and costs, and its inflection point."""
+
+    run: Run
+    steps: list[TraceStep]
+    inflection_point: InflectionPoint | None
+
+
+class ReplayResponse(_Result):
+    """The run folded from the event store up to a point (``state`` null: nothing there yet)."""
+
+    state: Run | None
+    events_applied: int
+    inflection_point: InflectionPoint | None
+    at_position: int | None
 
 
 # --- incidents ------------------------------------------------------------------------------------
@@ -199,14 +338,91 @@ class RunFinishedResponse(_Result):
 class AcknowledgeRequest(_Body):
     """Take ownership of an incident; ``by`` defaults to the API key's id."""
 
-    by: Name | None = None
+    by: By | None = None
 
 
 class ResolveRequest(_Body):
     """Close an incident with its resolution."""
 
     resolution: Reason
-    by: Name | None = None
+    by: By | None = None
+
+
+class Incident(_Result):
+    """An incident and what was done about it."""
+
+    incident_id: str
+    violation_id: str
+    run_id: str
+    policy_id: str
+    step_index: int
+    severity: str
+    status: str
+    title: str
+    trace_id: str | None
+    opened_at: Timestamp | None
+    acknowledged_at: Timestamp | None
+    acknowledged_by: str | None
+    resolved_at: Timestamp | None
+    resolved_by: str | None
+    resolution: str | None
+    version: int
+
+
+class IncidentList(_Result):
+    """A page of incidents, newest first."""
+
+    incidents: list[Incident]
+    limit: int
+    offset: int
+
+
+# --- policies and costs ---------------------------------------------------------------------------
+
+
+class PolicyView(_Result):
+    """A policy of the active bundle, with the tenant's incidents under it."""
+
+    policy_id: str
+    title: str
+    severity: str
+    runbook_url: str | None
+    description: str | None
+    incident_count: int
+    open_incidents: int
+
+
+class PoliciesResponse(_Result):
+    """The active policy bundle (null digest: none activated yet)."""
+
+    bundle_digest: str | None
+    activated_at: Timestamp | None
+    policies: list[PolicyView]
+
+
+class CostTotals(_Result):
+    """Steps, tokens and priced cost of a group; unpriced steps are counted, never as zero."""
+
+    steps: int
+    priced_steps: int
+    unpriced_steps: int
+    input_tokens: int
+    output_tokens: int
+    total_cost_usd: Usd | None
+
+
+class CostRow(CostTotals):
+    """One group: a run, an agent or a model."""
+
+    key: str | None
+
+
+class CostsResponse(_Result):
+    """Costs grouped by run, agent or model, and their totals."""
+
+    group_by: CostGrouping
+    rows: list[CostRow]
+    totals: CostTotals
 
 
 # --- prices ---------------------------------------------------------------------------------------
@@ -243,10 +459,41 @@ class SetPricesRequest(_Body):
     prices: Annotated[list[ModelPriceIn], Field(min_length=1, max_length=1000)]
 
 
-class PriceTableResponse(_Result):
-    """A version of the tenant's price table."""
+class PricesPublishedResponse(_Result):
+    """The version of the custom price table just published."""
 
-    version: int | str
+    version: int
+    price_table_version: str
+
+
+class PriceRow(_Result):
+    """USD per token of one model (decimal strings), built in or the tenant's own."""
+
+    model: str
+    input_per_token: str
+    output_per_token: str
+    effective_from: str
+    source: Literal["builtin", "override"]
+
+
+class PriceListing(_Result):
+    """The tenant's price table: its custom prices over the built-in ones."""
+
+    version: int
+    price_table_version: str
+    prices: list[PriceRow]
+
+
+# --- operations -----------------------------------------------------------------------------------
+
+
+class RebuildResponse(_Result):
+    """What a projection rebuild read and wrote."""
+
+    events: int
+    rows: dict[str, int]
+    position: int | None
+    duration_s: float
 
 
 # --- errors ---------------------------------------------------------------------------------------

@@ -131,3 +131,108 @@ def approval_payload(
 
 
 ROLE_ORDER = ("viewer", "operator", "approver", "admin")
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+class _Answer(BaseModel):
+    """Answers keep fields a newer server adds, so old clients keep working."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class AgentRegisteredResponse(_Answer):
+    """``registered`` is False when the agent was registered already, as described."""
+
+    agent_id: str
+    registered: bool
+
+
+class AgentListing(_Answer):
+    """The tenant's registered agents."""
+
+    agents: list[dict[str, Any]]
+
+
+class WorkItem(_Answer):
+    """A dispatched attempt of a step: its run is started; admit, record and finish it."""
+
+    tenant_id: str
+    execution_id: str
+    workflow_id: str
+    step_id: str
+    attempt: int
+    run_id: str
+    agent_id: str
+    inputs: dict[str, Any]
+    risk_tier: str
+    deadline_at: str
+
+
+class WorkflowSaved(_Answer):
+    """The version saved (``created`` False: the document equals the newest version)."""
+
+    workflow_id: str
+    version: int
+    document_hash: str
+    created: bool
+
+
+class WorkflowListing(_Answer):
+    """Every workflow, newest version of each."""
+
+    workflows: list[dict[str, Any]]
+
+
+class WorkflowVersion(_Answer):
+    """One version of a workflow with its document and every version number."""
+
+    workflow_id: str
+    version: int
+    versions: list[int]
+    document_hash: str
+    document: dict[str, Any]
+
+
+class WorkflowDiff(_Answer):
+    """Steps added and removed, and each changed field by dotted path."""
+
+    workflow_id: str
+    from_version: int
+    to_version: int
+    steps_added: list[str]
+    steps_removed: list[str]
+    changes: list[dict[str, Any]]
+
+
+class ExecutionView(_Answer):
+    """An execution: its status and its DAG with each step's state, attempt, run and timing."""
+
+    execution_id: str
+    workflow_id: str
+    workflow_version: int
+    status: str
+    reason: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    steps: list[dict[str, Any]]
+
+
+class ExecutionListing(_Answer):
+    """Executions, newest first."""
+
+    executions: list[dict[str, Any]]
+
+
+class ApprovalQueue(_Answer):
+    """Steps waiting for approval, oldest first, with their age and the SLA left."""
+
+    approvals: list[dict[str, Any]]
+
+
+class ApprovalRulesView(_Answer):
+    """The approval rules in force and how many times they were set."""
+
+    version: int
+    rules: dict[str, Any]

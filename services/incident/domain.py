@@ -23,14 +23,14 @@ from libs.contracts.events import (
     PolicyViolationDetected,
     Severity,
 )
+from libs.contracts.limits import MAX_BY, MAX_REASON
 from libs.errors import Conflict, InvalidInput, NotFound
 
 Status = Literal["new", "open", "acknowledged", "resolved"]
 
 # Fixed forever: changing it would give a redelivered old violation a second incident.
 INCIDENT_NAMESPACE = uuid.UUID("6f1c1b9e-2f7a-5d3e-9c41-7a0e4b8d2c15")
-MAX_RESOLUTION = 2000
-MAX_BY = 200
+MAX_RESOLUTION = MAX_REASON
 # The policy a step recorded without an allowed admission (or twice, or out of order) breaks.
 ADMISSION_REQUIRED = "admission_required"
 

@@ -8,10 +8,11 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.contracts.envelope import TenantId
+from libs.contracts.limits import MAX_BY
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Meta, RpcServer
-from services.incident.domain import MAX_BY, MAX_RESOLUTION
+from services.incident.domain import MAX_RESOLUTION
 from services.incident.handlers import IncidentHandlers
 
 RPC_SERVICE = "incident"

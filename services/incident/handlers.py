@@ -17,6 +17,7 @@ import structlog
 
 from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import PolicyViolationDetected
+from libs.contracts.limits import user_actor
 from libs.contracts.registry import decode
 from libs.errors import Conflict, NotFound, PermanentError
 from libs.eventbus.db import AsyncConn
@@ -166,7 +167,7 @@ class IncidentHandlers:
     ) -> Incident:
         event_meta = EventMeta(
             correlation_id=meta.correlation_id,
-            actor=meta.actor or f"user:{cmd.by.strip()}",
+            actor=meta.actor or user_actor(cmd.by.strip()),
             trace_context=meta.trace_context,
         )
         async with begin(self.store) as uow:

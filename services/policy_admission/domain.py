@@ -28,14 +28,12 @@ from libs.contracts.events import (
     RunStoppedByPolicy,
     StepRecorded,
 )
+from libs.contracts.limits import MAX_KIND, MAX_NAME, MAX_TOKENS, RUN_ID_PATTERN
 from libs.contracts.registry import decode
 from libs.domain.run import RunState, empty_run
 from libs.domain.run import fold as fold_run
 from libs.errors import InvalidInput, PermanentError
 from libs.pricing import PriceTable, price_step
-
-# The same ceiling the gateway's API enforces, so a request it accepts is never refused here.
-MAX_TOKENS = 1_000_000_000
 
 # The policy the Rego aggregator reports for stopped, finished or already-violating runs.
 RUN_STATE_POLICY = "run_state"
@@ -78,11 +76,11 @@ class AdmitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run_id: str = Field(min_length=1, max_length=200)
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
     step_index: int = Field(ge=1)
-    kind: str = Field(default="llm_call", min_length=1, max_length=100)
-    model: str | None = Field(default=None, min_length=1, max_length=200)
-    tool: str | None = Field(default=None, min_length=1, max_length=200)
+    kind: str = Field(default="llm_call", min_length=1, max_length=MAX_KIND)
+    model: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
+    tool: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     estimate: StepEstimate
 
 

@@ -40,6 +40,7 @@ from libs.contracts.events import (
     WorkflowDefinitionCreated,
     WorkflowDefinitionRevised,
 )
+from libs.contracts.limits import MAX_RUN_ID
 from libs.errors import Conflict, InvalidInput, NotFound
 
 WORKFLOW_CATEGORY = "workflow_definitions"
@@ -48,7 +49,14 @@ CATALOGUE = "catalogue"
 """The entity id of a tenant's one catalogue stream (``<tenant>/<category>/catalogue``)."""
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-"""Workflow, step and agent names: lower case, so two spellings never name two things."""
+"""Workflow and agent names: lower case, so two spellings never name two things."""
+EXECUTION_ID_LENGTH = 36
+"""Execution ids are UUIDv7s."""
+MAX_ATTEMPT_DIGITS = 2
+"""At most 11 attempts (``retries`` is at most 10)."""
+MAX_STEP_ID = MAX_RUN_ID - EXECUTION_ID_LENGTH - len("::") - MAX_ATTEMPT_DIGITS
+"""An attempt's run id is ``<execution_id>:<step_id>:<attempt>`` and must be a valid run id."""
+STEP_ID_PATTERN = rf"^[a-z0-9][a-z0-9_-]{{0,{MAX_STEP_ID - 1}}}$"
 
 MAX_STEPS = 500
 MAX_DOCUMENT_BYTES = 256 * 1024
@@ -56,6 +64,7 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 RiskTier = Literal["read_only", "write", "irreversible"]
 FailurePolicy = Literal["fail", "continue"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+StepId = Annotated[str, Field(pattern=STEP_ID_PATTERN)]
 
 
 # --- the document --------------------------------------------------------------------------------
@@ -76,10 +85,10 @@ class StepEstimate(_Strict):
 class StepSpec(_Strict):
     """One step of a workflow."""
 
-    id: Name
+    id: StepId
     agent: Name
     inputs: dict[str, Any] = Field(default_factory=dict)
-    depends_on: tuple[Name, ...] = ()
+    depends_on: tuple[StepId, ...] = ()
     risk_tier: RiskTier = "read_only"
     estimate: StepEstimate = Field(default_factory=StepEstimate)
     timeout_s: float = Field(default=300, gt=0, le=86_400)

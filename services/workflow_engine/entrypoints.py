@@ -9,6 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import TenantId
 from libs.contracts.events import StepStatus
+from libs.contracts.limits import (
+    MAX_AGENT_ID,
+    MAX_KIND,
+    MAX_LABELS,
+    MAX_NAME,
+    MAX_REASON,
+    RUN_ID_PATTERN,
+)
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
@@ -24,9 +32,6 @@ EXECUTIONS_DURABLE = "workflow-executions"
 DISPATCH_DURABLE = "workflow-dispatch"
 APPLIED_TABLE = "workflow.applied_events"
 MAX_BATCH = 1000
-
-# Run ids become part of a stream id and of log lines: a closed alphabet keeps them unambiguous.
-RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
 
 def violation_consumer_spec(
@@ -70,8 +75,8 @@ class StartRunRequest(_Request):
     """``start_run``: a run id is generated (UUIDv7) when the caller gives none."""
 
     run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
-    agent_id: str = Field(min_length=1, max_length=200)
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    agent_id: str = Field(min_length=1, max_length=MAX_AGENT_ID)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LABELS)
 
 
 class StepItem(BaseModel):
@@ -81,9 +86,9 @@ class StepItem(BaseModel):
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     step_index: int = Field(ge=1)
-    kind: str = Field(default="llm_call", min_length=1, max_length=100)
-    model: str | None = Field(default=None, max_length=200)
-    tool: str | None = Field(default=None, max_length=200)
+    kind: str = Field(default="llm_call", min_length=1, max_length=MAX_KIND)
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    tool: str | None = Field(default=None, max_length=MAX_NAME)
     status: StepStatus = "ok"
     input_tokens: int = Field(default=0, ge=0)
     output_tokens: int = Field(default=0, ge=0)
@@ -108,7 +113,7 @@ class FinishRunRequest(_Request):
 
     run_id: str = Field(pattern=RUN_ID_PATTERN)
     status: Literal["completed", "failed"]
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: str | None = Field(default=None, max_length=MAX_REASON)
 
 
 class GetRunRequest(_Request):

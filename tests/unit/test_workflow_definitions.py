@@ -159,3 +159,18 @@ def test_a_changed_field_is_named_by_its_path() -> None:
     diff = run(scenario())
     assert {"path": "steps.a.timeout_s", "before": 30.0, "after": 60.0} in diff["changes"]
     assert {"path": "steps.a.inputs.q", "before": None, "after": 1} in diff["changes"]
+
+
+def test_the_longest_step_id_makes_a_valid_attempt_run_id() -> None:
+    import re
+
+    from libs.contracts.limits import RUN_ID_PATTERN
+    from services.workflow_engine.definitions import MAX_STEP_ID
+    from services.workflow_engine.executions import attempt_run_id
+
+    longest = "s" * MAX_STEP_ID
+    document_from(doc({"id": longest, "agent": "worker"}))
+    run_id = attempt_run_id("01234567-89ab-7def-8123-456789abcdef", longest, 11)
+    assert re.match(RUN_ID_PATTERN, run_id)
+    with pytest.raises(InvalidInput, match=r"steps\.0\.id"):
+        document_from(doc({"id": longest + "s", "agent": "worker"}))
