@@ -84,6 +84,7 @@ from services.gateway.tokens import JWKS_PATH
 from services.gateway.work import work_queues
 from services.gateway.workflows import (
     DOCUMENT_BODY,
+    MAX_VERSION,
     MAX_WAIT_S,
     AbortExecutionRequest,
     AgentListing,
@@ -838,7 +839,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def save_workflow(
         request: Request,
         call: Workflows,
-        base_version: Annotated[int | None, Query(ge=0)] = None,
+        base_version: Annotated[int | None, Query(ge=0, le=MAX_VERSION)] = None,
     ) -> Response:
         """Validate a workflow document and save it as its workflow's next version.
 
@@ -866,7 +867,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def get_workflow(
         workflow_id: WorkflowIdPath,
         call: Read,
-        version: Annotated[int | None, Query(ge=1)] = None,
+        version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
     ) -> Any:
         """One version of a workflow (the newest by default) with its document."""
         payload: dict[str, Any] = {"workflow_id": workflow_id}
@@ -878,8 +879,8 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def diff_workflow(
         workflow_id: WorkflowIdPath,
         call: Read,
-        from_version: Annotated[int, Query(ge=1)],
-        to_version: Annotated[int | None, Query(ge=1)] = None,
+        from_version: Annotated[int, Query(ge=1, le=MAX_VERSION)],
+        to_version: Annotated[int | None, Query(ge=1, le=MAX_VERSION)] = None,
     ) -> Any:
         """Steps added and removed and each changed field between two versions."""
         payload: dict[str, Any] = {"workflow_id": workflow_id, "from_version": from_version}

@@ -68,7 +68,9 @@ def _json_depth(value: Any) -> int:
     return depth
 
 
-def _json_without_nul(value: Any) -> Any:
+def json_without_nul(value: Any) -> Any:
+    """``value`` when it is JSON every store and encoder takes: no NUL, not too deep, no huge
+    number; else :class:`ValueError` saying which."""
     # Arbitrary JSON (step input/output) is stored inside events and serialised on the way, with
     # a few levels of envelope around it; past MAX_JSON_DEPTH some encoder along the way refuses.
     if _json_depth(value) > MAX_JSON_DEPTH:
@@ -76,8 +78,8 @@ def _json_without_nul(value: Any) -> Any:
     # NUL characters may sit in strings anywhere; one serialisation finds them.
     try:
         dumped = orjson.dumps(value)
-    except TypeError as exc:  # pragma: no cover - a JSON body only ever holds JSON values
-        raise ValueError(f"must be JSON: {exc}") from exc
+    except TypeError as exc:  # a number past 64 bits, which orjson (and so the bus) refuses
+        raise ValueError(f"must be JSON every part of the system can carry: {exc}") from exc
     if b"\\u0000" in dumped:
         raise ValueError("must not contain NUL characters")
     return value
@@ -94,7 +96,7 @@ LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_LABEL_K
 LabelValue = Annotated[str, StringConstraints(max_length=MAX_LABEL_VALUE), NoNul]
 LongText = Annotated[str, StringConstraints(max_length=10_000), NoNul]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REASON), NoNul]
-Json = Annotated[Any, AfterValidator(_json_without_nul)]
+Json = Annotated[Any, AfterValidator(json_without_nul)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 StepIndex = Annotated[int, Field(ge=1, le=MAX_STEP_INDEX)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]

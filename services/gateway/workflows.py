@@ -11,13 +11,16 @@ from typing import Annotated, Any, Literal
 import orjson
 import yaml
 from fastapi import Path, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs import errors
+from services.gateway.schemas import NoNul, Reason, json_without_nul
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MAX_DOCUMENT_BYTES = 256 * 1024
 
+MAX_VERSION = 1_000_000
+"""Far above any real count of versions; keeps numbers inside what every encoder takes."""
 MAX_WAIT_S = 30.0
 """The longest long poll for work: below common proxies' idle timeouts."""
 
@@ -36,7 +39,7 @@ class RegisterAgentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     agent_id: str = Field(pattern=NAME_PATTERN)
-    description: str = Field(default="", max_length=2000)
+    description: Annotated[str, Field(max_length=2000), NoNul] = ""
 
 
 class StartExecutionRequest(BaseModel):
@@ -44,8 +47,10 @@ class StartExecutionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int | None = Field(default=None, ge=1)
-    inputs: dict[str, Any] = Field(default_factory=dict)
+    version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    inputs: Annotated[dict[str, Any], AfterValidator(json_without_nul)] = Field(
+        default_factory=dict
+    )
 
 
 class AbortExecutionRequest(BaseModel):
@@ -53,7 +58,7 @@ class AbortExecutionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: Reason
 
 
 DOCUMENT_BODY = {
@@ -83,7 +88,10 @@ async def read_document(request: Request) -> dict[str, Any]:
         raise errors.InvalidInput(f"workflow document is not valid {kind}: {first}") from None
     if not isinstance(data, dict):
         raise errors.InvalidInput("workflow document must be a mapping with 'name' and 'steps'")
-    return data
+    try:
+        return dict(json_without_nul(data))
+    except ValueError as exc:
+        raise errors.InvalidInput(f"workflow document {exc}") from None
 
 
 class ApprovalDecision(BaseModel):
@@ -91,7 +99,7 @@ class ApprovalDecision(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: Reason
 
 
 class ApprovalRuleIn(BaseModel):
