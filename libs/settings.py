@@ -61,6 +61,15 @@ class Settings(BaseSettings):
         default=250.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
     )
 
+    # Rate limits: token buckets per API key and per tenant (requests per second refilled, and
+    # the burst a bucket holds); above them the gateway answers 429 with Retry-After. 0 turns a
+    # limit off. MC_RATE_LIMIT_TENANTS overrides the tenant limit per tenant: "acme=50:100,...".
+    rate_limit_key_rps: float = Field(default=200.0, ge=0, alias="MC_RATE_LIMIT_KEY_RPS")
+    rate_limit_key_burst: int = Field(default=400, ge=1, alias="MC_RATE_LIMIT_KEY_BURST")
+    rate_limit_tenant_rps: float = Field(default=500.0, ge=0, alias="MC_RATE_LIMIT_TENANT_RPS")
+    rate_limit_tenant_burst: int = Field(default=1000, ge=1, alias="MC_RATE_LIMIT_TENANT_BURST")
+    rate_limit_tenants: str = Field(default="", alias="MC_RATE_LIMIT_TENANTS")
+
     def configured(self, name: str) -> bool:
         """Whether the field ``name`` was given (environment or constructor), not defaulted."""
         if name not in type(self).model_fields:

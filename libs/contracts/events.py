@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainSerializer
+from pydantic import ConfigDict, Field, PlainSerializer
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.registry import register, upcaster
@@ -25,6 +25,12 @@ Usd = Annotated[
     Decimal, PlainSerializer(lambda d: format(d, "f"), return_type=str, when_used="json")
 ]
 StepStatus = Literal["ok", "error"]
+Irregularity = Literal["unadmitted", "duplicate", "out_of_order"]
+"""How a recorded step broke the rules: ``unadmitted`` (no allowed admission of its index was
+outstanding), ``duplicate`` (its index was recorded before), ``out_of_order`` (its index is
+below the highest recorded, and it was not admitted while it was still ahead of that)."""
+Enforcement = Literal["enforce", "warn"]
+"""What a violation does: ``enforce`` stops the run and opens an incident; ``warn`` records it."""
 
 
 # --- runs (owned by workflow-engine) -------------------------------------------------------------
@@ -62,10 +68,13 @@ def upcast_run_started_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# Version 1 had no irregularities; kept so stored v1 events stay readable (its docstring is
+# part of its published schema).
 @register
-class StepRecorded(DomainEvent):
+class StepRecordedV1(DomainEvent):
     """A step of a run finished (successfully or not) and reported its outcome."""
 
+    model_config = ConfigDict(title="StepRecorded")
     event_type = "run.step_recorded"
     schema_version = 1
 
@@ -82,6 +91,29 @@ class StepRecorded(DomainEvent):
     input: Any = None
     output: Any = None
     error: str | None = None
+
+
+@register
+class StepRecorded(StepRecordedV1):
+    """A step of a run finished (successfully or not) and reported its outcome.
+
+    ``irregularities`` marks a step that was recorded against the rules (see
+    :data:`Irregularity`): it is kept, never refused, and admission judges it as a violation of
+    ``admission_required``. Empty for a step recorded as it should be.
+    """
+
+    event_type = "run.step_recorded"
+    schema_version = 2
+
+    irregularities: list[Irregularity] = Field(default_factory=list)
+
+
+@upcaster("run.step_recorded", 1)
+def upcast_step_recorded_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: ``irregularities`` was added; a v1 step was judged by nothing, so none."""
+    data = dict(payload)
+    data.setdefault("irregularities", [])
+    return data
 
 
 @register
@@ -142,10 +174,13 @@ class AdmissionDecided(DomainEvent):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
+# Version 1 had no enforcement (every violation was enforced); kept so stored v1 events stay
+# readable (its docstring is part of its published schema).
 @register
-class PolicyViolationDetected(DomainEvent):
+class PolicyViolationDetectedV1(DomainEvent):
     """A step was denied: the policy named would have been broken had the step run."""
 
+    model_config = ConfigDict(title="PolicyViolationDetected")
     event_type = "policy.violation_detected"
     schema_version = 1
 
@@ -160,6 +195,30 @@ class PolicyViolationDetected(DomainEvent):
     runbook_url: str | None = None
     bundle_digest: str
     trace_id: str | None = None
+
+
+@register
+class PolicyViolationDetected(PolicyViolationDetectedV1):
+    """A policy was broken, or would have been had the step run.
+
+    Either admission denied a step before it ran (``decision_id`` is that decision), or a step
+    was recorded against the rules (policy ``admission_required``; ``decision_id`` is the
+    judgement's own id). ``enforcement`` says what follows: ``enforce`` stops the run and opens
+    an incident, ``warn`` only records the violation.
+    """
+
+    event_type = "policy.violation_detected"
+    schema_version = 2
+
+    enforcement: Enforcement = "enforce"
+
+
+@upcaster("policy.violation_detected", 1)
+def upcast_violation_detected_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: ``enforcement`` was added; every v1 violation stopped its run."""
+    data = dict(payload)
+    data.setdefault("enforcement", "enforce")
+    return data
 
 
 class PolicyInfo(DomainEvent):

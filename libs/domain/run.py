@@ -12,7 +12,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
-from libs.contracts.events import RunCompleted, RunStarted, RunStoppedByPolicy, StepRecorded
+from libs.contracts.events import (
+    AdmissionDecided,
+    Irregularity,
+    PolicyViolationDetected,
+    RunCompleted,
+    RunStarted,
+    RunStoppedByPolicy,
+    StepRecorded,
+)
 
 RUN_CATEGORY = "run"
 
@@ -39,6 +47,11 @@ class RunState:
     stopped_at_step: int | None = None
     violation_policy_id: str | None = None
     end_reason: str | None = None
+    admissions: Mapping[int, bool] = field(default_factory=dict)
+    """Outstanding allowed admissions: step index → whether it was admitted while still ahead
+    of every recorded step (``True`` for a step run in parallel with later ones). Only known to
+    a reader that folds admission's decisions of the run as well (``<tenant>/decisions/<id>``);
+    recording the step consumes its admission."""
 
     @property
     def exists(self) -> bool:
@@ -68,6 +81,31 @@ class RunState:
         }
 
 
+def irregularities(
+    steps: frozenset[int] | set[int],
+    last_step_index: int,
+    admissions: Mapping[int, bool],
+    step_index: int,
+) -> list[Irregularity]:
+    """How recording ``step_index`` now would break the rules (empty: it would not).
+
+    * ``duplicate``: the index was recorded before;
+    * ``unadmitted``: no allowed admission of the index is outstanding (never asked, denied, or
+      already used by an earlier record of it);
+    * ``out_of_order``: the index is below the highest recorded, and it was not admitted while
+      it was still ahead of it (steps admitted together and run in parallel may finish in any
+      order; a step admitted or recorded only after a later one is out of order).
+    """
+    out: list[Irregularity] = []
+    if step_index not in admissions:
+        out.append("unadmitted")
+    if step_index in steps:
+        out.append("duplicate")
+    if step_index < last_step_index and not admissions.get(step_index, False):
+        out.append("out_of_order")
+    return out
+
+
 def empty_run(tenant_id: str, run_id: str) -> RunState:
     """The state of a run before its first event."""
     return RunState(tenant_id=tenant_id, run_id=run_id)
@@ -86,6 +124,12 @@ def fold(state: RunState, events: Iterable[DomainEvent]) -> RunState:
     """
     steps: set[int] | None = None
     for event in events:
+        if isinstance(event, AdmissionDecided):
+            # Admission's stream, not the run's: the run's version does not move.
+            state = replace(state, admissions=_admitted(state, event))
+            continue
+        if isinstance(event, PolicyViolationDetected):
+            continue
         changes: dict[str, Any] = {"version": state.version + 1}
         if isinstance(event, RunStarted):
             changes.update(status="running", agent_id=event.agent_id, labels=dict(event.labels))
@@ -100,6 +144,10 @@ def fold(state: RunState, events: Iterable[DomainEvent]) -> RunState:
                 last_step_index=max(state.last_step_index, event.step_index),
                 tokens_used=state.tokens_used + event.input_tokens + event.output_tokens,
             )
+            if event.step_index in state.admissions:
+                changes["admissions"] = {
+                    k: v for k, v in state.admissions.items() if k != event.step_index
+                }
         elif isinstance(event, RunCompleted):
             changes.update(status=event.status, end_reason=event.reason)
         elif isinstance(event, RunStoppedByPolicy):
@@ -114,3 +162,12 @@ def fold(state: RunState, events: Iterable[DomainEvent]) -> RunState:
     if steps is not None:
         state = replace(state, steps=frozenset(steps))
     return state
+
+
+def _admitted(state: RunState, event: AdmissionDecided) -> dict[int, bool]:
+    """The outstanding admissions after a decision: an allowed one (re)opens its index, a denied
+    one closes it (the latest decision of an index is the one that counts)."""
+    held = {k: v for k, v in state.admissions.items() if k != event.step_index}
+    if event.outcome != "deny":
+        held[event.step_index] = event.step_index > state.last_step_index
+    return held

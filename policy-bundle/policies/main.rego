@@ -20,6 +20,22 @@ run_state_metadata := {
 	"runbook_url": "https://github.com/mission-control/mission-control/blob/main/policy-bundle/runbooks/run_state.md",
 }
 
+# Not evaluated per admission: policy-admission judges a step recorded without an allowed
+# admission, a second time or out of order against it when the step is recorded, with the
+# tenant's `admission_required` setting (enforce | warn). Listed so projections can name it.
+admission_required_metadata := {
+	"id": "admission_required",
+	"title": "Steps must be admitted",
+	"description": concat(" ", [
+		"Every recorded step must hold an allowed admission of its index, be recorded once, and",
+		"not fall below a step index already recorded; a step that breaks this is kept, marked",
+		"and judged a violation (enforce: the run is stopped and an incident opened; warn: only",
+		"recorded).",
+	]),
+	"severity": "high",
+	"runbook_url": "https://github.com/mission-control/mission-control/blob/main/policy-bundle/runbooks/admission_required.md",
+}
+
 run_state_deny contains msg if {
 	input.run.status != "running"
 	msg := sprintf("run %v is %v; no further steps are admitted", [input.run.run_id, input.run.status])
@@ -68,6 +84,6 @@ decision := {
 
 # Every policy's metadata, published with the bundle so projections can name policies.
 policies := array.concat(
-	[run_state_metadata],
+	[run_state_metadata, admission_required_metadata],
 	[policy.metadata | some policy in data.missioncontrol.policies],
 )

@@ -13,14 +13,27 @@ of the native format.
 
 Driver exceptions never leave this module: connection problems become
 :class:`~libs.errors.TransientError`, everything else :class:`~libs.errors.MissionControlError`.
+
+**Tenancy.** Every read of projected rows goes through :meth:`Clickhouse.select`, which takes a
+:class:`TenantFilter` that only :func:`tenant_filter` builds: the SQL names where the predicate
+goes with :data:`TENANT` (once per ``FROM``), and ``select`` puts the one predicate there with
+the tenants as a bound parameter. With a ClickHouse server the same tenants travel as the custom
+setting :data:`TENANT_SETTING`, which the row policies created with the schema
+(:func:`services.audit_replay.schema.row_policies`) check on every table holding tenant rows, so
+a query that lost its predicate still sees one tenant's rows only. chDB has no users and no row
+policies: there the predicate is the whole control. The two reads that return no tenant's rows
+(the lanes' positions and the schema's migrations) use :meth:`Clickhouse.query_all_tenants`;
+``tests/integration/test_audit_tenancy.py`` holds every other read to ``select``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +51,61 @@ T = TypeVar("T")
 
 # Times are written in ISO 8601 (orjson's form), which the default parser does not read.
 CLIENT_SETTINGS: dict[str, Any] = {"date_time_input_format": "best_effort"}
+
+
+# Where a query's SQL wants the tenant predicate (one per FROM), and what replaces it.
+TENANT = "$tenant"
+TENANTS_PARAM = "mc_tenants"
+TENANT_PREDICATE = f"tenant_id IN {{{TENANTS_PARAM}:Array(String)}}"
+# The custom setting the server's row policies read (custom settings need a prefix the server
+# accepts: ``SQL_`` is the default of ``custom_settings_prefixes``).
+TENANT_SETTING = "SQL_mc_tenants"
+_FROM = re.compile(r"\bFROM\b", re.IGNORECASE)
+_TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class TenantFilter:
+    """The tenants one read may see (built by :func:`tenant_filter`)."""
+
+    tenants: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.tenants:
+            raise ValueError("a tenant filter needs at least one tenant")
+        for t in self.tenants:
+            if not isinstance(t, str) or not _TENANT_ID.fullmatch(t):
+                raise ValueError(f"not a tenant id: {t!r}")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The bound parameter of :data:`TENANT_PREDICATE`."""
+        return {TENANTS_PARAM: list(self.tenants)}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The custom setting the server's row policies check."""
+        return {TENANT_SETTING: ",".join(self.tenants)}
+
+
+def tenant_filter(*tenants: str) -> TenantFilter:
+    """The one tenant filter of audit-replay's reads: rows of ``tenants`` and no others.
+
+    Raises :class:`ValueError` for no tenant or a malformed tenant id (a tenant id has a closed
+    alphabet, so it can never carry the row policies' separator).
+    """
+    return TenantFilter(tuple(sorted(set(tenants))))
+
+
+def scoped_sql(scope: TenantFilter, sql: str) -> str:
+    """``sql`` with :data:`TENANT` replaced by the one tenant predicate; refuses SQL that reads
+    a table without it (one :data:`TENANT` per ``FROM``)."""
+    marks, froms = sql.count(TENANT), len(_FROM.findall(sql))
+    if marks == 0 or marks != froms:
+        raise ValueError(
+            f"every FROM needs its tenant predicate ({TENANT}): {froms} FROM, {marks} {TENANT}"
+        )
+    return sql.replace(TENANT, TENANT_PREDICATE)
 
 
 def embedded_dsn(path: Path | str) -> str:
@@ -121,14 +189,33 @@ class Clickhouse:
         p = dict(params or {})
         await self._run("command", lambda: self._get().command(sql, parameters=p))
 
-    async def query(
+    async def select(
+        self, scope: TenantFilter, sql: str, params: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Run a ``SELECT`` of the tenants in ``scope`` (see the module docstring); its rows as
+        dicts of JSON-ready values. ``sql`` marks each table's predicate with :data:`TENANT`."""
+        p = dict(params or {})
+        if TENANTS_PARAM in p:
+            raise ValueError(f"{TENANTS_PARAM} is the tenant filter's own parameter")
+        p.update(scope.params)
+        settings = None if self.embedded else scope.settings
+        return await self._select(scoped_sql(scope, sql), p, settings)
+
+    async def query_all_tenants(
         self, sql: str, params: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Run a ``SELECT``; its rows as dicts of JSON-ready values."""
-        p = dict(params or {})
+        """Run a ``SELECT`` that returns no tenant's rows (positions, migrations).
 
+        Only for the reads named in ``tests/integration/test_audit_tenancy.py``; anything that
+        returns a tenant's rows goes through :meth:`select`.
+        """
+        return await self._select(sql, dict(params or {}), None)
+
+    async def _select(
+        self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
         def call() -> list[dict[str, Any]]:
-            result = self._get().query(sql, parameters=p)
+            result = self._get().query(sql, parameters=params, settings=settings)
             return [{k: _plain(v) for k, v in row.items()} for row in result.named_results()]
 
         return await self._run("query", call)

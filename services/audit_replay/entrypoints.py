@@ -48,7 +48,7 @@ from libs.errors import (
 )
 from libs.eventbus.rpc import RpcServer
 from libs.eventbus.store import EventStore
-from services.audit_replay.clickhouse import Clickhouse
+from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
     IncidentRow,
     ReplayState,
@@ -80,6 +80,8 @@ REBUILDING_MESSAGE = "projections are being rebuilt, retry shortly"
 _PRICED = "(pricing_status = 'priced' AND total_cost_usd IS NOT NULL)"
 
 Params = Mapping[str, Any]
+# The tenant a shared policy bundle is activated for; its policies are visible to every tenant.
+SYSTEM_TENANT = "system"
 
 
 def _tenant(p: Params) -> str:
@@ -203,8 +205,8 @@ class AuditQueries:
         status = _choice(p, "status", (*RUN_STATUSES, "live"))
         agent = _text(p, "agent_id")
         limit, offset = _page(p)
-        where = ["tenant_id = {tenant:String}"]
-        params: dict[str, Any] = {"tenant": tenant, "limit": limit, "offset": offset}
+        where = [TENANT]
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
         if status == "live":
             where.append("status = 'running'")
         elif status == "completed":
@@ -215,7 +217,8 @@ class AuditQueries:
         if agent is not None:
             where.append("agent_id = {agent:String}")
             params["agent"] = agent
-        rows = await self.ch.query(
+        rows = await self.ch.select(
+            tenant_filter(tenant),
             f"SELECT * FROM {DB}.runs FINAL WHERE {' AND '.join(where)} "
             "ORDER BY started_at DESC, run_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
             params,
@@ -231,17 +234,19 @@ class AuditQueries:
     async def _totals(self, tenant: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
         if not run_ids:
             return {}
-        params = {"tenant": tenant, "ids": run_ids}
-        tokens = await self.ch.query(
+        scope, params = tenant_filter(tenant), {"ids": run_ids}
+        tokens = await self.ch.select(
+            scope,
             "SELECT run_id, sum(input_tokens + output_tokens) AS tokens "
-            f"FROM {DB}.steps FINAL WHERE tenant_id = {{tenant:String}} "
+            f"FROM {DB}.steps FINAL WHERE {TENANT} "
             "AND run_id IN {ids:Array(String)} GROUP BY run_id",
             params,
         )
-        costs = await self.ch.query(
+        costs = await self.ch.select(
+            scope,
             f"SELECT run_id, sumIf(total_cost_usd, {_PRICED}) AS priced_usd, "
             f"countIf({_PRICED}) AS priced, countIf(NOT {_PRICED}) AS unpriced "
-            f"FROM {DB}.costs FINAL WHERE tenant_id = {{tenant:String}} "
+            f"FROM {DB}.costs FINAL WHERE {TENANT} "
             "AND run_id IN {ids:Array(String)} GROUP BY run_id",
             params,
         )
@@ -255,10 +260,10 @@ class AuditQueries:
         return out
 
     async def _run_row(self, tenant: str, run_id: str) -> RunRow:
-        rows = await self.ch.query(
-            f"SELECT * FROM {DB}.runs FINAL WHERE tenant_id = {{tenant:String}} "
-            "AND run_id = {run:String}",
-            {"tenant": tenant, "run": run_id},
+        rows = await self.ch.select(
+            tenant_filter(tenant),
+            f"SELECT * FROM {DB}.runs FINAL WHERE {TENANT} AND run_id = {{run:String}}",
+            {"run": run_id},
         )
         if not rows:
             raise NotFound(f"run {run_id} not found")
@@ -267,10 +272,11 @@ class AuditQueries:
     async def _run_view(self, tenant: str, run: RunRow) -> dict[str, Any]:
         totals = await self._totals(tenant, [run.run_id])
         view = run_view(run, **totals[run.run_id])
-        ids = await self.ch.query(
-            f"SELECT incident_id FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} "
+        ids = await self.ch.select(
+            tenant_filter(tenant),
+            f"SELECT incident_id FROM {DB}.incidents FINAL WHERE {TENANT} "
             "AND run_id = {run:String} ORDER BY incident_id",
-            {"tenant": tenant, "run": run.run_id},
+            {"run": run.run_id},
         )
         view["incident_ids"] = [r["incident_id"] for r in ids]
         return view
@@ -291,16 +297,18 @@ class AuditQueries:
 
     async def _trace(self, tenant: str, run_id: str) -> dict[str, Any]:
         run = await self._run_row(tenant, run_id)
-        params = {"tenant": tenant, "run": run_id}
-        scope = "WHERE tenant_id = {tenant:String} AND run_id = {run:String}"
-        steps = await self.ch.query(
-            f"SELECT * FROM {DB}.steps FINAL {scope} ORDER BY step_index", params
+        scope, params = tenant_filter(tenant), {"run": run_id}
+        where = f"WHERE {TENANT} AND run_id = {{run:String}}"
+        steps = await self.ch.select(
+            scope, f"SELECT * FROM {DB}.steps FINAL {where} ORDER BY step_index", params
         )
-        decisions = await self.ch.query(
-            f"SELECT * FROM {DB}.decisions FINAL {scope} ORDER BY step_index, version", params
+        decisions = await self.ch.select(
+            scope,
+            f"SELECT * FROM {DB}.decisions FINAL {where} ORDER BY step_index, version",
+            params,
         )
-        costs = await self.ch.query(
-            f"SELECT * FROM {DB}.costs FINAL {scope} ORDER BY step_index, version", params
+        costs = await self.ch.select(
+            scope, f"SELECT * FROM {DB}.costs FINAL {where} ORDER BY step_index, version", params
         )
         inflection = inflection_point(run, decisions)
         return {
@@ -318,13 +326,14 @@ class AuditQueries:
         run_id = _text(p, "run_id")
         policy_id = _text(p, "policy_id")
         limit, offset = _page(p)
-        where = ["tenant_id = {tenant:String}"]
-        params: dict[str, Any] = {"tenant": tenant, "limit": limit, "offset": offset}
+        where = [TENANT]
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
         for column, value in (("status", status), ("run_id", run_id), ("policy_id", policy_id)):
             if value is not None:
                 where.append(f"{column} = {{{column}:String}}")
                 params[column] = value
-        rows = await self.ch.query(
+        rows = await self.ch.select(
+            tenant_filter(tenant),
             f"SELECT * FROM {DB}.incidents FINAL WHERE {' AND '.join(where)} "
             "ORDER BY opened_at DESC, incident_id LIMIT {limit:UInt32} OFFSET {offset:UInt32}",
             params,
@@ -339,10 +348,10 @@ class AuditQueries:
         """One incident."""
         tenant = _tenant(p)
         incident_id = _text(p, "incident_id", required=True)
-        rows = await self.ch.query(
-            f"SELECT * FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} "
-            "AND incident_id = {id:String}",
-            {"tenant": tenant, "id": incident_id},
+        rows = await self.ch.select(
+            tenant_filter(tenant),
+            f"SELECT * FROM {DB}.incidents FINAL WHERE {TENANT} AND incident_id = {{id:String}}",
+            {"id": incident_id},
         )
         if not rows:
             raise NotFound(f"incident {incident_id} not found")
@@ -351,24 +360,25 @@ class AuditQueries:
     async def policies(self, p: Params) -> dict[str, Any]:
         """The active bundle's policies with this tenant's incident counts."""
         tenant = _tenant(p)
-        visible = "tenant_id IN ('system', {tenant:String})"
-        latest = await self.ch.query(
+        # The bundle is the system tenant's, unless the tenant has one of its own.
+        latest = await self.ch.select(
+            tenant_filter(SYSTEM_TENANT, tenant),
             f"SELECT tenant_id, bundle_digest, activated_at FROM {DB}.policies FINAL "
-            f"WHERE {visible} ORDER BY version DESC LIMIT 1",
-            {"tenant": tenant},
+            f"WHERE {TENANT} ORDER BY version DESC LIMIT 1",
         )
         if not latest:
             return {"bundle_digest": None, "activated_at": None, "policies": []}
         head = latest[0]
-        rows = await self.ch.query(
-            f"SELECT * FROM {DB}.policies FINAL WHERE tenant_id = {{owner:String}} "
+        rows = await self.ch.select(
+            tenant_filter(head["tenant_id"]),
+            f"SELECT * FROM {DB}.policies FINAL WHERE {TENANT} "
             "AND bundle_digest = {digest:String} ORDER BY policy_id",
-            {"owner": head["tenant_id"], "digest": head["bundle_digest"]},
+            {"digest": head["bundle_digest"]},
         )
-        counts = await self.ch.query(
+        counts = await self.ch.select(
+            tenant_filter(tenant),
             "SELECT policy_id, count() AS n, countIf(status != 'resolved') AS n_open "
-            f"FROM {DB}.incidents FINAL WHERE tenant_id = {{tenant:String}} GROUP BY policy_id",
-            {"tenant": tenant},
+            f"FROM {DB}.incidents FINAL WHERE {TENANT} GROUP BY policy_id",
         )
         by_policy = {c["policy_id"]: c for c in counts}
         policies = []
@@ -400,12 +410,13 @@ class AuditQueries:
         assert group_by is not None
         run_id = _text(p, "run_id")
         column = GROUP_KEYS[group_by]
-        where = "tenant_id = {tenant:String}"
-        params: dict[str, Any] = {"tenant": tenant}
+        where = TENANT
+        params: dict[str, Any] = {}
         if run_id is not None:
             where += " AND run_id = {run:String}"
             params["run"] = run_id
-        rows = await self.ch.query(
+        rows = await self.ch.select(
+            tenant_filter(tenant),
             f"SELECT {column} AS group_key, count() AS n_steps, countIf({_PRICED}) AS n_priced, "
             "sum(input_tokens) AS in_tokens, sum(output_tokens) AS out_tokens, "
             f"sumIf(total_cost_usd, {_PRICED}) AS priced_usd "

@@ -45,7 +45,7 @@ from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.db import transaction
 from libs.eventbus.store import EventStore
 from services.audit_replay import schema
-from services.audit_replay.clickhouse import Clickhouse
+from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
     IncidentRow,
     Key,
@@ -414,9 +414,10 @@ class Projector:
         runs = runs - self._runs.keys()
         if runs:
             # By full key, so the read uses the primary index instead of scanning every run.
-            rows = await self.ch.query(
-                f"SELECT * FROM {schema.DATABASE}.runs FINAL "
-                "WHERE (tenant_id, run_id) IN {keys:Array(Tuple(String, String))}",
+            rows = await self.ch.select(
+                tenant_filter(*{t for t, _ in runs}),
+                f"SELECT * FROM {schema.DATABASE}.runs FINAL WHERE {TENANT} "
+                "AND (tenant_id, run_id) IN {keys:Array(Tuple(String, String))}",
                 {"keys": sorted(runs)},
             )
             for row in rows:
@@ -425,9 +426,10 @@ class Projector:
                     self._runs[key] = RunRow.from_row(row)
         incidents = incidents - self._incidents.keys()
         if incidents:
-            rows = await self.ch.query(
-                f"SELECT * FROM {schema.DATABASE}.incidents FINAL "
-                "WHERE (tenant_id, incident_id) IN {keys:Array(Tuple(String, String))}",
+            rows = await self.ch.select(
+                tenant_filter(*{t for t, _ in incidents}),
+                f"SELECT * FROM {schema.DATABASE}.incidents FINAL WHERE {TENANT} "
+                "AND (tenant_id, incident_id) IN {keys:Array(Tuple(String, String))}",
                 {"keys": sorted(incidents)},
             )
             for row in rows:
@@ -445,7 +447,8 @@ class Projector:
         whatever its size).
         """
         for state in self._lanes.values():
-            rows = await self.ch.query(
+            # The newest position of the lane's events, over every tenant: no tenant's rows.
+            rows = await self.ch.query_all_tenants(
                 "SELECT max(position) AS last, argMax(recorded_at, position) AS last_recorded_at "
                 f"FROM {schema.DATABASE}.events WHERE event_type IN {{types:Array(String)}}",
                 {"types": sorted(state.lane.event_types)},
@@ -661,7 +664,7 @@ def inbox_item(data: bytes) -> InboxItem | None:
     try:
         d = orjson.loads(data)
         event_type = d["event_type"]
-        if schema.INBOX_EVENT_TYPES.get(event_type) != d["schema_version"]:
+        if d["schema_version"] not in schema.INBOX_EVENT_TYPES.get(event_type, ()):
             return None
         position = d["position"]
         tenant_id, stream_id = d["tenant_id"], d["stream_id"]

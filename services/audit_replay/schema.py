@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.audit_replay.clickhouse import Clickhouse
+from services.audit_replay.clickhouse import TENANT_SETTING, Clickhouse
 
 DATABASE = "mc"
 TS = "DateTime64(6, 'UTC')"
@@ -31,8 +31,12 @@ INBOX_FORMAT_SETTINGS = {
     "input_format_skip_unknown_fields": 1,
 }
 """Settings of an insert into the inbox."""
-INBOX_EVENT_TYPES = {"run.step_recorded": 1, "cost.recorded": 1}
-"""The event types (and the schema version) the inbox views turn into rows."""
+INBOX_EVENT_TYPES: dict[str, frozenset[int]] = {
+    "run.step_recorded": frozenset({1, 2}),
+    "cost.recorded": frozenset({1}),
+}
+"""The event types (and the schema versions) the inbox views turn into rows (run.step_recorded
+v2 only adds ``irregularities``, which no step row reads)."""
 _TS = "parseDateTime64BestEffort(occurred_at, 6, 'UTC') AS occurred_at"
 _TRACEPARENT = "JSONExtract(trace_context, 'traceparent', 'Nullable(String)')"
 # The same rows as ``domain.rows``: event_row, step_row and cost_row.
@@ -225,15 +229,45 @@ TABLES: tuple[str, ...] = (
 )
 
 
+TENANT_TABLES = ("runs", "steps", "decisions", "incidents", "policies", "costs")
+"""The tables the queries read a tenant's rows from; on a server each has a row policy."""
+ROW_POLICY = "mc_tenant_scope"
+
+
+def row_policies() -> list[str]:
+    """The row policies a ClickHouse server gets, one per table of :data:`TENANT_TABLES`.
+
+    Each lets the service's user see only the rows of the tenants its query names in the
+    custom setting :data:`~services.audit_replay.clickhouse.TENANT_SETTING` (which
+    :meth:`~services.audit_replay.clickhouse.Clickhouse.select` sets from the same
+    :class:`~services.audit_replay.clickhouse.TenantFilter` that builds the query's predicate).
+    A query without it fails (``getSetting`` of an unset setting is an error) rather than read
+    every tenant. Tenants come and go at run time, so one policy per table keyed by the query's
+    tenants stands for a policy per tenant without DDL on every new tenant. Writes (inserts, the
+    inbox views) are not filtered: row policies apply to reads.
+    """
+    return [
+        f"CREATE ROW POLICY OR REPLACE {ROW_POLICY}_{table} ON {DATABASE}.{table} "
+        f"FOR SELECT USING has(splitByChar(',', getSetting('{TENANT_SETTING}')), tenant_id) "
+        "TO CURRENT_USER"
+        for table in TENANT_TABLES
+    ]
+
+
 async def migrate(ch: Clickhouse) -> list[int]:
-    """Apply the migrations not yet recorded; return the versions applied now."""
+    """Apply the migrations not yet recorded; return the versions applied now.
+
+    On a ClickHouse server it also (re)creates the tenant row policies (:func:`row_policies`);
+    chDB has no users, so no row policies: there the one tenant predicate of every read is the
+    whole control.
+    """
     await ch.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
     await ch.command(
         f"CREATE TABLE IF NOT EXISTS {DATABASE}.schema_migrations ("
         f" version UInt32, name String, applied_at {TS}"
         ") ENGINE = ReplacingMergeTree ORDER BY version"
     )
-    rows = await ch.query(f"SELECT version FROM {DATABASE}.schema_migrations FINAL")
+    rows = await ch.query_all_tenants(f"SELECT version FROM {DATABASE}.schema_migrations FINAL")
     done = {int(r["version"]) for r in rows}
     applied: list[int] = []
     for m in MIGRATIONS:
@@ -246,6 +280,9 @@ async def migrate(ch: Clickhouse) -> list[int]:
             {"version": m.version, "name": m.name},
         )
         applied.append(m.version)
+    if not ch.embedded:
+        for ddl in row_policies():
+            await ch.command(ddl)
     return applied
 
 

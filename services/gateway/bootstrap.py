@@ -16,7 +16,8 @@ from libs.runtime.service_host import ServiceContext, build_app, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.entrypoints import build_router, map_exception
 from services.gateway.keys import KeyVerifier
-from services.gateway.middleware import LoadShedding
+from services.gateway.middleware import LoadShedding, RateLimiting
+from services.gateway.ratelimit import Limit, RateLimiter, parse_overrides
 from services.gateway.shedding import AGENT, QUERY, GatewayMetrics, InFlightLimiter
 
 API_TITLE = "Mission Control API"
@@ -27,7 +28,9 @@ API_DESCRIPTION = (
     "(`Authorization: Bearer mc_...` or `X-API-Key: mc_...`), issued by `mctl tenant create`.\n\n"
     "The gateway refuses work above its bound of requests in flight, and passes on the refusals "
     "of the services behind it, with `429 Too Many Requests` and a `Retry-After` header at once "
-    "rather than queueing: back off for that many seconds and retry."
+    "rather than queueing: back off for that many seconds and retry. Each API key and each "
+    "tenant also has a rate limit (a token bucket): above it the answer is the same `429` with "
+    "`Retry-After`, error code `rate_limited`, naming the limit."
 )
 
 
@@ -104,6 +107,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = new_registry()
     service = GatewayService(settings, registry)
     app = build_app(service, settings, registry)
+    # Inside the load shedding (added first, so it runs after it): a request refused for load
+    # costs no key verification, and a rate-limited one holds no place in flight for long.
+    app.add_middleware(
+        RateLimiting,
+        limiter=RateLimiter(
+            Limit(settings.rate_limit_key_rps, settings.rate_limit_key_burst),
+            Limit(settings.rate_limit_tenant_rps, settings.rate_limit_tenant_burst),
+            parse_overrides(settings.rate_limit_tenants),
+        ),
+        keys=service.key_verifier,
+    )
     app.add_middleware(
         LoadShedding,
         limiter=service.limiter,

@@ -37,6 +37,11 @@ CACHE_MAX_ENTRIES = 10_000
 # revoke_key notifies this channel with the key id, in the revoking transaction.
 REVOKED_CHANNEL = "mc_api_key_revoked"
 RELISTEN_DELAY_S = 1.0
+# How often the listening connection is probed while no notification arrives: a connection that
+# died without closing (a dropped route, a killed backend behind a proxy) is noticed this fast.
+LISTEN_PROBE_S = 0.5
+# The listening connection's application_name, so operators can find it in pg_stat_activity.
+LISTENER_NAME = "mc-gateway-revocations"
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,11 @@ class KeyVerifier:
     """Turns a presented API key into a :class:`Principal`, or raises :class:`Unauthorized`.
 
     Valid keys' rows are cached for ``ttl`` seconds so a request costs one hash, not a database
-    round trip. :meth:`follow_revocations` evicts a key as soon as its revocation commits; ``ttl``
-    bounds how long a revoked key stays accepted when a notification is missed.
+    round trip. :meth:`follow_revocations` evicts a key as soon as its revocation commits. While
+    a follower runs but is not listening (its connection dropped, it is reconnecting), the cache
+    is not trusted: every request reads the key's row, so a revocation committed in the gap is
+    refused at once, and the cache is emptied when listening resumes. ``ttl`` bounds the rest
+    (a verifier nobody follows revocations for).
     Unknown and revoked keys are not cached: they are rare, and caching them would let a flood of
     made-up key ids evict the real ones.
     """
@@ -143,13 +151,21 @@ class KeyVerifier:
         self.ttl = ttl
         self.max_entries = max_entries
         self._cache: dict[str, _CachedKey] = {}
+        self._following = False
+        self.listening = False
+        """Whether revocations are being followed right now (the cache is trusted only then)."""
+
+    def _trusted(self, row: _CachedKey | None, now: float) -> bool:
+        if row is None or row.expires_at <= now:
+            return False
+        return self.listening or not self._following
 
     async def verify(self, token: str) -> Principal:
         """The principal ``token`` authenticates."""
         parsed = parse_key(token)
         now = time.monotonic()
         row = self._cache.get(parsed.key_id)
-        if row is None or row.expires_at <= now:
+        if row is None or not self._trusted(row, now):
             row = await self._load(parsed.key_id, now)
         if not secret_matches(parsed.secret, row.secret_hash):
             raise Unauthorized("invalid or revoked API key")
@@ -175,22 +191,38 @@ class KeyVerifier:
     async def follow_revocations(self, database_url: str) -> None:
         """Evict keys from the cache as their revocations commit, until cancelled.
 
-        Listens on :data:`REVOKED_CHANNEL` on a connection of its own. Notifications sent while
-        it is not listening are lost, so the cache is emptied each time listening (re)starts.
+        Listens on :data:`REVOKED_CHANNEL` on a connection of its own, probed every
+        :data:`LISTEN_PROBE_S` seconds without notifications. Notifications sent while it is not
+        listening are lost, so until it listens again the cache is bypassed, and it is emptied
+        each time listening (re)starts.
         """
-        while True:
-            try:
-                conn = await psycopg.AsyncConnection.connect(
-                    database_url, autocommit=True, connect_timeout=5
-                )
-                async with conn:
-                    await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
-                    self._cache.clear()
-                    async for note in conn.notifies():
-                        self._cache.pop(note.payload, None)
-            except psycopg.Error as exc:
-                log.warning("gateway.revocations_not_followed", error=first_line(exc))
-            await asyncio.sleep(RELISTEN_DELAY_S)
+        self._following = True
+        try:
+            while True:
+                try:
+                    await self._listen(database_url)
+                except (psycopg.Error, OSError) as exc:
+                    log.warning("gateway.revocations_not_followed", error=first_line(exc))
+                finally:
+                    self.listening = False
+                await asyncio.sleep(RELISTEN_DELAY_S)
+        finally:
+            self._following = False
+
+    async def _listen(self, database_url: str) -> None:
+        conn = await psycopg.AsyncConnection.connect(
+            database_url, autocommit=True, connect_timeout=5, application_name=LISTENER_NAME
+        )
+        async with conn:
+            await conn.execute(f"LISTEN {REVOKED_CHANNEL}")
+            self._cache.clear()
+            self.listening = True
+            while True:
+                async for note in conn.notifies(timeout=LISTEN_PROBE_S):
+                    self._cache.pop(note.payload, None)
+                # No notification for a while: make sure the connection is still there (a
+                # probe that does not come back in time counts as a dropped connection).
+                await asyncio.wait_for(conn.execute("SELECT 1"), LISTEN_PROBE_S * 2)
 
     def _evict(self, now: float) -> None:
         for key_id in [k for k, v in self._cache.items() if v.expires_at <= now]:

@@ -1,4 +1,5 @@
-"""The gateway's load shedding and request metrics, as ASGI middleware in front of the routes.
+"""The gateway's load shedding, rate limits and request metrics, as ASGI middleware in front of
+the routes.
 
 It runs before routing, dependency injection and body parsing, so refusing a request above its
 class's bound costs a path match and one small answer: under a flood the gateway spends its CPU
@@ -19,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from libs.errors import Overloaded
 from services.gateway.entrypoints import CORRELATION_HEADER, correlation_id_from
+from services.gateway.keys import KeyVerifier
+from services.gateway.ratelimit import RATE_LIMITED, RateLimiter
 from services.gateway.shedding import (
     RETRY_AFTER_S,
     SOURCE_GATEWAY,
@@ -115,19 +118,78 @@ class LoadShedding:
             route.observe(status, seconds, shed=SOURCE_UPSTREAM if status == 429 else None)
 
     async def _refuse(self, scope: Scope, send: Send, route_class: str) -> None:
-        given = next((v for k, v in scope["headers"] if k == _CORRELATION_KEY), b"")
-        correlation_id = correlation_id_from(given.decode("latin-1"))
-        body = self._refusals[route_class]
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 429,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", str(RETRY_AFTER_S).encode()),
-                    (_CORRELATION_KEY, correlation_id.encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await too_many_requests(scope, send, self._refusals[route_class], RETRY_AFTER_S)
+
+
+async def too_many_requests(scope: Scope, send: Send, body: bytes, retry_after_s: int) -> None:
+    """Answer ``429`` with ``Retry-After``, the error ``body`` and the request's correlation id."""
+    given = next((v for k, v in scope["headers"] if k == _CORRELATION_KEY), b"")
+    correlation_id = correlation_id_from(given.decode("latin-1"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after_s).encode()),
+                (_CORRELATION_KEY, correlation_id.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class RateLimiting:
+    """Token buckets per API key and per tenant in front of the ``/v1`` routes.
+
+    The presented key is verified here (the verifier's cache makes that one hash): a bucket is
+    spent only for a key that proved itself, so nobody can drain another key's or tenant's
+    budget by naming its key id. Requests without a valid key pass on, and the route answers
+    them 401 as before. Over a limit, the answer is ``429`` with ``Retry-After`` and the usual
+    error body, code ``rate_limited``, naming the limit (see :mod:`services.gateway.ratelimit`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        keys: Callable[[], KeyVerifier],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.keys = keys
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        token = _presented_key(scope["headers"])
+        principal = None
+        if token:
+            try:
+                principal = await self.keys().verify(token)
+            except Exception:  # the route answers it (401, or 503 while the store is away)
+                principal = None
+        if principal is not None:
+            refusal = self.limiter.take(principal.tenant_id, principal.key_id, self.clock())
+            if refusal is not None:
+                body = orjson.dumps({"error": {"code": RATE_LIMITED, "message": refusal.message}})
+                await too_many_requests(scope, send, body, refusal.retry_after_s)
+                return
+        await self.app(scope, receive, send)
+
+
+def _presented_key(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The API key of ``Authorization: Bearer`` or else ``X-API-Key``, as the routes read it."""
+    bearer = api_key = None
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                bearer = credentials.strip()
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1").strip() or None
+    return bearer or api_key

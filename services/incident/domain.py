@@ -31,6 +31,8 @@ Status = Literal["new", "open", "acknowledged", "resolved"]
 INCIDENT_NAMESPACE = uuid.UUID("6f1c1b9e-2f7a-5d3e-9c41-7a0e4b8d2c15")
 MAX_RESOLUTION = 2000
 MAX_BY = 200
+# The policy a step recorded without an allowed admission (or twice, or out of order) breaks.
+ADMISSION_REQUIRED = "admission_required"
 
 
 def incident_id_for(violation_id: str) -> str:
@@ -40,6 +42,11 @@ def incident_id_for(violation_id: str) -> str:
 
 def title_for(violation: PolicyViolationDetected) -> str:
     """A one-line summary, e.g. ``token_limit denied step 3 of run r-42``."""
+    if violation.policy_id == ADMISSION_REQUIRED:
+        return (
+            f"{violation.policy_id}: step {violation.step_index} of run {violation.run_id} "
+            "was recorded against the rules"
+        )
     return f"{violation.policy_id} denied step {violation.step_index} of run {violation.run_id}"
 
 
@@ -159,6 +166,8 @@ def _open(state: Incident, cmd: OpenIncident) -> list[DomainEvent]:
     if state.exists:
         return []  # the violation was delivered again: its incident is already open
     v = cmd.violation
+    if v.enforcement != "enforce":
+        return []  # a warning is recorded by its violation event; it opens no incident
     return [
         IncidentOpened(
             incident_id=state.incident_id,

@@ -100,6 +100,14 @@ class IncidentHandlers:
         violation = decode(env)
         if not isinstance(violation, PolicyViolationDetected):
             raise PermanentError(f"expected policy.violation_detected, got {env.event_type}")
+        if violation.enforcement != "enforce":
+            log.info(
+                "incident.violation_warned",
+                run_id=violation.run_id,
+                policy_id=violation.policy_id,
+                step_index=violation.step_index,
+            )
+            return
         if violation.trace_id is None:
             violation = violation.model_copy(
                 update={"trace_id": trace_id_of(env.trace_context.traceparent)}

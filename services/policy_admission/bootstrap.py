@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 from fastapi import APIRouter
 
+from libs.eventbus.consumer import BatchEventConsumer
+from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
-from libs.runtime.service_host import ServiceContext, run_service
+from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, run_service
 from services.policy_admission.bundle import PolicyBundle, load_bundle
-from services.policy_admission.entrypoints import rpc_server
+from services.policy_admission.entrypoints import rpc_server, steps_consumer_spec
 from services.policy_admission.handlers import AdmissionHandler, activate_bundle
 
 log = structlog.get_logger("policy_admission")
@@ -20,14 +24,21 @@ class PolicyAdmissionService:
     A bundle that does not compile fails :meth:`start` (and so the process) with
     :class:`~services.policy_admission.bundle.BundleError`: admitting with no policies would
     admit everything.
+
+    It also consumes ``run.step_recorded`` to judge the steps recorded against the rules
+    (``admission_required``); ``steps_spec`` defaults to the production consumer, tests pass
+    one with their own durable name and tenant filter.
     """
 
     name: str = "policy-admission"
 
-    def __init__(self) -> None:
+    def __init__(self, steps_spec: ConsumerSpec | None = None) -> None:
         self.bundle: PolicyBundle | None = None
         self.handler: AdmissionHandler | None = None
         self._server: RpcServer | None = None
+        self.steps_spec = steps_spec or steps_consumer_spec()
+        self.consumer: BatchEventConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
@@ -41,22 +52,37 @@ class PolicyAdmissionService:
             policies=[p.policy_id for p in self.bundle.policies],
             activation_recorded=appended,
         )
+        self.consumer = BatchEventConsumer(ctx.js, self.steps_spec, self.handler.judge_steps)
+        self._task = asyncio.create_task(self.consumer.run(), name="admission-steps")
+        ctx.tasks.append(self._task)
         self._server = rpc_server(ctx.nc, self.handler)
         await self._server.start()
 
     async def stop(self) -> None:
-        """Stop taking requests (in-flight ones finish)."""
+        """Stop taking requests (in-flight ones finish), then stop judging steps."""
         if self._server is not None:
             await self._server.stop()
             self._server = None
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self._task is not None and not self._task.done():
+            # Cancelled by the host with the rest of ctx.tasks if still running after this.
+            await asyncio.wait({self._task}, timeout=CONSUMER_STOP_TIMEOUT_S)
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""
         return None
 
     def ready(self) -> bool:
-        """Ready once the bundle is compiled and the request routes are subscribed."""
-        return self._server is not None
+        """Ready once the bundle is compiled, the request routes are subscribed and the step
+        consumer is fetching."""
+        return (
+            self._server is not None
+            and self.consumer is not None
+            and self.consumer.running
+            and self._task is not None
+            and not self._task.done()
+        )
 
 
 def main() -> None:

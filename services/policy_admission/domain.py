@@ -8,6 +8,7 @@ appends what :func:`decide` returns.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from libs.contracts.envelope import DomainEvent, EventEnvelope
 from libs.contracts.events import (
     AdmissionDecided,
+    Enforcement,
     Outcome,
     PolicyViolationDetected,
     Reason,
@@ -37,6 +39,20 @@ MAX_TOKENS = 1_000_000_000
 
 # The policy the Rego aggregator reports for stopped, finished or already-violating runs.
 RUN_STATE_POLICY = "run_state"
+
+# The policy a step recorded against the rules breaks: without an allowed admission, a second
+# time, or out of order. Judged here when the step is recorded, not at an admission.
+ADMISSION_REQUIRED = "admission_required"
+ADMISSION_REQUIRED_SETTING = "admission_required"
+ADMISSION_REQUIRED_RUNBOOK = (
+    "https://github.com/mission-control/mission-control/blob/main/policy-bundle/runbooks/"
+    "admission_required.md"
+)
+ENFORCEMENTS: tuple[Enforcement, ...] = ("enforce", "warn")
+
+# Fixed forever: a judgement's id is derived from the step event it judges, so a redelivered
+# step is never judged twice.
+JUDGEMENT_NAMESPACE = uuid.UUID("0b3c9a57-2d41-5e8f-a6c7-3f9e1d2b4a60")
 
 _SEVERITY_RANK = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 
@@ -108,6 +124,8 @@ class RunContext:
     unpriced_steps: int = 0
     violated: tuple[str, ...] = ()
     reservations: tuple[tuple[int, int, Decimal | None], ...] = ()
+    judged: frozenset[str] = frozenset()
+    """Ids of the violations recorded for this run (a judgement is recorded at most once)."""
 
     def __post_init__(self) -> None:
         if self.run is None:
@@ -196,6 +214,9 @@ def _apply_decision_event(state: RunContext, event: DomainEvent) -> RunContext:
             held = (*held, _reservation(event))
         return replace(state, reservations=held)
     if isinstance(event, PolicyViolationDetected):
+        state = replace(state, judged=state.judged | {event.violation_id})
+        if event.enforcement != "enforce":
+            return state  # a warning does not stop the run: later steps are admitted as before
         return _with_violation(state, event.policy_id)
     return state
 
@@ -406,3 +427,90 @@ def decide(
             )
         )
     return events
+
+
+# --- judging recorded steps ----------------------------------------------------------------------
+
+
+def admission_required_mode(data: dict[str, Any], tenant_id: str) -> Enforcement:
+    """The tenant's ``admission_required`` setting in the bundle's ``data.json``: its override in
+    ``missioncontrol.config.tenants``, else the bundle default, else ``enforce``.
+
+    Raises :class:`PermanentError` for any other value (the bundle is wrong; guessing would
+    either stop runs or let the bypass through unnoticed).
+    """
+    config = (data.get("missioncontrol") or {}).get("config") or {}
+    tenant = (config.get("tenants") or {}).get(tenant_id) or {}
+    defaults = config.get("defaults") or {}
+    value = tenant.get(ADMISSION_REQUIRED_SETTING, defaults.get(ADMISSION_REQUIRED_SETTING))
+    if value is None:
+        return "enforce"
+    if value not in ENFORCEMENTS:
+        raise PermanentError(
+            f"policy bundle: {ADMISSION_REQUIRED_SETTING} must be one of "
+            f"{', '.join(ENFORCEMENTS)}, got {value!r}"
+        )
+    return "warn" if value == "warn" else "enforce"
+
+
+def judgement_id(step_event_id: uuid.UUID | str) -> str:
+    """The id of the judgement (and its violation) of one recorded step event."""
+    return str(uuid.uuid5(JUDGEMENT_NAMESPACE, str(step_event_id)))
+
+
+def judgement_message(step: StepRecorded) -> str:
+    """Why a marked step breaks ``admission_required``, in words."""
+    what = {
+        "unadmitted": "without an allowed admission",
+        "duplicate": "a second time",
+        "out_of_order": "below a step index already recorded",
+    }
+    return (
+        f"step {step.step_index} of run {step.run_id} was recorded "
+        + ", ".join(what[i] for i in step.irregularities)
+        + f" ({', '.join(step.irregularities)})"
+    )
+
+
+def judge(
+    context: RunContext,
+    step: StepRecorded,
+    *,
+    step_event_id: uuid.UUID | str,
+    enforcement: Enforcement,
+    bundle_digest: str,
+    trace_id: str | None,
+) -> list[DomainEvent]:
+    """The events judging one recorded step: none for a step recorded as it should be (or one
+    judged already); else a ``policy.violation_detected`` of ``admission_required`` with the
+    tenant's ``enforcement``, which stops the run and opens an incident (``enforce``) or only
+    records the warning (``warn``).
+
+    As with admission's ``run_state`` denials, a marked step of a run that already violated an
+    enforced policy, or was stopped, is no new violation: the first one stopped the run and
+    opened its incident, and an agent that keeps going must not open one per step. The step
+    itself stays marked in the run's stream.
+    """
+    if not step.irregularities:
+        return []
+    violation_id = judgement_id(step_event_id)
+    if violation_id in context.judged:
+        return []
+    if context.violated or context.status == "stopped_by_policy":
+        return []
+    return [
+        PolicyViolationDetected(
+            violation_id=violation_id,
+            decision_id=violation_id,
+            run_id=step.run_id,
+            agent_id=step.agent_id,
+            step_index=step.step_index,
+            policy_id=ADMISSION_REQUIRED,
+            severity="high",
+            message=judgement_message(step),
+            runbook_url=ADMISSION_REQUIRED_RUNBOOK,
+            bundle_digest=bundle_digest,
+            trace_id=trace_id,
+            enforcement=enforcement,
+        )
+    ]

@@ -7,11 +7,22 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from libs.contracts.envelope import TenantId
+from libs.contracts.subjects import events_filter
+from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Headers, RpcServer
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.handlers import AdmissionHandler
 
 RPC_SERVICE = "admission"
+STEPS_DURABLE = "admission-steps"
+
+
+def steps_consumer_spec(durable: str = STEPS_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer of ``run.step_recorded`` that judges marked steps (tests narrow
+    durable and tenant)."""
+    return ConsumerSpec(
+        durable=durable, filter_subjects=(events_filter("run.step_recorded", tenant_id),)
+    )
 
 
 class AdmitCall(AdmitRequest):

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Histogram
 from pydantic import TypeAdapter, ValidationError
 
 from libs.contracts import new_uuid7, stream_id_for, utcnow
-from libs.contracts.envelope import DomainEvent, TenantId, TraceContext
-from libs.contracts.events import PolicyBundleActivated
+from libs.contracts.envelope import DomainEvent, EventEnvelope, TenantId, TraceContext
+from libs.contracts.events import PolicyBundleActivated, StepRecorded
+from libs.contracts.registry import decode
 from libs.domain.prices import PRICE_TABLE_ID, PRICES
 from libs.domain.run import RUN_CATEGORY
 from libs.errors import InvalidInput, NotFound
@@ -48,13 +50,17 @@ from services.policy_admission.domain import (
     AdmitRequest,
     Decision,
     RunContext,
+    admission_required_mode,
     build_input,
     decide,
     decision_context,
     fold_events,
     interpret,
+    judge,
     parse_request,
 )
+
+log = structlog.get_logger("policy_admission")
 
 ACTOR = "service:policy-admission"
 SYSTEM_TENANT = "system"
@@ -334,6 +340,49 @@ class AdmissionHandler:
             input_doc=input_doc,
             trace_id=trace_id,
         )
+
+    async def judge_steps(self, envelopes: Sequence[EventEnvelope]) -> None:
+        """``BatchEventConsumer`` handler of ``run.step_recorded``: judge every marked step.
+
+        A step recorded without an allowed admission, a second time or out of order is marked
+        by the workflow engine; here it becomes a violation of ``admission_required`` with the
+        tenant's enforcement, appended to the run's decisions stream under the run's lock, so
+        the stop and the incident follow the path of any other violation. Unmarked steps (all
+        but a few) cost nothing. A redelivered step finds its judgement and adds nothing.
+        """
+        for env in envelopes:
+            step = decode(env)
+            if not isinstance(step, StepRecorded) or not step.irregularities:
+                continue
+            enforcement = admission_required_mode(self.bundle.data, env.tenant_id)
+            judged = partial(
+                judge,
+                step=step,
+                step_event_id=env.event_id,
+                enforcement=enforcement,
+                bundle_digest=self.bundle.digest,
+                trace_id=trace_id_of(env.trace_context.traceparent),
+            )
+            _, stored = await self.runs.execute(
+                env.tenant_id,
+                step.run_id,
+                judged,
+                EventMeta.caused_by(env, ACTOR),
+                prepare=partial(self._tenant_fold, env.tenant_id),
+            )
+            if stored:
+                log.warning(
+                    "admission.step_judged",
+                    run_id=step.run_id,
+                    step_index=step.step_index,
+                    irregularities=list(step.irregularities),
+                    enforcement=enforcement,
+                )
+
+    async def _tenant_fold(self, tenant: str, uow: UnitOfWork) -> Fold[RunContext]:
+        """The run-context fold at the tenant's prices (what admissions fold it with too)."""
+        table = (await self.prices.load(tenant, PRICE_TABLE_ID, uow=uow)).table
+        return _context_fold(table)
 
     def policies(self) -> dict[str, Any]:
         """``{bundle_digest, policies}``: the active bundle and every policy's metadata."""

@@ -24,7 +24,15 @@ from libs.contracts.events import (
     StepRecorded,
     StepStatus,
 )
-from libs.domain.run import TERMINAL, RunState, Status, empty_run, evolve, fold
+from libs.domain.run import (
+    TERMINAL,
+    RunState,
+    Status,
+    empty_run,
+    evolve,
+    fold,
+    irregularities,
+)
 from libs.errors import Conflict, InvalidInput, NotFound
 
 __all__ = [
@@ -131,10 +139,15 @@ def _start(state: RunState, cmd: StartRun) -> list[DomainEvent]:
 
 
 def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
+    """Every step is kept: one recorded against the rules (without an allowed admission, a
+    second time, or below the highest index) is marked with its irregularities for admission
+    to judge, never refused, so what the agent did is never lost."""
     late_ok = _late_outcomes_allowed(state)
     if not late_ok:
         _require_running(state)
-    seen: set[int] = set()
+    recorded = set(state.steps)
+    last = state.last_step_index
+    admissions = dict(state.admissions)
     out: list[DomainEvent] = []
     for s in steps:
         if s.run_id != state.run_id:
@@ -143,9 +156,10 @@ def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
             raise InvalidInput(f"step_index must be >= 1, got {s.step_index}")
         if late_ok and s.step_index >= (state.stopped_at_step or 0):
             raise Conflict(f"run {state.run_id} is {_describe(state)}")
-        if s.step_index in state.steps or s.step_index in seen:
-            raise Conflict(f"run {state.run_id}: step {s.step_index} already recorded")
-        seen.add(s.step_index)
+        marks = irregularities(recorded, last, admissions, s.step_index)
+        recorded.add(s.step_index)
+        last = max(last, s.step_index)
+        admissions.pop(s.step_index, None)
         out.append(
             StepRecorded(
                 run_id=state.run_id,
@@ -161,6 +175,7 @@ def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
                 input=s.input,
                 output=s.output,
                 error=s.error,
+                irregularities=marks,
             )
         )
     return out

@@ -68,8 +68,26 @@ def _fold(state: RunState, recorded: Sequence[Recorded]) -> RunState:
     return fold(state, [r.event for r in recorded])
 
 
-RUN = Aggregate[RunState](category=RUN_CATEGORY, initial=empty_run, fold=_fold)
-"""The run aggregate: ``<tenant>/run/<run_id>`` folded by the shared run fold."""
+# Admission's stream of decisions on a run; read (never written) so a recorded step can be
+# checked against the admissions it was given.
+DECISIONS_CATEGORY = "decisions"
+
+
+def _run_streams(tenant_id: str, run_id: str) -> tuple[str, ...]:
+    return (
+        stream_id_for(tenant_id, RUN_CATEGORY, run_id),
+        stream_id_for(tenant_id, DECISIONS_CATEGORY, run_id),
+    )
+
+
+RUN = Aggregate[RunState](
+    category=RUN_CATEGORY, initial=empty_run, fold=_fold, streams=_run_streams
+)
+"""The run aggregate: ``<tenant>/run/<run_id>`` (appended to) and admission's decisions on it,
+merged in store order and folded by the shared run fold.
+
+The decisions tell which steps hold an allowed admission. Admission answers only after its
+decision committed, so a step recorded after its answer always finds it here."""
 
 
 def _request_meta(meta: RequestMeta, agent_id: str | None = None) -> EventMeta:
@@ -287,6 +305,15 @@ class WorkflowHandlers:
         event = decode(env)
         if not isinstance(event, PolicyViolationDetected):
             raise PermanentError(f"expected policy.violation_detected, got {env.event_type}")
+        if event.enforcement != "enforce":
+            # The tenant's policy only warns: the violation is on record, the run goes on.
+            log.info(
+                "workflow.violation_warned",
+                run_id=event.run_id,
+                step_index=event.step_index,
+                policy_id=event.policy_id,
+            )
+            return
         cmd = StopRunForViolation(
             run_id=event.run_id,
             step_index=event.step_index,

@@ -164,6 +164,9 @@ def _bulk_runs(o: Outcomes, tenant: str) -> None:
             }
             for i in range(1, BULK_STEPS + 1)
         ]
+        # Every step is admitted before it runs (an unadmitted one would stop the run).
+        for i in range(1, BULK_STEPS + 1):
+            assert o.admitted(label, _admit(mc, run, i, MODEL, 10 + n, 5)), label
         assert _retrying(partial(mc.record_steps_batch, items)).recorded == BULK_STEPS
         _retrying(partial(mc.finish_run, run, status="completed"))
         o.expected_steps[label] = BULK_STEPS

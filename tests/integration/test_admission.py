@@ -30,7 +30,7 @@ from libs.contracts.events import (
 from libs.contracts.registry import decode
 from libs.errors import InvalidInput, NotFound
 from libs.eventbus.db import open_pool
-from libs.eventbus.jetstream import connect
+from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.rpc import RpcClient
 from libs.eventbus.store import EventStore
 from libs.pricing import builtin_price_table, price_step, with_overrides
@@ -39,7 +39,7 @@ from libs.settings import Settings
 from services.policy_admission.bootstrap import PolicyAdmissionService
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
 from services.policy_admission.handlers import BUNDLE_STREAM
-from tests.conftest import System
+from tests.conftest import System, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -73,11 +73,12 @@ async def running_admission(
         settings = settings.model_copy(update={"policy_bundle_dir": bundle_dir})
     pool = await open_pool(system.service_url, max_size=4)
     nc = await connect(system.nats_url, "test-admission")
+    await ensure_streams(nc.jetstream())
     service = PolicyAdmissionService()
     ctx = ServiceContext.wire(service.name, settings, nc, pool)
     try:
         await service.start(ctx)
-        assert service.ready()
+        await wait_until(service.ready, what="policy-admission ready")
         yield Admission(service, ctx.store, RpcClient(nc), ctx.registry)
     finally:
         await service.stop()
@@ -342,6 +343,7 @@ async def test_policies_lists_the_bundle(admission: Admission) -> None:
     assert admission.service.bundle is not None
     assert result["bundle_digest"] == admission.service.bundle.digest
     assert {p["policy_id"] for p in result["policies"]} == {
+        "admission_required",
         "run_state",
         "token_limit",
         "cost_cap",

@@ -52,7 +52,7 @@ async def test_rows_round_trip_as_json_ready_values(tmp_path: Path) -> None:
             ],
         )
         await ch.insert_json("t.r", cols, b'{"k":"a","at":"2026-01-02T03:04:05Z","n":3}')
-        rows = await ch.query(
+        rows = await ch.query_all_tenants(
             "SELECT * FROM t.r FINAL WHERE k IN {keys:Array(String)} ORDER BY k",
             {"keys": ["a", "b"]},
         )
@@ -62,12 +62,12 @@ async def test_rows_round_trip_as_json_ready_values(tmp_path: Path) -> None:
             {"k": "b", "at": "2026-01-02 03:04:05.678901", "gone": "x", "n": 2, "usd": None,
              "tags": ["p", "q"]},
         ]  # fmt: skip
-        (priced,) = await ch.query(
+        (priced,) = await ch.query_all_tenants(
             "SELECT toDecimal128('0.0000000001', 10) AS usd, {n:UInt64} AS n", {"n": 7}
         )
         assert priced == {"usd": "0.0000000001", "n": 7}
         with pytest.raises(MissionControlError, match="clickhouse query failed"):
-            await ch.query("SELECT * FROM t.missing")
+            await ch.query_all_tenants("SELECT * FROM t.missing")
     finally:
         await ch.close()
 
@@ -99,7 +99,10 @@ async def test_the_inbox_builds_the_same_rows_as_the_python_row_builders(tmp_pat
 
         async def rows() -> dict[str, list[dict[str, Any]]]:
             return {
-                t: [_comparable(r) for r in await ch.query(f"SELECT * FROM mc.{t} ORDER BY {k}")]
+                t: [
+                    _comparable(r)
+                    for r in await ch.query_all_tenants(f"SELECT * FROM mc.{t} ORDER BY {k}")
+                ]
                 for t, k in tables.items()
             }
 
@@ -151,7 +154,9 @@ def test_only_known_bulk_envelopes_take_the_inbox() -> None:
     assert cost_item is not None and cost_item.step is None
     decided = next(e for e in envs if e.event_type == "admission.decided")
     assert inbox_item(message_for(_store_row(decided))[1]) is None
-    newer = step.model_copy(update={"schema_version": 2})
+    older = step.model_copy(update={"schema_version": 1})  # before irregularities: same rows
+    assert inbox_item(message_for(_store_row(older))[1]) is not None
+    newer = step.model_copy(update={"schema_version": 3})
     assert inbox_item(message_for(_store_row(newer))[1]) is None
     assert inbox_item(b"not json") is None
     assert inbox_item(b'{"event_type": "run.step_recorded", "schema_version": 1}') is None

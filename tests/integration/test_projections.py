@@ -289,7 +289,7 @@ async def test_a_failed_write_is_redelivered_not_lost(audit: Audit, unique: Any)
 async def entity_rows(a: Audit, tenant: str) -> dict[str, list[dict[str, Any]]]:
     """The tenant's ``runs`` and ``incidents`` rows exactly as ClickHouse holds them."""
     return {
-        table: await a.ch.query(
+        table: await a.ch.query_all_tenants(
             f"SELECT * FROM {schema.DATABASE}.{table} FINAL WHERE tenant_id = {{t:String}} "
             f"ORDER BY {key}",
             {"t": tenant},

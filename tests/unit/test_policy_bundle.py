@@ -23,7 +23,14 @@ from services.policy_admission.bundle import (
 
 pytestmark = pytest.mark.unit
 
-POLICY_IDS = ["cost_cap", "model_allowlist", "run_state", "token_limit", "tool_allowlist"]
+POLICY_IDS = [
+    "admission_required",
+    "cost_cap",
+    "model_allowlist",
+    "run_state",
+    "token_limit",
+    "tool_allowlist",
+]
 
 
 @pytest.fixture(scope="module")

@@ -106,15 +106,18 @@ def test_record_steps_batch_emits_one_event_per_step_in_order() -> None:
     assert after.last_step_index == 3
 
 
-def test_a_step_already_recorded_is_a_conflict() -> None:
-    with pytest.raises(Conflict, match="step 3 already recorded"):
-        decide(_running(1, 2, 3), RecordStep(run_id=RUN, step_index=3))
+def test_a_step_already_recorded_is_kept_and_marked_duplicate() -> None:
+    (event,) = decide(_running(1, 2, 3), RecordStep(run_id=RUN, step_index=3))
+    assert isinstance(event, StepRecorded)
+    assert "duplicate" in event.irregularities
 
 
-def test_the_same_step_twice_in_one_batch_is_a_conflict() -> None:
+def test_the_same_step_twice_in_one_batch_marks_the_second_duplicate() -> None:
     cmd = RecordSteps(run_id=RUN, steps=(RecordStep(RUN, 4), RecordStep(RUN, 4)))
-    with pytest.raises(Conflict, match="step 4 already recorded"):
-        decide(_running(), cmd)
+    first, second = decide(_running(), cmd)
+    assert isinstance(first, StepRecorded) and isinstance(second, StepRecorded)
+    assert "duplicate" not in first.irregularities
+    assert "duplicate" in second.irregularities
 
 
 @pytest.mark.parametrize("index", [0, -1])
@@ -143,8 +146,9 @@ def test_a_step_before_the_stop_may_still_report_what_it_spent() -> None:
     after = fold(stopped, [event])
     assert after.status == "stopped_by_policy"
     assert after.tokens_used == 75
-    with pytest.raises(Conflict, match="already recorded"):
-        decide(after, RecordStep(run_id=RUN, step_index=2))
+    (again,) = decide(after, RecordStep(run_id=RUN, step_index=2))
+    assert isinstance(again, StepRecorded)
+    assert "duplicate" in again.irregularities
 
 
 @pytest.mark.parametrize("status", ["completed", "failed"])
