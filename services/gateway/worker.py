@@ -5,9 +5,9 @@
     @worker.agent("summarizer")
     async def summarize(step: Step) -> Any:
         decision = await step.admit(model="gpt-4o-mini", input_tokens=800, max_output_tokens=200)
-        text = await call_the_model(step.inputs["document"])
-        await step.record(model="gpt-4o-mini", input_tokens=812, output_tokens=164, output=text)
-        return text
+        response = await call_the_model(step.inputs["document"])
+        await step.record(model="gpt-4o-mini", usage=from_openai(response), output=response)
+        return response
 
     await worker.run()        # until worker.stop() or SIGTERM
 
@@ -51,6 +51,7 @@ from tenacity import (
 )
 
 from libs.contracts.subjects import WORK_STREAM, work_subject
+from libs.usage import Usage
 from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
 from services.gateway.schemas import AdmissionResponse
 
@@ -129,8 +130,18 @@ class Step:
             raise StepDenied(decision)
         return decision
 
-    async def record(self, **fields: Any) -> None:
-        """Record the admitted call's outcome and usage (fields as in the steps endpoint)."""
+    async def record(self, *, usage: Usage | None = None, **fields: Any) -> None:
+        """Record the admitted call's outcome and usage (fields as in the steps endpoint).
+
+        ``usage`` is the call's usage mapped by ``libs.usage`` from the provider's own usage
+        object (``usage=from_anthropic(response)``); it fills ``input_tokens``,
+        ``cached_input_tokens``, ``cache_write_tokens``, ``output_tokens`` and
+        ``reasoning_tokens``. A streamed call records once, when the stream has ended, with the
+        final usage (``usage=from_stream("openai", chunks)``). ``provider_cost_usd`` keeps the
+        provider's own cost figure beside the computed one.
+        """
+        if usage is not None:
+            fields = {**fields, **usage.fields()}
         await self._send(Requests.record_step(self.run_id, self._next_index, **fields))
         self._next_index += 1
 

@@ -32,7 +32,7 @@ from libs.contracts.registry import decode
 from libs.domain.run import RunState, empty_run
 from libs.domain.run import fold as fold_run
 from libs.errors import InvalidInput, PermanentError
-from libs.pricing import PriceTable, price_step
+from libs.pricing import PriceTable, price_recorded, price_step
 
 # The same ceiling the gateway's API enforces, so a request it accepts is never refused here.
 MAX_TOKENS = 1_000_000_000
@@ -230,7 +230,7 @@ def _apply_run_events(
     stopped_by: list[str] = []
     for event, at in events:
         if isinstance(event, StepRecorded):
-            price = price_step(prices, event.model, event.input_tokens, event.output_tokens, at)
+            price = price_recorded(prices, event, at)
             if price.total_cost_usd is None:
                 unpriced += 1
             else:
