@@ -1,5 +1,7 @@
 """The agent worker SDK: serve the workflow steps Mission Control dispatches to your agents.
 
+    from libs.usage import from_openai
+
     worker = Worker(gateway_url, api_key, nats_url=nats_url, tenant_id="acme")
 
     @worker.agent("summarizer")
@@ -14,11 +16,11 @@
 Each dispatched attempt of a step arrives once on the agent's work queue
 (``mc.work.<tenant>.<agent>`` on JetStream). The attempt is a governed run that the engine has
 already started: the handler asks admission before every model or tool call (:meth:`Step.admit`,
-which raises :class:`StepDenied` when policy says no) and records each call with its usage
-(:meth:`Step.record`). When the handler returns, the worker finishes the run as completed; when it
-raises, as failed with the error's first line, and the engine retries the step if its definition
-allows. A worker that dies mid-step loses nothing: the engine's deadline fails that attempt and
-dispatches the next one.
+which raises :class:`StepDenied` when policy says no) and records each call with the usage the
+provider reported (:meth:`Step.record`; docs/cost.md). When the handler returns, the worker
+finishes the run as completed; when it raises, as failed with the error's first line, and the
+engine retries the step if its definition allows. A worker that dies mid-step loses nothing:
+the engine's deadline fails that attempt and dispatches the next one.
 
 The worker acknowledges a work item as soon as it takes it, so one attempt never runs twice; the
 engine's timeouts and retries are what make a step happen at least once. :meth:`Worker.stop` (or

@@ -80,6 +80,10 @@ def test_a_step_is_priced_per_component_with_the_prices_in_force_and_checked_aga
     assert Decimal(row["total_cost_usd"]) == Decimal("0.013638")
     assert row["provider_cost_usd"] == "0.0150000000"
     assert row["cost_mismatches"] == 1
+    (step,) = [s for s in mc.trace(run)["steps"] if s["cost"]]
+    assert step["cost"]["cache_write_cost_usd"] == "0.0076800000"
+    assert step["cost"]["cost_difference_usd"] == "0.0013620000"
+    assert step["cost"]["cost_mismatch"] is True
     (day,) = mc.costs(group_by="day", run_id=run)["rows"]
     assert day["key"] in {now.date().isoformat(), datetime.now(UTC).date().isoformat()}
     assert day["total_cost_usd"] == row["total_cost_usd"]

@@ -15,12 +15,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from libs.contracts.events import StepRecorded
 from libs.pricing import builtin_price_table, price_step, with_overrides
 from libs.usage import Usage, from_anthropic, from_openai, from_provider, from_stream
 from services.cost.domain import decide_cost, parse_prices
+from services.gateway.client import AsyncMissionControlClient
+from services.gateway.worker import Step
 
 pytestmark = pytest.mark.unit
 
@@ -228,3 +231,31 @@ def test_cache_reads_are_never_priced_at_zero() -> None:
     table = with_overrides(builtin_price_table(), [house], 1)
     price = price_step(table, "house", 1000, 0, AT, cached_input_tokens=1000)
     assert price.cached_input_cost_usd == Decimal("0.002")
+
+
+async def test_the_worker_sdk_records_a_streamed_calls_final_usage_in_full() -> None:
+    sent: list[dict[str, Any]] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append({"path": request.url.path, **json.loads(request.content)})
+        return httpx.Response(201, json={"recorded": 1, "positions": [7]})
+
+    client = AsyncMissionControlClient(
+        "http://gateway", "mc_key", transport=httpx.MockTransport(gateway)
+    )
+    step = Step(
+        tenant_id="acme", execution_id="ex", workflow_id="wf", step_id="write", attempt=1,
+        run_id="run-1", agent_id="writer", inputs={}, risk_tier="read_only",
+        deadline_at=AT, _client=client,
+    )  # fmt: skip
+    fixture = _load("anthropic_stream.json")
+    await step.record(
+        model=fixture["model"],
+        usage=from_stream("anthropic", fixture["chunks"]),
+        provider_cost_usd="0.0088",
+    )
+    await client.aclose()
+    (body,) = sent
+    assert body["path"] == "/v1/runs/run-1/steps"
+    assert {k: body[k] for k in fixture["expected_usage"]} == fixture["expected_usage"]
+    assert (body["step_index"], body["provider_cost_usd"]) == (1, "0.0088")

@@ -91,9 +91,15 @@ def cost_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "model": row["model"],
         "pricing_status": row["pricing_status"],
         "input_cost_usd": usd(row["input_cost_usd"]),
+        "cached_input_cost_usd": usd(row["cached_input_cost_usd"]),
+        "cache_write_cost_usd": usd(row["cache_write_cost_usd"]),
         "output_cost_usd": usd(row["output_cost_usd"]),
+        "reasoning_cost_usd": usd(row["reasoning_cost_usd"]),
         "total_cost_usd": usd(row["total_cost_usd"]),
         "price_table_version": row["price_table_version"],
+        "provider_cost_usd": usd(row["provider_cost_usd"]),
+        "cost_difference_usd": usd(row["cost_difference_usd"]),
+        "cost_mismatch": bool(row["cost_mismatch"]),
     }
 
 
