@@ -36,8 +36,9 @@ INBOX_EVENT_TYPES: dict[str, frozenset[int]] = {
     "cost.recorded": frozenset({2}),
 }
 """The event types (and the schema versions) the inbox views turn into rows (run.step_recorded
-v2 and v3 only add fields no step row reads; a cost.recorded v1, read again only by a rebuild,
-takes the Python path, whose upcaster gives its cache and reasoning components their zeros)."""
+v2 adds ``irregularities``, which the steps view reads, and v3 only usage fields no step row
+reads; a cost.recorded v1, read again only by a rebuild, takes the Python path, whose upcaster
+gives its cache and reasoning components their zeros)."""
 _TS = "parseDateTime64BestEffort(occurred_at, 6, 'UTC') AS occurred_at"
 _TRACEPARENT = "JSONExtract(trace_context, 'traceparent', 'Nullable(String)')"
 # The same rows as ``domain.rows``: event_row, step_row and cost_row.
@@ -63,7 +64,12 @@ INBOX_STEP_ROW = (
     f"JSONExtract(payload, 'error', 'Nullable(String)') AS error, {_TS}, event_id, "
     "position AS version"
 )
-# Migration 14's view, replaced by migration 18's (kept as it was applied).
+# Since migration 17 the steps view also carries the step's marks (run.step_recorded v2; a v1
+# event has none, and JSONExtract of a missing key reads an empty array).
+INBOX_STEP_ROW_MARKED = (
+    INBOX_STEP_ROW + ", JSONExtract(payload, 'irregularities', 'Array(String)') AS irregularities"
+)
+# Migration 14's view, replaced by migration 21's (kept as it was applied).
 INBOX_COST_ROW_V1 = (
     "tenant_id, JSONExtractString(payload, 'cost_id') AS cost_id, "
     "JSONExtractString(payload, 'run_id') AS run_id, "
@@ -231,10 +237,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
         f"AS SELECT {INBOX_COST_ROW_V1} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
     ),
+    # A step recorded against the rules (without an allowed admission, twice, out of order)
+    # shows its marks in the trace. Rows written before read an empty list.
+    Migration(
+        15,
+        "steps_irregularities",
+        f"ALTER TABLE {DATABASE}.steps "
+        "ADD COLUMN IF NOT EXISTS irregularities Array(String) DEFAULT []",
+    ),
+    Migration(16, "inbox_steps_drop", f"DROP VIEW IF EXISTS {DATABASE}.inbox_steps"),
+    Migration(
+        17,
+        "inbox_steps_marked",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_steps TO {DATABASE}.steps "
+        f"AS SELECT {INBOX_STEP_ROW_MARKED} FROM {DATABASE}.inbox "
+        "WHERE event_type = 'run.step_recorded'",
+    ),
     # Cost by workflow: a run started for a workflow step carries its workflow id as a label.
     # Runs projected before this column read NULL until a rebuild.
     Migration(
-        15,
+        18,
         "runs_workflow_id",
         f"ALTER TABLE {DATABASE}.runs ADD COLUMN IF NOT EXISTS workflow_id Nullable(String)",
     ),
@@ -242,7 +264,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     # provider's own figure beside ours. Rows costed before read zero tokens and NULL component
     # costs (which sums skip) until a rebuild gives them their upcast zeros.
     Migration(
-        16,
+        19,
         "costs_components",
         f"ALTER TABLE {DATABASE}.costs "
         + "".join(f"ADD COLUMN IF NOT EXISTS {c} UInt64 DEFAULT 0, " for c in COST_TOKEN_COLUMNS)
@@ -250,9 +272,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         + "ADD COLUMN IF NOT EXISTS cost_mismatch UInt8 DEFAULT 0",
     ),
     # A view's SELECT cannot be altered: the cost view is replaced by one that reads v2 fields.
-    Migration(17, "inbox_costs_drop_v1", f"DROP VIEW IF EXISTS {DATABASE}.inbox_costs"),
+    Migration(20, "inbox_costs_drop_v1", f"DROP VIEW IF EXISTS {DATABASE}.inbox_costs"),
     Migration(
-        18,
+        21,
         "inbox_costs_v2",
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
         f"AS SELECT {INBOX_COST_ROW} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",

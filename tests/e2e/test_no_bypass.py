@@ -28,6 +28,16 @@ def test_a_step_recorded_without_admission_stops_the_run_and_opens_an_incident(
     assert stopped["stopped_at_step"] == 1
     assert stopped["tokens_used"] == 900  # what the step spent is on record
 
+    # The trace keeps the step, marked, as the point where the run went wrong.
+    trace = mc.trace(run)
+    (step,) = trace["steps"]
+    assert (step["step_index"], step["irregularities"], step["decision"]) == (
+        1,
+        ["unadmitted"],
+        None,
+    )
+    assert trace["inflection_point"]["policy_id"] == "admission_required"
+
     incidents = wait_for(lambda: mc.incidents(run_id=run)["incidents"], 60, "incident")
     assert [(i["policy_id"], i["step_index"]) for i in incidents] == [("admission_required", 1)]
 

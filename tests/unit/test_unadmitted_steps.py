@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from libs.contracts import utcnow
+from libs.contracts import envelope_for, stream_id_for, utcnow
 from libs.contracts.events import (
     AdmissionDecided,
     Irregularity,
@@ -21,6 +21,7 @@ from libs.contracts.registry import upcast
 from libs.domain.run import RunState, empty_run, fold, irregularities
 from libs.errors import PermanentError
 from libs.pricing import builtin_price_table
+from services.audit_replay.domain import step_row, step_view
 from services.incident.domain import Incident, OpenIncident
 from services.incident.domain import decide as decide_incident
 from services.policy_admission.domain import (
@@ -238,3 +239,14 @@ def test_only_an_enforced_violation_opens_an_incident(enforcement: str, opened: 
     cmd = OpenIncident(violation)
     events = decide_incident(Incident("acme", cmd.incident_id), cmd)
     assert len(events) == opened
+
+
+# --- what the trace shows ------------------------------------------------------------------------
+
+
+def test_the_trace_shows_a_steps_marks() -> None:
+    step = _step(2, ["unadmitted", "out_of_order"])
+    sid = stream_id_for("acme", "run", RUN)
+    env = envelope_for(step, tenant_id="acme", stream_id=sid, correlation_id="c", actor="a")
+    assert step_view(step_row(env, step))["irregularities"] == ["unadmitted", "out_of_order"]
+    assert step_view(step_row(env, _step(3)))["irregularities"] == []

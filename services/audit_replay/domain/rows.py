@@ -166,6 +166,7 @@ def step_row(env: EventEnvelope, e: StepRecorded) -> dict[str, Any]:
         "occurred_at": env.occurred_at,
         "event_id": str(env.event_id),
         "version": env.position or 0,
+        "irregularities": list(e.irregularities),
     }
 
 

@@ -119,6 +119,8 @@ def step_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "error": row["error"],
         "occurred_at": iso(row["occurred_at"]),
         "event_id": row["event_id"],
+        # How the step broke the rules when it was recorded (empty: it did not).
+        "irregularities": list(row.get("irregularities") or []),
     }
 
 
@@ -243,6 +245,7 @@ def _denied_entry(step_index: int, decision: Mapping[str, Any] | None) -> dict[s
         "error": None,
         "occurred_at": (decision or {}).get("occurred_at"),
         "event_id": None,
+        "irregularities": [],
     }
 
 
