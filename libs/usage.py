@@ -26,7 +26,7 @@ which keeps the final usage the stream reports.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -217,13 +217,16 @@ def from_gemini(payload: Mapping[str, Any]) -> Usage:
 ADAPTERS = {"openai": from_openai, "anthropic": from_anthropic, "gemini": from_gemini}
 
 
-def from_provider(provider: Provider, payload: Mapping[str, Any]) -> Usage:
-    """The usage of one (non-streamed) response of ``provider``."""
+def _adapter(provider: str) -> Callable[[Mapping[str, Any]], Usage]:
     try:
-        adapter = ADAPTERS[provider]
+        return ADAPTERS[provider]
     except KeyError:
         raise ValueError(f"unknown provider {provider!r}; known: {sorted(ADAPTERS)}") from None
-    return adapter(payload)
+
+
+def from_provider(provider: Provider, payload: Mapping[str, Any]) -> Usage:
+    """The usage of one (non-streamed) response of ``provider``."""
+    return _adapter(provider)(payload)
 
 
 def from_stream(provider: Provider, chunks: Iterable[Mapping[str, Any]]) -> Usage:
@@ -238,6 +241,7 @@ def from_stream(provider: Provider, chunks: Iterable[Mapping[str, Any]]) -> Usag
     Raises ``ValueError`` when the stream carried no usage at all, so a stream is never priced
     at zero by mistake.
     """
+    adapter = _adapter(provider)
     if provider == "anthropic":
         merged: dict[str, Any] = {}
         for chunk in chunks:
@@ -251,15 +255,15 @@ def from_stream(provider: Provider, chunks: Iterable[Mapping[str, Any]]) -> Usag
         if not merged:
             raise ValueError("the stream carried no usage (no message_start or message_delta)")
         return from_anthropic(merged)
-    key = "usage" if provider == "openai" else "usageMetadata"
+    keys = ("usage",) if provider == "openai" else ("usageMetadata", "usage_metadata")
     last: Mapping[str, Any] | None = None
     for chunk in chunks:
-        if chunk.get(key) is not None or chunk.get("usage_metadata") is not None:
+        if any(chunk.get(key) is not None for key in keys):
             last = chunk
     if last is None:
         hint = " (ask for it with stream_options.include_usage)" if provider == "openai" else ""
         raise ValueError(f"the stream carried no usage{hint}")
-    return from_provider(provider, last)
+    return adapter(last)
 
 
 __all__ = [

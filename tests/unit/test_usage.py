@@ -142,6 +142,8 @@ def test_counts_that_do_not_add_up_are_refused() -> None:
 def test_an_unknown_provider_is_named() -> None:
     with pytest.raises(ValueError, match="unknown provider 'mistral'"):
         from_provider("mistral", {})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown provider 'mistral'"):
+        from_stream("mistral", [{"usage": {"prompt_tokens": 1}}])  # type: ignore[arg-type]
 
 
 # --- the three ways cache tokens get mispriced -------------------------------------------------
