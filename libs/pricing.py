@@ -21,6 +21,8 @@ from typing import Literal, Protocol
 
 from libs.usage import UsageCounts, usage_problem
 
+# The cache and reasoning prices joined the table under the same version: every step costed
+# before them had no cache or reasoning tokens, and such a step costs the same with them.
 BUILTIN_VERSION = "builtin-2026.11"
 PRICES_EVENT = "cost.price_table_published"
 # Amounts are kept to 1e-10 USD: a single token of the cheapest model costs ~1e-8 USD, so this
