@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             parse_overrides(settings.rate_limit_tenants),
         ),
         keys=service.key_verifier,
+        registry=registry,
     )
     app.add_middleware(
         LoadShedding,

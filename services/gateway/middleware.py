@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
+from prometheus_client import CollectorRegistry, Counter
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,6 +33,9 @@ from services.gateway.shedding import (
 )
 
 API_PREFIX = "/v1/"
+# Set in the ASGI scope of a request a rate limit refused, so the load shedding's metrics do not
+# count it as shed.
+RATE_LIMITED_KEY = "mc.rate_limited"
 _CORRELATION_KEY = CORRELATION_HEADER.lower().encode()
 
 
@@ -115,7 +119,9 @@ class LoadShedding:
         finally:
             seconds = time.perf_counter() - started
             self.limiter.leave(route_class, seconds)
-            route.observe(status, seconds, shed=SOURCE_UPSTREAM if status == 429 else None)
+            # A rate limit's 429 is the caller's budget, not load: it is counted apart.
+            shed = status == 429 and not scope.get(RATE_LIMITED_KEY)
+            route.observe(status, seconds, shed=SOURCE_UPSTREAM if shed else None)
 
     async def _refuse(self, scope: Scope, send: Send, route_class: str) -> None:
         await too_many_requests(scope, send, self._refusals[route_class], RETRY_AFTER_S)
@@ -155,12 +161,19 @@ class RateLimiting:
         app: ASGIApp,
         limiter: RateLimiter,
         keys: Callable[[], KeyVerifier],
+        registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.app = app
         self.limiter = limiter
         self.keys = keys
         self.clock = clock
+        self.refused = Counter(
+            "mc_gateway_rate_limited",
+            "Requests refused (429) by a rate limit, by the limit that refused them.",
+            ["limit"],
+            registry=registry,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
@@ -176,6 +189,8 @@ class RateLimiting:
         if principal is not None:
             refusal = self.limiter.take(principal.tenant_id, principal.key_id, self.clock())
             if refusal is not None:
+                scope[RATE_LIMITED_KEY] = True
+                self.refused.labels(refusal.scope).inc()
                 body = orjson.dumps({"error": {"code": RATE_LIMITED, "message": refusal.message}})
                 await too_many_requests(scope, send, body, refusal.retry_after_s)
                 return

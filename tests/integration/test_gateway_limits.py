@@ -188,6 +188,10 @@ async def test_a_key_over_its_rate_gets_429_with_retry_after_naming_the_limit(
     # Another key of the same tenant has its own bucket.
     other = await limited.key(tenant)
     assert (await http.get("/v1/policies", headers=_auth(other))).status_code == 200
+    # Counted as rate limited, not as shed for load.
+    metrics = (await http.get("/metrics")).text
+    assert 'mc_gateway_rate_limited_total{limit="key"}' in metrics
+    assert "mc_gateway_shed_total{" not in metrics
 
 
 async def test_a_tenant_over_its_own_rate_is_refused_whatever_key_it_uses(
