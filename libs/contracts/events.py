@@ -10,10 +10,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, PlainSerializer
+from pydantic import ConfigDict, Field, PlainSerializer, model_validator
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.registry import register, upcaster
+from libs.usage import require_consistent
 
 Severity = Literal["low", "medium", "high", "critical"]
 Outcome = Literal["allow", "warn", "deny"]
@@ -93,8 +94,9 @@ class StepRecordedV1(DomainEvent):
     error: str | None = None
 
 
+# Version 2 had no cache or reasoning tokens; kept so stored v2 events stay readable.
 @register
-class StepRecorded(StepRecordedV1):
+class StepRecordedV2(StepRecordedV1):
     """A step of a run finished (successfully or not) and reported its outcome.
 
     ``irregularities`` marks a step that was recorded against the rules (see
@@ -108,11 +110,50 @@ class StepRecorded(StepRecordedV1):
     irregularities: list[Irregularity] = Field(default_factory=list)
 
 
+@register
+class StepRecorded(StepRecordedV2):
+    """A step of a run finished (successfully or not) and reported its outcome and usage.
+
+    ``irregularities`` marks a step that was recorded against the rules (see
+    :data:`Irregularity`): it is kept, never refused, and admission judges it as a violation of
+    ``admission_required``. Empty for a step recorded as it should be.
+
+    Usage (see ``libs.usage``): ``input_tokens`` counts every prompt token, of which
+    ``cached_input_tokens`` were read from the provider's cache and ``cache_write_tokens`` were
+    written to it; ``output_tokens`` counts every generated token, of which ``reasoning_tokens``
+    were reasoning. A streamed call records its final usage. ``provider_cost_usd`` is the cost
+    the provider itself reported for the call, if any, kept beside the computed cost.
+    """
+
+    event_type = "run.step_recorded"
+    schema_version = 3
+
+    cached_input_tokens: int = Field(default=0, ge=0)
+    cache_write_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+    provider_cost_usd: Usd | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> StepRecorded:
+        return require_consistent(self)
+
+
 @upcaster("run.step_recorded", 1)
 def upcast_step_recorded_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """v1 → v2: ``irregularities`` was added; a v1 step was judged by nothing, so none."""
     data = dict(payload)
     data.setdefault("irregularities", [])
+    return data
+
+
+@upcaster("run.step_recorded", 2)
+def upcast_step_recorded_v2_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 → v3: cache, reasoning and provider-cost fields were added; a v2 step reported
+    none, so its usage is all uncached input and plain output, exactly as it was priced."""
+    data = dict(payload)
+    for field in ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens"):
+        data.setdefault(field, 0)
+    data.setdefault("provider_cost_usd", None)
     return data
 
 
@@ -305,10 +346,32 @@ class ModelPrice(DomainEvent):
     effective_from: str = "1970-01-01T00:00:00+00:00"
 
 
+class ComponentPrice(DomainEvent):
+    """USD per token of each usage component of one model, valid from ``effective_from``.
+
+    ``input_per_token`` prices uncached prompt tokens, ``cached_input_per_token`` prompt tokens
+    read from the cache, ``cache_write_per_token`` prompt tokens written to it,
+    ``output_per_token`` generated tokens other than reasoning and ``reasoning_per_token``
+    reasoning tokens (most providers bill them as output, at the output price).
+    """
+
+    event_type = "_component_price"
+    schema_version = 1
+
+    model: str
+    input_per_token: Usd
+    cached_input_per_token: Usd
+    cache_write_per_token: Usd
+    output_per_token: Usd
+    reasoning_per_token: Usd
+    effective_from: str = "1970-01-01T00:00:00+00:00"
+
+
 @register
-class PriceTablePublished(DomainEvent):
+class PriceTablePublishedV1(DomainEvent):
     """A tenant's custom prices changed; ``version`` is the new price-table version."""
 
+    model_config = ConfigDict(title="PriceTablePublished")
     event_type = "cost.price_table_published"
     schema_version = 1
 
@@ -317,9 +380,45 @@ class PriceTablePublished(DomainEvent):
 
 
 @register
-class CostRecorded(DomainEvent):
+class PriceTablePublished(DomainEvent):
+    """A tenant's custom prices changed; ``version`` is the new price-table version.
+
+    Every price names all five usage components (see :class:`ComponentPrice`).
+    """
+
+    event_type = "cost.price_table_published"
+    schema_version = 2
+
+    version: int
+    prices: list[ComponentPrice]
+
+
+@upcaster("cost.price_table_published", 1)
+def upcast_price_table_published_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: a v1 price knew input and output only, and priced every prompt token at the
+    input price and every generated token at the output price: so cached reads and cache writes
+    keep the input price and reasoning the output price, as they were charged."""
+    data = dict(payload)
+    prices = []
+    for price in data.get("prices", []):
+        p = dict(price)
+        p.setdefault("cached_input_per_token", p.get("input_per_token"))
+        p.setdefault("cache_write_per_token", p.get("input_per_token"))
+        p.setdefault("reasoning_per_token", p.get("output_per_token"))
+        prices.append(p)
+    data["prices"] = prices
+    return data
+
+
+PricingStatus = Literal["priced", "unpriced", "no_model"]
+
+
+# Version 1 priced input and output tokens only; kept so stored v1 events stay readable.
+@register
+class CostRecordedV1(DomainEvent):
     """The cost of one recorded step, with the price-table version used to compute it."""
 
+    model_config = ConfigDict(title="CostRecorded")
     event_type = "cost.recorded"
     schema_version = 1
 
@@ -330,11 +429,53 @@ class CostRecorded(DomainEvent):
     model: str | None
     input_tokens: int
     output_tokens: int
-    pricing_status: Literal["priced", "unpriced", "no_model"]
+    pricing_status: PricingStatus
     input_cost_usd: Usd | None
     output_cost_usd: Usd | None
     total_cost_usd: Usd | None
     price_table_version: str
+
+
+@register
+class CostRecorded(CostRecordedV1):
+    """The cost of one recorded step, per usage component, with the price-table version used.
+
+    The token counts are the step's (see ``libs.usage``). ``input_cost_usd`` prices the
+    uncached input, ``cached_input_cost_usd`` the cache reads, ``cache_write_cost_usd`` the cache
+    writes, ``output_cost_usd`` the output other than reasoning and ``reasoning_cost_usd`` the
+    reasoning; ``total_cost_usd`` is their sum. When the step carried the provider's own figure,
+    ``provider_cost_usd`` holds it, ``cost_difference_usd`` is provider minus computed, and
+    ``cost_mismatch`` flags a difference beyond the tolerance (``libs.pricing``).
+    """
+
+    event_type = "cost.recorded"
+    schema_version = 2
+
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_input_cost_usd: Usd | None = None
+    cache_write_cost_usd: Usd | None = None
+    reasoning_cost_usd: Usd | None = None
+    provider_cost_usd: Usd | None = None
+    cost_difference_usd: Usd | None = None
+    cost_mismatch: bool = False
+
+
+@upcaster("cost.recorded", 1)
+def upcast_cost_recorded_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: a v1 cost had no cache or reasoning tokens, so those components cost nothing
+    (none when the step was unpriced), and no provider figure was kept."""
+    data = dict(payload)
+    for field in ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens"):
+        data.setdefault(field, 0)
+    nothing = None if data.get("pricing_status") == "unpriced" else "0"
+    for field in ("cached_input_cost_usd", "cache_write_cost_usd", "reasoning_cost_usd"):
+        data.setdefault(field, nothing)
+    data.setdefault("provider_cost_usd", None)
+    data.setdefault("cost_difference_usd", None)
+    data.setdefault("cost_mismatch", False)
+    return data
 
 
 # --- tenants (owned by gateway) ------------------------------------------------------------------

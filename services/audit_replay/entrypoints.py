@@ -14,7 +14,9 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``incident``: ``incident_id`` → the incident.
 * ``policies`` → ``{bundle_digest, activated_at, policies}`` with ``incident_count`` and
   ``open_incidents`` per policy.
-* ``costs``: ``group_by`` (run, agent, model), ``run_id?`` → ``{group_by, rows, totals}``.
+* ``costs``: ``group_by`` (run, agent, model, workflow, day), ``run_id?`` →
+  ``{group_by, rows, totals}``; each row with its token counts and cost per usage component,
+  the provider-reported cost and how many steps' figures differ from ours.
 * ``replay``: ``run_id``, ``at_position?``, ``at_version?`` →
   ``{state, events_applied, inflection_point, at_position}``, folded from the event store.
 * ``export``: ``run_id``, ``format`` (json, csv) → ``{content_type, body}``.
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ from services.audit_replay.domain import (
     IncidentRow,
     ReplayState,
     RunRow,
+    cost_summary,
     evolve_replay,
     incident_view,
     inflection_point,
@@ -61,8 +63,8 @@ from services.audit_replay.domain import (
     run_view,
     trace_csv,
     trace_steps,
-    usd,
 )
+from services.audit_replay.domain.views import COST_COMPONENTS, COST_TOKENS
 from services.audit_replay.handlers import LagMonitor, Projector, read_run_history
 from services.audit_replay.schema import DATABASE as DB
 
@@ -70,7 +72,14 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
 RUN_STATUSES = ("running", "completed", "failed", "stopped_by_policy")
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved")
-GROUP_KEYS = {"run": "run_id", "agent": "agent_id", "model": "model"}
+GROUP_KEYS = {
+    "run": "run_id",
+    "agent": "agent_id",
+    "model": "model",
+    "workflow": "workflow_id",
+    # Days in UTC, as ISO dates.
+    "day": "toString(toDate(occurred_at))",
+}
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Methods that do not read the projection tables, so a rebuild does not hold them up.
 NOT_PROJECTION_READS = frozenset({"replay", "rebuild", "lag"})
@@ -404,7 +413,8 @@ class AuditQueries:
     # --- costs ----------------------------------------------------------------------------------
 
     async def costs(self, p: Params) -> dict[str, Any]:
-        """Costs grouped by run, agent or model, with totals; unpriced steps counted apart."""
+        """Costs grouped by run, agent, model, workflow or day, with their usage components and
+        totals; unpriced steps counted apart (see :func:`cost_summary`)."""
         tenant = _tenant(p)
         group_by = _choice(p, "group_by", tuple(GROUP_KEYS), required=True)
         assert group_by is not None
@@ -415,40 +425,29 @@ class AuditQueries:
         if run_id is not None:
             where += " AND run_id = {run:String}"
             params["run"] = run_id
+        # A cost names its run; the run's workflow is in the runs projection (its label).
+        join = (
+            f"LEFT JOIN (SELECT run_id, workflow_id FROM {DB}.runs FINAL WHERE {TENANT}) "
+            "AS w USING (run_id) "
+            if group_by == "workflow"
+            else ""
+        )
+        components = ", ".join(
+            f"sumIf(ifNull({c}_cost_usd, 0), {_PRICED}) AS {c}_usd" for c in COST_COMPONENTS
+        )
         rows = await self.ch.select(
             tenant_filter(tenant),
             f"SELECT {column} AS group_key, count() AS n_steps, countIf({_PRICED}) AS n_priced, "
-            "sum(input_tokens) AS in_tokens, sum(output_tokens) AS out_tokens, "
-            f"sumIf(total_cost_usd, {_PRICED}) AS priced_usd "
-            f"FROM {DB}.costs FINAL WHERE {where} GROUP BY group_key ORDER BY group_key",
+            + "".join(f"sum({t}) AS {t}, " for t in COST_TOKENS)
+            + f"sumIf(total_cost_usd, {_PRICED}) AS priced_usd, {components}, "
+            "countIf(provider_cost_usd IS NOT NULL) AS n_reported, "
+            "sumIf(provider_cost_usd, provider_cost_usd IS NOT NULL) AS provider_usd, "
+            "countIf(cost_mismatch = 1) AS n_mismatch "
+            f"FROM {DB}.costs FINAL {join}WHERE {where} GROUP BY group_key ORDER BY group_key",
             params,
         )
-        out_rows = []
-        total = {"steps": 0, "priced_steps": 0, "unpriced_steps": 0, "input_tokens": 0,
-                 "output_tokens": 0}  # fmt: skip
-        total_usd: Decimal | None = None
-        for r in rows:
-            n, priced = int(r["n_steps"]), int(r["n_priced"])
-            cost = usd(r["priced_usd"]) if priced else None
-            row = {
-                "key": r["group_key"],
-                "steps": n,
-                "priced_steps": priced,
-                "unpriced_steps": n - priced,
-                "input_tokens": int(r["in_tokens"]),
-                "output_tokens": int(r["out_tokens"]),
-                "total_cost_usd": cost,
-            }
-            out_rows.append(row)
-            for k in total:
-                total[k] += int(row[k])
-            if cost is not None:
-                total_usd = (total_usd or Decimal(0)) + Decimal(cost)
-        return {
-            "group_by": group_by,
-            "rows": out_rows,
-            "totals": {**total, "total_cost_usd": usd(total_usd)},
-        }
+        groups, totals = cost_summary(rows)
+        return {"group_by": group_by, "rows": groups, "totals": totals}
 
     # --- replay, export, operations -------------------------------------------------------------
 

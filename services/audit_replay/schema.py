@@ -32,11 +32,13 @@ INBOX_FORMAT_SETTINGS = {
 }
 """Settings of an insert into the inbox."""
 INBOX_EVENT_TYPES: dict[str, frozenset[int]] = {
-    "run.step_recorded": frozenset({1, 2}),
-    "cost.recorded": frozenset({1}),
+    "run.step_recorded": frozenset({1, 2, 3}),
+    "cost.recorded": frozenset({2}),
 }
 """The event types (and the schema versions) the inbox views turn into rows (run.step_recorded
-v2 only adds ``irregularities``, which no step row reads)."""
+v2 adds ``irregularities``, which the steps view reads, and v3 only usage fields no step row
+reads; a cost.recorded v1, read again only by a rebuild, takes the Python path, whose upcaster
+gives its cache and reasoning components their zeros)."""
 _TS = "parseDateTime64BestEffort(occurred_at, 6, 'UTC') AS occurred_at"
 _TRACEPARENT = "JSONExtract(trace_context, 'traceparent', 'Nullable(String)')"
 # The same rows as ``domain.rows``: event_row, step_row and cost_row.
@@ -67,7 +69,8 @@ INBOX_STEP_ROW = (
 INBOX_STEP_ROW_MARKED = (
     INBOX_STEP_ROW + ", JSONExtract(payload, 'irregularities', 'Array(String)') AS irregularities"
 )
-INBOX_COST_ROW = (
+# Migration 14's view, replaced by migration 21's (kept as it was applied).
+INBOX_COST_ROW_V1 = (
     "tenant_id, JSONExtractString(payload, 'cost_id') AS cost_id, "
     "JSONExtractString(payload, 'run_id') AS run_id, "
     "JSONExtractString(payload, 'agent_id') AS agent_id, "
@@ -83,6 +86,25 @@ INBOX_COST_ROW = (
     + ", JSONExtractString(payload, 'price_table_version') AS price_table_version, "
     f"{_TS}, position AS version"
 )
+# The columns cost.recorded v2 added to ``mc.costs`` (migration 16).
+COST_TOKEN_COLUMNS = ("cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+COST_USD_COLUMNS = (
+    "cached_input_cost_usd",
+    "cache_write_cost_usd",
+    "reasoning_cost_usd",
+    "provider_cost_usd",
+    "cost_difference_usd",
+)
+INBOX_COST_ROW = (
+    INBOX_COST_ROW_V1
+    + "".join(f", JSONExtractUInt(payload, '{c}') AS {c}" for c in COST_TOKEN_COLUMNS)
+    + "".join(
+        f", toDecimal128OrNull(JSONExtract(payload, '{c}', 'Nullable(String)'), 10) AS {c}"
+        for c in COST_USD_COLUMNS
+    )
+    + ", toUInt8(JSONExtractBool(payload, 'cost_mismatch')) AS cost_mismatch"
+)
+"""The ``mc.costs`` row of a ``cost.recorded`` v2 (the same row as ``domain.rows.cost_row``)."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +235,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         14,
         "inbox_costs",
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
-        f"AS SELECT {INBOX_COST_ROW} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
+        f"AS SELECT {INBOX_COST_ROW_V1} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
     ),
     # A step recorded against the rules (without an allowed admission, twice, out of order)
     # shows its marks in the trace. Rows written before read an empty list.
@@ -230,6 +252,32 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_steps TO {DATABASE}.steps "
         f"AS SELECT {INBOX_STEP_ROW_MARKED} FROM {DATABASE}.inbox "
         "WHERE event_type = 'run.step_recorded'",
+    ),
+    # Cost by workflow: a run started for a workflow step carries its workflow id as a label.
+    # Runs projected before this column read NULL until a rebuild.
+    Migration(
+        18,
+        "runs_workflow_id",
+        f"ALTER TABLE {DATABASE}.runs ADD COLUMN IF NOT EXISTS workflow_id Nullable(String)",
+    ),
+    # Exact cost: cache reads, cache writes and reasoning, each with its cost, and the
+    # provider's own figure beside ours. Rows costed before read zero tokens and NULL component
+    # costs (which sums skip) until a rebuild gives them their upcast zeros.
+    Migration(
+        19,
+        "costs_components",
+        f"ALTER TABLE {DATABASE}.costs "
+        + "".join(f"ADD COLUMN IF NOT EXISTS {c} UInt64 DEFAULT 0, " for c in COST_TOKEN_COLUMNS)
+        + "".join(f"ADD COLUMN IF NOT EXISTS {c} {USD}, " for c in COST_USD_COLUMNS)
+        + "ADD COLUMN IF NOT EXISTS cost_mismatch UInt8 DEFAULT 0",
+    ),
+    # A view's SELECT cannot be altered: the cost view is replaced by one that reads v2 fields.
+    Migration(20, "inbox_costs_drop_v1", f"DROP VIEW IF EXISTS {DATABASE}.inbox_costs"),
+    Migration(
+        21,
+        "inbox_costs_v2",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
+        f"AS SELECT {INBOX_COST_ROW} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
     ),
 )
 

@@ -14,13 +14,14 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from libs.contracts.events import CostRecorded, ModelPrice, PriceTablePublished, StepRecorded
+from libs.contracts.events import ComponentPrice, CostRecorded, PriceTablePublished, StepRecorded
 from libs.errors import InvalidInput
 from libs.pricing import (
     PriceTable,
     builtin_price_table,
+    compare_provider_cost,
     parse_effective_from,
-    price_step,
+    price_recorded,
     with_overrides,
 )
 
@@ -41,9 +42,11 @@ def decide_cost(
     """The ``cost.recorded`` event of one step, priced at the time the step occurred.
 
     Pricing at ``occurred_at`` (not at processing time) makes the result independent of consumer
-    lag and lets a replay with the same table reproduce it exactly.
+    lag and lets a replay with the same table reproduce it exactly. A provider-reported cost on
+    the step is kept beside the computed one and compared with it.
     """
-    price = price_step(table, step.model, step.input_tokens, step.output_tokens, occurred_at)
+    price = price_recorded(table, step, occurred_at)
+    difference, mismatch = compare_provider_cost(price.total_cost_usd, step.provider_cost_usd)
     return CostRecorded(
         cost_id=cost_id_for(step_event_id),
         run_id=step.run_id,
@@ -52,11 +55,20 @@ def decide_cost(
         model=step.model,
         input_tokens=step.input_tokens,
         output_tokens=step.output_tokens,
+        cached_input_tokens=step.cached_input_tokens,
+        cache_write_tokens=step.cache_write_tokens,
+        reasoning_tokens=step.reasoning_tokens,
         pricing_status=price.pricing_status,
         input_cost_usd=price.input_cost_usd,
+        cached_input_cost_usd=price.cached_input_cost_usd,
+        cache_write_cost_usd=price.cache_write_cost_usd,
         output_cost_usd=price.output_cost_usd,
+        reasoning_cost_usd=price.reasoning_cost_usd,
         total_cost_usd=price.total_cost_usd,
         price_table_version=price.price_table_version,
+        provider_cost_usd=step.provider_cost_usd,
+        cost_difference_usd=difference,
+        cost_mismatch=mismatch,
     )
 
 
@@ -78,23 +90,37 @@ def _amount(item: int, field: str, value: Any) -> Decimal:
     return amount
 
 
-def parse_prices(raw: Any) -> list[ModelPrice]:
+# The components a price may leave out, and the price each then takes: a provider without a
+# cache discount charges cache reads and writes as input, and reasoning is billed as output.
+OPTIONAL_COMPONENTS = {
+    "cached_input_per_token": "input_per_token",
+    "cache_write_per_token": "input_per_token",
+    "reasoning_per_token": "output_per_token",
+}
+
+
+def parse_prices(raw: Any) -> list[ComponentPrice]:
     """Validate the ``prices`` of a ``set_prices`` request.
 
     Each item needs a non-empty ``model``, non-negative ``input_per_token`` and
     ``output_per_token`` (USD per token) and optionally an ISO 8601 ``effective_from`` (naive means
-    UTC; default the epoch). An empty list is valid: it returns the tenant to the built-in prices.
+    UTC; default the epoch). ``cached_input_per_token``, ``cache_write_per_token`` and
+    ``reasoning_per_token`` are optional (see :data:`OPTIONAL_COMPONENTS` for their defaults); the
+    published price names all five. An empty list is valid: it returns the tenant to the
+    built-in prices.
     """
     if not isinstance(raw, list):
         raise InvalidInput("prices must be a list of {model, input_per_token, output_per_token}")
     if len(raw) > MAX_PRICES:
         raise InvalidInput(f"at most {MAX_PRICES} prices per request")
-    out: list[ModelPrice] = []
+    out: list[ComponentPrice] = []
     seen: set[tuple[str, datetime]] = set()
     for i, item in enumerate(raw):
         if not isinstance(item, dict):
             raise InvalidInput(f"prices[{i}] must be an object")
-        unknown = set(item) - {"model", "input_per_token", "output_per_token", "effective_from"}
+        unknown = set(item) - {
+            "model", "input_per_token", "output_per_token", "effective_from", *OPTIONAL_COMPONENTS
+        }  # fmt: skip
         if unknown:
             raise InvalidInput(f"prices[{i}] has unknown fields: {sorted(unknown)}")
         model = item.get("model")
@@ -118,18 +144,18 @@ def parse_prices(raw: Any) -> list[ModelPrice]:
         if (model, effective) in seen:
             raise InvalidInput(f"prices[{i}]: {model} is priced twice from {effective.isoformat()}")
         seen.add((model, effective))
-        out.append(
-            ModelPrice(
-                model=model,
-                input_per_token=_amount(i, "input_per_token", item["input_per_token"]),
-                output_per_token=_amount(i, "output_per_token", item["output_per_token"]),
-                effective_from=effective.isoformat(),
-            )
-        )
+        amounts = {
+            field: _amount(i, field, item[field])
+            for field in ("input_per_token", "output_per_token")
+        }
+        for field, default in OPTIONAL_COMPONENTS.items():
+            given = item.get(field)
+            amounts[field] = amounts[default] if given is None else _amount(i, field, given)
+        out.append(ComponentPrice(model=model, effective_from=effective.isoformat(), **amounts))
     return out
 
 
-def decide_publish(current_version: int, prices: list[ModelPrice]) -> PriceTablePublished:
+def decide_publish(current_version: int, prices: list[ComponentPrice]) -> PriceTablePublished:
     """The event that makes ``prices`` the tenant's complete override list, one version later."""
     return PriceTablePublished(version=current_version + 1, prices=prices)
 
@@ -150,7 +176,10 @@ def price_listing(latest: PriceTablePublished | None) -> dict[str, Any]:
             {
                 "model": row.model,
                 "input_per_token": format(row.input_per_token, "f"),
+                "cached_input_per_token": format(row.cached_input, "f"),
+                "cache_write_per_token": format(row.cache_write, "f"),
                 "output_per_token": format(row.output_per_token, "f"),
+                "reasoning_per_token": format(row.reasoning, "f"),
                 "effective_from": row.effective_from.isoformat(),
                 # Overrides come last in the table; base rows they shadow are already gone.
                 "source": "override" if index >= first_override else "builtin",

@@ -734,7 +734,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(call: Read, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
-        """Cost of the tenant's runs, grouped by run, agent or model."""
+        """Cost of the tenant's runs per usage component, by run, agent, model, workflow or day."""
         return await call.answer(
             "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
         )

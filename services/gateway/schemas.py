@@ -22,6 +22,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     WithJsonSchema,
+    model_validator,
 )
 
 from libs.contracts.limits import (
@@ -38,9 +39,11 @@ from libs.contracts.limits import (
     MAX_TOKENS,
     RUN_ID_PATTERN,
 )
+from libs.usage import require_consistent
 from services.gateway.rbac import USER_ID_PATTERN
 
 ID_PATTERN = RUN_ID_PATTERN
+
 """Run ids: safe in URLs, stream ids, subjects and CSV without quoting."""
 
 MAX_BATCH = 5000
@@ -100,12 +103,25 @@ Json = Annotated[Any, AfterValidator(json_without_nul)]
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS)]
 StepIndex = Annotated[int, Field(ge=1, le=MAX_STEP_INDEX)]
 Labels = Annotated[dict[LabelKey, LabelValue], Field(max_length=MAX_LABELS)]
+ProviderCost = Annotated[
+    Decimal,
+    Field(ge=0, le=1_000_000, max_digits=38, decimal_places=18),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": r"^[0-9]{1,7}(\.[0-9]{1,18})?$"},
+                {"type": "number", "minimum": 0, "maximum": 1_000_000},
+            ],
+            "description": "USD the provider reported for the call, at most 18 decimal places.",
+        }
+    ),
+]
 
 RunStatus = Literal["running", "completed", "failed", "stopped_by_policy"]
 RunStatusFilter = Literal["live", "running", "completed", "failed", "stopped_by_policy"]
 IncidentStatus = Literal["open", "acknowledged", "resolved"]
 Outcome = Literal["allow", "warn", "deny"]
-CostGrouping = Literal["run", "agent", "model"]
+CostGrouping = Literal["run", "agent", "model", "workflow", "day"]
 ExportFormat = Literal["json", "csv"]
 
 
@@ -177,7 +193,14 @@ class AdmissionResponse(_Result):
 
 
 class StepFields(_Body):
-    """The outcome of one step of a run."""
+    """The outcome of one step of a run, with its usage (a streamed call: its final usage).
+
+    ``input_tokens`` counts every prompt token, of which ``cached_input_tokens`` were read from
+    the provider's cache and ``cache_write_tokens`` written to it; ``output_tokens`` counts every
+    generated token, of which ``reasoning_tokens`` were reasoning (``libs.usage`` maps OpenAI's,
+    Anthropic's and Gemini's usage objects onto these). ``provider_cost_usd`` is the provider's
+    own figure for the call, when it reports one.
+    """
 
     step_index: StepIndex
     kind: Kind = "llm_call"
@@ -185,11 +208,19 @@ class StepFields(_Body):
     tool: Name | None = None
     status: Literal["ok", "error"] = "ok"
     input_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
     output_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+    provider_cost_usd: ProviderCost | None = None
     duration_ms: float = Field(default=0, ge=0, le=1e12, allow_inf_nan=False)
     input: Json = None
     output: Json = None
     error: LongText | None = None
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> StepFields:
+        return require_consistent(self)
 
 
 class StepBatchItem(StepFields):
@@ -447,11 +478,19 @@ Price = Annotated[
 
 
 class ModelPriceIn(_Body):
-    """USD per token of one model, valid from ``effective_from`` (default: always)."""
+    """USD per token of one model, valid from ``effective_from`` (default: always).
+
+    ``input_per_token`` prices uncached prompt tokens and ``output_per_token`` generated tokens.
+    Cache reads (``cached_input_per_token``) and cache writes (``cache_write_per_token``) default
+    to the input price, reasoning (``reasoning_per_token``) to the output price.
+    """
 
     model: Name
     input_per_token: Price
     output_per_token: Price
+    cached_input_per_token: Price | None = None
+    cache_write_per_token: Price | None = None
+    reasoning_per_token: Price | None = None
     effective_from: datetime | None = None
 
 

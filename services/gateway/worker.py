@@ -1,13 +1,15 @@
 """The agent worker SDK: serve the workflow steps Mission Control dispatches to your agents.
 
+    from libs.usage import from_openai
+
     worker = Worker(gateway_url, api_key)
 
     @worker.agent("summarizer")
     async def summarize(step: Step) -> Any:
         decision = await step.admit(model="gpt-4o-mini", input_tokens=800, max_output_tokens=200)
-        text = await call_the_model(step.inputs["document"])
-        await step.record(model="gpt-4o-mini", input_tokens=812, output_tokens=164, output=text)
-        return text
+        response = await call_the_model(step.inputs["document"])
+        await step.record(model="gpt-4o-mini", usage=from_openai(response), output=response)
+        return response
 
     await worker.run()        # until worker.stop() or SIGTERM
 
@@ -16,11 +18,11 @@ Each dispatched attempt of a step waits on the agent's JetStream work queue
 (``POST /v1/agents/{agent}/work:take``, a long poll), so it needs no bus credentials and sees only
 its own tenant's work. The attempt is a governed run that the engine has
 already started: the handler asks admission before every model or tool call (:meth:`Step.admit`,
-which raises :class:`StepDenied` when policy says no) and records each call with its usage
-(:meth:`Step.record`). When the handler returns, the worker finishes the run as completed; when it
-raises, as failed with the error's first line, and the engine retries the step if its definition
-allows. A worker that dies mid-step loses nothing: the engine's deadline fails that attempt and
-dispatches the next one.
+which raises :class:`StepDenied` when policy says no) and records each call with the usage the
+provider reported (:meth:`Step.record`; docs/cost.md). When the handler returns, the worker
+finishes the run as completed; when it raises, as failed with the error's first line, and the
+engine retries the step if its definition allows. A worker that dies mid-step loses nothing:
+the engine's deadline fails that attempt and dispatches the next one.
 
 The worker acknowledges a work item as soon as it takes it, so one attempt never runs twice; the
 engine's timeouts and retries are what make a step happen at least once. :meth:`Worker.stop` (or
@@ -46,6 +48,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from libs.usage import Usage
 from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
 from services.gateway.schemas import AdmissionResponse
 
@@ -124,8 +127,18 @@ class Step:
             raise StepDenied(decision)
         return decision
 
-    async def record(self, **fields: Any) -> None:
-        """Record the admitted call's outcome and usage (fields as in the steps endpoint)."""
+    async def record(self, *, usage: Usage | None = None, **fields: Any) -> None:
+        """Record the admitted call's outcome and usage (fields as in the steps endpoint).
+
+        ``usage`` is the call's usage mapped by ``libs.usage`` from the provider's own usage
+        object (``usage=from_anthropic(response)``); it fills ``input_tokens``,
+        ``cached_input_tokens``, ``cache_write_tokens``, ``output_tokens`` and
+        ``reasoning_tokens``. A streamed call records once, when the stream has ended, with the
+        final usage (``usage=from_stream("openai", chunks)``). ``provider_cost_usd`` keeps the
+        provider's own cost figure beside the computed one.
+        """
+        if usage is not None:
+            fields = {**fields, **usage.fields()}
         await self._send(Requests.record_step(self.run_id, self._next_index, **fields))
         self._next_index += 1
 

@@ -33,7 +33,7 @@ from libs.contracts.registry import decode
 from libs.domain.run import RunState, empty_run
 from libs.domain.run import fold as fold_run
 from libs.errors import InvalidInput, PermanentError
-from libs.pricing import PriceTable, price_step
+from libs.pricing import PriceTable, price_recorded, price_step
 
 # The policy the Rego aggregator reports for stopped, finished or already-violating runs.
 RUN_STATE_POLICY = "run_state"
@@ -228,7 +228,7 @@ def _apply_run_events(
     stopped_by: list[str] = []
     for event, at in events:
         if isinstance(event, StepRecorded):
-            price = price_step(prices, event.model, event.input_tokens, event.output_tokens, at)
+            price = price_recorded(prices, event, at)
             if price.total_cost_usd is None:
                 unpriced += 1
             else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
@@ -76,6 +77,10 @@ class RecordStep:
     input_tokens: int = 0
     output_tokens: int = 0
     duration_ms: float = 0.0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    provider_cost_usd: Decimal | None = None
     input: Any = None
     output: Any = None
     error: str | None = None
@@ -170,7 +175,11 @@ def _record(state: RunState, steps: Iterable[RecordStep]) -> list[DomainEvent]:
                 tool=s.tool,
                 status=s.status,
                 input_tokens=s.input_tokens,
+                cached_input_tokens=s.cached_input_tokens,
+                cache_write_tokens=s.cache_write_tokens,
                 output_tokens=s.output_tokens,
+                reasoning_tokens=s.reasoning_tokens,
+                provider_cost_usd=s.provider_cost_usd,
                 duration_ms=s.duration_ms,
                 input=s.input,
                 output=s.output,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import TenantId
@@ -20,6 +21,7 @@ from libs.contracts.limits import (
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
+from libs.usage import require_consistent
 from services.workflow_engine.approvals import rules_from
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
@@ -91,11 +93,19 @@ class StepItem(BaseModel):
     tool: str | None = Field(default=None, max_length=MAX_NAME)
     status: StepStatus = "ok"
     input_tokens: int = Field(default=0, ge=0)
+    cached_input_tokens: int = Field(default=0, ge=0)
+    cache_write_tokens: int = Field(default=0, ge=0)
     output_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+    provider_cost_usd: Decimal | None = Field(default=None, ge=0, allow_inf_nan=False)
     duration_ms: float = Field(default=0, ge=0)
     input: Any = None
     output: Any = None
     error: str | None = None
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> StepItem:
+        return require_consistent(self)
 
     def command(self) -> RecordStep:
         """The domain command."""

@@ -22,7 +22,7 @@ from libs.contracts.events import (
     ModelPrice,
     PolicyBundleActivated,
     PolicyViolationDetected,
-    PriceTablePublished,
+    PriceTablePublishedV1,
     RunStarted,
     RunStoppedByPolicy,
     StepRecorded,
@@ -254,7 +254,8 @@ async def test_cost_cap_uses_the_tenants_prices(
     admission: Admission, tenant: str, unique: Unique
 ) -> None:
     prices_sid = stream_id_for(tenant, "prices", "table")
-    published = PriceTablePublished(
+    # Published as version 1 (input and output prices only), read through the upcaster.
+    published = PriceTablePublishedV1(
         version=1,
         prices=[
             ModelPrice(

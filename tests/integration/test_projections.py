@@ -100,6 +100,9 @@ async def audit(own_system: System, tmp_path: Path) -> AsyncIterator[Audit]:
         await pool.close()
 
 
+GROUPS = ("run", "agent", "model", "workflow", "day")
+
+
 async def snapshot(a: Audit, tenant: str, run_id: str) -> dict[str, Any]:
     """Every query's answer about one tenant, for comparisons."""
     return {
@@ -108,7 +111,7 @@ async def snapshot(a: Audit, tenant: str, run_id: str) -> dict[str, Any]:
         "trace": await a.call("trace", tenant, run_id=run_id),
         "incidents": await a.call("incidents", tenant),
         "policies": await a.call("policies", tenant),
-        "costs": {g: await a.call("costs", tenant, group_by=g) for g in ("run", "agent", "model")},
+        "costs": {g: await a.call("costs", tenant, group_by=g) for g in GROUPS},
         "export": await a.call("export", tenant, run_id=run_id, format="csv"),
     }
 

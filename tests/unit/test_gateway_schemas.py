@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from services.gateway.client import Requests
+from services.gateway.entrypoints import map_exception
 from services.gateway.schemas import (
     AdmissionRequest,
     FinishRunRequest,
@@ -16,6 +19,8 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
 )
+from services.workflow_engine.entrypoints import StepItem
+from tests.unit.test_usage import _load, _usage
 
 pytestmark = pytest.mark.unit
 
@@ -92,3 +97,40 @@ def test_batch_size_is_bounded() -> None:
     with pytest.raises(ValidationError) as info:
         StepBatchRequest.model_validate({"items": [{"step_index": 1}]})
     assert "items.0.run_id" in _fields(info.value)
+
+
+def test_a_step_carries_its_full_usage_and_the_provider_cost() -> None:
+    usage = _usage(_load("anthropic_cache_write.json"))
+    request = Requests.record_step("run-1", 2, model="claude-sonnet-4", provider_cost_usd="0.0137",
+                                   **usage.fields())  # fmt: skip
+    assert isinstance(request.body, StepFields)
+    # What the gateway forwards is what the workflow-engine reads, field for field.
+    forwarded = {"run_id": "run-1", **request.body.model_dump(mode="json")}
+    item = StepItem.model_validate(forwarded)
+    assert (item.input_tokens, item.cache_write_tokens, item.output_tokens) == (2069, 2048, 393)
+    assert str(item.provider_cost_usd) == "0.0137"
+
+
+@pytest.mark.parametrize(
+    ("usage", "message"),
+    [
+        ({"input_tokens": 25, "cached_input_tokens": 2048}, "exceed input_tokens"),
+        ({"input_tokens": 10, "cached_input_tokens": 6, "cache_write_tokens": 6}, "exceed"),
+        ({"output_tokens": 100, "reasoning_tokens": 101}, "reasoning_tokens (101) exceed"),
+    ],
+)
+def test_usage_that_does_not_add_up_is_a_422_naming_the_fields(
+    usage: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        StepBatchRequest.model_validate({"items": [{"run_id": "r", "step_index": 1, **usage}]})
+    raw = caught.value.errors()
+    resp = map_exception(RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in raw]))
+    assert resp.status_code == 422
+    assert message in bytes(resp.body).decode()
+    # The workflow-engine refuses the same counts from any other caller.
+    with pytest.raises(ValidationError, match=message.split(" (")[0]):
+        StepItem.model_validate({"run_id": "r", "step_index": 1, **usage})
+    # And a negative provider cost is no cost.
+    with pytest.raises(ValidationError, match="provider_cost_usd"):
+        StepFields.model_validate({"step_index": 1, "provider_cost_usd": "-0.01"})

@@ -9,7 +9,7 @@ import pytest
 
 from libs.contracts import envelope_for
 from libs.contracts.envelope import EventEnvelope
-from libs.contracts.events import ModelPrice, PriceTablePublished
+from libs.contracts.events import ModelPrice, PriceTablePublished, PriceTablePublishedV1
 from libs.contracts.registry import decode
 from libs.domain.prices import builtin_prices, fold_prices
 from libs.eventbus.repository import Recorded
@@ -31,8 +31,9 @@ MILLION = Decimal(1_000_000)
 
 
 def _published(version: int, prices: list[ModelPrice]) -> EventEnvelope:
+    # Stored as version 1 (input and output prices only): read through the v1 -> v2 upcaster.
     return envelope_for(
-        PriceTablePublished(version=version, prices=prices),
+        PriceTablePublishedV1(version=version, prices=prices),
         tenant_id="acme",
         stream_id="acme/prices/table",
         correlation_id="c",
@@ -238,3 +239,25 @@ def test_costs_are_quantised_to_a_ten_billionth_of_a_dollar() -> None:
     for amount in (price.input_cost_usd, price.output_cost_usd, price.total_cost_usd):
         assert amount is not None and amount.as_tuple().exponent == -10
     assert price.total_cost_usd == price.input_cost_usd + price.output_cost_usd
+
+
+def test_a_v1_price_table_reads_as_components_priced_as_they_were_charged() -> None:
+    old = [ModelPrice(model="custom", input_per_token=Decimal(1), output_per_token=Decimal(3))]
+    published = decode(_published(1, old))
+    assert isinstance(published, PriceTablePublished)
+    (price,) = published.prices
+    # A v1 table priced every prompt token at input and every generated token at output.
+    assert price.cached_input_per_token == price.cache_write_per_token == Decimal(1)
+    assert price.reasoning_per_token == Decimal(3)
+    state = fold_prices(builtin_prices(), [Recorded(published, _published(1, old))])
+    step = price_step(state.table, "custom", 10, 4, AT, cached_input_tokens=6, reasoning_tokens=1)
+    assert step.total_cost_usd == Decimal(10 * 1 + 4 * 3)
+
+
+def test_every_builtin_row_names_its_cache_and_reasoning_prices() -> None:
+    for row in builtin_price_table().rows:
+        assert row.cached_input_per_token is not None, row.model
+        assert row.cache_write_per_token is not None, row.model
+        assert row.reasoning_per_token is not None, row.model
+        # A cache read never costs more than an uncached token, and is never free.
+        assert 0 < row.cached_input_per_token <= row.input_per_token, row.model

@@ -44,6 +44,7 @@ from services.audit_replay.domain.rows import (
     step_row,
 )
 from services.audit_replay.domain.views import (
+    cost_summary,
     decision_view,
     governing_decisions,
     incident_view,
@@ -67,6 +68,7 @@ __all__ = [
     "RunRow",
     "StepFacts",
     "cost_row",
+    "cost_summary",
     "decision_row",
     "decision_view",
     "dumps",

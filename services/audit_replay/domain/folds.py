@@ -112,6 +112,7 @@ def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> Ru
         return replace(
             base,
             agent_id=event.agent_id,
+            workflow_id=event.labels.get("workflow_id"),
             started_at=env.occurred_at,
             version=pos,
             stream_version=folded,

@@ -46,6 +46,8 @@ class RunRow:
     version: int = 0
     stream_version: int = 0
     """Every event of the run's stream up to this version is folded in (0: not known)."""
+    workflow_id: str | None = None
+    """The workflow the run is a step attempt of (its ``workflow_id`` label), if any."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RunRow:
@@ -64,6 +66,7 @@ class RunRow:
             last_step_index=int(row["last_step_index"]),
             version=int(row["version"]),
             stream_version=int(row.get("stream_version") or 0),
+            workflow_id=row.get("workflow_id"),
         )
 
 
@@ -200,6 +203,15 @@ def cost_row(env: EventEnvelope, e: CostRecorded) -> dict[str, Any]:
         "output_cost_usd": e.output_cost_usd,
         "total_cost_usd": e.total_cost_usd,
         "price_table_version": e.price_table_version,
+        "cached_input_tokens": e.cached_input_tokens,
+        "cache_write_tokens": e.cache_write_tokens,
+        "reasoning_tokens": e.reasoning_tokens,
+        "cached_input_cost_usd": e.cached_input_cost_usd,
+        "cache_write_cost_usd": e.cache_write_cost_usd,
+        "reasoning_cost_usd": e.reasoning_cost_usd,
+        "provider_cost_usd": e.provider_cost_usd,
+        "cost_difference_usd": e.cost_difference_usd,
+        "cost_mismatch": int(e.cost_mismatch),
         "occurred_at": env.occurred_at,
         "version": env.position or 0,
     }

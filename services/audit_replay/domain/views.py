@@ -91,9 +91,15 @@ def cost_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "model": row["model"],
         "pricing_status": row["pricing_status"],
         "input_cost_usd": usd(row["input_cost_usd"]),
+        "cached_input_cost_usd": usd(row["cached_input_cost_usd"]),
+        "cache_write_cost_usd": usd(row["cache_write_cost_usd"]),
         "output_cost_usd": usd(row["output_cost_usd"]),
+        "reasoning_cost_usd": usd(row["reasoning_cost_usd"]),
         "total_cost_usd": usd(row["total_cost_usd"]),
         "price_table_version": row["price_table_version"],
+        "provider_cost_usd": usd(row["provider_cost_usd"]),
+        "cost_difference_usd": usd(row["cost_difference_usd"]),
+        "cost_mismatch": bool(row["cost_mismatch"]),
     }
 
 
@@ -256,3 +262,62 @@ def run_totals(
         else:
             unpriced += 1
     return tokens, total, unpriced
+
+
+COST_TOKENS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+"""The token counts a cost group sums (``libs.usage`` says what each counts)."""
+COST_COMPONENTS = ("input", "cached_input", "cache_write", "output", "reasoning")
+"""The cost components a cost group sums, each over its priced steps."""
+_COUNTS = ("steps", "priced_steps", "unpriced_steps", "provider_reported_steps", "cost_mismatches")
+
+
+def cost_summary(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The ``costs`` answer's groups and totals from the query's aggregated rows.
+
+    A group's ``total_cost_usd`` and ``cost_components`` sum its priced steps only (``None``
+    when none is priced); ``provider_cost_usd`` sums the provider's own figures where steps
+    reported one (``None`` when none did); ``cost_mismatches`` counts the steps whose provider
+    figure differed from ours beyond the tolerance.
+    """
+    groups: list[dict[str, Any]] = []
+    totals: dict[str, Any] = dict.fromkeys((*_COUNTS, *COST_TOKENS), 0)
+    total_usd: Decimal | None = None
+    provider_usd: Decimal | None = None
+    components: dict[str, Decimal] = dict.fromkeys(COST_COMPONENTS, Decimal(0))
+    for r in rows:
+        n, priced, reported = int(r["n_steps"]), int(r["n_priced"]), int(r["n_reported"])
+        group: dict[str, Any] = {
+            "key": r["group_key"],
+            "steps": n,
+            "priced_steps": priced,
+            "unpriced_steps": n - priced,
+            **{t: int(r[t]) for t in COST_TOKENS},
+            "total_cost_usd": usd(r["priced_usd"]) if priced else None,
+            "cost_components": {
+                c: usd(r[f"{c}_usd"] or 0) if priced else None for c in COST_COMPONENTS
+            },
+            "provider_cost_usd": usd(r["provider_usd"]) if reported else None,
+            "provider_reported_steps": reported,
+            "cost_mismatches": int(r["n_mismatch"]),
+        }
+        groups.append(group)
+        for k in (*_COUNTS, *COST_TOKENS):
+            totals[k] += int(group[k])
+        if priced:
+            total_usd = (total_usd or Decimal(0)) + Decimal(str(r["priced_usd"]))
+            for c in COST_COMPONENTS:
+                components[c] += Decimal(str(r[f"{c}_usd"] or 0))
+        if reported:
+            provider_usd = (provider_usd or Decimal(0)) + Decimal(str(r["provider_usd"]))
+    totals["total_cost_usd"] = usd(total_usd)
+    totals["cost_components"] = {
+        c: usd(v) if total_usd is not None else None for c, v in components.items()
+    }
+    totals["provider_cost_usd"] = usd(provider_usd)
+    return groups, totals
