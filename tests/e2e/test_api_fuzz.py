@@ -65,7 +65,7 @@ max-steps = 8
 
 [phases.stateful.generation]
 mode = "positive"
-max-examples = 80
+max-examples = 150
 """
 CHECKS = (
     "not_a_server_error",

@@ -21,8 +21,12 @@ def test_a_step_recorded_without_admission_stops_the_run_and_opens_an_incident(
     recorded = mc.record_step(run, 1, kind="llm_call", model="gpt-4o", input_tokens=900)
     assert recorded.recorded == 1  # 201: the step is kept
 
+    # The stop travels the projection's control lane, the step its bulk lane (flushed less
+    # often): wait until both are in, so the check below is about what was kept, not timing.
     stopped = wait_for(
-        lambda: (r := mc.run(run))["status"] == "stopped_by_policy" and r, 60, "run stopped"
+        lambda: (r := mc.run(run))["status"] == "stopped_by_policy" and r["tokens_used"] and r,
+        60,
+        "run stopped with its step's tokens",
     )
     assert stopped["violation_policy_id"] == "admission_required"
     assert stopped["stopped_at_step"] == 1

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import SecretStr
@@ -37,6 +38,7 @@ from libs.eventbus.db import open_pool
 from libs.eventbus.store import GENESIS, EventStore, chain_hash, chain_hash_v2, row_to_envelope
 from libs.eventbus.verify import VerifyReport, verify_chains, verify_in
 from libs.runtime.cli import app
+from libs.runtime.pg_credentials import new_password, with_credentials
 from tests.conftest import System, start_system, wait_until
 from tests.contract.eventstore import step
 
@@ -328,7 +330,16 @@ def test_the_heads_table_matches_every_streams_last_event(anchored: Anchored) ->
 def test_an_appending_role_can_read_the_heads_but_never_forge_one(
     anchored: Anchored, statement: str
 ) -> None:
-    with psycopg.connect(anchored.system.service_url) as conn:
+    # A service's own role, as it logs in: it appends through append_events and nothing else.
+    password = SecretStr(new_password())
+    with psycopg.connect(anchored.system.admin_url, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER ROLE mc_workflow_engine LOGIN PASSWORD {}").format(
+                sql.Literal(password.get_secret_value())
+            )
+        )
+    base = f"postgresql://127.0.0.1:{anchored.system.pg.port}/missioncontrol"
+    with psycopg.connect(with_credentials(base, "mc_workflow_engine", password)) as conn:
         assert conn.execute("SELECT count(*) FROM eventstore.stream_heads").fetchone() == (
             len(anchored.streams) + 1,
         )
@@ -520,7 +531,13 @@ def test_the_signing_key_is_generated_once_private_and_loads(tmp_path: Path) -> 
 async def test_rows_chained_before_the_migration_still_verify_and_new_ones_use_scheme_2(
     tmp_path: Path,
 ) -> None:
-    from libs.eventbus.migrate import ensure_service_role
+    from libs.eventbus.migrate import (
+        _sync_stream_categories,
+        ensure_role,
+        ensure_service_role,
+        login_roles,
+        stream_category_owners,
+    )
     from libs.runtime.embedded import start_postgres
 
     folder = Path(__file__).resolve().parents[2] / "libs/eventbus/migrations"
@@ -529,24 +546,28 @@ async def test_rows_chained_before_the_migration_still_verify_and_new_ones_use_s
     after = [f for f in files if f.name >= "0004"]
     pg = start_postgres(tmp_path)
     try:
-        with psycopg.connect(pg.url, autocommit=True) as conn:
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             ensure_service_role(conn)
+            for role in login_roles().values():  # what the migrator makes before 0003 runs
+                ensure_role(conn, role)
             for f in before:
                 conn.execute(f.read_text().encode())
-        pool = await open_pool(pg.url)
+            # As the migrator does after its migrations: who may append to which category.
+            _sync_stream_categories(conn, stream_category_owners())
+        pool = await open_pool(pg.dsn())
         try:
             store = EventStore(pool)
             sid = stream_id_for("old", "run", "r1")
             # The append function of 0002 (scheme 1), with rows in two streams.
             await store.append(sid, [step("old", "r1", i) for i in (1, 2)])
             await store.append(stream_id_for("old", "run", "r2"), [step("old", "r2", 1)])
-            with psycopg.connect(pg.url, autocommit=True) as conn:
+            with psycopg.connect(pg.dsn(), autocommit=True) as conn:
                 for f in after:
                     conn.execute(f.read_text().encode())
             await store.append(sid, [step("old", "r1", 3)])
         finally:
             await pool.close()
-        with psycopg.connect(pg.url, row_factory=dict_row) as conn:
+        with psycopg.connect(pg.dsn(), row_factory=dict_row) as conn:
             schemes = conn.execute(
                 "SELECT stream_version, hash_scheme FROM eventstore.events "
                 "WHERE stream_id = %s ORDER BY stream_version",
@@ -564,10 +585,10 @@ async def test_rows_chained_before_the_migration_still_verify_and_new_ones_use_s
             (sid, 3),
             (stream_id_for("old", "run", "r2"), 1),
         ]
-        report = verify_chains(pg.url)
+        report = verify_chains(pg.dsn())
         assert report.ok and report.events == 4, report.findings
         # A scheme-1 row still tells an edit, and its stream's head a deleted tail.
-        with psycopg.connect(pg.url, autocommit=True) as conn:
+        with psycopg.connect(pg.dsn(), autocommit=True) as conn:
             conn.execute("ALTER TABLE eventstore.events DISABLE TRIGGER USER")
             conn.execute(
                 "UPDATE eventstore.events SET actor = 'x' WHERE stream_id = %s "
@@ -578,7 +599,7 @@ async def test_rows_chained_before_the_migration_still_verify_and_new_ones_use_s
                 "DELETE FROM eventstore.events WHERE stream_id = %s",
                 (stream_id_for("old", "run", "r2"),),
             )
-        found = {(f.kind, f.stream_id, f.version) for f in verify_chains(pg.url).findings}
+        found = {(f.kind, f.stream_id, f.version) for f in verify_chains(pg.dsn()).findings}
         assert found == {
             ("edited_row", sid, 1),
             ("deleted_stream", stream_id_for("old", "run", "r2"), 0),
