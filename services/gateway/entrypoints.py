@@ -64,9 +64,12 @@ from services.gateway.shedding import RETRY_AFTER_S
 from services.gateway.workflows import (
     DOCUMENT_BODY,
     AbortExecutionRequest,
+    BudgetScope,
     ExecutionIdPath,
     ExecutionStatus,
     RegisterAgentRequest,
+    SetBudgetRequest,
+    SetBudgetTimezoneRequest,
     StartExecutionRequest,
     WorkflowIdPath,
     read_document,
@@ -657,7 +660,7 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Call
     ) -> Any:
         """Start an execution; the steps with no dependencies are dispatched at once."""
-        payload = {"workflow_id": workflow_id, **body.model_dump(exclude_none=True)}
+        payload = {"workflow_id": workflow_id, **body.model_dump(mode="json", exclude_none=True)}
         return await call.answer("workflow", "start_execution", payload, status=201)
 
     @router.get("/executions", tags=["workflows"])
@@ -684,6 +687,32 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         """Abort an execution: nothing more is dispatched and its running attempts' runs end."""
         payload = {"execution_id": execution_id, "reason": body.reason}
         return await call.answer("workflow", "abort_execution", payload)
+
+    # -- budgets ------------------------------------------------------------------------------
+
+    @router.put("/budgets", tags=["budgets"])
+    async def set_budget(body: SetBudgetRequest, call: Call) -> Any:
+        """Set a budget's cap (its id is ``scope[:subject]:window``); a new cap applies to the
+        current window at once."""
+        return await call.answer("workflow", "set_budget", body.model_dump(mode="json"))
+
+    @router.get("/budgets", tags=["budgets"])
+    async def list_budgets(
+        call: Call,
+        scope: BudgetScope | None = None,
+        execution_id: Annotated[
+            str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+        ] = None,
+    ) -> Any:
+        """Each budget with its current window's spent, reserved and remaining (per-execution
+        windows: those of ``execution_id``)."""
+        payload = _present({"scope": scope, "execution_id": execution_id})
+        return await call.answer("workflow", "list_budgets", payload)
+
+    @router.put("/budgets/timezone", tags=["budgets"])
+    async def set_budget_timezone(body: SetBudgetTimezoneRequest, call: Call) -> Any:
+        """Set the time zone of the tenant's day and month windows (default UTC)."""
+        return await call.answer("workflow", "set_budget_timezone", body.model_dump())
 
     return router
 
