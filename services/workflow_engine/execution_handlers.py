@@ -202,8 +202,9 @@ class ExecutionHandlers:
                 ended.append(run_id)
         if any(isinstance(e, ExecutionCompleted) for e in events):
             log.info("execution.completed", execution_id=execution_id)
-        await self._budget(uow, tenant_id, state, events, ended, run_meta)
         await self._index(uow, state)
+        # Last before the commit: a reservation holds its windows' row locks until then.
+        await self._budget(uow, tenant_id, state, events, ended, run_meta)
         return state, stored
 
     async def _budget(
