@@ -5,20 +5,22 @@ budget windows (one tenant's day and one agent's day), which is the worst case: 
 reservation of a tenant queues on the same rows.
 
 * floor: a bare ``UPDATE`` of one hot row and its commit, the least a guarded counter costs;
-* reservations: :meth:`BudgetHandlers.reserve` as dispatch calls it (read the budgets, insert
-  the attempt's hold, one guarded upsert over both windows) and its commit;
+* reservations: :meth:`BudgetHandlers.reserve` as dispatch calls it (read the budgets, then one
+  statement that inserts the attempt's hold and upserts both windows, guarded) and its commit,
+  from this process and from ``--processes`` processes at once (engine replicas);
 * the alternative weighed against it: each window an event-sourced aggregate, a reservation an
   event appended under the window stream's expected version (conflicts retried);
 * a whole dispatch (``start_execution`` of a one-step workflow, one at a time) with and without
   budgets, to show what reserving adds to it.
 
-    python scripts/bench_budgets.py [--seconds 5] [--workers 8]
+    python scripts/bench_budgets.py [--seconds 5] [--workers 8] [--processes 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
 import shutil
 import statistics
 import tempfile
@@ -122,7 +124,9 @@ async def set_budgets(store: EventStore, budgets: BudgetHandlers, tenant: str) -
             await budgets.set_budget(uow, tenant, b, META)
 
 
-async def reservations(store: EventStore, seconds: float, workers: int, spread: bool) -> Rate:
+async def reservations(
+    store: EventStore, seconds: float, workers: int, spread: bool, prefix: str = "r"
+) -> Rate:
     """Reservations all in one tenant's windows, or (``spread``) each worker in its tenant's."""
     budgets = BudgetHandlers(store)
     tenants = [f"bench-r{w}" if spread else "bench-r" for w in range(workers)]
@@ -130,12 +134,47 @@ async def reservations(store: EventStore, seconds: float, workers: int, spread: 
         await set_budgets(store, budgets, tenant)
 
     async def one(w: int, i: int) -> int:
-        step = dispatched(tenants[w], f"r{w}-{i}")
+        step = dispatched(tenants[w], f"{prefix}{w}-{i}")
         async with begin(store) as uow:
             await budgets.reserve(uow, tenants[w], "wf", "e", [(step, Decimal("0.01"))], {}, META)
         return 0
 
     return await run_for(seconds, workers, one)
+
+
+def _replica(url: str, seconds: float, workers: int, index: int, start: Any, out: Any) -> None:
+    """One engine-like process reserving in the shared tenant's windows."""
+
+    async def go() -> Rate:
+        pool = await open_pool(url, max_size=workers + 1)
+        try:
+            store = EventStore(pool)
+            await set_budgets(store, BudgetHandlers(store), "bench-r")  # idempotent
+            start.wait()
+            return await reservations(store, seconds, workers, False, prefix=f"p{index}-")
+        finally:
+            await pool.close()
+
+    rate = asyncio.run(go())
+    out.put((rate.done, rate.seconds))
+
+
+def replicas(url: str, seconds: float, workers: int, processes: int) -> Rate:
+    """Reservations from ``processes`` processes at once (as engine replicas would)."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_replica, args=(url, seconds, workers, i, start, out))
+        for i in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    time.sleep(3)  # the children import and connect; the timed part starts together below
+    start.set()
+    results = [out.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join()
+    return Rate(sum(d for d, _ in results), max(t for _, t in results))
 
 
 def _evolve(total: Decimal, event: DomainEvent) -> Decimal:
@@ -195,13 +234,12 @@ def rate_line(name: str, r: Rate, f: Rate) -> None:
           f"ratio {r.per_s / f.per_s:4.2f}{extra}")  # fmt: skip
 
 
-async def main(seconds: float, workers: int, n: int) -> None:
+async def main(seconds: float, workers: int, n: int, processes: int) -> None:
     base = Path(tempfile.mkdtemp(prefix="mc-bench-budgets-"))
     pg = start_postgres(base)
     apply_all(pg.url)
-    pool = await open_pool(
-        f"postgresql://{SERVICE_ROLE}@127.0.0.1:{pg.port}/missioncontrol", max_size=workers + 2
-    )
+    url = f"postgresql://{SERVICE_ROLE}@127.0.0.1:{pg.port}/missioncontrol"
+    pool = await open_pool(url, max_size=workers + 2)
     try:
         store = EventStore(pool)
         make_floor_table(pg.url, workers)
@@ -211,6 +249,9 @@ async def main(seconds: float, workers: int, n: int) -> None:
         print(f"  {'floor: bare UPDATE of one hot row + commit':<52} {f.per_s:8,.0f}/s")
         reserved = await reservations(store, seconds, workers, spread=False)
         rate_line("reserve (2 windows, hold row) + commit", reserved, f)
+        per = max(1, workers // processes)
+        rate_line(f"the same from {processes} processes x {per} transactions",
+                  replicas(url, seconds, per, processes), f)  # fmt: skip
         rate_line("alternative: event-sourced windows, expected version",
                   await event_sourced(store, seconds, workers), f)  # fmt: skip
         print(f" {workers} tenants: each worker reserves in its own tenant's windows")
@@ -235,9 +276,10 @@ def _args() -> Any:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--dispatches", type=int, default=300)
+    ap.add_argument("--processes", type=int, default=2, help="engine-like processes")
     return ap.parse_args()
 
 
 if __name__ == "__main__":
     a = _args()
-    asyncio.run(main(a.seconds, a.workers, a.dispatches))
+    asyncio.run(main(a.seconds, a.workers, a.dispatches, a.processes))

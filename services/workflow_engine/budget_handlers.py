@@ -238,7 +238,7 @@ class BudgetHandlers:
                 m.reserve[key] = m.reserve.get(key, Decimal(0)) + estimate
                 m.caps[key] = b.cap_usd
             if keys:
-                await self.ledger.hold(conn, tenant_id, event.run_id, sorted(keys), estimate)
+                m.holds.append((event.run_id, sorted(keys), estimate))
 
     async def _blame(
         self, conn: AsyncConn, tenant_id: str, budgets: list[Budget], refused: list[WindowKey],

@@ -37,6 +37,8 @@ class Movement:
     reserve: dict[WindowKey, Decimal] = field(default_factory=dict)
     release: dict[WindowKey, Decimal] = field(default_factory=dict)
     caps: dict[WindowKey, Decimal] = field(default_factory=dict)
+    holds: list[tuple[str, list[WindowKey], Decimal]] = field(default_factory=list)
+    """New holds: (run id, the windows it reserves in, sorted; the amount)."""
 
     def deltas(self) -> list[tuple[WindowKey, Decimal]]:
         """The net change of reserved per window, sorted (the lock order)."""
@@ -67,8 +69,14 @@ class WindowRow:
 
 _ROW = "budget_id, window_key, cap_usd, reserved_usd, spent_usd, alerted_pct"
 
+# The new holds ride along in the same statement (ids never contain a space: their patterns
+# forbid it, so a space-joined list is unambiguous).
 _MOVE = (
-    "INSERT INTO workflow.budget_windows AS w (tenant_id, budget_id, window_key, cap_usd,"
+    "WITH hold AS (INSERT INTO workflow.budget_holds (tenant_id, run_id, budget_ids,"
+    " window_keys, held_usd) SELECT %(t)s, h.r, string_to_array(h.b, ' '),"
+    " string_to_array(h.k, ' '), h.x FROM unnest(%(hr)s::text[], %(hb)s::text[],"
+    " %(hk)s::text[], %(hx)s::numeric[]) AS h(r, b, k, x))"
+    " INSERT INTO workflow.budget_windows AS w (tenant_id, budget_id, window_key, cap_usd,"
     " reserved_usd) SELECT %(t)s, b, k, c, x"
     " FROM unnest(%(b)s::text[], %(k)s::text[], %(c)s::numeric[], %(x)s::numeric[])"
     " AS u(b, k, c, x)"
@@ -143,22 +151,12 @@ class BudgetLedger:
             (tenant_id, timezone),
         )
 
-    async def hold(
-        self, conn: AsyncConn, tenant_id: str, run_id: str, keys: Sequence[WindowKey], held: Decimal
-    ) -> None:
-        """Record what an attempt reserves, and where."""
-        await conn.execute(
-            "INSERT INTO workflow.budget_holds (tenant_id, run_id, budget_ids, window_keys,"
-            " held_usd) VALUES (%s, %s, %s, %s, %s)",
-            (tenant_id, run_id, [k[0] for k in keys], [k[1] for k in keys], held),
-        )
-
     async def move(
         self, conn: AsyncConn, tenant_id: str, m: Movement
     ) -> tuple[list[WindowRow], list[WindowKey]]:
-        """Apply reservations and releases in one guarded statement: the windows changed, and
-        those refused because a reservation would take them over their cap (left unchanged; the
-        caller rolls the rest back)."""
+        """Record the new holds and apply reservations and releases, in one statement guarded
+        per window: the windows changed, and those refused because a reservation would take
+        them over their cap (left unchanged; the caller rolls the rest back)."""
         deltas = m.deltas()
         if not deltas:
             return [], []
@@ -170,6 +168,10 @@ class BudgetLedger:
                 "k": [k[1] for k, _ in deltas],
                 "c": [m.caps.get(k, Decimal(0)) for k, _ in deltas],
                 "x": [d for _, d in deltas],
+                "hr": [h[0] for h in m.holds],
+                "hb": [" ".join(k[0] for k in h[1]) for h in m.holds],
+                "hk": [" ".join(k[1] for k in h[1]) for h in m.holds],
+                "hx": [h[2] for h in m.holds],
             },
         )
         rows = [_row(r) for r in await cur.fetchall()]
