@@ -154,11 +154,10 @@ class BudgetHandlers:
         async with transaction(pool) as conn:
             budgets, tz = await self.ledger.budgets(conn, tenant_id, scope)
             now = utcnow()
-            keys = {
-                b.budget_id: b.window_key(now, tz, b.subject if b.scope == "execution" else
-                                          (execution_id or ""))
-                for b in budgets
-            }  # fmt: skip
+            keys = {}
+            for b in budgets:
+                execution = b.subject if b.scope == "execution" else execution_id or ""
+                keys[b.budget_id] = b.window_key(now, tz, execution)
             report = await self.ledger.report(conn, tenant_id, budgets, keys)
         for item, b in zip(report, budgets, strict=True):
             if b.window == "execution" and b.scope != "execution" and not execution_id:

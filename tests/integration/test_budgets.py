@@ -266,6 +266,29 @@ async def test_reservations_settle_to_the_recorded_cost_and_release_on_failure(
     assert sum(Decimal(c.payload["total_cost_usd"]) for c in costs) == Decimal("0.0525")
 
 
+async def test_a_timeout_and_an_abort_release_the_holds_of_their_attempts(
+    stack: Stack,
+) -> None:
+    sub = await stack.queue("bot")
+    doc = {"name": "slow", "steps": [step("s", "0.04", timeout_s=1), step("t", "0.02")]}
+    await setup(stack, doc, ("tenant", "", "month", "1"))
+    eid = (await stack.call("start_execution", workflow_id="slow"))["execution_id"]
+    other = (await stack.call("start_execution", workflow_id="slow"))["execution_id"]
+    await take(sub, 4)
+    assert (await stack.budget("tenant:month"))["reserved_usd"] == "0.12"
+    # The abort ends the other execution's two attempts: their holds go in the same transaction.
+    await stack.call("abort_execution", execution_id=other, reason="not needed")
+    assert (await stack.budget("tenant:month"))["reserved_usd"] == "0.06"
+
+    # Nobody finishes s: its deadline fails it and the execution, ending t's attempt too.
+    async def ended() -> bool:
+        return await status_of(stack, eid) == "failed"
+
+    await wait_until(ended, what="timed out")
+    got = await stack.budget("tenant:month")
+    assert (got["reserved_usd"], got["spent_usd"], got["remaining_usd"]) == ("0", "0", "1")
+
+
 async def test_a_step_that_does_not_fit_fails_its_execution_and_100_percent_opens_an_incident(
     stack: Stack, pool: AsyncConnectionPool
 ) -> None:
