@@ -19,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import cache
 from typing import get_args
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, available_timezones
 
 from libs.contracts.events import BudgetScope, BudgetWindow
 from libs.errors import InvalidInput
@@ -38,13 +39,20 @@ def budget_id_for(scope: BudgetScope, subject: str, window: BudgetWindow) -> str
     return ":".join(p for p in (scope, subject, window) if p)
 
 
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
 def check_timezone(name: str) -> str:
-    """``name`` if it is an IANA time zone; :class:`InvalidInput` naming it otherwise."""
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    """``name`` if it is an IANA time zone; :class:`InvalidInput` naming it otherwise.
+
+    Checked against the zone list rather than by loading it: a name is a path into the zone
+    database, and a directory (``America``) or another file there is no time zone.
+    """
+    if name not in _zones():
         raise InvalidInput(f"unknown time zone {name!r} (expected an IANA name such as UTC or "
-                           "Europe/Paris)") from None  # fmt: skip
+                           "Europe/Paris)")  # fmt: skip
     return name
 
 

@@ -81,8 +81,9 @@ def test_calendar_windows_follow_the_tenant_time_zone() -> None:
 
 def test_unknown_time_zones_are_named() -> None:
     assert check_timezone("Asia/Tokyo") == "Asia/Tokyo"
-    with pytest.raises(InvalidInput, match="unknown time zone 'Mars/Olympus'"):
-        check_timezone("Mars/Olympus")
+    for bad in ("Mars/Olympus", "America", "../../etc/passwd", "zone.tab", "Europe/Paris\x00"):
+        with pytest.raises(InvalidInput, match="unknown time zone"):
+            check_timezone(bad)
 
 
 def test_which_budgets_apply_and_what_they_count() -> None:
