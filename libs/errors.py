@@ -73,6 +73,13 @@ class Unauthorized(PermanentError):
     http_status = 401
 
 
+class Forbidden(PermanentError):
+    """The caller is authenticated but may not do this (a role or a key scope it lacks)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class ConcurrencyError(Conflict):
     """An append found the stream at another version than the caller expected."""
 

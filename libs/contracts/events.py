@@ -349,6 +349,8 @@ class ExecutionStarted(DomainEvent):
     document_hash: str
     document: dict[str, Any]
     inputs: dict[str, Any] = Field(default_factory=dict)
+    approvals: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """The tenant's approval rule of each risk tier when the execution started (fixed for it)."""
     started_at: datetime
 
 
@@ -527,3 +529,72 @@ class ExecutionBudgetExceeded(DomainEvent):
     estimate_usd: Usd
     reason: str
     finished_at: datetime
+
+
+@register
+class ApprovalRequested(DomainEvent):
+    """A ready step's risk tier needs approval before it is dispatched."""
+
+    event_type = "execution.approval_requested"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    risk_tier: str
+    required: int = Field(ge=1)
+    role: str
+    requested_at: datetime
+    expires_at: datetime
+
+
+@register
+class StepApproved(DomainEvent):
+    """A person approved a step waiting for approval (``approver`` is their identity)."""
+
+    event_type = "execution.step_approved"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    approver: str
+    role: str
+    reason: str
+    approved_at: datetime
+
+
+@register
+class StepRejected(DomainEvent):
+    """A step waiting for approval was rejected, by a person or by its SLA running out."""
+
+    event_type = "execution.step_rejected"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    rejected_by: str
+    reason: str
+    rejected_at: datetime
+
+
+@register
+class ApprovalEscalated(DomainEvent):
+    """A step's approval SLA ran out and the request now needs ``role``, with a new deadline."""
+
+    event_type = "execution.approval_escalated"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    role: str
+    escalated_at: datetime
+    expires_at: datetime
+
+
+@register
+class ApprovalPolicySet(DomainEvent):
+    """A tenant set the approvals each risk tier needs (``rules``: tier → rule)."""
+
+    event_type = "approval_policy.set"
+    schema_version = 1
+
+    rules: dict[str, dict[str, Any]]

@@ -65,6 +65,7 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
         errors.NotFound,
         errors.Conflict,
         errors.Unauthorized,
+        errors.Forbidden,
         errors.UnknownEventType,
         errors.TooLarge,
         errors.DeadlineExceeded,

@@ -61,9 +61,12 @@ from services.gateway.schemas import (
     StepsRecordedResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
+from services.gateway.work import work_queues
 from services.gateway.workflows import (
     DOCUMENT_BODY,
+    MAX_WAIT_S,
     AbortExecutionRequest,
+    AgentNamePath,
     BudgetScope,
     ExecutionIdPath,
     ExecutionStatus,
@@ -596,6 +599,31 @@ def build_router(rpc: Callable[[], RpcClient], keys: Callable[[], KeyVerifier]) 
         """Register an agent in the tenant's catalogue (registering it again changes nothing)."""
         payload = body.model_dump()
         return await call.answer("workflow", "register_agent", payload, status=201)
+
+    @router.post(
+        "/agents/{agent_id}/work:take",
+        tags=["workflows"],
+        responses={204: {"description": "No work arrived within `wait_s`."}},
+    )
+    async def take_work(
+        agent_id: AgentNamePath,
+        request: Request,
+        call: Call,
+        wait_s: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 20.0,
+    ) -> Response:
+        """Take the agent's next dispatched step (a long poll of up to ``wait_s`` seconds).
+
+        The item names the attempt's run: ask admission for each call, record each call and
+        finish the run. An item is handed over once; a worker that loses it leaves the attempt
+        to time out, and the engine dispatches the next attempt.
+        """
+        ctx = getattr(request.app.state, "ctx", None)
+        if ctx is None:
+            raise errors.TransientError("the gateway is not started")
+        item = await work_queues(ctx.js).take(call.principal.tenant_id, agent_id, wait_s)
+        if item is None:
+            return Response(status_code=204)
+        return json_response(item)
 
     @router.get("/agents", tags=["workflows"])
     async def list_agents(call: Call) -> Any:

@@ -1,6 +1,6 @@
 """The agent worker SDK: serve the workflow steps Mission Control dispatches to your agents.
 
-    worker = Worker(gateway_url, api_key, nats_url=nats_url, tenant_id="acme")
+    worker = Worker(gateway_url, api_key)
 
     @worker.agent("summarizer")
     async def summarize(step: Step) -> Any:
@@ -11,8 +11,10 @@
 
     await worker.run()        # until worker.stop() or SIGTERM
 
-Each dispatched attempt of a step arrives once on the agent's work queue
-(``mc.work.<tenant>.<agent>`` on JetStream). The attempt is a governed run that the engine has
+Each dispatched attempt of a step waits on the agent's JetStream work queue
+(``mc.work.<tenant>.<agent>``); the worker takes it through the gateway with its API key
+(``POST /v1/agents/{agent}/work:take``, a long poll), so it needs no bus credentials and sees only
+its own tenant's work. The attempt is a governed run that the engine has
 already started: the handler asks admission before every model or tool call (:meth:`Step.admit`,
 which raises :class:`StepDenied` when policy says no) and records each call with its usage
 (:meth:`Step.record`). When the handler returns, the worker finishes the run as completed; when it
@@ -29,20 +31,14 @@ to finish.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import nats
-import orjson
+import httpx
 import structlog
-from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import BadRequestError
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -50,7 +46,6 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from libs.contracts.subjects import WORK_STREAM, work_subject
 from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
 from services.gateway.schemas import AdmissionResponse
 
@@ -143,20 +138,17 @@ class Worker:
         gateway_url: str,
         api_key: str,
         *,
-        nats_url: str,
-        tenant_id: str,
         concurrency: int = 4,
         patience_s: float = 60.0,
-        nats_options: dict[str, Any] | None = None,
+        poll_s: float = 20.0,
     ) -> None:
         self.gateway_url = gateway_url
         self._api_key = api_key
-        self.nats_url = nats_url
-        self.tenant_id = tenant_id
         self.concurrency = concurrency
         self.patience_s = patience_s
         """How long a call to the API is retried while it answers 429 or 5xx."""
-        self._nats_options = dict(nats_options or {})
+        self.poll_s = poll_s
+        """How long one request for work waits for an item."""
         self._handlers: dict[str, Handler] = {}
         self._stopping = asyncio.Event()
         self._in_hand: set[asyncio.Task[None]] = set()
@@ -187,18 +179,15 @@ class Worker:
         """Take and serve work until :meth:`stop`."""
         if not self._handlers:
             raise ValueError("register at least one agent with @worker.agent(name)")
-        # The engine creates the work stream; a worker only binds its agents' consumers to it.
-        nc = await nats.connect(
-            self.nats_url,
-            name=f"worker-{self.tenant_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
-            **self._nats_options,
-        )
         client = AsyncMissionControlClient(self.gateway_url, self._api_key)
+        poller = httpx.AsyncClient(
+            base_url=self.gateway_url,
+            headers={"Authorization": f"Bearer {self._api_key}"},
+            timeout=self.poll_s + 15,
+        )
         try:
             pullers = [
-                asyncio.create_task(self._pull(nc, agent, handler, client))
+                asyncio.create_task(self._pull(poller, agent, handler, client))
                 for agent, handler in self._handlers.items()
             ]
             await self._stopping.wait()
@@ -208,37 +197,40 @@ class Worker:
             if self._in_hand:
                 await asyncio.gather(*self._in_hand, return_exceptions=True)
         finally:
+            await poller.aclose()
             await client.aclose()
-            await nc.drain()
+
+    async def _take(self, poller: httpx.AsyncClient, agent: str) -> dict[str, Any] | None:
+        try:
+            r = await poller.post(f"/v1/agents/{agent}/work:take", params={"wait_s": self.poll_s})
+        except httpx.TransportError as exc:
+            log.warning("worker.poll_failed", agent=agent, error=type(exc).__name__)
+            await asyncio.sleep(1)  # the gateway is unreachable: try again shortly
+            return None
+        if r.status_code == 204:
+            return None
+        if r.status_code in (429, 502, 503, 504):
+            await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
+            return None
+        if r.status_code != 200:
+            raise ApiError(r.status_code, "take_work_failed", r.text[:500])
+        item: dict[str, Any] = r.json()
+        return item
 
     async def _pull(
-        self, nc: NATS, agent: str, handler: Handler, client: AsyncMissionControlClient
+        self,
+        poller: httpx.AsyncClient,
+        agent: str,
+        handler: Handler,
+        client: AsyncMissionControlClient,
     ) -> None:
-        js = nc.jetstream()
-        durable = f"worker-{self.tenant_id}-{agent}"
-        config = ConsumerConfig(
-            durable_name=durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            filter_subject=work_subject(self.tenant_id, agent),
-            # Taken work is acknowledged at once, so a redelivery never runs an attempt twice.
-            max_deliver=1,
-            ack_wait=30,
-        )
-        with contextlib.suppress(BadRequestError):
-            await js.add_consumer(WORK_STREAM, config)
-        sub = await js.pull_subscribe_bind(durable, stream=WORK_STREAM)
         slots = asyncio.Semaphore(self.concurrency)
         while not self._stopping.is_set():
             await slots.acquire()
-            try:
-                msgs = await sub.fetch(1, timeout=1)
-            except NatsTimeout:
+            item = await self._take(poller, agent)
+            if item is None:
                 slots.release()
                 continue
-            msg = msgs[0]
-            await msg.ack()
-            item = orjson.loads(msg.data)
             task = asyncio.create_task(self._serve(item, handler, client))
             self._in_hand.add(task)
             task.add_done_callback(self._in_hand.discard)

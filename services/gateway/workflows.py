@@ -19,6 +19,10 @@ from libs import errors
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MAX_DOCUMENT_BYTES = 256 * 1024
 
+MAX_WAIT_S = 30.0
+"""The longest long poll for work: below common proxies' idle timeouts."""
+
+AgentNamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="The agent's name.")]
 WorkflowIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The workflow's name.")]
 ExecutionIdPath = Annotated[
     str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The execution's id.")

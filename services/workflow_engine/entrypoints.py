@@ -13,8 +13,9 @@ from libs.contracts.events import BudgetScope, BudgetWindow, StepStatus
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.repository import Store
-from libs.eventbus.rpc import Meta, RpcServer
+from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
 from libs.eventbus.uow import begin
+from services.workflow_engine.approvals import rules_from
 from services.workflow_engine.budget_handlers import BudgetHandlers
 from services.workflow_engine.budgets import Budget
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
@@ -224,6 +225,21 @@ class ListExecutionsRequest(_Request):
     limit: int = Field(default=100, ge=1, le=1000)
 
 
+class ApprovalRequest(ExecutionRequest):
+    """``approve_step`` / ``reject_step``: the gateway names the person and their role."""
+
+    step_id: str = Field(pattern=NAME_PATTERN)
+    approver: str = Field(min_length=1, max_length=200)
+    role: Literal["viewer", "operator", "approver", "admin"]
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class SetApprovalRulesRequest(_Request):
+    """``set_approval_rules``: the rule of each gated tier (``write``, ``irreversible``)."""
+
+    rules: dict[str, Any]
+
+
 def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: Any) -> RpcServer:
     """Register the workflow-execution routes on ``server``."""
 
@@ -249,6 +265,37 @@ def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: An
     async def abort_execution(req: AbortExecutionRequest, meta: Meta) -> Any:
         """Abort an execution: nothing more is dispatched and its running attempts end."""
         return await handlers.abort(req.tenant_id, req.execution_id, req.reason, meta)
+
+    async def decide(req: ApprovalRequest, meta: RequestMeta, approve: bool) -> Any:
+        return await handlers.decide_approval(
+            req.tenant_id, req.execution_id, req.step_id, approve=approve,
+            approver=req.approver, role=req.role, reason=req.reason, meta=meta,
+        )  # fmt: skip
+
+    @server.handler("approve_step")
+    async def approve_step(req: ApprovalRequest, meta: Meta) -> Any:
+        """Approve a step waiting for approval; it is dispatched once enough people have."""
+        return await decide(req, meta, approve=True)
+
+    @server.handler("reject_step")
+    async def reject_step(req: ApprovalRequest, meta: Meta) -> Any:
+        """Reject a step waiting for approval: the execution fails with the reason."""
+        return await decide(req, meta, approve=False)
+
+    @server.handler("approval_queue")
+    async def approval_queue(req: _Request) -> Any:
+        """Steps waiting for approval, oldest first, with age and SLA."""
+        return {"approvals": await handlers.approval_queue(req.tenant_id, pool)}
+
+    @server.handler("approval_rules")
+    async def approval_rules(req: _Request) -> Any:
+        """The tenant's approval rules."""
+        return await handlers.approval_rules(req.tenant_id)
+
+    @server.handler("set_approval_rules")
+    async def set_approval_rules(req: SetApprovalRulesRequest, meta: Meta) -> Any:
+        """Set the tenant's approval rules for executions started from now on."""
+        return await handlers.set_approval_rules(req.tenant_id, rules_from(req.rules), meta)
 
     return server
 

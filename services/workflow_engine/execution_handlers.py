@@ -55,6 +55,15 @@ from libs.eventbus.repository import Aggregate, EventMeta, Repository, Store, fo
 from libs.eventbus.rpc import RequestMeta
 from libs.eventbus.store import EventStore
 from libs.eventbus.uow import UnitOfWork, begin, join
+from services.workflow_engine.approvals import (
+    APPROVAL_POLICY_CATEGORY,
+    CURRENT,
+    ApprovalPolicy,
+    ApprovalRules,
+    decide_policy,
+    empty_policy,
+    evolve_policy,
+)
 from services.workflow_engine.budget_handlers import BudgetHandlers, BudgetRefused
 from services.workflow_engine.budgets import Budget, BudgetRefusal
 from services.workflow_engine.domain import FinishRun, StartRun
@@ -62,9 +71,11 @@ from services.workflow_engine.domain import decide as decide_run
 from services.workflow_engine.executions import (
     EXECUTION_CATEGORY,
     Abort,
+    Approve,
     AttemptEnded,
     Command,
     Execution,
+    Reject,
     StartExecution,
     Tick,
     decide,
@@ -85,6 +96,11 @@ EXECUTION = Aggregate[Execution](
     category=EXECUTION_CATEGORY, initial=empty_execution, fold=fold_with(evolve)
 )
 """The execution aggregate: ``<tenant>/execution/<execution_id>``."""
+
+APPROVAL_POLICY = Aggregate[ApprovalPolicy](
+    category=APPROVAL_POLICY_CATEGORY, initial=empty_policy, fold=fold_with(evolve_policy)
+)
+"""A tenant's approval rules: ``<tenant>/approval_policy/current``."""
 
 
 def work_item(env: EventEnvelope, event: StepDispatched) -> bytes:
@@ -123,6 +139,9 @@ class ExecutionHandlers:
         self.definitions = definitions
         self.budgets = budgets or BudgetHandlers(store)
         self.executions = Repository(store, EXECUTION, cache_size=10_000, max_retries=max_retries)
+        self.policies = Repository(
+            store, APPROVAL_POLICY, cache_size=1_000, max_retries=max_retries
+        )
 
     # --- the one path every change takes -----------------------------------------------------
 
@@ -248,6 +267,24 @@ class ExecutionHandlers:
         conn = uow.conn
         if conn is None:  # the in-memory twin has no tables
             return
+        # The approval queue: this execution's steps waiting for people, as they are now.
+        await conn.execute(
+            "DELETE FROM workflow.approval_queue WHERE tenant_id = %s AND execution_id = %s",
+            (state.tenant_id, state.execution_id),
+        )
+        for step_id, run in state.steps.items():
+            if state.status in ("completed", "failed", "aborted") or not run.awaiting_approval:
+                continue
+            await conn.execute(
+                "INSERT INTO workflow.approval_queue (tenant_id, execution_id, step_id,"
+                " workflow_id, risk_tier, required, approvals, role, requested_at, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    state.tenant_id, state.execution_id, step_id, state.workflow_id,
+                    state.spec(step_id).risk_tier, run.approval_required, len(run.approvers),
+                    run.approval_role, run.approval_requested_at, run.approval_expires_at,
+                ),
+            )  # fmt: skip
         terminal = state.status in ("completed", "failed", "aborted")
         await conn.execute(
             "INSERT INTO workflow.executions (tenant_id, execution_id, workflow_id,"
@@ -286,6 +323,7 @@ class ExecutionHandlers:
         """
         catalogue = await self.definitions.catalogue(tenant_id)
         found = catalogue.version(workflow_id, version)
+        policy = await self.policies.load(tenant_id, CURRENT)
         execution_id = str(new_uuid7())
         now = utcnow()
         event_meta = caller_meta(meta)
@@ -300,6 +338,7 @@ class ExecutionHandlers:
                 document_hash=found.document_hash,
                 inputs=dict(inputs),
                 now=now,
+                approvals=policy.rules,
                 halt=halt,
             )
             state, _ = await self._apply(uow, tenant_id, execution_id, cmd, event_meta)
@@ -315,6 +354,66 @@ class ExecutionHandlers:
                 uow, tenant_id, execution_id, Abort(reason=reason, now=utcnow()), caller_meta(meta)
             )
         return state.to_dict()
+
+    async def decide_approval(
+        self,
+        tenant_id: str,
+        execution_id: str,
+        step_id: str,
+        *,
+        approve: bool,
+        approver: str,
+        role: str,
+        reason: str,
+        meta: RequestMeta,
+    ) -> dict[str, Any]:
+        """Approve or reject a step waiting for approval, as ``approver`` holding ``role``."""
+        await self._require(tenant_id, execution_id)
+        kind = Approve if approve else Reject
+        cmd = kind(step_id=step_id, approver=approver, role=role, reason=reason, now=utcnow())
+        actor = EventMeta(
+            correlation_id=meta.correlation_id, actor=approver, trace_context=meta.trace_context
+        )
+        async with self._unit() as uow:
+            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, actor)
+        return state.to_dict()
+
+    async def set_approval_rules(
+        self, tenant_id: str, rules: ApprovalRules, meta: RequestMeta
+    ) -> dict[str, Any]:
+        """Set the tenant's approval rules (executions started from now on follow them)."""
+        state, _ = await self.policies.execute(
+            tenant_id, CURRENT, partial(decide_policy, rules=rules), caller_meta(meta)
+        )
+        return {"version": state.version, "rules": state.rules.content()}
+
+    async def approval_rules(self, tenant_id: str) -> dict[str, Any]:
+        """The tenant's approval rules (the defaults until it sets its own)."""
+        state = await self.policies.load(tenant_id, CURRENT)
+        return {"version": state.version, "rules": state.rules.content()}
+
+    async def approval_queue(self, tenant_id: str, pool: Any) -> list[dict[str, Any]]:
+        """Steps waiting for approval, oldest first, with their age and time left."""
+        async with transaction(pool) as conn:
+            cur = await conn.execute(
+                "SELECT execution_id, step_id, workflow_id, risk_tier, required, approvals, role,"
+                " requested_at, expires_at,"
+                " extract(epoch FROM now() - requested_at) AS age_s,"
+                " extract(epoch FROM expires_at - now()) AS sla_left_s"
+                " FROM workflow.approval_queue WHERE tenant_id = %s ORDER BY requested_at",
+                (tenant_id,),
+            )
+            rows = await cur.fetchall()
+        return [
+            {
+                **r,
+                "requested_at": r["requested_at"].isoformat(),
+                "expires_at": r["expires_at"].isoformat(),
+                "age_s": round(float(r["age_s"]), 3),
+                "sla_left_s": round(float(r["sla_left_s"]), 3),
+            }
+            for r in rows
+        ]
 
     # --- queries -------------------------------------------------------------------------------
 

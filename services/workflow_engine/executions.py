@@ -31,17 +31,22 @@ from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.events import (
+    ApprovalEscalated,
+    ApprovalRequested,
     ExecutionAborted,
     ExecutionBudgetExceeded,
     ExecutionCompleted,
     ExecutionFailed,
     ExecutionStarted,
+    StepApproved,
     StepAttemptBlocked,
     StepAttemptCompleted,
     StepAttemptFailed,
     StepDispatched,
+    StepRejected,
 )
-from libs.errors import Conflict, InvalidInput
+from libs.errors import Conflict, Forbidden, InvalidInput
+from services.workflow_engine.approvals import ApprovalRules, role_satisfies
 from services.workflow_engine.budgets import BudgetRefusal
 from services.workflow_engine.definitions import StepSpec, WorkflowDocument
 
@@ -81,6 +86,22 @@ class StepRun:
     not_before: datetime | None = None
     finished_at: datetime | None = None
     reason: str | None = None
+    approval_required: int = 0
+    """Distinct approvals the step needs before dispatch (0: none asked for)."""
+    approval_role: str | None = None
+    approvers: tuple[str, ...] = ()
+    approval_requested_at: datetime | None = None
+    approval_expires_at: datetime | None = None
+    escalated: bool = False
+
+    @property
+    def awaiting_approval(self) -> bool:
+        """Waiting for approvals it asked for and has not got yet."""
+        return (
+            self.state == "waiting"
+            and self.approval_required > 0
+            and len(self.approvers) < self.approval_required
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,7 @@ class Execution:
     workflow_version: int = 0
     document: WorkflowDocument | None = None
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    approval_rules: ApprovalRules = field(default_factory=ApprovalRules)
     steps: Mapping[str, StepRun] = field(default_factory=dict)
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -131,6 +153,7 @@ class Execution:
                     "run_id": run.run_id,
                     "duration_ms": duration,
                     "reason": run.reason,
+                    "approval": _approval_view(run),
                 }
             )
         return {
@@ -143,6 +166,24 @@ class Execution:
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "steps": steps,
         }
+
+
+def _approval_view(run: StepRun) -> dict[str, Any] | None:
+    if run.approval_required == 0:
+        return None
+    return {
+        "required": run.approval_required,
+        "role": run.approval_role,
+        "approvers": list(run.approvers),
+        "pending": run.awaiting_approval,
+        "requested_at": _iso(run.approval_requested_at),
+        "expires_at": _iso(run.approval_expires_at),
+        "escalated": run.escalated,
+    }
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
 
 
 def empty_execution(tenant_id: str, execution_id: str) -> Execution:
@@ -167,6 +208,7 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
                 workflow_version=event.workflow_version,
                 document=doc,
                 inputs=dict(event.inputs),
+                approval_rules=ApprovalRules.model_validate(event.approvals),
                 steps={s.id: StepRun() for s in doc.steps},
                 started_at=event.started_at,
             )
@@ -184,6 +226,24 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
                 finished_at=None,
                 reason=None,
             )
+        case ApprovalRequested():
+            return _step(
+                state, event.step_id, approval_required=event.required, approval_role=event.role,
+                approval_requested_at=event.requested_at, approval_expires_at=event.expires_at,
+            )  # fmt: skip
+        case StepApproved():
+            approvers = (*state.steps[event.step_id].approvers, event.approver)
+            return _step(state, event.step_id, approvers=approvers)
+        case ApprovalEscalated():
+            return _step(
+                state, event.step_id, approval_role=event.role,
+                approval_expires_at=event.expires_at, escalated=True,
+            )  # fmt: skip
+        case StepRejected():
+            return _step(
+                state, event.step_id, state="blocked", reason=event.reason,
+                finished_at=event.rejected_at,
+            )  # fmt: skip
         case StepAttemptCompleted():
             return _step(state, event.step_id, state="completed", finished_at=event.finished_at)
         case StepAttemptFailed():
@@ -243,6 +303,7 @@ class StartExecution:
     document_hash: str
     inputs: Mapping[str, Any]
     now: datetime
+    approvals: ApprovalRules = field(default_factory=ApprovalRules)
     halt: BudgetRefusal | None = None
     """A budget the whole estimate exceeds: the execution is halted before its first step."""
 
@@ -272,7 +333,29 @@ class Abort:
     now: datetime
 
 
-Command = StartExecution | AttemptEnded | Tick | Abort
+@dataclass(frozen=True)
+class Approve:
+    """``approver``, holding ``role`` in the tenant, approves a step waiting for approval."""
+
+    step_id: str
+    approver: str
+    role: str
+    reason: str
+    now: datetime
+
+
+@dataclass(frozen=True)
+class Reject:
+    """``approver``, holding ``role``, rejects a step waiting for approval: the execution fails."""
+
+    step_id: str
+    approver: str
+    role: str
+    reason: str
+    now: datetime
+
+
+Command = StartExecution | AttemptEnded | Tick | Abort | Approve | Reject
 
 
 def decide(
@@ -297,6 +380,7 @@ def decide(
                     document_hash=command.document_hash,
                     document=command.document.content(),
                     inputs=dict(command.inputs),
+                    approvals=command.approvals.content(),
                     started_at=command.now,
                 )
             ]
@@ -306,6 +390,10 @@ def decide(
             first = _attempt_ended(state, command)
         case Tick():
             first = _timeouts(state, command.now)
+            if not any(isinstance(e, ExecutionFailed) for e in first):
+                first += _approval_expiries(fold(state, first), command.now)
+        case Approve() | Reject():
+            first = _approval_decision(state, command)
         case Abort():
             if not state.exists:
                 raise InvalidInput(f"execution {state.execution_id} does not exist")
@@ -388,6 +476,84 @@ def _timeouts(state: Execution, now: datetime) -> list[DomainEvent]:
     return out
 
 
+def _awaiting(state: Execution, step_id: str) -> StepRun:
+    if not state.exists:
+        raise InvalidInput(f"execution {state.execution_id} does not exist")
+    if state.status in TERMINAL:
+        raise Conflict(f"execution {state.execution_id} already ended ({state.status})")
+    run = state.steps.get(step_id)
+    if run is None:
+        raise InvalidInput(f"execution {state.execution_id} has no step {step_id!r}")
+    if not run.awaiting_approval:
+        raise Conflict(f"step {step_id!r} is not waiting for approval (it is {run.state})")
+    return run
+
+
+def _approval_decision(state: Execution, cmd: Approve | Reject) -> list[DomainEvent]:
+    run = _awaiting(state, cmd.step_id)
+    needed = run.approval_role or "approver"
+    if not role_satisfies(cmd.role, needed):
+        raise Forbidden(
+            f"approving step {cmd.step_id!r} needs the role {needed}; {cmd.approver} is {cmd.role}"
+        )
+    eid = state.execution_id
+    if isinstance(cmd, Reject):
+        reason = f"step {cmd.step_id!r} was rejected by {cmd.approver}: {cmd.reason}"
+        return [
+            StepRejected(
+                execution_id=eid, step_id=cmd.step_id, rejected_by=cmd.approver,
+                reason=cmd.reason, rejected_at=cmd.now,
+            ),
+            ExecutionFailed(
+                execution_id=eid, step_id=cmd.step_id, reason=reason, finished_at=cmd.now
+            ),
+        ]  # fmt: skip
+    if cmd.approver in run.approvers:
+        missing = run.approval_required - len(run.approvers)
+        raise Conflict(
+            f"{cmd.approver} already approved step {cmd.step_id!r}; "
+            f"{missing} more distinct approver(s) needed"
+        )
+    return [
+        StepApproved(
+            execution_id=eid, step_id=cmd.step_id, approver=cmd.approver, role=cmd.role,
+            reason=cmd.reason, approved_at=cmd.now,
+        )
+    ]  # fmt: skip
+
+
+def _approval_expiries(state: Execution, now: datetime) -> list[DomainEvent]:
+    if state.status in TERMINAL or not state.exists:
+        return []
+    out: list[DomainEvent] = []
+    for step_id, run in sorted(state.steps.items()):
+        expires = run.approval_expires_at
+        if not run.awaiting_approval or expires is None or expires > now:
+            continue
+        rule = state.approval_rules.for_tier(state.spec(step_id).risk_tier)
+        if rule is not None and rule.on_expiry == "escalate" and not run.escalated:
+            out.append(
+                ApprovalEscalated(
+                    execution_id=state.execution_id, step_id=step_id, role="admin",
+                    escalated_at=now, expires_at=now + timedelta(seconds=rule.sla_s),
+                )
+            )  # fmt: skip
+            continue
+        reason = f"no approval within the SLA ({len(run.approvers)}/{run.approval_required})"
+        out += [
+            StepRejected(
+                execution_id=state.execution_id, step_id=step_id, rejected_by="system:sla",
+                reason=reason, rejected_at=now,
+            ),
+            ExecutionFailed(
+                execution_id=state.execution_id, step_id=step_id,
+                reason=f"step {step_id!r} was rejected: {reason}", finished_at=now,
+            ),
+        ]  # fmt: skip
+        break
+    return out
+
+
 def _satisfied(state: Execution, dep: str) -> bool:
     run = state.steps.get(dep, StepRun())
     return run.state == "completed" or (
@@ -421,6 +587,17 @@ def advance(
         if run.state != "waiting" or (run.not_before is not None and run.not_before > now):
             continue
         if all(_satisfied(state, d) for d in spec.depends_on):
+            rule = state.approval_rules.for_tier(spec.risk_tier)
+            if rule is not None and len(run.approvers) < rule.required:
+                if run.approval_requested_at is None:
+                    out.append(
+                        ApprovalRequested(
+                            execution_id=state.execution_id, step_id=spec.id,
+                            risk_tier=spec.risk_tier, required=rule.required, role=rule.role,
+                            requested_at=now, expires_at=now + timedelta(seconds=rule.sla_s),
+                        )
+                    )  # fmt: skip
+                continue
             if refused and spec.id in refused:
                 return [_exceeded(state.execution_id, refused[spec.id], now)]
             attempt = run.attempt + 1
@@ -438,7 +615,9 @@ def advance(
                     deadline_at=now + timedelta(seconds=spec.timeout_s),
                 )
             )
-    if out:
+    if any(isinstance(e, StepDispatched) for e in out):
+        return out
+    if out:  # approvals asked for: the execution waits for people
         return out
     ended = all(
         r.state == "completed" or (r.state == "failed" and _satisfied(state, sid))
@@ -459,6 +638,8 @@ def wake_at(state: Execution) -> datetime | None:
             times.append(r.deadline_at)
         elif r.state == "waiting" and r.not_before is not None:
             times.append(r.not_before)
+        if r.awaiting_approval and r.approval_expires_at is not None:
+            times.append(r.approval_expires_at)
     return min(times) if times else None
 
 

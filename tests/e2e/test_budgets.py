@@ -57,7 +57,7 @@ def test_budgets_through_the_api(whole_system: RunningSystem) -> None:
     assert halted.status_code == 201 and halted.json()["status"] == "failed"
     assert "estimate $0.02 exceeds the cap $0.015" in halted.json()["reason"]
 
-    worker = Worker(whole_system.gateway_url, key, nats_url=whole_system.nats_url, tenant_id=tenant)
+    worker = Worker(whole_system.gateway_url, key, poll_s=2)
 
     @worker.agent("writer")
     async def write(step: Step) -> Any:

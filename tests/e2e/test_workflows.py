@@ -87,7 +87,7 @@ def test_workflows_run_through_the_sdk_and_survive_the_engine_being_killed(
     )
     assert refused.status_code == 422 and "cycle" in refused.json()["error"]["message"]
 
-    worker = Worker(whole_system.gateway_url, key, nats_url=whole_system.nats_url, tenant_id=tenant)
+    worker = Worker(whole_system.gateway_url, key, poll_s=2)
     flaky_once: set[str] = set()
 
     async def serve(step: Step) -> Any:
@@ -116,14 +116,20 @@ def test_workflows_run_through_the_sdk_and_survive_the_engine_being_killed(
             os.kill(pid, signal.SIGKILL)
             wait_for(lambda pid=pid: _engine_pid(whole_system) != pid, 60, "engine restarted")
 
-        def all_done() -> bool | list[Any]:
-            states = [http.get(f"/v1/executions/{e}").json() for e in executions]
-            if all(s.get("status") == "completed" for s in states):
-                return True
-            # What the failure message shows: each execution's status and step states.
-            return [(s.get("status"), [st["state"] for st in s.get("steps", [])]) for s in states]
+        last: list[Any] = []
 
-        wait_for(lambda: all_done() is True, 240, "every execution completed", interval=0.5)
+        def all_done() -> bool:
+            states = [http.get(f"/v1/executions/{e}").json() for e in executions]
+            # What a failure shows: each execution's status and its steps' states.
+            last[:] = [
+                (s.get("status"), [st["state"] for st in s.get("steps", [])]) for s in states
+            ]
+            return all(s.get("status") == "completed" for s in states)
+
+        try:
+            wait_for(all_done, 240, "every execution completed", interval=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; executions: {last}; taken: {worker.taken}") from None
     finally:
         worker.stop()
         thread.join(30)

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import stream_id_for
 from libs.contracts.subjects import WORK_STREAM, work_subject
+from libs.errors import Conflict, Forbidden
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.relay import Relay
@@ -215,3 +216,38 @@ async def test_abort_ends_the_running_attempts_runs(
     run = await call(engine, "get_run", tenant, run_id=a["run_id"])
     assert run["status"] == "failed"
     assert await queue.nothing_more()
+
+
+async def test_an_irreversible_step_waits_in_the_approval_queue_until_approved(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    rules = {"irreversible": {"required": 2, "role": "approver", "sla_s": 600}}
+    set_ = await call(engine, "set_approval_rules", tenant, rules=rules)
+    assert set_["rules"]["irreversible"]["required"] == 2
+    doc = {"name": "payout", "steps": [{"id": "pay", "agent": "bot", "risk_tier": "irreversible"}]}
+    await setup_workflow(engine, tenant, doc)
+    eid = (await call(engine, "start_execution", tenant, workflow_id="payout"))["execution_id"]
+    assert await queue.nothing_more()
+    (waiting,) = (await call(engine, "approval_queue", tenant))["approvals"]
+    assert (waiting["execution_id"], waiting["step_id"], waiting["required"]) == (eid, "pay", 2)
+    assert 0 < waiting["sla_left_s"] <= 600
+
+    async def approve(who: str, role: str) -> Any:
+        return await call(
+            engine, "approve_step", tenant, execution_id=eid, step_id="pay",
+            approver=who, role=role, reason="checked the amount",
+        )  # fmt: skip
+
+    with pytest.raises(Forbidden, match="needs the role approver"):
+        await approve("user:olga", "operator")
+    await approve("user:ann", "approver")
+    assert await queue.nothing_more()
+    with pytest.raises(Conflict, match="already approved"):
+        await approve("user:ann", "approver")
+    after = await approve("user:bob", "admin")
+    assert after["steps"][0]["approval"]["approvers"] == ["user:ann", "user:bob"]
+    (item,) = await queue.take(1)
+    assert item["step_id"] == "pay"
+    assert (await call(engine, "approval_queue", tenant))["approvals"] == []

@@ -9,19 +9,27 @@ import pytest
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.events import (
+    ApprovalEscalated,
+    ApprovalRequested,
     ExecutionAborted,
     ExecutionCompleted,
     ExecutionFailed,
+    StepApproved,
     StepAttemptBlocked,
+    StepAttemptCompleted,
     StepAttemptFailed,
     StepDispatched,
+    StepRejected,
 )
-from libs.errors import Conflict
+from libs.errors import Conflict, Forbidden
+from services.workflow_engine.approvals import ApprovalRule, ApprovalRules
 from services.workflow_engine.definitions import document_from
 from services.workflow_engine.executions import (
     Abort,
+    Approve,
     AttemptEnded,
     Execution,
+    Reject,
     StartExecution,
     Tick,
     decide,
@@ -135,3 +143,59 @@ def test_replaying_the_events_gives_the_same_state() -> None:
     sim.apply(Tick(at(5)))
     sim.end("a")
     assert fold(empty_execution("acme", "ex1"), sim.events) == sim.state
+
+
+# --- approval gates ------------------------------------------------------------------------------
+
+
+def gated(*steps: dict[str, Any], **rule: Any) -> Sim:
+    rules = ApprovalRules(irreversible=ApprovalRule(required=2, sla_s=60, **rule))
+    sim = Sim.__new__(Sim)
+    sim.state, sim.events = empty_execution("acme", "ex1"), []
+    doc = document_from({"name": "wf", "steps": list(steps)})
+    sim.apply(StartExecution(doc, 1, "h", {}, at(0), approvals=rules))
+    return sim
+
+
+def test_an_irreversible_step_waits_for_two_distinct_approvers() -> None:
+    sim = gated(step("a"), step("b", "a", risk_tier="irreversible"))
+    out = sim.end("a")
+    assert [type(e) for e in out] == [StepAttemptCompleted, ApprovalRequested]
+    assert sim.state.steps["b"].awaiting_approval and wake_at(sim.state) == at(61)
+    out = sim.apply(Approve("b", "user:ann", "approver", "looks right", at(2)))
+    assert [type(e) for e in out] == [StepApproved]  # one of two: still waiting
+    with pytest.raises(Conflict, match="already approved"):
+        sim.apply(Approve("b", "user:ann", "admin", "again", at(3)))
+    with pytest.raises(Forbidden, match="needs the role approver"):
+        sim.apply(Approve("b", "user:op", "operator", "me too", at(3)))
+    out = sim.apply(Approve("b", "user:bob", "admin", "ok", at(4)))
+    assert sim.dispatched(out) == ["b"]
+    assert sim.state.steps["b"].approvers == ("user:ann", "user:bob")
+
+
+def test_a_rejection_fails_the_execution_with_who_and_why() -> None:
+    sim = gated(step("a", risk_tier="irreversible"))
+    out = sim.apply(Reject("a", "user:ann", "approver", "wrong account", at(5)))
+    assert isinstance(out[0], StepRejected) and isinstance(out[1], ExecutionFailed)
+    assert "rejected by user:ann: wrong account" in out[1].reason
+    assert sim.state.steps["a"].state == "blocked"
+
+
+def test_an_expired_request_is_rejected_or_escalated_once() -> None:
+    sim = gated(step("a", risk_tier="irreversible"))
+    out = sim.apply(Tick(at(60)))
+    assert isinstance(out[0], StepRejected) and out[0].rejected_by == "system:sla"
+    assert sim.state.status == "failed"
+
+    sim = gated(step("a", risk_tier="irreversible"), on_expiry="escalate")
+    out = sim.apply(Tick(at(60)))
+    assert isinstance(out[0], ApprovalEscalated) and out[0].role == "admin"
+    with pytest.raises(Forbidden):
+        sim.apply(Approve("a", "user:ann", "approver", "ok", at(61)))
+    out = sim.apply(Tick(at(120)))
+    assert isinstance(out[0], StepRejected) and sim.state.status == "failed"
+
+
+def test_read_only_and_ungated_tiers_never_wait() -> None:
+    sim = gated(step("a"), step("b", "a", risk_tier="write"))
+    assert sim.dispatched(sim.end("a")) == ["b"]
