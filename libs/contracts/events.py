@@ -654,6 +654,83 @@ class ExecutionAborted(DomainEvent):
     finished_at: datetime
 
 
+# --- budgets (owned by workflow-engine) ----------------------------------------------------------
+
+BudgetScope = Literal["tenant", "agent", "workflow", "execution"]
+BudgetWindow = Literal["day", "month", "execution"]
+
+
+@register
+class BudgetSet(DomainEvent):
+    """A budget was set (or its cap changed): ``cap_usd`` per ``window`` for ``scope/subject``.
+
+    ``subject`` is the agent, workflow or execution id (empty for the tenant scope). A ``day`` or
+    ``month`` window is a calendar window in the tenant's time zone; an ``execution`` window is
+    each execution on its own.
+    """
+
+    event_type = "budget.set"
+    schema_version = 1
+
+    budget_id: str
+    scope: BudgetScope
+    subject: str = ""
+    window: BudgetWindow
+    cap_usd: Usd
+
+
+@register
+class BudgetTimezoneSet(DomainEvent):
+    """The time zone the tenant's day and month budget windows follow (IANA name)."""
+
+    event_type = "budget.timezone_set"
+    schema_version = 1
+
+    timezone: str
+
+
+@register
+class BudgetThresholdCrossed(DomainEvent):
+    """A budget's committed spend (spent + reserved) reached ``threshold_pct`` of its cap in one
+    window: once per threshold (80, 90, 100) per window."""
+
+    event_type = "budget.threshold_crossed"
+    schema_version = 1
+
+    budget_id: str
+    scope: BudgetScope
+    subject: str = ""
+    window: BudgetWindow
+    window_key: str
+    threshold_pct: int = Field(ge=1, le=100)
+    cap_usd: Usd
+    spent_usd: Usd
+    reserved_usd: Usd
+    run_id: str | None = None
+
+
+@register
+class ExecutionBudgetExceeded(DomainEvent):
+    """A budget halted an execution: before its first step (its whole estimate is over a cap),
+    or at ``step_id``'s dispatch (reserving its estimate would take the window over the cap)."""
+
+    event_type = "execution.budget_exceeded"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str | None = None
+    budget_id: str
+    scope: BudgetScope
+    subject: str = ""
+    window: BudgetWindow
+    window_key: str
+    cap_usd: Usd
+    committed_usd: Usd
+    estimate_usd: Usd
+    reason: str
+    finished_at: datetime
+
+
 @register
 class ApprovalRequested(DomainEvent):
     """A ready step's risk tier needs approval before it is dispatched."""

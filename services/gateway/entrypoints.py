@@ -94,11 +94,17 @@ from services.gateway.workflows import (
     ApprovalQueue,
     ApprovalRulesIn,
     ApprovalRulesView,
+    BudgetListing,
+    BudgetScope,
+    BudgetSetResponse,
+    BudgetTimezoneResponse,
     ExecutionIdPath,
     ExecutionListing,
     ExecutionStatus,
     ExecutionView,
     RegisterAgentRequest,
+    SetBudgetRequest,
+    SetBudgetTimezoneRequest,
     StartExecutionRequest,
     StepIdPath,
     WorkflowDiff,
@@ -898,7 +904,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         workflow_id: WorkflowIdPath, body: StartExecutionRequest, call: Execute
     ) -> Any:
         """Start an execution; the steps with no dependencies are dispatched at once."""
-        payload = {"workflow_id": workflow_id, **body.model_dump(exclude_none=True)}
+        payload = {"workflow_id": workflow_id, **body.model_dump(mode="json", exclude_none=True)}
         return await call.answer("workflow", "start_execution", payload, status=201)
 
     @router.get("/executions", response_model=ExecutionListing, tags=["workflows"])
@@ -968,6 +974,32 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         """Set the approval rules; executions started from now on follow them."""
         rules = body.model_dump(mode="json", exclude_none=True)
         return await call.answer("workflow", "set_approval_rules", {"rules": rules})
+
+    # -- budgets ------------------------------------------------------------------------------
+
+    @router.put("/budgets", response_model=BudgetSetResponse, tags=["budgets"])
+    async def set_budget(body: SetBudgetRequest, call: Configure) -> Any:
+        """Set a budget's cap (its id is ``scope[:subject]:window``); a new cap applies to the
+        current window at once."""
+        return await call.answer("workflow", "set_budget", body.model_dump(mode="json"))
+
+    @router.get("/budgets", response_model=BudgetListing, tags=["budgets"])
+    async def list_budgets(
+        call: Read,
+        scope: BudgetScope | None = None,
+        execution_id: Annotated[
+            str | None, Query(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+        ] = None,
+    ) -> Any:
+        """Each budget with its current window's spent, reserved and remaining (per-execution
+        windows: those of ``execution_id``)."""
+        payload = _present({"scope": scope, "execution_id": execution_id})
+        return await call.answer("workflow", "list_budgets", payload)
+
+    @router.put("/budgets/timezone", response_model=BudgetTimezoneResponse, tags=["budgets"])
+    async def set_budget_timezone(body: SetBudgetTimezoneRequest, call: Configure) -> Any:
+        """Set the time zone of the tenant's day and month windows (default UTC)."""
+        return await call.answer("workflow", "set_budget_timezone", body.model_dump())
 
     return router
 

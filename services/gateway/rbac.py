@@ -70,7 +70,9 @@ RULES: Mapping[Permission, Rule] = {
     Permission.INCIDENTS: _rule(
         {"operator", "approver", "admin"}, {"ingest"}, "acknowledge or resolve incidents"
     ),
-    Permission.CONFIGURE: _rule({"admin"}, {"ingest"}, "change the tenant's price table"),
+    Permission.CONFIGURE: _rule(
+        {"admin"}, {"ingest"}, "change the tenant's price table or budgets"
+    ),
     Permission.OPERATE: _rule({"admin"}, {"ingest"}, "rebuild the projections"),
     Permission.WORKFLOWS: _rule(
         {"operator", "admin"}, {"ingest"}, "register agents or save workflow definitions"

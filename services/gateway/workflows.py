@@ -6,6 +6,7 @@ workflow document may be sent as JSON or, with ``Content-Type: application/yaml`
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -51,6 +52,13 @@ class StartExecutionRequest(BaseModel):
     inputs: Annotated[dict[str, Any], AfterValidator(json_without_nul)] = Field(
         default_factory=dict
     )
+    budget_usd: Decimal | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000_000,
+        decimal_places=10,
+        description="A budget of this execution's own (USD), checked before its first step.",
+    )
 
 
 class AbortExecutionRequest(BaseModel):
@@ -59,6 +67,33 @@ class AbortExecutionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: Reason
+
+
+BudgetScope = Literal["tenant", "agent", "workflow", "execution"]
+
+
+class SetBudgetRequest(BaseModel):
+    """A budget's cap: per tenant, agent, workflow or execution, over a day, a month (in the
+    tenant's time zone) or each execution."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: BudgetScope
+    subject: str = Field(
+        default="",
+        pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+        description="The agent, workflow or execution id; empty for the tenant.",
+    )
+    window: Literal["day", "month", "execution"]
+    cap_usd: Decimal = Field(ge=0, le=1_000_000_000, decimal_places=10)
+
+
+class SetBudgetTimezoneRequest(BaseModel):
+    """The IANA time zone of the tenant's day and month budget windows (default UTC)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timezone: str = Field(min_length=1, max_length=64, examples=["Europe/Paris"])
 
 
 DOCUMENT_BODY = {
@@ -244,3 +279,23 @@ class ApprovalRulesView(_Answer):
 
     version: int
     rules: dict[str, Any]
+
+
+class BudgetSetResponse(_Answer):
+    """The budget set (``changed`` False: it already had that cap)."""
+
+    budget_id: str
+    changed: bool
+
+
+class BudgetListing(_Answer):
+    """The tenant's budget time zone and each budget's current window."""
+
+    timezone: str
+    budgets: list[dict[str, Any]]
+
+
+class BudgetTimezoneResponse(_Answer):
+    """The time zone of the tenant's day and month windows."""
+
+    timezone: str

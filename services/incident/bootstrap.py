@@ -11,6 +11,7 @@ from libs.runtime.service_host import ConsumerRpcService, ServiceContext, run_se
 from services.incident.entrypoints import (
     APPLIED_TABLE,
     RPC_SERVICE,
+    budget_consumer_spec,
     build_rpc,
     violation_consumer_spec,
 )
@@ -19,17 +20,23 @@ from services.incident.metrics import IncidentMetrics
 
 
 class IncidentService(ConsumerRpcService):
-    """Opens an incident per policy violation and serves ``mc.rpc.incident.*``.
+    """Opens an incident per policy violation and per exhausted budget window, and serves
+    ``mc.rpc.incident.*``.
 
-    ``violation_spec`` defaults to the production consumer; tests pass one with their own durable
-    name and tenant filter.
+    The specs default to the production consumers; tests pass ones with their own durable names
+    and tenant filters.
     """
 
     name: str = "incident"
 
-    def __init__(self, violation_spec: ConsumerSpec | None = None) -> None:
+    def __init__(
+        self, violation_spec: ConsumerSpec | None = None, budget_spec: ConsumerSpec | None = None
+    ) -> None:
         super().__init__()
         self.violation_spec = violation_spec or violation_consumer_spec()
+        self.budget_spec = budget_spec or budget_consumer_spec()
+        self.budget_consumer: EventConsumer | None = None
+        self._budget_task: asyncio.Task[None] | None = None
         self.handlers: IncidentHandlers | None = None
         self.metrics: IncidentMetrics | None = None
         self._metrics_task: asyncio.Task[None] | None = None
@@ -44,11 +51,23 @@ class IncidentService(ConsumerRpcService):
             self.handlers.on_violation,
             applied_table=APPLIED_TABLE,
         )
+        self.budget_consumer = EventConsumer(
+            ctx.js,
+            ctx.pool,
+            self.budget_spec,
+            self.handlers.on_budget_alert,
+            applied_table=APPLIED_TABLE,
+        )
         return consumer, build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
 
     async def start(self, ctx: ServiceContext) -> None:
-        """Start the consumer and the routes, and keep the incident metrics fresh."""
+        """Start the consumers and the routes, and keep the incident metrics fresh."""
         await super().start(ctx)
+        assert self.budget_consumer is not None
+        self._budget_task = asyncio.create_task(
+            self.budget_consumer.run(), name="incident-budget-consumer"
+        )
+        ctx.tasks.append(self._budget_task)
         self.metrics = IncidentMetrics().register(ctx.registry)
         self._metrics_task = asyncio.create_task(
             self.metrics.run(ctx.pool), name="incident-metrics"
@@ -60,7 +79,15 @@ class IncidentService(ConsumerRpcService):
             self._metrics_task.cancel()
             await asyncio.gather(self._metrics_task, return_exceptions=True)
             self._metrics_task = None
+        if self.budget_consumer is not None:
+            self.budget_consumer.stop()
+        if self._budget_task is not None and not self._budget_task.done():
+            await asyncio.wait({self._budget_task}, timeout=10)
         await super().stop()
+
+    def ready(self) -> bool:
+        """Ready once the routes and both consumers are running."""
+        return super().ready() and self.budget_consumer is not None and self.budget_consumer.running
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.events import (
+    BudgetThresholdCrossed,
     IncidentAcknowledged,
     IncidentOpened,
     IncidentResolved,
@@ -126,6 +127,26 @@ class OpenIncident:
         return incident_id_for(self.violation.violation_id)
 
 
+BUDGET_POLICY_ID = "budget"
+
+
+def budget_violation_id(alert: BudgetThresholdCrossed) -> str:
+    """What a budget incident stands in for: the budget's window reaching its cap (one incident
+    per budget per window, however often the alert is delivered)."""
+    return f"budget:{alert.budget_id}:{alert.window_key}"
+
+
+@dataclass(frozen=True)
+class OpenBudgetIncident:
+    """Open the incident of a budget whose committed spend reached its cap in one window."""
+
+    alert: BudgetThresholdCrossed
+
+    @property
+    def incident_id(self) -> str:
+        return incident_id_for(budget_violation_id(self.alert))
+
+
 @dataclass(frozen=True)
 class Acknowledge:
     """Somebody takes ownership of an open incident."""
@@ -143,7 +164,7 @@ class Resolve:
     resolution: str
 
 
-Command = OpenIncident | Acknowledge | Resolve
+Command = OpenIncident | OpenBudgetIncident | Acknowledge | Resolve
 
 
 # --- decide --------------------------------------------------------------------------------------
@@ -157,6 +178,8 @@ def decide(state: Incident, command: Command) -> list[DomainEvent]:
         )
     if isinstance(command, OpenIncident):
         return _open(state, command)
+    if isinstance(command, OpenBudgetIncident):
+        return _open_budget(state, command)
     if isinstance(command, Acknowledge):
         return _acknowledge(state, command)
     return _resolve(state, command)
@@ -179,6 +202,28 @@ def _open(state: Incident, cmd: OpenIncident) -> list[DomainEvent]:
             severity=v.severity,
             title=title_for(v),
             trace_id=v.trace_id,
+        )
+    ]
+
+
+def _open_budget(state: Incident, cmd: OpenBudgetIncident) -> list[DomainEvent]:
+    if state.exists:
+        return []
+    a = cmd.alert
+    window = "each execution" if a.window == "execution" else a.window
+    return [
+        IncidentOpened(
+            incident_id=state.incident_id,
+            violation_id=budget_violation_id(a),
+            run_id=a.run_id or "",
+            agent_id=a.subject if a.scope == "agent" else "",
+            policy_id=BUDGET_POLICY_ID,
+            step_index=0,
+            severity="high",
+            title=(
+                f"budget {a.budget_id} reached {a.threshold_pct} % of its ${a.cap_usd} cap "
+                f"({window} {a.window_key})"
+            ),
         )
     ]
 

@@ -17,6 +17,7 @@ from services.incident.handlers import IncidentHandlers
 
 RPC_SERVICE = "incident"
 VIOLATIONS_DURABLE = "incident-violations"
+BUDGETS_DURABLE = "incident-budgets"
 APPLIED_TABLE = "incident.applied_events"
 
 
@@ -27,6 +28,14 @@ def violation_consumer_spec(
     return ConsumerSpec(
         durable=durable,
         filter_subjects=(events_filter("policy.violation_detected", tenant_id),),
+    )
+
+
+def budget_consumer_spec(durable: str = BUDGETS_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer of ``budget.threshold_crossed`` (100 % opens an incident)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("budget.threshold_crossed", tenant_id),),
     )
 
 

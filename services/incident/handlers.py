@@ -1,10 +1,11 @@
-"""Open incidents from policy violations; acknowledge and resolve them on request.
+"""Open incidents from policy violations and exhausted budgets; acknowledge and resolve them.
 
 The incident stream ``<tenant>/incident/<incident_id>`` is the record; ``incident.incidents`` is
 the service's own copy for listing, written in the same transaction as every append. Exactly one
 incident per violation is guaranteed three times over: the consumer's applied-event record, the
 first append's ``expected_version=0`` on a stream whose id is derived from the violation id, and
-the table's ``UNIQUE (violation_id)``.
+the table's ``UNIQUE (violation_id)``. A budget whose window reached 100 % of its cap opens one
+incident per budget and window the same way (its ``violation_id`` is ``budget:<id>:<window>``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Protocol
 import structlog
 
 from libs.contracts.envelope import EventEnvelope
-from libs.contracts.events import PolicyViolationDetected
+from libs.contracts.events import BudgetThresholdCrossed, PolicyViolationDetected
 from libs.contracts.limits import user_actor
 from libs.contracts.registry import decode
 from libs.errors import Conflict, NotFound, PermanentError
@@ -29,6 +30,7 @@ from libs.observability import trace_id_of
 from services.incident.domain import (
     Acknowledge,
     Incident,
+    OpenBudgetIncident,
     OpenIncident,
     Resolve,
     decide,
@@ -113,30 +115,56 @@ class IncidentHandlers:
             violation = violation.model_copy(
                 update={"trace_id": trace_id_of(env.trace_context.traceparent)}
             )
-        iid = incident_id_for(violation.violation_id)
-        # The stream id is derived from the violation: a second delivery finds the stream and
-        # decides nothing, and two replicas racing on it meet at expected_version 0.
-        opened, stored = await self.incidents.execute(
-            env.tenant_id,
-            iid,
-            partial(decide, command=OpenIncident(violation)),
-            EventMeta.caused_by(env, SERVICE_ACTOR),
-            uow=uow,
-        )
-        if not stored:
-            log.info("incident.already_open", incident_id=iid, violation_id=violation.violation_id)
+        opened = await self._open(uow, env, OpenIncident(violation))
+        if opened is None:
+            log.info(
+                "incident.already_open",
+                incident_id=incident_id_for(violation.violation_id),
+                violation_id=violation.violation_id,
+            )
             return
-        if not await self.table.insert(uow, opened):
-            # The row and the stream are written together, so this means the store and the
-            # table disagree: refuse rather than open a second incident for one violation.
-            raise Conflict(f"violation {violation.violation_id} already has an incident row")
         log.info(
             "incident.opened",
-            incident_id=iid,
+            incident_id=opened.incident_id,
             run_id=violation.run_id,
             policy_id=violation.policy_id,
             severity=violation.severity,
         )
+
+    async def on_budget_alert(self, conn: AsyncConn, env: EventEnvelope) -> None:
+        """``EventConsumer`` handler: a budget reached 100 % of its cap in a window."""
+        if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
+            raise TypeError("the budget consumer needs the PostgreSQL event store")
+        alert = decode(env)
+        if not isinstance(alert, BudgetThresholdCrossed):
+            raise PermanentError(f"expected budget.threshold_crossed, got {env.event_type}")
+        if alert.threshold_pct < 100:
+            return
+        opened = await self._open(join(self.store, conn), env, OpenBudgetIncident(alert))
+        if opened is not None:
+            log.info("incident.opened", incident_id=opened.incident_id,
+                     budget_id=alert.budget_id, window_key=alert.window_key)  # fmt: skip
+
+    async def _open(
+        self, uow: UnitOfWork, env: EventEnvelope, cmd: OpenIncident | OpenBudgetIncident
+    ) -> Incident | None:
+        """Open ``cmd``'s incident in ``uow``; None when it is open already."""
+        # The stream id is derived from the violation: a second delivery finds the stream and
+        # decides nothing, and two replicas racing on it meet at expected_version 0.
+        opened, stored = await self.incidents.execute(
+            env.tenant_id,
+            cmd.incident_id,
+            partial(decide, command=cmd),
+            EventMeta.caused_by(env, SERVICE_ACTOR),
+            uow=uow,
+        )
+        if not stored:
+            return None
+        if not await self.table.insert(uow, opened):
+            # The row and the stream are written together, so this means the store and the
+            # table disagree: refuse rather than open a second incident for one violation.
+            raise Conflict(f"violation {opened.violation_id} already has an incident row")
+        return opened
 
     # --- requests --------------------------------------------------------------------------------
 

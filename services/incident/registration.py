@@ -10,5 +10,5 @@ REGISTRATION = ServiceRegistration(
     migrations=Path(__file__).parent / "migrations",
     db_role="mc_incident",
     stream_categories=("incident",),
-    bus=BusAccess(serves="incident", consumers=("incident-violations",)),
+    bus=BusAccess(serves="incident", consumers=("incident-violations", "incident-budgets")),
 )

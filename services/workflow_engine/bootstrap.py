@@ -13,12 +13,15 @@ from libs.eventbus.db import AsyncConn
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
 from libs.runtime.service_host import ConsumerRpcService, ServiceContext, run_service
+from services.workflow_engine.budget_handlers import BudgetHandlers
 from services.workflow_engine.entrypoints import (
     APPLIED_TABLE,
     RPC_SERVICE,
+    build_budget_rpc,
     build_definition_rpc,
     build_execution_rpc,
     build_rpc,
+    cost_consumer_spec,
     dispatch_consumer_spec,
     execution_consumer_spec,
     violation_consumer_spec,
@@ -37,8 +40,8 @@ class WorkflowEngineService(ConsumerRpcService):
 
     It serves ``mc.rpc.workflow.*``, consumes policy violations (stopping runs), runs ending
     (moving executions on), its own dispatches (forwarding them to the agents' work queues),
-    and ticks deadlines and retries. Tests pass consumer specs with their own durable names
-    and tenant filters.
+    attempts' costs (settling their budget holds), and ticks deadlines and retries. Tests pass
+    consumer specs with their own durable names and tenant filters.
     """
 
     name: str = "workflow-engine"
@@ -48,11 +51,13 @@ class WorkflowEngineService(ConsumerRpcService):
         violation_spec: ConsumerSpec | None = None,
         execution_spec: ConsumerSpec | None = None,
         dispatch_spec: ConsumerSpec | None = None,
+        cost_spec: ConsumerSpec | None = None,
     ) -> None:
         super().__init__()
         self.violation_spec = violation_spec or violation_consumer_spec()
         self.execution_spec = execution_spec or execution_consumer_spec()
         self.dispatch_spec = dispatch_spec or dispatch_consumer_spec()
+        self.cost_spec = cost_spec or cost_consumer_spec()
         self.handlers: WorkflowHandlers | None = None
         self.executions: ExecutionHandlers | None = None
         self._extra: list[EventConsumer] = []
@@ -62,7 +67,8 @@ class WorkflowEngineService(ConsumerRpcService):
         """The violation consumer and the routes; the execution consumers start beside them."""
         self.handlers = WorkflowHandlers(ctx.store)
         definitions = DefinitionHandlers(ctx.store)
-        self.executions = ExecutionHandlers(ctx.store, self.handlers, definitions)
+        budgets = BudgetHandlers(ctx.store)
+        self.executions = ExecutionHandlers(ctx.store, self.handlers, definitions, budgets)
         consumer = EventConsumer(
             ctx.js,
             ctx.pool,
@@ -85,10 +91,14 @@ class WorkflowEngineService(ConsumerRpcService):
             EventConsumer(
                 ctx.js, ctx.pool, self.dispatch_spec, forward, applied_table=APPLIED_TABLE
             ),
+            EventConsumer(
+                ctx.js, ctx.pool, self.cost_spec, budgets.on_cost, applied_table=APPLIED_TABLE
+            ),
         ]
         server = build_rpc(RpcServer(ctx.nc, RPC_SERVICE), self.handlers)
         build_definition_rpc(server, definitions)
         build_execution_rpc(server, self.executions, ctx.pool)
+        build_budget_rpc(server, budgets, ctx.store, ctx.pool)
         return consumer, server
 
     async def start(self, ctx: ServiceContext) -> None:

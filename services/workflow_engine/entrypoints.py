@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import TenantId
-from libs.contracts.events import StepStatus
+from libs.contracts.events import BudgetScope, BudgetWindow, StepStatus
 from libs.contracts.limits import (
     MAX_AGENT_ID,
     MAX_KIND,
@@ -20,9 +20,13 @@ from libs.contracts.limits import (
 )
 from libs.contracts.subjects import events_filter
 from libs.eventbus.jetstream import ConsumerSpec
+from libs.eventbus.repository import Store
 from libs.eventbus.rpc import Meta, RequestMeta, RpcServer
+from libs.eventbus.uow import begin
 from libs.usage import require_consistent
 from services.workflow_engine.approvals import rules_from
+from services.workflow_engine.budget_handlers import BudgetHandlers
+from services.workflow_engine.budgets import Budget
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
 from services.workflow_engine.execution_handlers import ExecutionHandlers
@@ -32,6 +36,7 @@ RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"
 EXECUTIONS_DURABLE = "workflow-executions"
 DISPATCH_DURABLE = "workflow-dispatch"
+COSTS_DURABLE = "workflow-budget-costs"
 APPLIED_TABLE = "workflow.applied_events"
 MAX_BATCH = 1000
 
@@ -64,6 +69,14 @@ def dispatch_consumer_spec(durable: str = DISPATCH_DURABLE, tenant_id: str = "*"
     return ConsumerSpec(
         durable=durable,
         filter_subjects=(events_filter("execution.step_dispatched", tenant_id),),
+    )
+
+
+def cost_consumer_spec(durable: str = COSTS_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer of ``cost.recorded``: attempts' costs settle their budget holds."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(events_filter("cost.recorded", tenant_id),),
     )
 
 
@@ -204,6 +217,7 @@ class StartExecutionRequest(_Request):
     workflow_id: str = Field(pattern=NAME_PATTERN)
     version: int | None = Field(default=None, ge=1)
     inputs: dict[str, Any] = Field(default_factory=dict)
+    budget_usd: Decimal | None = Field(default=None, ge=0, le=1_000_000_000, decimal_places=10)
 
 
 class ExecutionRequest(_Request):
@@ -246,7 +260,9 @@ def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: An
     @server.handler("start_execution")
     async def start_execution(req: StartExecutionRequest, meta: Meta) -> Any:
         """Start an execution; its first steps are dispatched at once."""
-        return await handlers.start(req.tenant_id, req.workflow_id, req.version, req.inputs, meta)
+        return await handlers.start(
+            req.tenant_id, req.workflow_id, req.version, req.inputs, meta, req.budget_usd
+        )
 
     @server.handler("get_execution")
     async def get_execution(req: ExecutionRequest) -> Any:
@@ -294,6 +310,56 @@ def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: An
     async def set_approval_rules(req: SetApprovalRulesRequest, meta: Meta) -> Any:
         """Set the tenant's approval rules for executions started from now on."""
         return await handlers.set_approval_rules(req.tenant_id, rules_from(req.rules), meta)
+
+    return server
+
+
+class SetBudgetRequest(_Request):
+    """``set_budget``: the cap of one scope and window (``subject``: the agent, workflow or
+    execution id; empty for the tenant)."""
+
+    scope: BudgetScope
+    subject: str = Field(default="", pattern=r"^$|" + RUN_ID_PATTERN)
+    window: BudgetWindow
+    cap_usd: Decimal = Field(ge=0, le=1_000_000_000, decimal_places=10)
+
+
+class ListBudgetsRequest(_Request):
+    """``list_budgets``: optionally one scope; per-execution windows of ``execution_id``."""
+
+    scope: BudgetScope | None = None
+    execution_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
+
+
+class SetTimezoneRequest(_Request):
+    """``set_budget_timezone``: the IANA time zone of the tenant's day and month windows."""
+
+    timezone: str = Field(min_length=1, max_length=64)
+
+
+def build_budget_rpc(
+    server: RpcServer, handlers: BudgetHandlers, store: Store, pool: Any
+) -> RpcServer:
+    """Register the budget routes on ``server``."""
+    from services.workflow_engine.handlers import caller_meta
+
+    @server.handler("set_budget")
+    async def set_budget(req: SetBudgetRequest, meta: Meta) -> Any:
+        """Set a budget's cap; a new cap applies to its current window at once."""
+        budget = Budget.of(req.scope, req.subject, req.window, req.cap_usd)
+        async with begin(store) as uow:  # type: ignore[arg-type]
+            return await handlers.set_budget(uow, req.tenant_id, budget, caller_meta(meta))
+
+    @server.handler("list_budgets")
+    async def list_budgets(req: ListBudgetsRequest) -> Any:
+        """Each budget with its current window's spent, reserved and remaining."""
+        return await handlers.list_budgets(pool, req.tenant_id, req.scope, req.execution_id)
+
+    @server.handler("set_budget_timezone")
+    async def set_budget_timezone(req: SetTimezoneRequest, meta: Meta) -> Any:
+        """Set the time zone of the tenant's day and month windows (default UTC)."""
+        async with begin(store) as uow:  # type: ignore[arg-type]
+            return await handlers.set_timezone(uow, req.tenant_id, req.timezone, caller_meta(meta))
 
     return server
 

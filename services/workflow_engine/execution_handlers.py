@@ -14,6 +14,11 @@ them:
 
 No attempt is dispatched twice: a dispatch is an event appended under the execution stream's
 expected version, so two engines (or a retried command) cannot both append it.
+
+Budgets are reserved in the same transaction (see :mod:`budget_handlers`): each decision is
+tried in a savepoint, its dispatched steps' estimates reserved; when a budget refuses one, the
+savepoint is rolled back and the decision taken again with that step refused, which fails the
+execution naming the budget. The holds of attempts that ended are released there too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from datetime import datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any, Literal
 
@@ -31,10 +37,13 @@ from nats.js import JetStreamContext
 from libs.contracts.envelope import EventEnvelope, new_uuid7, utcnow
 from libs.contracts.events import (
     ExecutionAborted,
+    ExecutionBudgetExceeded,
     ExecutionCompleted,
     ExecutionFailed,
     RunCompleted,
     RunStoppedByPolicy,
+    StepAttemptBlocked,
+    StepAttemptCompleted,
     StepAttemptFailed,
     StepDispatched,
 )
@@ -55,6 +64,8 @@ from services.workflow_engine.approvals import (
     empty_policy,
     evolve_policy,
 )
+from services.workflow_engine.budget_handlers import BudgetHandlers, BudgetRefused
+from services.workflow_engine.budgets import Budget, BudgetRefusal
 from services.workflow_engine.domain import FinishRun, StartRun
 from services.workflow_engine.domain import decide as decide_run
 from services.workflow_engine.executions import (
@@ -119,12 +130,14 @@ class ExecutionHandlers:
         store: Store,
         runs: WorkflowHandlers,
         definitions: DefinitionHandlers,
+        budgets: BudgetHandlers | None = None,
         *,
         max_retries: int = 3,
     ) -> None:
         self.store = store
         self.runs = runs.runs
         self.definitions = definitions
+        self.budgets = budgets or BudgetHandlers(store)
         self.executions = Repository(store, EXECUTION, cache_size=10_000, max_retries=max_retries)
         self.policies = Repository(
             store, APPROVAL_POLICY, cache_size=1_000, max_retries=max_retries
@@ -140,9 +153,32 @@ class ExecutionHandlers:
         command: Command,
         meta: EventMeta,
     ) -> tuple[Execution, list[EventEnvelope]]:
+        refused: dict[str, BudgetRefusal] = {}
+        while True:
+            try:
+                async with uow.savepoint():
+                    return await self._apply_once(
+                        uow, tenant_id, execution_id, command, meta, refused
+                    )
+            except BudgetRefused as exc:
+                step_id = exc.refusal.step_id
+                if step_id is None or step_id in refused:  # pragma: no cover - cannot repeat
+                    raise
+                refused[step_id] = exc.refusal
+
+    async def _apply_once(
+        self,
+        uow: UnitOfWork,
+        tenant_id: str,
+        execution_id: str,
+        command: Command,
+        meta: EventMeta,
+        refused: dict[str, BudgetRefusal],
+    ) -> tuple[Execution, list[EventEnvelope]]:
         state, stored = await self.executions.execute(
-            tenant_id, execution_id, partial(decide, command=command), meta, uow=uow
-        )
+            tenant_id, execution_id, partial(decide, command=command, refused=refused), meta,
+            uow=uow,
+        )  # fmt: skip
         if not stored:
             return state, stored
         events = [decode(e) for e in stored]
@@ -170,16 +206,53 @@ class ExecutionHandlers:
             if isinstance(event, StepAttemptFailed):
                 # A timed-out attempt's run is ended, so a late worker cannot go on with it.
                 await self._end_run(uow, tenant_id, event.run_id, event.reason, run_meta)
-        if any(isinstance(e, ExecutionAborted | ExecutionFailed) for e in events):
+        ended = [
+            e.run_id
+            for e in events
+            if isinstance(e, StepAttemptCompleted | StepAttemptFailed | StepAttemptBlocked)
+        ]
+        if any(isinstance(e, ExecutionAborted | ExecutionFailed | ExecutionBudgetExceeded)
+               for e in events):  # fmt: skip
             # Ending the runs of attempts still out is the cancellation: admission refuses any
             # further step of an ended run, so the agent cannot carry on.
             reason = state.reason or "the execution ended"
             for _, run_id in running_attempts(state):
                 await self._end_run(uow, tenant_id, run_id, reason, run_meta)
+                ended.append(run_id)
         if any(isinstance(e, ExecutionCompleted) for e in events):
             log.info("execution.completed", execution_id=execution_id)
         await self._index(uow, state)
+        # Last before the commit: a reservation holds its windows' row locks until then.
+        await self._budget(uow, tenant_id, state, events, ended, run_meta)
         return state, stored
+
+    async def _budget(
+        self,
+        uow: UnitOfWork,
+        tenant_id: str,
+        state: Execution,
+        events: list[Any],
+        ended: list[str],
+        meta: EventMeta,
+    ) -> None:
+        """Reserve the dispatched attempts' estimates; release the ended attempts' holds."""
+        if uow.conn is None:  # the in-memory twin has no tables
+            return
+        dispatched = [
+            (e, state.spec(e.step_id).estimate.cost_usd)
+            for e in events
+            if isinstance(e, StepDispatched)
+        ]
+        if not dispatched and not ended:
+            return
+        # How many steps each ended attempt recorded: its hold waits for that many costs.
+        recorded: dict[str, int] = {}
+        for run_id in ended:
+            run = await self.runs.load(tenant_id, run_id, uow=uow)
+            recorded[run_id] = len(run.steps)
+        await self.budgets.reserve(
+            uow, tenant_id, state.workflow_id, state.execution_id, dispatched, recorded, meta
+        )
 
     async def _end_run(
         self, uow: UnitOfWork, tenant_id: str, run_id: str, reason: str, meta: EventMeta
@@ -240,22 +313,35 @@ class ExecutionHandlers:
         version: int | None,
         inputs: Mapping[str, Any],
         meta: RequestMeta,
+        budget_usd: Decimal | None = None,
     ) -> dict[str, Any]:
-        """Start an execution of a workflow version (the newest by default)."""
+        """Start an execution of a workflow version (the newest by default), with a budget of
+        its own when ``budget_usd`` is given.
+
+        An execution whose whole estimate exceeds a cap that applies to it is halted before its
+        first step (``execution.budget_exceeded``).
+        """
         catalogue = await self.definitions.catalogue(tenant_id)
         found = catalogue.version(workflow_id, version)
         policy = await self.policies.load(tenant_id, CURRENT)
         execution_id = str(new_uuid7())
-        cmd = StartExecution(
-            document=found.document,
-            workflow_version=found.version,
-            document_hash=found.document_hash,
-            inputs=dict(inputs),
-            now=utcnow(),
-            approvals=policy.rules,
-        )
+        now = utcnow()
+        event_meta = caller_meta(meta)
         async with self._unit() as uow:
-            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, caller_meta(meta))
+            if budget_usd is not None:
+                own = Budget.of("execution", execution_id, "execution", budget_usd)
+                await self.budgets.set_budget(uow, tenant_id, own, event_meta)
+            halt = await self.budgets.check_start(uow, tenant_id, execution_id, found.document, now)
+            cmd = StartExecution(
+                document=found.document,
+                workflow_version=found.version,
+                document_hash=found.document_hash,
+                inputs=dict(inputs),
+                now=now,
+                approvals=policy.rules,
+                halt=halt,
+            )
+            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, event_meta)
         return state.to_dict()
 
     async def abort(

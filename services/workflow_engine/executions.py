@@ -34,6 +34,7 @@ from libs.contracts.events import (
     ApprovalEscalated,
     ApprovalRequested,
     ExecutionAborted,
+    ExecutionBudgetExceeded,
     ExecutionCompleted,
     ExecutionFailed,
     ExecutionStarted,
@@ -46,6 +47,7 @@ from libs.contracts.events import (
 )
 from libs.errors import Conflict, Forbidden, InvalidInput
 from services.workflow_engine.approvals import ApprovalRules, role_satisfies
+from services.workflow_engine.budgets import BudgetRefusal
 from services.workflow_engine.definitions import StepSpec, WorkflowDocument
 
 EXECUTION_CATEGORY = "execution"
@@ -269,6 +271,16 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
             return replace(
                 state, status="aborted", finished_at=event.finished_at, reason=event.reason
             )
+        case ExecutionBudgetExceeded():
+            failed = replace(
+                state, status="failed", finished_at=event.finished_at, reason=event.reason
+            )
+            if event.step_id is None:
+                return failed
+            return _step(
+                failed, event.step_id, state="blocked", reason=event.reason,
+                finished_at=event.finished_at,
+            )  # fmt: skip
     return state
 
 
@@ -292,6 +304,8 @@ class StartExecution:
     inputs: Mapping[str, Any]
     now: datetime
     approvals: ApprovalRules = field(default_factory=ApprovalRules)
+    halt: BudgetRefusal | None = None
+    """A budget the whole estimate exceeds: the execution is halted before its first step."""
 
 
 @dataclass(frozen=True)
@@ -344,8 +358,16 @@ class Reject:
 Command = StartExecution | AttemptEnded | Tick | Abort | Approve | Reject
 
 
-def decide(state: Execution, command: Command) -> list[DomainEvent]:
-    """The events ``command`` causes, follow-ups included."""
+def decide(
+    state: Execution,
+    command: Command,
+    refused: Mapping[str, BudgetRefusal] | None = None,
+) -> list[DomainEvent]:
+    """The events ``command`` causes, follow-ups included.
+
+    ``refused`` names the steps whose dispatch a budget refused (the engine learns it by trying
+    to reserve): the first of them that becomes ready fails the execution instead.
+    """
     match command:
         case StartExecution():
             if state.exists:
@@ -362,6 +384,8 @@ def decide(state: Execution, command: Command) -> list[DomainEvent]:
                     started_at=command.now,
                 )
             ]
+            if command.halt is not None:
+                first.append(_exceeded(state.execution_id, command.halt, command.now))
         case AttemptEnded():
             first = _attempt_ended(state, command)
         case Tick():
@@ -380,7 +404,7 @@ def decide(state: Execution, command: Command) -> list[DomainEvent]:
                     execution_id=state.execution_id, reason=command.reason, finished_at=command.now
                 )
             ]
-    return first + advance(fold(state, first), command.now)
+    return first + advance(fold(state, first), command.now, refused or {})
 
 
 def _attempt_ended(state: Execution, cmd: AttemptEnded) -> list[DomainEvent]:
@@ -537,8 +561,24 @@ def _satisfied(state: Execution, dep: str) -> bool:
     )
 
 
-def advance(state: Execution, now: datetime) -> list[DomainEvent]:
-    """Dispatch every step that is ready now; end the execution when every step has ended."""
+def _exceeded(execution_id: str, r: BudgetRefusal, now: datetime) -> ExecutionBudgetExceeded:
+    b = r.budget
+    return ExecutionBudgetExceeded(
+        execution_id=execution_id, step_id=r.step_id, budget_id=b.budget_id, scope=b.scope,
+        subject=b.subject, window=b.window, window_key=r.window_key, cap_usd=b.cap_usd,
+        committed_usd=r.committed_usd, estimate_usd=r.estimate_usd, reason=r.reason,
+        finished_at=now,
+    )  # fmt: skip
+
+
+def advance(
+    state: Execution, now: datetime, refused: Mapping[str, BudgetRefusal] | None = None
+) -> list[DomainEvent]:
+    """Dispatch every step that is ready now; end the execution when every step has ended.
+
+    A ready step in ``refused`` fails the execution (a budget cannot take its estimate), and
+    nothing else is dispatched.
+    """
     if state.status in TERMINAL or state.document is None:
         return []
     out: list[DomainEvent] = []
@@ -558,6 +598,8 @@ def advance(state: Execution, now: datetime) -> list[DomainEvent]:
                         )
                     )  # fmt: skip
                 continue
+            if refused and spec.id in refused:
+                return [_exceeded(state.execution_id, refused[spec.id], now)]
             attempt = run.attempt + 1
             out.append(
                 StepDispatched(

@@ -9,10 +9,22 @@ REGISTRATION = ServiceRegistration(
     module="services.workflow_engine",
     migrations=Path(__file__).parent / "migrations",
     db_role="mc_workflow_engine",
-    stream_categories=("run", "workflow_definitions", "agents", "execution", "approval_policy"),
+    stream_categories=(
+        "run",
+        "workflow_definitions",
+        "agents",
+        "execution",
+        "approval_policy",
+        "budget",
+    ),
     bus=BusAccess(
         serves="workflow",
-        consumers=("workflow-violations", "workflow-executions", "workflow-dispatch"),
+        consumers=(
+            "workflow-violations",
+            "workflow-executions",
+            "workflow-dispatch",
+            "workflow-budget-costs",
+        ),
         work="dispatch",
     ),
 )

@@ -121,6 +121,12 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         {"reason": "rbac probe"},
     ),
     ("GET", "/v1/approvals"): ("/v1/approvals", None),
+    ("PUT", "/v1/budgets"): (
+        "/v1/budgets",
+        {"scope": "tenant", "window": "month", "cap_usd": "100"},
+    ),
+    ("GET", "/v1/budgets"): ("/v1/budgets", None),
+    ("PUT", "/v1/budgets/timezone"): ("/v1/budgets/timezone", {"timezone": "Europe/Paris"}),
     ("GET", "/v1/approval-rules"): ("/v1/approval-rules", None),
     ("PUT", "/v1/approval-rules"): ("/v1/approval-rules", {"irreversible": {"required": 1}}),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope
-from libs.contracts.events import PolicyViolationDetected
+from libs.contracts.events import BudgetThresholdCrossed, PolicyViolationDetected
 from libs.contracts.subjects import EVENTS_STREAM, event_subject
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.jetstream import connect, ensure_streams
@@ -22,7 +23,7 @@ from libs.runtime.service_host import ServiceContext
 from libs.settings import get_settings
 from services.incident.bootstrap import IncidentService
 from services.incident.domain import incident_id_for
-from services.incident.entrypoints import violation_consumer_spec
+from services.incident.entrypoints import budget_consumer_spec, violation_consumer_spec
 from tests.conftest import System, wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,8 @@ async def incident(
     await ensure_streams(js)
     # The production consumer, narrowed to this test's tenant under a durable of its own.
     spec = violation_consumer_spec(durable=unique("inc-violations-"), tenant_id=tenant)
-    svc = IncidentService(violation_spec=spec)
+    budgets = budget_consumer_spec(durable=unique("inc-budgets-"), tenant_id=tenant)
+    svc = IncidentService(violation_spec=spec, budget_spec=budgets)
     ctx = ServiceContext.wire(svc.name, get_settings(), nc, pool)
     await svc.start(ctx)
     await wait_until(svc.ready, what="incident ready")
@@ -47,6 +49,8 @@ async def incident(
     await svc.stop()
     with contextlib.suppress(Exception):
         await js.delete_consumer(EVENTS_STREAM, spec.durable)
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(EVENTS_STREAM, budgets.durable)
     await nc.close()
 
 
@@ -271,3 +275,50 @@ async def test_metrics_count_opened_and_acknowledged_incidents_and_time_to_ack(
         and 'le="+Inf"' in series
     ]
     assert inf == after[to_ack]
+
+
+def _budget_alert(tenant: str, pct: int, window_key: str = "2026-11-30") -> EventEnvelope:
+    return envelope_for(
+        BudgetThresholdCrossed(
+            budget_id="agent:writer:day",
+            scope="agent",
+            subject="writer",
+            window="day",
+            window_key=window_key,
+            threshold_pct=pct,
+            cap_usd=Decimal("2"),
+            spent_usd=Decimal("1.5"),
+            reserved_usd=Decimal("0.5"),
+            run_id="e1:s:1",
+        ),
+        tenant_id=tenant,
+        stream_id=stream_id_for(tenant, "budget", "agent:writer:day"),
+        correlation_id="corr-budget",
+        actor="service:workflow-engine",
+    )
+
+
+async def test_a_budget_at_100_percent_opens_one_incident_per_window(
+    incident: IncidentService, pool: AsyncConnectionPool, tenant: str
+) -> None:
+    for pct in (80, 90, 100):
+        await _append_and_publish(incident, _budget_alert(tenant, pct))
+    vid = "budget:agent:writer:day:2026-11-30"
+
+    async def row_exists() -> bool:
+        return len(await _rows(pool, vid)) == 1
+
+    await wait_until(row_exists, what="budget incident row")
+    got = await _call(incident, "get", tenant, incident_id=incident_id_for(vid))
+    assert got["status"] == "open" and got["policy_id"] == "budget"
+    assert got["agent_id"] == "writer" and got["run_id"] == "e1:s:1"
+    assert got["title"] == "budget agent:writer:day reached 100 % of its $2 cap (day 2026-11-30)"
+    # The same window's alert again opens nothing new; the next day's window opens its own.
+    await _append_and_publish(incident, _budget_alert(tenant, 100))
+    await _append_and_publish(incident, _budget_alert(tenant, 100, "2026-12-01"))
+
+    async def two_opened() -> bool:
+        return len(await _opened_events(pool, tenant)) == 2
+
+    await wait_until(two_opened, what="next window's incident")
+    assert len(await _rows(pool, vid)) == 1

@@ -26,11 +26,16 @@ from libs.runtime.registry import BusAccess, ServiceRegistration, discover
 from libs.settings import Settings
 from services.audit_replay.lanes import LANES, LEGACY_DURABLE
 from services.cost.handlers import CONSUMER as COST_CONSUMER
+from services.incident.entrypoints import BUDGETS_DURABLE as INCIDENT_BUDGETS_DURABLE
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT_RPC
 from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
 from services.policy_admission.entrypoints import STEPS_DURABLE as ADMISSION_STEPS_DURABLE
-from services.workflow_engine.entrypoints import DISPATCH_DURABLE, EXECUTIONS_DURABLE
+from services.workflow_engine.entrypoints import (
+    COSTS_DURABLE,
+    DISPATCH_DURABLE,
+    EXECUTIONS_DURABLE,
+)
 from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW_RPC
 from services.workflow_engine.entrypoints import VIOLATIONS_DURABLE as WORKFLOW_DURABLE
 
@@ -46,11 +51,13 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     regs = _by_name()
     assert regs["workflow-engine"].bus == BusAccess(
         serves=WORKFLOW_RPC,
-        consumers=(WORKFLOW_DURABLE, EXECUTIONS_DURABLE, DISPATCH_DURABLE),
+        consumers=(WORKFLOW_DURABLE, EXECUTIONS_DURABLE, DISPATCH_DURABLE, COSTS_DURABLE),
         work="dispatch",
     )
     assert regs["gateway"].bus.work == "take"
-    assert regs["incident"].bus == BusAccess(serves=INCIDENT_RPC, consumers=(INCIDENT_DURABLE,))
+    assert regs["incident"].bus == BusAccess(
+        serves=INCIDENT_RPC, consumers=(INCIDENT_DURABLE, INCIDENT_BUDGETS_DURABLE)
+    )
     assert regs["cost"].bus == BusAccess(serves="cost", consumers=(COST_CONSUMER,))
     assert regs["policy-admission"].bus == BusAccess(
         serves=ADMISSION_RPC, consumers=(ADMISSION_STEPS_DURABLE,)

@@ -108,6 +108,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
     from services.incident.handlers import INCIDENT
     from services.policy_admission.handlers import BUNDLE, RUN_CONTEXT
     from services.workflow_engine.approvals import APPROVAL_POLICY_CATEGORY
+    from services.workflow_engine.budgets import BUDGET_CATEGORY
     from services.workflow_engine.definitions import AGENT_CATEGORY, WORKFLOW_CATEGORY
     from services.workflow_engine.executions import EXECUTION_CATEGORY
     from services.workflow_engine.handlers import RUN
@@ -127,6 +128,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
         AGENT_CATEGORY: "mc_workflow_engine",
         EXECUTION_CATEGORY: "mc_workflow_engine",
         APPROVAL_POLICY_CATEGORY: "mc_workflow_engine",
+        BUDGET_CATEGORY: "mc_workflow_engine",
         CHECKPOINT_STREAM.split("/")[1]: "mc_relay",
     }
     assert stream_category_owners() == used
