@@ -31,6 +31,7 @@ steps:
   - id: gather
     agent: fetcher
     timeout_s: 20
+    retries: 2
   - id: summarise-code
     agent: writer
     depends_on: [gather]
