@@ -134,3 +134,14 @@ def test_usage_that_does_not_add_up_is_a_422_naming_the_fields(
     # And a negative provider cost is no cost.
     with pytest.raises(ValidationError, match="provider_cost_usd"):
         StepFields.model_validate({"step_index": 1, "provider_cost_usd": "-0.01"})
+
+
+def test_text_fields_refuse_lone_surrogates_and_nul() -> None:
+    import pydantic
+
+    from services.gateway.workflows import RegisterAgentRequest
+
+    for bad in ("a\udc80b", "nul\x00"):
+        with pytest.raises(pydantic.ValidationError):
+            RegisterAgentRequest(agent_id="ok-agent", description=bad)
+    assert RegisterAgentRequest(agent_id="ok-agent", description="é ✓").description == "é ✓"
