@@ -48,9 +48,14 @@ MAX_PAGE = 500
 
 
 def _no_nul(value: str) -> str:
-    # PostgreSQL text and jsonb cannot hold U+0000; refusing it here keeps it a 422.
+    # PostgreSQL text and jsonb cannot hold U+0000, and no encoder along the way takes a lone
+    # surrogate (JSON lets a body escape one); refusing them here keeps them a 422.
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate is not)") from None
     return value
 
 

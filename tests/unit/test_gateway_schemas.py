@@ -92,3 +92,12 @@ def test_batch_size_is_bounded() -> None:
     with pytest.raises(ValidationError) as info:
         StepBatchRequest.model_validate({"items": [{"step_index": 1}]})
     assert "items.0.run_id" in _fields(info.value)
+
+
+def test_text_fields_refuse_lone_surrogates_and_nul() -> None:
+    from services.gateway.workflows import RegisterAgentRequest
+
+    for bad in ("a\udc80b", "nul\x00"):
+        with pytest.raises(ValidationError):
+            RegisterAgentRequest(agent_id="ok-agent", description=bad)
+    assert RegisterAgentRequest(agent_id="ok-agent", description="é ✓").description == "é ✓"
