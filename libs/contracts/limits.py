@@ -35,6 +35,9 @@ RUN_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_RUN_ID - 1}}}$"
 """Safe in URLs, stream ids, subjects and CSV without quoting."""
 AGENT_ID_PATTERN = rf"^[^\x00-\x1f\x7f\\]{{1,{MAX_AGENT_ID}}}$"
 """Free text, but no control characters or backslashes (agent ids are query filters)."""
+WORKFLOW_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+"""Workflow, agent-catalogue and step names: lower case, so two spellings never name two things;
+one NATS subject token (``mc.work.<tenant>.<agent>``)."""
 MAX_STEP_INDEX = 1_000_000
 MAX_TOKENS = 1_000_000_000
 """Tokens of one step or one estimate: sums of many stay far inside 64 bits."""

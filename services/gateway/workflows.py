@@ -15,9 +15,10 @@ from fastapi import Path, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs import errors
+from libs.contracts.limits import WORKFLOW_NAME_PATTERN
 from services.gateway.schemas import NoNul, Reason, json_without_nul
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+NAME_PATTERN = WORKFLOW_NAME_PATTERN
 MAX_DOCUMENT_BYTES = 256 * 1024
 
 MAX_VERSION = 1_000_000

@@ -40,7 +40,7 @@ from libs.contracts.events import (
     WorkflowDefinitionCreated,
     WorkflowDefinitionRevised,
 )
-from libs.contracts.limits import MAX_RUN_ID
+from libs.contracts.limits import MAX_RUN_ID, WORKFLOW_NAME_PATTERN
 from libs.errors import Conflict, InvalidInput, NotFound
 
 WORKFLOW_CATEGORY = "workflow_definitions"
@@ -48,8 +48,7 @@ AGENT_CATEGORY = "agents"
 CATALOGUE = "catalogue"
 """The entity id of a tenant's one catalogue stream (``<tenant>/<category>/catalogue``)."""
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
-"""Workflow and agent names: lower case, so two spellings never name two things."""
+NAME_PATTERN = WORKFLOW_NAME_PATTERN
 EXECUTION_ID_LENGTH = 36
 """Execution ids are UUIDv7s."""
 MAX_ATTEMPT_DIGITS = 2

@@ -267,24 +267,6 @@ class ExecutionHandlers:
         conn = uow.conn
         if conn is None:  # the in-memory twin has no tables
             return
-        # The approval queue: this execution's steps waiting for people, as they are now.
-        await conn.execute(
-            "DELETE FROM workflow.approval_queue WHERE tenant_id = %s AND execution_id = %s",
-            (state.tenant_id, state.execution_id),
-        )
-        for step_id, run in state.steps.items():
-            if state.status in ("completed", "failed", "aborted") or not run.awaiting_approval:
-                continue
-            await conn.execute(
-                "INSERT INTO workflow.approval_queue (tenant_id, execution_id, step_id,"
-                " workflow_id, risk_tier, required, approvals, role, requested_at, expires_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    state.tenant_id, state.execution_id, step_id, state.workflow_id,
-                    state.spec(step_id).risk_tier, run.approval_required, len(run.approvers),
-                    run.approval_role, run.approval_requested_at, run.approval_expires_at,
-                ),
-            )  # fmt: skip
         terminal = state.status in ("completed", "failed", "aborted")
         await conn.execute(
             "INSERT INTO workflow.executions (tenant_id, execution_id, workflow_id,"
@@ -303,6 +285,27 @@ class ExecutionHandlers:
                 wake_at(state),
             ),
         )
+        # Only an execution a step of which asked for approval has rows in the approval queue:
+        # the others (most) skip two statements on every step transition.
+        if not any(r.approval_required for r in state.steps.values()):
+            return
+        await conn.execute(
+            "DELETE FROM workflow.approval_queue WHERE tenant_id = %s AND execution_id = %s",
+            (state.tenant_id, state.execution_id),
+        )
+        for step_id, run in state.steps.items():
+            if terminal or not run.awaiting_approval:
+                continue
+            await conn.execute(
+                "INSERT INTO workflow.approval_queue (tenant_id, execution_id, step_id,"
+                " workflow_id, risk_tier, required, approvals, role, requested_at, expires_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    state.tenant_id, state.execution_id, step_id, state.workflow_id,
+                    state.spec(step_id).risk_tier, run.approval_required, len(run.approvers),
+                    run.approval_role, run.approval_requested_at, run.approval_expires_at,
+                ),
+            )  # fmt: skip
 
     # --- commands ------------------------------------------------------------------------------
 

@@ -137,11 +137,9 @@ def test_usage_that_does_not_add_up_is_a_422_naming_the_fields(
 
 
 def test_text_fields_refuse_lone_surrogates_and_nul() -> None:
-    import pydantic
-
     from services.gateway.workflows import RegisterAgentRequest
 
     for bad in ("a\udc80b", "nul\x00"):
-        with pytest.raises(pydantic.ValidationError):
+        with pytest.raises(ValidationError):
             RegisterAgentRequest(agent_id="ok-agent", description=bad)
     assert RegisterAgentRequest(agent_id="ok-agent", description="é ✓").description == "é ✓"
