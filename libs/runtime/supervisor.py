@@ -592,8 +592,9 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         assert child.module is not None
         assert child.log_path is not None
-        # Inherited so that every child's own Settings see what the operator configured.
-        env = {**os.environ, **child.env}
+        # Inherited so that every child's own Settings see what the operator configured. Its
+        # name as PostgreSQL's application_name, so pg_stat_activity tells the processes apart.
+        env = {**os.environ, "PGAPPNAME": child.name, **child.env}
         with child.log_path.open("ab") as log:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
             log.write(f"--- {stamp} supervisor: starting {child.name}\n".encode())

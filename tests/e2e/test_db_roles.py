@@ -12,30 +12,41 @@ from tests.e2e.conftest import RunningSystem, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def _logged_in_roles(admin_url: str) -> set[str]:
+def _sessions(admin_url: str) -> list[tuple[str, str]]:
+    """(application_name, role) of every other session on the database."""
     with psycopg.connect(admin_url) as conn:
         rows = conn.execute(
-            "SELECT DISTINCT usename FROM pg_stat_activity "
+            "SELECT application_name, usename FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         ).fetchall()
-    return {str(r[0]) for r in rows}
+    return [(str(r[0] or ""), str(r[1])) for r in rows]
+
+
+def _process_of(application_name: str, names: set[str]) -> str | None:
+    """The process a session belongs to (``gateway-2`` is a replica of ``gateway``)."""
+    for name in names:
+        if application_name == name or application_name.startswith(f"{name}-"):
+            return name
+    return None
 
 
 def test_every_process_is_connected_as_its_own_role(whole_system: RunningSystem) -> None:
-    # Every service and the relay keep a pool open from the start, so each role has a session.
-    expected = set(login_roles().values())
-    # Other tests open short administrator sessions (to make tenants); one just closed may still
-    # be listed for a moment. A service running as the administrator would stay, and time out.
-    seen = wait_for(
-        lambda: (
-            (r := _logged_in_roles(whole_system.admin_url)) >= expected
-            and not r & {"postgres", "mc_service"}
-            and r
-        ),
-        what="a session of every service role, and none as the administrator",
-    )
-    assert "mc_service" not in seen
-    assert "postgres" not in seen  # no service runs as the administrator
+    # The supervisor names each child's sessions after it (PGAPPNAME); other tests' short
+    # administrator sessions carry no such name, so they do not count either way.
+    roles = login_roles()
+
+    def every_process_connected() -> list[tuple[str, str, str]] | None:
+        by_process = [
+            (process, app, role)
+            for app, role in _sessions(whole_system.admin_url)
+            if (process := _process_of(app, set(roles))) is not None
+        ]
+        return by_process if {p for p, _, _ in by_process} >= set(roles) else None
+
+    sessions = wait_for(every_process_connected, what="a session of every service and the relay")
+    wrong = [(app, role) for process, app, role in sessions if role != roles[process]]
+    assert wrong == [], f"sessions not under their process's own role: {wrong}"
+    assert not {role for _, _, role in sessions} & {"postgres", "mc_service"}
 
 
 def test_no_database_password_is_written_to_a_log_or_the_state_file(
