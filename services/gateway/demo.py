@@ -1,9 +1,13 @@
-"""The demo: one scripted agent against the public API, ending in a run stopped by policy.
+"""The demo: one scripted agent against the public API, ending in a run stopped by policy, then
+a workflow served by the example worker (:mod:`services.gateway.demo_workflow`).
 
 It reproduces the core flow of the product: policies exist (the bundle's defaults: at most 10,000
 tokens per run, at most $10 per run) → runs start → run C asks to run a step that would take it to
 15,000 tokens → admission denies it naming ``token_limit`` → the agent stops → the run shows
-``stopped_by_policy`` at step 3 and an incident is open.
+``stopped_by_policy`` at step 3 and an incident is open. Then one execution of a five-step
+workflow with a parallel branch runs: its irreversible step waits until the demo's approver
+approves it, its budget alerts at 80 %, and the token counts of its model calls are printed as
+they stream.
 
     python -m services.gateway.demo --base-url http://127.0.0.1:PORT --data-dir var/mc
 
@@ -13,6 +17,7 @@ tokens per run, at most $10 per run) → runs start → run C asks to run a step
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +27,13 @@ from typing import Any
 
 from libs.runtime.cli_support import admin_database
 from services.gateway.client import ApiError, MissionControlClient
+from services.gateway.demo_workflow import (
+    WorkflowOutcome,
+    ensure_people,
+    logged_events,
+    run_workflow,
+)
+from services.gateway.demo_workflow import summary as workflow_summary
 from services.gateway.keys import provision_tenant, run_with_pool
 
 DEMO_TENANT = "demo"
@@ -132,17 +144,23 @@ def ensure_prices(mc: MissionControlClient) -> None:
         mc.set_prices([DEMO_PRICE])
 
 
+def say(line: str) -> None:
+    """Print a line at once, also when the output goes to a file or a pipe."""
+    print(line, flush=True)
+
+
 def run_demo(
     base_url: str,
     data_dir: Path,
     *,
     admin_database_url: str | None = None,
     api_key: str | None = None,
-    echo: Callable[[str], None] = print,
-) -> None:
-    """Provision tenant ``demo`` (and a key), run the scripted agent, and print what happened."""
+    echo: Callable[[str], None] = say,
+) -> WorkflowOutcome:
+    """Provision tenant ``demo`` (and a key), run the scripted agent and the workflow, and print
+    what happened."""
+    url = admin_database(admin_database_url, data_dir.resolve()).secret()
     if api_key is None:
-        url = admin_database(admin_database_url, data_dir.resolve()).secret()
         created, api_key = run_with_pool(
             url,
             lambda pool: provision_tenant(
@@ -178,6 +196,26 @@ def run_demo(
         )
         trace = mc.trace(run_c)
     echo(summary(base_url, api_key, run_ids, runs, denial, incident, trace))
+    return run_workflow_part(base_url, api_key, url, data_dir.resolve(), echo)
+
+
+def run_workflow_part(
+    base_url: str, api_key: str, database_url: str, data_dir: Path, echo: Callable[[str], None]
+) -> WorkflowOutcome:
+    """The workflow demo: its people, the execution, and the event log's account of it."""
+    echo("A workflow: five steps with a parallel branch, an approval and a budget alert")
+    echo("")
+    people_file = data_dir / "demo" / "people.json"
+    people = run_with_pool(database_url, lambda pool: ensure_people(pool, DEMO_TENANT, people_file))
+    for person in people.values():
+        echo(f"person user:{person.user_id} holds {person.role} in {DEMO_TENANT!r}")
+    echo(f"(their passwords are in {people_file}, to sign in at POST /v1/auth/token)")
+    outcome = asyncio.run(run_workflow(base_url, api_key, people, echo))
+    outcome.log = run_with_pool(
+        database_url, lambda pool: logged_events(pool, DEMO_TENANT, outcome.execution_id)
+    )
+    echo(workflow_summary(outcome, base_url, api_key))
+    return outcome
 
 
 def _settled(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]] | None:

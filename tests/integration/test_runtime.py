@@ -198,6 +198,9 @@ def test_the_registered_demo_runs_against_the_system(
     out = capsys.readouterr().out
     assert "stopped_by_policy" in out
     assert "Inflection point of run C: step 3" in out
+    # Then the workflow: approved by the demo's approver, and alerted by its budget.
+    assert "execution.step_approved: publish approved by user:demo-approver" in out
+    assert "budget.threshold_crossed: workflow:release-notes-demo:execution crossed 80 %" in out
 
 
 def test_down_stops_every_process(running: Running) -> None:
