@@ -210,7 +210,7 @@ def run_workflow_part(
     for person in people.values():
         echo(f"person user:{person.user_id} holds {person.role} in {DEMO_TENANT!r}")
     echo(f"(their passwords are in {people_file}, to sign in at POST /v1/auth/token)")
-    outcome = asyncio.run(run_workflow(base_url, api_key, people, echo))
+    outcome = asyncio.run(run_workflow(base_url, api_key, DEMO_TENANT, people, echo))
     outcome.log = run_with_pool(
         database_url, lambda pool: logged_events(pool, DEMO_TENANT, outcome.execution_id)
     )

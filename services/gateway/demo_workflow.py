@@ -223,22 +223,37 @@ class WorkflowOutcome:
     """The approval and the budget alerts as the event store holds them."""
 
 
+def _transient(exc: Exception) -> bool:
+    """A failure worth asking again: overload, or a service restarting behind the gateway."""
+    if isinstance(exc, ApiError):
+        return exc.status in (429, 502, 503, 504)
+    return isinstance(exc, httpx.TransportError)
+
+
 async def _until(
     what: str,
     probe: Callable[[], Awaitable[Any]],
     deadline: float,
     state: Callable[[], str] = lambda: "",
 ) -> Any:
-    """Call ``probe`` until it returns something truthy, or fail naming ``what``."""
+    """Call ``probe`` until it returns something truthy, or fail naming ``what`` (and the
+    last transient error, when that is what kept it from answering)."""
+    began = time.monotonic()
+    last_error = ""
     while True:
-        value = await probe()
+        try:
+            value = await probe()
+        except (ApiError, httpx.HTTPError) as exc:
+            if not _transient(exc):
+                raise DemoFailed(f"the workflow demo, waiting for {what}: {exc}") from exc
+            value, last_error = None, f"; last answer: {exc or type(exc).__name__}"
         if value:
             return value
         if time.monotonic() > deadline:
             where = state()
             raise DemoFailed(
-                f"the workflow demo waited {DEADLINE_S:.0f}s for {what}"
-                + (f"; {where}" if where else "")
+                f"the workflow demo's deadline passed while it waited for {what} (for "
+                f"{time.monotonic() - began:.1f}s)" + (f"; {where}" if where else "") + last_error
             )
         await asyncio.sleep(POLL_S)
 
@@ -255,17 +270,21 @@ def describe(view: Mapping[str, Any] | None) -> str:
 async def run_workflow(
     base_url: str,
     api_key: str,
+    tenant_id: str,
     people: Mapping[str, Person],
     echo: Callable[[str], None],
     *,
     deadline_s: float = DEADLINE_S,
 ) -> WorkflowOutcome:
-    """Set up, run and watch one execution of the example workflow (see the module doc)."""
+    """Set up, run and watch one execution of the example workflow (see the module doc) in
+    ``tenant_id``, the tenant of ``api_key``."""
     deadline = time.monotonic() + deadline_s
     headers = {"Authorization": f"Bearer {api_key}"}
+    # A person may hold roles in several tenants: their calls name the demo's.
+    as_person = {"X-Tenant-Id": tenant_id}
     async with (
         httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as agent,
-        httpx.AsyncClient(base_url=base_url, timeout=30) as person,
+        httpx.AsyncClient(base_url=base_url, headers=as_person, timeout=30) as person,
     ):
         version = await _step("save the workflow", install(agent))
         echo(f"workflow {WORKFLOW_ID} version {version}: " + _shape(WORKFLOW["steps"]))
@@ -298,7 +317,9 @@ async def run_workflow(
             )  # fmt: skip
             eid = started["execution_id"]
             echo(f"execution {eid} started")
-            view = await _watch(agent, person, approver, eid, progress, deadline, serving)
+            view = await _watch(
+                agent, person, approver, eid, progress, deadline, serving, worker.taken
+            )
         finally:
             worker.stop()
             with contextlib.suppress(Exception):
@@ -354,6 +375,7 @@ async def _watch(
     progress: Progress,
     deadline: float,
     serving: asyncio.Task[None],
+    taken: Sequence[str],
 ) -> dict[str, Any]:
     """Print the execution's progress and approve its gated step, until it ends."""
     last: dict[str, Any] = {}
@@ -375,8 +397,10 @@ async def _watch(
                 await _approve(person, approver_token, eid, step["step_id"], progress)
         return view if view["status"] in TERMINAL else None
 
-    view: dict[str, Any] = await _until("the execution to end", ended, deadline,
-                                        lambda: describe(last))  # fmt: skip
+    def state() -> str:
+        return f"{describe(last)}; the example worker took {len(taken)} attempt(s)"
+
+    view: dict[str, Any] = await _until("the execution to end", ended, deadline, state)
     progress.say(f"execution {eid} {view['status']}")
     return view
 
