@@ -307,6 +307,9 @@ async def run_workflow(
 
         progress = Progress(echo)
         live = LiveTokens(progress.say)
+        # The worker hands each streamed call's usage to live.on_usage as it grows; whatever
+        # else reports usage while a step runs (a stream of the execution's events) calls
+        # live.show the same way.
         worker = build_worker(base_url, api_key, report=live.on_usage, latency_s=0.4, poll_s=5)
         serving = asyncio.create_task(worker.run())
         try:
