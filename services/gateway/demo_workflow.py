@@ -84,15 +84,17 @@ class Person:
     password: str = field(repr=False)
 
 
-async def ensure_people(pool: AsyncConnectionPool, tenant_id: str, secrets_file: Path) -> dict[
-    str, Person
-]:  # fmt: skip
+async def ensure_people(
+    pool: AsyncConnectionPool, tenant_id: str, secrets_file: Path
+) -> dict[str, Person]:
     """The demo's people, made at the first run: each user is created with a random password,
     kept in ``secrets_file`` (mode 0600) so later runs sign in as the same person, and holds
     their role in ``tenant_id``."""
     stored = _read_passwords(secrets_file)
     people = {}
-    for role, user_id in PEOPLE.items():
+    for role, name in PEOPLE.items():
+        # The user made for this role by an earlier run, if any (its id may carry a suffix).
+        user_id = next((u for u in stored if u == name or u.startswith(f"{name}-")), name)
         password = stored.get(user_id)
         if password is None:
             password = secrets.token_urlsafe(24)
@@ -101,7 +103,7 @@ async def ensure_people(pool: AsyncConnectionPool, tenant_id: str, secrets_file:
             except Conflict:
                 # Made by a run whose password file is gone (another data directory on the same
                 # database): a fresh user of this run's own.
-                user_id = f"{user_id}-{uuid.uuid4().hex[:6]}"
+                user_id = f"{name}-{uuid.uuid4().hex[:6]}"
                 await create_user(pool, user_id, password, actor="demo")
             stored[user_id] = password
             write_private_json(secrets_file, stored)
