@@ -20,5 +20,7 @@ REGISTRATION = ServiceRegistration(
     commands={"tenant": "services.gateway.cli:tenant_app", "user": "services.gateway.cli:user_app"},
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.
-    bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow"), work="take"),
+    bus=BusAccess(
+        calls=("admission", "audit", "cost", "incident", "workflow"), work="take", live="watch"
+    ),
 )
