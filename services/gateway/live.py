@@ -18,7 +18,8 @@ by itself) resumes exactly after that message in both streams: nothing twice, no
 ``event: snapshot`` (the run or execution as it stands) and then everything after it. A comment
 line (``: heartbeat``) goes out after ``heartbeat_s`` seconds without a message (15 by
 default), so proxies keep the connection and clients notice a dead one. When the run or
-execution ends, ``event: end`` is sent and the response closes.
+execution ends, ``event: end`` is sent (without an ``id:``; its data names the cursor) and the
+response closes.
 
 Resources are bounded: a process serves at most ``MC_SSE_MAX_STREAMS`` streams (503 above) and
 a tenant at most ``MC_SSE_MAX_STREAMS_PER_TENANT`` (429 with ``Retry-After``). A connection's
@@ -190,7 +191,6 @@ class Target:
 class _Delivery:
     stream: str
     seq: int
-    pending: int
     data: bytes
 
 
@@ -215,7 +215,7 @@ class _Feed:
         self.filters, self.start_seq, self.queue = filters, start_seq, queue
         self.sub: Any = None
         self.delivered = 0
-        self.caught_up = False
+        self.drain_to = 0
         self.last_seen = time.monotonic()
 
     async def start(self) -> None:
@@ -235,7 +235,15 @@ class _Feed:
             mem_storage=True,
         )
         info = await self.js.add_consumer(self.stream, config)
-        self.caught_up = not info.num_pending
+        # What the consumer had to deliver when made: delivered already (possibly still in our
+        # inbox) plus pending. A stream of something that has ended stops once it has all.
+        sent = info.delivered.consumer_seq if info.delivered is not None else 0
+        self.drain_to = sent + (info.num_pending or 0)
+
+    @property
+    def caught_up(self) -> bool:
+        """Whether everything there was when the consumer was made has been delivered."""
+        return self.delivered >= self.drain_to
 
     async def _on(self, msg: Msg) -> None:
         self.last_seen = time.monotonic()
@@ -253,7 +261,7 @@ class _Feed:
         if self.queue.qsize() >= MAX_QUEUED:
             self.queue.put_nowait(_Broken("the client reads too slowly"))
             return
-        self.queue.put_nowait(_Delivery(self.stream, md.sequence.stream, md.num_pending, msg.data))
+        self.queue.put_nowait(_Delivery(self.stream, md.sequence.stream, msg.data))
 
     async def stop(self) -> None:
         if self.sub is not None:
@@ -333,8 +341,8 @@ class LiveStream:
             yield sse("snapshot", self.snapshot, self.cursor)
         last_write = time.monotonic()
         while True:
-            if self.ended and all(f.caught_up for f in self.feeds):
-                yield sse("end", {"reason": "ended"}, self.cursor)
+            if self.ended and self.queue.empty() and all(f.caught_up for f in self.feeds):
+                yield sse("end", {"cursor": str(self.cursor)}, None)
                 return
             quiet = time.monotonic() - last_write
             try:
@@ -361,14 +369,10 @@ class LiveStream:
             if text is not None:
                 yield text
                 last_write = now
-            if ends:
-                yield sse("end", {"reason": "ended"}, self.cursor)
-                return
+            # The end is sent once what has arrived so far is out (the loop's first check).
+            self.ended = self.ended or ends
 
     def _render(self, d: _Delivery) -> tuple[str | None, bool]:
-        feed = self.feeds[0] if d.stream == EVENTS_STREAM else self.feeds[1]
-        if d.pending == 0:
-            feed.caught_up = True
         if d.stream == LIVE_STREAM:
             self.cursor = Cursor(self.cursor.events, d.seq)
             return sse("usage", orjson.loads(d.data), self.cursor), False
