@@ -248,12 +248,19 @@ class _Feed:
     async def _on(self, msg: Msg) -> None:
         self.last_seen = time.monotonic()
         headers = msg.headers or {}
-        if headers.get("Status") == "100":  # a heartbeat, or flow control to answer
+        status = headers.get("Status")
+        if status == "100":  # a heartbeat, or flow control to answer
             for reply in (msg.reply, headers.get("Nats-Consumer-Stalled")):
                 if reply:
                     await self.nc.publish(reply, b"")
             return
-        md = msg.metadata
+        try:
+            if status:
+                raise ValueError(f"status {status} {headers.get('Description', '')}")
+            md = msg.metadata
+        except Exception as exc:  # the consumer went away, or this is no stream message
+            self.queue.put_nowait(_Broken(f"{self.stream}: {exc}"))
+            return
         if md.sequence.consumer != self.delivered + 1:
             self.queue.put_nowait(_Broken(f"{self.stream}: a message was missed"))
             return

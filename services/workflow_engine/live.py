@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-import orjson
 import structlog
 from nats.js import JetStreamContext
+from pydantic import BaseModel, ConfigDict
 
 from libs.contracts.envelope import utcnow
 from libs.contracts.subjects import live_subject
@@ -53,6 +53,30 @@ USAGE_FIELDS = (
     "output_tokens",
     "reasoning_tokens",
 )
+
+
+class LiveReport(BaseModel):
+    """One report as published on ``MC_LIVE`` (``mc.live.<tenant>.<execution or _>.<run>``): the
+    cumulative usage so far of call ``step_index``, its cost, and what the worker was told."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    execution_id: str | None
+    step_id: str | None
+    agent_id: str
+    step_index: int
+    model: str | None
+    input_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    abort: bool
+    reason: str | None
+    cost_usd: str | None
+    pricing_status: str
+    reported_at: str
 
 
 @dataclass(frozen=True)
@@ -155,20 +179,16 @@ class LiveUsage:
     ) -> None:
         if self.js is None:
             return
-        body = {
-            "run_id": report.run_id,
-            "execution_id": execution_id,
-            "step_id": run.labels.get("step_id"),
-            "agent_id": run.agent_id,
-            "step_index": report.step_index,
-            "model": report.model,
-            **report.usage,
-            **answer,
-            "reported_at": at,
-        }
+        body = LiveReport(
+            run_id=report.run_id, execution_id=execution_id, step_id=run.labels.get("step_id"),
+            agent_id=run.agent_id, step_index=report.step_index, model=report.model,
+            **report.usage, **answer, reported_at=at,
+        )  # fmt: skip
         subject = live_subject(tenant_id, execution_id, report.run_id)
         with contextlib.suppress(Exception):
-            await self.js.publish(subject, orjson.dumps(body), timeout=PUBLISH_TIMEOUT_S)
+            await self.js.publish(
+                subject, body.model_dump_json().encode(), timeout=PUBLISH_TIMEOUT_S
+            )
             return
         log.warning("live.publish_failed", run_id=report.run_id)
 
