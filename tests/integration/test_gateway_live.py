@@ -13,13 +13,11 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 
 from libs.contracts.subjects import EVENTS_STREAM, LIVE_STREAM
 from libs.eventbus.jetstream import connect
-from libs.runtime.embedded import free_port
 from tests.conftest import System, wait_until
-from tests.integration.test_gateway import Gateway, serve_gateway
+from tests.integration.test_gateway import Gateway, over_a_socket, serve_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -27,18 +25,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 async def served(system: System, tmp_path: Path) -> AsyncIterator[tuple[Gateway, str]]:
     limits = {"MC_SSE_MAX_STREAMS_PER_TENANT": 1, "MC_SSE_MAX_STREAMS": 2}
-    async with serve_gateway(system, tmp_path / "gw", None, "gw-live", **limits) as gw:
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(gw.app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
-        )
-        task = asyncio.create_task(server.serve())
-        try:
-            await wait_until(lambda: server.started, what="uvicorn started")
-            yield gw, f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
+    async with (
+        serve_gateway(system, tmp_path / "gw", None, "gw-live", **limits) as gw,
+        over_a_socket(gw.app) as url,
+    ):
+        yield gw, url
 
 
 class Stream:
