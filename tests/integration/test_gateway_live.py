@@ -16,6 +16,7 @@ import pytest
 
 from libs.contracts.subjects import EVENTS_STREAM, LIVE_STREAM
 from libs.eventbus.jetstream import connect
+from services.gateway.client import AsyncMissionControlClient
 from tests.conftest import System, wait_until
 from tests.integration.test_gateway import Gateway, over_a_socket, serve_gateway
 
@@ -115,12 +116,11 @@ async def test_streams_are_bounded_and_give_back_what_they_hold(
         assert await _ephemeral(system) == baseline + 4
 
         # A report through the gateway reaches the viewer of its run.
-        report = await http.post(
-            f"/v1/runs/{runs['b']}/steps/1/usage",
-            json={"model": "gpt-4o-mini", "input_tokens": 10, "output_tokens": 7},
-            headers={"Authorization": f"Bearer {keys['b']}"},
-        )
-        assert report.status_code == 200 and report.json()["abort"] is False
+        async with AsyncMissionControlClient(url, keys["b"]) as client:
+            verdict = await client.report_usage(
+                runs["b"], 1, model="gpt-4o-mini", input_tokens=10, output_tokens=7
+            )
+        assert verdict.abort is False and verdict.pricing_status == "priced"
         await wait_until(lambda: b1.saw("event: usage"), what="b's usage")
         assert '"output_tokens":7' in b1.lines[b1.lines.index("event: usage") + 1]
         await wait_until(lambda: b1.saw(": heartbeat"), what="b's heartbeat")
