@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     gateway_latency_target_ms: float = Field(
         default=250.0, gt=0, alias="MC_GATEWAY_LATENCY_TARGET_MS"
     )
+    # Live event streams (SSE, services/gateway/live.py): open streams per process and per tenant,
+    # and the seconds of silence after which a heartbeat comment is sent.
+    sse_max_streams: int = Field(default=256, ge=1, alias="MC_SSE_MAX_STREAMS")
+    sse_max_streams_per_tenant: int = Field(default=16, ge=1, alias="MC_SSE_MAX_STREAMS_PER_TENANT")
+    sse_heartbeat_s: float = Field(default=15.0, ge=1, le=60, alias="MC_SSE_HEARTBEAT_S")
 
     # --- NATS credentials (libs/runtime/busauth.py) ---------------------------------------------
     # Each process connects as a NATS user of its own. ``mctl up`` points each child at its

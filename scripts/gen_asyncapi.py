@@ -29,7 +29,14 @@ from pydantic import BaseModel, create_model
 from libs.contracts import events as _events  # noqa: F401 - registers every model
 from libs.contracts.envelope import EventEnvelope
 from libs.contracts.registry import all_models, current_version
-from libs.contracts.subjects import DLQ_PREFIX, DLQ_STREAM, EVENTS_PREFIX, EVENTS_STREAM
+from libs.contracts.subjects import (
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    LIVE_PREFIX,
+    LIVE_STREAM,
+)
 from libs.eventbus.rpc import RpcServer
 from services.audit_replay.entrypoints import AuditQueries
 from services.audit_replay.entrypoints import rpc_server as audit_rpc
@@ -38,7 +45,9 @@ from services.incident.entrypoints import RPC_SERVICE as INCIDENT
 from services.incident.entrypoints import build_rpc as incident_rpc
 from services.policy_admission.entrypoints import rpc_server as admission_rpc
 from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW
+from services.workflow_engine.entrypoints import build_live_rpc
 from services.workflow_engine.entrypoints import build_rpc as workflow_rpc
+from services.workflow_engine.live import LiveReport
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "asyncapi.json"
 TITLE = "Mission Control bus"
@@ -59,7 +68,7 @@ def _servers() -> list[RpcServer]:
     nc = NATS()
     return [
         admission_rpc(nc, unused),
-        workflow_rpc(RpcServer(nc, WORKFLOW), unused),
+        build_live_rpc(workflow_rpc(RpcServer(nc, WORKFLOW), unused), unused),
         incident_rpc(RpcServer(nc, INCIDENT), unused),
         cost_rpc(nc, unused),
         # Registering reads only the methods' names; a bare instance holds no connections.
@@ -99,6 +108,15 @@ def build_broker() -> NatsBroker:
             description=f"`{event_type}` v{version}, published by the outbox relay.",
             schema=_event_envelope(model),
         )
+    broker.publisher(
+        f"{LIVE_PREFIX}.{{tenant_id}}.{{execution_id}}.{{run_id}}",
+        stream=JStream(LIVE_STREAM, declare=False),
+        title=f"{LIVE_PREFIX}.{{tenant_id}}.{{execution_id}}.{{run_id}}",
+        description="Live usage a worker reported while a step runs (`_` for a run that is no "
+        "workflow step; `.` in an id written `%2E`), published by the workflow-engine; kept an "
+        "hour, for the SSE endpoints. Not a record.",
+        schema=LiveReport,
+    )
     broker.publisher(
         f"{DLQ_PREFIX}.{{consumer}}",
         stream=JStream(DLQ_STREAM, declare=False),

@@ -732,6 +732,44 @@ class ExecutionBudgetExceeded(DomainEvent):
 
 
 @register
+class StepStopped(DomainEvent):
+    """A budget stopped a running attempt mid-way, on the usage its worker streamed.
+
+    The attempt's call ``step_index`` had used the tokens below so far (cumulative, as the worker
+    reported them), costing ``streamed_cost_usd``; with that, budget ``budget_id``'s window would
+    have gone over its cap (spent + what others reserved + streamed > cap). The step is blocked,
+    its run ended and the worker told to abort; ``execution.failed`` follows with ``reason``.
+    """
+
+    event_type = "execution.step_stopped"
+    schema_version = 1
+
+    execution_id: str
+    step_id: str
+    attempt: int = Field(ge=1)
+    run_id: str
+    step_index: int = Field(ge=1)
+    model: str | None = None
+    input_tokens: int = Field(default=0, ge=0)
+    cached_input_tokens: int = Field(default=0, ge=0)
+    cache_write_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+    streamed_cost_usd: Usd
+    budget_id: str
+    window_key: str
+    cap_usd: Usd
+    committed_usd: Usd
+    """What the window held besides this attempt's own hold: spent plus others' reservations."""
+    reason: str
+    stopped_at: datetime
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> StepStopped:
+        return require_consistent(self)
+
+
+@register
 class ApprovalRequested(DomainEvent):
     """A ready step's risk tier needs approval before it is dispatched."""
 

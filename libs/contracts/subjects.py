@@ -9,6 +9,11 @@
   connects as a user (``_INBOX.<unique>`` otherwise).
 * Work: ``mc.work.<tenant>.<agent>``, the dispatched steps of workflow executions waiting for
   the agent's workers (the ``MC_WORK`` work-queue stream).
+* Live telemetry: ``mc.live.<tenant>.<execution>.<run>``, the usage a worker streams while a
+  step runs (the ``MC_LIVE`` stream, kept an hour). ``<execution>`` is ``_`` for a run that is no
+  workflow step, and ``.`` in a run id is written ``%2E`` (run ids never contain ``%``), so
+  ``mc.live.acme.*.<run>`` is one run's progress and ``mc.live.acme.<execution>.*`` one
+  execution's. Progress is for viewers; the recorded step stays the system of record.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ RPC_PREFIX = "mc.rpc"
 INBOX_PREFIX = "_INBOX"
 WORK_STREAM = "MC_WORK"
 WORK_PREFIX = "mc.work"
+LIVE_STREAM = "MC_LIVE"
+LIVE_PREFIX = "mc.live"
+NO_EXECUTION = "_"
 
 
 def event_subject(tenant_id: str, event_type: str) -> str:
@@ -52,3 +60,24 @@ def inbox_prefix(user: str) -> str:
 def work_subject(tenant_id: str, agent_id: str) -> str:
     """Where the dispatched steps of ``agent_id`` in ``tenant_id`` wait for a worker."""
     return f"{WORK_PREFIX}.{tenant_id}.{agent_id}"
+
+
+def live_token(run_or_execution_id: str) -> str:
+    """A run or execution id as one subject token (``.`` becomes ``%2E``; ids never hold ``%``)."""
+    return run_or_execution_id.replace(".", "%2E")
+
+
+def live_subject(tenant_id: str, execution_id: str | None, run_id: str) -> str:
+    """Where the streamed usage of ``run_id`` (an attempt of ``execution_id``, or none) goes."""
+    scope = live_token(execution_id) if execution_id else NO_EXECUTION
+    return f"{LIVE_PREFIX}.{tenant_id}.{scope}.{live_token(run_id)}"
+
+
+def live_filter(
+    tenant_id: str, *, run_id: str | None = None, execution_id: str | None = None
+) -> str:
+    """The live subjects of one run, or of every attempt of one execution."""
+    if run_id is not None:
+        return f"{LIVE_PREFIX}.{tenant_id}.*.{live_token(run_id)}"
+    assert execution_id is not None
+    return f"{LIVE_PREFIX}.{tenant_id}.{live_token(execution_id)}.*"

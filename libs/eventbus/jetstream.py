@@ -10,6 +10,9 @@
   agent and removed when acknowledged. Its hour-long ``duplicate_window`` makes the engine's
   re-publication of a dispatch after a crash (same ``Nats-Msg-Id``, the attempt's run id) a
   no-op.
+* ``MC_LIVE`` carries live telemetry: the usage workers stream while a step runs, for viewers
+  (the SSE endpoints). It is not a record: an hour's age limit, a bound per run and in bytes,
+  and the oldest messages make room (``DiscardOld``). What a step used is its recorded step.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from libs.contracts.subjects import (
     DLQ_STREAM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
+    LIVE_PREFIX,
+    LIVE_STREAM,
     WORK_PREFIX,
     WORK_STREAM,
     inbox_prefix,
@@ -82,6 +87,22 @@ WORK = StreamConfig(
     storage=StorageType.FILE,
     discard=DiscardPolicy.NEW,
     duplicate_window=WORK_DUPLICATE_WINDOW_S,
+    num_replicas=1,
+)
+
+
+LIVE_MAX_AGE_S = 3600.0
+
+LIVE = StreamConfig(
+    name=LIVE_STREAM,
+    subjects=[f"{LIVE_PREFIX}.>"],
+    retention=RetentionPolicy.LIMITS,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.OLD,
+    max_age=LIVE_MAX_AGE_S,
+    max_bytes=256 * 1024 * 1024,
+    # A run's progress is one subject: its newest reports are what a viewer needs.
+    max_msgs_per_subject=10_000,
     num_replicas=1,
 )
 
@@ -161,7 +182,7 @@ async def ensure_streams(js: JetStreamContext, *, update: bool = True) -> None:
     services pass ``update=False``: a stream that exists with other settings is left for the
     relay to bring up to date.
     """
-    for cfg in (EVENTS, DLQ, WORK):
+    for cfg in (EVENTS, DLQ, WORK, LIVE):
         try:
             await js.add_stream(cfg)
         except BadRequestError as exc:

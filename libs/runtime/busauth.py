@@ -21,6 +21,11 @@ Their permissions are made from the services' registrations
   publishes dispatched steps; only the gateway creates, fetches from and acknowledges the
   per-agent consumers (``work-<tenant>-<agent>``) that workers take their steps through over
   HTTP, so an agent never needs bus credentials.
+* **Live telemetry** ``mc.live.<tenant>.<execution>.<run>`` (stream ``MC_LIVE``): only the
+  workflow-engine publishes the usage workers stream. Only the gateway watches: it may create
+  *ephemeral* consumers (``$JS.API.CONSUMER.CREATE.<stream>`` without a name, which the server
+  refuses for a durable) on ``MC_EVENTS`` and ``MC_LIVE``, pushed to its own inbox, and answer
+  their flow control; it can neither name, read nor delete anybody's durable consumer.
 * **Replies** reach a process on its own inbox prefix ``_INBOX.<user>.``, which no other user may
   subscribe to.
 
@@ -45,6 +50,8 @@ from libs.contracts.subjects import (
     DLQ_STREAM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
+    LIVE_PREFIX,
+    LIVE_STREAM,
     RPC_PREFIX,
     WORK_PREFIX,
     WORK_STREAM,
@@ -62,7 +69,7 @@ RESERVED_USERS = frozenset({RELAY_USER, OPERATOR_USER})
 CREDENTIALS_DIR = "credentials"
 
 JS_API = "$JS.API"
-STREAMS = (EVENTS_STREAM, DLQ_STREAM, WORK_STREAM)
+STREAMS = (EVENTS_STREAM, DLQ_STREAM, WORK_STREAM, LIVE_STREAM)
 # nats-server checks the password of every new connection against its hash, in the connection's
 # read loop. The cost of bcrypt protects guessable passwords; these are 256 random bits, which no
 # cost makes easier or harder to find from the hash. 2**6 rounds take ~5 ms a check; 2**10 took
@@ -127,6 +134,11 @@ def service_permissions(user: str, bus: BusAccess) -> Permissions:
             f"{JS_API}.CONSUMER.MSG.NEXT.{WORK_STREAM}.>",
             f"$JS.ACK.{WORK_STREAM}.>",
         ]
+    if bus.live == "publish":
+        publish.append(f"{LIVE_PREFIX}.>")
+    elif bus.live == "watch":
+        for stream in (EVENTS_STREAM, LIVE_STREAM):
+            publish += [f"{JS_API}.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>"]
     if bus.serves:
         # Only in the queue group: a plain subscription would get a copy of every request.
         subscribe.append(f"{RPC_PREFIX}.{bus.serves}.> {bus.serves}")

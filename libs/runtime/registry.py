@@ -50,6 +50,10 @@ class BusAccess:
     """Its part in the workflow work queues (``MC_WORK``): ``dispatch`` publishes dispatched
     steps to ``mc.work.>`` (the workflow-engine); ``take`` holds the per-agent pull consumers
     workers take their steps through (the gateway)."""
+    live: Literal["publish", "watch"] | None = None
+    """Its part in live telemetry (``MC_LIVE``): ``publish`` puts the usage workers stream on
+    ``mc.live.>`` (the workflow-engine); ``watch`` creates the ephemeral push consumers on
+    ``MC_EVENTS`` and ``MC_LIVE`` that the SSE endpoints read (the gateway)."""
 
 
 class RegistrationError(MissionControlError):

@@ -40,6 +40,8 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
     StepsRecordedResponse,
+    UsageReport,
+    UsageVerdict,
 )
 
 T = TypeVar("T")
@@ -171,6 +173,16 @@ class Requests:
         """``POST /v1/runs/{run_id}/steps``; ``fields`` as in :class:`StepFields`."""
         body = StepFields(step_index=step_index, **fields)
         return _req("POST", f"/v1/runs/{_seg(run_id)}/steps", StepsRecordedResponse, body)
+
+    @staticmethod
+    def report_usage(
+        run_id: str, step_index: int, model: str | None = None, **usage: int
+    ) -> ApiRequest[UsageVerdict]:
+        """``POST /v1/runs/{run_id}/steps/{step_index}/usage``: the cumulative usage so far of
+        a call still running; ``usage`` as in :class:`UsageReport` (``input_tokens``, ...)."""
+        body = UsageReport(model=model, **usage)
+        path = f"/v1/runs/{_seg(run_id)}/steps/{step_index}/usage"
+        return _req("POST", path, UsageVerdict, body)
 
     @staticmethod
     def record_steps_batch(
@@ -338,6 +350,12 @@ class MissionControlClient:
         """Record one step."""
         return self.send(Requests.record_step(run_id, step_index, **fields))
 
+    def report_usage(
+        self, run_id: str, step_index: int, model: str | None = None, **usage: int
+    ) -> UsageVerdict:
+        """Report a running call's usage so far; the answer says whether to abort it."""
+        return self.send(Requests.report_usage(run_id, step_index, model, **usage))
+
     def record_steps_batch(
         self, items: Iterable[StepBatchItem | Mapping[str, Any]]
     ) -> StepsRecordedResponse:
@@ -453,6 +471,12 @@ class AsyncMissionControlClient:
     ) -> StepsRecordedResponse:
         """Record one step."""
         return await self.send(Requests.record_step(run_id, step_index, **fields))
+
+    async def report_usage(
+        self, run_id: str, step_index: int, model: str | None = None, **usage: int
+    ) -> UsageVerdict:
+        """Report a running call's usage so far; the answer says whether to abort it."""
+        return await self.send(Requests.report_usage(run_id, step_index, model, **usage))
 
     async def record_steps_batch(
         self, items: Iterable[StepBatchItem | Mapping[str, Any]]

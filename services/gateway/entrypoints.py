@@ -38,10 +38,11 @@ from starlette.exceptions import HTTPException
 
 from libs import errors
 from libs.contracts import new_uuid7
-from libs.contracts.limits import AGENT_ID_PATTERN
+from libs.contracts.limits import AGENT_ID_PATTERN, MAX_STEP_INDEX
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
+from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
     ID_PATTERN,
@@ -74,9 +75,12 @@ from services.gateway.schemas import (
     StepBatchRequest,
     StepFields,
     StepsRecordedResponse,
+    StreamMessage,
     TokenRequest,
     TokenResponse,
     TraceResponse,
+    UsageReport,
+    UsageVerdict,
     WhoAmIResponse,
 )
 from services.gateway.shedding import RETRY_AFTER_S
@@ -368,6 +372,35 @@ _api_key_header = APIKeyHeader(
 
 RunIdPath = Annotated[str, Path(pattern=ID_PATTERN, description="The run's id.")]
 IncidentIdPath = Annotated[UUID, Path(description="The incident's id.")]
+StepIndexPath = Annotated[
+    int, Path(ge=1, le=MAX_STEP_INDEX, description="The call's step index in its run.")
+]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        max_length=41,
+        description="The `id:` of the last message received: the stream resumes right after it.",
+    ),
+]
+HeartbeatS = Annotated[
+    float | None,
+    Query(
+        ge=MIN_HEARTBEAT_S,
+        le=MAX_HEARTBEAT_S,
+        description="Seconds of silence before a heartbeat comment (default: MC_SSE_HEARTBEAT_S).",
+    ),
+]
+_EVENT_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": StreamMessage,
+        "description": "Server-Sent Events (text/event-stream), each message an `id:`, an "
+        "`event:` and one line of JSON `data:` (the JSON schema describes one message); a "
+        "`: heartbeat` comment after each quiet interval. 429 when the tenant has its limit of "
+        "streams open, 503 when the gateway has.",
+        "content": {MEDIA_TYPE: {"schema": {"type": "string"}}},
+    },
+}
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE)]
 Offset = Annotated[int, Query(ge=0, le=1_000_000)]
 OptionalId = Annotated[str | None, Query(pattern=ID_PATTERN)]
@@ -600,6 +633,42 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def finish_run(run_id: RunIdPath, body: FinishRunRequest, call: Ingest) -> Any:
         """End a run as ``completed`` or ``failed``."""
         return await call.answer("workflow", "finish_run", {"run_id": run_id, **body.model_dump()})
+
+    @router.post(
+        "/runs/{run_id}/steps/{step_index}/usage",
+        response_model=UsageVerdict,
+        tags=["runs"],
+    )
+    async def report_usage(
+        run_id: RunIdPath, step_index: StepIndexPath, body: UsageReport, call: Ingest
+    ) -> Any:
+        """Report the usage so far of call ``step_index``, still running (cumulative counts).
+
+        Viewers of the run's and its execution's event streams see it at once. The answer says
+        whether to stop: ``abort`` is true when the run has ended (timed out, aborted, stopped)
+        or when a budget cannot take what the call has cost so far, which stops the step
+        (``execution.step_stopped``). The call's final usage is still recorded as its step.
+        """
+        payload = {"run_id": run_id, "step_index": step_index, **body.model_dump(mode="json")}
+        return await call.answer("workflow", "report_usage", payload)
+
+    @router.get("/runs/{run_id}/events", tags=["runs"], responses=_EVENT_STREAM)
+    async def run_events(
+        run_id: RunIdPath,
+        request: Request,
+        call: Read,
+        last_event_id: LastEventId = None,
+        heartbeat_s: HeartbeatS = None,
+    ) -> Response:
+        """The run's events and live usage as Server-Sent Events, until it ends (see
+        docs/workflows.md, "Live tokens"); resumable with ``Last-Event-ID``."""
+        target = Target(call.principal.tenant_id, "run", run_id)
+
+        async def load() -> dict[str, Any]:
+            state: dict[str, Any] = await call("workflow", "get_run", {"run_id": run_id})
+            return state
+
+        return await open_stream(request, target, load, last_event_id, heartbeat_s)
 
     @router.get(
         "/runs",
@@ -923,6 +992,26 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def get_execution(execution_id: ExecutionIdPath, call: Read) -> Any:
         """An execution: its DAG with each step's state, attempt, run and duration."""
         return await call.answer("workflow", "get_execution", {"execution_id": execution_id})
+
+    @router.get("/executions/{execution_id}/events", tags=["workflows"], responses=_EVENT_STREAM)
+    async def execution_events(
+        execution_id: ExecutionIdPath,
+        request: Request,
+        call: Read,
+        last_event_id: LastEventId = None,
+        heartbeat_s: HeartbeatS = None,
+    ) -> Response:
+        """The execution's events, its attempts' runs' events and their live usage as
+        Server-Sent Events, until it ends; resumable with ``Last-Event-ID``."""
+        target = Target(call.principal.tenant_id, "execution", execution_id)
+
+        async def load() -> dict[str, Any]:
+            found: dict[str, Any] = await call(
+                "workflow", "get_execution", {"execution_id": execution_id}
+            )
+            return found
+
+        return await open_stream(request, target, load, last_event_id, heartbeat_s)
 
     @router.post(
         "/executions/{execution_id}/abort", response_model=ExecutionView, tags=["workflows"]

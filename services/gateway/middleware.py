@@ -27,6 +27,7 @@ from services.gateway.shedding import (
     RETRY_AFTER_S,
     SOURCE_GATEWAY,
     SOURCE_UPSTREAM,
+    STREAM,
     GatewayMetrics,
     InFlightLimiter,
     RouteMetrics,
@@ -102,6 +103,9 @@ class LoadShedding:
             return
         started = time.perf_counter()
         route_class = route.route_class
+        if route_class == STREAM:  # bounded by its own count of open streams
+            await self.app(scope, receive, send)
+            return
         if not self.limiter.try_enter(route_class):
             await self._refuse(scope, send, route_class)
             route.observe(429, time.perf_counter() - started, shed=SOURCE_GATEWAY)

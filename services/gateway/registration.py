@@ -25,5 +25,7 @@ REGISTRATION = ServiceRegistration(
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.
-    bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow"), work="take"),
+    bus=BusAccess(
+        calls=("admission", "audit", "cost", "incident", "workflow"), work="take", live="watch"
+    ),
 )

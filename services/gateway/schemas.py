@@ -228,6 +228,41 @@ class StepFields(_Body):
         return require_consistent(self)
 
 
+class UsageReport(_Body):
+    """The usage so far of a call still running (cumulative, not a delta), reported while the
+    provider streams. The same counts as a recorded step, adding up the same way."""
+
+    model: Name | None = None
+    input_tokens: Tokens = 0
+    cached_input_tokens: Tokens = 0
+    cache_write_tokens: Tokens = 0
+    output_tokens: Tokens = 0
+    reasoning_tokens: Tokens = 0
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> UsageReport:
+        return require_consistent(self)
+
+
+class UsageVerdict(_Result):
+    """Whether the worker must stop the step now, and why; what the usage costs so far."""
+
+    abort: bool
+    reason: str | None = None
+    cost_usd: str | None = None
+    pricing_status: Literal["priced", "unpriced", "no_model"] = "no_model"
+
+
+class StreamMessage(_Result):
+    """One message of an event stream (``text/event-stream``): its ``id:`` (the cursor to
+    resume after, ``<events sequence>-<live sequence>``), its ``event:`` name (``snapshot``,
+    ``usage``, ``end``, or a stored event's type) and its ``data:`` (JSON)."""
+
+    id: str
+    event: str
+    data: dict[str, Any]
+
+
 class StepBatchItem(StepFields):
     """One step of a batch, naming its run."""
 

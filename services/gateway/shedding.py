@@ -21,6 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 AGENT = "agent"
 QUERY = "query"
+STREAM = "stream"
+"""Long-lived event streams (SSE): bounded by their own count (``services.gateway.live``), not
+by the in-flight bounds, which they would hold for minutes."""
 ROUTE_CLASSES = (AGENT, QUERY)
 # Whole seconds, as HTTP's Retry-After takes them. One second is long next to an admission
 # (milliseconds) and short next to an agent step, so a shed request costs its step little.
@@ -43,7 +46,11 @@ _AGENT_ROUTES = frozenset(
         ("POST", "/v1/runs/{run_id}/steps"),
         ("POST", "/v1/steps:batch"),
         ("POST", "/v1/runs/{run_id}/finish"),
+        ("POST", "/v1/runs/{run_id}/steps/{step_index}/usage"),
     }
+)
+_STREAM_ROUTES = frozenset(
+    {("GET", "/v1/runs/{run_id}/events"), ("GET", "/v1/executions/{execution_id}/events")}
 )
 
 # From well under the admission path's p50 to past the gateway's slowest RPC deadline.
@@ -68,7 +75,10 @@ _LATENCY_BUCKETS = (
 
 
 def route_class_of(method: str, path: str) -> str:
-    """:data:`AGENT` for the routes an agent calls around every step, else :data:`QUERY`."""
+    """:data:`AGENT` for the routes an agent calls around every step, :data:`STREAM` for the
+    event streams, else :data:`QUERY`."""
+    if (method, path) in _STREAM_ROUTES:
+        return STREAM
     return AGENT if (method, path) in _AGENT_ROUTES else QUERY
 
 

@@ -13,6 +13,13 @@
 
     await worker.run()        # until worker.stop() or SIGTERM
 
+While a call streams, the handler reports its usage so far with :meth:`Step.report_usage`
+(cumulative counts; at most every 250 ms are sent): viewers of the run's and execution's event
+streams see the tokens move, and the engine checks the cost so far against the budgets. When a
+budget cannot take it (or the run has ended) the call raises :class:`StepAborted`: the handler
+stops, and the worker ends the attempt as failed with that reason; the engine has already
+blocked the step, so it is not retried.
+
 Each dispatched attempt of a step waits on the agent's JetStream work queue
 (``mc.work.<tenant>.<agent>``); the worker takes it through the gateway with its API key
 (``POST /v1/agents/{agent}/work:take``, a long poll), so it needs no bus credentials and sees only
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,11 +58,14 @@ from tenacity import (
 
 from libs.usage import Usage
 from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
-from services.gateway.schemas import AdmissionResponse
+from services.gateway.schemas import AdmissionResponse, UsageVerdict
 
 log = structlog.get_logger("mission_control.worker")
 
 Handler = Callable[["Step"], Awaitable[Any]]
+
+REPORT_INTERVAL_S = 0.25
+"""The least time between two usage reports of a step (unless one is forced)."""
 
 
 class StepDenied(Exception):
@@ -63,6 +74,16 @@ class StepDenied(Exception):
     def __init__(self, decision: AdmissionResponse) -> None:
         super().__init__("; ".join(r.message for r in decision.reasons) or "denied by policy")
         self.decision = decision
+
+
+class StepAborted(Exception):
+    """Mission Control stopped the step mid-way: a budget cannot take the usage streamed so far,
+    or the step's run has ended (timed out, aborted). The handler must stop; the worker ends
+    the attempt as failed with :attr:`reason`, and the step is not retried."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _transient(exc: BaseException) -> bool:
@@ -88,6 +109,9 @@ class Step:
     _client: AsyncMissionControlClient = field(repr=False)
     _patience_s: float = field(default=60.0, repr=False)
     _next_index: int = field(default=1, repr=False)
+    _report_interval_s: float = field(default=REPORT_INTERVAL_S, repr=False)
+    _last_report: float = field(default=-float("inf"), repr=False)
+    _aborted: str | None = field(default=None, repr=False)
 
     async def _send(self, request: ApiRequest[Any]) -> Any:
         # Only overload and unavailability are retried: a 4xx is an answer, not a hiccup. A
@@ -126,6 +150,44 @@ class Step:
         if decision.outcome == "deny":
             raise StepDenied(decision)
         return decision
+
+    async def report_usage(
+        self,
+        usage: Usage | None = None,
+        *,
+        model: str | None = None,
+        force: bool = False,
+        **counts: int,
+    ) -> UsageVerdict | None:
+        """Report the usage so far of the call in progress (the one :meth:`record` records next):
+        cumulative counts, as a ``libs.usage.Usage`` or as keywords (``input_tokens``,
+        ``cached_input_tokens``, ``cache_write_tokens``, ``output_tokens``,
+        ``reasoning_tokens``).
+
+        Reports closer than 250 ms to the previous one are skipped (``None``) unless ``force``;
+        a report the gateway cannot take now (429, 5xx, unreachable) is skipped too: progress is
+        for viewers and budgets, and the recorded step stays the record. Raises
+        :class:`StepAborted` when told to stop, and on every call after that.
+        """
+        if self._aborted is not None:
+            raise StepAborted(self._aborted)
+        now = time.monotonic()
+        if not force and now - self._last_report < self._report_interval_s:
+            return None
+        self._last_report = now
+        fields = {**counts, **(usage.fields() if usage is not None else {})}
+        request = Requests.report_usage(self.run_id, self._next_index, model, **fields)
+        try:
+            verdict: UsageVerdict = await self._client.send(request)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            log.info("worker.usage_report_skipped", run_id=self.run_id, error=type(exc).__name__)
+            return None
+        if verdict.abort:
+            self._aborted = verdict.reason or "stopped by Mission Control"
+            raise StepAborted(self._aborted)
+        return verdict
 
     async def record(self, *, usage: Usage | None = None, **fields: Any) -> None:
         """Record the admitted call's outcome and usage (fields as in the steps endpoint).
@@ -270,6 +332,11 @@ class Worker:
         bound = log.bind(run_id=step.run_id, step_id=step.step_id, attempt=step.attempt)
         try:
             await handler(step)
+        except StepAborted as aborted:
+            # The engine stopped the step (and ended its run): finishing it is a formality.
+            bound.info("worker.step_aborted", reason=aborted.reason)
+            await self._finish(step, "failed", f"stopped: {aborted.reason}"[:500])
+            return
         except StepDenied as denied:
             # The run is already stopped by policy; the engine blocks the step from that.
             bound.info("worker.step_denied", reason=str(denied))

@@ -20,6 +20,7 @@ from services.workflow_engine.entrypoints import (
     build_budget_rpc,
     build_definition_rpc,
     build_execution_rpc,
+    build_live_rpc,
     build_rpc,
     cost_consumer_spec,
     dispatch_consumer_spec,
@@ -28,6 +29,7 @@ from services.workflow_engine.entrypoints import (
 )
 from services.workflow_engine.execution_handlers import ExecutionHandlers, publish_work
 from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
+from services.workflow_engine.live import LiveUsage
 
 log = structlog.get_logger("workflow_engine")
 
@@ -99,6 +101,8 @@ class WorkflowEngineService(ConsumerRpcService):
         build_definition_rpc(server, definitions)
         build_execution_rpc(server, self.executions, ctx.pool)
         build_budget_rpc(server, budgets, ctx.store, ctx.pool)
+        live = LiveUsage(ctx.store, self.handlers.runs, self.executions, ctx.pool, ctx.js)
+        build_live_rpc(server, live)
         return consumer, server
 
     async def start(self, ctx: ServiceContext) -> None:

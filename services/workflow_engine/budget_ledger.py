@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any
 
 from libs.eventbus.db import AsyncConn
-from services.workflow_engine.budgets import DEFAULT_TIMEZONE, Budget, crossed
+from services.workflow_engine.budgets import DEFAULT_TIMEZONE, Budget, HeldWindow, crossed
 
 WindowKey = tuple[str, str]
 """(budget id, window key)."""
@@ -201,6 +201,23 @@ class BudgetLedger:
             ([k[0] for k in ks], [k[1] for k in ks], tenant_id),
         )
         return {(r.budget_id, r.window_key): r for r in map(_row, await cur.fetchall())}
+
+    async def held_windows(self, conn: AsyncConn, tenant_id: str, run_id: str) -> list[HeldWindow]:
+        """The windows ``run_id``'s attempt holds a reservation in, with its own hold (none when
+        no budget applied at its dispatch, or its hold is released)."""
+        cur = await conn.execute(
+            "SELECT w.budget_id, w.window_key, w.cap_usd, w.reserved_usd, w.spent_usd, h.held_usd"
+            " FROM workflow.budget_holds h CROSS JOIN LATERAL unnest(h.budget_ids, h.window_keys)"
+            " AS k(b, wk) JOIN workflow.budget_windows w ON w.tenant_id = h.tenant_id"
+            " AND w.budget_id = k.b AND w.window_key = k.wk"
+            " WHERE h.tenant_id = %s AND h.run_id = %s AND h.expected IS NULL",
+            (tenant_id, run_id),
+        )
+        return [
+            HeldWindow(r["budget_id"], r["window_key"], r["cap_usd"], r["reserved_usd"],
+                       r["spent_usd"], r["held_usd"])
+            for r in await cur.fetchall()
+        ]  # fmt: skip
 
     async def settle(
         self, conn: AsyncConn, tenant_id: str, run_id: str, cost: Decimal

@@ -151,3 +151,56 @@ class BudgetRefusal:
 
 def _usd(d: Decimal) -> str:
     return format(d.normalize(), "f") if d else "0"
+
+
+@dataclass(frozen=True)
+class HeldWindow:
+    """One window an attempt holds a reservation in, as it stands, with the attempt's own hold."""
+
+    budget_id: str
+    window_key: str
+    cap_usd: Decimal
+    reserved_usd: Decimal
+    spent_usd: Decimal
+    held_usd: Decimal
+    """What of ``reserved_usd`` is this attempt's own (its estimate less what it already spent)."""
+
+    @property
+    def committed_by_others(self) -> Decimal:
+        """Spent, plus what other attempts reserved: the window less this attempt's hold."""
+        return self.spent_usd + self.reserved_usd - self.held_usd
+
+
+@dataclass(frozen=True)
+class StreamedOverrun:
+    """A running attempt's streamed cost would take a window over its cap."""
+
+    window: HeldWindow
+    streamed_usd: Decimal
+    step_id: str
+
+    @property
+    def reason(self) -> str:
+        """One line naming the budget, window, cap, what others committed and the stream."""
+        w = self.window
+        return (
+            f"budget {w.budget_id} ({w.window_key}): step {self.step_id!r} was stopped mid-way: "
+            f"its streamed cost ${_usd(self.streamed_usd)} does not fit; "
+            f"${_usd(w.committed_by_others)} of the cap ${_usd(w.cap_usd)} is already spent or "
+            "reserved"
+        )
+
+
+def streamed_overrun(
+    windows: Iterable[HeldWindow], streamed_usd: Decimal, step_id: str
+) -> StreamedOverrun | None:
+    """The first window (by budget id) the streamed cost of a running call does not fit in.
+
+    While the call streams, its cost so far takes the place of the attempt's hold: the window
+    would go over when ``spent + reserved by others + streamed > cap``. (The attempt's calls
+    recorded earlier are in ``spent`` once costed.) A cost under the hold never stops a step.
+    """
+    for w in sorted(windows, key=lambda w: (w.budget_id, w.window_key)):
+        if w.committed_by_others + streamed_usd > w.cap_usd:
+            return StreamedOverrun(w, streamed_usd, step_id)
+    return None

@@ -16,6 +16,8 @@ from libs.contracts.limits import (
     MAX_LABELS,
     MAX_NAME,
     MAX_REASON,
+    MAX_STEP_INDEX,
+    MAX_TOKENS,
     RUN_ID_PATTERN,
 )
 from libs.contracts.subjects import events_filter
@@ -31,6 +33,7 @@ from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
 from services.workflow_engine.execution_handlers import ExecutionHandlers
 from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
+from services.workflow_engine.live import USAGE_FIELDS, LiveUsage, UsageReport
 
 RPC_SERVICE = "workflow"
 VIOLATIONS_DURABLE = "workflow-violations"
@@ -123,6 +126,28 @@ class StepItem(BaseModel):
     def command(self) -> RecordStep:
         """The domain command."""
         return RecordStep(**self.model_dump())
+
+
+class ReportUsageRequest(_Request):
+    """``report_usage``: the cumulative usage so far of call ``step_index`` of a running run."""
+
+    run_id: str = Field(pattern=RUN_ID_PATTERN)
+    step_index: int = Field(ge=1, le=MAX_STEP_INDEX)
+    model: str | None = Field(default=None, max_length=MAX_NAME)
+    input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    cached_input_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    cache_write_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    output_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    reasoning_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+
+    @model_validator(mode="after")
+    def _usage_adds_up(self) -> ReportUsageRequest:
+        return require_consistent(self)
+
+    def report(self) -> UsageReport:
+        """The handler's view of the request."""
+        usage = {f: int(getattr(self, f)) for f in USAGE_FIELDS}
+        return UsageReport(self.run_id, self.step_index, self.model, usage)
 
 
 class RecordStepsRequest(_Request):
@@ -360,6 +385,17 @@ def build_budget_rpc(
         """Set the time zone of the tenant's day and month windows (default UTC)."""
         async with begin(store) as uow:  # type: ignore[arg-type]
             return await handlers.set_timezone(uow, req.tenant_id, req.timezone, caller_meta(meta))
+
+    return server
+
+
+def build_live_rpc(server: RpcServer, live: LiveUsage) -> RpcServer:
+    """Register the live-usage route on ``server``."""
+
+    @server.handler("report_usage")
+    async def report_usage(req: ReportUsageRequest, meta: Meta) -> Any:
+        """Price a running call's usage so far; stop the step when a budget cannot take it."""
+        return await live.report(req.tenant_id, req.report(), meta)
 
     return server
 

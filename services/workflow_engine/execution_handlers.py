@@ -46,6 +46,7 @@ from libs.contracts.events import (
     StepAttemptCompleted,
     StepAttemptFailed,
     StepDispatched,
+    StepStopped,
 )
 from libs.contracts.registry import decode
 from libs.contracts.subjects import work_subject
@@ -77,6 +78,7 @@ from services.workflow_engine.executions import (
     Execution,
     Reject,
     StartExecution,
+    StopStep,
     Tick,
     decide,
     empty_execution,
@@ -203,13 +205,15 @@ class ExecutionHandlers:
                     tenant_id, event.run_id, partial(decide_run, command=start), run_meta, uow=uow
                 )
         for event in events:
-            if isinstance(event, StepAttemptFailed):
-                # A timed-out attempt's run is ended, so a late worker cannot go on with it.
+            if isinstance(event, StepAttemptFailed | StepStopped):
+                # A timed-out or stopped attempt's run is ended, so its worker cannot go on.
                 await self._end_run(uow, tenant_id, event.run_id, event.reason, run_meta)
         ended = [
             e.run_id
             for e in events
-            if isinstance(e, StepAttemptCompleted | StepAttemptFailed | StepAttemptBlocked)
+            if isinstance(
+                e, StepAttemptCompleted | StepAttemptFailed | StepAttemptBlocked | StepStopped
+            )
         ]
         if any(isinstance(e, ExecutionAborted | ExecutionFailed | ExecutionBudgetExceeded)
                for e in events):  # fmt: skip
@@ -380,6 +384,14 @@ class ExecutionHandlers:
         async with self._unit() as uow:
             state, _ = await self._apply(uow, tenant_id, execution_id, cmd, actor)
         return state.to_dict()
+
+    async def stop_step(
+        self, tenant_id: str, execution_id: str, cmd: StopStep, meta: EventMeta
+    ) -> Execution:
+        """Stop a running attempt a budget cannot take (nothing if it already ended)."""
+        async with self._unit() as uow:
+            state, _ = await self._apply(uow, tenant_id, execution_id, cmd, meta)
+        return state
 
     async def set_approval_rules(
         self, tenant_id: str, rules: ApprovalRules, meta: RequestMeta

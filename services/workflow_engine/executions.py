@@ -11,6 +11,8 @@ An execution runs one version of a workflow definition. Its stream
 * the attempt's run ending (``run.completed``, or ``run.stopped_by_policy``) completes, fails or
   blocks the step; a timeout fails it too. A failed attempt is tried again after a backoff while
   the step has retries left;
+* ``execution.step_stopped``: a budget stopped a running attempt on the usage its worker
+  streamed (the step is blocked and the execution fails, as when a budget refuses a dispatch);
 * ``execution.completed``, ``execution.failed`` or ``execution.aborted`` end it.
 
 Execution states: pending → running → completed | failed | aborted. Step states: waiting →
@@ -44,10 +46,11 @@ from libs.contracts.events import (
     StepAttemptFailed,
     StepDispatched,
     StepRejected,
+    StepStopped,
 )
 from libs.errors import Conflict, Forbidden, InvalidInput
 from services.workflow_engine.approvals import ApprovalRules, role_satisfies
-from services.workflow_engine.budgets import BudgetRefusal
+from services.workflow_engine.budgets import BudgetRefusal, StreamedOverrun
 from services.workflow_engine.definitions import StepSpec, WorkflowDocument
 
 EXECUTION_CATEGORY = "execution"
@@ -261,6 +264,11 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
                 state, event.step_id, state="blocked", reason=event.reason,
                 finished_at=event.finished_at,
             )  # fmt: skip
+        case StepStopped():
+            return _step(
+                state, event.step_id, state="blocked", reason=event.reason,
+                finished_at=event.stopped_at,
+            )  # fmt: skip
         case ExecutionCompleted():
             return replace(state, status="completed", finished_at=event.finished_at)
         case ExecutionFailed():
@@ -355,7 +363,20 @@ class Reject:
     now: datetime
 
 
-Command = StartExecution | AttemptEnded | Tick | Abort | Approve | Reject
+@dataclass(frozen=True)
+class StopStep:
+    """A budget cannot take what a running attempt's worker streamed: stop it mid-way."""
+
+    run_id: str
+    step_index: int
+    model: str | None
+    usage: Mapping[str, int]
+    """The call's cumulative counts: ``input_tokens``, ``cached_input_tokens``, ...."""
+    overrun: StreamedOverrun
+    now: datetime
+
+
+Command = StartExecution | AttemptEnded | Tick | Abort | Approve | Reject | StopStep
 
 
 def decide(
@@ -394,6 +415,8 @@ def decide(
                 first += _approval_expiries(fold(state, first), command.now)
         case Approve() | Reject():
             first = _approval_decision(state, command)
+        case StopStep():
+            first = _stop(state, command)
         case Abort():
             if not state.exists:
                 raise InvalidInput(f"execution {state.execution_id} does not exist")
@@ -407,15 +430,25 @@ def decide(
     return first + advance(fold(state, first), command.now, refused or {})
 
 
-def _attempt_ended(state: Execution, cmd: AttemptEnded) -> list[DomainEvent]:
-    parsed = parse_attempt_run_id(cmd.run_id)
+def _running_attempt(state: Execution, run_id: str) -> tuple[str, int] | None:
+    """``(step_id, attempt)`` when ``run_id`` is the running attempt of a step of a live
+    execution. A late word about an attempt the engine already gave up on (timed out, retried,
+    stopped) concerns none."""
+    parsed = parse_attempt_run_id(run_id)
     if parsed is None or state.status in TERMINAL or not state.exists:
-        return []
+        return None
     _, step_id, attempt = parsed
     run = state.steps.get(step_id)
-    # A late end of an attempt the engine already gave up on (timed out, retried) changes nothing.
-    if run is None or run.state != "running" or run.run_id != cmd.run_id:
+    if run is None or run.state != "running" or run.run_id != run_id:
+        return None
+    return step_id, attempt
+
+
+def _attempt_ended(state: Execution, cmd: AttemptEnded) -> list[DomainEvent]:
+    found = _running_attempt(state, cmd.run_id)
+    if found is None:
         return []
+    step_id, attempt = found
     eid = state.execution_id
     if cmd.outcome == "completed":
         return [
@@ -436,6 +469,27 @@ def _attempt_ended(state: Execution, cmd: AttemptEnded) -> list[DomainEvent]:
             ),
         ]  # fmt: skip
     return _failed(state, step_id, cmd.reason or "the agent reported failure", cmd.now)
+
+
+def _stop(state: Execution, cmd: StopStep) -> list[DomainEvent]:
+    found = _running_attempt(state, cmd.run_id)
+    if found is None:  # it ended already: an attempt is stopped once
+        return []
+    step_id, attempt = found
+    w = cmd.overrun.window
+    reason = cmd.overrun.reason
+    return [
+        StepStopped(
+            execution_id=state.execution_id, step_id=step_id, attempt=attempt,
+            run_id=cmd.run_id, step_index=cmd.step_index, model=cmd.model, **cmd.usage,
+            streamed_cost_usd=cmd.overrun.streamed_usd, budget_id=w.budget_id,
+            window_key=w.window_key, cap_usd=w.cap_usd, committed_usd=w.committed_by_others,
+            reason=reason, stopped_at=cmd.now,
+        ),
+        ExecutionFailed(
+            execution_id=state.execution_id, step_id=step_id, reason=reason, finished_at=cmd.now
+        ),
+    ]  # fmt: skip
 
 
 def _failed(state: Execution, step_id: str, reason: str, now: datetime) -> list[DomainEvent]:

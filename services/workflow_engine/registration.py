@@ -26,5 +26,6 @@ REGISTRATION = ServiceRegistration(
             "workflow-budget-costs",
         ),
         work="dispatch",
+        live="publish",
     ),
 )

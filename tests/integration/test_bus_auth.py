@@ -18,13 +18,15 @@ import orjson
 import pytest
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError, NotFoundError
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from libs.contracts.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
+    LIVE_STREAM,
     dlq_subject,
     event_subject,
     events_filter,
@@ -320,8 +322,11 @@ async def test_no_service_can_touch_another_services_consumers_or_the_streams(
     tally = Tally()
     for user in auth_bus.users_except(RELAY_USER):
         others = sorted(every - durables.get(user, set()))
+        # The gateway watches (live event streams): it alone may create unnamed, ephemeral
+        # consumers; test_the_gateway_watches_through_ephemeral_consumers_only holds it there.
+        unnamed = [] if user == GATEWAY else [f"{api}.CONSUMER.CREATE.{EVENTS_STREAM}"]
         subjects = [
-            f"{api}.CONSUMER.CREATE.{EVENTS_STREAM}",
+            *unnamed,
             f"{api}.CONSUMER.CREATE.{EVENTS_STREAM}.spy",
             f"{api}.CONSUMER.CREATE.{EVENTS_STREAM}.spy.mc.evt.{VICTIM}.>",
             f"{api}.STREAM.UPDATE.{EVENTS_STREAM}",
@@ -345,6 +350,42 @@ async def test_no_service_can_touch_another_services_consumers_or_the_streams(
     figures.add(tally)
     assert tally.leaks == []
     assert tally.refused == tally.tried
+
+
+async def test_the_gateway_watches_through_ephemeral_consumers_only(auth_bus: AuthBus) -> None:
+    """The SSE streams' consumers: the gateway may make an unnamed push consumer on MC_EVENTS
+    and MC_LIVE delivered to its own inbox, and nothing that lasts or that it could name: no
+    durable, no named consumer, no deletion. Only the workflow-engine publishes live usage."""
+    nc = await connect(auth_bus.url, GATEWAY, auth_bus.creds(GATEWAY))
+    try:
+        js = nc.jetstream(timeout=2.0)  # a refused request is an unanswered one
+        await ensure_streams(js, update=False)
+        for stream in (EVENTS_STREAM, LIVE_STREAM):
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            info = await js.add_consumer(
+                stream,
+                ConsumerConfig(deliver_subject=inbox, ack_policy=AckPolicy.NONE,
+                               inactive_threshold=5.0),
+            )  # fmt: skip
+            assert info.name and not info.config.durable_name
+            await sub.unsubscribe()
+            for config in (
+                ConsumerConfig(durable_name="spy", deliver_subject=inbox),
+                ConsumerConfig(name="spy", deliver_subject=inbox),
+            ):
+                with pytest.raises((NatsError, BadRequestError)):
+                    await js.add_consumer(stream, config)
+            with pytest.raises((NatsError, NotFoundError)):
+                await js.delete_consumer(stream, info.name)
+    finally:
+        await nc.close()
+    tally = Tally()
+    for user in auth_bus.users_except("workflow-engine", RELAY_USER):
+        tally.add(await probe_publishes(
+            auth_bus.url, user, auth_bus.passwords[user], [f"mc.live.{VICTIM}._.r"], {}
+        ))  # fmt: skip
+    assert tally.leaks == [] and tally.refused == tally.tried
 
 
 async def test_mctl_nats_users_makes_users_an_external_server_admits(tmp_path: Path) -> None:

@@ -513,20 +513,27 @@ def _fuzz(base_url: str, key: str, examples: int) -> list[str]:
     return failures
 
 
-async def test_generated_requests_never_get_a_server_error(gateway: Gateway, tenant: str) -> None:
-    key = await gateway.tenant_key(tenant)
+@contextlib.asynccontextmanager
+async def over_a_socket(app: FastAPI) -> AsyncIterator[str]:
+    """``app``, already started, served by uvicorn on a free port (without a second lifespan);
+    yields its URL."""
     port = free_port()
-    # The app is already started by the fixture: serve it over a socket without a second lifespan.
     server = uvicorn.Server(
-        uvicorn.Config(gateway.app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="error")
     )
     task = asyncio.create_task(server.serve())
     try:
         await wait_until(lambda: server.started, what="uvicorn started")
-        failures = await asyncio.to_thread(_fuzz, f"http://127.0.0.1:{port}", key, 10)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
+
+
+async def test_generated_requests_never_get_a_server_error(gateway: Gateway, tenant: str) -> None:
+    key = await gateway.tenant_key(tenant)
+    async with over_a_socket(gateway.app) as url:
+        failures = await asyncio.to_thread(_fuzz, url, key, 10)
     assert failures == [], "\n".join(failures[:20])
 
 

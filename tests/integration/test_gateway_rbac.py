@@ -77,6 +77,11 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         {"items": [{"run_id": NO_RUN, "step_index": 1}]},
     ),
     ("POST", "/v1/runs/{run_id}/finish"): (f"/v1/runs/{NO_RUN}/finish", {"status": "completed"}),
+    ("POST", "/v1/runs/{run_id}/steps/{step_index}/usage"): (
+        f"/v1/runs/{NO_RUN}/steps/1/usage",
+        {"input_tokens": 10, "output_tokens": 2},
+    ),
+    ("GET", "/v1/runs/{run_id}/events"): (f"/v1/runs/{NO_RUN}/events", None),
     ("GET", "/v1/runs"): ("/v1/runs", None),
     ("GET", "/v1/runs/{run_id}"): (f"/v1/runs/{NO_RUN}", None),
     ("GET", "/v1/runs/{run_id}/trace"): (f"/v1/runs/{NO_RUN}/trace", None),
@@ -108,6 +113,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/v1/workflows/{workflow_id}/executions"): ("/v1/workflows/nope/executions", {}),
     ("GET", "/v1/executions"): ("/v1/executions", None),
     ("GET", "/v1/executions/{execution_id}"): (f"/v1/executions/{NO_RUN}", None),
+    ("GET", "/v1/executions/{execution_id}/events"): (f"/v1/executions/{NO_RUN}/events", None),
     ("POST", "/v1/executions/{execution_id}/abort"): (
         f"/v1/executions/{NO_RUN}/abort",
         {"reason": "rbac probe"},

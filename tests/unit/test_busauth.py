@@ -53,8 +53,10 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
         serves=WORKFLOW_RPC,
         consumers=(WORKFLOW_DURABLE, EXECUTIONS_DURABLE, DISPATCH_DURABLE, COSTS_DURABLE),
         work="dispatch",
+        live="publish",
     )
     assert regs["gateway"].bus.work == "take"
+    assert regs["gateway"].bus.live == "watch"
     assert regs["incident"].bus == BusAccess(
         serves=INCIDENT_RPC, consumers=(INCIDENT_DURABLE, INCIDENT_BUDGETS_DURABLE)
     )
@@ -87,6 +89,22 @@ def test_only_the_engine_dispatches_work_and_only_the_gateway_takes_it() -> None
         assert dispatches == (["mc.work.>"] if user == "workflow-engine" else []), user
         takes = [s for s in p.publish if "MSG.NEXT.MC_WORK" in s]
         assert bool(takes) == (user == "gateway"), user
+
+
+def test_only_the_engine_publishes_live_usage_and_only_the_gateway_watches() -> None:
+    """The gateway may create only unnamed (ephemeral) consumers to watch with: never a
+    durable, and it may delete none."""
+    perms = bus_permissions(discover())
+    for user, p in perms.items():
+        live = [s for s in p.publish if s.startswith("mc.live")]
+        assert live == (["mc.live.>"] if user == "workflow-engine" else []), user
+        watch = [s for s in p.publish if s.startswith("$JS.API.CONSUMER.CREATE.MC_LIVE")]
+        assert watch == (["$JS.API.CONSUMER.CREATE.MC_LIVE"] if user == "gateway" else []), user
+    gateway = perms["gateway"].publish
+    assert "$JS.API.CONSUMER.CREATE.MC_EVENTS" in gateway
+    assert not [s for s in gateway if s.startswith("$JS.API.CONSUMER.CREATE.MC_EVENTS.")]
+    assert not [s for s in gateway if "CONSUMER.DELETE" in s or "DURABLE.CREATE.MC_EVENTS" in s]
+    assert {"$JS.FC.MC_EVENTS.>", "$JS.FC.MC_LIVE.>"} <= set(gateway)
 
 
 def test_only_the_relay_publishes_events_and_nobody_deletes_or_updates_a_stream() -> None:
