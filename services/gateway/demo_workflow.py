@@ -53,11 +53,13 @@ from services.gateway.example_worker import (
     usage_line,
 )
 from services.gateway.users import create_user, grant_role
-from services.gateway.worker import Step
 
 DEADLINE_S = 60.0
 """How long the whole execution may take, approval and costs included."""
 POLL_S = 0.1
+# How long each simulated model call takes: long enough for a few usage reports per streamed
+# call (the SDK sends at most one every 250 ms).
+LATENCY_S = 1.0
 BUDGET_CAP = Decimal("0.055")
 """Each execution's cap (USD): above the estimates' sum ($0.0515), below 125 % of the cost."""
 BUDGET_ID = f"workflow:{WORKFLOW_ID}:execution"
@@ -133,18 +135,15 @@ async def sign_in(http: httpx.AsyncClient, person: Person) -> str:
 class LiveTokens:
     """Prints the token counts of the steps' model calls as they stream, one line per change.
 
-    The example worker calls :meth:`on_usage` after each chunk of a streamed call; :meth:`show`
-    is the one place the counts are printed, whatever reports them.
+    :func:`follow_live_tokens` reads them from the execution's event stream (the worker reports
+    them to Mission Control while its calls stream); :meth:`show` is the one place they are
+    printed, whatever reports them.
     """
 
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo
         self.last: dict[str, Usage] = {}
         self.updates = 0
-
-    async def on_usage(self, step: Step, model: str, usage: Usage) -> None:
-        """The worker's reporter (:data:`~services.gateway.example_worker.UsageReporter`)."""
-        self.show(step.step_id, model, usage)
 
     def show(self, step_id: str, model: str, usage: Usage) -> None:
         """Print ``step_id``'s usage so far, unless it is what was printed last for it."""
@@ -153,6 +152,37 @@ class LiveTokens:
         self.last[step_id] = usage
         self.updates += 1
         self.echo(f"{step_id:<17} tokens so far {usage_line(usage)}  {model}")
+
+
+async def follow_live_tokens(http: httpx.AsyncClient, execution_id: str, live: LiveTokens) -> None:
+    """Follow ``GET /v1/executions/{id}/events`` (server-sent events) and show every ``usage``
+    message until the stream's ``end``; the caller cancels it when it has seen enough."""
+    path = f"/v1/executions/{execution_id}/events"
+    async with http.stream("GET", path, timeout=httpx.Timeout(30, read=None)) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise DemoFailed(f"GET {path}: {response.status_code} {response.text[:200]}")
+        event = ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:") and event == "usage":
+                report = json.loads(line.partition(":")[2])
+                counts = {name: int(report.get(name) or 0) for name in USAGE_FIELDS}
+                live.show(str(report.get("step_id")), str(report.get("model")), Usage(**counts))
+            elif line.startswith("data:") and event == "end":
+                return
+            elif not line:
+                event = ""
+
+
+USAGE_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
 
 
 @dataclass
@@ -309,11 +339,11 @@ async def run_workflow(
 
         progress = Progress(echo)
         live = LiveTokens(progress.say)
-        # The worker hands each streamed call's usage to live.on_usage as it grows; whatever
-        # else reports usage while a step runs (a stream of the execution's events) calls
-        # live.show the same way.
-        worker = build_worker(base_url, api_key, report=live.on_usage, latency_s=0.4, poll_s=5)
+        # The worker reports each streamed call's usage to Mission Control as it grows; the
+        # demo reads it back from the execution's event stream, as any viewer would.
+        worker = build_worker(base_url, api_key, latency_s=LATENCY_S, poll_s=5)
         serving = asyncio.create_task(worker.run())
+        following: asyncio.Task[None] | None = None
         try:
             started = await _step(
                 "start the execution",
@@ -322,6 +352,7 @@ async def run_workflow(
             )  # fmt: skip
             eid = started["execution_id"]
             echo(f"execution {eid} started")
+            following = asyncio.create_task(follow_live_tokens(agent, eid, live))
             view = await _watch(
                 agent, person, approver, eid, progress, deadline, serving, worker.taken
             )
@@ -329,6 +360,10 @@ async def run_workflow(
             worker.stop()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(serving, 10)
+            if following is not None:
+                following.cancel()
+                with contextlib.suppress(BaseException):
+                    await following
         if view["status"] != "completed":
             raise DemoFailed(f"the workflow demo's execution did not complete: {describe(view)}")
 

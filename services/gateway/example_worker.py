@@ -18,7 +18,7 @@ figures are those of a real call. Replace :func:`simulated_call` with your provi
 and keep the rest.
 
 While a streamed call runs, the worker hands the usage so far to its *reporter* after every
-chunk (:data:`UsageReporter`); the default prints it.
+chunk (:data:`UsageReporter`); the default reports it to Mission Control.
 """
 
 from __future__ import annotations
@@ -140,8 +140,15 @@ UsageReporter = Callable[[Step, str, Usage], Awaitable[None]]
 
 
 async def print_usage(step: Step, model: str, usage: Usage) -> None:
-    """The default reporter: one line per chunk with the step's usage so far."""
+    """A reporter for trying the worker alone: one line per chunk with the step's usage so far."""
     print(f"  live  {step.step_id:<18} {model:<18} {usage_line(usage)}", flush=True)
+
+
+async def report_usage(step: Step, model: str, usage: Usage) -> None:
+    """The default reporter: the usage so far goes to Mission Control (``Step.report_usage``),
+    where viewers of the execution's event stream see it and budgets may stop the step; a
+    stop raises :class:`~services.gateway.worker.StepAborted` out of the handler."""
+    await step.report_usage(usage, model=model)
 
 
 def usage_line(usage: Usage) -> str:
@@ -202,7 +209,7 @@ async def simulated_call(
 class ExampleAgents:
     """The handlers of the example agents, with where they report streamed usage."""
 
-    report: UsageReporter = print_usage
+    report: UsageReporter = report_usage
     latency_s: float = 0.4
     """How long a simulated call takes."""
     calls: Mapping[str, ModelCall] = field(default_factory=lambda: CALLS)
@@ -244,7 +251,7 @@ def build_worker(
     base_url: str,
     api_key: str,
     *,
-    report: UsageReporter = print_usage,
+    report: UsageReporter = report_usage,
     latency_s: float = 0.4,
     poll_s: float = 20.0,
 ) -> Worker:
