@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
-from fastapi import Path, Request
+from fastapi import Path, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs import errors
@@ -33,6 +33,16 @@ ExecutionIdPath = Annotated[
 ]
 StepIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The step's id.")]
 ExecutionStatus = Literal["pending", "running", "completed", "failed", "aborted"]
+MAX_CURSOR = 300
+CursorQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_CURSOR,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The previous page's next_cursor.",
+    ),
+]
 
 
 class RegisterAgentRequest(BaseModel):
@@ -250,8 +260,47 @@ class WorkflowDiff(_Answer):
     changes: list[dict[str, Any]]
 
 
+class StepApprovalView(_Answer):
+    """A gated step's approvals: how many are needed, by whom so far, and its SLA."""
+
+    required: int
+    role: str | None = None
+    approvers: list[str]
+    pending: bool
+    requested_at: str | None = None
+    expires_at: str | None = None
+    escalated: bool = False
+
+
+class ExecutionStepView(_Answer):
+    """One step of an execution: where it is and where its time went.
+
+    ``queued_ms`` runs from the step becoming ready to its first dispatch (the approval wait; 0
+    for an ungated step), ``running_ms`` from its first dispatch to its end (every attempt and
+    backoff), up to now while it has not ended. ``duration_ms`` is its latest attempt's.
+    """
+
+    step_id: str
+    agent_id: str
+    depends_on: list[str]
+    risk_tier: str
+    state: str
+    attempt: int
+    run_id: str | None = None
+    duration_ms: float | None = None
+    ready_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    queued_ms: float | None = None
+    running_ms: float | None = None
+    on_critical_path: bool = False
+    reason: str | None = None
+    approval: StepApprovalView | None = None
+
+
 class ExecutionView(_Answer):
-    """An execution: its status and its DAG with each step's state, attempt, run and timing."""
+    """An execution: its status, its DAG with each step's state, attempt, run and timing, and
+    its critical path (the chain of steps that decided how long it took, and that time)."""
 
     execution_id: str
     workflow_id: str
@@ -260,13 +309,28 @@ class ExecutionView(_Answer):
     reason: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
-    steps: list[dict[str, Any]]
+    steps: list[ExecutionStepView]
+    critical_path: list[str] = Field(default_factory=list)
+    critical_path_ms: float = 0.0
+
+
+class ExecutionSummary(_Answer):
+    """One execution in a listing."""
+
+    execution_id: str
+    workflow_id: str
+    workflow_version: int
+    status: str
+    started_at: str
+    finished_at: str | None = None
 
 
 class ExecutionListing(_Answer):
-    """Executions, newest first."""
+    """A page of executions, newest first; pass ``next_cursor`` as ``cursor`` for the next
+    (null: this is the last page)."""
 
-    executions: list[dict[str, Any]]
+    executions: list[ExecutionSummary]
+    next_cursor: str | None = None
 
 
 class ApprovalQueue(_Answer):

@@ -23,8 +23,11 @@ execution naming the budget. The holds of attempts that ended are released there
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -49,7 +52,7 @@ from libs.contracts.events import (
 )
 from libs.contracts.registry import decode
 from libs.contracts.subjects import work_subject
-from libs.errors import Conflict, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.db import AsyncConn, transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Repository, Store, fold_with
 from libs.eventbus.rpc import RequestMeta
@@ -120,6 +123,44 @@ def work_item(env: EventEnvelope, event: StepDispatched) -> bytes:
             "correlation_id": env.correlation_id,
         }
     )
+
+
+MAX_CURSOR = 300
+"""Far above an encoded cursor (a timestamp and an execution id)."""
+
+
+@dataclass(frozen=True)
+class ExecutionQuery:
+    """Which executions a listing shows: filters, and where the page starts."""
+
+    status: str | None = None
+    workflow_id: str | None = None
+    started_after: datetime | None = None
+    """Started at or after this instant."""
+    started_before: datetime | None = None
+    """Started before this instant."""
+    after: tuple[datetime, str] | None = None
+    """The last execution of the previous page (``started_at``, ``execution_id``)."""
+    limit: int = 100
+
+
+def encode_cursor(started_at: datetime, execution_id: str) -> str:
+    """An opaque cursor that resumes a listing after this execution."""
+    raw = f"{started_at.isoformat()}|{execution_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The execution a cursor resumes after; a cursor this code did not make is a 422."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, execution_id = raw.split("|", 1)
+        started_at = datetime.fromisoformat(at)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidInput("cursor is not one a listing of executions returned") from None
+    if started_at.tzinfo is None or not execution_id:
+        raise InvalidInput("cursor is not one a listing of executions returned")
+    return started_at, execution_id
 
 
 class ExecutionHandlers:
@@ -428,29 +469,47 @@ class ExecutionHandlers:
 
     async def get(self, tenant_id: str, execution_id: str) -> dict[str, Any]:
         """An execution with its DAG's step states."""
-        return (await self._require(tenant_id, execution_id)).to_dict()
+        return (await self._require(tenant_id, execution_id)).to_dict(utcnow())
 
     async def list_executions(
-        self, tenant_id: str, status: str | None, limit: int, pool: Any
-    ) -> list[dict[str, Any]]:
-        """The tenant's executions, newest first."""
+        self, tenant_id: str, query: ExecutionQuery, pool: Any
+    ) -> dict[str, Any]:
+        """One page of the tenant's executions, newest first, and the cursor of the next page
+        (None on the last)."""
+        after_at, after_id = query.after or (None, None)
         async with transaction(pool) as conn:
             cur = await conn.execute(
                 "SELECT execution_id, workflow_id, workflow_version, status, started_at,"
-                " finished_at FROM workflow.executions WHERE tenant_id = %s"
-                " AND (%s::text IS NULL OR status = %s)"
-                " ORDER BY started_at DESC, execution_id DESC LIMIT %s",
-                (tenant_id, status, status, limit),
-            )
+                " finished_at FROM workflow.executions WHERE tenant_id = %(tenant)s"
+                " AND (%(status)s::text IS NULL OR status = %(status)s)"
+                " AND (%(workflow)s::text IS NULL OR workflow_id = %(workflow)s)"
+                " AND (%(since)s::timestamptz IS NULL OR started_at >= %(since)s)"
+                " AND (%(until)s::timestamptz IS NULL OR started_at < %(until)s)"
+                " AND (%(after_at)s::timestamptz IS NULL"
+                "      OR (started_at, execution_id) < (%(after_at)s, %(after_id)s::text))"
+                " ORDER BY started_at DESC, execution_id DESC LIMIT %(limit)s",
+                {
+                    "tenant": tenant_id, "status": query.status, "workflow": query.workflow_id,
+                    "since": query.started_after, "until": query.started_before,
+                    "after_at": after_at, "after_id": after_id, "limit": query.limit + 1,
+                },
+            )  # fmt: skip
             rows = await cur.fetchall()
-        return [
-            {
-                **r,
-                "started_at": r["started_at"].isoformat(),
-                "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
-            }
-            for r in rows
-        ]
+        page = rows[: query.limit]
+        more = len(rows) > query.limit
+        return {
+            "executions": [
+                {
+                    **r,
+                    "started_at": r["started_at"].isoformat(),
+                    "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+                }
+                for r in page
+            ],
+            "next_cursor": (
+                encode_cursor(page[-1]["started_at"], page[-1]["execution_id"]) if more else None
+            ),
+        }
 
     # --- reactions -----------------------------------------------------------------------------
 

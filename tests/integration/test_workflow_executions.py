@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import stream_id_for
 from libs.contracts.subjects import WORK_STREAM, work_subject
-from libs.errors import Conflict, Forbidden
+from libs.errors import Conflict, Forbidden, InvalidInput
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.relay import Relay
@@ -169,9 +169,62 @@ async def test_a_dag_runs_each_step_once_through_the_work_queue(
     assert sorted(dispatched) == sorted(f"{eid}:{s}:1" for s in "abcd")
     listed = await call(engine, "list_executions", tenant)
     assert [x["status"] for x in listed["executions"]] == ["completed"]
+    # The detail times every step and names the chain that decided the execution's duration:
+    # a, then whichever of b and c ended last, then d.
+    got = await call(engine, "get_execution", tenant, execution_id=eid)
+    slow = max(("b", "c"), key=lambda s: {x["step_id"]: x for x in got["steps"]}[s]["finished_at"])
+    assert got["critical_path"] == ["a", slow, "d"]
+    assert [x["on_critical_path"] for x in got["steps"]] == [
+        x["step_id"] in ("a", slow, "d") for x in got["steps"]
+    ]
+    assert all(x["started_at"] and x["finished_at"] and x["queued_ms"] == 0 for x in got["steps"])
+    total_ms = sum(x["queued_ms"] + x["running_ms"] for x in got["steps"] if x["on_critical_path"])
+    assert got["critical_path_ms"] == pytest.approx(total_ms, abs=0.01)
     # Each attempt is a governed run of its agent, labelled with its execution.
     run = await call(engine, "get_run", tenant, run_id=a["run_id"])
     assert run["agent_id"] == "bot" and run["labels"]["execution_id"] == eid
+
+
+async def test_the_listing_filters_by_status_workflow_and_time_and_pages_with_a_cursor(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    await setup_workflow(engine, tenant, DOC)
+    await call(engine, "save_workflow", tenant, document={**DOC, "name": "other"})
+    started = []
+    for name in ("fanout", "other", "fanout", "other", "fanout"):
+        got = await call(engine, "start_execution", tenant, workflow_id=name)
+        started.append(got["execution_id"])
+    newest_first = list(reversed(started))
+    await call(engine, "abort_execution", tenant, execution_id=started[0], reason="enough")
+
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        page = await call(engine, "list_executions", tenant, limit=2,
+                          **({"cursor": cursor} if cursor else {}))  # fmt: skip
+        assert len(page["executions"]) <= 2
+        seen += [x["execution_id"] for x in page["executions"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == newest_first  # every execution once, in order, and then no cursor
+
+    def ids(page: dict[str, Any]) -> list[str]:
+        return [x["execution_id"] for x in page["executions"]]
+
+    by_wf = await call(engine, "list_executions", tenant, workflow_id="other")
+    assert ids(by_wf) == [started[3], started[1]]
+    aborted = await call(engine, "list_executions", tenant, status="aborted")
+    assert ids(aborted) == [started[0]]
+    third = await call(engine, "get_execution", tenant, execution_id=started[2])
+    since = await call(engine, "list_executions", tenant, started_after=third["started_at"])
+    assert ids(since) == newest_first[:3]
+    before = await call(engine, "list_executions", tenant, started_before=third["started_at"])
+    assert ids(before) == newest_first[3:]
+    with pytest.raises(InvalidInput, match="cursor"):
+        await call(engine, "list_executions", tenant, cursor="bm90LWEtY3Vyc29y")
+    with pytest.raises(InvalidInput, match="time zone"):
+        await call(engine, "list_executions", tenant, started_after="2026-01-01T00:00:00")
 
 
 async def test_a_failed_attempt_is_retried_and_a_timed_out_one_is_ended(
