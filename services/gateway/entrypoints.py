@@ -742,11 +742,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         return await call.answer("audit", "policies")
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
-    async def costs(call: Read, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
-        """Cost of the tenant's runs per usage component, by run, agent, model, workflow or day."""
-        return await call.answer(
-            "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
-        )
+    async def costs(
+        call: Read,
+        group_by: CostGrouping = "run",
+        run_id: OptionalId = None,
+        execution_id: OptionalId = None,
+    ) -> Any:
+        """Cost of the tenant's runs per usage component, by run, agent, model, workflow, day or
+        step (of a workflow execution); of one run (``run_id``) or of one execution's step
+        attempts (``execution_id``)."""
+        query = {"group_by": group_by, "run_id": run_id, "execution_id": execution_id}
+        return await call.answer("audit", "costs", _present(query))
 
     @router.get("/prices", response_model=PriceListing, tags=["costs"])
     async def prices(call: Read) -> Any:
