@@ -333,10 +333,27 @@ class ExecutionListing(_Answer):
     next_cursor: str | None = None
 
 
+class ApprovalQueueEntry(_Answer):
+    """A step waiting for approval: how long it has waited and how long its SLA has left
+    (negative once it ran out, until the engine rejects or escalates it)."""
+
+    execution_id: str
+    step_id: str
+    workflow_id: str
+    risk_tier: str
+    required: int
+    approvals: int
+    role: str
+    requested_at: str
+    expires_at: str
+    age_s: float
+    sla_left_s: float
+
+
 class ApprovalQueue(_Answer):
     """Steps waiting for approval, oldest first, with their age and the SLA left."""
 
-    approvals: list[dict[str, Any]]
+    approvals: list[ApprovalQueueEntry]
 
 
 class ApprovalRulesView(_Answer):
@@ -353,11 +370,28 @@ class BudgetSetResponse(_Answer):
     changed: bool
 
 
+class BudgetView(_Answer):
+    """A budget and its current window: spent, reserved by attempts still out, and what is left
+    of the cap (USD as decimal strings; null for a per-execution window without
+    ``execution_id``)."""
+
+    budget_id: str
+    scope: BudgetScope
+    subject: str
+    window: Literal["day", "month", "execution"]
+    window_key: str | None = None
+    cap_usd: str
+    spent_usd: str | None = None
+    reserved_usd: str | None = None
+    remaining_usd: str | None = None
+    alerted_pct: int = 0
+
+
 class BudgetListing(_Answer):
     """The tenant's budget time zone and each budget's current window."""
 
     timezone: str
-    budgets: list[dict[str, Any]]
+    budgets: list[BudgetView]
 
 
 class BudgetTimezoneResponse(_Answer):

@@ -80,6 +80,16 @@ class WorkflowEngineService(ConsumerRpcService):
         async def forward(conn: AsyncConn, env: EventEnvelope) -> None:
             await publish_work(ctx.js, env)
 
+        executions = self.executions
+
+        async def finished(env: EventEnvelope) -> None:
+            # The next steps' work items go out as soon as their dispatch commits; the dispatch
+            # consumer publishes them again later and MC_WORK drops those as duplicates.
+            for dispatched in await executions.on_run_finished(env):
+                await publish_work(ctx.js, dispatched)
+
+        self.handlers.after_finish = finished
+
         self._extra = [
             EventConsumer(
                 ctx.js,

@@ -515,24 +515,38 @@ class ExecutionHandlers:
 
     async def on_run_event(self, conn: AsyncConn, env: EventEnvelope) -> None:
         """``EventConsumer`` handler: an attempt's run ended (others are ignored)."""
-        event = decode(env)
-        outcome: Literal["completed", "failed", "stopped"]
-        if isinstance(event, RunCompleted):
-            run_id, outcome, reason = event.run_id, event.status, event.reason
-        elif isinstance(event, RunStoppedByPolicy):
-            run_id, outcome, reason = event.run_id, "stopped", event.reason
-        else:
-            return
-        parsed = parse_attempt_run_id(run_id)
-        if parsed is None:
+        ended = _attempt_end(env)
+        if ended is None:
             return
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("the execution consumer needs the PostgreSQL event store")
-        cmd = AttemptEnded(run_id=run_id, outcome=outcome, reason=reason, now=utcnow())
+        execution_id, cmd = ended
         await self._apply(
-            join(self.store, conn), env.tenant_id, parsed[0], cmd,
+            join(self.store, conn), env.tenant_id, execution_id, cmd,
             EventMeta.caused_by(env, ENGINE_ACTOR),
         )  # fmt: skip
+
+    async def on_run_finished(self, env: EventEnvelope) -> list[EventEnvelope]:
+        """Move an attempt's execution on as soon as its run's end is committed; the
+        dispatches it made (for the caller to put on the work queues at once).
+
+        A worker finishes its attempt's run through this engine, so the engine need not wait
+        for ``run.completed`` to travel through the relay and its consumer before deciding what
+        comes next: it decides here, in a transaction of its own, with the same causation the
+        consumer would give. The consumer still receives the event, finds the step no longer
+        running and changes nothing; a dispatch is appended under the execution stream's
+        expected version, so the two paths can never both dispatch. If the engine dies between
+        the two transactions, the consumer is the path that moves the execution.
+        """
+        ended = _attempt_end(env)
+        if ended is None:
+            return []
+        execution_id, cmd = ended
+        async with self._unit() as uow:
+            _, stored = await self._apply(
+                uow, env.tenant_id, execution_id, cmd, EventMeta.caused_by(env, ENGINE_ACTOR)
+            )
+        return [e for e in stored if e.event_type == "execution.step_dispatched"]
 
     async def tick(self, pool: Any, now: datetime | None = None, limit: int = 100) -> int:
         """Move every execution whose deadline or retry is due; the number moved."""
@@ -555,6 +569,22 @@ class ExecutionHandlers:
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("executions need the PostgreSQL event store")
         return begin(self.store)
+
+
+def _attempt_end(env: EventEnvelope) -> tuple[str, AttemptEnded] | None:
+    """The execution and command of an attempt's run ending (None for any other event)."""
+    event = decode(env)
+    outcome: Literal["completed", "failed", "stopped"]
+    if isinstance(event, RunCompleted):
+        run_id, outcome, reason = event.run_id, event.status, event.reason
+    elif isinstance(event, RunStoppedByPolicy):
+        run_id, outcome, reason = event.run_id, "stopped", event.reason
+    else:
+        return None
+    parsed = parse_attempt_run_id(run_id)
+    if parsed is None:
+        return None
+    return parsed[0], AttemptEnded(run_id=run_id, outcome=outcome, reason=reason, now=utcnow())
 
 
 async def publish_work(js: JetStreamContext, env: EventEnvelope) -> None:

@@ -4,6 +4,7 @@ timeouts, aborts, and the index a restarted engine resumes from."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -48,6 +49,20 @@ async def pool(own_system: System) -> AsyncIterator[AsyncConnectionPool]:
 async def engine(
     own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
 ) -> AsyncIterator[WorkflowEngineService]:
+    async with running_engine(own_system, pool, tenant, unique) as svc:
+        yield svc
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    own_system: System,
+    pool: AsyncConnectionPool,
+    tenant: str,
+    unique: Callable[[str], str],
+    run_ends_of: str | None = None,
+) -> AsyncIterator[WorkflowEngineService]:
+    """An engine and a relay; its consumer of run ends reads ``run_ends_of``'s (default: the
+    test tenant's)."""
     nc = await connect(own_system.nats_url, "test-executions")
     js = nc.jetstream()
     await ensure_streams(js)
@@ -55,7 +70,7 @@ async def engine(
     relay_task = asyncio.create_task(relay.run(), name=unique("executions-relay-"))
     specs = (
         violation_consumer_spec(durable=unique("v-"), tenant_id=tenant),
-        execution_consumer_spec(durable=unique("x-"), tenant_id=tenant),
+        execution_consumer_spec(durable=unique("x-"), tenant_id=run_ends_of or tenant),
         dispatch_consumer_spec(durable=unique("d-"), tenant_id=tenant),
     )
     svc = WorkflowEngineService(*specs)
@@ -227,6 +242,54 @@ async def test_the_listing_filters_by_status_workflow_and_time_and_pages_with_a_
         await call(engine, "list_executions", tenant, started_after="2026-01-01T00:00:00")
 
 
+CHAIN = {
+    "name": "chain",
+    "steps": [{"id": "a", "agent": "bot"}, {"id": "b", "agent": "bot", "depends_on": ["a"]}],
+}
+
+
+async def test_a_finished_attempt_moves_its_execution_at_once_without_the_run_end_consumer(
+    own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
+) -> None:
+    # The engine's consumer of run ends reads another tenant's: only the engine's own reaction
+    # to the finish it serves can move this execution.
+    async with running_engine(own_system, pool, tenant, unique, run_ends_of="nobody") as engine:
+        assert engine.ctx is not None
+        queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+        await setup_workflow(engine, tenant, CHAIN)
+        eid = (await call(engine, "start_execution", tenant, workflow_id="chain"))["execution_id"]
+        (a,) = await queue.take(1)
+        await finish(engine, tenant, a["run_id"], "completed")
+        (b,) = await queue.take(1)
+        assert (b["step_id"], b["attempt"]) == ("b", 1)
+        events = await EventStore(pool).read_stream(stream_id_for(tenant, "execution", eid))
+        done = next(e for e in events if e.event_type == "execution.step_completed")
+        runs = await EventStore(pool).read_stream(stream_id_for(tenant, "run", a["run_id"]))
+        ended = next(e for e in runs if e.event_type == "run.completed")
+        assert done.causation_id == str(
+            ended.event_id
+        )  # caused by the run's end, as by the consumer
+        await finish(engine, tenant, b["run_id"], "completed")
+        got = await call(engine, "get_execution", tenant, execution_id=eid)
+        assert got["status"] == "completed"
+        assert await queue.nothing_more()
+
+
+async def test_the_run_end_consumer_moves_an_execution_the_engine_did_not_move_at_once(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None and engine.handlers is not None
+    engine.handlers.after_finish = None  # as when the engine dies right after the run's end
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    await setup_workflow(engine, tenant, CHAIN)
+    await call(engine, "start_execution", tenant, workflow_id="chain")
+    (a,) = await queue.take(1)
+    await finish(engine, tenant, a["run_id"], "completed")
+    (b,) = await queue.take(1)  # through the relay and the consumer of run ends
+    assert b["step_id"] == "b"
+    assert await queue.nothing_more()
+
+
 async def test_a_failed_attempt_is_retried_and_a_timed_out_one_is_ended(
     engine: WorkflowEngineService, tenant: str
 ) -> None:
@@ -286,6 +349,8 @@ async def test_an_irreversible_step_waits_in_the_approval_queue_until_approved(
     (waiting,) = (await call(engine, "approval_queue", tenant))["approvals"]
     assert (waiting["execution_id"], waiting["step_id"], waiting["required"]) == (eid, "pay", 2)
     assert 0 < waiting["sla_left_s"] <= 600
+    # Its age and the SLA left add up to the SLA (both measured at the same instant).
+    assert waiting["age_s"] >= 0 and waiting["age_s"] + waiting["sla_left_s"] == pytest.approx(600)
 
     async def approve(who: str, role: str) -> Any:
         return await call(
