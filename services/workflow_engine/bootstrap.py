@@ -85,8 +85,8 @@ class WorkflowEngineService(ConsumerRpcService):
         async def finished(env: EventEnvelope) -> None:
             # The next steps' work items go out as soon as their dispatch commits; the dispatch
             # consumer publishes them again later and MC_WORK drops those as duplicates.
-            for dispatched in await executions.on_run_finished(env):
-                await publish_work(ctx.js, dispatched)
+            dispatched = await executions.on_run_finished(env)
+            await asyncio.gather(*(publish_work(ctx.js, d) for d in dispatched))
 
         self.handlers.after_finish = finished
 
