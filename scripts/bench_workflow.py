@@ -45,12 +45,14 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import psycopg
 
 from libs.contracts.subjects import EVENTS_PREFIX, WORK_PREFIX
 from services.gateway.worker import Step, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ingest import cpu_seconds
 from benchkit import System, bare_nats_round_trip, bench_connect, pct, whole_system
 
 TENANT = "bench-wf"
@@ -128,6 +130,11 @@ def bare_commit(admin_url: str, n: int = 500) -> list[float]:
                 conn.execute("INSERT INTO public.bench_commit (body) VALUES (%s)", (body.decode(),))
             out.append(time.perf_counter() - t0)
     return out
+
+
+def _own_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return float(t.user + t.system)
 
 
 def ms(xs: list[float]) -> str:
@@ -208,16 +215,24 @@ async def throughput(system: System, c: httpx.AsyncClient, bus: Bus, n: int) -> 
                 return str(r.json()["execution_id"])
             await asyncio.sleep(float(r.headers.get("Retry-After", "1")))
 
+    cpu0, own0 = cpu_seconds(system.state), _own_cpu()
     t0 = time.perf_counter()
     ids = await asyncio.gather(*(start() for _ in range(n)))
-    await asyncio.wait_for(asyncio.gather(*(bus.done(e).wait() for e in ids)), 600)
+    await asyncio.wait_for(asyncio.gather(*(bus.done(e).wait() for e in ids)), 900)
     seconds = time.perf_counter() - t0
+    cpu1, own1 = cpu_seconds(system.state), _own_cpu()
     statuses = Counter([(await c.get(f"/v1/executions/{e}")).json()["status"] for e in ids])
     steps = n * len(DAG)
     print(f"Throughput: {n} concurrent executions of a {len(DAG)}-step DAG (fan-out/fan-in), "
           f"each step admitted and recorded, tenant budget ${CAP}/day")  # fmt: skip
     print(f"  {seconds:6.1f} s   {n / seconds:6.1f} executions/s   {steps / seconds:6.1f} steps/s"
           f"   {dict(statuses)}")  # fmt: skip
+    used = {name: cpu1.get(name, 0.0) - cpu0.get(name, 0.0) for name in cpu1}
+    used["worker (this process)"] = own1 - own0
+    per_step = ", ".join(
+        f"{name} {sec * 1e3 / steps:.1f}" for name, sec in sorted(used.items(), key=lambda x: -x[1])
+    )
+    print(f"  CPU ms per step: {sum(used.values()) * 1e3 / steps:.1f} ({per_step})")
     with psycopg.connect(system.admin_url) as conn:
         rows = conn.execute(
             "SELECT event_type, payload->>'execution_id', payload->>'step_id', count(*)"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,7 @@ from libs.contracts.events import (
     StepAttemptFailed,
     StepDispatched,
 )
+from libs.contracts.limits import RUN_ID_PATTERN
 from libs.contracts.registry import decode
 from libs.contracts.subjects import work_subject
 from libs.errors import Conflict, InvalidInput, NotFound
@@ -158,7 +160,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         started_at = datetime.fromisoformat(at)
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidInput("cursor is not one a listing of executions returned") from None
-    if started_at.tzinfo is None or not execution_id:
+    if started_at.tzinfo is None or not re.fullmatch(RUN_ID_PATTERN, execution_id):
         raise InvalidInput("cursor is not one a listing of executions returned")
     return started_at, execution_id
 

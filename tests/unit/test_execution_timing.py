@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
 
+from libs.errors import InvalidInput
 from services.workflow_engine.approvals import ApprovalRule, ApprovalRules
 from services.workflow_engine.definitions import document_from
+from services.workflow_engine.execution_handlers import decode_cursor, encode_cursor
 from services.workflow_engine.executions import Approve, StartExecution, Tick, empty_execution
 from services.workflow_engine.timing import critical_path
 from tests.unit.test_execution_domain import Sim, at, step
@@ -125,3 +128,28 @@ def test_a_gated_step_uses_the_rules_copied_at_start() -> None:
     steps = _steps(_view(sim, now=30))
     assert steps["a"]["queued_ms"] == 30_000 and steps["a"]["started_at"] is None
     assert _view(sim, now=30)["critical_path"] == ["a"]
+
+
+# --- the listing's cursor ------------------------------------------------------------------------
+
+
+def test_a_cursor_resumes_after_its_execution_and_a_forged_one_is_refused() -> None:
+    started = at(12.5)
+    cursor = encode_cursor(started, "01a2:ex")
+    assert set(cursor) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    assert decode_cursor(cursor) == (started, "01a2:ex")
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    forged = [
+        "A",  # not base64 of anything
+        b64(b"\xff\xfe"),  # not text
+        b64(b"no-separator"),
+        b64(b"2026-01-01T00:00:00|ex"),  # a time without a zone
+        b64(b"2026-01-01T00:00:00+00:00|ex\x00"),  # an id no execution can have
+        b64(b"2026-01-01T00:00:00+00:00|"),
+    ]
+    for cursor in forged:
+        with pytest.raises(InvalidInput, match="cursor"):
+            decode_cursor(cursor)
