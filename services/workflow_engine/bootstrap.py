@@ -77,16 +77,19 @@ class WorkflowEngineService(ConsumerRpcService):
             applied_table=APPLIED_TABLE,
         )
 
-        async def forward(conn: AsyncConn, env: EventEnvelope) -> None:
-            await publish_work(ctx.js, env)
-
         executions = self.executions
 
+        async def forward(conn: AsyncConn, env: EventEnvelope) -> None:
+            if not executions.sent_at_once(env):
+                await publish_work(ctx.js, env)
+
         async def finished(env: EventEnvelope) -> None:
-            # The next steps' work items go out as soon as their dispatch commits; the dispatch
-            # consumer publishes them again later and MC_WORK drops those as duplicates.
+            # The next steps' work items go out as soon as their dispatch commits. The dispatch
+            # consumer skips those this process sent; another replica's copy is a duplicate
+            # MC_WORK drops.
             dispatched = await executions.on_run_finished(env)
             await asyncio.gather(*(publish_work(ctx.js, d) for d in dispatched))
+            executions.note_sent(dispatched)
 
         self.handlers.after_finish = finished
 

@@ -23,10 +23,12 @@ execution naming the budget. The holds of attempts that ended are released there
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -185,6 +187,10 @@ class ExecutionHandlers:
         self.policies = Repository(
             store, APPROVAL_POLICY, cache_size=1_000, max_retries=max_retries
         )
+        self._moved: OrderedDict[str, asyncio.Future[bool]] = OrderedDict()
+        """Run ends this process applied at once, by event id: True once that committed."""
+        self._sent: OrderedDict[str, None] = OrderedDict()
+        """Dispatches whose work items this process published at once, by event id."""
 
     # --- the one path every change takes -----------------------------------------------------
 
@@ -520,6 +526,9 @@ class ExecutionHandlers:
         ended = _attempt_end(env)
         if ended is None:
             return
+        moved = self._moved.get(str(env.event_id))
+        if moved is not None and await asyncio.shield(moved):
+            return  # this process applied it at once, and that committed: nothing left to do
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("the execution consumer needs the PostgreSQL event store")
         execution_id, cmd = ended
@@ -544,11 +553,29 @@ class ExecutionHandlers:
         if ended is None:
             return []
         execution_id, cmd = ended
-        async with self._unit() as uow:
-            _, stored = await self._apply(
-                uow, env.tenant_id, execution_id, cmd, EventMeta.caused_by(env, ENGINE_ACTOR)
-            )
+        # The consumer of run ends, handed the same event meanwhile, waits for this outcome
+        # rather than racing it for the execution stream.
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        _remember(self._moved, str(env.event_id), done)
+        try:
+            async with self._unit() as uow:
+                _, stored = await self._apply(
+                    uow, env.tenant_id, execution_id, cmd, EventMeta.caused_by(env, ENGINE_ACTOR)
+                )
+        except BaseException:
+            done.set_result(False)
+            raise
+        done.set_result(True)
         return [e for e in stored if e.event_type == "execution.step_dispatched"]
+
+    def note_sent(self, dispatched: list[EventEnvelope]) -> None:
+        """These dispatches' work items are on their queues (JetStream acknowledged them)."""
+        for env in dispatched:
+            _remember(self._sent, str(env.event_id), None)
+
+    def sent_at_once(self, env: EventEnvelope) -> bool:
+        """Whether this process already put this dispatch's work item on its queue."""
+        return str(env.event_id) in self._sent
 
     async def tick(self, pool: Any, now: datetime | None = None, limit: int = 100) -> int:
         """Move every execution whose deadline or retry is due; the number moved."""
@@ -571,6 +598,16 @@ class ExecutionHandlers:
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("executions need the PostgreSQL event store")
         return begin(self.store)
+
+
+REMEMBERED = 10_000
+"""How many recent run ends and dispatches the engine remembers handling at once."""
+
+
+def _remember(seen: OrderedDict[str, Any], key: str, value: Any) -> None:
+    seen[key] = value
+    while len(seen) > REMEMBERED:
+        seen.popitem(last=False)
 
 
 def _attempt_end(env: EventEnvelope) -> tuple[str, AttemptEnded] | None:
