@@ -22,7 +22,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import SecretStr
 
-from libs.contracts.subjects import EVENTS_PREFIX, inbox_prefix
+from libs.contracts.subjects import EVENTS_PREFIX, WORK_PREFIX, inbox_prefix
 from libs.eventbus.jetstream import connect
 from libs.runtime.busauth import (
     Permissions,
@@ -38,7 +38,8 @@ from libs.settings import Settings
 from services.gateway.keys import provision_tenant, run_with_pool
 
 BENCH_USER = "bench"
-"""The benchmarks' own NATS user: it watches events go by and answers its own echo requests."""
+"""The benchmarks' own NATS user: it watches events and work items go by and answers its own
+echo requests."""
 
 
 def pct(values: list[float], p: float) -> float:
@@ -58,7 +59,12 @@ def bench_nats(data_dir: Path) -> ServerProcess:
     permissions = bus_permissions(discover())
     permissions[BENCH_USER] = Permissions(
         publish=("bench.>",),
-        subscribe=(f"{inbox_prefix(BENCH_USER)}.>", "bench.>", f"{EVENTS_PREFIX}.>"),
+        subscribe=(
+            f"{inbox_prefix(BENCH_USER)}.>",
+            "bench.>",
+            f"{EVENTS_PREFIX}.>",
+            f"{WORK_PREFIX}.>",
+        ),
         allow_responses=True,
     )
     passwords = write_credentials(credentials_dir(data_dir), permissions)

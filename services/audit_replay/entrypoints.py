@@ -77,6 +77,8 @@ GROUP_KEYS = {
     "agent": "agent_id",
     "model": "model",
     "workflow": "workflow_id",
+    # The step of an execution (a step attempt's run's label); other runs' costs group as null.
+    "step": "step_id",
     # Days in UTC, as ISO dates.
     "day": "toString(toDate(occurred_at))",
 }
@@ -413,23 +415,30 @@ class AuditQueries:
     # --- costs ----------------------------------------------------------------------------------
 
     async def costs(self, p: Params) -> dict[str, Any]:
-        """Costs grouped by run, agent, model, workflow or day, with their usage components and
-        totals; unpriced steps counted apart (see :func:`cost_summary`)."""
+        """Costs grouped by run, agent, model, workflow, day or step, with their usage
+        components and totals (of every run, one run, or one execution's runs); unpriced steps
+        counted apart (see :func:`cost_summary`)."""
         tenant = _tenant(p)
         group_by = _choice(p, "group_by", tuple(GROUP_KEYS), required=True)
         assert group_by is not None
         run_id = _text(p, "run_id")
+        execution_id = _text(p, "execution_id")
         column = GROUP_KEYS[group_by]
         where = TENANT
         params: dict[str, Any] = {}
         if run_id is not None:
             where += " AND run_id = {run:String}"
             params["run"] = run_id
-        # A cost names its run; the run's workflow is in the runs projection (its label).
+        # A cost names its run; the run's workflow, execution and step are in the runs
+        # projection (its labels). One execution's costs are those of its attempts' runs.
+        runs_where = TENANT
+        if execution_id is not None:
+            runs_where += " AND execution_id = {execution:String}"
+            params["execution"] = execution_id
         join = (
-            f"LEFT JOIN (SELECT run_id, workflow_id FROM {DB}.runs FINAL WHERE {TENANT}) "
-            "AS w USING (run_id) "
-            if group_by == "workflow"
+            f"{'INNER' if execution_id is not None else 'LEFT'} JOIN (SELECT run_id, "
+            f"workflow_id, step_id FROM {DB}.runs FINAL WHERE {runs_where}) AS w USING (run_id) "
+            if group_by in ("workflow", "step") or execution_id is not None
             else ""
         )
         components = ", ".join(

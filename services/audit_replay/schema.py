@@ -279,6 +279,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.inbox_costs TO {DATABASE}.costs "
         f"AS SELECT {INBOX_COST_ROW} FROM {DATABASE}.inbox WHERE event_type = 'cost.recorded'",
     ),
+    # Cost per execution and per step: a step attempt's run carries its execution and step ids
+    # as labels (since its first run.started), like its workflow id. Runs projected before
+    # these columns read NULL until a rebuild, which folds them from the same labels.
+    Migration(
+        22,
+        "runs_execution_step",
+        f"ALTER TABLE {DATABASE}.runs ADD COLUMN IF NOT EXISTS execution_id Nullable(String), "
+        "ADD COLUMN IF NOT EXISTS step_id Nullable(String)",
+    ),
 )
 
 TABLES: tuple[str, ...] = (

@@ -34,6 +34,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from nats.errors import MaxPayloadError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
+from pydantic import AwareDatetime
 from starlette.exceptions import HTTPException
 
 from libs import errors
@@ -90,6 +91,7 @@ from services.gateway.workflows import (
     DOCUMENT_BODY,
     MAX_VERSION,
     MAX_WAIT_S,
+    NAME_PATTERN,
     AbortExecutionRequest,
     AgentListing,
     AgentNamePath,
@@ -102,6 +104,7 @@ from services.gateway.workflows import (
     BudgetScope,
     BudgetSetResponse,
     BudgetTimezoneResponse,
+    CursorQuery,
     ExecutionIdPath,
     ExecutionListing,
     ExecutionStatus,
@@ -808,11 +811,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         return await call.answer("audit", "policies")
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
-    async def costs(call: Read, group_by: CostGrouping = "run", run_id: OptionalId = None) -> Any:
-        """Cost of the tenant's runs per usage component, by run, agent, model, workflow or day."""
-        return await call.answer(
-            "audit", "costs", _present({"group_by": group_by, "run_id": run_id})
-        )
+    async def costs(
+        call: Read,
+        group_by: CostGrouping = "run",
+        run_id: OptionalId = None,
+        execution_id: OptionalId = None,
+    ) -> Any:
+        """Cost of the tenant's runs per usage component, by run, agent, model, workflow, day or
+        step (of a workflow execution); of one run (``run_id``) or of one execution's step
+        attempts (``execution_id``)."""
+        query = {"group_by": group_by, "run_id": run_id, "execution_id": execution_id}
+        return await call.answer("audit", "costs", _present(query))
 
     @router.get("/prices", response_model=PriceListing, tags=["costs"])
     async def prices(call: Read) -> Any:
@@ -980,12 +989,28 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def list_executions(
         call: Read,
         status: ExecutionStatus | None = None,
+        workflow_id: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+        started_after: Annotated[
+            AwareDatetime | None, Query(description="Started at or after (ISO 8601, with zone).")
+        ] = None,
+        started_before: Annotated[
+            AwareDatetime | None, Query(description="Started before (ISO 8601, with zone).")
+        ] = None,
+        cursor: CursorQuery = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Any:
-        """The tenant's executions, newest first."""
-        payload: dict[str, Any] = {"limit": limit}
-        if status is not None:
-            payload["status"] = status
+        """The tenant's executions, newest first, a page at a time (``cursor``: the previous
+        page's ``next_cursor``), by status, workflow and start time."""
+        payload = _present(
+            {
+                "status": status,
+                "workflow_id": workflow_id,
+                "started_after": started_after.isoformat() if started_after else None,
+                "started_before": started_before.isoformat() if started_before else None,
+                "cursor": cursor,
+                "limit": limit,
+            }
+        )
         return await call.answer("workflow", "list_executions", payload)
 
     @router.get("/executions/{execution_id}", response_model=ExecutionView, tags=["workflows"])

@@ -126,7 +126,7 @@ RunStatus = Literal["running", "completed", "failed", "stopped_by_policy"]
 RunStatusFilter = Literal["live", "running", "completed", "failed", "stopped_by_policy"]
 IncidentStatus = Literal["open", "acknowledged", "resolved"]
 Outcome = Literal["allow", "warn", "deny"]
-CostGrouping = Literal["run", "agent", "model", "workflow", "day"]
+CostGrouping = Literal["run", "agent", "model", "workflow", "day", "step"]
 ExportFormat = Literal["json", "csv"]
 
 

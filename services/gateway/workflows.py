@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
-from fastapi import Path, Request
+from fastapi import Path, Query, Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs import errors
@@ -33,6 +33,16 @@ ExecutionIdPath = Annotated[
 ]
 StepIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The step's id.")]
 ExecutionStatus = Literal["pending", "running", "completed", "failed", "aborted"]
+MAX_CURSOR = 300
+CursorQuery = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=MAX_CURSOR,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The previous page's next_cursor.",
+    ),
+]
 
 
 class RegisterAgentRequest(BaseModel):
@@ -250,8 +260,47 @@ class WorkflowDiff(_Answer):
     changes: list[dict[str, Any]]
 
 
+class StepApprovalView(_Answer):
+    """A gated step's approvals: how many are needed, by whom so far, and its SLA."""
+
+    required: int
+    role: str | None = None
+    approvers: list[str]
+    pending: bool
+    requested_at: str | None = None
+    expires_at: str | None = None
+    escalated: bool = False
+
+
+class ExecutionStepView(_Answer):
+    """One step of an execution: where it is and where its time went.
+
+    ``queued_ms`` runs from the step becoming ready to its first dispatch (the approval wait; 0
+    for an ungated step), ``running_ms`` from its first dispatch to its end (every attempt and
+    backoff), up to now while it has not ended. ``duration_ms`` is its latest attempt's.
+    """
+
+    step_id: str
+    agent_id: str
+    depends_on: list[str]
+    risk_tier: str
+    state: str
+    attempt: int
+    run_id: str | None = None
+    duration_ms: float | None = None
+    ready_at: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    queued_ms: float | None = None
+    running_ms: float | None = None
+    on_critical_path: bool = False
+    reason: str | None = None
+    approval: StepApprovalView | None = None
+
+
 class ExecutionView(_Answer):
-    """An execution: its status and its DAG with each step's state, attempt, run and timing."""
+    """An execution: its status, its DAG with each step's state, attempt, run and timing, and
+    its critical path (the chain of steps that decided how long it took, and that time)."""
 
     execution_id: str
     workflow_id: str
@@ -260,19 +309,51 @@ class ExecutionView(_Answer):
     reason: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
-    steps: list[dict[str, Any]]
+    steps: list[ExecutionStepView]
+    critical_path: list[str] = Field(default_factory=list)
+    critical_path_ms: float = 0.0
+
+
+class ExecutionSummary(_Answer):
+    """One execution in a listing."""
+
+    execution_id: str
+    workflow_id: str
+    workflow_version: int
+    status: str
+    started_at: str
+    finished_at: str | None = None
 
 
 class ExecutionListing(_Answer):
-    """Executions, newest first."""
+    """A page of executions, newest first; pass ``next_cursor`` as ``cursor`` for the next
+    (null: this is the last page)."""
 
-    executions: list[dict[str, Any]]
+    executions: list[ExecutionSummary]
+    next_cursor: str | None = None
+
+
+class ApprovalQueueEntry(_Answer):
+    """A step waiting for approval: how long it has waited and how long its SLA has left
+    (negative once it ran out, until the engine rejects or escalates it)."""
+
+    execution_id: str
+    step_id: str
+    workflow_id: str
+    risk_tier: str
+    required: int
+    approvals: int
+    role: str
+    requested_at: str
+    expires_at: str
+    age_s: float
+    sla_left_s: float
 
 
 class ApprovalQueue(_Answer):
     """Steps waiting for approval, oldest first, with their age and the SLA left."""
 
-    approvals: list[dict[str, Any]]
+    approvals: list[ApprovalQueueEntry]
 
 
 class ApprovalRulesView(_Answer):
@@ -289,11 +370,28 @@ class BudgetSetResponse(_Answer):
     changed: bool
 
 
+class BudgetView(_Answer):
+    """A budget and its current window: spent, reserved by attempts still out, and what is left
+    of the cap (USD as decimal strings; null for a per-execution window without
+    ``execution_id``)."""
+
+    budget_id: str
+    scope: BudgetScope
+    subject: str
+    window: Literal["day", "month", "execution"]
+    window_key: str | None = None
+    cap_usd: str
+    spent_usd: str | None = None
+    reserved_usd: str | None = None
+    remaining_usd: str | None = None
+    alerted_pct: int = 0
+
+
 class BudgetListing(_Answer):
     """The tenant's budget time zone and each budget's current window."""
 
     timezone: str
-    budgets: list[dict[str, Any]]
+    budgets: list[BudgetView]
 
 
 class BudgetTimezoneResponse(_Answer):

@@ -79,8 +79,21 @@ class WorkflowEngineService(ConsumerRpcService):
             applied_table=APPLIED_TABLE,
         )
 
+        executions = self.executions
+
         async def forward(conn: AsyncConn, env: EventEnvelope) -> None:
-            await publish_work(ctx.js, env)
+            if not executions.sent_at_once(env):
+                await publish_work(ctx.js, env)
+
+        async def finished(env: EventEnvelope) -> None:
+            # The next steps' work items go out as soon as their dispatch commits. The dispatch
+            # consumer skips those this process sent; another replica's copy is a duplicate
+            # MC_WORK drops.
+            dispatched = await executions.on_run_finished(env)
+            await asyncio.gather(*(publish_work(ctx.js, d) for d in dispatched))
+            executions.note_sent(dispatched)
+
+        self.handlers.after_finish = finished
 
         self._extra = [
             EventConsumer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -31,7 +32,12 @@ from services.workflow_engine.budget_handlers import BudgetHandlers
 from services.workflow_engine.budgets import Budget
 from services.workflow_engine.definitions import NAME_PATTERN, document_from
 from services.workflow_engine.domain import RecordStep
-from services.workflow_engine.execution_handlers import ExecutionHandlers
+from services.workflow_engine.execution_handlers import (
+    MAX_CURSOR,
+    ExecutionHandlers,
+    ExecutionQuery,
+    decode_cursor,
+)
 from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 from services.workflow_engine.live import USAGE_FIELDS, LiveUsage, UsageReport
 
@@ -258,10 +264,34 @@ class AbortExecutionRequest(ExecutionRequest):
 
 
 class ListExecutionsRequest(_Request):
-    """``list_executions``: newest first."""
+    """``list_executions``: newest first, filtered, a page at a time (``cursor``: the previous
+    page's ``next_cursor``)."""
 
     status: Literal["pending", "running", "completed", "failed", "aborted"] | None = None
+    workflow_id: str | None = Field(default=None, pattern=NAME_PATTERN)
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+    cursor: str | None = Field(default=None, min_length=1, max_length=MAX_CURSOR)
     limit: int = Field(default=100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _aware(self) -> ListExecutionsRequest:
+        for name in ("started_after", "started_before"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone (e.g. 2026-11-30T12:00:00Z)")
+        return self
+
+    def query(self) -> ExecutionQuery:
+        """The domain query (a bad cursor is a 422 naming it)."""
+        return ExecutionQuery(
+            status=self.status,
+            workflow_id=self.workflow_id,
+            started_after=self.started_after,
+            started_before=self.started_before,
+            after=decode_cursor(self.cursor) if self.cursor else None,
+            limit=self.limit,
+        )
 
 
 class ApprovalRequest(ExecutionRequest):
@@ -297,8 +327,7 @@ def build_execution_rpc(server: RpcServer, handlers: ExecutionHandlers, pool: An
     @server.handler("list_executions")
     async def list_executions(req: ListExecutionsRequest) -> Any:
         """The tenant's executions, newest first."""
-        found = await handlers.list_executions(req.tenant_id, req.status, req.limit, pool)
-        return {"executions": found}
+        return await handlers.list_executions(req.tenant_id, req.query(), pool)
 
     @server.handler("abort_execution")
     async def abort_execution(req: AbortExecutionRequest, meta: Meta) -> Any:

@@ -23,8 +23,14 @@ execution naming the budget. The holds of attempts that ended are released there
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import contextlib
+import re
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import partial
@@ -48,9 +54,10 @@ from libs.contracts.events import (
     StepDispatched,
     StepStopped,
 )
+from libs.contracts.limits import RUN_ID_PATTERN
 from libs.contracts.registry import decode
 from libs.contracts.subjects import work_subject
-from libs.errors import Conflict, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.db import AsyncConn, transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Repository, Store, fold_with
 from libs.eventbus.rpc import RequestMeta
@@ -124,6 +131,44 @@ def work_item(env: EventEnvelope, event: StepDispatched) -> bytes:
     )
 
 
+MAX_CURSOR = 300
+"""Far above an encoded cursor (a timestamp and an execution id)."""
+
+
+@dataclass(frozen=True)
+class ExecutionQuery:
+    """Which executions a listing shows: filters, and where the page starts."""
+
+    status: str | None = None
+    workflow_id: str | None = None
+    started_after: datetime | None = None
+    """Started at or after this instant."""
+    started_before: datetime | None = None
+    """Started before this instant."""
+    after: tuple[datetime, str] | None = None
+    """The last execution of the previous page (``started_at``, ``execution_id``)."""
+    limit: int = 100
+
+
+def encode_cursor(started_at: datetime, execution_id: str) -> str:
+    """An opaque cursor that resumes a listing after this execution."""
+    raw = f"{started_at.isoformat()}|{execution_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The execution a cursor resumes after; a cursor this code did not make is a 422."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, execution_id = raw.split("|", 1)
+        started_at = datetime.fromisoformat(at)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidInput("cursor is not one a listing of executions returned") from None
+    if started_at.tzinfo is None or not re.fullmatch(RUN_ID_PATTERN, execution_id):
+        raise InvalidInput("cursor is not one a listing of executions returned")
+    return started_at, execution_id
+
+
 class ExecutionHandlers:
     """Commands, queries and reactions of workflow executions."""
 
@@ -144,6 +189,10 @@ class ExecutionHandlers:
         self.policies = Repository(
             store, APPROVAL_POLICY, cache_size=1_000, max_retries=max_retries
         )
+        self._moved: OrderedDict[str, asyncio.Future[bool]] = OrderedDict()
+        """Run ends this process applied at once, by event id: True once that committed."""
+        self._sent: OrderedDict[str, None] = OrderedDict()
+        """Dispatches whose work items this process published at once, by event id."""
 
     # --- the one path every change takes -----------------------------------------------------
 
@@ -440,52 +489,105 @@ class ExecutionHandlers:
 
     async def get(self, tenant_id: str, execution_id: str) -> dict[str, Any]:
         """An execution with its DAG's step states."""
-        return (await self._require(tenant_id, execution_id)).to_dict()
+        return (await self._require(tenant_id, execution_id)).to_dict(utcnow())
 
     async def list_executions(
-        self, tenant_id: str, status: str | None, limit: int, pool: Any
-    ) -> list[dict[str, Any]]:
-        """The tenant's executions, newest first."""
+        self, tenant_id: str, query: ExecutionQuery, pool: Any
+    ) -> dict[str, Any]:
+        """One page of the tenant's executions, newest first, and the cursor of the next page
+        (None on the last)."""
+        after_at, after_id = query.after or (None, None)
         async with transaction(pool) as conn:
             cur = await conn.execute(
                 "SELECT execution_id, workflow_id, workflow_version, status, started_at,"
-                " finished_at FROM workflow.executions WHERE tenant_id = %s"
-                " AND (%s::text IS NULL OR status = %s)"
-                " ORDER BY started_at DESC, execution_id DESC LIMIT %s",
-                (tenant_id, status, status, limit),
-            )
+                " finished_at FROM workflow.executions WHERE tenant_id = %(tenant)s"
+                " AND (%(status)s::text IS NULL OR status = %(status)s)"
+                " AND (%(workflow)s::text IS NULL OR workflow_id = %(workflow)s)"
+                " AND (%(since)s::timestamptz IS NULL OR started_at >= %(since)s)"
+                " AND (%(until)s::timestamptz IS NULL OR started_at < %(until)s)"
+                " AND (%(after_at)s::timestamptz IS NULL"
+                "      OR (started_at, execution_id) < (%(after_at)s, %(after_id)s::text))"
+                " ORDER BY started_at DESC, execution_id DESC LIMIT %(limit)s",
+                {
+                    "tenant": tenant_id, "status": query.status, "workflow": query.workflow_id,
+                    "since": query.started_after, "until": query.started_before,
+                    "after_at": after_at, "after_id": after_id, "limit": query.limit + 1,
+                },
+            )  # fmt: skip
             rows = await cur.fetchall()
-        return [
-            {
-                **r,
-                "started_at": r["started_at"].isoformat(),
-                "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
-            }
-            for r in rows
-        ]
+        page = rows[: query.limit]
+        more = len(rows) > query.limit
+        return {
+            "executions": [
+                {
+                    **r,
+                    "started_at": r["started_at"].isoformat(),
+                    "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+                }
+                for r in page
+            ],
+            "next_cursor": (
+                encode_cursor(page[-1]["started_at"], page[-1]["execution_id"]) if more else None
+            ),
+        }
 
     # --- reactions -----------------------------------------------------------------------------
 
     async def on_run_event(self, conn: AsyncConn, env: EventEnvelope) -> None:
         """``EventConsumer`` handler: an attempt's run ended (others are ignored)."""
-        event = decode(env)
-        outcome: Literal["completed", "failed", "stopped"]
-        if isinstance(event, RunCompleted):
-            run_id, outcome, reason = event.run_id, event.status, event.reason
-        elif isinstance(event, RunStoppedByPolicy):
-            run_id, outcome, reason = event.run_id, "stopped", event.reason
-        else:
+        ended = _attempt_end(env)
+        if ended is None:
             return
-        parsed = parse_attempt_run_id(run_id)
-        if parsed is None:
-            return
+        moved = self._moved.get(str(env.event_id))
+        if moved is not None and await asyncio.shield(moved):
+            return  # this process applied it at once, and that committed: nothing left to do
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("the execution consumer needs the PostgreSQL event store")
-        cmd = AttemptEnded(run_id=run_id, outcome=outcome, reason=reason, now=utcnow())
+        execution_id, cmd = ended
         await self._apply(
-            join(self.store, conn), env.tenant_id, parsed[0], cmd,
+            join(self.store, conn), env.tenant_id, execution_id, cmd,
             EventMeta.caused_by(env, ENGINE_ACTOR),
         )  # fmt: skip
+
+    async def on_run_finished(self, env: EventEnvelope) -> list[EventEnvelope]:
+        """Move an attempt's execution on as soon as its run's end is committed; the
+        dispatches it made (for the caller to put on the work queues at once).
+
+        A worker finishes its attempt's run through this engine, so the engine need not wait
+        for ``run.completed`` to travel through the relay and its consumer before deciding what
+        comes next: it decides here, in a transaction of its own, with the same causation the
+        consumer would give. The consumer still receives the event, finds the step no longer
+        running and changes nothing; a dispatch is appended under the execution stream's
+        expected version, so the two paths can never both dispatch. If the engine dies between
+        the two transactions, the consumer is the path that moves the execution.
+        """
+        ended = _attempt_end(env)
+        if ended is None:
+            return []
+        execution_id, cmd = ended
+        # The consumer of run ends, handed the same event meanwhile, waits for this outcome
+        # rather than racing it for the execution stream.
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        _remember(self._moved, str(env.event_id), done)
+        try:
+            async with self._unit() as uow:
+                _, stored = await self._apply(
+                    uow, env.tenant_id, execution_id, cmd, EventMeta.caused_by(env, ENGINE_ACTOR)
+                )
+        except BaseException:
+            done.set_result(False)
+            raise
+        done.set_result(True)
+        return [e for e in stored if e.event_type == "execution.step_dispatched"]
+
+    def note_sent(self, dispatched: list[EventEnvelope]) -> None:
+        """These dispatches' work items are on their queues (JetStream acknowledged them)."""
+        for env in dispatched:
+            _remember(self._sent, str(env.event_id), None)
+
+    def sent_at_once(self, env: EventEnvelope) -> bool:
+        """Whether this process already put this dispatch's work item on its queue."""
+        return str(env.event_id) in self._sent
 
     async def tick(self, pool: Any, now: datetime | None = None, limit: int = 100) -> int:
         """Move every execution whose deadline or retry is due; the number moved."""
@@ -508,6 +610,32 @@ class ExecutionHandlers:
         if not isinstance(self.store, EventStore):  # pragma: no cover - wiring error
             raise TypeError("executions need the PostgreSQL event store")
         return begin(self.store)
+
+
+REMEMBERED = 10_000
+"""How many recent run ends and dispatches the engine remembers handling at once."""
+
+
+def _remember(seen: OrderedDict[str, Any], key: str, value: Any) -> None:
+    seen[key] = value
+    while len(seen) > REMEMBERED:
+        seen.popitem(last=False)
+
+
+def _attempt_end(env: EventEnvelope) -> tuple[str, AttemptEnded] | None:
+    """The execution and command of an attempt's run ending (None for any other event)."""
+    event = decode(env)
+    outcome: Literal["completed", "failed", "stopped"]
+    if isinstance(event, RunCompleted):
+        run_id, outcome, reason = event.run_id, event.status, event.reason
+    elif isinstance(event, RunStoppedByPolicy):
+        run_id, outcome, reason = event.run_id, "stopped", event.reason
+    else:
+        return None
+    parsed = parse_attempt_run_id(run_id)
+    if parsed is None:
+        return None
+    return parsed[0], AttemptEnded(run_id=run_id, outcome=outcome, reason=reason, now=utcnow())
 
 
 async def publish_work(js: JetStreamContext, env: EventEnvelope) -> None:

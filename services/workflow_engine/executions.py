@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from libs.contracts.envelope import DomainEvent
@@ -52,12 +52,14 @@ from libs.errors import Conflict, Forbidden, InvalidInput
 from services.workflow_engine.approvals import ApprovalRules, role_satisfies
 from services.workflow_engine.budgets import BudgetRefusal, StreamedOverrun
 from services.workflow_engine.definitions import StepSpec, WorkflowDocument
+from services.workflow_engine.timing import StepTimes, critical_path
 
 EXECUTION_CATEGORY = "execution"
 
 ExecutionStatus = Literal["new", "pending", "running", "completed", "failed", "aborted"]
 StepState = Literal["waiting", "running", "completed", "failed", "blocked"]
 TERMINAL: frozenset[str] = frozenset({"completed", "failed", "aborted"})
+ENDED_STEP: frozenset[str] = frozenset({"completed", "failed", "blocked"})
 MAX_BACKOFF_S = 3_600.0
 
 
@@ -85,6 +87,9 @@ class StepRun:
     attempt: int = 0
     run_id: str | None = None
     dispatched_at: datetime | None = None
+    """When the current (latest) attempt was dispatched."""
+    first_dispatched_at: datetime | None = None
+    """When the first attempt was dispatched: the step's work began."""
     deadline_at: datetime | None = None
     not_before: datetime | None = None
     finished_at: datetime | None = None
@@ -134,12 +139,32 @@ class Execution:
         assert self.document is not None
         return self.document.step(step_id)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The execution as the API shows it: the DAG with each step's state and timing."""
+    def times(self, step_id: str) -> StepTimes:
+        """The instants that bound ``step_id``'s waits and work."""
+        run = self.steps.get(step_id, StepRun())
+        return StepTimes(
+            requested_at=run.approval_requested_at,
+            started_at=run.first_dispatched_at,
+            finished_at=run.finished_at if run.state in ENDED_STEP else None,
+        )
+
+    def to_dict(self, now: datetime | None = None) -> dict[str, Any]:
+        """The execution as the API shows it: the DAG with each step's state and timing, and
+        its critical path (see :mod:`.timing`). Steps not ended are timed up to the
+        execution's end, or else ``now`` (default: the latest instant the execution records)."""
         doc = self.document
+        clock = self.finished_at or now or self._last_instant()
+        specs = doc.steps if doc else ()
+        times = {spec.id: self.times(spec.id) for spec in specs}
+        path, path_ms = critical_path(
+            {spec.id: spec.depends_on for spec in specs},
+            {sid: t.span_ms(clock) for sid, t in times.items()},
+        )
+        on_path = set(path)
         steps = []
-        for spec in doc.steps if doc else ():
+        for spec in specs:
             run = self.steps.get(spec.id, StepRun())
+            t = times[spec.id]
             duration = (
                 (run.finished_at - run.dispatched_at).total_seconds() * 1000
                 if run.finished_at and run.dispatched_at
@@ -155,6 +180,12 @@ class Execution:
                     "attempt": run.attempt,
                     "run_id": run.run_id,
                     "duration_ms": duration,
+                    "ready_at": _iso(t.ready_at),
+                    "started_at": _iso(t.started_at),
+                    "finished_at": _iso(t.finished_at),
+                    "queued_ms": _round(t.queued_ms(clock)),
+                    "running_ms": _round(t.running_ms(clock)),
+                    "on_critical_path": spec.id in on_path,
                     "reason": run.reason,
                     "approval": _approval_view(run),
                 }
@@ -168,7 +199,19 @@ class Execution:
             "started_at": self.started_at.isoformat() if self.started_at else None,
             "finished_at": self.finished_at.isoformat() if self.finished_at else None,
             "steps": steps,
+            "critical_path": path,
+            "critical_path_ms": round(path_ms, 3),
         }
+
+    def _last_instant(self) -> datetime:
+        """The latest instant the folded events record (a stand-in for "now" in pure code)."""
+        instants = [self.started_at] + [
+            t
+            for r in self.steps.values()
+            for t in (r.dispatched_at, r.finished_at, r.approval_requested_at)
+        ]
+        known = [t for t in instants if t is not None]
+        return max(known) if known else datetime.fromtimestamp(0, UTC)
 
 
 def _approval_view(run: StepRun) -> dict[str, Any] | None:
@@ -187,6 +230,10 @@ def _approval_view(run: StepRun) -> dict[str, Any] | None:
 
 def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
+
+
+def _round(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
 
 
 def empty_execution(tenant_id: str, execution_id: str) -> Execution:
@@ -217,6 +264,7 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
             )
         case StepDispatched():
             running = replace(state, status="running")
+            before = state.steps.get(event.step_id, StepRun())
             return _step(
                 running,
                 event.step_id,
@@ -224,6 +272,7 @@ def evolve(state: Execution, event: DomainEvent) -> Execution:
                 attempt=event.attempt,
                 run_id=event.run_id,
                 dispatched_at=event.dispatched_at,
+                first_dispatched_at=before.first_dispatched_at or event.dispatched_at,
                 deadline_at=event.deadline_at,
                 not_before=None,
                 finished_at=None,

@@ -8,7 +8,7 @@ appended in one transaction, all or none.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -225,6 +225,10 @@ class WorkflowHandlers:
     def __init__(self, store: Store, *, cache_size: int = 10_000, max_retries: int = 3):
         self.store = store
         self.runs = Repository(store, RUN, cache_size=cache_size, max_retries=max_retries)
+        self.after_finish: Callable[[EventEnvelope], Awaitable[None]] | None = None
+        """Called with a run's end once it is committed (the engine moves the execution of a
+        workflow step's attempt at once from it; the consumer of run ends stays the
+        guarantee, so a failure here is only logged)."""
 
     # --- commands --------------------------------------------------------------------------------
 
@@ -279,6 +283,11 @@ class WorkflowHandlers:
         state, stored = await self.runs.execute(
             tenant_id, run_id, partial(decide, command=cmd), _request_meta(meta)
         )
+        if stored and self.after_finish is not None:
+            try:
+                await self.after_finish(stored[-1])
+            except Exception as exc:  # the run has ended all the same; the consumer moves on
+                log.warning("workflow.after_finish_failed", run_id=run_id, error=repr(exc))
         return {"run_id": run_id, "status": state.status, "positions": [e.position for e in stored]}
 
     # --- queries ---------------------------------------------------------------------------------

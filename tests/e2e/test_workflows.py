@@ -154,3 +154,15 @@ def test_workflows_run_through_the_sdk_and_survive_the_engine_being_killed(
     assert detail["steps"][1]["attempt"] >= 2
     listed = http.get("/v1/executions", params={"status": "completed"}).json()["executions"]
     assert {e["execution_id"] for e in listed} >= set(executions)
+    # Through the gateway: the critical path starts at the first step and ends at the last, and
+    # the listing pages with its cursor.
+    assert detail["critical_path"][0] == detail["steps"][0]["step_id"]
+    assert detail["critical_path"][-1] == detail["steps"][-1]["step_id"]
+    assert detail["critical_path_ms"] > 0
+    first = http.get("/v1/executions", params={"limit": 4}).json()
+    rest = http.get("/v1/executions", params={"cursor": first["next_cursor"]}).json()
+    paged = [e["execution_id"] for e in first["executions"] + rest["executions"]]
+    assert set(paged) == set(executions) and len(paged) == len(executions)
+    assert rest["next_cursor"] is None
+    bad = http.get("/v1/executions", params={"started_after": "2026-01-01T00:00:00"})
+    assert bad.status_code == 422

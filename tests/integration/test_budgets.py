@@ -1,6 +1,6 @@
 """Budgets on real NATS and PostgreSQL: halting before the first step, reserving at dispatch,
 settling to the cost service's figures, releasing on failure, alerts and their incident, and
-no overspend under 100 concurrent executions on two engine replicas."""
+no overspend under 100 concurrent executions of a 10-step DAG on two engine replicas."""
 
 from __future__ import annotations
 
@@ -350,15 +350,20 @@ async def test_a_step_that_does_not_fit_fails_its_execution_and_100_percent_open
 async def test_100_concurrent_executions_on_two_engine_replicas_never_overspend(
     own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
 ) -> None:
-    n, cap = 100, Decimal("0.95")
+    n, cap = 100, Decimal("2.5")
     s = await Stack(own_system, pool, tenant, unique).start(replicas=2)
     try:
         sub = await s.queue("bot")
-        # A fan-out and fan-in; each step estimated at $0.01, each costing $0.0045 when it runs
-        # (10k input and 5k output tokens of gpt-4o-mini). $0.95 holds 95 first steps at once;
-        # the later steps fit only as costs settle, so the cap decides how far each one gets.
-        steps = [step("a", "0.01"), step("b", "0.01", "a"), step("c", "0.01", "a"),
-                 step("d", "0.01", "b", "c")]  # fmt: skip
+        # Ten steps: a fan-out of three and its fan-in, then a fan-out of four and its fan-in;
+        # each step estimated at $0.01, each costing $0.0045 when it runs (10k input and 5k
+        # output tokens of gpt-4o-mini). $2.5 holds every first step at once but not every
+        # execution's ten ($4.5 spent, more reserved): the later steps fit only as costs settle,
+        # so the cap decides how far each execution gets.
+        steps = [step("a", "0.01"), *(step(f"b{i}", "0.01", "a") for i in (1, 2, 3)),
+                 step("c", "0.01", "b1", "b2", "b3"),
+                 *(step(f"d{i}", "0.01", "c") for i in (1, 2, 3, 4)),
+                 step("e", "0.01", "d1", "d2", "d3", "d4")]  # fmt: skip
+        assert len(steps) == 10
         doc = {"name": "burst", "steps": steps}
         await setup(s, doc, ("tenant", "", "day", str(cap)), ("agent", "bot", "day", "5"))
         taken: list[str] = []
@@ -429,6 +434,10 @@ async def test_100_concurrent_executions_on_two_engine_replicas_never_overspend(
         assert len(run_ids) == len(set(run_ids)) == len(taken) == len(set(taken))
         completed = await s.events("execution.step_completed")
         assert sorted(e.payload["run_id"] for e in completed) == sorted(run_ids)
+        # No step of an execution was dispatched twice (each is its first and only attempt).
+        steps_run = [(e.payload["execution_id"], e.payload["step_id"]) for e in dispatched]
+        assert len(steps_run) == len(set(steps_run))
+        assert all(e.payload["attempt"] == 1 for e in dispatched)
         assert spent == Decimal("0.0045") * len(run_ids)
         statuses: dict[str, int] = {}
         for eid in ids:
@@ -436,6 +445,8 @@ async def test_100_concurrent_executions_on_two_engine_replicas_never_overspend(
             statuses[got["status"]] = statuses.get(got["status"], 0) + 1
             if got["status"] == "failed":
                 assert got["reason"].startswith("budget tenant:day (day ")
+            else:  # every step of a completed execution ran, once
+                assert [st["state"] for st in got["steps"]] == ["completed"] * 10
         # The cap was what stopped executions, and it let many through.
         assert statuses.get("completed", 0) > 0 and statuses.get("failed", 0) > 0, statuses
         assert len(await s.events("execution.budget_exceeded")) == statuses["failed"]

@@ -48,9 +48,11 @@ def _run(
     run_id: str,
     workflow: str | None,
     steps: list[tuple[str, datetime, Decimal | None]],
+    labels: dict[str, str] | None = None,
 ) -> list[EventEnvelope]:
     """A run whose steps use the fixtures' usage, each with its cost.recorded (v2)."""
-    labels = {"workflow_id": workflow, "execution_id": f"ex-{run_id}"} if workflow else {}
+    if labels is None:
+        labels = {"workflow_id": workflow, "execution_id": f"ex-{run_id}"} if workflow else {}
     out = [_env(tenant, RunStarted(run_id=run_id, agent_id="writer", labels=labels), "run",
                 run_id, DAY1)]  # fmt: skip
     for index, (fixture_name, at, provider_cost) in enumerate(steps, start=1):
@@ -151,3 +153,52 @@ async def test_costs_by_workflow_day_and_model_carry_every_usage_component(
     # A filter on one run still applies with the workflow join.
     one = await audit.call("costs", tenant, group_by="workflow", run_id=other)
     assert [(r["key"], r["steps"]) for r in one["rows"]] == [(wf, 1)]
+
+
+def _attempt(tenant: str, execution: str, step: str, attempt: int, fixture: str) -> list[Any]:
+    """An attempt's run as the workflow-engine starts it (labelled with its execution and step),
+    with one step of ``fixture``'s usage and its cost."""
+    labels = {"workflow_id": "wf", "execution_id": execution, "step_id": step,
+              "attempt": str(attempt)}  # fmt: skip
+    run_id = f"{execution}:{step}:{attempt}"
+    return _run(tenant, run_id, "wf", [(fixture, DAY1, None)], labels=labels)
+
+
+async def test_one_executions_cost_by_step_agent_and_model_and_after_a_rebuild(
+    audit: Audit, unique: Any
+) -> None:
+    tenant = unique("acme")
+    ex, other = unique("ex-a"), unique("ex-b")
+    events = [
+        *_attempt(tenant, ex, "gather", 1, "openai_chat_cached_reasoning.json"),  # failed, retried
+        *_attempt(tenant, ex, "gather", 2, "openai_chat_cached_reasoning.json"),
+        *_attempt(tenant, ex, "review", 1, "anthropic_cache_read.json"),
+        *_attempt(tenant, other, "gather", 1, "gemini_cached_thoughts.json"),
+        *_run(tenant, unique("lone"), None, [("gemini_cached_thoughts.json", DAY2, None)]),
+    ]
+    await audit.projected(await audit.append(events))
+
+    async def by(group_by: str, **extra: Any) -> dict[str, Any]:
+        return dict(await audit.call("costs", tenant, group_by=group_by, **extra))
+
+    steps = await by("step", execution_id=ex)
+    rows = {r["key"]: r for r in steps["rows"]}
+    assert set(rows) == {"gather", "review"}  # the other execution and the lone run left out
+    assert rows["gather"]["steps"] == 2  # both attempts of the step count
+    assert rows["gather"]["total_cost_usd"] == "0.0038852000"  # 2 x 0.0019426
+    assert rows["review"]["total_cost_usd"] == "0.0068394000"
+    assert steps["totals"]["total_cost_usd"] == "0.0107246000"
+    for group_by in ("agent", "model", "run", "day", "workflow"):
+        assert (await by(group_by, execution_id=ex))["totals"] == steps["totals"], group_by
+    models = {r["key"]: r["steps"] for r in (await by("model", execution_id=ex))["rows"]}
+    assert models == {"o4-mini-2025-04-16": 2, "claude-sonnet-4-20250514": 1}
+    # Without the filter, every cost of the tenant, steps outside executions under null.
+    everything = await by("step")
+    assert {r["key"]: r["steps"] for r in everything["rows"]} == {
+        "gather": 3, "review": 1, None: 1,
+    }  # fmt: skip
+    assert (await by("step", execution_id=unique("nothing")))["rows"] == []
+
+    # The execution and step come from the runs' labels, so a rebuild gives the same answers.
+    await audit.call("rebuild", tenant)
+    assert await by("step", execution_id=ex) == steps

@@ -4,6 +4,7 @@ timeouts, aborts, and the index a restarted engine resumes from."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from libs.contracts import stream_id_for
 from libs.contracts.subjects import WORK_STREAM, work_subject
-from libs.errors import Conflict, Forbidden
+from libs.errors import Conflict, Forbidden, InvalidInput
 from libs.eventbus.db import open_pool
 from libs.eventbus.jetstream import connect, ensure_streams
 from libs.eventbus.relay import Relay
@@ -48,6 +49,20 @@ async def pool(own_system: System) -> AsyncIterator[AsyncConnectionPool]:
 async def engine(
     own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
 ) -> AsyncIterator[WorkflowEngineService]:
+    async with running_engine(own_system, pool, tenant, unique) as svc:
+        yield svc
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    own_system: System,
+    pool: AsyncConnectionPool,
+    tenant: str,
+    unique: Callable[[str], str],
+    run_ends_of: str | None = None,
+) -> AsyncIterator[WorkflowEngineService]:
+    """An engine and a relay; its consumer of run ends reads ``run_ends_of``'s (default: the
+    test tenant's)."""
     nc = await connect(own_system.nats_url, "test-executions")
     js = nc.jetstream()
     await ensure_streams(js)
@@ -55,7 +70,7 @@ async def engine(
     relay_task = asyncio.create_task(relay.run(), name=unique("executions-relay-"))
     specs = (
         violation_consumer_spec(durable=unique("v-"), tenant_id=tenant),
-        execution_consumer_spec(durable=unique("x-"), tenant_id=tenant),
+        execution_consumer_spec(durable=unique("x-"), tenant_id=run_ends_of or tenant),
         dispatch_consumer_spec(durable=unique("d-"), tenant_id=tenant),
     )
     svc = WorkflowEngineService(*specs)
@@ -169,9 +184,110 @@ async def test_a_dag_runs_each_step_once_through_the_work_queue(
     assert sorted(dispatched) == sorted(f"{eid}:{s}:1" for s in "abcd")
     listed = await call(engine, "list_executions", tenant)
     assert [x["status"] for x in listed["executions"]] == ["completed"]
+    # The detail times every step and names the chain that decided the execution's duration:
+    # a, then whichever of b and c ended last, then d.
+    got = await call(engine, "get_execution", tenant, execution_id=eid)
+    slow = max(("b", "c"), key=lambda s: {x["step_id"]: x for x in got["steps"]}[s]["finished_at"])
+    assert got["critical_path"] == ["a", slow, "d"]
+    assert [x["on_critical_path"] for x in got["steps"]] == [
+        x["step_id"] in ("a", slow, "d") for x in got["steps"]
+    ]
+    assert all(x["started_at"] and x["finished_at"] and x["queued_ms"] == 0 for x in got["steps"])
+    total_ms = sum(x["queued_ms"] + x["running_ms"] for x in got["steps"] if x["on_critical_path"])
+    assert got["critical_path_ms"] == pytest.approx(total_ms, abs=0.01)
     # Each attempt is a governed run of its agent, labelled with its execution.
     run = await call(engine, "get_run", tenant, run_id=a["run_id"])
     assert run["agent_id"] == "bot" and run["labels"]["execution_id"] == eid
+
+
+async def test_the_listing_filters_by_status_workflow_and_time_and_pages_with_a_cursor(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    await setup_workflow(engine, tenant, DOC)
+    await call(engine, "save_workflow", tenant, document={**DOC, "name": "other"})
+    started = []
+    for name in ("fanout", "other", "fanout", "other", "fanout"):
+        got = await call(engine, "start_execution", tenant, workflow_id=name)
+        started.append(got["execution_id"])
+    newest_first = list(reversed(started))
+    await call(engine, "abort_execution", tenant, execution_id=started[0], reason="enough")
+
+    seen: list[str] = []
+    cursor = None
+    for _ in range(5):
+        page = await call(engine, "list_executions", tenant, limit=2,
+                          **({"cursor": cursor} if cursor else {}))  # fmt: skip
+        assert len(page["executions"]) <= 2
+        seen += [x["execution_id"] for x in page["executions"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == newest_first  # every execution once, in order, and then no cursor
+
+    def ids(page: dict[str, Any]) -> list[str]:
+        return [x["execution_id"] for x in page["executions"]]
+
+    by_wf = await call(engine, "list_executions", tenant, workflow_id="other")
+    assert ids(by_wf) == [started[3], started[1]]
+    aborted = await call(engine, "list_executions", tenant, status="aborted")
+    assert ids(aborted) == [started[0]]
+    third = await call(engine, "get_execution", tenant, execution_id=started[2])
+    since = await call(engine, "list_executions", tenant, started_after=third["started_at"])
+    assert ids(since) == newest_first[:3]
+    before = await call(engine, "list_executions", tenant, started_before=third["started_at"])
+    assert ids(before) == newest_first[3:]
+    with pytest.raises(InvalidInput, match="cursor"):
+        await call(engine, "list_executions", tenant, cursor="bm90LWEtY3Vyc29y")
+    with pytest.raises(InvalidInput, match="time zone"):
+        await call(engine, "list_executions", tenant, started_after="2026-01-01T00:00:00")
+
+
+CHAIN = {
+    "name": "chain",
+    "steps": [{"id": "a", "agent": "bot"}, {"id": "b", "agent": "bot", "depends_on": ["a"]}],
+}
+
+
+async def test_a_finished_attempt_moves_its_execution_at_once_without_the_run_end_consumer(
+    own_system: System, pool: AsyncConnectionPool, tenant: str, unique: Callable[[str], str]
+) -> None:
+    # The engine's consumer of run ends reads another tenant's: only the engine's own reaction
+    # to the finish it serves can move this execution.
+    async with running_engine(own_system, pool, tenant, unique, run_ends_of="nobody") as engine:
+        assert engine.ctx is not None
+        queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+        await setup_workflow(engine, tenant, CHAIN)
+        eid = (await call(engine, "start_execution", tenant, workflow_id="chain"))["execution_id"]
+        (a,) = await queue.take(1)
+        await finish(engine, tenant, a["run_id"], "completed")
+        (b,) = await queue.take(1)
+        assert (b["step_id"], b["attempt"]) == ("b", 1)
+        events = await EventStore(pool).read_stream(stream_id_for(tenant, "execution", eid))
+        done = next(e for e in events if e.event_type == "execution.step_completed")
+        runs = await EventStore(pool).read_stream(stream_id_for(tenant, "run", a["run_id"]))
+        ended = next(e for e in runs if e.event_type == "run.completed")
+        assert done.causation_id == str(
+            ended.event_id
+        )  # caused by the run's end, as by the consumer
+        await finish(engine, tenant, b["run_id"], "completed")
+        got = await call(engine, "get_execution", tenant, execution_id=eid)
+        assert got["status"] == "completed"
+        assert await queue.nothing_more()
+
+
+async def test_the_run_end_consumer_moves_an_execution_the_engine_did_not_move_at_once(
+    engine: WorkflowEngineService, tenant: str
+) -> None:
+    assert engine.ctx is not None and engine.handlers is not None
+    engine.handlers.after_finish = None  # as when the engine dies right after the run's end
+    queue = await Queue(engine.ctx.nc, tenant, "bot").open()
+    await setup_workflow(engine, tenant, CHAIN)
+    await call(engine, "start_execution", tenant, workflow_id="chain")
+    (a,) = await queue.take(1)
+    await finish(engine, tenant, a["run_id"], "completed")
+    (b,) = await queue.take(1)  # through the relay and the consumer of run ends
+    assert b["step_id"] == "b"
+    assert await queue.nothing_more()
 
 
 async def test_a_failed_attempt_is_retried_and_a_timed_out_one_is_ended(
@@ -233,6 +349,8 @@ async def test_an_irreversible_step_waits_in_the_approval_queue_until_approved(
     (waiting,) = (await call(engine, "approval_queue", tenant))["approvals"]
     assert (waiting["execution_id"], waiting["step_id"], waiting["required"]) == (eid, "pay", 2)
     assert 0 < waiting["sla_left_s"] <= 600
+    # Its age and the SLA left add up to the SLA (both measured at the same instant).
+    assert waiting["age_s"] >= 0 and waiting["age_s"] + waiting["sla_left_s"] == pytest.approx(600)
 
     async def approve(who: str, role: str) -> Any:
         return await call(

@@ -113,6 +113,8 @@ def evolve_run(row: RunRow | None, env: EventEnvelope, event: DomainEvent) -> Ru
             base,
             agent_id=event.agent_id,
             workflow_id=event.labels.get("workflow_id"),
+            execution_id=event.labels.get("execution_id"),
+            step_id=event.labels.get("step_id"),
             started_at=env.occurred_at,
             version=pos,
             stream_version=folded,

@@ -48,6 +48,10 @@ class RunRow:
     """Every event of the run's stream up to this version is folded in (0: not known)."""
     workflow_id: str | None = None
     """The workflow the run is a step attempt of (its ``workflow_id`` label), if any."""
+    execution_id: str | None = None
+    """The execution the run is a step attempt of (its ``execution_id`` label), if any."""
+    step_id: str | None = None
+    """The step of that execution (its ``step_id`` label), if any."""
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> RunRow:
@@ -67,6 +71,8 @@ class RunRow:
             version=int(row["version"]),
             stream_version=int(row.get("stream_version") or 0),
             workflow_id=row.get("workflow_id"),
+            execution_id=row.get("execution_id"),
+            step_id=row.get("step_id"),
         )
 
 
