@@ -1,8 +1,8 @@
 """How the runtime finds the gateway (entry point ``mission_control.services``).
 
 The gateway is the front door: it forwards every request to the other services, so it starts
-after them. It also contributes ``mctl tenant ...``, ``mctl user ...`` and the demo
-``mctl up --demo`` runs.
+after them. It also contributes ``mctl tenant ...``, ``mctl user ...``, ``mctl policy ...`` and
+the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -17,7 +17,11 @@ REGISTRATION = ServiceRegistration(
     stream_categories=("tenant", "user", "api_key"),
     after=("audit-replay", "cost", "incident", "policy-admission", "workflow-engine"),
     demo="services.gateway.demo:run_demo",
-    commands={"tenant": "services.gateway.cli:tenant_app", "user": "services.gateway.cli:user_app"},
+    commands={
+        "tenant": "services.gateway.cli:tenant_app",
+        "user": "services.gateway.cli:user_app",
+        "policy": "services.gateway.policy_cli:policy_app",
+    },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.
     bus=BusAccess(calls=("admission", "audit", "cost", "incident", "workflow"), work="take"),

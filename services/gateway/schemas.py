@@ -430,12 +430,30 @@ class PolicyView(_Result):
     open_incidents: int
 
 
+class EnvironmentBundleView(_Result):
+    """What decides in one environment: the tenant's own bundle, or the default one."""
+
+    bundle_digest: str
+    source: Literal["tenant", "default"]
+    revision: str | None = None
+
+
+class PolicySettingsState(_Result):
+    """The tenant's policy settings and their version (0: never set)."""
+
+    version: int
+    settings: dict[str, Any]
+
+
 class PoliciesResponse(_Result):
-    """The active policy bundle (null digest: none activated yet)."""
+    """The active policy bundle (null digest: none activated yet), what decides in each
+    environment, and the tenant's settings."""
 
     bundle_digest: str | None
     activated_at: Timestamp | None
     policies: list[PolicyView]
+    environments: dict[str, EnvironmentBundleView] = Field(default_factory=dict)
+    settings: PolicySettingsState | None = None
 
 
 class CostTotals(_Result):
