@@ -39,6 +39,7 @@ from libs.contracts.limits import (
     MAX_TOKENS,
     RUN_ID_PATTERN,
 )
+from libs.contracts.policy import DEFAULT_ENVIRONMENT, Environment
 from libs.usage import require_consistent
 from services.gateway.rbac import USER_ID_PATTERN
 
@@ -176,6 +177,11 @@ class AdmissionRequest(_Body):
     model: Name | None = None
     tool: Name | None = None
     estimate: Estimate = Field(default_factory=Estimate)
+    environment: Environment = Field(
+        default=DEFAULT_ENVIRONMENT,
+        description="Whose bundle decides: the tenant's production (default) or sandbox one "
+        "(docs/policies.md).",
+    )
 
 
 class AdmissionReason(_Result):
