@@ -118,6 +118,28 @@ def _safe_name(raw: str) -> str:
     return name
 
 
+MAX_TAR_BYTES = MAX_TOTAL_BYTES + (MAX_FILES + 64) * 3 * 512 + 64 * 1024
+"""The uncompressed tar: the files plus a few header blocks each. Decompressing stops here, so
+no header (a long name, a PAX record) can make a small archive expand without bound."""
+
+
+def _gunzip(archive: bytes) -> bytes:
+    """The archive decompressed, at most :data:`MAX_TAR_BYTES`."""
+    inflate = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(archive, MAX_TAR_BYTES + 1)
+    except zlib.error as exc:
+        raise BundleRejected("bundle_malformed", f"not a readable tar.gz: {exc}") from None
+    if len(out) > MAX_TAR_BYTES:
+        raise BundleTooLarge(
+            "bundle_file_too_large",
+            f"the archive expands to more than {MAX_TAR_BYTES:,} bytes",
+        )
+    if not inflate.eof:
+        raise BundleRejected("bundle_malformed", "the gzip stream is truncated")
+    return out
+
+
 def extract(archive: bytes) -> dict[str, bytes]:
     """The regular files of a gzipped tar, by normalised path, read within every bound.
 
@@ -137,8 +159,9 @@ def extract(archive: bytes) -> dict[str, bytes]:
         raise BundleRejected("bundle_malformed", "the body is not a gzip-compressed tar archive")
     files: dict[str, bytes] = {}
     total = 0
+    tar_bytes = _gunzip(archive)
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
             for member in tar:
                 if member.isdir():
                     _safe_name(member.name)

@@ -49,7 +49,8 @@ BUNDLE_BODY = {
         "description": "A signed bundle: a tar.gz in OPA's layout with .manifest (revision), "
         "data.json files, *.rego policies and tests, and .signatures.json (see "
         "docs/policies.md).",
-        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        # Described as octet-stream (what generic clients send); application/gzip is read alike.
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
 

@@ -9,12 +9,15 @@ import io
 import json
 import tarfile
 from collections.abc import Callable
+from pathlib import Path
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from libs import policy_bundles as artifacts
 from libs.policy_bundles import BundleRejected, BundleTooLarge, reason_of
+from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
 from services.policy_admission.tenant_bundles import (
     Keys,
     SigningKey,
@@ -117,6 +120,20 @@ def test_files_adding_up_past_the_total_bound_are_refused() -> None:
 
     with pytest.raises(BundleTooLarge, match=r"^bundle_file_too_large"):
         artifacts.extract(_tar(add))
+
+
+def test_a_header_that_expands_without_bound_is_stopped_while_decompressing() -> None:
+    # A GNU long-name header of 64 MiB: tarfile would read it whole into memory.
+    def add(tar: tarfile.TarFile) -> None:
+        _member("n" * (64 * 1024 * 1024), b"x")(tar)
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.GNU_FORMAT) as tar:
+        add(tar)
+    archive = buf.getvalue()
+    assert len(archive) < artifacts.MAX_ARCHIVE_BYTES
+    with pytest.raises(BundleTooLarge, match=r"^bundle_file_too_large: the archive expands"):
+        artifacts.extract(archive)
 
 
 def test_an_archive_over_its_bound_is_413() -> None:
@@ -317,3 +334,36 @@ def test_data_files_are_placed_by_their_directory() -> None:
     files["extra/limits/data.json"] = b'{"x": 1}'
     checked = check_archive(signed(KEY, files), KEYS)
     assert checked.bundle.data["extra"]["limits"] == {"x": 1}
+
+
+def test_sign_directory_writes_a_bundle_that_passes_every_check(tmp_path: Path) -> None:
+    key_file = tmp_path / "key.pem"
+    key_file.write_bytes(
+        KEY.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    out = tmp_path / "b.tar.gz"
+    digest = artifacts.sign_directory(
+        DEFAULT_BUNDLE_DIR, key_file.read_bytes(), KEY_ID, out, revision="5"
+    )
+    assert digest == artifacts.archive_digest(out.read_bytes())
+    checked = check_archive(out.read_bytes(), KEYS)
+    assert (checked.revision, checked.signer_key_id) == ("5", KEY_ID)
+    # The same directory and key make the same bytes.
+    again = tmp_path / "again.tar.gz"
+    assert (
+        artifacts.sign_directory(
+            DEFAULT_BUNDLE_DIR, key_file.read_bytes(), KEY_ID, again, revision="5"
+        )
+        == digest
+    )
+
+
+def test_sign_directory_refuses_links(tmp_path: Path) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "escape.rego").symlink_to("/etc/hostname")
+    with pytest.raises(BundleRejected, match=r"^bundle_link"):
+        artifacts.directory_files(tmp_path / "bundle", revision="1")
