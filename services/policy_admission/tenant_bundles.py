@@ -53,6 +53,7 @@ from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository,
 from libs.eventbus.store import EventStore
 from libs.eventbus.uow import UnitOfWork
 from libs.policy_bundles import BundleConflict, BundleNotFound, BundleRejected
+from libs.redaction import redact_text
 from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.rego_tests import run_sources
 
@@ -373,7 +374,6 @@ class TenantPolicies:
         default: PolicyBundle,
         *,
         interval_s: float = FOLLOW_INTERVAL_S,
-        on_change: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.default = default
@@ -383,9 +383,7 @@ class TenantPolicies:
         self.settings = Repository(store, SETTINGS, max_retries=4)
         self._views: dict[str, TenantView] = {}
         self._seen = 0
-        self._on_change = on_change
         self._reloads: dict[str, asyncio.Lock] = {}
-        self.following = False
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -440,16 +438,12 @@ class TenantPolicies:
 
     async def follow(self) -> None:
         """Poll until cancelled; a failed poll is logged and retried at the next tick."""
-        self.following = True
-        try:
-            while True:
-                try:
-                    await self.poll()
-                except Exception as exc:
-                    log.warning("policy_follow.poll_failed", error=str(exc)[:500])
-                await asyncio.sleep(self.interval_s)
-        finally:
-            self.following = False
+        while True:
+            try:
+                await self.poll()
+            except Exception as exc:
+                log.warning("policy_follow.poll_failed", error=redact_text(str(exc))[:500])
+            await asyncio.sleep(self.interval_s)
 
     async def reload(self, tenant_id: str) -> TenantView:
         """Re-read the tenant's activations and settings; load what changed; swap the view.
@@ -479,7 +473,7 @@ class TenantPolicies:
                         tenant_id=tenant_id,
                         environment=env,
                         bundle_digest=active.bundle_digest,
-                        error=str(exc)[:500],
+                        error=redact_text(str(exc))[:500],
                     )
             settings = await self.settings.load(tenant_id, SETTINGS_ENTITY)
             view = TenantView(
@@ -491,8 +485,6 @@ class TenantPolicies:
                 ),
             )
             self._views[tenant_id] = view  # the swap: one assignment
-            if self._on_change is not None:
-                self._on_change(tenant_id)
             return view
 
     async def _load_active(self, tenant_id: str, active: PolicyBundleActivated) -> PolicyBundle:
