@@ -39,7 +39,7 @@ from libs.contracts.limits import (
     MAX_TOKENS,
     RUN_ID_PATTERN,
 )
-from libs.contracts.policy import DEFAULT_ENVIRONMENT, Environment
+from libs.contracts.policy import Environment
 from libs.usage import require_consistent
 from services.gateway.rbac import USER_ID_PATTERN
 
@@ -177,10 +177,10 @@ class AdmissionRequest(_Body):
     model: Name | None = None
     tool: Name | None = None
     estimate: Estimate = Field(default_factory=Estimate)
-    environment: Environment = Field(
-        default=DEFAULT_ENVIRONMENT,
-        description="Whose bundle decides: the tenant's production (default) or sandbox one "
-        "(docs/policies.md).",
+    environment: Environment | None = Field(
+        default=None,
+        description="Whose bundle decides: the tenant's production (the default) or sandbox "
+        "one (docs/policies.md).",
     )
 
 

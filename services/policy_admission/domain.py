@@ -83,8 +83,13 @@ class AdmitRequest(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     tool: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     estimate: StepEstimate
-    environment: Environment = DEFAULT_ENVIRONMENT
-    """Which of the tenant's bundles decides: ``production`` (default) or ``sandbox``."""
+    environment: Environment | None = None
+    """Which of the tenant's bundles decides: ``production`` (when left out) or ``sandbox``."""
+
+    @property
+    def bundle_environment(self) -> Environment:
+        """The environment whose bundle decides."""
+        return self.environment or DEFAULT_ENVIRONMENT
 
 
 def parse_request(body: dict[str, Any]) -> AdmitRequest:
@@ -303,7 +308,7 @@ def build_input(
     cost, status = estimate_cost_usd(prices, request, at)
     return {
         "tenant_id": context.tenant_id,
-        "environment": request.environment,
+        "environment": request.bundle_environment,
         "run": context.as_input(),
         "step": {
             "index": request.step_index,

@@ -332,7 +332,7 @@ class AdmissionHandler:
         input_doc = build_input(context, req, prices=prices[0], at=utcnow())
         # The tenant's bundle for the environment and its settings: in-memory lookups, taken
         # once, so the whole decision is made by one bundle.
-        bundle = self.bundle_for(context.tenant_id, req.environment)
+        bundle = self.bundle_for(context.tenant_id, req.bundle_environment)
         settings = self.settings_for(context.tenant_id)
         if settings is not None:
             input_doc["settings"] = settings
