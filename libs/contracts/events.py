@@ -275,16 +275,101 @@ class PolicyInfo(DomainEvent):
     description: str | None = None
 
 
+# Version 1 had no environment, revision or signer; kept so stored v1 events stay readable (its
+# docstring is part of its published schema).
 @register
-class PolicyBundleActivated(DomainEvent):
+class PolicyBundleActivatedV1(DomainEvent):
     """A compiled policy bundle became the one admission decides with, for a tenant."""
 
+    model_config = ConfigDict(title="PolicyBundleActivated")
     event_type = "policy.bundle_activated"
     schema_version = 1
 
     bundle_digest: str
     policies: list[PolicyInfo]
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+@register
+class PolicyBundleActivated(PolicyBundleActivatedV1):
+    """A policy bundle became the one admission decides with, for a tenant and environment.
+
+    The repository's bundle is activated in ``system/policy/bundle`` (no revision, no signer).
+    A tenant's uploaded bundle is activated in ``<tenant>/policy/bundles-<environment>`` by its
+    digest, with the manifest's ``revision`` and the signing key (id and public key, so every
+    replica can verify the stored archive again before it decides with it); ``data`` is then
+    left empty (the archive holds it).
+    """
+
+    event_type = "policy.bundle_activated"
+    schema_version = 2
+
+    environment: Literal["sandbox", "production"] = "production"
+    revision: str | None = None
+    signer_key_id: str | None = None
+    signer_public_key: str | None = None
+
+
+@upcaster("policy.bundle_activated", 1)
+def upcast_bundle_activated_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: every v1 activation was the repository's bundle, for production."""
+    data = dict(payload)
+    data.setdefault("environment", "production")
+    return data
+
+
+@register
+class PolicyBundleUploaded(DomainEvent):
+    """A signed bundle archive was verified and stored (content-addressed by its sha256); it
+    decides nothing until it is activated by that digest."""
+
+    event_type = "policy.bundle_uploaded"
+    schema_version = 1
+
+    bundle_digest: str
+    environment: Literal["sandbox", "production"]
+    revision: str
+    signer_key_id: str
+    size_bytes: int = Field(ge=0)
+    files: int = Field(ge=0)
+    policies: list[PolicyInfo]
+
+
+@register
+class PolicySigningKeyRegistered(DomainEvent):
+    """An ed25519 public key may sign the tenant's policy bundles from now on."""
+
+    event_type = "policy.signing_key_registered"
+    schema_version = 1
+
+    key_id: str
+    algorithm: Literal["EdDSA"] = "EdDSA"
+    public_key: str
+    fingerprint: str
+
+
+@register
+class PolicySigningKeyRetired(DomainEvent):
+    """A signing key may no longer sign bundles: uploads and activations signed by it are
+    refused. Bundles already active keep deciding. A retired key id is never reused."""
+
+    event_type = "policy.signing_key_retired"
+    schema_version = 1
+
+    key_id: str
+    reason: str | None = None
+
+
+@register
+class PolicySettingsChanged(DomainEvent):
+    """The tenant's limits and allowlists (``PolicySettings``) as of ``version``; they replace
+    the previous version whole."""
+
+    event_type = "policy.settings_changed"
+    schema_version = 1
+
+    version: int = Field(ge=1)
+    settings: dict[str, Any]
 
 
 # --- incidents (owned by incident) ---------------------------------------------------------------

@@ -53,3 +53,16 @@ test_metadata_is_complete if {
 	model_allowlist.metadata.id == "model_allowlist"
 	model_allowlist.metadata.severity == "medium"
 }
+
+test_settings_in_input_override_data_json if {
+	count(model_allowlist.deny) == 0 with input.tenant_id as "acme"
+		with input.step as model_step("gpt-4o-mini")
+		with input.settings as {"model_allowlist": ["gpt-4o-mini"]}
+		with data.missioncontrol.config.tenants as model_allowlists()
+}
+
+test_settings_in_input_restrict_a_tenant if {
+	count(model_allowlist.deny) == 1 with input.tenant_id as "acme"
+		with input.step as model_step("gpt-4o")
+		with input.settings as {"model_allowlist": ["claude-sonnet-4"]}
+}

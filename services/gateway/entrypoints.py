@@ -44,6 +44,23 @@ from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
+from services.gateway.policy_bundles import (
+    BUNDLE_BODY,
+    UPLOAD_TIMEOUT_S,
+    BundleListing,
+    BundleStored,
+    DigestPath,
+    EnvironmentQuery,
+    KeyIdPath,
+    OptionalDigest,
+    PolicySettingsIn,
+    PolicySettingsView,
+    RetireKeyIn,
+    SigningKeyIn,
+    SigningKeyListing,
+    read_bundle,
+    settings_payload,
+)
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
     ID_PATTERN,
@@ -807,8 +824,111 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     @router.get("/policies", response_model=PoliciesResponse, tags=["policies"])
     async def list_policies(call: Read) -> Any:
-        """The active bundle's policies, with how many incidents each has caused."""
-        return await call.answer("audit", "policies")
+        """The active bundle's policies, with how many incidents each has caused; what decides
+        in each environment (the tenant's own bundle or the default one) and the tenant's
+        policy settings."""
+        listing = await call("audit", "policies")
+        status = await call("admission", "status")
+        return json_response({**listing, **status})
+
+    # -- policy bundles, signing keys and settings (docs/policies.md) ------------------------------
+
+    @router.post(
+        "/policy-bundles",
+        response_model=BundleStored,
+        status_code=201,
+        tags=["policies"],
+        openapi_extra=BUNDLE_BODY,
+    )
+    async def upload_policy_bundle(
+        request: Request, call: Configure, environment: EnvironmentQuery = "production"
+    ) -> Response:
+        """Upload a signed bundle (tar.gz): verified, compiled and tested, then stored by its
+        digest. It decides nothing until activated by that digest. 201 when new, 200 when the
+        same archive was uploaded before."""
+        payload = {
+            "environment": environment,
+            "archive_b64": await read_bundle(request),
+            "actor": call.actor,
+        }
+        # Compiling the bundle and running its tests takes seconds, not milliseconds.
+        result = await call("admission", "upload_bundle", payload, timeout=UPLOAD_TIMEOUT_S)
+        return json_response(result, 201 if result.get("created") else 200)
+
+    @router.get("/policy-bundles", response_model=BundleListing, tags=["policies"])
+    async def list_policy_bundles(call: Read, environment: EnvironmentQuery = "production") -> Any:
+        """The tenant's uploaded bundles of one environment and which one is active."""
+        return await call.answer("admission", "list_bundles", {"environment": environment})
+
+    @router.post(
+        "/policy-bundles/{digest}:activate", response_model=BundleStored, tags=["policies"]
+    )
+    async def activate_policy_bundle(
+        digest: DigestPath, call: Configure, environment: EnvironmentQuery = "production"
+    ) -> Any:
+        """Activate an uploaded bundle, named by its digest, in one environment. It is verified
+        again; every replica of policy-admission switches to it without a restart."""
+        return await _activate_bundle(call, environment, digest)
+
+    @router.post("/policy-bundles:activate", response_model=BundleStored, tags=["policies"])
+    async def activate_pinned_policy_bundle(
+        call: Configure,
+        environment: EnvironmentQuery = "production",
+        digest: OptionalDigest = None,
+    ) -> Any:
+        """Activate (reload) by ``?digest=``; without a digest the reload is refused
+        (``bundle_reload_unpinned``): nothing is ever activated by name or by "latest"."""
+        return await _activate_bundle(call, environment, digest)
+
+    @router.get("/policy-signing-keys", response_model=SigningKeyListing, tags=["policies"])
+    async def list_policy_signing_keys(call: Read) -> Any:
+        """The tenant's bundle signing keys, active and retired."""
+        return await call.answer("admission", "list_signing_keys")
+
+    @router.put(
+        "/policy-signing-keys/{key_id}", response_model=SigningKeyListing, tags=["policies"]
+    )
+    async def put_policy_signing_key(key_id: KeyIdPath, body: SigningKeyIn, call: Govern) -> Any:
+        """Register an ed25519 public key that may sign the tenant's bundles (the JWT's
+        ``kid``). The same key again changes nothing; another key under a used id is 409."""
+        payload = {"key_id": key_id, "public_key": body.public_key, "actor": call.actor}
+        return await call.answer("admission", "put_signing_key", payload)
+
+    @router.post(
+        "/policy-signing-keys/{key_id}:retire",
+        response_model=SigningKeyListing,
+        tags=["policies"],
+    )
+    async def retire_policy_signing_key(
+        key_id: KeyIdPath, call: Govern, body: Annotated[RetireKeyIn | None, Body()] = None
+    ) -> Any:
+        """Retire a signing key: bundles it signed can no longer be uploaded or activated
+        (the active bundle keeps deciding). Its id is never reused."""
+        payload = {
+            "key_id": key_id,
+            "reason": body.reason if body is not None else None,
+            "actor": call.actor,
+        }
+        return await call.answer("admission", "retire_signing_key", payload)
+
+    @router.get("/policy-settings", response_model=PolicySettingsView, tags=["policies"])
+    async def get_policy_settings(call: Read) -> Any:
+        """The tenant's limits and allowlists and their version."""
+        return await call.answer("admission", "get_settings")
+
+    @router.put("/policy-settings", response_model=PolicySettingsView, tags=["policies"])
+    async def put_policy_settings(
+        body: PolicySettingsIn,
+        call: Configure,
+        if_match: Annotated[
+            str | None,
+            Header(description="The settings version this replaces (or send `version`)."),
+        ] = None,
+    ) -> Any:
+        """Replace the tenant's limits and allowlists; admission applies them at once, without
+        a restart. With ``version`` (or ``If-Match``) a concurrent change is a 409."""
+        payload = {**settings_payload(body, if_match), "actor": call.actor}
+        return await call.answer("admission", "put_settings", payload)
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(
@@ -1150,6 +1270,11 @@ def permission_table(*routers: APIRouter) -> list[tuple[str, str, Permission]]:
         for method in sorted(route.methods or ())
         for permission in declared_permissions(route)
     ]
+
+
+async def _activate_bundle(call: Caller, environment: str, digest: str | None) -> Response:
+    payload = {"environment": environment, "bundle_digest": digest, "actor": call.actor}
+    return await call.answer("admission", "activate_bundle", payload)
 
 
 def _present(query: dict[str, Any]) -> dict[str, Any]:

@@ -71,7 +71,9 @@ RULES: Mapping[Permission, Rule] = {
         {"operator", "approver", "admin"}, {"ingest"}, "acknowledge or resolve incidents"
     ),
     Permission.CONFIGURE: _rule(
-        {"admin"}, {"ingest"}, "change the tenant's price table or budgets"
+        {"admin"},
+        {"ingest"},
+        "change the tenant's price table, budgets, policy settings or policy bundles",
     ),
     Permission.OPERATE: _rule({"admin"}, {"ingest"}, "rebuild the projections"),
     Permission.WORKFLOWS: _rule(
@@ -82,7 +84,9 @@ RULES: Mapping[Permission, Rule] = {
     Permission.WORK: _rule((), {"ingest"}, "take dispatched workflow steps"),
     # Approvals are people's: no key may give one.
     Permission.APPROVE: _rule({"approver", "admin"}, (), "approve or reject workflow steps"),
-    Permission.GOVERN: _rule({"admin"}, (), "change the tenant's approval rules"),
+    Permission.GOVERN: _rule(
+        {"admin"}, (), "change the tenant's approval rules or policy signing keys"
+    ),
 }
 
 

@@ -1,8 +1,8 @@
 """How the runtime finds the gateway (entry point ``mission_control.services``).
 
 The gateway is the front door: it forwards every request to the other services, so it starts
-after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow`` and
-``mctl approval``, and the demo ``mctl up --demo`` runs.
+after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow``,
+``mctl approval`` and ``mctl policy``, and the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -22,6 +22,7 @@ REGISTRATION = ServiceRegistration(
         "user": "services.gateway.cli:user_app",
         "workflow": "services.gateway.workflow_cli:workflow_app",
         "approval": "services.gateway.workflow_cli:approval_app",
+        "policy": "services.gateway.policy_cli:policy_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.

@@ -39,6 +39,7 @@ from libs.contracts.limits import (
     MAX_TOKENS,
     RUN_ID_PATTERN,
 )
+from libs.contracts.policy import Environment
 from libs.usage import require_consistent
 from services.gateway.rbac import USER_ID_PATTERN
 
@@ -176,6 +177,11 @@ class AdmissionRequest(_Body):
     model: Name | None = None
     tool: Name | None = None
     estimate: Estimate = Field(default_factory=Estimate)
+    environment: Environment | None = Field(
+        default=None,
+        description="Whose bundle decides: the tenant's production (the default) or sandbox "
+        "one (docs/policies.md).",
+    )
 
 
 class AdmissionReason(_Result):
@@ -465,12 +471,30 @@ class PolicyView(_Result):
     open_incidents: int
 
 
+class EnvironmentBundleView(_Result):
+    """What decides in one environment: the tenant's own bundle, or the default one."""
+
+    bundle_digest: str
+    source: Literal["tenant", "default"]
+    revision: str | None = None
+
+
+class PolicySettingsState(_Result):
+    """The tenant's policy settings and their version (0: never set)."""
+
+    version: int
+    settings: dict[str, Any]
+
+
 class PoliciesResponse(_Result):
-    """The active policy bundle (null digest: none activated yet)."""
+    """The active policy bundle (null digest: none activated yet), what decides in each
+    environment, and the tenant's settings."""
 
     bundle_digest: str | None
     activated_at: Timestamp | None
     policies: list[PolicyView]
+    environments: dict[str, EnvironmentBundleView] = Field(default_factory=dict)
+    settings: PolicySettingsState | None = None
 
 
 class CostTotals(_Result):

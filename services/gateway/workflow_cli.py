@@ -24,35 +24,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 
-from libs.runtime.cli_support import (
-    CliError,
-    DataDirOption,
-    command_group,
-    data_dir_of,
-    one_line_errors,
-)
-from libs.runtime.state import read_state
+from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
+from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
 
 workflow_app = command_group("workflow", "Save workflows, run them and follow their executions.")
 approval_app = command_group("approval", "List, approve and reject steps waiting for approval.")
 
-UrlOption = Annotated[
-    str | None,
-    typer.Option(
-        "--url",
-        help="The gateway (default: $MC_GATEWAY_URL, else the running system's gateway).",
-        show_default=False,
-    ),
-]
-ApiKeyOption = Annotated[
-    str | None,
-    typer.Option(
-        "--api-key", help="An API key of the tenant (default: $MC_API_KEY).", show_default=False
-    ),
-]
 UserOption = Annotated[
     str | None,
     typer.Option(
@@ -73,64 +52,9 @@ TenantOption = Annotated[
 ]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded with your name).")]
 
-# How long one request may take; ``run --wait`` polls for as long as it is asked to.
-REQUEST_TIMEOUT_S = 30.0
+# ``run --wait`` polls for as long as it is asked to.
 POLL_INTERVAL_S = 0.5
 FINISHED = frozenset({"completed", "failed", "aborted"})
-
-
-def gateway_url(flag: str | None, data_dir: Path | None) -> str:
-    """The gateway to talk to: ``--url``, ``$MC_GATEWAY_URL``, else the running system's."""
-    if flag:
-        return flag.rstrip("/")
-    if env := os.environ.get("MC_GATEWAY_URL"):
-        return env.rstrip("/")
-    state = read_state(data_dir_of(data_dir)) or {}
-    for child in state.get("children", []):
-        if child.get("name") == "gateway" and child.get("url"):
-            return str(child["url"]).rstrip("/")
-    raise CliError(
-        "no gateway: pass --url or set MC_GATEWAY_URL, or start the system with `mctl up`"
-    )
-
-
-class Api:
-    """One gateway and one caller's credentials; every answer that is not 2xx is a
-    :class:`CliError` naming the status and the gateway's own message."""
-
-    def __init__(self, url: str, headers: Mapping[str, str]) -> None:
-        self.http = httpx.Client(base_url=url, headers=dict(headers), timeout=REQUEST_TIMEOUT_S)
-
-    def __enter__(self) -> Api:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.http.close()
-
-    def send(self, method: str, path: str, **kw: Any) -> Any:
-        """The JSON answer of one request."""
-        response = self.http.request(method, path, **kw)
-        if response.is_success:
-            return response.json()
-        raise CliError(f"{method} {path}: {response.status_code} {_message(response)}")
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
-    error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(body)[:500]
-
-
-def _api_key_headers(api_key: str | None) -> dict[str, str]:
-    key = api_key or os.environ.get("MC_API_KEY")
-    if not key:
-        raise CliError("no API key: pass --api-key or set MC_API_KEY")
-    return {"Authorization": f"Bearer {key}"}
 
 
 def _person_headers(
@@ -216,7 +140,7 @@ def save(
     """Validate a workflow document and save it as the workflow's next version."""
     media = "application/json" if file.suffix == ".json" else "application/yaml"
     params = {"base_version": base_version} if base_version is not None else {}
-    with Api(gateway_url(url, data_dir), _api_key_headers(api_key)) as api:
+    with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         saved = api.send(
             "POST",
             "/v1/workflows",
@@ -252,7 +176,7 @@ def run(
     body: dict[str, Any] = {"inputs": _inputs(input_, inputs_file)}
     if version is not None:
         body["version"] = version
-    with Api(gateway_url(url, data_dir), _api_key_headers(api_key)) as api:
+    with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         view = api.send("POST", f"/v1/workflows/{workflow_id}/executions", json=body)
         execution_id = view["execution_id"]
         typer.echo(f"execution {execution_id} started ({view['status']})")
@@ -285,7 +209,7 @@ def show(
     data_dir: DataDirOption = None,
 ) -> None:
     """An execution's status and each step's state."""
-    with Api(gateway_url(url, data_dir), _api_key_headers(api_key)) as api:
+    with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         view = api.send("GET", f"/v1/executions/{execution_id}")
     typer.echo(json.dumps(view, indent=2) if as_json else describe(view))
 
@@ -300,7 +224,7 @@ def abort(
     data_dir: DataDirOption = None,
 ) -> None:
     """Abort an execution: nothing more is dispatched and its running attempts' runs end."""
-    with Api(gateway_url(url, data_dir), _api_key_headers(api_key)) as api:
+    with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         view = api.send("POST", f"/v1/executions/{execution_id}/abort", json={"reason": reason})
     typer.echo(describe(view))
 
@@ -318,7 +242,7 @@ def approval_list(
     """Steps waiting for approval, oldest first, with their age and the SLA left."""
     base = gateway_url(url, data_dir)
     headers = (
-        _api_key_headers(api_key)
+        api_key_headers(api_key)
         if api_key or (user is None and "MC_TOKEN" not in os.environ)
         else _person_headers(base, user, password_stdin, tenant)
     )

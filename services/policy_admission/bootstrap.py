@@ -14,6 +14,7 @@ from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, r
 from services.policy_admission.bundle import PolicyBundle, load_bundle
 from services.policy_admission.entrypoints import rpc_server, steps_consumer_spec
 from services.policy_admission.handlers import AdmissionHandler, activate_bundle
+from services.policy_admission.tenant_bundles import TenantPolicies
 
 log = structlog.get_logger("policy_admission")
 
@@ -39,11 +40,20 @@ class PolicyAdmissionService:
         self.steps_spec = steps_spec or steps_consumer_spec()
         self.consumer: BatchEventConsumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self.tenants: TenantPolicies | None = None
+        self._follow: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
         self.bundle = load_bundle(ctx.settings)
-        self.handler = AdmissionHandler(ctx.store, self.bundle, registry=ctx.registry)
+        # Tenants' own bundles and settings, loaded before the first request and followed.
+        self.tenants = TenantPolicies(ctx.store, self.bundle)
+        await self.tenants.start()
+        self._follow = asyncio.create_task(self.tenants.follow(), name="admission-policy-follow")
+        ctx.tasks.append(self._follow)
+        self.handler = AdmissionHandler(
+            ctx.store, self.bundle, registry=ctx.registry, tenants=self.tenants
+        )
         appended = await activate_bundle(ctx.store, self.bundle)
         log.info(
             "policy_bundle.loaded",
@@ -55,7 +65,7 @@ class PolicyAdmissionService:
         self.consumer = BatchEventConsumer(ctx.js, self.steps_spec, self.handler.judge_steps)
         self._task = asyncio.create_task(self.consumer.run(), name="admission-steps")
         ctx.tasks.append(self._task)
-        self._server = rpc_server(ctx.nc, self.handler)
+        self._server = rpc_server(ctx.nc, self.handler, self.tenants)
         await self._server.start()
 
     async def stop(self) -> None:
@@ -68,6 +78,8 @@ class PolicyAdmissionService:
         if self._task is not None and not self._task.done():
             # Cancelled by the host with the rest of ctx.tasks if still running after this.
             await asyncio.wait({self._task}, timeout=CONSUMER_STOP_TIMEOUT_S)
+        if self._follow is not None:
+            self._follow.cancel()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""
@@ -82,6 +94,8 @@ class PolicyAdmissionService:
             and self.consumer.running
             and self._task is not None
             and not self._task.done()
+            and self._follow is not None
+            and not self._follow.done()
         )
 
 

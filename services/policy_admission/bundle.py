@@ -90,9 +90,11 @@ class PolicyBundle:
     calls cannot interleave.
     """
 
-    def __init__(self, root: Path, files: list[tuple[str, str]]) -> None:
+    def __init__(
+        self, root: Path, files: list[tuple[str, str]], *, digest: str | None = None
+    ) -> None:
         self.root = root
-        self.digest = digest_of(files)
+        self.digest = digest or digest_of(files)
         self.data: dict[str, Any] = {}
         self._interp = Interpreter()
         modules = [(rel, src) for rel, src in files if rel.endswith(".rego")]

@@ -29,6 +29,7 @@ from libs.contracts.events import (
     StepRecorded,
 )
 from libs.contracts.limits import MAX_KIND, MAX_NAME, MAX_TOKENS, RUN_ID_PATTERN
+from libs.contracts.policy import DEFAULT_ENVIRONMENT, Environment
 from libs.contracts.registry import decode
 from libs.domain.run import RunState, empty_run
 from libs.domain.run import fold as fold_run
@@ -82,6 +83,13 @@ class AdmitRequest(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     tool: str | None = Field(default=None, min_length=1, max_length=MAX_NAME)
     estimate: StepEstimate
+    environment: Environment | None = None
+    """Which of the tenant's bundles decides: ``production`` (when left out) or ``sandbox``."""
+
+    @property
+    def bundle_environment(self) -> Environment:
+        """The environment whose bundle decides."""
+        return self.environment or DEFAULT_ENVIRONMENT
 
 
 def parse_request(body: dict[str, Any]) -> AdmitRequest:
@@ -300,6 +308,7 @@ def build_input(
     cost, status = estimate_cost_usd(prices, request, at)
     return {
         "tenant_id": context.tenant_id,
+        "environment": request.bundle_environment,
         "run": context.as_input(),
         "step": {
             "index": request.step_index,
@@ -430,8 +439,11 @@ def decide(
 # --- judging recorded steps ----------------------------------------------------------------------
 
 
-def admission_required_mode(data: dict[str, Any], tenant_id: str) -> Enforcement:
-    """The tenant's ``admission_required`` setting in the bundle's ``data.json``: its override in
+def admission_required_mode(
+    data: dict[str, Any], tenant_id: str, settings: dict[str, Any] | None = None
+) -> Enforcement:
+    """The tenant's ``admission_required`` setting: from its policy settings
+    (``PUT /v1/policy-settings``), else its override in the bundle's
     ``missioncontrol.config.tenants``, else the bundle default, else ``enforce``.
 
     Raises :class:`PermanentError` for any other value (the bundle is wrong; guessing would
@@ -441,6 +453,8 @@ def admission_required_mode(data: dict[str, Any], tenant_id: str) -> Enforcement
     tenant = (config.get("tenants") or {}).get(tenant_id) or {}
     defaults = config.get("defaults") or {}
     value = tenant.get(ADMISSION_REQUIRED_SETTING, defaults.get(ADMISSION_REQUIRED_SETTING))
+    if settings is not None and settings.get(ADMISSION_REQUIRED_SETTING) is not None:
+        value = settings[ADMISSION_REQUIRED_SETTING]
     if value is None:
         return "enforce"
     if value not in ENFORCEMENTS:

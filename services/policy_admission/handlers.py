@@ -29,6 +29,7 @@ from pydantic import TypeAdapter, ValidationError
 from libs.contracts import new_uuid7, stream_id_for, utcnow
 from libs.contracts.envelope import DomainEvent, EventEnvelope, TenantId, TraceContext
 from libs.contracts.events import PolicyBundleActivated, StepRecorded
+from libs.contracts.policy import DEFAULT_ENVIRONMENT
 from libs.contracts.registry import decode
 from libs.domain.prices import PRICE_TABLE_ID, PRICES
 from libs.domain.run import RUN_CATEGORY
@@ -59,6 +60,7 @@ from services.policy_admission.domain import (
     judge,
     parse_request,
 )
+from services.policy_admission.tenant_bundles import TenantPolicies
 
 log = structlog.get_logger("policy_admission")
 
@@ -165,9 +167,11 @@ class AdmissionHandler:
         registry: CollectorRegistry | None = None,
         max_runs: int = DEFAULT_MAX_RUNS,
         max_tenants: int = DEFAULT_MAX_TENANTS,
+        tenants: TenantPolicies | None = None,
     ) -> None:
         self.store = store
         self.bundle = bundle
+        self.tenants = tenants
         self.runs = Repository(store, RUN_CONTEXT, cache_size=max_runs)
         self._waiting: list[_Pending] = []
         self._committer: asyncio.Task[None] | None = None
@@ -215,7 +219,7 @@ class AdmissionHandler:
             "decision_id": answer["decision_id"],
             "outcome": decision.outcome,
             "reasons": [r.model_dump(mode="json") for r in decision.reasons],
-            "bundle_digest": self.bundle.digest,
+            "bundle_digest": answer["bundle_digest"],
             "context": decision_context(answer["input"]),
         }
 
@@ -326,17 +330,23 @@ class AdmissionHandler:
         if not context.run.version:
             raise NotFound(f"run {req.run_id!r} not found")
         input_doc = build_input(context, req, prices=prices[0], at=utcnow())
+        # The tenant's bundle for the environment and its settings: in-memory lookups, taken
+        # once, so the whole decision is made by one bundle.
+        bundle = self.bundle_for(context.tenant_id, req.bundle_environment)
+        settings = self.settings_for(context.tenant_id)
+        if settings is not None:
+            input_doc["settings"] = settings
         eval_started = time.perf_counter()
-        raw = self.bundle.evaluate(input_doc)
+        raw = bundle.evaluate(input_doc)
         self._evaluation.observe(time.perf_counter() - eval_started)
         decision = interpret(raw)
-        answer.update(decision=decision, input=input_doc)
+        answer.update(decision=decision, input=input_doc, bundle_digest=bundle.digest)
         return decide(
             context,
             req,
             decision,
             decision_id=decision_id,
-            bundle_digest=self.bundle.digest,
+            bundle_digest=bundle.digest,
             input_doc=input_doc,
             trace_id=trace_id,
         )
@@ -356,13 +366,16 @@ class AdmissionHandler:
             step = decode(env)
             if not isinstance(step, StepRecorded) or not step.irregularities:
                 continue
-            enforcement = admission_required_mode(self.bundle.data, env.tenant_id)
+            bundle = self.bundle_for(env.tenant_id, DEFAULT_ENVIRONMENT)
+            enforcement = admission_required_mode(
+                bundle.data, env.tenant_id, self.settings_for(env.tenant_id)
+            )
             judged = partial(
                 judge,
                 step=step,
                 step_event_id=env.event_id,
                 enforcement=enforcement,
-                bundle_digest=self.bundle.digest,
+                bundle_digest=bundle.digest,
                 trace_id=trace_id_of(env.trace_context.traceparent),
             )
             _, stored = await self.runs.execute(
@@ -385,6 +398,17 @@ class AdmissionHandler:
         """The run-context fold at the tenant's prices (what admissions fold it with too)."""
         table = (await self.prices.load(tenant, PRICE_TABLE_ID, uow=uow)).table
         return _context_fold(table)
+
+    def bundle_for(self, tenant_id: str, environment: str) -> PolicyBundle:
+        """The bundle deciding for the tenant in ``environment`` (the repository's unless the
+        tenant activated one of its own)."""
+        if self.tenants is None:
+            return self.bundle
+        return self.tenants.bundle_for(tenant_id, environment)
+
+    def settings_for(self, tenant_id: str) -> dict[str, Any] | None:
+        """The tenant's ``input.settings`` (``None`` when it set none)."""
+        return None if self.tenants is None else self.tenants.settings_for(tenant_id)
 
     def policies(self) -> dict[str, Any]:
         """``{bundle_digest, policies}``: the active bundle and every policy's metadata."""

@@ -57,9 +57,18 @@ def _test_modules(root: Path) -> list[Path]:
 
 def discover(root: Path = DEFAULT_BUNDLE_DIR) -> list[RegoTest]:
     """Every ``test_*`` rule in the ``*_test.rego`` files under ``root``, in file order."""
+    return discover_sources(
+        [
+            (p.relative_to(root).as_posix(), p.read_text(encoding="utf-8"))
+            for p in _test_modules(root)
+        ]
+    )
+
+
+def discover_sources(test_modules: list[tuple[str, str]]) -> list[RegoTest]:
+    """Every ``test_*`` rule in ``test_modules`` (path, source), in order."""
     found: list[RegoTest] = []
-    for path in _test_modules(root):
-        text = path.read_text(encoding="utf-8")
+    for rel, text in test_modules:
         pkg = _PACKAGE.search(text)
         if pkg is None:
             continue
@@ -69,26 +78,39 @@ def discover(root: Path = DEFAULT_BUNDLE_DIR) -> list[RegoTest]:
             # A rule with several bodies (incremental definition) is still one test.
             if rule not in seen:
                 seen.add(rule)
-                found.append(RegoTest(path.relative_to(root).as_posix(), pkg.group(1), rule))
+                found.append(RegoTest(rel, pkg.group(1), rule))
     return found
 
 
 def run(root: Path = DEFAULT_BUNDLE_DIR) -> list[RegoTestResult]:
-    """Load every module (tests included) and ``data.json`` under ``root``; run every test.
+    """Load every module (tests included) and ``data.json`` under ``root``; run every test."""
+    modules = [
+        (path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"))
+        for path in sorted(root.rglob("*.rego"))
+    ]
+    data = root / DATA_FILE
+    data_json = data.read_text(encoding="utf-8") if data.is_file() else None
+    tests = [(rel, src) for rel, src in modules if rel.endswith("_test.rego")]
+    return run_sources(modules, tests, data_json)
+
+
+def run_sources(
+    modules: list[tuple[str, str]], test_modules: list[tuple[str, str]], data_json: str | None
+) -> list[RegoTestResult]:
+    """Run every test of ``test_modules`` against ``modules`` (tests included) and the data.
 
     All tests are compiled once, as entrypoints of one regopy bundle, then evaluated one by one.
     A module that does not compile fails every test with the compiler's message.
     """
-    tests = discover(root)
+    tests = discover_sources(test_modules)
     if not tests:
         return []
     interp = Interpreter()
     try:
-        for path in sorted(root.rglob("*.rego")):
-            interp.add_module(path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"))
-        data = root / DATA_FILE
-        if data.is_file():
-            interp.add_data(json.loads(data.read_text(encoding="utf-8")))
+        for rel, src in modules:
+            interp.add_module(rel, src)
+        if data_json is not None:
+            interp.add_data(json.loads(data_json))
         bundle = interp.build(None, [t.entrypoint for t in tests])
         if not bundle.ok():
             raise RegoError("bundle did not build")

@@ -75,6 +75,14 @@ async def _replicas(
 
     audit.route("policies", policies)
     await audit.start()
+    # GET /v1/policies also asks policy-admission what decides for the tenant.
+    admission = RpcServer(nc, "admission")
+
+    async def status(p: dict[str, Any], h: dict[str, str]) -> Any:
+        return {"environments": {}, "settings": {"version": 0, "settings": {}}}
+
+    admission.route("status", status)
+    await admission.start()
     async with AsyncExitStack() as stack:
         clients = []
         for i in range(n):
@@ -94,6 +102,7 @@ async def _replicas(
             )
         yield Replicas(clients, pool, system.admin_url)
     await audit.stop()
+    await admission.stop()
     await nc.close()
     await pool.close()
 

@@ -135,6 +135,24 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("PUT", "/v1/budgets/timezone"): ("/v1/budgets/timezone", {"timezone": "Europe/Paris"}),
     ("GET", "/v1/approval-rules"): ("/v1/approval-rules", None),
     ("PUT", "/v1/approval-rules"): ("/v1/approval-rules", {"irreversible": {"required": 1}}),
+    ("POST", "/v1/policy-bundles"): ("/v1/policy-bundles?environment=sandbox", None),
+    ("GET", "/v1/policy-bundles"): ("/v1/policy-bundles", None),
+    ("POST", "/v1/policy-bundles/{digest}:activate"): (
+        f"/v1/policy-bundles/sha256:{'0' * 64}:activate?environment=sandbox",
+        None,
+    ),
+    ("POST", "/v1/policy-bundles:activate"): ("/v1/policy-bundles:activate", None),
+    ("GET", "/v1/policy-signing-keys"): ("/v1/policy-signing-keys", None),
+    ("PUT", "/v1/policy-signing-keys/{key_id}"): (
+        "/v1/policy-signing-keys/rbac-key",
+        {"public_key": "not a PEM key"},
+    ),
+    ("POST", "/v1/policy-signing-keys/{key_id}:retire"): (
+        "/v1/policy-signing-keys/rbac-key:retire",
+        None,
+    ),
+    ("GET", "/v1/policy-settings"): ("/v1/policy-settings", None),
+    ("PUT", "/v1/policy-settings"): ("/v1/policy-settings", {"max_tokens_per_run": 100000}),
 }
 
 

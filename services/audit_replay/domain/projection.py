@@ -126,7 +126,9 @@ def project(
             out.rows["decisions"].append(decision_row(env, event))
         elif isinstance(event, CostRecorded):
             out.rows["costs"].append(cost_row(env, event))
-        elif isinstance(event, PolicyBundleActivated):
+        elif isinstance(event, PolicyBundleActivated) and event.environment == "production":
+            # A tenant's sandbox bundle decides only sandbox runs: the policies listed are the
+            # production ones.
             out.rows["policies"].extend(policy_rows(env, event))
     out.rows["runs"] = [asdict(r) for r in out.runs.values()]
     out.rows["incidents"] = [asdict(i) for i in out.incidents.values()]

@@ -1,0 +1,67 @@
+"""Shapes shared by the gateway and policy-admission for tenant policy bundles and settings.
+
+A tenant's **settings** are the limits and allowlists the repository's bundle reads per tenant
+(``lib/config.rego``: ``setting(name, fallback)``). Set through ``PUT /v1/policy-settings``,
+they reach every bundle as ``input.settings`` and win over ``data.json``; a field left out falls
+back to the bundle's data.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from libs.contracts.limits import MAX_NAME, MAX_TOKENS
+
+Environment = Literal["sandbox", "production"]
+ENVIRONMENTS: tuple[Environment, ...] = ("sandbox", "production")
+DEFAULT_ENVIRONMENT: Environment = "production"
+
+MAX_ALLOWLIST = 500
+MAX_COST_USD = Decimal(1_000_000_000)
+MAX_SETTINGS_VERSION = 1_000_000_000
+SIGNING_KEY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""No colon: ``/v1/policy-signing-keys/{key_id}:retire`` must not read as a key id."""
+BUNDLE_DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+MAX_PUBLIC_KEY_PEM = 1000
+
+
+def _unicode(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate is not)") from None
+    return value
+
+
+AllowedName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    AfterValidator(_unicode),
+]
+
+
+class PolicySettings(BaseModel):
+    """A tenant's limits and allowlists; a field left out (null) falls back to the bundle.
+
+    An empty allowlist allows everything (the check is off for the tenant), as in ``data.json``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens_per_run: int | None = Field(default=None, ge=0, le=MAX_TOKENS)
+    max_cost_usd_per_run: Decimal | None = Field(
+        default=None, ge=0, le=MAX_COST_USD, decimal_places=6
+    )
+    model_allowlist: list[AllowedName] | None = Field(default=None, max_length=MAX_ALLOWLIST)
+    tool_allowlist: list[AllowedName] | None = Field(default=None, max_length=MAX_ALLOWLIST)
+    admission_required: Literal["enforce", "warn"] | None = None
+
+    def as_input(self) -> dict[str, Any]:
+        """The ``input.settings`` document: the fields set, in JSON types."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            out[name] = float(value) if isinstance(value, Decimal) else value
+        return out

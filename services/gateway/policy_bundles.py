@@ -1,0 +1,170 @@
+"""Request and answer shapes of the gateway's policy bundle, signing key and settings routes (in
+``entrypoints``); the routes forward to policy-admission (``mc.rpc.admission.*``) with the
+caller's tenant. See ``docs/policies.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from fastapi import Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from libs.contracts.policy import (
+    BUNDLE_DIGEST_PATTERN,
+    MAX_PUBLIC_KEY_PEM,
+    MAX_SETTINGS_VERSION,
+    SIGNING_KEY_ID_PATTERN,
+    Environment,
+    PolicySettings,
+)
+from libs.errors import InvalidInput, TooLarge
+from services.gateway.schemas import NoNul, Reason
+
+MAX_BUNDLE_BYTES = 512 * 1024
+"""The largest archive accepted (policy-admission holds the same bound)."""
+UPLOAD_TIMEOUT_S = 60.0
+"""An upload compiles the bundle and runs its tests before it answers."""
+
+EnvironmentQuery = Annotated[
+    Environment, Query(description="The environment: sandbox or production (the default).")
+]
+DigestPath = Annotated[
+    str,
+    Path(pattern=BUNDLE_DIGEST_PATTERN, description="The bundle's digest, sha256:<64 hex>."),
+]
+OptionalDigest = Annotated[
+    str | None,
+    Query(pattern=BUNDLE_DIGEST_PATTERN, description="The bundle's digest, sha256:<64 hex>."),
+]
+KeyIdPath = Annotated[
+    str, Path(pattern=SIGNING_KEY_ID_PATTERN, description="The signing key's id (the JWT kid).")
+]
+PublicKeyPem = Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUBLIC_KEY_PEM), NoNul]
+
+BUNDLE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A signed bundle: a tar.gz in OPA's layout with .manifest (revision), "
+        "data.json files, *.rego policies and tests, and .signatures.json (see "
+        "docs/policies.md).",
+        # Described as octet-stream (what generic clients send); application/gzip is read alike.
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+async def read_bundle(request: Request) -> str:
+    """The request's archive, base64-encoded for the bus; 413 past :data:`MAX_BUNDLE_BYTES`."""
+    raw = await request.body()
+    if len(raw) > MAX_BUNDLE_BYTES:
+        raise TooLarge(
+            f"bundle_too_large: the archive is {len(raw):,} bytes, over the "
+            f"{MAX_BUNDLE_BYTES:,} bytes allowed"
+        )
+    if not raw:
+        raise InvalidInput("bundle_malformed: the body is empty; send the bundle's tar.gz")
+    return base64.b64encode(raw).decode("ascii")
+
+
+class SigningKeyIn(BaseModel):
+    """An ed25519 public key (PEM, SubjectPublicKeyInfo) allowed to sign the tenant's bundles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    public_key: PublicKeyPem
+    algorithm: Literal["EdDSA"] = "EdDSA"
+
+
+class RetireKeyIn(BaseModel):
+    """Why the key is retired (recorded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason | None = None
+
+
+class PolicySettingsIn(PolicySettings):
+    """The tenant's whole settings document (a field left out falls back to the bundle) and,
+    optionally, the ``version`` it replaces (or send ``If-Match``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int | None = Field(default=None, ge=0, le=MAX_SETTINGS_VERSION)
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class BundleStored(_Result):
+    """A verified, compiled and tested bundle, stored by digest (``activated``: it now decides)."""
+
+    bundle_digest: str
+    environment: Environment
+    revision: str
+    signer_key_id: str
+    files: int
+    policies: list[str]
+    created: bool
+    activated: bool
+
+
+class BundleSummary(_Result):
+    """One uploaded bundle."""
+
+    bundle_digest: str
+    revision: str
+    signer_key_id: str
+    active: bool
+
+
+class BundleListing(_Result):
+    """The tenant's uploaded bundles of one environment (oldest revision first)."""
+
+    environment: Environment
+    active_digest: str | None
+    bundles: list[BundleSummary]
+
+
+class SigningKeyView(_Result):
+    """A signing key; ``retired`` keys sign nothing more."""
+
+    key_id: str
+    algorithm: str
+    fingerprint: str
+    public_key: str
+    status: Literal["active", "retired"]
+
+
+class SigningKeyListing(_Result):
+    """The tenant's signing keys; ``changed`` says whether the request changed anything."""
+
+    keys: list[SigningKeyView]
+    changed: bool | None = None
+
+
+class PolicySettingsView(_Result):
+    """The tenant's settings and their version (0: never set)."""
+
+    version: int
+    settings: dict[str, Any]
+
+
+def if_match_version(value: str | None) -> int | None:
+    """An ``If-Match`` header's settings version (``"3"`` or ``W/"3"``), if any."""
+    if value is None:
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit() or len(text) > 10:
+        raise InvalidInput('If-Match: expected the settings version, like "3"')
+    return int(text)
+
+
+def settings_payload(body: PolicySettingsIn, if_match: str | None) -> dict[str, Any]:
+    """The ``put_settings`` request: the settings and the version they replace."""
+    header = if_match_version(if_match)
+    version = body.version if body.version is not None else header
+    settings = body.model_dump(mode="json", exclude_none=True, exclude={"version"})
+    return {"settings": settings, "version": version}

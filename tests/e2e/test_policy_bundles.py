@@ -1,0 +1,164 @@
+"""A tenant's own signed bundle, end to end: a key registered by an admin, a bundle signed and
+pushed with ``mctl policy``, activated by digest, decisions switching to it, and a tampered bundle
+refused while decisions continue with the active one."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from libs import policy_bundles as artifacts
+from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
+from tests.e2e.conftest import RunningSystem, mctl
+from tests.integration.helpers.policy_bundles import new_key
+
+pytestmark = pytest.mark.e2e
+
+PASSWORD = "a passphrase long enough"
+
+
+def _admin_token(system: RunningSystem, tenant: str, uid: str) -> str:
+    user = f"policy-admin-{uid}"
+    db = ("--database-url", system.admin_url)
+    made = subprocess.run(
+        [sys.executable, "-m", "libs.runtime.cli", "user", "create", user, "--password-stdin", *db],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=f"{PASSWORD}\n",
+    )
+    assert made.returncode == 0, made.stderr
+    mctl("user", "grant", user, tenant, "admin", *db)
+    with httpx.Client(base_url=system.gateway_url, timeout=30) as http:
+        resp = http.post("/v1/auth/token", json={"username": user, "password": PASSWORD})
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["access_token"])
+
+
+def _decide(http: httpx.Client, run_id: str, step: int) -> str:
+    resp = http.post(
+        f"/v1/runs/{run_id}/admissions",
+        json={"step_index": step, "model": "gpt-4o", "estimate": {"input_tokens": 10}},
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["outcome"] == "allow"
+    return str(resp.json()["bundle_digest"])
+
+
+def _tampered(archive: bytes) -> bytes:
+    """The archive with one policy file changed after signing."""
+    files = artifacts.extract(archive)
+    files["policies/token_limit.rego"] += b"\n# changed after signing\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
+    whole_system: RunningSystem, tmp_path: Path
+) -> None:
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"bundles{uid}"
+    api_key = whole_system.key_for(tenant)
+    token = _admin_token(whole_system, tenant, uid)
+    key = new_key()
+    key_file = tmp_path / "release.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    base = whole_system.gateway_url
+    with (
+        httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}
+        ) as admin,
+        httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
+        ) as agent,
+    ):
+        # Only an admin person registers signing keys; an API key may not.
+        pem = {"public_key": artifacts.public_pem(key)}
+        assert agent.put("/v1/policy-signing-keys/release", json=pem).status_code == 403
+        resp = admin.put("/v1/policy-signing-keys/release", json=pem)
+        assert resp.status_code == 200, resp.text
+
+        run_id = agent.post("/v1/runs", json={"agent_id": "bundled"}).json()["run_id"]
+        default_digest = _decide(agent, run_id, 1)
+
+        bundle = tmp_path / "bundle.tar.gz"
+        out = mctl(
+            "policy",
+            "sign",
+            str(DEFAULT_BUNDLE_DIR),
+            "--key",
+            str(key_file),
+            "--key-id",
+            "release",
+            "--revision",
+            "7",
+            "--output",
+            str(bundle),
+        )
+        digest = artifacts.archive_digest(bundle.read_bytes())
+        assert digest in out
+        env = {**os.environ, "MC_GATEWAY_URL": base, "MC_API_KEY": api_key}
+        pushed = mctl(
+            "policy", "push", str(bundle), "--environment", "production", "--activate", env=env
+        )
+        assert digest in pushed and '"activated": true' in pushed
+
+        assert digest != default_digest
+        assert _decide(agent, run_id, 2) == digest
+        listing = agent.get("/v1/policies").json()
+        assert listing["environments"]["production"] == {
+            "bundle_digest": digest,
+            "source": "tenant",
+            "revision": "7",
+        }
+        assert listing["environments"]["sandbox"]["source"] == "default"
+
+        # A tampered bundle and an unpinned reload are refused by name; decisions continue.
+        resp = agent.post(
+            "/v1/policy-bundles",
+            params={"environment": "production"},
+            content=_tampered(bundle.read_bytes()),
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["message"].startswith("bundle_file_tampered: ")
+        resp = agent.post("/v1/policy-bundles:activate", params={"environment": "production"})
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["message"].startswith("bundle_reload_unpinned: ")
+        assert _decide(agent, run_id, 3) == digest
+
+        # Settings apply at once, versioned.
+        resp = agent.put("/v1/policy-settings", json={"model_allowlist": ["claude-sonnet-4"]})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["version"] == 1
+        resp = agent.put(
+            "/v1/policy-settings", json={"max_tokens_per_run": 5}, headers={"If-Match": '"0"'}
+        )
+        assert resp.status_code == 409, resp.text
+        denied = agent.post(
+            f"/v1/runs/{run_id}/admissions",
+            json={"step_index": 4, "model": "gpt-4o", "estimate": {"input_tokens": 10}},
+        ).json()
+        assert denied["outcome"] == "deny" and denied["bundle_digest"] == digest
+        assert denied["reasons"][0]["policy_id"] == "model_allowlist"
+        assert agent.get("/v1/policies").json()["settings"]["version"] == 1
