@@ -188,7 +188,9 @@ def _evolve(total: Decimal, event: DomainEvent) -> Decimal:
 
 WINDOW = Aggregate[Decimal](
     # A category the engine's role may append to; the stream ids are the benchmark's own.
-    category="budget", initial=lambda _t, _i: Decimal(0), fold=fold_with(_evolve)
+    category="budget",
+    initial=lambda _t, _i: Decimal(0),
+    fold=fold_with(_evolve),
 )
 
 
