@@ -1,4 +1,7 @@
-"""``mctl policy``: sign a bundle directory, push a signed bundle, activate it by digest.
+"""``mctl policy``: test, check and format a bundle directory; sign, push and activate bundles.
+
+``test``, ``check`` and ``fmt`` work offline on a directory, for policy authors (the logic is in
+:mod:`libs.rego_tests` and :mod:`libs.rego_authoring`).
 
 ``sign`` works offline, for people without OPA: it packs a bundle directory into a tar.gz with
 the ``.signatures.json`` ``opa build --signing-alg EdDSA`` would write. ``push`` and ``activate``
@@ -14,12 +17,15 @@ from typing import Annotated, Any
 
 import typer
 
+from libs import rego_authoring, rego_tests
 from libs.contracts.policy import ENVIRONMENTS
 from libs.policy_bundles import sign_directory
 from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
 from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
 
-policy_app = command_group("policy", "Sign, push and activate policy bundles.")
+policy_app = command_group(
+    "policy", "Test, check and format policy bundles; sign, push and activate them."
+)
 
 # Uploads wait for the bundle's own tests, which may take a while.
 UPLOAD_TIMEOUT_S = 60.0
@@ -28,6 +34,16 @@ EnvironmentOption = Annotated[
     str,
     typer.Option("--environment", "-e", help=f"Which environment: {' or '.join(ENVIRONMENTS)}."),
 ]
+
+
+DirectoryArgument = Annotated[Path, typer.Argument(help="The bundle directory (OPA layout).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+def _bundle_dir(directory: Path) -> Path:
+    if not directory.is_dir():
+        raise CliError(f"{str(directory)!r} is not a directory")
+    return directory
 
 
 def _environment(value: str) -> str:
@@ -99,3 +115,105 @@ def activate_bundle(
     env = _environment(environment)
     with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         typer.echo(json.dumps(_activate(api, digest, env), indent=2))
+
+
+@policy_app.command("test")
+@one_line_errors
+def run_tests(directory: DirectoryArgument, as_json: JsonOption = False) -> None:
+    """Run the bundle's Rego tests (test_* rules of *_test.rego files) with the engine the
+    service runs; exit 1 when any fails."""
+    results = rego_tests.run(_bundle_dir(directory))
+    failed = [r for r in results if not r.passed]
+    if as_json:
+        tests = [
+            {"name": r.test.name, "file": r.test.file, "passed": r.passed, "detail": r.detail}
+            for r in results
+        ]
+        summary = {"passed": len(results) - len(failed), "failed": len(failed)}
+        typer.echo(json.dumps({"tests": tests, **summary}, indent=2))
+    else:
+        for r in results:
+            line = f"{'PASS' if r.passed else 'FAIL'}  {r.test.name}  ({r.test.file})"
+            typer.echo(line if r.passed else f"{line}\n      {r.detail[:500]}")
+        typer.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed or not results:
+        if not results and not as_json:
+            typer.echo("no tests found (test_* rules in *_test.rego files)", err=True)
+        raise typer.Exit(1)
+
+
+@policy_app.command("check")
+@one_line_errors
+def check(
+    directory: DirectoryArgument,
+    require_tests: Annotated[
+        bool, typer.Option("--require-tests", help="Exit 1 when a policy has no tests.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Parse and compile every .rego, check the layout (data.json, manifest roots), and report
+    which policies have tests; exit 1 on a compile or layout error."""
+    root = _bundle_dir(directory)
+    modules = rego_authoring.read_modules(root)
+    data = root / rego_authoring.DATA_FILE
+    data_json = data.read_text(encoding="utf-8") if data.is_file() else None
+    problems = rego_authoring.layout_problems(root, modules)
+    errors = rego_authoring.compile_errors(modules, None if problems else data_json)
+    report = rego_authoring.coverage(modules)
+    missing = rego_authoring.untested(report)
+    if as_json:
+        doc = {
+            "compile_errors": [str(e) for e in errors],
+            "layout_problems": problems,
+            "coverage": [
+                {
+                    "file": p.path,
+                    "package": p.package,
+                    "library": p.library,
+                    "tests": p.tests,
+                    "test_files": list(p.test_files),
+                }
+                for p in report
+            ],
+            "untested": [p.path for p in missing],
+        }
+        typer.echo(json.dumps(doc, indent=2))
+    else:
+        for line in [*map(str, errors), *problems]:
+            typer.echo(f"error: {line}")
+        counts = f"{len(errors)} compile errors, {len(problems)} layout problems"
+        typer.echo(f"{len(modules)} modules, {counts}")
+        typer.echo("coverage:")
+        for p in report:
+            kind = "library" if p.library else "policy"
+            none = "no tests of its own" if p.library else "NO TESTS"
+            tested = f"{p.tests} tests ({', '.join(p.test_files)})" if p.tests else none
+            typer.echo(f"  {p.path}  {p.package}  [{kind}]  {tested}")
+        with_tests = len([p for p in report if not p.library]) - len(missing)
+        typer.echo(f"{with_tests} of {with_tests + len(missing)} policies have tests")
+        for p in missing:
+            typer.echo(f"untested: {p.path} ({p.package})")
+    if errors or problems or (require_tests and missing):
+        raise typer.Exit(1)
+
+
+@policy_app.command("fmt")
+@one_line_errors
+def fmt(
+    directory: DirectoryArgument,
+    check_only: Annotated[
+        bool, typer.Option("--check", help="Change nothing; list the files and exit 1.")
+    ] = False,
+) -> None:
+    """Normalise whitespace in every .rego: tab indentation, no trailing whitespace, at most one
+    blank line in a row, one final newline. Not `opa fmt`: it does not reformat expressions."""
+    root = _bundle_dir(directory)
+    if check_only:
+        changed = rego_authoring.needs_formatting(root)
+        for rel in changed:
+            typer.echo(f"would reformat {rel}")
+        if changed:
+            raise typer.Exit(1)
+        return
+    for rel in rego_authoring.format_directory(root):
+        typer.echo(f"reformatted {rel}")
