@@ -21,8 +21,12 @@ running system.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +114,21 @@ def _parse_error(text: str, sources: dict[str, str]) -> CompileError | None:
         offset = int(where.group(1))
         line = sources[path].encode()[:offset].count(b"\n") + 1
     return CompileError(path, line, message)
+
+
+@contextlib.contextmanager
+def engine_output_silenced() -> Iterator[None]:
+    """Send what the engine prints to standard output (its own rendering of every compile error,
+    already reported by the caller) to ``/dev/null``, so that ``--json`` output stays JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def compile_errors(modules: list[RegoModule], data_json: str | None = None) -> list[CompileError]:

@@ -120,9 +120,12 @@ def activate_bundle(
 @policy_app.command("test")
 @one_line_errors
 def run_tests(directory: DirectoryArgument, as_json: JsonOption = False) -> None:
-    """Run the bundle's Rego tests (test_* rules of *_test.rego files) with the engine the
-    service runs; exit 1 when any fails."""
-    results = rego_tests.run(_bundle_dir(directory))
+    """Run the bundle's Rego tests offline; exit 1 when any fails.
+
+    Every test_* rule of every *_test.rego, evaluated by regopy as policy-admission does.
+    """
+    with rego_authoring.engine_output_silenced():
+        results = rego_tests.run(_bundle_dir(directory))
     failed = [r for r in results if not r.passed]
     if as_json:
         tests = [
@@ -151,14 +154,18 @@ def check(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Parse and compile every .rego, check the layout (data.json, manifest roots), and report
-    which policies have tests; exit 1 on a compile or layout error."""
+    """Compile every .rego, check the layout and report which policies have tests.
+
+    Exit 1 on a compile error (file:line: message), an invalid data.json or a package outside
+    the manifest's roots, and with --require-tests on a policy without tests.
+    """
     root = _bundle_dir(directory)
     modules = rego_authoring.read_modules(root)
     data = root / rego_authoring.DATA_FILE
     data_json = data.read_text(encoding="utf-8") if data.is_file() else None
     problems = rego_authoring.layout_problems(root, modules)
-    errors = rego_authoring.compile_errors(modules, None if problems else data_json)
+    with rego_authoring.engine_output_silenced():
+        errors = rego_authoring.compile_errors(modules, None if problems else data_json)
     report = rego_authoring.coverage(modules)
     missing = rego_authoring.untested(report)
     if as_json:
@@ -205,8 +212,10 @@ def fmt(
         bool, typer.Option("--check", help="Change nothing; list the files and exit 1.")
     ] = False,
 ) -> None:
-    """Normalise whitespace in every .rego: tab indentation, no trailing whitespace, at most one
-    blank line in a row, one final newline. Not `opa fmt`: it does not reformat expressions."""
+    """Normalise the whitespace of every .rego (not opa fmt: expressions are left as written).
+
+    Tab indentation, no trailing whitespace, at most one blank line in a row, one final newline.
+    """
     root = _bundle_dir(directory)
     if check_only:
         changed = rego_authoring.needs_formatting(root)

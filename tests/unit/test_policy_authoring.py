@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,18 @@ def test_repository_bundle_checks_clean_with_every_policy_tested(tmp_path: Path)
     code, out = _mctl("check", copy, "--require-tests")
     assert code == 1
     assert "untested: policies/tool_allowlist.rego" in out
+
+
+def test_json_output_stays_json_when_the_engine_prints_errors(tmp_path: Path) -> None:
+    """regopy prints compile errors to the process's standard output; ``--json`` hides them."""
+    broken = "package missioncontrol.policies.broken\n\nimport rego.v1\n\nx if {\n\t1 ==\n}\n"
+    root = _bundle(tmp_path, **{"policies/broken.rego": broken})
+    for command in ("check", "test"):
+        done = subprocess.run(
+            [sys.executable, "-m", "libs.runtime.cli", "policy", command, str(root), "--json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 1, done.stderr
+        json.loads(done.stdout)
