@@ -46,6 +46,10 @@ def _admin_token(system: RunningSystem, tenant: str, uid: str) -> str:
         return str(resp.json()["access_token"])
 
 
+def _client(base: str, bearer: str) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {bearer}"})
+
+
 def _decide(http: httpx.Client, run_id: str, step: int) -> str:
     resp = http.post(
         f"/v1/runs/{run_id}/admissions",
@@ -86,14 +90,7 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
         )
     )
     base = whole_system.gateway_url
-    with (
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        ) as admin,
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
-        ) as agent,
-    ):
+    with _client(base, token) as admin, _client(base, api_key) as agent:
         # Only an admin person registers signing keys; an API key may not.
         pem = {"public_key": artifacts.public_pem(key)}
         assert agent.put("/v1/policy-signing-keys/release", json=pem).status_code == 403
@@ -185,14 +182,7 @@ def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
     api_key = whole_system.key_for(tenant)
     token = _admin_token(whole_system, tenant, uid)
     base = whole_system.gateway_url
-    with (
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        ) as admin,
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
-        ) as agent,
-    ):
+    with _client(base, token) as admin, _client(base, api_key) as agent:
         resp = agent.put("/v1/policy-settings", json={"model_allowlist": ["claude-sonnet-4"]})
         assert resp.status_code == 200, resp.text
         assert _admit_gpt(agent, "waived")["outcome"] == "deny"
