@@ -372,6 +372,48 @@ class PolicySettingsChanged(DomainEvent):
     settings: dict[str, Any]
 
 
+@register
+class PolicyExceptionGranted(DomainEvent):
+    """A time-bound waiver: denials of ``policy_id`` for one agent (``agent_id``) or one run
+    (``run_id``) are admitted with a warning until ``expires_at`` (exclusive), because
+    ``granted_by`` said so for ``reason``."""
+
+    event_type = "policy.exception_granted"
+    schema_version = 1
+
+    exception_id: str
+    policy_id: str
+    agent_id: str | None = None
+    run_id: str | None = None
+    reason: str
+    granted_by: str
+    expires_at: datetime
+
+
+@register
+class PolicyExceptionRevoked(DomainEvent):
+    """A waiver was withdrawn before its expiry: it applies to no decision from now on."""
+
+    event_type = "policy.exception_revoked"
+    schema_version = 1
+
+    exception_id: str
+    revoked_by: str
+    reason: str | None = None
+
+
+@register
+class PolicyExceptionExpired(DomainEvent):
+    """A waiver reached its ``expires_at`` and was closed. Decisions stopped applying it at that
+    second already (they compare with their own clock); this records the fact."""
+
+    event_type = "policy.exception_expired"
+    schema_version = 1
+
+    exception_id: str
+    expires_at: datetime
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 

@@ -51,11 +51,17 @@ from services.gateway.policy_bundles import (
     BundleStored,
     DigestPath,
     EnvironmentQuery,
+    ExceptionIdPath,
+    ExceptionStatusQuery,
     KeyIdPath,
     OptionalDigest,
+    PolicyExceptionIn,
+    PolicyExceptionListing,
+    PolicyExceptionView,
     PolicySettingsIn,
     PolicySettingsView,
     RetireKeyIn,
+    RevokeExceptionIn,
     SigningKeyIn,
     SigningKeyListing,
     read_bundle,
@@ -929,6 +935,47 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         a restart. With ``version`` (or ``If-Match``) a concurrent change is a 409."""
         payload = {**settings_payload(body, if_match), "actor": call.actor}
         return await call.answer("admission", "put_settings", payload)
+
+    @router.post(
+        "/policy-exceptions",
+        response_model=PolicyExceptionView,
+        status_code=201,
+        tags=["policies"],
+    )
+    async def grant_policy_exception(body: PolicyExceptionIn, call: Govern) -> Any:
+        """Grant a time-bound exception: denials of ``policy_id`` for the agent (or run) are
+        admitted as warnings, naming the exception, until ``expires_at``. People only (admin);
+        the granting admin is recorded."""
+        payload = {
+            **body.model_dump(mode="json"),
+            "exception_id": str(new_uuid7()),
+            "actor": call.actor,
+        }
+        return await call.answer("admission", "grant_exception", payload, status=201)
+
+    @router.get("/policy-exceptions", response_model=PolicyExceptionListing, tags=["policies"])
+    async def list_policy_exceptions(call: Read, status: ExceptionStatusQuery = None) -> Any:
+        """The tenant's policy exceptions (of one status) and the burndown: how many open
+        exceptions expire on each day."""
+        return await call.answer("admission", "list_exceptions", _present({"status": status}))
+
+    @router.post(
+        "/policy-exceptions/{exception_id}:revoke",
+        response_model=PolicyExceptionView,
+        tags=["policies"],
+    )
+    async def revoke_policy_exception(
+        exception_id: ExceptionIdPath,
+        call: Govern,
+        body: Annotated[RevokeExceptionIn | None, Body()] = None,
+    ) -> Any:
+        """Withdraw an exception before its expiry: no decision applies it from now on."""
+        payload = {
+            "exception_id": exception_id,
+            "reason": body.reason if body is not None else None,
+            "actor": call.actor,
+        }
+        return await call.answer("admission", "revoke_exception", payload)
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(

@@ -9,8 +9,9 @@ import base64
 from typing import Annotated, Any, Literal
 
 from fastapi import Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
+from libs.contracts.limits import RUN_ID_PATTERN
 from libs.contracts.policy import (
     BUNDLE_DIGEST_PATTERN,
     MAX_PUBLIC_KEY_PEM,
@@ -20,7 +21,9 @@ from libs.contracts.policy import (
     PolicySettings,
 )
 from libs.errors import InvalidInput, TooLarge
-from services.gateway.schemas import NoNul, Reason
+from services.gateway.schemas import POLICY_ID_PATTERN, AgentId, NoNul, Reason
+
+EXCEPTION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 
 MAX_BUNDLE_BYTES = 512 * 1024
 """The largest archive accepted (policy-admission holds the same bound)."""
@@ -150,6 +153,70 @@ class PolicySettingsView(_Result):
 
     version: int
     settings: dict[str, Any]
+
+
+ExceptionIdPath = Annotated[
+    str, Path(pattern=EXCEPTION_ID_PATTERN, description="The policy exception's id.")
+]
+ExceptionStatus = Literal["open", "expired", "revoked"]
+ExceptionStatusQuery = Annotated[
+    ExceptionStatus | None,
+    Query(description="Only the exceptions of this status: open, expired or revoked."),
+]
+
+
+class PolicyExceptionIn(BaseModel):
+    """A time-bound waiver of one policy for one agent or one run (name exactly one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy_id: Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)] = Field(
+        description="The policy the waived denials name (a reason's `policy_id`)."
+    )
+    agent_id: AgentId | None = None
+    run_id: Annotated[str, StringConstraints(pattern=RUN_ID_PATTERN)] | None = None
+    reason: Reason
+    expires_at: AwareDatetime = Field(
+        description="When it stops applying (UTC, to the second): later than now and at most "
+        "90 days ahead."
+    )
+
+
+class RevokeExceptionIn(BaseModel):
+    """Why the exception is withdrawn (recorded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason | None = None
+
+
+class PolicyExceptionView(_Result):
+    """A policy exception; ``closed_by`` names who revoked it (or ``expiry``)."""
+
+    exception_id: str
+    policy_id: str
+    agent_id: str | None
+    run_id: str | None
+    reason: str
+    granted_by: str
+    granted_at: str
+    expires_at: str
+    status: ExceptionStatus
+    closed_by: str | None = None
+
+
+class BurndownDay(_Result):
+    """How many open exceptions expire on one UTC day."""
+
+    day: str
+    open: int
+
+
+class PolicyExceptionListing(_Result):
+    """The tenant's policy exceptions and the burndown of the open ones by expiry day."""
+
+    exceptions: list[PolicyExceptionView]
+    burndown: list[BurndownDay]
 
 
 def if_match_version(value: str | None) -> int | None:

@@ -85,7 +85,10 @@ RULES: Mapping[Permission, Rule] = {
     # Approvals are people's: no key may give one.
     Permission.APPROVE: _rule({"approver", "admin"}, (), "approve or reject workflow steps"),
     Permission.GOVERN: _rule(
-        {"admin"}, (), "change the tenant's approval rules or policy signing keys"
+        {"admin"},
+        (),
+        "change the tenant's approval rules or policy signing keys, or grant or revoke "
+        "policy exceptions",
     ),
 }
 

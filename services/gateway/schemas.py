@@ -201,6 +201,10 @@ class AdmissionResponse(_Result):
     reasons: list[AdmissionReason] = Field(default_factory=list)
     bundle_digest: str
     context: dict[str, Any] = Field(default_factory=dict)
+    exceptions: list[str] = Field(
+        default_factory=list,
+        description="The policy exceptions that turned a deny into this warn (docs/policies.md).",
+    )
 
 
 class StepFields(_Body):

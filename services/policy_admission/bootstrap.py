@@ -7,6 +7,7 @@ import asyncio
 import structlog
 from fastapi import APIRouter
 
+from libs.contracts import utcnow
 from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
@@ -42,6 +43,7 @@ class PolicyAdmissionService:
         self._task: asyncio.Task[None] | None = None
         self.tenants: TenantPolicies | None = None
         self._follow: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
@@ -51,6 +53,10 @@ class PolicyAdmissionService:
         await self.tenants.start()
         self._follow = asyncio.create_task(self.tenants.follow(), name="admission-policy-follow")
         ctx.tasks.append(self._follow)
+        self._sweep = asyncio.create_task(
+            self.tenants.sweep(utcnow), name="admission-exception-sweep"
+        )
+        ctx.tasks.append(self._sweep)
         self.handler = AdmissionHandler(
             ctx.store, self.bundle, registry=ctx.registry, tenants=self.tenants
         )
@@ -80,6 +86,8 @@ class PolicyAdmissionService:
             await asyncio.wait({self._task}, timeout=CONSUMER_STOP_TIMEOUT_S)
         if self._follow is not None:
             self._follow.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""

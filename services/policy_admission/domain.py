@@ -337,6 +337,10 @@ class Decision:
 
     outcome: Outcome
     reasons: tuple[Reason, ...]
+    denies: tuple[Reason, ...] = ()
+    """The bundle's deny reasons (a waived decision keeps them)."""
+    exceptions: tuple[str, ...] = ()
+    """The policy exceptions that turned a deny into this warn (see :func:`waive`)."""
 
     @property
     def violated(self) -> Reason | None:
@@ -372,18 +376,31 @@ def interpret(rego_output: dict[str, Any]) -> Decision:
     deny = sorted(_reasons(rego_output.get("deny"), "deny"), key=_order)
     warn = sorted(_reasons(rego_output.get("warn"), "warn"), key=_order)
     outcome: Outcome = "deny" if deny else "warn" if warn else "allow"
-    return Decision(outcome=outcome, reasons=(*deny, *warn))
+    return Decision(outcome=outcome, reasons=(*deny, *warn), denies=tuple(deny))
 
 
-def decision_context(input_doc: dict[str, Any]) -> dict[str, Any]:
+def waive(decision: Decision, exception_ids: tuple[str, ...] | None) -> Decision:
+    """A deny whose every deny reason is covered by a policy exception becomes a ``warn``
+    naming those exceptions (its reasons are kept, so the answer still says what was waived);
+    anything else is returned as it is."""
+    if decision.outcome != "deny" or not exception_ids:
+        return decision
+    return replace(decision, outcome="warn", exceptions=exception_ids)
+
+
+def decision_context(input_doc: dict[str, Any], decision: Decision | None = None) -> dict[str, Any]:
     """What the decision saw, recorded with it: the run document, the step asked for (kind,
-    model, tool) and its estimate, so a denied step that never ran still shows what it wanted."""
+    model, tool) and its estimate, so a denied step that never ran still shows what it wanted;
+    and the ids of the policy exceptions that waived its denies (``exceptions``), if any."""
     step = input_doc["step"]
-    return {
+    context = {
         **input_doc["run"],
         "step": {"kind": step["kind"], "model": step["model"], "tool": step["tool"]},
         "estimate": step["estimate"],
     }
+    if decision is not None and decision.exceptions:
+        context["exceptions"] = list(decision.exceptions)
+    return context
 
 
 def decide(
@@ -413,7 +430,7 @@ def decide(
             outcome=decision.outcome,
             reasons=list(decision.reasons),
             bundle_digest=bundle_digest,
-            context=decision_context(input_doc),
+            context=decision_context(input_doc, decision),
         )
     ]
     violated = decision.violated

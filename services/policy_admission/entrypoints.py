@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from libs.contracts import utcnow
 from libs.contracts.envelope import TenantId
-from libs.contracts.limits import MAX_ACTOR, MAX_REASON
+from libs.contracts.limits import (
+    AGENT_ID_PATTERN,
+    MAX_ACTOR,
+    MAX_NAME,
+    MAX_REASON,
+    RUN_ID_PATTERN,
+)
 from libs.contracts.policy import (
     BUNDLE_DIGEST_PATTERN,
     DEFAULT_ENVIRONMENT,
@@ -101,6 +109,30 @@ class PutSettingsCall(_Admin):
     version: int | None = Field(default=None, ge=0, le=MAX_SETTINGS_VERSION)
 
 
+class GrantExceptionCall(_Admin):
+    """``grant_exception``: waive ``policy_id`` for one agent or one run until ``expires_at``."""
+
+    exception_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$")
+    policy_id: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    agent_id: str | None = Field(default=None, pattern=AGENT_ID_PATTERN)
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
+    reason: str = Field(min_length=1, max_length=MAX_REASON)
+    expires_at: datetime
+
+
+class RevokeExceptionCall(_Admin):
+    """``revoke_exception``."""
+
+    exception_id: str = Field(min_length=1, max_length=100)
+    reason: str | None = Field(default=None, max_length=MAX_REASON)
+
+
+class ListExceptionsCall(_Call):
+    """``list_exceptions``: all of them, or those of one status."""
+
+    status: Literal["open", "expired", "revoked"] | None = None
+
+
 def _archive(call: UploadCall) -> bytes:
     try:
         archive = base64.b64decode(call.archive_b64, validate=True)
@@ -157,6 +189,25 @@ def bundle_routes(server: RpcServer, tenants: TenantPolicies) -> None:
     async def put_settings(body: PutSettingsCall) -> dict[str, Any]:
         """Replace the tenant's settings (409 if ``version`` is not the current one)."""
         return await tenants.put_settings(body.tenant_id, body.settings, body.version, body.actor)
+
+    @server.handler("grant_exception")
+    async def grant_exception(body: GrantExceptionCall) -> dict[str, Any]:
+        """Record a time-bound policy exception; every replica applies it."""
+        return await tenants.grant_exception(
+            body.tenant_id, body.model_dump(), body.actor, utcnow().replace(microsecond=0)
+        )
+
+    @server.handler("revoke_exception")
+    async def revoke_exception(body: RevokeExceptionCall) -> dict[str, Any]:
+        """Withdraw a policy exception before its expiry."""
+        return await tenants.revoke_exception(
+            body.tenant_id, body.exception_id, body.reason, body.actor, utcnow()
+        )
+
+    @server.handler("list_exceptions")
+    async def list_exceptions(body: ListExceptionsCall) -> dict[str, Any]:
+        """The tenant's policy exceptions and the burndown of the open ones."""
+        return await tenants.list_exceptions(body.tenant_id, body.status, utcnow())
 
     @server.handler("status")
     async def status(body: _Call) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -59,7 +60,9 @@ from services.policy_admission.domain import (
     interpret,
     judge,
     parse_request,
+    waive,
 )
+from services.policy_admission.exceptions import waiving
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 log = structlog.get_logger("policy_admission")
@@ -168,8 +171,10 @@ class AdmissionHandler:
         max_runs: int = DEFAULT_MAX_RUNS,
         max_tenants: int = DEFAULT_MAX_TENANTS,
         tenants: TenantPolicies | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.bundle = bundle
         self.tenants = tenants
         self.runs = Repository(store, RUN_CONTEXT, cache_size=max_runs)
@@ -220,7 +225,8 @@ class AdmissionHandler:
             "outcome": decision.outcome,
             "reasons": [r.model_dump(mode="json") for r in decision.reasons],
             "bundle_digest": answer["bundle_digest"],
-            "context": decision_context(answer["input"]),
+            "context": decision_context(answer["input"], decision),
+            "exceptions": list(decision.exceptions),
         }
 
     async def _commit_waiting(self) -> None:
@@ -329,7 +335,8 @@ class AdmissionHandler:
         """Evaluate the bundle on ``context``; the decision's events (the answer on the side)."""
         if not context.run.version:
             raise NotFound(f"run {req.run_id!r} not found")
-        input_doc = build_input(context, req, prices=prices[0], at=utcnow())
+        at = self.clock()
+        input_doc = build_input(context, req, prices=prices[0], at=at)
         # The tenant's bundle for the environment and its settings: in-memory lookups, taken
         # once, so the whole decision is made by one bundle.
         bundle = self.bundle_for(context.tenant_id, req.bundle_environment)
@@ -340,6 +347,18 @@ class AdmissionHandler:
         raw = bundle.evaluate(input_doc)
         self._evaluation.observe(time.perf_counter() - eval_started)
         decision = interpret(raw)
+        if decision.outcome == "deny" and self.tenants is not None:
+            # In memory, compared with this decision's clock: never applied at or after expiry.
+            decision = waive(
+                decision,
+                waiving(
+                    self.tenants.exceptions_for(context.tenant_id),
+                    decision.denies,
+                    agent_id=context.agent_id,
+                    run_id=context.run_id,
+                    at=at,
+                ),
+            )
         answer.update(decision=decision, input=input_doc, bundle_digest=bundle.digest)
         return decide(
             context,

@@ -7,7 +7,9 @@ Streams (category ``policy``, one set per tenant):
 * ``<t>/policy/bundles-<environment>``: ``policy.bundle_uploaded`` and
   ``policy.bundle_activated`` (by digest) for ``sandbox`` and ``production``;
 * ``<t>/policy/settings``: ``policy.settings_changed`` (the stream version is the settings'
-  ``version``).
+  ``version``);
+* ``<t>/policy/exceptions``: ``policy.exception_granted`` / ``_revoked`` / ``_expired`` (see
+  :mod:`services.policy_admission.exceptions`).
 
 The archives live in ``policy_admission.bundle_archives`` keyed by (tenant, digest). Every
 activation and settings change also adds a row to ``policy_admission.changes`` in its
@@ -29,6 +31,8 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,7 @@ from libs.eventbus.store import EventStore
 from libs.eventbus.uow import UnitOfWork
 from libs.policy_bundles import BundleConflict, BundleNotFound, BundleRejected
 from libs.redaction import redact_text
+from services.policy_admission import exceptions as waivers
 from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.rego_tests import run_sources
 
@@ -357,6 +362,9 @@ class TenantView:
     revisions: Mapping[str, str] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
     settings_input: dict[str, Any] | None = None
+    exceptions: tuple[waivers.Waiver, ...] = ()
+    """The tenant's open policy exceptions (expired ones still here until swept: a decision
+    compares each expiry with its own clock)."""
 
 
 class TenantPolicies:
@@ -381,6 +389,7 @@ class TenantPolicies:
         self.keys = Repository(store, KEYS, max_retries=4)
         self.bundles = Repository(store, BUNDLES, max_retries=4)
         self.settings = Repository(store, SETTINGS, max_retries=4)
+        self.exceptions = Repository(store, waivers.EXCEPTIONS, max_retries=4)
         self._views: dict[str, TenantView] = {}
         self._seen = 0
         self._reloads: dict[str, asyncio.Lock] = {}
@@ -399,6 +408,11 @@ class TenantPolicies:
         """The tenant's ``input.settings`` (``None`` when it never set any)."""
         view = self._views.get(tenant_id)
         return None if view is None else view.settings_input
+
+    def exceptions_for(self, tenant_id: str) -> tuple[waivers.Waiver, ...]:
+        """The tenant's open policy exceptions, as this replica holds them."""
+        view = self._views.get(tenant_id)
+        return () if view is None else view.exceptions
 
     def view(self, tenant_id: str) -> TenantView:
         """What this replica holds for ``tenant_id``."""
@@ -476,6 +490,7 @@ class TenantPolicies:
                         error=redact_text(str(exc))[:500],
                     )
             settings = await self.settings.load(tenant_id, SETTINGS_ENTITY)
+            granted = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
             view = TenantView(
                 bundles=bundles,
                 revisions=revisions,
@@ -483,6 +498,7 @@ class TenantPolicies:
                 settings_input=(
                     settings.settings.as_input() if settings.settings is not None else None
                 ),
+                exceptions=granted.open(),
             )
             self._views[tenant_id] = view  # the swap: one assignment
             return view
@@ -671,6 +687,96 @@ class TenantPolicies:
     async def get_settings(self, tenant_id: str) -> dict[str, Any]:
         """``GET /v1/policy-settings``: the version and the settings (empty at version 0)."""
         return _settings_document(await self.settings.load(tenant_id, SETTINGS_ENTITY))
+
+    async def grant_exception(
+        self, tenant_id: str, body: Mapping[str, Any], actor: str, now: datetime
+    ) -> dict[str, Any]:
+        """``POST /v1/policy-exceptions``: record the waiver; applied at once here."""
+        exception_id = str(body["exception_id"])
+        decide = partial(
+            waivers.grant,
+            exception_id=exception_id,
+            policy_id=body["policy_id"],
+            agent_id=body.get("agent_id"),
+            run_id=body.get("run_id"),
+            reason=body["reason"],
+            granted_by=actor,
+            expires_at=body["expires_at"],
+            now=now,
+        )
+        await self._change_exceptions(tenant_id, exception_id, decide, actor)
+        return await self._exception(tenant_id, exception_id, now)
+
+    async def revoke_exception(
+        self, tenant_id: str, exception_id: str, reason: str | None, actor: str, now: datetime
+    ) -> dict[str, Any]:
+        """``POST /v1/policy-exceptions/{id}:revoke``: it applies to no decision from now on."""
+        await self._change_exceptions(
+            tenant_id,
+            exception_id,
+            lambda s: waivers.revoke(s, exception_id, actor, reason),
+            actor,
+        )
+        return await self._exception(tenant_id, exception_id, now)
+
+    async def expire_exceptions(self, now: datetime) -> int:
+        """Record ``policy.exception_expired`` for every open waiver past its expiry, in every
+        tenant this replica holds; how many were recorded."""
+        count = 0
+        for tenant_id, view in list(self._views.items()):
+            if not any(w.expires_at <= now for w in view.exceptions):
+                continue
+            count += len(
+                await self._change_exceptions(
+                    tenant_id, "expiry", lambda s: waivers.expire(s, now), ACTOR
+                )
+            )
+        return count
+
+    async def sweep(self, clock: Callable[[], datetime]) -> None:
+        """Close expired waivers until cancelled (every :attr:`interval_s` * 4)."""
+        while True:
+            try:
+                await self.expire_exceptions(clock())
+            except Exception as exc:
+                log.warning("policy_exceptions.sweep_failed", error=redact_text(str(exc))[:500])
+            await asyncio.sleep(self.interval_s * 4)
+
+    async def _change_exceptions(
+        self,
+        tenant_id: str,
+        correlation_id: str,
+        decide: Callable[[waivers.Exceptions], list[DomainEvent]],
+        actor: str,
+    ) -> Sequence[Any]:
+        async with begin(self.store) as uow:
+            await uow.lock(CHANGES_LOCK)
+            _, stored = await self.exceptions.execute(
+                tenant_id,
+                waivers.EXCEPTIONS_ENTITY,
+                decide,
+                EventMeta(correlation_id=correlation_id, actor=actor),
+                uow=uow,
+            )
+            if stored:
+                await _log_change(uow, tenant_id, "exceptions")
+        if stored:
+            await self.reload(tenant_id)
+        return stored
+
+    async def _exception(self, tenant_id: str, exception_id: str, now: datetime) -> dict[str, Any]:
+        state = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
+        waiver = state.get(exception_id)
+        if waiver is None:  # pragma: no cover - just recorded
+            raise NotFound(f"exception_not_found: no policy exception {exception_id!r}")
+        return {**waiver.as_dict(), "status": waivers.status_at(waiver, now)}
+
+    async def list_exceptions(
+        self, tenant_id: str, status: waivers.Status | None, now: datetime
+    ) -> dict[str, Any]:
+        """``GET /v1/policy-exceptions``: the waivers (of one status) and the burndown."""
+        state = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
+        return waivers.listing(state, now, status)
 
     def status(self, tenant_id: str) -> dict[str, Any]:
         """What decides for the tenant in this replica: per environment, the bundle's digest,

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tarfile
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from libs import policy_bundles as artifacts
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
-from tests.e2e.conftest import RunningSystem, mctl
+from tests.e2e.conftest import RunningSystem, mctl, wait_for
 from tests.integration.helpers.policy_bundles import new_key
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +44,10 @@ def _admin_token(system: RunningSystem, tenant: str, uid: str) -> str:
         resp = http.post("/v1/auth/token", json={"username": user, "password": PASSWORD})
         assert resp.status_code == 200, resp.text
         return str(resp.json()["access_token"])
+
+
+def _client(base: str, bearer: str) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {bearer}"})
 
 
 def _decide(http: httpx.Client, run_id: str, step: int) -> str:
@@ -84,14 +90,7 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
         )
     )
     base = whole_system.gateway_url
-    with (
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}
-        ) as admin,
-        httpx.Client(
-            base_url=base, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
-        ) as agent,
-    ):
+    with _client(base, token) as admin, _client(base, api_key) as agent:
         # Only an admin person registers signing keys; an API key may not.
         pem = {"public_key": artifacts.public_pem(key)}
         assert agent.put("/v1/policy-signing-keys/release", json=pem).status_code == 403
@@ -162,3 +161,73 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
         assert denied["outcome"] == "deny" and denied["bundle_digest"] == digest
         assert denied["reasons"][0]["policy_id"] == "model_allowlist"
         assert agent.get("/v1/policies").json()["settings"]["version"] == 1
+
+
+def _admit_gpt(agent: httpx.Client, agent_id: str) -> dict[str, Any]:
+    run_id = agent.post("/v1/runs", json={"agent_id": agent_id}).json()["run_id"]
+    resp = agent.post(
+        f"/v1/runs/{run_id}/admissions",
+        json={"step_index": 1, "model": "gpt-4o", "estimate": {"input_tokens": 10}},
+    )
+    assert resp.status_code == 200, resp.text
+    answer: dict[str, Any] = resp.json()
+    return answer
+
+
+def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
+    whole_system: RunningSystem,
+) -> None:
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"waivers{uid}"
+    api_key = whole_system.key_for(tenant)
+    token = _admin_token(whole_system, tenant, uid)
+    base = whole_system.gateway_url
+    with _client(base, token) as admin, _client(base, api_key) as agent:
+        resp = agent.put("/v1/policy-settings", json={"model_allowlist": ["claude-sonnet-4"]})
+        assert resp.status_code == 200, resp.text
+        assert _admit_gpt(agent, "waived")["outcome"] == "deny"
+
+        expires = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+        body = {
+            "policy_id": "model_allowlist",
+            "agent_id": "waived",
+            "reason": "evaluating the model",
+            "expires_at": expires.isoformat(),
+        }
+        # People only: an API key may not grant one, whatever its scopes.
+        assert agent.post("/v1/policy-exceptions", json=body).status_code == 403
+        for expiry, problem in (
+            (datetime.now(UTC) - timedelta(minutes=1), "exception_expiry_past"),
+            (datetime.now(UTC) + timedelta(days=91), "exception_expiry_too_far"),
+        ):
+            resp = admin.post(
+                "/v1/policy-exceptions", json={**body, "expires_at": expiry.isoformat()}
+            )
+            assert resp.status_code == 422, resp.text
+            assert resp.json()["error"]["message"].startswith(f"{problem}: ")
+        resp = admin.post("/v1/policy-exceptions", json=body)
+        assert resp.status_code == 201, resp.text
+        granted = resp.json()
+        assert granted["granted_by"].startswith("user:policy-admin-")
+        exception_id = granted["exception_id"]
+
+        # Applied at once by the replica that recorded it; any other follows within a poll.
+        waived = wait_for(
+            lambda: (a := _admit_gpt(agent, "waived"))["outcome"] == "warn" and a,
+            what="the waived admission",
+        )
+        assert waived["exceptions"] == [exception_id]
+        assert waived["reasons"][0]["policy_id"] == "model_allowlist"
+        assert _admit_gpt(agent, "another-agent")["outcome"] == "deny"
+        listing = agent.get("/v1/policy-exceptions", params={"status": "open"}).json()
+        assert [e["exception_id"] for e in listing["exceptions"]] == [exception_id]
+        assert listing["burndown"] == [{"day": expires.date().isoformat(), "open": 1}]
+
+        resp = admin.post(f"/v1/policy-exceptions/{exception_id}:revoke", json={"reason": "done"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["status"] == "revoked"
+        wait_for(
+            lambda: _admit_gpt(agent, "waived")["outcome"] == "deny", what="denied once revoked"
+        )
+        resp = admin.post("/v1/policy-exceptions/unknown-id:revoke")
+        assert resp.status_code == 404, resp.text

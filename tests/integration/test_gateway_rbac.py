@@ -153,6 +153,20 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ),
     ("GET", "/v1/policy-settings"): ("/v1/policy-settings", None),
     ("PUT", "/v1/policy-settings"): ("/v1/policy-settings", {"max_tokens_per_run": 100000}),
+    ("POST", "/v1/policy-exceptions"): (
+        "/v1/policy-exceptions",
+        {
+            "policy_id": "tool_allowlist",
+            "agent_id": "rbac-agent",
+            "reason": "rbac sample",
+            "expires_at": "2000-01-01T00:00:00Z",
+        },
+    ),
+    ("GET", "/v1/policy-exceptions"): ("/v1/policy-exceptions?status=open", None),
+    ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
+        "/v1/policy-exceptions/rbac-exception:revoke",
+        None,
+    ),
 }
 
 
