@@ -4,8 +4,8 @@ Two sources of inputs, both against the live system of ``whole_system``:
 
 * schemathesis, every phase (examples, coverage, fuzzing and stateful) over every operation, then
   the stateful phase again over the run and incident operations, where it follows the document's
-  links (start a run → admit, record, finish, read it; list runs → read a trace; list incidents →
-  acknowledge, resolve). It fails on any 5xx, on any status code the document does
+  links (start a run → admit, record, finish or read it; list runs → read one; list incidents →
+  read, acknowledge or resolve one). It fails on any 5xx, on any status code the document does
   not list, and on any body, header or content type that does not match it.
 * a table of bad inputs derived from the limits (:mod:`libs.contracts.limits`): every field of
   every body at, just over and far over its limits, of the wrong type, with NUL characters;
@@ -75,14 +75,14 @@ CHECKS = (
     "response_headers_conformance",
     "response_schema_conformance",
 )
-# Links the stateful phase over the run and incident operations must have followed (from a
-# started run to its admission and its end, from the run list to a trace, from the incident list
-# to an acknowledgement), so it really chained operations. Each is walked 10 to 30 times a run.
+# Where the stateful phase over the run and incident operations must have followed links from
+# (a started run, the run list, the incident list), so it really chained operations. Which link
+# it takes from each is its own random choice: each of these has several, walked over a hundred
+# times a run in all.
 CHAINS = (
-    "POST /v1/runs -> [201] admit",
-    "POST /v1/runs -> [201] finish_run",
-    "GET /v1/runs -> [200] get_trace",
-    "GET /v1/incidents -> [200] acknowledge_incident",
+    "POST /v1/runs -> [201] ",
+    "GET /v1/runs -> [200] ",
+    "GET /v1/incidents -> [200] ",
 )
 MIN_LINKS_FOLLOWED = 12
 
