@@ -945,10 +945,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def grant_policy_exception(body: PolicyExceptionIn, call: Govern) -> Any:
         """Grant a time-bound exception: denials of ``policy_id`` for the agent (or run) are
         admitted as warnings, naming the exception, until ``expires_at``. People only (admin);
-        the granting admin is recorded."""
+        the granting admin is recorded. Name ``exception_id`` to make a retry safe."""
         payload = {
             **body.model_dump(mode="json"),
-            "exception_id": str(new_uuid7()),
+            "exception_id": body.exception_id or str(new_uuid7()),
             "actor": call.actor,
         }
         return await call.answer("admission", "grant_exception", payload, status=201)

@@ -170,6 +170,12 @@ class PolicyExceptionIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    exception_id: Annotated[str, StringConstraints(pattern=EXCEPTION_ID_PATTERN)] | None = Field(
+        default=None,
+        description="Your id for it, so that a retried grant is safe: the same id with the same "
+        "terms answers the exception already granted, with other terms a 409. Default: a new "
+        "id.",
+    )
     policy_id: Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)] = Field(
         description="The policy the waived denials name (a reason's `policy_id`)."
     )

@@ -205,11 +205,19 @@ def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
             )
             assert resp.status_code == 422, resp.text
             assert resp.json()["error"]["message"].startswith(f"{problem}: ")
+        body = {**body, "exception_id": f"ex-{uuid.uuid4().hex[:8]}"}
         resp = admin.post("/v1/policy-exceptions", json=body)
         assert resp.status_code == 201, resp.text
         granted = resp.json()
         assert granted["granted_by"].startswith("user:policy-admin-")
         exception_id = granted["exception_id"]
+        assert exception_id == body["exception_id"]
+        # A retried grant answers the same exception; the same id with other terms is a 409.
+        again = admin.post("/v1/policy-exceptions", json=body)
+        assert again.status_code == 201 and again.json() == granted, again.text
+        other = admin.post("/v1/policy-exceptions", json={**body, "reason": "something else"})
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["message"].startswith("exception_id_taken: ")
 
         # Applied at once by the replica that recorded it; any other follows within a poll.
         waived = wait_for(
