@@ -28,7 +28,7 @@ from libs.contracts.events import (
     Reason,
 )
 from libs.errors import Conflict, InvalidInput, NotFound
-from libs.eventbus.repository import Aggregate, Recorded
+from libs.eventbus.repository import Aggregate, fold_with_time
 
 EXCEPTIONS_ENTITY = "exceptions"
 MAX_TTL = timedelta(days=90)
@@ -125,13 +125,9 @@ def evolve(state: Exceptions, event: DomainEvent, occurred_at: datetime) -> Exce
     return state
 
 
-def _fold(state: Exceptions, recorded: Sequence[Recorded]) -> Exceptions:
-    for r in recorded:
-        state = evolve(state, r.event, r.envelope.occurred_at)
-    return state
-
-
-EXCEPTIONS = Aggregate[Exceptions](category="policy", initial=lambda t, i: Exceptions(), fold=_fold)
+EXCEPTIONS = Aggregate[Exceptions](
+    category="policy", initial=lambda t, i: Exceptions(), fold=fold_with_time(evolve)
+)
 
 
 # --- decisions (pure) ----------------------------------------------------------------------------
