@@ -144,15 +144,36 @@ class Diff:
 def diff_hash(
     kind: Kind, old: Mapping[str, str], new: Mapping[str, str], rows: Iterable[Row]
 ) -> str:
-    """``sha256:<hex>`` of the RFC 8785 JSON of the identities and the rows."""
-    doc = {
-        "format": FORMAT,
-        "kind": kind,
-        "old": dict(old),
-        "new": dict(new),
-        "rows": [r.as_dict() for r in rows],
-    }
-    return "sha256:" + hashlib.sha256(canonical(doc)).hexdigest()
+    """``sha256:<hex>`` of the RFC 8785 JSON of ``{"format", "kind", "old", "new", "rows"}``.
+
+    Written piece by piece, in RFC 8785's key order, to the same bytes: a row whose values are
+    strings, booleans, null or exact integers is RFC 8785 as orjson writes it with sorted keys
+    (its other fields are such values too); any other row goes through :func:`canonical`.
+    """
+    digest = hashlib.sha256()
+    digest.update(b'{"format":%d,"kind":' % FORMAT)
+    digest.update(canonical(kind))
+    digest.update(b',"new":' + canonical(dict(new)) + b',"old":' + canonical(dict(old)))
+    digest.update(b',"rows":[')
+    for i, r in enumerate(rows):
+        if i:
+            digest.update(b",")
+        if _plain(r.old) and _plain(r.new):
+            digest.update(orjson.dumps(r.as_dict(), option=orjson.OPT_SORT_KEYS))
+        else:
+            digest.update(canonical(r.as_dict()))
+    digest.update(b"]}")
+    return "sha256:" + digest.hexdigest()
+
+
+_MAX_EXACT_INT = 2**53 - 1
+
+
+def _plain(value: Any) -> bool:
+    """Whether orjson writes ``value`` as RFC 8785 does."""
+    if value is None or isinstance(value, str | bool):
+        return True
+    return type(value) is int and -_MAX_EXACT_INT <= value <= _MAX_EXACT_INT
 
 
 def canonical(value: Any) -> bytes:
@@ -202,6 +223,8 @@ class _Fields:
 
     def hits(self, parts: Sequence[str | int]) -> list[str]:
         """The names at, under or above ``parts`` (a changed parent holds a named child)."""
+        if not self.named:
+            return []
         path = tuple(str(p) for p in parts)
         out = []
         for named, name in self.named:
@@ -227,47 +250,57 @@ def _key(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-def json_changes(
-    old: Any, new: Any, parts: tuple[str | int, ...] = ()
-) -> Iterator[tuple[tuple[str | int, ...], Change, Any, Any]]:
+def json_changes(old: Any, new: Any) -> list[tuple[tuple[str | int, ...], Change, Any, Any]]:
     """(path parts, change, old, new) for every difference, in stable order."""
+    out: list[tuple[tuple[str | int, ...], Change, Any, Any]] = []
+    _changes(old, new, (), out)
+    return out
+
+
+def _changes(
+    old: Any,
+    new: Any,
+    parts: tuple[str | int, ...],
+    out: list[tuple[tuple[str | int, ...], Change, Any, Any]],
+) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(old.keys() | new.keys()):
             a, b = old.get(k, _MISSING), new.get(k, _MISSING)
             if a is _MISSING:
-                yield (*parts, k), "added", None, b
+                out.append(((*parts, k), "added", None, b))
             elif b is _MISSING:
-                yield (*parts, k), "removed", a, None
+                out.append(((*parts, k), "removed", a, None))
             else:
-                yield from json_changes(a, b, (*parts, k))
-        return
-    if isinstance(old, list) and isinstance(new, list):
-        yield from _list_changes(old, new, parts)
-        return
-    if isinstance(old, dict | list) or isinstance(new, dict | list):
+                _changes(a, b, (*parts, k), out)
+    elif isinstance(old, list) and isinstance(new, list):
+        _list_changes(old, new, parts, out)
+    elif isinstance(old, dict | list) or isinstance(new, dict | list):
         if type(old) is not type(new):
-            yield parts, "changed", old, new
-        return
-    if not _same_scalar(old, new):
-        yield parts, "changed", old, new
+            out.append((parts, "changed", old, new))
+    elif not _same_scalar(old, new):
+        out.append((parts, "changed", old, new))
 
 
 def _list_changes(
-    old: list[Any], new: list[Any], parts: tuple[str | int, ...]
-) -> Iterator[tuple[tuple[str | int, ...], Change, Any, Any]]:
-    if old == new and all(_key(a) == _key(b) for a, b in zip(old, new, strict=True)):
+    old: list[Any],
+    new: list[Any],
+    parts: tuple[str | int, ...],
+    out: list[tuple[tuple[str | int, ...], Change, Any, Any]],
+) -> None:
+    a_keys, b_keys = [_key(v) for v in old], [_key(v) for v in new]
+    if a_keys == b_keys:
         return
-    matcher = difflib.SequenceMatcher(None, [_key(v) for v in old], [_key(v) for v in new])
+    matcher = difflib.SequenceMatcher(None, a_keys, b_keys)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
         pairs = min(i2 - i1, j2 - j1) if tag == "replace" else 0
         for k in range(pairs):
-            yield from json_changes(old[i1 + k], new[j1 + k], (*parts, j1 + k))
+            _changes(old[i1 + k], new[j1 + k], (*parts, j1 + k), out)
         for i in range(i1 + pairs, i2):
-            yield (*parts, i), "removed", old[i], None
+            out.append(((*parts, i), "removed", old[i], None))
         for j in range(j1 + pairs, j2):
-            yield (*parts, j), "added", None, new[j]
+            out.append(((*parts, j), "added", None, new[j]))
 
 
 def diff_documents(
