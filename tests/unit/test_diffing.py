@@ -112,6 +112,31 @@ def test_hash_is_sha256_of_the_rfc8785_json_of_identities_and_rows() -> None:
     assert diff.diff_hash == "sha256:" + hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
 
 
+def test_bundle_hash_is_sha256_of_the_rfc8785_json_too() -> None:
+    old = {"a.rego": 'x\n\u00e9\U0001f600 "q"\n'.encode(), "data.json": b'{"k": 0.1, "n": 1e300}'}
+    new = {"a.rego": b"y\n", "data.json": b'{"k": 0.2, "n": 2}'}
+    diff = diffing.diff_bundles(old, new, old_digest=D0, new_digest=D1)
+    doc = {
+        "format": diffing.FORMAT,
+        "kind": "bundles",
+        "old": {"bundle_digest": D0},
+        "new": {"bundle_digest": D1},
+        "rows": [r.as_dict() for r in diff.rows],
+    }
+    assert diff.diff_hash == "sha256:" + hashlib.sha256(rfc8785.dumps(doc)).hexdigest()
+
+
+def test_numbers_compare_by_value_and_equal_subtrees_give_no_rows() -> None:
+    diff = diffing.diff_documents(
+        {"a": 1, "b": {"c": [1, {"d": 2}]}}, {"a": 1.0, "b": {"c": [1, {"d": 2}]}}
+    )
+    assert diff.rows == ()
+    diff = diffing.diff_documents([1, 2, 3], [1, 3])
+    assert rows_of(diff) == [("/1", "removed", 2, None)]
+    diff = diffing.diff_documents({"a": {"b": 1}}, {"a": [1]})
+    assert rows_of(diff) == [("/a", "changed", {"b": 1}, [1])]
+
+
 def test_hash_is_the_same_in_another_process() -> None:
     code = (
         "from tests.unit.test_diffing import OLD_SPEC, NEW_SPEC\n"
