@@ -33,7 +33,7 @@ from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
-from services.policy_admission.diffs import Diffs
+from services.policy_admission.diffs import Diffs, acknowledgements_view
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.tenant_bundles import TenantPolicies
@@ -189,6 +189,12 @@ class AcknowledgeDiffCall(_Admin):
     diff_hash: DiffHash
 
 
+class DiffAcknowledgementsCall(_Call):
+    """``diff_acknowledgements``: who acknowledged the diff."""
+
+    diff_hash: DiffHash
+
+
 def diff_routes(server: RpcServer, diffs: Diffs) -> None:
     """The diff requests (``docs/policies.md``, "Diffs")."""
 
@@ -208,6 +214,12 @@ def diff_routes(server: RpcServer, diffs: Diffs) -> None:
     async def acknowledge_diff(body: AcknowledgeDiffCall) -> dict[str, Any]:
         """Record that the caller viewed the diff."""
         return await diffs.acknowledge(body.tenant_id, body.diff_hash, body.actor, utcnow())
+
+    @server.handler("diff_acknowledgements")
+    async def diff_acknowledgements(body: DiffAcknowledgementsCall) -> dict[str, Any]:
+        """Who acknowledged the diff, and when (for promotions to require it)."""
+        state = await diffs.acknowledgements(body.tenant_id, body.diff_hash)
+        return acknowledgements_view(body.diff_hash, state)
 
 
 def _archive(call: UploadCall) -> bytes:

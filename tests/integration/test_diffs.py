@@ -173,6 +173,10 @@ async def test_two_uploaded_bundles_diffed_paged_and_acknowledged(
     events = [
         decode(e) for e in await gw.store.read_stream(stream_of(tenant, diff_entity(diff_hash)))
     ]
+    asked = await world.b.rpc.call(
+        "admission", "diff_acknowledgements", {"tenant_id": tenant, "diff_hash": diff_hash}
+    )
+    assert asked == resp.json()
     assert [(e.event_type, e.diff_hash, e.acknowledged_by) for e in events] == [  # type: ignore[attr-defined]
         ("policy.diff_acknowledged", diff_hash, f"user:viewer-{tenant}")
     ]
