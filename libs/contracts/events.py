@@ -445,6 +445,22 @@ class PolicyExceptionExpired(DomainEvent):
     expires_at: datetime
 
 
+@register
+class PolicyDiffAcknowledged(DomainEvent):
+    """A person acknowledged having viewed a diff (of two bundles or two agent specs), named by
+    its ``diff_hash``; a promotion may require it. In ``<tenant>/policy/diff-<hex>``."""
+
+    event_type = "policy.diff_acknowledged"
+    schema_version = 1
+
+    diff_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    kind: Literal["documents", "bundles"]
+    old: dict[str, str]
+    new: dict[str, str]
+    acknowledged_by: str = Field(min_length=1, max_length=200)
+    acknowledged_at: datetime
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 

@@ -43,6 +43,17 @@ from libs.contracts.limits import AGENT_ID_PATTERN, MAX_STEP_INDEX
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
+from services.gateway.diffs import (
+    DIFF_TIMEOUT_S,
+    DiffAcknowledgements,
+    DiffCursorQuery,
+    DiffHashPath,
+    DiffIn,
+    DiffPage,
+    LimitQuery,
+    ViewQuery,
+    diff_payload,
+)
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
@@ -575,6 +586,7 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     Work = Annotated[Caller, Depends(Requires(Permission.WORK, rpc, auth))]
     Approve = Annotated[Caller, Depends(Requires(Permission.APPROVE, rpc, auth))]
     Govern = Annotated[Caller, Depends(Requires(Permission.GOVERN, rpc, auth))]
+    Review = Annotated[Caller, Depends(Requires(Permission.REVIEW, rpc, auth))]
     Anyone = Annotated[None, Depends(Public())]
     router = APIRouter(
         prefix="/v1",
@@ -1030,6 +1042,39 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         # Uploading the bundle to the other environment runs its tests again: seconds.
         result = await call("admission", "align_drift", payload, timeout=UPLOAD_TIMEOUT_S)
         return json_response(result)
+
+    # -- diffs of two bundles or two agent specs (docs/policies.md, "Diffs") ---------------------
+
+    @router.post("/diffs", response_model=DiffPage, tags=["policies"])
+    async def create_diff(body: DiffIn, call: Read) -> Any:
+        """Compare two of the tenant's bundles (by digest) or two agent specs: the diff's
+        ``diff_hash``, its summary and the first page of rows, each marked locked or enforced
+        with its policy notes. Page on with ``GET /v1/diffs/{diff_hash}``."""
+        result = await call("admission", "create_diff", diff_payload(body), timeout=DIFF_TIMEOUT_S)
+        return json_response(result)
+
+    @router.get("/diffs/{diff_hash}", response_model=DiffPage, tags=["policies"])
+    async def get_diff(
+        diff_hash: DiffHashPath,
+        call: Read,
+        cursor: DiffCursorQuery = None,
+        limit: LimitQuery = 100,
+        view: ViewQuery = "structured",
+    ) -> Any:
+        """A page of a diff's rows, in a stable order, from ``cursor`` (the previous page's
+        ``next_cursor``), as ``structured`` or ``side-by-side`` rows."""
+        payload = _present({"diff_hash": diff_hash, "cursor": cursor, "limit": limit, "view": view})
+        result = await call("admission", "get_diff", payload, timeout=DIFF_TIMEOUT_S)
+        return json_response(result)
+
+    @router.post(
+        "/diffs/{diff_hash}/acknowledge", response_model=DiffAcknowledgements, tags=["policies"]
+    )
+    async def acknowledge_diff(diff_hash: DiffHashPath, call: Review) -> Any:
+        """Record that you viewed the diff (``policy.diff_acknowledged``, once per person);
+        a promotion may require it. People only."""
+        payload = {"diff_hash": diff_hash, "actor": call.actor}
+        return await call.answer("admission", "acknowledge_diff", payload)
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(

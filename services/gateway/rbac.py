@@ -43,6 +43,7 @@ class Permission(StrEnum):
     WORK = "work"
     APPROVE = "approve"
     GOVERN = "govern"
+    REVIEW = "review"
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ RULES: Mapping[Permission, Rule] = {
         "change the tenant's approval rules or policy signing keys, or grant or revoke "
         "policy exceptions",
     ),
+    # Acknowledging a diff says a person viewed it: no key may do it.
+    Permission.REVIEW: _rule(ROLES, (), "acknowledge having viewed a diff"),
 }
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from libs import diffing
 from libs.contracts import utcnow
 from libs.contracts.envelope import TenantId
 from libs.contracts.limits import (
@@ -32,6 +33,7 @@ from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
+from services.policy_admission.diffs import Diffs, acknowledgements_view
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
@@ -170,6 +172,93 @@ class ListExceptionsCall(_Call):
     status: Literal["open", "expired", "revoked"] | None = None
 
 
+FieldName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
+DiffHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+class _Page(_Call):
+    limit: int = Field(default=diffing.DEFAULT_LIMIT, ge=1, le=diffing.MAX_LIMIT)
+    view: diffing.View = "structured"
+
+
+class CreateDiffCall(_Page):
+    """``create_diff``: two bundle digests of the tenant, or two JSON documents (agent specs),
+    with the fields held locked or enforced."""
+
+    kind: Literal["bundles", "documents"]
+    old_digest: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
+    new_digest: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
+    old: Any = None
+    new: Any = None
+    locked_fields: list[FieldName] = Field(default_factory=list, max_length=diffing.MAX_FIELDS)
+    enforced_fields: list[FieldName] = Field(default_factory=list, max_length=diffing.MAX_FIELDS)
+
+    def request(self) -> dict[str, Any]:
+        """What the diff is computed from (kept by its hash)."""
+        if self.kind == "bundles":
+            if self.old_digest is None or self.new_digest is None:
+                raise InvalidInput("diff_inputs_invalid: name old_digest and new_digest")
+            return {
+                "kind": "bundles",
+                "old_digest": self.old_digest,
+                "new_digest": self.new_digest,
+                "locked_fields": sorted(set(self.locked_fields)),
+            }
+        return {
+            "kind": "documents",
+            "old": self.old,
+            "new": self.new,
+            "locked_fields": sorted(set(self.locked_fields)),
+            "enforced_fields": sorted(set(self.enforced_fields)),
+        }
+
+
+class GetDiffCall(_Page):
+    """``get_diff``: a page of a diff's rows."""
+
+    diff_hash: DiffHash
+    cursor: str | None = Field(default=None, max_length=64)
+
+
+class AcknowledgeDiffCall(_Admin):
+    """``acknowledge_diff``: the caller viewed the diff."""
+
+    diff_hash: DiffHash
+
+
+class DiffAcknowledgementsCall(_Call):
+    """``diff_acknowledgements``: who acknowledged the diff."""
+
+    diff_hash: DiffHash
+
+
+def diff_routes(server: RpcServer, diffs: Diffs) -> None:
+    """The diff requests (``docs/policies.md``, "Diffs")."""
+
+    @server.handler("create_diff")
+    async def create_diff(body: CreateDiffCall) -> dict[str, Any]:
+        """Compute a diff; its hash, summary and first page."""
+        return await diffs.create(body.tenant_id, body.request(), limit=body.limit, view=body.view)
+
+    @server.handler("get_diff")
+    async def get_diff(body: GetDiffCall) -> dict[str, Any]:
+        """A page of a diff's rows, from ``cursor``."""
+        return await diffs.get(
+            body.tenant_id, body.diff_hash, cursor=body.cursor, limit=body.limit, view=body.view
+        )
+
+    @server.handler("acknowledge_diff")
+    async def acknowledge_diff(body: AcknowledgeDiffCall) -> dict[str, Any]:
+        """Record that the caller viewed the diff."""
+        return await diffs.acknowledge(body.tenant_id, body.diff_hash, body.actor, utcnow())
+
+    @server.handler("diff_acknowledgements")
+    async def diff_acknowledgements(body: DiffAcknowledgementsCall) -> dict[str, Any]:
+        """Who acknowledged the diff, and when (for promotions to require it)."""
+        state = await diffs.acknowledgements(body.tenant_id, body.diff_hash)
+        return acknowledgements_view(body.diff_hash, state)
+
+
 def _archive(call: UploadCall) -> bytes:
     try:
         archive = base64.b64decode(call.archive_b64, validate=True)
@@ -302,6 +391,7 @@ def rpc_server(
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
+        diff_routes(server, Diffs(tenants.store, tenants.read_archive))
     if freezes is not None:
         freeze_routes(server, freezes)
     if drift is not None:

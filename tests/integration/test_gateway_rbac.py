@@ -179,6 +179,12 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         "/v1/policy-freeze/production:override",
         {"reason": "rbac sample"},
     ),
+    ("POST", "/v1/diffs"): ("/v1/diffs", {"old_spec": {"a": 1}, "new_spec": {"a": 2}}),
+    ("GET", "/v1/diffs/{diff_hash}"): (f"/v1/diffs/sha256:{'0' * 64}", None),
+    ("POST", "/v1/diffs/{diff_hash}/acknowledge"): (
+        f"/v1/diffs/sha256:{'0' * 64}/acknowledge",
+        None,
+    ),
 }
 
 
