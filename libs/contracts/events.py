@@ -414,6 +414,118 @@ class PolicyExceptionExpired(DomainEvent):
     expires_at: datetime
 
 
+# --- the agent registry (owned by policy-admission) ----------------------------------------------
+
+AgentEnvironment = Literal["sandbox", "production"]
+
+
+class AgentProblem(DomainEvent):
+    """One thing wrong with an agent spec: ``code`` names it (``schema_invalid``,
+    ``model_not_allowed``, ...), ``path`` points into the spec."""
+
+    event_type = "_agent_problem"
+    schema_version = 1
+
+    code: str
+    path: str
+    message: str
+
+
+@register
+class AgentDraftSaved(DomainEvent):
+    """A draft of ``version`` now holds ``spec`` (possibly partial). The first draft of an agent
+    records its ``origin``; a save whose ``spec_hash`` equals the draft's records nothing."""
+
+    event_type = "agent.draft_saved"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec: dict[str, Any]
+    spec_hash: str
+    origin: str | None = None
+    origin_ref: str | None = None
+
+
+@register
+class AgentValidated(DomainEvent):
+    """``version`` (its spec ``spec_hash``) was checked against the schema and the policy set of
+    ``environment`` (``policy_digest``, ``policy_set_hash``); ``passed`` unless ``problems``
+    holds an error."""
+
+    event_type = "agent.validated"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec_hash: str
+    environment: AgentEnvironment
+    passed: bool
+    problems: list[AgentProblem] = Field(default_factory=list)
+    policy_digest: str
+    policy_set_hash: str
+
+
+@register
+class AgentSandboxed(DomainEvent):
+    """The draft ``version`` passed validation in the sandbox and may run there."""
+
+    event_type = "agent.sandboxed"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec_hash: str
+    policy_digest: str
+    policy_set_hash: str
+
+
+@register
+class AgentPromoted(DomainEvent):
+    """The sandboxed ``from_version`` became the governed, immutable ``version``
+    (``from_version + 1``), which production runs from now on."""
+
+    event_type = "agent.promoted"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=2)
+    from_version: int = Field(ge=1)
+    spec_hash: str
+    environment: AgentEnvironment = "production"
+    policy_digest: str
+    policy_set_hash: str
+    promoted_by: str
+
+
+@register
+class AgentForked(DomainEvent):
+    """A new draft ``version`` (``from_version + 1``) was opened from the governed
+    ``from_version``, which keeps running in production unchanged."""
+
+    event_type = "agent.forked"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=2)
+    from_version: int = Field(ge=1)
+    spec_hash: str
+
+
+@register
+class AgentDisabled(DomainEvent):
+    """The agent may no longer run in ``environments``; admission denies its runs there."""
+
+    event_type = "agent.disabled"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    environments: list[AgentEnvironment] = Field(min_length=1)
+    reason: str
+    disabled_by: str
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 

@@ -77,7 +77,10 @@ RULES: Mapping[Permission, Rule] = {
     ),
     Permission.OPERATE: _rule({"admin"}, {"ingest"}, "rebuild the projections"),
     Permission.WORKFLOWS: _rule(
-        {"operator", "admin"}, {"ingest"}, "register agents or save workflow definitions"
+        {"operator", "admin"},
+        {"ingest"},
+        "register agents, save, validate, sandbox or fork agent drafts, or save workflow "
+        "definitions",
     ),
     Permission.EXECUTE: _rule({"operator", "admin"}, {"ingest"}, "start or abort executions"),
     # Workers are agents: they hold keys. People do not take work.
@@ -87,8 +90,8 @@ RULES: Mapping[Permission, Rule] = {
     Permission.GOVERN: _rule(
         {"admin"},
         (),
-        "change the tenant's approval rules or policy signing keys, or grant or revoke "
-        "policy exceptions",
+        "change the tenant's approval rules or policy signing keys, grant or revoke "
+        "policy exceptions, or promote or disable agents",
     ),
 }
 

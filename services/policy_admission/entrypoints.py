@@ -32,6 +32,7 @@ from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
+from services.policy_admission.agent_registry import AgentRegistry, agent_routes
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.tenant_bundles import TenantPolicies
@@ -223,6 +224,7 @@ def rpc_server(
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
+        agent_routes(server, AgentRegistry(tenants))
 
     # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
     # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.

@@ -162,6 +162,24 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
             "expires_at": "2000-01-01T00:00:00Z",
         },
     ),
+    ("POST", "/v1/agents/draft"): (
+        "/v1/agents/draft",
+        {"agent_id": "rbac-registry-agent", "spec": {"role": "reviews"}},
+    ),
+    ("POST", "/v1/agents/validate"): (
+        "/v1/agents/validate",
+        {"spec": {"role": "reviews"}, "environment": "sandbox"},
+    ),
+    ("GET", "/v1/agent-registry"): ("/v1/agent-registry?state=draft", None),
+    ("GET", "/v1/agents/{agent_id}"): ("/v1/agents/rbac-registry-agent", None),
+    ("GET", "/v1/agents/{agent_id}/actions"): ("/v1/agents/rbac-registry-agent/actions", None),
+    ("POST", "/v1/agents/{agent_id}/sandbox"): ("/v1/agents/rbac-registry-agent/sandbox", None),
+    ("POST", "/v1/agents/{agent_id}/fork"): ("/v1/agents/rbac-registry-agent/fork", None),
+    ("POST", "/v1/agents/{agent_id}/promote"): ("/v1/agents/rbac-registry-agent/promote", None),
+    ("POST", "/v1/agents/{agent_id}/disable"): (
+        "/v1/agents/rbac-registry-agent/disable",
+        {"environments": ["sandbox"], "reason": "rbac check"},
+    ),
     ("GET", "/v1/policy-exceptions"): ("/v1/policy-exceptions?status=open", None),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",
