@@ -30,6 +30,8 @@ Irregularity = Literal["unadmitted", "duplicate", "out_of_order"]
 """How a recorded step broke the rules: ``unadmitted`` (no allowed admission of its index was
 outstanding), ``duplicate`` (its index was recorded before), ``out_of_order`` (its index is
 below the highest recorded, and it was not admitted while it was still ahead of that)."""
+PolicyEnvironment = Literal["sandbox", "production"]
+"""Where a bundle decides: agents in a sandbox, or in production."""
 Enforcement = Literal["enforce", "warn"]
 """What a violation does: ``enforce`` stops the run and opens an incident; ``warn`` records it."""
 
@@ -238,8 +240,10 @@ class PolicyViolationDetectedV1(DomainEvent):
     trace_id: str | None = None
 
 
+# Version 2 had no environment; kept so stored v2 events stay readable (its docstring is part of
+# its published schema).
 @register
-class PolicyViolationDetected(PolicyViolationDetectedV1):
+class PolicyViolationDetectedV2(PolicyViolationDetectedV1):
     """A policy was broken, or would have been had the step run.
 
     Either admission denied a step before it ran (``decision_id`` is that decision), or a step
@@ -248,10 +252,29 @@ class PolicyViolationDetected(PolicyViolationDetectedV1):
     an incident, ``warn`` only records the violation.
     """
 
+    model_config = ConfigDict(title="PolicyViolationDetected")
     event_type = "policy.violation_detected"
     schema_version = 2
 
     enforcement: Enforcement = "enforce"
+
+
+@register
+class PolicyViolationDetected(PolicyViolationDetectedV2):
+    """A policy was broken, or would have been had the step run.
+
+    Either admission denied a step before it ran (``decision_id`` is that decision), or a step
+    was recorded against the rules (policy ``admission_required``; ``decision_id`` is the
+    judgement's own id). ``enforcement`` says what follows: ``enforce`` stops the run and opens
+    an incident, ``warn`` only records the violation. ``environment`` is the one the step was
+    admitted for (a recorded step judged without admission counts as ``production``).
+    """
+
+    model_config = ConfigDict(title="PolicyViolationDetected")
+    event_type = "policy.violation_detected"
+    schema_version = 3
+
+    environment: PolicyEnvironment = "production"
 
 
 @upcaster("policy.violation_detected", 1)
@@ -259,6 +282,14 @@ def upcast_violation_detected_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
     """v1 → v2: ``enforcement`` was added; every v1 violation stopped its run."""
     data = dict(payload)
     data.setdefault("enforcement", "enforce")
+    return data
+
+
+@upcaster("policy.violation_detected", 2)
+def upcast_violation_detected_v2_v3(payload: dict[str, Any]) -> dict[str, Any]:
+    """v2 → v3: ``environment`` was added; before it every bundle decided for production."""
+    data = dict(payload)
+    data.setdefault("environment", "production")
     return data
 
 
@@ -529,10 +560,12 @@ class AgentDisabled(DomainEvent):
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 
+# Version 1 had no environment; kept so stored v1 events stay readable.
 @register
-class IncidentOpened(DomainEvent):
+class IncidentOpenedV1(DomainEvent):
     """An incident was opened for a policy violation."""
 
+    model_config = ConfigDict(title="IncidentOpened")
     event_type = "incident.opened"
     schema_version = 1
 
@@ -545,6 +578,26 @@ class IncidentOpened(DomainEvent):
     severity: Severity
     title: str
     trace_id: str | None = None
+
+
+@register
+class IncidentOpened(IncidentOpenedV1):
+    """An incident was opened for a policy violation, in the environment the violating step was
+    admitted for (a budget incident counts as ``production``)."""
+
+    model_config = ConfigDict(title="IncidentOpened")
+    event_type = "incident.opened"
+    schema_version = 2
+
+    environment: PolicyEnvironment = "production"
+
+
+@upcaster("incident.opened", 1)
+def upcast_incident_opened_v1_v2(payload: dict[str, Any]) -> dict[str, Any]:
+    """v1 → v2: ``environment`` was added; before it every incident came from production."""
+    data = dict(payload)
+    data.setdefault("environment", "production")
+    return data
 
 
 @register
@@ -1172,3 +1225,47 @@ class AnchorCheckpointed(DomainEvent):
     merkle_root: str = Field(pattern=r"^[0-9a-f]{64}$")
     key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
     signature: str = Field(pattern=r"^([0-9a-f]{128})?$")
+
+
+# --- promotion freeze (owned by policy-admission) ------------------------------------------
+
+
+@register
+class PolicyFreezeStarted(DomainEvent):
+    """An incident at or above the tenant's freeze severity opened: promotions into its
+    environment are frozen until it is resolved (or an admin overrides)."""
+
+    event_type = "policy.freeze_started"
+    schema_version = 1
+
+    environment: PolicyEnvironment
+    incident_id: str
+    severity: Severity
+    threshold: Severity
+    title: str
+
+
+@register
+class PolicyFreezeLifted(DomainEvent):
+    """The incident that froze promotions was resolved; the freeze holds while another does."""
+
+    event_type = "policy.freeze_lifted"
+    schema_version = 1
+
+    environment: PolicyEnvironment
+    incident_id: str
+    resolved_by: str
+
+
+@register
+class PolicyFreezeOverridden(DomainEvent):
+    """An admin let promotions through despite the freezing incidents named, with a reason.
+    An incident opened later freezes again."""
+
+    event_type = "policy.freeze_overridden"
+    schema_version = 1
+
+    environment: PolicyEnvironment
+    incident_ids: list[str]
+    by: str
+    reason: str

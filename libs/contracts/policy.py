@@ -64,6 +64,11 @@ class PolicySettings(BaseModel):
     model_allowlist: list[AllowedName] | None = Field(default=None, max_length=MAX_ALLOWLIST)
     tool_allowlist: list[AllowedName] | None = Field(default=None, max_length=MAX_ALLOWLIST)
     admission_required: Literal["enforce", "warn"] | None = None
+    freeze_min_severity: Literal["low", "medium", "high", "critical"] | None = Field(
+        default=None,
+        description="An open incident at or above this severity freezes promotions into its "
+        "environment until it is resolved (default: high).",
+    )
 
     def as_input(self) -> dict[str, Any]:
         """The ``input.settings`` document: the fields set, in JSON types."""

@@ -24,6 +24,7 @@ import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from cachetools import Cache, LRUCache, TTLCache
@@ -135,6 +136,18 @@ def fold_with(evolve: Callable[[S, DomainEvent], S]) -> Fold[S]:
     def fold(state: S, recorded: Sequence[Recorded]) -> S:
         for r in recorded:
             state = evolve(state, r.event)
+        return state
+
+    return fold
+
+
+def fold_with_time(evolve: Callable[[S, DomainEvent, datetime], S]) -> Fold[S]:
+    """A fold that applies ``evolve(state, event, occurred_at)`` to each event in turn, for
+    states that keep when something happened (an expiry, an opening)."""
+
+    def fold(state: S, recorded: Sequence[Recorded]) -> S:
+        for r in recorded:
+            state = evolve(state, r.event, r.envelope.occurred_at)
         return state
 
     return fold

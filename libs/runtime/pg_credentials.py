@@ -14,19 +14,19 @@ Passwords are set on roles as SCRAM-SHA-256 verifiers computed here
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
 import json
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import quote
 
 from pydantic import SecretStr
 
 from libs.errors import InvalidInput
+from libs.runtime.state import write_private_json
 
 CREDENTIALS_FILE = "postgres-credentials.json"
 SCRAM_ITERATIONS = 4096
@@ -68,29 +68,11 @@ def ensure_passwords(data_dir: Path, roles: Iterable[str]) -> dict[str, SecretSt
     if missing:
         for role in missing:
             stored[role] = SecretStr(new_password())
-        _write_private(
+        write_private_json(
             credentials_path(data_dir),
             {role: pw.get_secret_value() for role, pw in sorted(stored.items())},
         )
     return stored
-
-
-def _write_private(path: Path, data: Mapping[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask, and even if the file was left behind
-        os.write(fd, (json.dumps(data, indent=2) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def parse_role_passwords(value: SecretStr) -> dict[str, SecretStr]:

@@ -7,6 +7,7 @@ password.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -15,7 +16,14 @@ from typing import Any
 
 from libs.redaction import redact_url
 
-__all__ = ["STATE_FILE", "read_state", "redact_url", "write_json_atomic"]
+__all__ = [
+    "STATE_FILE",
+    "read_state",
+    "redact_url",
+    "write_json_atomic",
+    "write_private",
+    "write_private_json",
+]
 
 STATE_FILE = "state.json"
 
@@ -40,12 +48,26 @@ def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, readable and writable by this user only (0600), atomically.
 
     The file is created 0600, never widened after the fact, so nobody can open it in between.
+    The temporary name carries the process id: two processes writing the same file at once
+    each replace it whole rather than interleave.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask, and even if the file was left behind
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_private_json(path: Path, data: Mapping[str, Any]) -> None:
+    """:func:`write_private` of ``data`` as indented JSON."""
+    write_private(path, json.dumps(data, indent=2) + "\n")

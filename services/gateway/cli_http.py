@@ -8,7 +8,8 @@ data directory. Credentials are sent as headers only, never printed.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,9 @@ from libs.runtime.state import read_state
 
 # How long one request may take, by default.
 REQUEST_TIMEOUT_S = 30.0
+# How long an event stream may stay silent: the gateway sends a heartbeat every 15 s by default,
+# so twice that means the connection is gone and the follower reconnects.
+SSE_IDLE_S = 35.0
 
 UrlOption = Annotated[
     str | None,
@@ -73,6 +77,49 @@ class Api:
         if response.is_success:
             return response.json()
         raise CliError(f"{method} {path}: {response.status_code} {_message(response)}")
+
+    def events(
+        self, path: str, last_event_id: str | None = None, idle_s: float = SSE_IDLE_S
+    ) -> Iterator[ServerSentEvent]:
+        """The Server-Sent Events of one stream, as they arrive, heartbeats included (as events
+        named ``heartbeat``, so a follower can check its own deadline between messages).
+
+        Ends when the server closes the stream; an answer that is not 2xx is a
+        :class:`CliError`; silence longer than ``idle_s`` is a :class:`httpx.ReadTimeout`.
+        """
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=idle_s)
+        with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
+            if not response.is_success:
+                response.read()
+                raise CliError(f"GET {path}: {response.status_code} {_message(response)}")
+            event_id: str | None = None
+            name = "message"
+            data: list[str] = []
+            for line in response.iter_lines():
+                if line.startswith(":"):
+                    yield ServerSentEvent(None, "heartbeat", "")
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].removeprefix(" "))
+                elif not line and data:
+                    yield ServerSentEvent(event_id, name, "\n".join(data))
+                    event_id, name, data = None, "message", []
+
+
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One message of an event stream: its ``id:`` (``None`` when it has none), its
+    ``event:`` name and its ``data:``."""
+
+    id: str | None
+    event: str
+    data: str
 
 
 def _message(response: httpx.Response) -> str:

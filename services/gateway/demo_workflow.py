@@ -41,7 +41,7 @@ from libs.contracts import stream_id_for
 from libs.contracts.envelope import EventEnvelope
 from libs.errors import Conflict
 from libs.eventbus.store import EventStore
-from libs.runtime.pg_credentials import _write_private as write_private_json
+from libs.runtime.state import write_private_json
 from libs.usage import Usage
 from services.gateway.client import ApiError
 from services.gateway.example_worker import (

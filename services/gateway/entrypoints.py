@@ -51,14 +51,18 @@ from services.gateway.policy_bundles import (
     BundleListing,
     BundleStored,
     DigestPath,
+    EnvironmentFreezeView,
     EnvironmentQuery,
     ExceptionIdPath,
     ExceptionStatusQuery,
+    FreezeEnvironmentPath,
+    FreezeOverrideIn,
     KeyIdPath,
     OptionalDigest,
     PolicyExceptionIn,
     PolicyExceptionListing,
     PolicyExceptionView,
+    PolicyFreezeView,
     PolicySettingsIn,
     PolicySettingsView,
     RetireKeyIn,
@@ -946,10 +950,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     async def grant_policy_exception(body: PolicyExceptionIn, call: Govern) -> Any:
         """Grant a time-bound exception: denials of ``policy_id`` for the agent (or run) are
         admitted as warnings, naming the exception, until ``expires_at``. People only (admin);
-        the granting admin is recorded."""
+        the granting admin is recorded. Name ``exception_id`` to make a retry safe."""
         payload = {
             **body.model_dump(mode="json"),
-            "exception_id": str(new_uuid7()),
+            "exception_id": body.exception_id or str(new_uuid7()),
             "actor": call.actor,
         }
         return await call.answer("admission", "grant_exception", payload, status=201)
@@ -977,6 +981,26 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             "actor": call.actor,
         }
         return await call.answer("admission", "revoke_exception", payload)
+
+    @router.get("/policy-freeze", response_model=PolicyFreezeView, tags=["policies"])
+    async def policy_freeze(call: Read) -> Any:
+        """Whether promotions into each environment are frozen, by which open incidents, and
+        the overrides so far."""
+        return await call.answer("admission", "freeze_status")
+
+    @router.post(
+        "/policy-freeze/{environment}:override",
+        response_model=EnvironmentFreezeView,
+        tags=["policies"],
+    )
+    async def override_policy_freeze(
+        environment: FreezeEnvironmentPath, body: FreezeOverrideIn, call: Govern
+    ) -> Any:
+        """Let promotions into ``environment`` go ahead despite the incidents open now; you and
+        your reason are recorded. An incident opened later freezes again. 409 when nothing
+        freezes it."""
+        payload = {"environment": environment, "reason": body.reason, "actor": call.actor}
+        return await call.answer("admission", "override_freeze", payload)
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(

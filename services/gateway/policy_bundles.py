@@ -170,6 +170,12 @@ class PolicyExceptionIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    exception_id: Annotated[str, StringConstraints(pattern=EXCEPTION_ID_PATTERN)] | None = Field(
+        default=None,
+        description="Your id for it, so that a retried grant is safe: the same id with the same "
+        "terms answers the exception already granted, with other terms a 409. Default: a new "
+        "id.",
+    )
     policy_id: Annotated[str, StringConstraints(pattern=POLICY_ID_PATTERN)] = Field(
         description="The policy the waived denials name (a reason's `policy_id`)."
     )
@@ -235,3 +241,53 @@ def settings_payload(body: PolicySettingsIn, if_match: str | None) -> dict[str, 
     version = body.version if body.version is not None else header
     settings = body.model_dump(mode="json", exclude_none=True, exclude={"version"})
     return {"settings": settings, "version": version}
+
+
+FreezeEnvironmentPath = Annotated[
+    Literal["sandbox", "production"],
+    Path(description="The environment whose promotions are frozen: sandbox or production."),
+]
+
+
+class FreezeOverrideIn(BaseModel):
+    """Why promotions may go ahead despite the open incidents (recorded with your identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+
+
+class FreezingIncidentView(_Result):
+    """An open incident freezing promotions; ``overridden_by`` once an admin let them through."""
+
+    incident_id: str
+    severity: str
+    title: str
+    opened_at: str
+    overridden_by: str | None = None
+
+
+class FreezeOverrideView(_Result):
+    """One audited override: who, why, when and the incidents it covered."""
+
+    by: str
+    reason: str
+    at: str
+    incident_ids: list[str]
+
+
+class EnvironmentFreezeView(_Result):
+    """One environment's promotion freeze: frozen while an incident at or above ``threshold``
+    is open and not overridden."""
+
+    environment: str
+    frozen: bool
+    threshold: str
+    incidents: list[FreezingIncidentView]
+    overrides: list[FreezeOverrideView]
+
+
+class PolicyFreezeView(_Result):
+    """The tenant's promotion freeze, per environment."""
+
+    environments: list[EnvironmentFreezeView]

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
@@ -53,8 +54,9 @@ TenantOption = Annotated[
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why (recorded with your name).")]
 
 # ``run --wait`` polls for as long as it is asked to.
-POLL_INTERVAL_S = 0.5
 FINISHED = frozenset({"completed", "failed", "aborted"})
+# What a follower waits before reconnecting to a stream that ended or dropped.
+RECONNECT_S = 0.5
 
 
 def _person_headers(
@@ -152,6 +154,45 @@ def save(
     typer.echo(f"workflow {saved['workflow_id']} {state} {saved['version']}")
 
 
+def _follow(api: Api, execution_id: str, view: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """Print each step change of an execution until it ends, and answer its final view.
+
+    It follows the execution's event stream rather than polling: every event of the execution
+    (not the live token usage) re-reads its view, so a change shows as soon as it happens. A
+    dropped connection resumes from the last event id it saw.
+    """
+    seen: dict[str, str] = {}
+    last_id: str | None = None
+
+    def show(current: dict[str, Any]) -> dict[str, str]:
+        for change in _changes(seen, current):
+            typer.echo(f"  {change}")
+        return {s["step_id"]: s["state"] for s in current.get("steps", [])}
+
+    seen = show(view)
+    while view["status"] not in FINISHED:
+        try:
+            for message in api.events(f"/v1/executions/{execution_id}/events", last_id):
+                if time.monotonic() > deadline:
+                    break
+                if message.event in ("heartbeat", "usage"):
+                    continue
+                last_id = message.id or last_id
+                view = api.send("GET", f"/v1/executions/{execution_id}")
+                seen = show(view)
+                if view["status"] in FINISHED or message.event == "end":
+                    break
+        except httpx.TransportError:
+            pass  # the connection dropped or went silent: resume from the last event seen
+        if time.monotonic() > deadline and view["status"] not in FINISHED:
+            raise CliError(f"execution {execution_id} still {view['status']} after the timeout")
+        view = api.send("GET", f"/v1/executions/{execution_id}")
+        seen = show(view)
+        if view["status"] not in FINISHED:
+            time.sleep(RECONNECT_S)  # the stream's own retry delay before reconnecting
+    return view
+
+
 @workflow_app.command("run")
 @one_line_errors
 def run(
@@ -182,18 +223,7 @@ def run(
         typer.echo(f"execution {execution_id} started ({view['status']})")
         if not wait:
             return
-        seen: dict[str, str] = {}
-        deadline = time.monotonic() + timeout
-        while True:
-            for change in _changes(seen, view):
-                typer.echo(f"  {change}")
-            seen = {s["step_id"]: s["state"] for s in view.get("steps", [])}
-            if view["status"] in FINISHED:
-                break
-            if time.monotonic() > deadline:
-                raise CliError(f"execution {execution_id} still {view['status']} after {timeout} s")
-            time.sleep(POLL_INTERVAL_S)  # polling the API: the terminal's progress, not a test
-            view = api.send("GET", f"/v1/executions/{execution_id}")
+        view = _follow(api, execution_id, view, time.monotonic() + timeout)
     typer.echo(describe(view))
     if view["status"] != "completed":
         raise typer.Exit(1)

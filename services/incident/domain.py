@@ -202,6 +202,7 @@ def _open(state: Incident, cmd: OpenIncident) -> list[DomainEvent]:
             severity=v.severity,
             title=title_for(v),
             trace_id=v.trace_id,
+            environment=v.environment,
         )
     ]
 

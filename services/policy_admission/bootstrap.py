@@ -13,7 +13,12 @@ from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
 from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, run_service
 from services.policy_admission.bundle import PolicyBundle, load_bundle
-from services.policy_admission.entrypoints import rpc_server, steps_consumer_spec
+from services.policy_admission.entrypoints import (
+    incidents_consumer_spec,
+    rpc_server,
+    steps_consumer_spec,
+)
+from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler, activate_bundle
 from services.policy_admission.tenant_bundles import TenantPolicies
 
@@ -29,16 +34,23 @@ class PolicyAdmissionService:
 
     It also consumes ``run.step_recorded`` to judge the steps recorded against the rules
     (``admission_required``); ``steps_spec`` defaults to the production consumer, tests pass
-    one with their own durable name and tenant filter.
+    one with their own durable name and tenant filter. It consumes ``incident.opened`` and
+    ``incident.resolved`` to keep the promotion freeze (``incidents_spec`` likewise).
     """
 
     name: str = "policy-admission"
 
-    def __init__(self, steps_spec: ConsumerSpec | None = None) -> None:
+    def __init__(
+        self, steps_spec: ConsumerSpec | None = None, incidents_spec: ConsumerSpec | None = None
+    ) -> None:
         self.bundle: PolicyBundle | None = None
         self.handler: AdmissionHandler | None = None
         self._server: RpcServer | None = None
         self.steps_spec = steps_spec or steps_consumer_spec()
+        self.incidents_spec = incidents_spec or incidents_consumer_spec()
+        self.freezes: Freezes | None = None
+        self.incidents: BatchEventConsumer | None = None
+        self._incidents_task: asyncio.Task[None] | None = None
         self.consumer: BatchEventConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.tenants: TenantPolicies | None = None
@@ -71,7 +83,11 @@ class PolicyAdmissionService:
         self.consumer = BatchEventConsumer(ctx.js, self.steps_spec, self.handler.judge_steps)
         self._task = asyncio.create_task(self.consumer.run(), name="admission-steps")
         ctx.tasks.append(self._task)
-        self._server = rpc_server(ctx.nc, self.handler, self.tenants)
+        self.freezes = Freezes(ctx.store, self.tenants.get_settings)
+        self.incidents = BatchEventConsumer(ctx.js, self.incidents_spec, self.freezes.on_incidents)
+        self._incidents_task = asyncio.create_task(self.incidents.run(), name="admission-freeze")
+        ctx.tasks.append(self._incidents_task)
+        self._server = rpc_server(ctx.nc, self.handler, self.tenants, self.freezes)
         await self._server.start()
 
     async def stop(self) -> None:
@@ -79,11 +95,13 @@ class PolicyAdmissionService:
         if self._server is not None:
             await self._server.stop()
             self._server = None
-        if self.consumer is not None:
-            self.consumer.stop()
-        if self._task is not None and not self._task.done():
+        for consumer in (self.consumer, self.incidents):
+            if consumer is not None:
+                consumer.stop()
+        running = {t for t in (self._task, self._incidents_task) if t is not None and not t.done()}
+        if running:
             # Cancelled by the host with the rest of ctx.tasks if still running after this.
-            await asyncio.wait({self._task}, timeout=CONSUMER_STOP_TIMEOUT_S)
+            await asyncio.wait(running, timeout=CONSUMER_STOP_TIMEOUT_S)
         if self._follow is not None:
             self._follow.cancel()
         if self._sweep is not None:
@@ -102,6 +120,10 @@ class PolicyAdmissionService:
             and self.consumer.running
             and self._task is not None
             and not self._task.done()
+            and self.incidents is not None
+            and self.incidents.running
+            and self._incidents_task is not None
+            and not self._incidents_task.done()
             and self._follow is not None
             and not self._follow.done()
         )

@@ -453,6 +453,7 @@ def decide(
                 runbook_url=violated.runbook_url,
                 bundle_digest=bundle_digest,
                 trace_id=trace_id,
+                environment=request.bundle_environment,
             )
         )
     return events

@@ -34,11 +34,13 @@ from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
 from services.policy_admission.agent_registry import AgentRegistry, agent_routes
 from services.policy_admission.domain import AdmitRequest
+from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 RPC_SERVICE = "admission"
 STEPS_DURABLE = "admission-steps"
+INCIDENTS_DURABLE = "admission-incidents"
 
 
 def steps_consumer_spec(durable: str = STEPS_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
@@ -46,6 +48,18 @@ def steps_consumer_spec(durable: str = STEPS_DURABLE, tenant_id: str = "*") -> C
     durable and tenant)."""
     return ConsumerSpec(
         durable=durable, filter_subjects=(events_filter("run.step_recorded", tenant_id),)
+    )
+
+
+def incidents_consumer_spec(durable: str = INCIDENTS_DURABLE, tenant_id: str = "*") -> ConsumerSpec:
+    """The durable consumer of incident openings and resolutions that keeps the promotion
+    freeze (tests narrow durable and tenant)."""
+    return ConsumerSpec(
+        durable=durable,
+        filter_subjects=(
+            events_filter("incident.opened", tenant_id),
+            events_filter("incident.resolved", tenant_id),
+        ),
     )
 
 
@@ -126,6 +140,14 @@ class RevokeExceptionCall(_Admin):
 
     exception_id: str = Field(min_length=1, max_length=100)
     reason: str | None = Field(default=None, max_length=MAX_REASON)
+
+
+class OverrideFreezeCall(_Admin):
+    """``override_freeze``: let promotions into ``environment`` through despite its open
+    incidents."""
+
+    environment: Environment
+    reason: str = Field(min_length=1, max_length=MAX_REASON)
 
 
 class ListExceptionsCall(_Call):
@@ -216,15 +238,34 @@ def bundle_routes(server: RpcServer, tenants: TenantPolicies) -> None:
         return tenants.status(body.tenant_id)
 
 
+def freeze_routes(server: RpcServer, freezes: Freezes) -> None:
+    """The promotion freeze's requests."""
+
+    @server.handler("freeze_status")
+    async def freeze_status(body: _Call) -> dict[str, Any]:
+        """Each environment's freeze: frozen or not, its incidents and its overrides."""
+        return await freezes.status(body.tenant_id)
+
+    @server.handler("override_freeze")
+    async def override_freeze(body: OverrideFreezeCall) -> dict[str, Any]:
+        """Let promotions through despite the incidents freezing them now (audited)."""
+        return await freezes.override(body.tenant_id, body.environment, body.reason, body.actor)
+
+
 def rpc_server(
-    nc: NATS, handler: AdmissionHandler, tenants: TenantPolicies | None = None
+    nc: NATS,
+    handler: AdmissionHandler,
+    tenants: TenantPolicies | None = None,
+    freezes: Freezes | None = None,
 ) -> RpcServer:
     """An (unstarted) RPC server routing ``admit`` and ``policies`` to ``handler`` (and, with
-    ``tenants``, the bundle, key and settings requests)."""
+    ``tenants``, the bundle, key and settings requests; with ``freezes``, the freeze's)."""
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
         agent_routes(server, AgentRegistry(tenants))
+    if freezes is not None:
+        freeze_routes(server, freezes)
 
     # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
     # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.

@@ -27,8 +27,8 @@ from libs.contracts.events import (
     PolicyExceptionRevoked,
     Reason,
 )
-from libs.errors import InvalidInput, NotFound
-from libs.eventbus.repository import Aggregate, Recorded
+from libs.errors import Conflict, InvalidInput, NotFound
+from libs.eventbus.repository import Aggregate, fold_with_time
 
 EXCEPTIONS_ENTITY = "exceptions"
 MAX_TTL = timedelta(days=90)
@@ -126,13 +126,9 @@ def evolve(state: Exceptions, event: DomainEvent, occurred_at: datetime) -> Exce
     return state
 
 
-def _fold(state: Exceptions, recorded: Sequence[Recorded]) -> Exceptions:
-    for r in recorded:
-        state = evolve(state, r.event, r.envelope.occurred_at)
-    return state
-
-
-EXCEPTIONS = Aggregate[Exceptions](category="policy", initial=lambda t, i: Exceptions(), fold=_fold)
+EXCEPTIONS = Aggregate[Exceptions](
+    category="policy", initial=lambda t, i: Exceptions(), fold=fold_with_time(evolve)
+)
 
 
 # --- decisions (pure) ----------------------------------------------------------------------------
@@ -151,10 +147,30 @@ def grant(
     now: datetime,
 ) -> list[DomainEvent]:
     """``policy.exception_granted``; 422 for an expiry not in ``(now, now + 90 days]``, a
-    waiver naming neither or both of agent and run, or an unwaivable policy."""
+    waiver naming neither or both of agent and run, or an unwaivable policy. The same id with
+    the same terms again records nothing; with other terms it is a 409."""
     if expires_at.tzinfo is None:
         raise InvalidInput("exception_expiry_invalid: expires_at must carry a time zone (UTC)")
     expires_at = expires_at.astimezone(UTC).replace(microsecond=0)
+    existing = state.get(exception_id)
+    if existing is not None:
+        # A retried grant (the caller chose the id) is answered with what it recorded, even
+        # after that expired; the same id for a different waiver is a conflict, not a no-op.
+        asked = (policy_id, agent_id, run_id, reason, granted_by, expires_at)
+        held = (
+            existing.policy_id,
+            existing.agent_id,
+            existing.run_id,
+            existing.reason,
+            existing.granted_by,
+            existing.expires_at,
+        )
+        if asked != held:
+            raise Conflict(
+                f"exception_id_taken: policy exception {exception_id!r} was granted with "
+                "different terms; choose another id"
+            )
+        return []
     if expires_at <= now:
         raise InvalidInput(
             f"exception_expiry_past: expires_at {expires_at.isoformat()} is not after now "
@@ -168,8 +184,6 @@ def grant(
         raise InvalidInput("exception_scope_invalid: name exactly one of agent_id and run_id")
     if policy_id in UNWAIVABLE:
         raise InvalidInput(f"exception_policy_unwaivable: {policy_id!r} cannot be waived")
-    if state.get(exception_id) is not None:
-        return []  # the same request again
     if len(state.open()) >= MAX_OPEN:
         raise InvalidInput(f"exception_limit: a tenant may hold at most {MAX_OPEN} open exceptions")
     return [

@@ -10,5 +10,5 @@ REGISTRATION = ServiceRegistration(
     migrations=Path(__file__).parent / "migrations",
     db_role="mc_policy_admission",
     stream_categories=("decisions", "policy"),
-    bus=BusAccess(serves="admission", consumers=("admission-steps",)),
+    bus=BusAccess(serves="admission", consumers=("admission-steps", "admission-incidents")),
 )

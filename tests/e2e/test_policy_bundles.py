@@ -205,11 +205,19 @@ def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
             )
             assert resp.status_code == 422, resp.text
             assert resp.json()["error"]["message"].startswith(f"{problem}: ")
+        body = {**body, "exception_id": f"ex-{uuid.uuid4().hex[:8]}"}
         resp = admin.post("/v1/policy-exceptions", json=body)
         assert resp.status_code == 201, resp.text
         granted = resp.json()
         assert granted["granted_by"].startswith("user:policy-admin-")
         exception_id = granted["exception_id"]
+        assert exception_id == body["exception_id"]
+        # A retried grant answers the same exception; the same id with other terms is a 409.
+        again = admin.post("/v1/policy-exceptions", json=body)
+        assert again.status_code == 201 and again.json() == granted, again.text
+        other = admin.post("/v1/policy-exceptions", json={**body, "reason": "something else"})
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["message"].startswith("exception_id_taken: ")
 
         # Applied at once by the replica that recorded it; any other follows within a poll.
         waived = wait_for(
@@ -231,3 +239,78 @@ def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
         )
         resp = admin.post("/v1/policy-exceptions/unknown-id:revoke")
         assert resp.status_code == 404, resp.text
+
+
+def _deny_in(agent: httpx.Client, environment: str) -> str:
+    run_id = agent.post("/v1/runs", json={"agent_id": f"frozen-{environment}"}).json()["run_id"]
+    resp = agent.post(
+        f"/v1/runs/{run_id}/admissions",
+        json={
+            "step_index": 1,
+            "model": "gpt-4o",
+            "estimate": {"input_tokens": 10},
+            "environment": environment,
+        },
+    )
+    assert resp.status_code == 200 and resp.json()["outcome"] == "deny", resp.text
+    return str(run_id)
+
+
+def _freeze(http: httpx.Client) -> dict[str, dict[str, Any]]:
+    resp = http.get("/v1/policy-freeze")
+    assert resp.status_code == 200, resp.text
+    return {e["environment"]: e for e in resp.json()["environments"]}
+
+
+def test_an_open_incident_freezes_promotions_in_its_environment_until_resolved_or_overridden(
+    whole_system: RunningSystem,
+) -> None:
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"freeze{uid}"
+    api_key = whole_system.key_for(tenant)
+    token = _admin_token(whole_system, tenant, uid)
+    base = whole_system.gateway_url
+    with _client(base, token) as admin, _client(base, api_key) as agent:
+        resp = agent.put(
+            "/v1/policy-settings",
+            json={"model_allowlist": ["claude-sonnet-4"], "freeze_min_severity": "medium"},
+        )
+        assert resp.status_code == 200, resp.text
+        assert not any(e["frozen"] for e in _freeze(agent).values())
+
+        # A denied sandbox step (model_allowlist: medium) opens an incident there: the sandbox
+        # freezes, production does not.
+        _deny_in(agent, "sandbox")
+        frozen = wait_for(
+            lambda: (f := _freeze(agent))["sandbox"]["frozen"] and f, what="the sandbox freeze"
+        )
+        assert frozen["production"]["frozen"] is False
+        assert frozen["sandbox"]["threshold"] == "medium"
+        (sandbox_incident,) = frozen["sandbox"]["incidents"]
+        assert sandbox_incident["severity"] == "medium"
+
+        _deny_in(agent, "production")
+        wait_for(lambda: _freeze(agent)["production"]["frozen"], what="the production freeze")
+
+        # Only an admin person overrides, with a reason; who and why are kept.
+        body = {"reason": "hotfix for the incident itself"}
+        assert agent.post("/v1/policy-freeze/production:override", json=body).status_code == 403
+        assert admin.post("/v1/policy-freeze/production:override", json={}).status_code == 422
+        resp = admin.post("/v1/policy-freeze/production:override", json=body)
+        assert resp.status_code == 200, resp.text
+        overridden = resp.json()
+        assert overridden["frozen"] is False
+        assert overridden["overrides"][0]["by"].startswith("user:policy-admin-")
+        assert overridden["overrides"][0]["reason"] == body["reason"]
+        again = admin.post("/v1/policy-freeze/production:override", json=body)
+        assert again.status_code == 409, again.text
+        assert again.json()["error"]["message"].startswith("freeze_not_active: ")
+        assert admin.post("/v1/policy-freeze/staging:override", json=body).status_code == 422
+
+        # Resolving the incident lifts the sandbox freeze.
+        resp = agent.post(
+            f"/v1/incidents/{sandbox_incident['incident_id']}/resolve",
+            json={"resolution": "allowlist fixed", "by": "oncall"},
+        )
+        assert resp.status_code == 200, resp.text
+        wait_for(lambda: not _freeze(agent)["sandbox"]["frozen"], what="the sandbox thaw")

@@ -185,6 +185,11 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         "/v1/policy-exceptions/rbac-exception:revoke",
         None,
     ),
+    ("GET", "/v1/policy-freeze"): ("/v1/policy-freeze", None),
+    ("POST", "/v1/policy-freeze/{environment}:override"): (
+        "/v1/policy-freeze/production:override",
+        {"reason": "rbac sample"},
+    ),
 }
 
 

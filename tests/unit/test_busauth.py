@@ -29,6 +29,7 @@ from services.cost.handlers import CONSUMER as COST_CONSUMER
 from services.incident.entrypoints import BUDGETS_DURABLE as INCIDENT_BUDGETS_DURABLE
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT_RPC
 from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
+from services.policy_admission.entrypoints import INCIDENTS_DURABLE as ADMISSION_INCIDENTS_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
 from services.policy_admission.entrypoints import STEPS_DURABLE as ADMISSION_STEPS_DURABLE
 from services.workflow_engine.entrypoints import (
@@ -62,7 +63,7 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     )
     assert regs["cost"].bus == BusAccess(serves="cost", consumers=(COST_CONSUMER,))
     assert regs["policy-admission"].bus == BusAccess(
-        serves=ADMISSION_RPC, consumers=(ADMISSION_STEPS_DURABLE,)
+        serves=ADMISSION_RPC, consumers=(ADMISSION_STEPS_DURABLE, ADMISSION_INCIDENTS_DURABLE)
     )
     assert regs["audit-replay"].bus == BusAccess(
         serves="audit",

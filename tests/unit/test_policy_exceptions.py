@@ -12,7 +12,7 @@ from libs.contracts.events import (
     PolicyExceptionRevoked,
     Reason,
 )
-from libs.errors import InvalidInput, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound
 from services.policy_admission.domain import interpret, waive
 from services.policy_admission.exceptions import (
     Exceptions,
@@ -75,13 +75,22 @@ def test_a_grant_records_who_why_and_the_expiry_to_the_second() -> None:
     assert grant(_grant(Exceptions()), **{**_args(), "now": NOW}) == []
 
 
+def test_a_retried_grant_is_answered_even_after_expiry_and_other_terms_are_a_conflict() -> None:
+    held = _grant(Exceptions())
+    # Retried after its expiry passed: still the same grant, not a refusal for a past expiry.
+    assert grant(held, **{**_args(), "now": EXPIRY + timedelta(seconds=5)}) == []  # type: ignore[arg-type]
+    for change in ({"reason": "another"}, {"expires_at": EXPIRY + timedelta(seconds=1)}):
+        with pytest.raises(Conflict, match="exception_id_taken"):
+            grant(held, **{**_args(), "now": NOW, **change})  # type: ignore[arg-type]
+
+
 def _args() -> dict[str, object]:
     return {
         "exception_id": "ex-1",
         "policy_id": "tool_allowlist",
         "agent_id": "agent-a",
         "run_id": None,
-        "reason": "r",
+        "reason": "migration week",
         "granted_by": "user:alice",
         "expires_at": EXPIRY,
     }
