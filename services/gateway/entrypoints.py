@@ -72,6 +72,7 @@ from services.gateway.policy_bundles import (
     read_bundle,
     settings_payload,
 )
+from services.gateway.promotions import promotion_routes
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
     ID_PATTERN,
@@ -1076,6 +1077,13 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         Requires(Permission.READ, rpc, auth),
         Requires(Permission.WORKFLOWS, rpc, auth),
         Requires(Permission.GOVERN, rpc, auth),
+    )
+    # Promotion requests (workflow-engine's approvals, policy-admission's checks).
+    promotion_routes(
+        router,
+        Requires(Permission.READ, rpc, auth),
+        Requires(Permission.WORKFLOWS, rpc, auth),
+        Requires(Permission.APPROVE, rpc, auth),
     )
 
     @router.post(

@@ -79,14 +79,16 @@ RULES: Mapping[Permission, Rule] = {
     Permission.WORKFLOWS: _rule(
         {"operator", "admin"},
         {"ingest"},
-        "register agents, save, validate, sandbox or fork agent drafts, or save workflow "
-        "definitions",
+        "register agents, save, validate, sandbox or fork agent drafts, request or execute "
+        "agent promotions, or save workflow definitions",
     ),
     Permission.EXECUTE: _rule({"operator", "admin"}, {"ingest"}, "start or abort executions"),
     # Workers are agents: they hold keys. People do not take work.
     Permission.WORK: _rule((), {"ingest"}, "take dispatched workflow steps"),
     # Approvals are people's: no key may give one.
-    Permission.APPROVE: _rule({"approver", "admin"}, (), "approve or reject workflow steps"),
+    Permission.APPROVE: _rule(
+        {"approver", "admin"}, (), "approve or reject workflow steps or promotion requests"
+    ),
     Permission.GOVERN: _rule(
         {"admin"},
         (),

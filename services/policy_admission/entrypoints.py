@@ -36,6 +36,7 @@ from services.policy_admission.agent_registry import AgentRegistry, agent_routes
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
+from services.policy_admission.promotion_handlers import promotion_routes
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 RPC_SERVICE = "admission"
@@ -263,7 +264,9 @@ def rpc_server(
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
-        agent_routes(server, AgentRegistry(tenants))
+        registry = AgentRegistry(tenants)
+        agent_routes(server, registry)
+        promotion_routes(server, registry, freezes)
     if freezes is not None:
         freeze_routes(server, freezes)
 
