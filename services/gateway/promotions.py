@@ -10,7 +10,7 @@ Each route asks the one that owns the answer, and carries what admission says to
   that no freeze or drift blocks it, and moves the agent → the engine records the outcome.
 
 If the gateway dies after admission moved the agent, executing again finds the move done and
-records it. See ``docs/agents.md#promotions``.
+records it. See ``docs/policies.md#promotions``.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the routes' dependency annotations,

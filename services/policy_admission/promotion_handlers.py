@@ -1,7 +1,7 @@
 """Promotion requests' admission side: what the agent and the environment's policy set are now,
 and carrying out an approved promotion only while they are still what was approved.
 
-The workflow engine keeps the requests and their approvals (``docs/agents.md#promotions``);
+The workflow engine keeps the requests and their approvals (``docs/policies.md#promotions``);
 the registry, the bundles and the freeze live here, so the last checks and the move itself
 happen here, in order:
 

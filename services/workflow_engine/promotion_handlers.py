@@ -396,7 +396,7 @@ class ListCall(_Call):
 
 
 def promotion_routes(server: RpcServer, handlers: PromotionHandlers, pool: Any) -> None:
-    """The promotion requests' routes (``docs/agents.md#promotions``)."""
+    """The promotion requests' routes (``docs/policies.md#promotions``)."""
 
     @server.handler("promotion_request")
     async def promotion_request(body: RequestCall) -> dict[str, Any]:
