@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     """PEM file of the public key ``mctl verify`` checks checkpoint signatures with (default:
     ``<data dir>/anchor/signing.pub`` when it exists)."""
 
+    policy_drift_interval_s: float = Field(default=600.0, gt=0, alias="MC_POLICY_DRIFT_INTERVAL")
+    """Seconds between two comparisons of each tenant's sandbox and production policy."""
+
     replicas: str = Field(default="", alias="MC_REPLICAS")
     """How many processes of a service ``mctl up`` runs, ``name=N,...`` (unnamed services: one);
     parsed and checked by the supervisor, which knows the registered services."""

@@ -1389,3 +1389,43 @@ class PromotionExecuted(DomainEvent):
     policy_set_hash: str
     executed_by: str
     executed_at: datetime
+
+
+# --- policy drift between environments (owned by policy-admission) ----------------------------
+
+
+@register
+class PolicyDriftDetected(DomainEvent):
+    """A comparison found the tenant's sandbox and production deciding with different policy:
+    ``dimensions`` names where they differ, ``snapshots`` holds each environment's hashes and
+    ``fingerprint`` names the pair (the same drift found again records nothing)."""
+
+    event_type = "policy.drift_detected"
+    schema_version = 1
+
+    fingerprint: str
+    dimensions: list[str]
+    snapshots: dict[str, dict[str, str]]
+
+
+@register
+class PolicyDriftResolved(DomainEvent):
+    """The environments decide with the same policy again; the drift ``fingerprint`` is over."""
+
+    event_type = "policy.drift_resolved"
+    schema_version = 1
+
+    fingerprint: str
+
+
+@register
+class PolicyDriftAcknowledged(DomainEvent):
+    """An operator accepted the drift ``fingerprint`` with a reason; it no longer blocks
+    promotions (drift that changes blocks again)."""
+
+    event_type = "policy.drift_acknowledged"
+    schema_version = 1
+
+    fingerprint: str
+    by: str
+    reason: str

@@ -51,6 +51,8 @@ from services.gateway.policy_bundles import (
     BundleListing,
     BundleStored,
     DigestPath,
+    DriftAcknowledgeIn,
+    DriftAlignIn,
     EnvironmentFreezeView,
     EnvironmentQuery,
     ExceptionIdPath,
@@ -59,6 +61,7 @@ from services.gateway.policy_bundles import (
     FreezeOverrideIn,
     KeyIdPath,
     OptionalDigest,
+    PolicyDriftView,
     PolicyExceptionIn,
     PolicyExceptionListing,
     PolicyExceptionView,
@@ -1002,6 +1005,33 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         freezes it."""
         payload = {"environment": environment, "reason": body.reason, "actor": call.actor}
         return await call.answer("admission", "override_freeze", payload)
+
+    @router.get("/policy-drift", response_model=PolicyDriftView, tags=["policies"])
+    async def policy_drift(call: Read) -> Any:
+        """Sandbox and production compared now, dimension by dimension, and the drift on
+        record; unacknowledged drift blocks promotions."""
+        return await call.answer("admission", "drift_status")
+
+    @router.post("/policy-drift:check", response_model=PolicyDriftView, tags=["policies"])
+    async def check_policy_drift(call: Govern) -> Any:
+        """Compare the environments and record the result now, not at the next period."""
+        return await call.answer("admission", "check_drift", {"actor": call.actor})
+
+    @router.post("/policy-drift:acknowledge", response_model=PolicyDriftView, tags=["policies"])
+    async def acknowledge_policy_drift(body: DriftAcknowledgeIn, call: Govern) -> Any:
+        """Accept the drift on record with a reason; you and the reason are recorded. It stops
+        blocking promotions until the drift changes. 409 when there is none."""
+        payload = {**body.model_dump(exclude_none=True), "actor": call.actor}
+        return await call.answer("admission", "acknowledge_drift", payload)
+
+    @router.post("/policy-drift:align", response_model=PolicyDriftView, tags=["policies"])
+    async def align_policy_drift(body: DriftAlignIn, call: Govern) -> Any:
+        """Make the other environment decide with ``source``'s bundle (uploaded there and
+        activated, with every check an activation makes), then compare again."""
+        payload = {"source": body.source, "actor": call.actor}
+        # Uploading the bundle to the other environment runs its tests again: seconds.
+        result = await call("admission", "align_drift", payload, timeout=UPLOAD_TIMEOUT_S)
+        return json_response(result)
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(

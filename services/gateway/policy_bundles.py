@@ -291,3 +291,52 @@ class PolicyFreezeView(_Result):
     """The tenant's promotion freeze, per environment."""
 
     environments: list[EnvironmentFreezeView]
+
+
+class RecordedDriftView(_Result):
+    """The drift on record: its fingerprint, where the environments differ, each one's hashes,
+    and who accepted it (if anyone)."""
+
+    fingerprint: str
+    dimensions: list[str]
+    snapshots: dict[str, dict[str, str]]
+    detected_at: str
+    acknowledged_by: str | None = None
+    acknowledged_reason: str | None = None
+
+
+class PolicyDriftView(_Result):
+    """Sandbox and production compared now (``drifted``, ``dimensions``, ``snapshots``), the
+    drift on record and what it blocks (``blocking``: empty unless promotions are blocked)."""
+
+    drifted: bool
+    dimensions: list[str]
+    snapshots: dict[str, dict[str, str]]
+    blocking: list[str]
+    recorded: RecordedDriftView | None = None
+    detections: int
+    interval_s: float
+
+
+class DriftAcknowledgeIn(BaseModel):
+    """Accept the drift on record, with a reason (recorded with your identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason
+    fingerprint: Annotated[str, StringConstraints(pattern=BUNDLE_DIGEST_PATTERN)] | None = Field(
+        default=None,
+        description="The drift you looked at (`recorded.fingerprint`); if the drift changed since, "
+        "409 `drift_changed` instead of accepting drift you have not seen.",
+    )
+
+
+class DriftAlignIn(BaseModel):
+    """Which environment's bundle the other one should decide with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["sandbox", "production"] = Field(
+        description="The environment to copy from; its bundle is uploaded to and activated in "
+        "the other one."
+    )

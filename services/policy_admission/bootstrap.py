@@ -13,6 +13,7 @@ from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import RpcServer
 from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, run_service
 from services.policy_admission.bundle import PolicyBundle, load_bundle
+from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.entrypoints import (
     incidents_consumer_spec,
     rpc_server,
@@ -51,6 +52,8 @@ class PolicyAdmissionService:
         self.freezes: Freezes | None = None
         self.incidents: BatchEventConsumer | None = None
         self._incidents_task: asyncio.Task[None] | None = None
+        self.drift: DriftWatch | None = None
+        self._drift_task: asyncio.Task[None] | None = None
         self.consumer: BatchEventConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.tenants: TenantPolicies | None = None
@@ -87,7 +90,10 @@ class PolicyAdmissionService:
         self.incidents = BatchEventConsumer(ctx.js, self.incidents_spec, self.freezes.on_incidents)
         self._incidents_task = asyncio.create_task(self.incidents.run(), name="admission-freeze")
         ctx.tasks.append(self._incidents_task)
-        self._server = rpc_server(ctx.nc, self.handler, self.tenants, self.freezes)
+        self.drift = DriftWatch(ctx.store, self.tenants, ctx.settings.policy_drift_interval_s)
+        self._drift_task = asyncio.create_task(self.drift.run(), name="admission-drift")
+        ctx.tasks.append(self._drift_task)
+        self._server = rpc_server(ctx.nc, self.handler, self.tenants, self.freezes, self.drift)
         await self._server.start()
 
     async def stop(self) -> None:
@@ -106,6 +112,8 @@ class PolicyAdmissionService:
             self._follow.cancel()
         if self._sweep is not None:
             self._sweep.cancel()
+        if self._drift_task is not None:
+            self._drift_task.cancel()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""

@@ -34,6 +34,7 @@ from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
 from services.policy_admission.agent_registry import AgentRegistry, agent_routes
 from services.policy_admission.domain import AdmitRequest
+from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.promotion_handlers import promotion_routes
@@ -151,6 +152,20 @@ class OverrideFreezeCall(_Admin):
     reason: str = Field(min_length=1, max_length=MAX_REASON)
 
 
+class AcknowledgeDriftCall(_Admin):
+    """``acknowledge_drift``: accept the drift on record (the one ``fingerprint`` names, when
+    given)."""
+
+    fingerprint: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
+    reason: str = Field(min_length=1, max_length=MAX_REASON)
+
+
+class AlignDriftCall(_Admin):
+    """``align_drift``: make the other environment decide with ``source``'s bundle."""
+
+    source: Environment
+
+
 class ListExceptionsCall(_Call):
     """``list_exceptions``: all of them, or those of one status."""
 
@@ -253,22 +268,49 @@ def freeze_routes(server: RpcServer, freezes: Freezes) -> None:
         return await freezes.override(body.tenant_id, body.environment, body.reason, body.actor)
 
 
+def drift_routes(server: RpcServer, watch: DriftWatch) -> None:
+    """Policy drift's requests."""
+
+    @server.handler("drift_status")
+    async def drift_status(body: _Call) -> dict[str, Any]:
+        """Sandbox and production compared now, and the drift on record."""
+        return await watch.status(body.tenant_id)
+
+    @server.handler("check_drift")
+    async def check_drift(body: _Admin) -> dict[str, Any]:
+        """Compare and record now."""
+        return await watch.check_now(body.tenant_id, body.actor)
+
+    @server.handler("acknowledge_drift")
+    async def acknowledge_drift(body: AcknowledgeDriftCall) -> dict[str, Any]:
+        """Accept the drift on record with a reason (audited); it no longer blocks promotions."""
+        return await watch.acknowledge(body.tenant_id, body.fingerprint, body.reason, body.actor)
+
+    @server.handler("align_drift")
+    async def align_drift(body: AlignDriftCall) -> dict[str, Any]:
+        """Activate ``source``'s bundle in the other environment, then compare again."""
+        return await watch.align(body.tenant_id, body.source, body.actor)
+
+
 def rpc_server(
     nc: NATS,
     handler: AdmissionHandler,
     tenants: TenantPolicies | None = None,
     freezes: Freezes | None = None,
+    drift: DriftWatch | None = None,
 ) -> RpcServer:
     """An (unstarted) RPC server routing ``admit`` and ``policies`` to ``handler`` (and, with
-    ``tenants``, the bundle, key and settings requests; with ``freezes``, the freeze's)."""
+    ``tenants``, the bundle, key and settings requests; with ``freezes`` and ``drift``, theirs)."""
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
         registry = AgentRegistry(tenants)
         agent_routes(server, registry)
-        promotion_routes(server, registry, freezes)
+        promotion_routes(server, registry, freezes, drift)
     if freezes is not None:
         freeze_routes(server, freezes)
+    if drift is not None:
+        drift_routes(server, drift)
 
     # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
     # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.

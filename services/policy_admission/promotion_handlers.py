@@ -9,7 +9,8 @@ happen here, in order:
    ``policy_set_hash``, are still those recorded at request time (else the answer is
    ``stale`` with the snapshot of now, and the engine closes the request);
 2. no open incident freezes the target environment (409 ``promotion_frozen`` naming them);
-3. no drift blocks it (:func:`drift_blockers`);
+3. sandbox and production have not drifted apart, or the drift was acknowledged (409
+   ``promotion_drifted``, :func:`drift_blockers`);
 4. the registry moves the agent (``sandbox`` or ``promote``), validating it against the
    environment's policy set and recording the policy set it used.
 
@@ -31,6 +32,7 @@ from libs.errors import Conflict
 from libs.eventbus.rpc import RpcServer
 from services.policy_admission.agent_registry import AgentRegistry
 from services.policy_admission.agents import Agent
+from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 
 
@@ -49,13 +51,11 @@ def snapshot(
     }
 
 
-async def drift_blockers(tenant_id: str, environment: Environment) -> list[str]:
-    """Why drift forbids a promotion into ``environment`` now (empty: it does not).
-
-    The one call site of the drift check: environment snapshots and their comparison
-    (``services/policy_admission/drift.py``) plug in here; until then nothing drifts.
-    """
-    return []
+async def drift_blockers(drift: DriftWatch | None, tenant_id: str) -> list[str]:
+    """Why drift forbids a promotion now (empty: it does not): the one call site of the drift
+    check (:meth:`DriftWatch.blockers`, which compares sandbox and production at once). Each
+    line starts ``policy_drift:``."""
+    return await drift.blockers(tenant_id) if drift is not None else []
 
 
 def _already_done(agent: Agent, plan: ExecuteCall) -> dict[str, Any] | None:
@@ -110,7 +110,12 @@ class ExecuteCall(SnapshotCall):
     actor: str = Field(min_length=1, max_length=MAX_ACTOR)
 
 
-def promotion_routes(server: RpcServer, registry: AgentRegistry, freezes: Freezes | None) -> None:
+def promotion_routes(
+    server: RpcServer,
+    registry: AgentRegistry,
+    freezes: Freezes | None,
+    drift: DriftWatch | None = None,
+) -> None:
     """``promotion_snapshot`` and ``promotion_execute``."""
 
     async def now_of(tenant_id: str, agent_id: str, environment: Environment) -> dict[str, Any]:
@@ -145,9 +150,10 @@ def promotion_routes(server: RpcServer, registry: AgentRegistry, freezes: Freeze
             raise Conflict(
                 f"promotion_frozen: promotions into {body.environment} are frozen: {incidents}"
             )
-        drift = await drift_blockers(body.tenant_id, body.environment)
-        if drift:
-            raise Conflict(f"promotion_drifted: {'; '.join(drift)}")
+        drifted = await drift_blockers(drift, body.tenant_id)
+        if drifted:
+            why = "; ".join(b.removeprefix("policy_drift: ") for b in drifted)
+            raise Conflict(f"promotion_drifted: {why}")
         action: Literal["sandbox", "promote"] = (
             "promote" if body.environment == "production" else "sandbox"
         )

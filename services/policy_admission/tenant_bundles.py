@@ -439,6 +439,11 @@ class TenantPolicies:
         """What this replica holds for ``tenant_id``."""
         return self._views.get(tenant_id) or TenantView()
 
+    def tenant_ids(self) -> list[str]:
+        """The tenants with a bundle, settings or exceptions of their own (the others decide
+        with the repository's bundle alone)."""
+        return sorted(self._views)
+
     # -- following the change log --------------------------------------------------------------
 
     async def start(self) -> None:

@@ -5,6 +5,7 @@ refused while decisions continue with the active one."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from libs import policy_bundles as artifacts
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
 from tests.e2e.conftest import RunningSystem, mctl, wait_for
-from tests.integration.helpers.policy_bundles import new_key
+from tests.integration.helpers.policy_bundles import new_key, repo_files, signed
 
 pytestmark = pytest.mark.e2e
 
@@ -44,6 +45,13 @@ def _admin_token(system: RunningSystem, tenant: str, uid: str) -> str:
         resp = http.post("/v1/auth/token", json={"username": user, "password": PASSWORD})
         assert resp.status_code == 200, resp.text
         return str(resp.json()["access_token"])
+
+
+def _tenant(system: RunningSystem, prefix: str) -> tuple[str, str, str]:
+    """A new tenant: its name, an API key and an admin person's token."""
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"{prefix}{uid}"
+    return tenant, system.key_for(tenant), _admin_token(system, tenant, uid)
 
 
 def _client(base: str, bearer: str) -> httpx.Client:
@@ -76,10 +84,7 @@ def _tampered(archive: bytes) -> bytes:
 def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
     whole_system: RunningSystem, tmp_path: Path
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"bundles{uid}"
-    api_key = whole_system.key_for(tenant)
-    token = _admin_token(whole_system, tenant, uid)
+    _, api_key, token = _tenant(whole_system, "bundles")
     key = new_key()
     key_file = tmp_path / "release.pem"
     key_file.write_bytes(
@@ -177,10 +182,7 @@ def _admit_gpt(agent: httpx.Client, agent_id: str) -> dict[str, Any]:
 def test_a_policy_exception_granted_by_an_admin_waives_a_deny_until_revoked(
     whole_system: RunningSystem,
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"waivers{uid}"
-    api_key = whole_system.key_for(tenant)
-    token = _admin_token(whole_system, tenant, uid)
+    _, api_key, token = _tenant(whole_system, "waivers")
     base = whole_system.gateway_url
     with _client(base, token) as admin, _client(base, api_key) as agent:
         resp = agent.put("/v1/policy-settings", json={"model_allowlist": ["claude-sonnet-4"]})
@@ -265,10 +267,7 @@ def _freeze(http: httpx.Client) -> dict[str, dict[str, Any]]:
 def test_an_open_incident_freezes_promotions_in_its_environment_until_resolved_or_overridden(
     whole_system: RunningSystem,
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"freeze{uid}"
-    api_key = whole_system.key_for(tenant)
-    token = _admin_token(whole_system, tenant, uid)
+    _, api_key, token = _tenant(whole_system, "freeze")
     base = whole_system.gateway_url
     with _client(base, token) as admin, _client(base, api_key) as agent:
         resp = agent.put(
@@ -314,3 +313,86 @@ def test_an_open_incident_freezes_promotions_in_its_environment_until_resolved_o
         )
         assert resp.status_code == 200, resp.text
         wait_for(lambda: not _freeze(agent)["sandbox"]["frozen"], what="the sandbox thaw")
+
+
+def _drift(http: httpx.Client, action: str = "", body: dict[str, Any] | None = None) -> Any:
+    resp = (
+        http.post(f"/v1/policy-drift:{action}", json=body)
+        if action
+        else http.get("/v1/policy-drift")
+    )
+    return resp
+
+
+def test_drift_between_sandbox_and_production_is_recorded_blocks_and_is_aligned_or_acknowledged(
+    whole_system: RunningSystem,
+) -> None:
+    tenant, api_key, token = _tenant(whole_system, "drift")
+    key = new_key()
+    files = repo_files()
+    data = json.loads(files["data.json"])
+    # This tenant's entry only: the bundle's own tests (other tenants) still pass.
+    data["missioncontrol"]["config"]["tenants"][tenant] = {"model_allowlist": ["claude-sonnet-4"]}
+    files["data.json"] = json.dumps(data).encode()
+    archive = signed(key, files, key_id="release")
+    base = whole_system.gateway_url
+    with _client(base, token) as admin, _client(base, api_key) as agent:
+        resp = admin.put(
+            "/v1/policy-signing-keys/release", json={"public_key": artifacts.public_pem(key)}
+        )
+        assert resp.status_code == 200, resp.text
+        same = _drift(agent).json()
+        assert same["drifted"] is False and same["blocking"] == [] and same["recorded"] is None
+
+        # Only the sandbox gets a bundle of its own (with a model allowlist in its data).
+        resp = agent.post(
+            "/v1/policy-bundles",
+            params={"environment": "sandbox"},
+            content=archive,
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert resp.status_code == 201, resp.text
+        digest = resp.json()["bundle_digest"]
+        resp = agent.post(
+            "/v1/policy-bundles:activate", params={"environment": "sandbox", "digest": digest}
+        )
+        assert resp.status_code == 200, resp.text
+
+        live = _drift(agent).json()
+        assert live["drifted"] is True
+        assert live["dimensions"] == ["policy_bundle_digest", "policy_set_hash", "allowlist_hash"]
+        assert live["snapshots"]["sandbox"]["policy_bundle_digest"] == digest
+        assert _drift(agent, "check").status_code == 403  # an API key does not govern
+        checked = _drift(admin, "check").json()
+        recorded = checked["recorded"]
+        assert recorded["dimensions"] == live["dimensions"] and recorded["acknowledged_by"] is None
+        assert checked["blocking"][0].startswith("policy_drift: sandbox and production differ in")
+
+        # Acknowledging drift one has not seen is refused; the drift seen is accepted, audited.
+        stale = {"reason": "reviewed", "fingerprint": "sha256:" + "0" * 64}
+        resp = _drift(admin, "acknowledge", stale)
+        assert resp.status_code == 409 and "drift_changed: " in resp.text, resp.text
+        resp = _drift(
+            admin,
+            "acknowledge",
+            {"reason": "sandbox trial", "fingerprint": recorded["fingerprint"]},
+        )
+        assert resp.status_code == 200, resp.text
+        accepted = resp.json()
+        assert accepted["blocking"] == []
+        assert accepted["recorded"]["acknowledged_by"].startswith("user:policy-admin-")
+        assert accepted["recorded"]["acknowledged_reason"] == "sandbox trial"
+
+        # Production decides with the repository's bundle: nothing to copy from it.
+        resp = _drift(admin, "align", {"source": "production"})
+        assert resp.status_code == 409 and "drift_align_default: " in resp.text, resp.text
+        # Aligning production with the sandbox ends the drift; it decides with that bundle.
+        resp = _drift(admin, "align", {"source": "sandbox"})
+        assert resp.status_code == 200, resp.text
+        aligned = resp.json()
+        assert aligned["drifted"] is False and aligned["recorded"] is None
+        assert agent.get("/v1/policies").json()["environments"]["production"]["bundle_digest"] == (
+            digest
+        )
+        resp = _drift(admin, "acknowledge", {"reason": "nothing left"})
+        assert resp.status_code == 409 and "drift_not_found: " in resp.text, resp.text

@@ -211,6 +211,13 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         f"/v1/promotions/requests/{PROMOTION}/execute",
         None,
     ),
+    ("GET", "/v1/policy-drift"): ("/v1/policy-drift", None),
+    ("POST", "/v1/policy-drift:check"): ("/v1/policy-drift:check", None),
+    ("POST", "/v1/policy-drift:acknowledge"): (
+        "/v1/policy-drift:acknowledge",
+        {"reason": "rbac sample"},
+    ),
+    ("POST", "/v1/policy-drift:align"): ("/v1/policy-drift:align", {"source": "sandbox"}),
     ("GET", "/v1/policy-freeze"): ("/v1/policy-freeze", None),
     ("POST", "/v1/policy-freeze/{environment}:override"): (
         "/v1/policy-freeze/production:override",
