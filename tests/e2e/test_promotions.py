@@ -2,7 +2,9 @@
 promoted into the sandbox (the write tier: no approval by default) and into production (the
 irreversible tier: one approver), approved by a person other than its requester, executed with
 the policy set recorded; requests made stale by a changed agent or policy set refused; and an
-open high incident freezing execution until it is resolved."""
+open high incident freezing execution until it is resolved; a bundle activated after a
+request making it stale, and drift between the environments blocking execution until
+acknowledged."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+from libs import policy_bundles as artifacts
 from tests.e2e.conftest import RunningSystem, mctl, wait_for
 from tests.e2e.test_agents import SPEC, _admit, _error
 from tests.e2e.test_policy_bundles import PASSWORD, _admin_token, _client
+from tests.integration.helpers.policy_bundles import new_key, repo_files, signed
 
 pytestmark = pytest.mark.e2e
 
@@ -232,3 +236,70 @@ def test_a_promotion_requested_approved_by_another_person_and_executed_through_t
         assert thawed["status"] == "executed"
         assert thawed["executed"]["agent_version"] == 4
         assert _ok(key.get(f"/v1/agents/{agent_id}"))["governed"]["version"] == 4
+
+
+def test_a_bundle_activated_after_the_request_makes_it_stale_and_drift_blocks_execution(
+    whole_system: RunningSystem,
+) -> None:
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"promodrift{uid}"
+    base = whole_system.gateway_url
+    api_key = whole_system.key_for(tenant)
+    admin_token = _admin_token(whole_system, tenant, uid)
+    approver_token = _person(whole_system, tenant, f"drift-approver-{uid}", "approver")
+    agent_id = f"drifter-{uid}"
+    signing_key = new_key()
+    archive = signed(signing_key, repo_files(revision="7"), key_id="release")
+    with (
+        _client(base, admin_token) as admin,
+        _client(base, approver_token) as approver,
+        _client(base, api_key) as key,
+    ):
+        assert key.post("/v1/agents/draft", json={"agent_id": agent_id, "spec": SPEC}).is_success
+        assert _ok(key.post(f"/v1/agents/{agent_id}/sandbox"))["state"] == "sandbox"
+        first = _request(admin, agent_id, 1, "production")
+
+        # A production bundle of the tenant's own is activated after the request.
+        pem = {"public_key": artifacts.public_pem(signing_key)}
+        assert admin.put("/v1/policy-signing-keys/release", json=pem).status_code == 200
+        resp = key.post(
+            "/v1/policy-bundles",
+            params={"environment": "production"},
+            content=archive,
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert resp.status_code == 201, resp.text
+        digest = resp.json()["bundle_digest"]
+        activated = key.post(
+            "/v1/policy-bundles:activate", params={"environment": "production", "digest": digest}
+        )
+        assert activated.status_code == 200, activated.text
+
+        pid = first["promotion_id"]
+        refused = approver.post(f"/v1/promotions/requests/{pid}/approve", json={"reason": "ok"})
+        _error(refused, 409, "promotion_stale")
+        shown = _ok(key.get(f"/v1/promotions/requests/{pid}"))
+        assert shown["stale"] is True
+        assert shown["stale_reasons"][0].startswith("bundle_changed: ")
+        assert digest in shown["stale_reasons"][0]
+
+        # A request made under the new bundle: sandbox and production now differ, and until
+        # an admin acknowledges the drift, execution is refused naming it.
+        second = _request(admin, agent_id, 1, "production")
+        assert second["policy_digest"] == digest
+        pid = second["promotion_id"]
+        _ok(approver.post(f"/v1/promotions/requests/{pid}/approve", json={"reason": "ok"}))
+        _error(admin.post(f"/v1/promotions/requests/{pid}/execute"), 409, "promotion_drifted")
+        fingerprint = _ok(admin.post("/v1/policy-drift:check"))["recorded"]["fingerprint"]
+        resp = admin.post(
+            "/v1/policy-drift:acknowledge",
+            json={"reason": "production tries a lower limit", "fingerprint": fingerprint},
+        )
+        assert resp.status_code == 200, resp.text
+        executed = _ok(admin.post(f"/v1/promotions/requests/{pid}/execute"))
+        assert executed["executed"]["policy_digest"] == digest
+        assert _ok(key.get(f"/v1/agents/{agent_id}"))["governed"]["policy_digest"] == digest
+
+        listed = mctl("promotion", "list", "--url", base, "--api-key", api_key, "--agent", agent_id)
+        assert f"{pid} {agent_id} v1 → production (irreversible): executed" in listed
+        assert "stale: bundle_changed" in listed

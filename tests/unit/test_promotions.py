@@ -20,6 +20,8 @@ from libs.contracts.events import (
     PromotionWentStale,
 )
 from libs.errors import Conflict, Forbidden, NotFound
+from services.policy_admission.agents import Agent, Governed
+from services.policy_admission.promotion_handlers import ExecuteCall, _already_done
 from services.workflow_engine import promotions
 from services.workflow_engine.approvals import ApprovalRule, ApprovalRules
 from services.workflow_engine.promotions import AgentSnapshot, Promotion
@@ -248,3 +250,45 @@ def test_rejecting_closes_an_open_request_and_the_requester_may_withdraw() -> No
 def test_an_unknown_request_is_not_found() -> None:
     with pytest.raises(NotFound, match="promotion_not_found"):
         promotions.check_executable(Promotion(promotion_id="nope"))
+
+
+def test_executing_again_after_the_agent_moved_answers_the_move_already_made() -> None:
+    """The gateway may die between admission moving the agent and the engine recording it: the
+    retried execution must find the move and answer it, not call the request stale."""
+    plan = ExecuteCall(
+        tenant_id="acme",
+        agent_id="triage",
+        environment="production",
+        promotion_id="p-1",
+        agent_version=2,
+        agent_state="sandbox",
+        spec_hash="sha256:spec",
+        policy_digest="sha256:bundle",
+        policy_set_hash="sha256:set",
+        actor="user:requester",
+    )
+    sandboxed = Agent(agent_id="triage", version=2, state="sandbox", spec_hash="sha256:spec")
+    assert _already_done(sandboxed, plan) is None
+    governed = Governed(
+        version=3,
+        spec={},
+        spec_hash="sha256:spec",
+        policy_digest="sha256:bundle",
+        policy_set_hash="sha256:set",
+        promoted_by="user:requester",
+        promoted_at=T0,
+    )
+    moved = replace(sandboxed, version=3, state="governed", governed=governed)
+    assert _already_done(moved, plan) == {
+        "outcome": "executed",
+        "agent_id": "triage",
+        "agent_version": 3,
+        "policy_digest": "sha256:bundle",
+        "policy_set_hash": "sha256:set",
+    }
+    # Another version governed (a later promotion of an edited spec) is not this move.
+    assert _already_done(replace(moved, governed=replace(governed, spec_hash="x")), plan) is None
+    to_sandbox = plan.model_copy(update={"environment": "sandbox", "agent_state": "draft"})
+    in_sandbox = replace(sandboxed, sandboxed=("sha256:bundle", "sha256:set"))
+    assert _already_done(in_sandbox, to_sandbox) is not None
+    assert _already_done(replace(in_sandbox, spec_hash="sha256:edited"), to_sandbox) is None
