@@ -42,6 +42,20 @@ def _person(system: RunningSystem, tenant: str, user: str, role: str) -> str:
         return str(resp.json()["access_token"])
 
 
+def _tenant(
+    system: RunningSystem, prefix: str
+) -> tuple[str, str, str, tuple[httpx.Client, httpx.Client, httpx.Client]]:
+    """A new tenant: the gateway, its suffix, an API key, and clients of an admin person, an
+    approver person and the key."""
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"{prefix}{uid}"
+    base = system.gateway_url
+    api_key = system.key_for(tenant)
+    admin = _client(base, _admin_token(system, tenant, uid))
+    approver = _client(base, _person(system, tenant, f"{prefix}-approver-{uid}", "approver"))
+    return base, uid, api_key, (admin, approver, _client(base, api_key))
+
+
 def _request(http: httpx.Client, agent_id: str, version: int, environment: str) -> dict[str, Any]:
     body = {
         "agent_id": agent_id,
@@ -80,25 +94,17 @@ def _high_incident(key: httpx.Client, environment: str) -> str:
 
 def _freeze(http: httpx.Client, environment: str) -> dict[str, Any]:
     environments = _ok(http.get("/v1/policy-freeze"))["environments"]
-    (found,) = [e for e in environments if e["environment"] == environment]
-    return found
+    found: list[dict[str, Any]] = [e for e in environments if e["environment"] == environment]
+    assert len(found) == 1, environments
+    return found[0]
 
 
 def test_a_promotion_requested_approved_by_another_person_and_executed_through_the_gateway(
     whole_system: RunningSystem,
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"promote{uid}"
-    base = whole_system.gateway_url
-    api_key = whole_system.key_for(tenant)
-    admin_token = _admin_token(whole_system, tenant, uid)
-    approver_token = _person(whole_system, tenant, f"promo-approver-{uid}", "approver")
+    _, uid, _, clients = _tenant(whole_system, "promote")
     agent_id = f"triage-{uid}"
-    with (
-        _client(base, admin_token) as admin,
-        _client(base, approver_token) as approver,
-        _client(base, api_key) as key,
-    ):
+    with clients[0] as admin, clients[1] as approver, clients[2] as key:
         resp = key.post("/v1/agents/draft", json={"agent_id": agent_id, "spec": SPEC})
         assert resp.status_code == 201, resp.text
 
@@ -180,7 +186,7 @@ def test_a_promotion_requested_approved_by_another_person_and_executed_through_t
             "promotion.executed",
         ]
         assert timeline[0]["actor"].startswith("user:policy-admin-")
-        assert timeline[1]["actor"] == f"user:promo-approver-{uid}"
+        assert timeline[1]["actor"] == f"user:promote-approver-{uid}"
         assert all(e["occurred_at"] for e in timeline)
 
         # A request whose agent changed before approval goes stale at approve.
@@ -241,20 +247,11 @@ def test_a_promotion_requested_approved_by_another_person_and_executed_through_t
 def test_a_bundle_activated_after_the_request_makes_it_stale_and_drift_blocks_execution(
     whole_system: RunningSystem,
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"promodrift{uid}"
-    base = whole_system.gateway_url
-    api_key = whole_system.key_for(tenant)
-    admin_token = _admin_token(whole_system, tenant, uid)
-    approver_token = _person(whole_system, tenant, f"drift-approver-{uid}", "approver")
+    base, uid, api_key, clients = _tenant(whole_system, "promodrift")
     agent_id = f"drifter-{uid}"
     signing_key = new_key()
     archive = signed(signing_key, repo_files(revision="7"), key_id="release")
-    with (
-        _client(base, admin_token) as admin,
-        _client(base, approver_token) as approver,
-        _client(base, api_key) as key,
-    ):
+    with clients[0] as admin, clients[1] as approver, clients[2] as key:
         assert key.post("/v1/agents/draft", json={"agent_id": agent_id, "spec": SPEC}).is_success
         assert _ok(key.post(f"/v1/agents/{agent_id}/sandbox"))["state"] == "sandbox"
         first = _request(admin, agent_id, 1, "production")
