@@ -186,7 +186,13 @@ def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None
     Govern = Annotated[Any, Depends(govern)]
     tags: list[str | Any] = ["agents"]
 
-    @router.post("/agents/draft", response_model=AgentView, status_code=201, tags=tags)
+    @router.post(
+        "/agents/draft",
+        response_model=AgentView,
+        status_code=201,
+        tags=tags,
+        responses={200: {"model": AgentView, "description": "The draft was saved, or unchanged."}},
+    )
     async def save_agent_draft(body: AgentDraftIn, call: Author) -> Any:
         """Create an agent (201, version 1, its origin recorded) or autosave its draft (200).
         A governed version cannot change (409 ``agent_version_immutable``): fork it."""

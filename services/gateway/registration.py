@@ -23,6 +23,7 @@ REGISTRATION = ServiceRegistration(
         "workflow": "services.gateway.workflow_cli:workflow_app",
         "approval": "services.gateway.workflow_cli:approval_app",
         "policy": "services.gateway.policy_cli:policy_app",
+        "agent": "services.gateway.agent_cli:agent_app",
         "promotion": "services.gateway.promotion_cli:promotion_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only

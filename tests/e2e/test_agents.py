@@ -4,13 +4,16 @@ and autosaved by an agent's key, validated with named problems, sandboxed, promo
 
 from __future__ import annotations
 
+import json
+import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import RunningSystem, wait_for
+from tests.e2e.conftest import RunningSystem, mctl, wait_for
 from tests.e2e.test_policy_bundles import _admin_token, _client
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +42,13 @@ def _admit(http: httpx.Client, agent_id: str, environment: str) -> dict[str, Any
     return answer
 
 
+def _tenant(system: RunningSystem, prefix: str) -> tuple[str, str, str]:
+    """A new tenant: an agent id to use there, an API key and an admin's token."""
+    uid = uuid.uuid4().hex[:10]
+    tenant = f"agents{prefix}{uid}"
+    return f"{prefix}-{uid}", system.key_for(tenant), _admin_token(system, tenant, uid)
+
+
 def _error(resp: httpx.Response, status: int, reason: str) -> None:
     assert resp.status_code == status, resp.text
     assert resp.json()["error"]["message"].startswith(f"{reason}: "), resp.text
@@ -47,11 +57,8 @@ def _error(resp: httpx.Response, status: int, reason: str) -> None:
 def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
     whole_system: RunningSystem,
 ) -> None:
-    uid = uuid.uuid4().hex[:10]
-    tenant = f"agents{uid}"
-    api_key = whole_system.key_for(tenant)
-    token = _admin_token(whole_system, tenant, uid)
-    agent_id = f"triage-{uid}"
+    agent_id, api_key, token = _tenant(whole_system, "triage")
+    uid = agent_id.removeprefix("triage-")
     base = whole_system.gateway_url
     with _client(base, token) as admin, _client(base, api_key) as key:
         draft = {"agent_id": agent_id, "spec": SPEC, "origin": "template", "origin_ref": "tpl-1"}
@@ -120,3 +127,30 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         _error(key.post(f"/v1/agents/{agent_id}/sandbox"), 409, "agent_disabled")
         listing = key.get("/v1/agent-registry", params={"state": "disabled"}).json()
         assert [a["agent_id"] for a in listing["agents"]] == [agent_id]
+
+
+def test_mctl_agent_saves_sandboxes_promotes_and_shows_an_agent(
+    whole_system: RunningSystem, tmp_path: Path
+) -> None:
+    agent_id, api_key, token = _tenant(whole_system, "cli")
+    spec = tmp_path / "agent.yaml"
+    spec.write_text(
+        "identity: {name: CLI agent}\nrole: Answers questions\nmodel: {model: gpt-4o}\n"
+    )
+    base = {**os.environ, "MC_GATEWAY_URL": whole_system.gateway_url}
+    as_key = {**base, "MC_API_KEY": api_key}
+    as_admin = {**base, "MC_API_KEY": token}
+
+    saved = json.loads(
+        mctl("agent", "draft", agent_id, str(spec), "--origin", "import", env=as_key)
+    )
+    assert (saved["version"], saved["origin"]["type"]) == (1, "import")
+    verdict = json.loads(mctl("agent", "validate", agent_id, "-e", "sandbox", env=as_key))
+    assert verdict["passed"] is True and verdict["policy_set_hash"].startswith("sha256:")
+    assert json.loads(mctl("agent", "sandbox", agent_id, env=as_key))["state"] == "sandbox"
+    promoted = json.loads(mctl("agent", "promote", agent_id, env=as_admin))
+    assert (promoted["version"], promoted["state"]) == (2, "governed")
+    shown = json.loads(mctl("agent", "show", agent_id, env=as_key))
+    assert shown["environments"]["production"] == {"state": "governed", "version": 2}
+    listed = json.loads(mctl("agent", "list", "--state", "governed", env=as_key))
+    assert [a["agent_id"] for a in listed["agents"]] == [agent_id]
