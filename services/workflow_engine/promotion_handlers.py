@@ -56,7 +56,11 @@ class PromotionHandlers:
         promotion_id: str,
         decide: Callable[[Promotion], Sequence[DomainEvent]],
         actor: str,
+        *,
+        reindex: bool = False,
     ) -> Promotion:
+        """Decide and store, with the request's row; ``reindex`` rewrites the row even when
+        nothing was decided (the sweep: a row it found due is never found due again)."""
         async with begin(self.store) as uow:
             state, stored = await self.promotions.execute(
                 tenant_id,
@@ -65,7 +69,7 @@ class PromotionHandlers:
                 EventMeta(correlation_id=f"promotion:{promotion_id}", actor=actor),
                 uow=uow,
             )
-            if stored:
+            if stored or (reindex and state.exists):
                 await _write_row(uow, tenant_id, state)
         if stored:
             log.info(
@@ -264,6 +268,7 @@ class PromotionHandlers:
                 row["promotion_id"],
                 partial(promotions.expiries, now=now),
                 SLA_ACTOR,
+                reindex=True,
             )
         return len(due)
 
