@@ -461,6 +461,118 @@ class PolicyDiffAcknowledged(DomainEvent):
     acknowledged_at: datetime
 
 
+# --- the agent registry (owned by policy-admission) ----------------------------------------------
+
+AgentEnvironment = Literal["sandbox", "production"]
+
+
+class AgentProblem(DomainEvent):
+    """One thing wrong with an agent spec: ``code`` names it (``schema_invalid``,
+    ``model_not_allowed``, ...), ``path`` points into the spec."""
+
+    event_type = "_agent_problem"
+    schema_version = 1
+
+    code: str
+    path: str
+    message: str
+
+
+@register
+class AgentDraftSaved(DomainEvent):
+    """A draft of ``version`` now holds ``spec`` (possibly partial). The first draft of an agent
+    records its ``origin``; a save whose ``spec_hash`` equals the draft's records nothing."""
+
+    event_type = "agent.draft_saved"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec: dict[str, Any]
+    spec_hash: str
+    origin: str | None = None
+    origin_ref: str | None = None
+
+
+@register
+class AgentValidated(DomainEvent):
+    """``version`` (its spec ``spec_hash``) was checked against the schema and the policy set of
+    ``environment`` (``policy_digest``, ``policy_set_hash``); ``passed`` unless ``problems``
+    holds an error."""
+
+    event_type = "agent.validated"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec_hash: str
+    environment: AgentEnvironment
+    passed: bool
+    problems: list[AgentProblem] = Field(default_factory=list)
+    policy_digest: str
+    policy_set_hash: str
+
+
+@register
+class AgentSandboxed(DomainEvent):
+    """The draft ``version`` passed validation in the sandbox and may run there."""
+
+    event_type = "agent.sandboxed"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    spec_hash: str
+    policy_digest: str
+    policy_set_hash: str
+
+
+@register
+class AgentPromoted(DomainEvent):
+    """The sandboxed ``from_version`` became the governed, immutable ``version``
+    (``from_version + 1``), which production runs from now on."""
+
+    event_type = "agent.promoted"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=2)
+    from_version: int = Field(ge=1)
+    spec_hash: str
+    environment: AgentEnvironment = "production"
+    policy_digest: str
+    policy_set_hash: str
+    promoted_by: str
+
+
+@register
+class AgentForked(DomainEvent):
+    """A new draft ``version`` (``from_version + 1``) was opened from the governed
+    ``from_version``, which keeps running in production unchanged."""
+
+    event_type = "agent.forked"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=2)
+    from_version: int = Field(ge=1)
+    spec_hash: str
+
+
+@register
+class AgentDisabled(DomainEvent):
+    """The agent may no longer run in ``environments``; admission denies its runs there."""
+
+    event_type = "agent.disabled"
+    schema_version = 1
+
+    agent_id: str
+    version: int = Field(ge=1)
+    environments: list[AgentEnvironment] = Field(min_length=1)
+    reason: str
+    disabled_by: str
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 
@@ -1173,6 +1285,126 @@ class PolicyFreezeOverridden(DomainEvent):
     incident_ids: list[str]
     by: str
     reason: str
+
+
+# --- promotions (owned by workflow-engine) -------------------------------------------------------
+# Stream ``<t>/promotion/<promotion_id>``: a request to move one agent version into an
+# environment, its approvals (the workflow engine's approval gates: production is the
+# ``irreversible`` tier, the sandbox the ``write`` tier) and how it ended.
+
+PromotionTier = Literal["write", "irreversible"]
+
+
+@register
+class PromotionRequested(DomainEvent):
+    """``requested_by`` asked to move ``agent_version`` of ``agent_id`` into ``environment``,
+    as the agent and the environment's policy set stood then; ``rule`` is the approval rule of
+    ``tier`` in force (``required`` 0: no approval needed)."""
+
+    event_type = "promotion.requested"
+    schema_version = 1
+
+    promotion_id: str
+    agent_id: str
+    agent_version: int = Field(ge=1)
+    spec_hash: str
+    agent_state: str
+    environment: PolicyEnvironment
+    policy_digest: str
+    policy_set_hash: str
+    diff_hash: str | None = None
+    reason: str | None = None
+    requested_by: str
+    approvers: list[str] = Field(default_factory=list)
+    tier: PromotionTier
+    rule: dict[str, Any]
+    requested_at: datetime
+    expires_at: datetime | None = None
+
+
+@register
+class PromotionApproved(DomainEvent):
+    """``approver``, holding ``role``, approved the request."""
+
+    event_type = "promotion.approved"
+    schema_version = 1
+
+    promotion_id: str
+    approver: str
+    role: str
+    reason: str
+    approved_at: datetime
+
+
+@register
+class PromotionRejected(DomainEvent):
+    """``rejected_by`` rejected (or, as its requester, withdrew) the request."""
+
+    event_type = "promotion.rejected"
+    schema_version = 1
+
+    promotion_id: str
+    rejected_by: str
+    reason: str
+    rejected_at: datetime
+
+
+@register
+class PromotionEscalated(DomainEvent):
+    """The request's approval SLA ran out: it now needs ``role``, until ``expires_at``."""
+
+    event_type = "promotion.escalated"
+    schema_version = 1
+
+    promotion_id: str
+    role: str
+    escalated_at: datetime
+    expires_at: datetime
+
+
+@register
+class PromotionExpired(DomainEvent):
+    """The request's approval SLA ran out (after its escalation, if any): it is closed."""
+
+    event_type = "promotion.expired"
+    schema_version = 1
+
+    promotion_id: str
+    reason: str
+    expired_at: datetime
+
+
+@register
+class PromotionWentStale(DomainEvent):
+    """The agent or the environment's policy set changed after the request was made (each of
+    ``reasons`` names what): the request is closed; a new one must be made."""
+
+    event_type = "promotion.went_stale"
+    schema_version = 1
+
+    promotion_id: str
+    reasons: list[str] = Field(min_length=1)
+    detected_during: Literal["approve", "execute"]
+    detected_at: datetime
+
+
+@register
+class PromotionExecuted(DomainEvent):
+    """The approved request was carried out: ``agent_version`` of the agent now runs in
+    ``environment``, admitted with ``policy_digest`` and ``policy_set_hash``."""
+
+    event_type = "promotion.executed"
+    schema_version = 1
+
+    promotion_id: str
+    agent_id: str
+    environment: PolicyEnvironment
+    from_version: int = Field(ge=1)
+    agent_version: int = Field(ge=1)
+    policy_digest: str
+    policy_set_hash: str
+    executed_by: str
+    executed_at: datetime
 
 
 # --- policy drift between environments (owned by policy-admission) ----------------------------

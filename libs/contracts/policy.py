@@ -8,11 +8,14 @@ back to the bundle's data.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from libs.contracts.canonical import canonical_json
 from libs.contracts.limits import MAX_NAME, MAX_TOKENS
 
 Environment = Literal["sandbox", "production"]
@@ -36,10 +39,13 @@ def _unicode(value: str) -> str:
     return value
 
 
+UnicodeText = AfterValidator(_unicode)
+"""Refuses a lone surrogate (no encoder along the way takes one): a 422, not a 500."""
+
 AllowedName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$"),
-    AfterValidator(_unicode),
+    UnicodeText,
 ]
 
 
@@ -70,3 +76,21 @@ class PolicySettings(BaseModel):
         for name, value in self.model_dump(exclude_none=True).items():
             out[name] = float(value) if isinstance(value, Decimal) else value
         return out
+
+
+def policy_set_hash(
+    bundle_digest: str, settings: dict[str, Any] | None, exception_ids: Iterable[str]
+) -> str:
+    """``sha256:<hex>`` naming everything a decision in one tenant and environment is made with:
+    the bundle's digest, the tenant's settings (``input.settings``) and the ids of its open
+    policy exceptions. Two decisions with the same hash were made by the same policy set.
+
+    It is the sha256 of the RFC 8785 bytes of ``{"bundle_digest", "settings", "exceptions"}``
+    (exception ids sorted; no settings is ``{}``), so anyone can recompute it.
+    """
+    document = {
+        "bundle_digest": bundle_digest,
+        "settings": settings or {},
+        "exceptions": sorted(set(exception_ids)),
+    }
+    return "sha256:" + hashlib.sha256(canonical_json(document)).hexdigest()

@@ -42,6 +42,7 @@ from libs.contracts import new_uuid7
 from libs.contracts.limits import AGENT_ID_PATTERN, MAX_STEP_INDEX
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
+from services.gateway.agents import agent_routes
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
 from services.gateway.diffs import (
     DIFF_TIMEOUT_S,
@@ -85,6 +86,7 @@ from services.gateway.policy_bundles import (
     read_bundle,
     settings_payload,
 )
+from services.gateway.promotions import promotion_routes
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
     ID_PATTERN,
@@ -1143,6 +1145,21 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         return json_response(_json_body(result), 202)
 
     # -- agents, workflows and executions ---------------------------------------------------------
+
+    # The agent registry (policy-admission, docs/agents.md).
+    agent_routes(
+        router,
+        Requires(Permission.READ, rpc, auth),
+        Requires(Permission.WORKFLOWS, rpc, auth),
+        Requires(Permission.GOVERN, rpc, auth),
+    )
+    # Promotion requests (workflow-engine's approvals, policy-admission's checks).
+    promotion_routes(
+        router,
+        Requires(Permission.READ, rpc, auth),
+        Requires(Permission.WORKFLOWS, rpc, auth),
+        Requires(Permission.APPROVE, rpc, auth),
+    )
 
     @router.post(
         "/agents", response_model=AgentRegisteredResponse, status_code=201, tags=["workflows"]

@@ -78,18 +78,23 @@ RULES: Mapping[Permission, Rule] = {
     ),
     Permission.OPERATE: _rule({"admin"}, {"ingest"}, "rebuild the projections"),
     Permission.WORKFLOWS: _rule(
-        {"operator", "admin"}, {"ingest"}, "register agents or save workflow definitions"
+        {"operator", "admin"},
+        {"ingest"},
+        "register agents, save, validate, sandbox or fork agent drafts, request or execute "
+        "agent promotions, or save workflow definitions",
     ),
     Permission.EXECUTE: _rule({"operator", "admin"}, {"ingest"}, "start or abort executions"),
     # Workers are agents: they hold keys. People do not take work.
     Permission.WORK: _rule((), {"ingest"}, "take dispatched workflow steps"),
     # Approvals are people's: no key may give one.
-    Permission.APPROVE: _rule({"approver", "admin"}, (), "approve or reject workflow steps"),
+    Permission.APPROVE: _rule(
+        {"approver", "admin"}, (), "approve or reject workflow steps or promotion requests"
+    ),
     Permission.GOVERN: _rule(
         {"admin"},
         (),
-        "change the tenant's approval rules or policy signing keys, or grant or revoke "
-        "policy exceptions",
+        "change the tenant's approval rules or policy signing keys, grant or revoke "
+        "policy exceptions, or promote or disable agents",
     ),
     # Acknowledging a diff says a person viewed it: no key may do it.
     Permission.REVIEW: _rule(ROLES, (), "acknowledge having viewed a diff"),

@@ -2,7 +2,7 @@
 
 The gateway is the front door: it forwards every request to the other services, so it starts
 after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow``,
-``mctl approval`` and ``mctl policy``, and the demo ``mctl up --demo`` runs.
+``mctl approval``, ``mctl policy`` and ``mctl promotion``, and the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -23,6 +23,8 @@ REGISTRATION = ServiceRegistration(
         "workflow": "services.gateway.workflow_cli:workflow_app",
         "approval": "services.gateway.workflow_cli:approval_app",
         "policy": "services.gateway.policy_cli:policy_app",
+        "agent": "services.gateway.agent_cli:agent_app",
+        "promotion": "services.gateway.promotion_cli:promotion_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.

@@ -173,15 +173,20 @@ def approval_payload(
 ) -> dict[str, Any]:
     """The engine's request for a person's approval decision: who they are and their highest
     role in the tenant (the engine checks it against the tier's rule)."""
-    roles: frozenset[str] = getattr(principal, "roles", frozenset())
-    ranked = [r for r in ROLE_ORDER if r in roles]
     return {
         "execution_id": execution_id,
         "step_id": step_id,
         "approver": principal.actor,
-        "role": ranked[-1] if ranked else "viewer",
+        "role": highest_role(principal),
         "reason": reason,
     }
+
+
+def highest_role(principal: Any) -> str:
+    """The highest role a person holds in the tenant (``viewer`` for an API key)."""
+    roles: frozenset[str] = getattr(principal, "roles", frozenset())
+    ranked = [r for r in ROLE_ORDER if r in roles]
+    return ranked[-1] if ranked else "viewer"
 
 
 ROLE_ORDER = ("viewer", "operator", "approver", "admin")

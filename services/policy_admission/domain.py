@@ -391,7 +391,8 @@ def waive(decision: Decision, exception_ids: tuple[str, ...] | None) -> Decision
 def decision_context(input_doc: dict[str, Any], decision: Decision | None = None) -> dict[str, Any]:
     """What the decision saw, recorded with it: the run document, the step asked for (kind,
     model, tool) and its estimate, so a denied step that never ran still shows what it wanted;
-    and the ids of the policy exceptions that waived its denies (``exceptions``), if any."""
+    the ids of the policy exceptions that waived its denies (``exceptions``), if any; and the
+    ``policy_set_hash`` and registered ``agent`` (version, state) the decision saw."""
     step = input_doc["step"]
     context = {
         **input_doc["run"],
@@ -400,6 +401,10 @@ def decision_context(input_doc: dict[str, Any], decision: Decision | None = None
     }
     if decision is not None and decision.exceptions:
         context["exceptions"] = list(decision.exceptions)
+    # The policy set the decision was made with, and the registered agent's state, when known.
+    for key in ("policy_set_hash", "agent"):
+        if key in input_doc:
+            context[key] = input_doc[key]
     return context
 
 

@@ -33,11 +33,13 @@ from libs.errors import InvalidInput
 from libs.eventbus.jetstream import ConsumerSpec
 from libs.eventbus.rpc import Headers, RpcServer
 from libs.policy_bundles import MAX_ARCHIVE_BYTES, BundleTooLarge
+from services.policy_admission.agent_registry import AgentRegistry, agent_routes
 from services.policy_admission.diffs import Diffs, acknowledgements_view
 from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
+from services.policy_admission.promotion_handlers import promotion_routes
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 RPC_SERVICE = "admission"
@@ -392,6 +394,9 @@ def rpc_server(
     if tenants is not None:
         bundle_routes(server, tenants)
         diff_routes(server, Diffs(tenants.store, tenants.read_archive))
+        registry = AgentRegistry(tenants)
+        agent_routes(server, registry)
+        promotion_routes(server, registry, freezes, drift)
     if freezes is not None:
         freeze_routes(server, freezes)
     if drift is not None:

@@ -33,8 +33,9 @@ from libs.eventbus.repository import Aggregate, fold_with_time
 EXCEPTIONS_ENTITY = "exceptions"
 MAX_TTL = timedelta(days=90)
 MAX_OPEN = 1000
-UNWAIVABLE = frozenset({"run_state"})
-"""Policies no waiver may cover: ``run_state`` denies steps of a run already stopped."""
+UNWAIVABLE = frozenset({"run_state", "agent_state"})
+"""Policies no waiver may cover: ``run_state`` denies steps of a run already stopped,
+``agent_state`` runs of a registered agent disabled, or not governed in production."""
 
 Status = Literal["open", "expired", "revoked"]
 

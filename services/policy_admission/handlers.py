@@ -47,6 +47,7 @@ from libs.eventbus.repository import (
 from libs.eventbus.uow import DeferredAppends, UnitOfWork
 from libs.observability import trace_id_of
 from libs.pricing import PriceTable, builtin_price_table
+from services.policy_admission.agents import admission_denial, admission_reason, with_deny
 from services.policy_admission.bundle import PolicyBundle
 from services.policy_admission.domain import (
     AdmitRequest,
@@ -343,9 +344,12 @@ class AdmissionHandler:
         settings = self.settings_for(context.tenant_id)
         if settings is not None:
             input_doc["settings"] = settings
+        denial = self._agent_state(context, req.bundle_environment, input_doc)
         eval_started = time.perf_counter()
         raw = bundle.evaluate(input_doc)
         self._evaluation.observe(time.perf_counter() - eval_started)
+        if denial is not None:
+            raw = with_deny(raw, admission_reason(denial))
         decision = interpret(raw)
         if decision.outcome == "deny" and self.tenants is not None:
             # In memory, compared with this decision's clock: never applied at or after expiry.
@@ -369,6 +373,27 @@ class AdmissionHandler:
             input_doc=input_doc,
             trace_id=trace_id,
         )
+
+    def _agent_state(
+        self, context: RunContext, environment: str, input_doc: dict[str, Any]
+    ) -> str | None:
+        """Note the policy set hash and the registered agent in ``input_doc`` (and so in the
+        decision's context); why the agent may not run in ``environment``, if so (in memory)."""
+        if self.tenants is None:
+            return None
+        input_doc["policy_set_hash"] = self.tenants.policy_set_hash_for(
+            context.tenant_id, environment
+        )
+        gate = self.tenants.agent_gate(context.tenant_id, context.agent_id)
+        if gate is None:
+            return None
+        input_doc["agent"] = {
+            "registered": True,
+            "version": gate.version,
+            "state": gate.state,
+            "governed_version": gate.governed_version,
+        }
+        return admission_denial(gate, context.agent_id or "", environment)
 
     async def judge_steps(self, envelopes: Sequence[EventEnvelope]) -> None:
         """``BatchEventConsumer`` handler of ``run.step_recorded``: judge every marked step.

@@ -50,7 +50,7 @@ from libs.contracts.events import (
     PolicySigningKeyRegistered,
     PolicySigningKeyRetired,
 )
-from libs.contracts.policy import ENVIRONMENTS, Environment, PolicySettings
+from libs.contracts.policy import ENVIRONMENTS, Environment, PolicySettings, policy_set_hash
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.db import transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository, begin
@@ -59,6 +59,7 @@ from libs.eventbus.uow import UnitOfWork
 from libs.policy_bundles import BundleConflict, BundleNotFound, BundleRejected
 from libs.redaction import redact_text
 from services.policy_admission import exceptions as waivers
+from services.policy_admission.agents import AgentGate
 from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.rego_tests import run_sources
 
@@ -365,6 +366,10 @@ class TenantView:
     exceptions: tuple[waivers.Waiver, ...] = ()
     """The tenant's open policy exceptions (expired ones still here until swept: a decision
     compares each expiry with its own clock)."""
+    agents: Mapping[str, AgentGate] = field(default_factory=dict)
+    """The tenant's registered agents, by id (:mod:`services.policy_admission.agents`)."""
+    policy_set_hashes: Mapping[str, str] = field(default_factory=dict)
+    """Per environment, the :func:`~libs.contracts.policy.policy_set_hash` decisions use."""
 
 
 class TenantPolicies:
@@ -391,6 +396,7 @@ class TenantPolicies:
         self.settings = Repository(store, SETTINGS, max_retries=4)
         self.exceptions = Repository(store, waivers.EXCEPTIONS, max_retries=4)
         self._views: dict[str, TenantView] = {}
+        self._default_set_hash = policy_set_hash(default.digest, None, ())
         self._seen = 0
         self._reloads: dict[str, asyncio.Lock] = {}
 
@@ -413,6 +419,21 @@ class TenantPolicies:
         """The tenant's open policy exceptions, as this replica holds them."""
         view = self._views.get(tenant_id)
         return () if view is None else view.exceptions
+
+    def agent_gate(self, tenant_id: str, agent_id: str | None) -> AgentGate | None:
+        """The registered agent ``agent_id`` as admission knows it (``None``: not registered)."""
+        view = self._views.get(tenant_id)
+        if view is None or not agent_id:
+            return None
+        return view.agents.get(agent_id)
+
+    def policy_set_hash_for(self, tenant_id: str, environment: str) -> str:
+        """The policy set hash of the tenant's bundle, settings and exceptions in
+        ``environment`` (computed when the tenant's view is loaded)."""
+        view = self._views.get(tenant_id)
+        if view is not None and environment in view.policy_set_hashes:
+            return view.policy_set_hashes[environment]
+        return self._default_set_hash
 
     def view(self, tenant_id: str) -> TenantView:
         """What this replica holds for ``tenant_id``."""
@@ -496,14 +517,23 @@ class TenantPolicies:
                     )
             settings = await self.settings.load(tenant_id, SETTINGS_ENTITY)
             granted = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
+            settings_input = settings.settings.as_input() if settings.settings is not None else None
+            open_waivers = granted.open()
             view = TenantView(
                 bundles=bundles,
                 revisions=revisions,
                 settings=settings,
-                settings_input=(
-                    settings.settings.as_input() if settings.settings is not None else None
-                ),
-                exceptions=granted.open(),
+                settings_input=settings_input,
+                exceptions=open_waivers,
+                agents=await load_gates(self.store, tenant_id),
+                policy_set_hashes={
+                    env: policy_set_hash(
+                        bundles.get(env, self.default).digest,
+                        settings_input,
+                        (w.exception_id for w in open_waivers),
+                    )
+                    for env in ENVIRONMENTS
+                },
             )
             self._views[tenant_id] = view  # the swap: one assignment
             return view
@@ -840,6 +870,30 @@ async def _log_change(uow: UnitOfWork, tenant_id: str, kind: str) -> None:
     await conn.execute(
         "INSERT INTO policy_admission.changes (tenant_id, kind) VALUES (%s, %s)", (tenant_id, kind)
     )
+
+
+log_change = _log_change
+"""Add a row to the change log every replica follows (in the caller's transaction)."""
+
+
+async def load_gates(store: EventStore, tenant_id: str) -> dict[str, AgentGate]:
+    """The tenant's registered agents as admission holds them, from their read table."""
+    async with transaction(store.pool) as conn:
+        cur = await conn.execute(
+            "SELECT agent_id, version, state, governed_version, disabled "
+            "FROM policy_admission.agents WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        rows = await cur.fetchall()
+    return {
+        r["agent_id"]: AgentGate(
+            version=r["version"],
+            state=r["state"],
+            governed_version=r["governed_version"],
+            disabled=frozenset(r["disabled"]),
+        )
+        for r in rows
+    }
 
 
 def stream_of(tenant_id: str, entity: str) -> str:

@@ -30,6 +30,7 @@ from services.workflow_engine.entrypoints import (
 from services.workflow_engine.execution_handlers import ExecutionHandlers, publish_work
 from services.workflow_engine.handlers import DefinitionHandlers, WorkflowHandlers
 from services.workflow_engine.live import LiveUsage
+from services.workflow_engine.promotion_handlers import PromotionHandlers, promotion_routes
 
 log = structlog.get_logger("workflow_engine")
 
@@ -62,6 +63,7 @@ class WorkflowEngineService(ConsumerRpcService):
         self.cost_spec = cost_spec or cost_consumer_spec()
         self.handlers: WorkflowHandlers | None = None
         self.executions: ExecutionHandlers | None = None
+        self.promotions: PromotionHandlers | None = None
         self._extra: list[EventConsumer] = []
         self._extra_tasks: list[asyncio.Task[None]] = []
 
@@ -116,6 +118,8 @@ class WorkflowEngineService(ConsumerRpcService):
         build_budget_rpc(server, budgets, ctx.store, ctx.pool)
         live = LiveUsage(ctx.store, self.handlers.runs, self.executions, ctx.pool, ctx.js)
         build_live_rpc(server, live)
+        self.promotions = PromotionHandlers(ctx.store, self.executions.policies)
+        promotion_routes(server, self.promotions, ctx.pool)
         return consumer, server
 
     async def start(self, ctx: ServiceContext) -> None:
@@ -131,9 +135,12 @@ class WorkflowEngineService(ConsumerRpcService):
 
     async def _tick_forever(self, ctx: ServiceContext) -> None:
         assert self.executions is not None
+        assert self.promotions is not None
         while True:
             try:
                 moved = await self.executions.tick(ctx.pool)
+                # Promotion requests share the sweep: their SLAs escalate or expire them.
+                moved += await self.promotions.tick(ctx.pool)
             except Exception as exc:
                 # The index keeps what is due: the next tick picks it up again.
                 log.warning("workflow.tick_failed", error=type(exc).__name__)

@@ -16,6 +16,7 @@ REGISTRATION = ServiceRegistration(
         "execution",
         "approval_policy",
         "budget",
+        "promotion",
     ),
     bus=BusAccess(
         serves="workflow",

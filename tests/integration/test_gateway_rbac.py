@@ -60,6 +60,7 @@ CALLERS = [*ROLES, *(f"key:{s}" for s in SCOPES)]
 # One request per route: (path, JSON body). Valid enough to get past validation where the
 # caller is allowed; what the services answer then does not matter here, only that it is not
 # 401 or 403.
+PROMOTION = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
 SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/v1/auth/token"): (
         "/v1/auth/token",
@@ -162,9 +163,52 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
             "expires_at": "2000-01-01T00:00:00Z",
         },
     ),
+    ("POST", "/v1/agents/draft"): (
+        "/v1/agents/draft",
+        {"agent_id": "rbac-registry-agent", "spec": {"role": "reviews"}},
+    ),
+    ("POST", "/v1/agents/validate"): (
+        "/v1/agents/validate",
+        {"spec": {"role": "reviews"}, "environment": "sandbox"},
+    ),
+    ("GET", "/v1/agent-registry"): ("/v1/agent-registry?state=draft", None),
+    ("GET", "/v1/agents/{agent_id}"): ("/v1/agents/rbac-registry-agent", None),
+    ("GET", "/v1/agents/{agent_id}/actions"): ("/v1/agents/rbac-registry-agent/actions", None),
+    ("POST", "/v1/agents/{agent_id}/sandbox"): ("/v1/agents/rbac-registry-agent/sandbox", None),
+    ("POST", "/v1/agents/{agent_id}/fork"): ("/v1/agents/rbac-registry-agent/fork", None),
+    ("POST", "/v1/agents/{agent_id}/promote"): ("/v1/agents/rbac-registry-agent/promote", None),
+    ("POST", "/v1/agents/{agent_id}/disable"): (
+        "/v1/agents/rbac-registry-agent/disable",
+        {"environments": ["sandbox"], "reason": "rbac check"},
+    ),
     ("GET", "/v1/policy-exceptions"): ("/v1/policy-exceptions?status=open", None),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",
+        None,
+    ),
+    ("POST", "/v1/promotions/requests"): (
+        "/v1/promotions/requests",
+        {"agent_id": "rbac-registry-agent", "version": 1, "environment": "production"},
+    ),
+    ("GET", "/v1/promotions/requests"): ("/v1/promotions/requests?pending=true", None),
+    ("GET", "/v1/promotions/requests/{promotion_id}"): (
+        f"/v1/promotions/requests/{PROMOTION}",
+        None,
+    ),
+    ("GET", "/v1/promotions/requests/{promotion_id}/events"): (
+        f"/v1/promotions/requests/{PROMOTION}/events",
+        None,
+    ),
+    ("POST", "/v1/promotions/requests/{promotion_id}/approve"): (
+        f"/v1/promotions/requests/{PROMOTION}/approve",
+        {"reason": "rbac sample"},
+    ),
+    ("POST", "/v1/promotions/requests/{promotion_id}/reject"): (
+        f"/v1/promotions/requests/{PROMOTION}/reject",
+        {"reason": "rbac sample"},
+    ),
+    ("POST", "/v1/promotions/requests/{promotion_id}/execute"): (
+        f"/v1/promotions/requests/{PROMOTION}/execute",
         None,
     ),
     ("GET", "/v1/policy-drift"): ("/v1/policy-drift", None),

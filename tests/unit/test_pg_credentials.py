@@ -112,6 +112,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
     from services.workflow_engine.definitions import AGENT_CATEGORY, WORKFLOW_CATEGORY
     from services.workflow_engine.executions import EXECUTION_CATEGORY
     from services.workflow_engine.handlers import RUN
+    from services.workflow_engine.promotions import PROMOTION_CATEGORY
 
     used = {
         RUN.category: "mc_workflow_engine",
@@ -129,6 +130,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
         EXECUTION_CATEGORY: "mc_workflow_engine",
         APPROVAL_POLICY_CATEGORY: "mc_workflow_engine",
         BUDGET_CATEGORY: "mc_workflow_engine",
+        PROMOTION_CATEGORY: "mc_workflow_engine",
         CHECKPOINT_STREAM.split("/")[1]: "mc_relay",
     }
     assert stream_category_owners() == used
