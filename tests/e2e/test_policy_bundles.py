@@ -118,7 +118,14 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
         assert digest in out
         env = {**os.environ, "MC_GATEWAY_URL": base, "MC_API_KEY": api_key}
         pushed = mctl(
-            "policy", "push", str(bundle), "--environment", "production", "--activate", env=env
+            "policy",
+            "push",
+            str(bundle),
+            "--environment",
+            "production",
+            "--activate",
+            "--immediate",
+            env=env,
         )
         assert digest in pushed and '"activated": true' in pushed
 
