@@ -62,13 +62,15 @@ def _tenants(admission: Admission) -> TenantPolicies:
     return tenants
 
 
-async def _judge(replicas: Replicas, tenant: str, judge: Admission | None = None) -> Any:
-    """Write every replica's counts, move one replica's clock past the window, and wait for the
-    outcome it records (the other replicas' clocks keep the window open)."""
+async def _judge(
+    replicas: Replicas, tenant: str, judge: Admission | None = None, *, close: bool = True
+) -> Any:
+    """Write every replica's counts, move one replica's clock past the window (``close``), and
+    wait for the outcome it records (the other replicas' clocks keep the window open)."""
     for replica in (replicas.a, replicas.b):
         await _tenants(replica).flush_counts()
-    judging = _tenants(judge or replicas.a)
-    judging.clock = lambda: utcnow() + timedelta(hours=2)
+    if close:
+        _tenants(judge or replicas.a).clock = lambda: utcnow() + timedelta(hours=2)
     outcomes = (PolicyCanaryPromoted, PolicyCanaryRolledBack)
 
     async def ended() -> bool:
@@ -241,6 +243,40 @@ async def test_a_sound_canary_is_promoted_and_an_operator_can_end_one(
         await replicas.call(
             "end_canary", tenant, reload_id=aborted["reload_id"], outcome="promoted"
         )
+
+
+def _failing(revision: str) -> bytes:
+    """A signed bundle that compiles but fails to evaluate any step (a rule with two values)."""
+    files = {k: v for k, v in repo_files(revision).items() if not k.startswith("tests/")}
+    main = files["policies/main.rego"].decode()
+    decision = 'decision := {\n\t"deny"'
+    assert decision in main
+    broken = "boom := 1 if input.step\nboom := 2 if input.step\n\n" + decision.replace(
+        "{", '{\n\t"boom": boom,', 1
+    )
+    files["policies/main.rego"] = main.replace(decision, broken).encode()
+    return signed(KEY, files)
+
+
+async def test_a_candidate_that_fails_to_evaluate_loses_no_decision_and_is_rolled_back(
+    replicas: Replicas, tenant: str, unique: Unique
+) -> None:
+    stable = await _setup(replicas, tenant)
+    failing = await _upload(replicas, tenant, _failing("2"))
+    reload = await _canary(replicas, tenant, failing, percent=50, **WINDOW)
+    await _everywhere(replicas, tenant, reload["reload_id"])
+    runs = await _runs(replicas, tenant, unique, 12)
+    held = [r for r in runs if in_canary(r, reload["reload_id"], 50)]
+    assert held
+    # The first canary run's step is decided by the stable bundle, and counted as an error.
+    answer = await _decide(replicas.a, tenant, held[0], 1)
+    assert answer["bundle_digest"] == stable and answer["outcome"] == "allow"
+    # One error is over the default budget (none): rolled back at once, window or not.
+    rolled = await _judge(replicas, tenant, close=False)
+    assert isinstance(rolled, PolicyCanaryRolledBack)
+    assert rolled.reason == "evaluation_errors" and rolled.figures["canary"]["errors"] == 1
+    for run_id in runs:
+        assert (await _decide(replicas.b, tenant, run_id, 1))["bundle_digest"] == stable
 
 
 async def test_a_canary_in_progress_resumes_after_a_restart_with_what_was_counted(
