@@ -471,6 +471,22 @@ class PolicyCanaryRolledBack(DomainEvent):
     figures: dict[str, Any] = Field(default_factory=dict)
 
 
+@register
+class PolicyChaosRan(DomainEvent):
+    """A chaos case was run against the policy engine in a non-production environment:
+    ``case`` (``partial_reload_failure``, ``conflicting_policies`` or ``expiry_storm``),
+    whether the engine kept deciding with its last good bundle, and the figures measured."""
+
+    event_type = "policy.chaos_ran"
+    schema_version = 1
+
+    case: str
+    environment: Literal["sandbox", "production"]
+    kept_deciding: bool
+    figures: dict[str, Any] = Field(default_factory=dict)
+    by: str
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 

@@ -50,6 +50,8 @@ from services.gateway.policy_bundles import (
     ActivateIn,
     BundleListing,
     BundleStored,
+    ChaosIn,
+    ChaosResult,
     DigestPath,
     EndCanaryIn,
     EnvironmentQuery,
@@ -933,6 +935,15 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     ) -> Any:
         """Roll a canary back now: the bundle it was tried against decides for every run."""
         return await _end_canary(call, reload_id, "rolled_back", body)
+
+    @router.post("/policy-chaos", response_model=ChaosResult, tags=["policies"])
+    async def run_policy_chaos(body: ChaosIn, call: Configure) -> Any:
+        """Run a chaos case beside the tenant's bundle, in sandbox only: a reload with one bad
+        file, conflicting policies, or 10,000 exceptions expiring in one second. The engine must
+        keep deciding with its last good bundle; each run is a ``policy.chaos_ran`` event."""
+        payload = {"case": body.case, "environment": body.environment, "actor": call.actor}
+        result = await call("admission", "run_chaos", payload, timeout=UPLOAD_TIMEOUT_S)
+        return json_response(result)
 
     @router.post(
         "/policy-webhooks", response_model=WebhookCreated, status_code=201, tags=["policies"]

@@ -363,3 +363,24 @@ class WebhookDeleted(_Result):
 
     webhook_id: str
     deleted: bool
+
+
+ChaosCase = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+
+
+class ChaosIn(BaseModel):
+    """One chaos case, in a non-production environment (production is refused, 403)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    case: ChaosCase
+    environment: Environment = "sandbox"
+
+
+class ChaosResult(_Result):
+    """Whether the engine kept deciding with its last good bundle, and what was measured."""
+
+    case: ChaosCase
+    environment: Environment
+    kept_deciding: bool
+    figures: dict[str, Any]

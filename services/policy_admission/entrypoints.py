@@ -109,6 +109,13 @@ class ListReloadsCall(_Call):
     environment: Environment | None = None
 
 
+class ChaosCall(_Admin):
+    """``run_chaos``: one case, in a non-production environment."""
+
+    environment: Environment = "sandbox"
+    case: Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+
+
 class CreateWebhookCall(_Admin):
     """``create_webhook``."""
 
@@ -220,6 +227,11 @@ def bundle_routes(server: RpcServer, tenants: TenantPolicies) -> None:
         return await tenants.end_canary(
             body.tenant_id, body.reload_id, body.outcome, body.reason, body.actor
         )
+
+    @server.handler("run_chaos")
+    async def run_chaos(body: ChaosCall) -> dict[str, Any]:
+        """Run a chaos case beside the tenant's bundle (non-production only)."""
+        return await tenants.run_chaos(body.tenant_id, body.environment, body.case, body.actor)
 
     @server.handler("create_webhook")
     async def create_webhook(body: CreateWebhookCall) -> dict[str, Any]:

@@ -50,13 +50,14 @@ from libs.contracts.events import (
     PolicyCanaryPromoted,
     PolicyCanaryRolledBack,
     PolicyCanaryStarted,
+    PolicyChaosRan,
     PolicyInfo,
     PolicySettingsChanged,
     PolicySigningKeyRegistered,
     PolicySigningKeyRetired,
 )
 from libs.contracts.policy import ENVIRONMENTS, CanaryPlan, Environment, PolicySettings
-from libs.errors import Conflict, InvalidInput, NotFound
+from libs.errors import Conflict, Forbidden, InvalidInput, NotFound
 from libs.eventbus.db import transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository, begin
 from libs.eventbus.store import EventStore
@@ -64,6 +65,7 @@ from libs.eventbus.uow import UnitOfWork
 from libs.policy_bundles import BundleConflict, BundleNotFound, BundleRejected
 from libs.redaction import redact_text
 from services.policy_admission import canary as canaries
+from services.policy_admission import chaos
 from services.policy_admission import exceptions as waivers
 from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.rego_tests import run_sources
@@ -242,6 +244,14 @@ def _fold_settings(state: Settings, recorded: Sequence[Recorded]) -> Settings:
             state = Settings(r.event.version, PolicySettings.model_validate(r.event.settings))
     return state
 
+
+def _count(state: int, recorded: Sequence[Recorded]) -> int:
+    return state + len(recorded)
+
+
+CHAOS = Aggregate[int](category=POLICY_CATEGORY, initial=lambda t, i: 0, fold=_count)
+"""``<t>/policy/chaos``: the chaos cases run (``policy.chaos_ran``)."""
+CHAOS_ENTITY = "chaos"
 
 KEYS = Aggregate[Keys](category=POLICY_CATEGORY, initial=lambda t, i: Keys(), fold=_fold_keys)
 BUNDLES = Aggregate[Bundles](
@@ -617,6 +627,7 @@ class TenantPolicies:
         self.bundles = Repository(store, BUNDLES, max_retries=4)
         self.settings = Repository(store, SETTINGS, max_retries=4)
         self.exceptions = Repository(store, waivers.EXCEPTIONS, max_retries=4)
+        self.chaos = Repository(store, CHAOS, max_retries=4)
         self._views: dict[str, TenantView] = {}
         self._seen = 0
         self._reloads: dict[str, asyncio.Lock] = {}
@@ -1263,6 +1274,30 @@ class TenantPolicies:
         """``GET /v1/policy-exceptions``: the waivers (of one status) and the burndown."""
         state = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
         return waivers.listing(state, now, status)
+
+    async def run_chaos(
+        self, tenant_id: str, environment: Environment, case: chaos.Case, actor: str
+    ) -> dict[str, Any]:
+        """``POST /v1/policy-chaos``: run one case beside the tenant's bundle (never in
+        production) and record ``policy.chaos_ran``."""
+        if environment == "production":
+            raise Forbidden(
+                "chaos_production_refused: chaos cases run only in a non-production environment"
+            )
+        deciding = self.bundle_for(tenant_id, environment)
+        figures = await asyncio.to_thread(chaos.run_case, case, deciding, tenant_id, self.clock())
+        kept = bool(figures.pop("kept_deciding"))
+        event = PolicyChaosRan(
+            case=case, environment=environment, kept_deciding=kept, figures=figures, by=actor
+        )
+        await self.chaos.execute(
+            tenant_id,
+            CHAOS_ENTITY,
+            lambda _: [event],
+            EventMeta(correlation_id=f"chaos:{case}", actor=actor),
+        )
+        log.info("policy_chaos.ran", tenant_id=tenant_id, case=case, kept_deciding=kept)
+        return {"case": case, "environment": environment, "kept_deciding": kept, "figures": figures}
 
     def status(self, tenant_id: str) -> dict[str, Any]:
         """What decides for the tenant in this replica: per environment, the bundle's digest,

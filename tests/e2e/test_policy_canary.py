@@ -1,6 +1,6 @@
-"""Canary reloads and webhooks through the gateway: an activation's plan, the impact reports,
-an operator's abort, webhook subscriptions (admins only, the secret shown once), and every
-refusal a clear 4xx."""
+"""Canary reloads, chaos and webhooks through the gateway: an activation's plan, the impact
+reports, an operator's abort, a chaos case (sandbox only), webhook subscriptions (admins only,
+the secret shown once), and every refusal a clear 4xx."""
 
 from __future__ import annotations
 
@@ -70,6 +70,17 @@ def test_a_reload_is_a_canary_with_a_report_an_operator_can_abort_and_webhooks_a
         assert resp.status_code == 404, resp.text
         assert resp.json()["error"]["message"].startswith("reload_not_found: ")
         assert agent.get("/v1/policy-reloads/not-an-id").status_code == 422
+
+        # Chaos: never in production; in sandbox the engine keeps deciding.
+        resp = agent.post(
+            "/v1/policy-chaos", json={"case": "expiry_storm", "environment": "production"}
+        )
+        assert resp.status_code == 403, resp.text
+        assert resp.json()["error"]["message"].startswith("chaos_production_refused: ")
+        assert agent.post("/v1/policy-chaos", json={"case": "nope"}).status_code == 422
+        resp = agent.post("/v1/policy-chaos", json={"case": "partial_reload_failure"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["kept_deciding"] is True
 
         # Webhooks: an admin person subscribes; the secret is shown once.
         hook = {"url": "https://hooks.example.com/mc"}

@@ -176,6 +176,10 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ),
     ("POST", "/v1/policy-webhooks"): ("/v1/policy-webhooks", {"url": "http://127.0.0.1:9/x"}),
     ("GET", "/v1/policy-webhooks"): ("/v1/policy-webhooks", None),
+    ("POST", "/v1/policy-chaos"): (
+        "/v1/policy-chaos",
+        {"case": "partial_reload_failure", "environment": "production"},
+    ),
     ("DELETE", "/v1/policy-webhooks/{webhook_id}"): (f"/v1/policy-webhooks/{NO_RELOAD}", None),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",

@@ -30,8 +30,9 @@ from libs.contracts.events import (
     RunStarted,
 )
 from libs.contracts.registry import decode
-from libs.errors import Conflict, MissionControlError
+from libs.errors import Conflict, Forbidden, MissionControlError
 from services.policy_admission.canary import in_canary
+from services.policy_admission.chaos import CASES
 from services.policy_admission.tenant_bundles import TenantPolicies, stream_of
 from tests.conftest import System, wait_until
 from tests.integration.helpers.policy_bundles import KEY_ID, new_key, repo_files, signed
@@ -346,6 +347,29 @@ async def test_decisions_never_stop_while_bundles_are_reloaded(
     assert errors == []
     assert len(answered) > 5 * 5
     assert set(answered) <= {DEFAULT_DIGEST, *digests} | {answered[0]}
+
+
+async def test_chaos_runs_in_sandbox_only_and_each_case_is_an_event(
+    replicas: Replicas, tenant: str, unique: Unique
+) -> None:
+    await _setup(replicas, tenant)
+    with pytest.raises(Forbidden, match="chaos_production_refused"):
+        await replicas.call(
+            "run_chaos", tenant, environment="production", case="expiry_storm", actor="user:ops"
+        )
+    (run_id,) = await _runs(replicas, tenant, unique, 1)
+    for step, case in enumerate(CASES, start=1):
+        result = await replicas.call(
+            "run_chaos", tenant, environment="sandbox", case=case, actor="user:ops"
+        )
+        assert result["kept_deciding"] is True, result
+        assert result["figures"]["deciding_digest"] == DEFAULT_DIGEST  # sandbox: the default
+        # Admission decides as before in both environments.
+        assert (await _decide(replicas.b, tenant, run_id, step))["outcome"] == "allow"
+    stream = stream_of(tenant, "chaos")
+    ran = [decode(e) for e in await replicas.a.store.read_stream(stream)]
+    assert [(e.case, e.kept_deciding, e.by) for e in ran] == [(c, True, "user:ops") for c in CASES]
+    assert ran[2].figures["expired_in_one_sweep"] == 10_000
 
 
 # --- webhooks ---------------------------------------------------------------------------------

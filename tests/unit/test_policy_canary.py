@@ -1,15 +1,17 @@
 """The canary's pure parts: which runs it holds, the latency histogram, the judgement that
-promotes or rolls back, and the webhook signature."""
+promotes or rolls back, and the webhook signature; and the chaos cases."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from datetime import UTC, datetime
 
 import pytest
 
 from libs.contracts.policy import CanaryPlan
 from libs.errors import InvalidInput
+from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR, PolicyBundle
 from services.policy_admission.canary import (
     Arm,
     ArmStats,
@@ -19,6 +21,7 @@ from services.policy_admission.canary import (
     judge,
     latency_bucket,
 )
+from services.policy_admission.chaos import CASES, Case, run_case
 from services.policy_admission.webhooks import check_url, sign, verify
 
 PLAN = CanaryPlan(percent=10, min_decisions=100, min_seconds=60)
@@ -128,3 +131,20 @@ def test_webhook_urls_are_absolute_http_without_credentials() -> None:
     for bad in ("ftp://x/y", "/relative", "https://user:pw@example.com/", "http://"):
         with pytest.raises(InvalidInput, match="webhook_url_invalid"):
             check_url(bad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_chaos_case_leaves_the_last_good_bundle_deciding(case: Case) -> None:
+    bundle = PolicyBundle.load(DEFAULT_BUNDLE_DIR)
+    figures = run_case(case, bundle, "acme", datetime(2026, 11, 30, 12, 0, 0, 250_000, tzinfo=UTC))
+    assert figures["kept_deciding"] is True
+    assert figures["deciding_digest"] == bundle.digest
+    assert figures["probe_outcome"] in ("allow", "warn", "deny")
+    if case == "partial_reload_failure":
+        assert "chaos_broken.rego" in figures["load_refused"]
+    elif case == "conflicting_policies":
+        assert "failed" in figures["candidate_failed"]
+    else:
+        assert figures["exceptions"] == figures["expired_in_one_sweep"] == 10_000
+        assert figures["applied_before_expiry"] and not figures["applied_at_expiry"]
+        assert figures["expires_at"] == "2026-11-30T12:00:01+00:00"
