@@ -1301,9 +1301,10 @@ class TenantPolicies:
 
     def status(self, tenant_id: str) -> dict[str, Any]:
         """What decides for the tenant in this replica: per environment, the bundle's digest,
-        its source (``tenant`` or ``default``) and revision; and the settings."""
+        its source (``tenant`` or ``default``) and revision, and the canary in progress (if
+        any); and the settings."""
         view = self.view(tenant_id)
-        bundles = {}
+        bundles: dict[str, dict[str, Any]] = {}
         for env in ENVIRONMENTS:
             own = view.bundles.get(env)
             bundles[env] = {
@@ -1311,6 +1312,13 @@ class TenantPolicies:
                 "source": "tenant" if own is not None else "default",
                 "revision": view.revisions.get(env) if own is not None else None,
             }
+            canary = view.canaries.get(env)
+            if canary is not None:  # the stable bundle above decides for the other runs
+                bundles[env]["canary"] = {
+                    "reload_id": canary.reload_id,
+                    "bundle_digest": canary.candidate.digest,
+                    "percent": canary.plan.percent,
+                }
         return {"environments": bundles, "settings": _settings_document(view.settings)}
 
 

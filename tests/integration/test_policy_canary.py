@@ -213,6 +213,13 @@ async def test_a_sound_canary_is_promoted_and_an_operator_can_end_one(
     # The live report sums what every replica wrote (each writes every 250 ms).
     await _tenants(replicas.a).flush_counts()
     live = await replicas.call("get_reload", tenant, reload_id=reload["reload_id"])
+    status = await replicas.call("status", tenant)
+    assert status["environments"]["production"]["bundle_digest"] == stable
+    assert status["environments"]["production"]["canary"] == {
+        "reload_id": reload["reload_id"],
+        "bundle_digest": same,
+        "percent": 30,
+    }
     assert live["status"] == "canary"
     assert live["figures"]["canary"]["decisions"] + live["figures"]["stable"]["decisions"] == 80
     assert live["figures"]["canary"]["decisions"] >= 10
