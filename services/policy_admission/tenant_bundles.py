@@ -979,6 +979,13 @@ class TenantPolicies:
         dirty, self.meter.dirty = self.meter.dirty, set()
         if not dirty:
             return
+        try:
+            await self._write_counts(dirty)
+        except BaseException:
+            self.meter.dirty |= dirty  # written again at the next tick
+            raise
+
+    async def _write_counts(self, dirty: set[str]) -> None:
         async with transaction(self.store.pool) as conn:
             for reload_id in sorted(dirty):
                 tenant_id = self.meter.tenants.get(reload_id, "")
