@@ -573,6 +573,79 @@ class AgentDisabled(DomainEvent):
     disabled_by: str
 
 
+@register
+class PolicyCanaryStarted(DomainEvent):
+    """A reload of ``bundle_digest`` began as a canary: it decides for ``plan.percent`` % of the
+    runs (by a stable hash of the run id) while ``stable_digest`` (the previous bundle; the
+    repository's when ``stable_source`` is ``default``) keeps deciding for the rest."""
+
+    event_type = "policy.canary_started"
+    schema_version = 1
+
+    reload_id: str
+    environment: Literal["sandbox", "production"]
+    bundle_digest: str
+    revision: str | None = None
+    stable_digest: str
+    stable_source: Literal["tenant", "default"]
+    plan: dict[str, Any]
+    by: str
+
+
+@register
+class PolicyCanaryPromoted(DomainEvent):
+    """The reload ``reload_id`` now decides for every run: its canary passed (``reason``
+    ``window_passed``), an operator promoted it (``operator``), or the activation asked for no
+    canary (``immediate``). ``figures`` is the impact report of the canary against the stable
+    bundle."""
+
+    event_type = "policy.canary_promoted"
+    schema_version = 1
+
+    reload_id: str
+    environment: Literal["sandbox", "production"]
+    bundle_digest: str
+    stable_digest: str
+    reason: str
+    by: str
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+@register
+class PolicyCanaryRolledBack(DomainEvent):
+    """The reload ``reload_id`` was withdrawn and ``restored_digest`` (the bundle it was tried
+    against) decides for every run again: ``reason`` is ``evaluation_errors``, ``deny_rate``,
+    ``latency`` (the figures crossed the plan's bounds) or ``operator`` (aborted by ``by``)."""
+
+    event_type = "policy.canary_rolled_back"
+    schema_version = 1
+
+    reload_id: str
+    environment: Literal["sandbox", "production"]
+    bundle_digest: str
+    restored_digest: str
+    reason: str
+    detail: str = ""
+    by: str
+    figures: dict[str, Any] = Field(default_factory=dict)
+
+
+@register
+class PolicyChaosRan(DomainEvent):
+    """A chaos case was run against the policy engine in a non-production environment:
+    ``case`` (``partial_reload_failure``, ``conflicting_policies`` or ``expiry_storm``),
+    whether the engine kept deciding with its last good bundle, and the figures measured."""
+
+    event_type = "policy.chaos_ran"
+    schema_version = 1
+
+    case: str
+    environment: Literal["sandbox", "production"]
+    kept_deciding: bool
+    figures: dict[str, Any] = Field(default_factory=dict)
+    by: str
+
+
 # --- incidents (owned by incident) ---------------------------------------------------------------
 
 

@@ -94,3 +94,28 @@ def policy_set_hash(
         "exceptions": sorted(set(exception_ids)),
     }
     return "sha256:" + hashlib.sha256(canonical_json(document)).hexdigest()
+
+
+CANARY_OUTCOMES = ("promoted", "rolled_back")
+
+
+class CanaryPlan(BaseModel):
+    """How a reloaded bundle is tried before it decides for everyone (``docs/policies.md``,
+    "Canary and rollback").
+
+    The candidate decides for ``percent`` % of runs (chosen by a stable hash of the run id)
+    while the previous bundle decides for the rest. Once the canary has made ``min_decisions``
+    decisions and ``min_seconds`` have passed it is judged: promoted when its evaluation error
+    rate is at most ``max_error_rate``, its deny rate at most ``max_deny_rate_delta`` above the
+    stable bundle's and its p95 evaluation latency at most ``max_p95_delta_ms`` above the stable
+    one's; rolled back otherwise. Errors past the budget roll it back at once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    percent: int = Field(default=10, ge=1, le=100)
+    min_decisions: int = Field(default=100, ge=1, le=1_000_000)
+    min_seconds: int = Field(default=60, ge=0, le=7 * 86_400)
+    max_error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_deny_rate_delta: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_p95_delta_ms: float = Field(default=5.0, ge=0.0, le=60_000.0)

@@ -59,11 +59,15 @@ from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, 
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
     UPLOAD_TIMEOUT_S,
+    ActivateIn,
     BundleListing,
     BundleStored,
+    ChaosIn,
+    ChaosResult,
     DigestPath,
     DriftAcknowledgeIn,
     DriftAlignIn,
+    EndCanaryIn,
     EnvironmentFreezeView,
     EnvironmentQuery,
     ExceptionIdPath,
@@ -72,6 +76,7 @@ from services.gateway.policy_bundles import (
     FreezeOverrideIn,
     KeyIdPath,
     OptionalDigest,
+    OptionalEnvironmentQuery,
     PolicyDriftView,
     PolicyExceptionIn,
     PolicyExceptionListing,
@@ -79,10 +84,18 @@ from services.gateway.policy_bundles import (
     PolicyFreezeView,
     PolicySettingsIn,
     PolicySettingsView,
+    ReloadIdPath,
+    ReloadListing,
+    ReloadReport,
     RetireKeyIn,
     RevokeExceptionIn,
     SigningKeyIn,
     SigningKeyListing,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookIdPath,
+    WebhookIn,
+    WebhookListing,
     read_bundle,
     settings_payload,
 )
@@ -891,21 +904,88 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         "/policy-bundles/{digest}:activate", response_model=BundleStored, tags=["policies"]
     )
     async def activate_policy_bundle(
-        digest: DigestPath, call: Configure, environment: EnvironmentQuery = "production"
+        digest: DigestPath,
+        call: Configure,
+        environment: EnvironmentQuery = "production",
+        body: Annotated[ActivateIn | None, Body()] = None,
     ) -> Any:
         """Activate an uploaded bundle, named by its digest, in one environment. It is verified
-        again; every replica of policy-admission switches to it without a restart."""
-        return await _activate_bundle(call, environment, digest)
+        again; every replica of policy-admission loads it without a restart. It first decides
+        for a canary share of runs (10 % unless ``canary`` says otherwise), judged against the
+        previous bundle; ``immediate`` switches every run at once."""
+        return await _activate_bundle(call, environment, digest, body)
 
     @router.post("/policy-bundles:activate", response_model=BundleStored, tags=["policies"])
     async def activate_pinned_policy_bundle(
         call: Configure,
         environment: EnvironmentQuery = "production",
         digest: OptionalDigest = None,
+        body: Annotated[ActivateIn | None, Body()] = None,
     ) -> Any:
         """Activate (reload) by ``?digest=``; without a digest the reload is refused
         (``bundle_reload_unpinned``): nothing is ever activated by name or by "latest"."""
-        return await _activate_bundle(call, environment, digest)
+        return await _activate_bundle(call, environment, digest, body)
+
+    @router.get("/policy-reloads", response_model=ReloadListing, tags=["policies"])
+    async def list_policy_reloads(call: Read, environment: OptionalEnvironmentQuery = None) -> Any:
+        """Every bundle reload of the tenant, newest first, each with its impact report."""
+        return await call.answer(
+            "admission", "list_reloads", _present({"environment": environment})
+        )
+
+    @router.get("/policy-reloads/{reload_id}", response_model=ReloadReport, tags=["policies"])
+    async def get_policy_reload(reload_id: ReloadIdPath, call: Read) -> Any:
+        """One reload's impact report: decisions, deny rate, errors and latency of the canary
+        against the stable bundle (live while the canary runs) and the outcome."""
+        return await call.answer("admission", "get_reload", {"reload_id": reload_id})
+
+    @router.post(
+        "/policy-reloads/{reload_id}:promote", response_model=ReloadReport, tags=["policies"]
+    )
+    async def promote_policy_reload(
+        reload_id: ReloadIdPath, call: Configure, body: Annotated[EndCanaryIn | None, Body()] = None
+    ) -> Any:
+        """End a canary now: its bundle decides for every run."""
+        return await _end_canary(call, reload_id, "promoted", body)
+
+    @router.post(
+        "/policy-reloads/{reload_id}:abort", response_model=ReloadReport, tags=["policies"]
+    )
+    async def abort_policy_reload(
+        reload_id: ReloadIdPath, call: Configure, body: Annotated[EndCanaryIn | None, Body()] = None
+    ) -> Any:
+        """Roll a canary back now: the bundle it was tried against decides for every run."""
+        return await _end_canary(call, reload_id, "rolled_back", body)
+
+    @router.post("/policy-chaos", response_model=ChaosResult, tags=["policies"])
+    async def run_policy_chaos(body: ChaosIn, call: Configure) -> Any:
+        """Run a chaos case beside the tenant's bundle, in sandbox only: a reload with one bad
+        file, conflicting policies, or 10,000 exceptions expiring in one second. The engine must
+        keep deciding with its last good bundle; each run is a ``policy.chaos_ran`` event."""
+        payload = {"case": body.case, "environment": body.environment, "actor": call.actor}
+        result = await call("admission", "run_chaos", payload, timeout=UPLOAD_TIMEOUT_S)
+        return json_response(result)
+
+    @router.post(
+        "/policy-webhooks", response_model=WebhookCreated, status_code=201, tags=["policies"]
+    )
+    async def create_policy_webhook(body: WebhookIn, call: Govern) -> Any:
+        """Subscribe a URL to every reload outcome (the impact report, signed with HMAC-SHA256).
+        The answer shows the signing secret; it is never shown again."""
+        payload = {"url": body.url, "actor": call.actor}
+        return await call.answer("admission", "create_webhook", payload, status=201)
+
+    @router.get("/policy-webhooks", response_model=WebhookListing, tags=["policies"])
+    async def list_policy_webhooks(call: Read) -> Any:
+        """The tenant's webhook subscriptions and their deliveries (never their secrets)."""
+        return await call.answer("admission", "list_webhooks")
+
+    @router.delete(
+        "/policy-webhooks/{webhook_id}", response_model=WebhookDeleted, tags=["policies"]
+    )
+    async def delete_policy_webhook(webhook_id: WebhookIdPath, call: Govern) -> Any:
+        """Unsubscribe; its undelivered reports are dropped."""
+        return await call.answer("admission", "delete_webhook", {"webhook_id": webhook_id})
 
     @router.get("/policy-signing-keys", response_model=SigningKeyListing, tags=["policies"])
     async def list_policy_signing_keys(call: Read) -> Any:
@@ -1435,9 +1515,31 @@ def permission_table(*routers: APIRouter) -> list[tuple[str, str, Permission]]:
     ]
 
 
-async def _activate_bundle(call: Caller, environment: str, digest: str | None) -> Response:
-    payload = {"environment": environment, "bundle_digest": digest, "actor": call.actor}
+async def _activate_bundle(
+    call: Caller, environment: str, digest: str | None, body: ActivateIn | None = None
+) -> Response:
+    payload: dict[str, Any] = {
+        "environment": environment,
+        "bundle_digest": digest,
+        "actor": call.actor,
+    }
+    if body is not None:
+        payload["immediate"] = body.immediate
+        if body.canary is not None:
+            payload["canary"] = body.canary.model_dump(mode="json")
     return await call.answer("admission", "activate_bundle", payload)
+
+
+async def _end_canary(
+    call: Caller, reload_id: str, outcome: str, body: EndCanaryIn | None
+) -> Response:
+    payload = {
+        "reload_id": reload_id,
+        "outcome": outcome,
+        "reason": body.reason if body is not None else None,
+        "actor": call.actor,
+    }
+    return await call.answer("admission", "end_canary", payload)
 
 
 def _present(query: dict[str, Any]) -> dict[str, Any]:

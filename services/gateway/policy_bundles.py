@@ -17,6 +17,7 @@ from libs.contracts.policy import (
     MAX_PUBLIC_KEY_PEM,
     MAX_SETTINGS_VERSION,
     SIGNING_KEY_ID_PATTERN,
+    CanaryPlan,
     Environment,
     PolicySettings,
 )
@@ -102,7 +103,8 @@ class _Result(BaseModel):
 
 
 class BundleStored(_Result):
-    """A verified, compiled and tested bundle, stored by digest (``activated``: it now decides)."""
+    """A verified, compiled and tested bundle, stored by digest (``activated``: it now decides;
+    ``reload``: the reload an activation started)."""
 
     bundle_digest: str
     environment: Environment
@@ -340,3 +342,150 @@ class DriftAlignIn(BaseModel):
         description="The environment to copy from; its bundle is uploaded to and activated in "
         "the other one."
     )
+
+
+# -- canary reloads and webhooks (docs/policies.md, "Canary and rollback") -------------------------
+
+RELOAD_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+ReloadIdPath = Annotated[str, Path(pattern=RELOAD_ID_PATTERN, description="The reload's id.")]
+WebhookIdPath = Annotated[str, Path(pattern=RELOAD_ID_PATTERN, description="The webhook's id.")]
+OptionalEnvironmentQuery = Annotated[
+    Environment | None, Query(description="Only this environment's reloads (default: both).")
+]
+WebhookUrl = Annotated[str, StringConstraints(min_length=8, max_length=2000), NoNul]
+
+
+class ActivateIn(BaseModel):
+    """How the reload is tried: as a canary (``canary``: its plan; the default plan if left
+    out) or, ``immediate``, for every run at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    canary: CanaryPlan | None = None
+    immediate: bool = False
+
+
+class EndCanaryIn(BaseModel):
+    """Why an operator ends the canary (recorded)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason | None = None
+
+
+class WebhookIn(BaseModel):
+    """A URL to POST every reload outcome to (http or https, no credentials in it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+
+
+class ArmFigures(_Result):
+    """One arm of a canary: what its bundle decided."""
+
+    decisions: int
+    denies: int
+    errors: int
+    deny_rate: float
+    error_rate: float
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+class ReloadFigures(_Result):
+    """The canary against the stable bundle (empty for an immediate reload)."""
+
+    canary: ArmFigures | None = None
+    stable: ArmFigures | None = None
+    deny_rate_delta: float | None = None
+    p95_delta_ms: float | None = None
+    elapsed_s: float | None = None
+
+
+class ReloadReport(_Result):
+    """A reload's impact report: the candidate and the bundle it was tried against, the plan,
+    the figures (live while ``status`` is ``canary``) and the outcome."""
+
+    reload_id: str
+    environment: Environment
+    bundle_digest: str
+    revision: str | None
+    stable_digest: str
+    plan: dict[str, Any] | None
+    status: Literal["canary", "promoted", "rolled_back"]
+    reason: str | None
+    detail: str
+    figures: ReloadFigures
+    started_at: str
+    started_by: str
+    ended_at: str | None
+    ended_by: str | None
+
+
+class ReloadListing(_Result):
+    """The tenant's reloads, newest first."""
+
+    reloads: list[ReloadReport]
+
+
+class WebhookCreated(_Result):
+    """A new subscription; ``secret`` signs its deliveries and is shown only this once."""
+
+    webhook_id: str
+    url: str
+    created_by: str
+    created_at: str
+    secret: str
+
+
+class WebhookDeliveries(_Result):
+    """How many reports wait, reached the receiver, or were given up on."""
+
+    pending: int
+    delivered: int
+    failed: int
+
+
+class WebhookView(_Result):
+    """A subscription (its secret is never shown again)."""
+
+    webhook_id: str
+    url: str
+    created_by: str
+    created_at: str
+    deliveries: WebhookDeliveries
+
+
+class WebhookListing(_Result):
+    """The tenant's webhook subscriptions."""
+
+    webhooks: list[WebhookView]
+
+
+class WebhookDeleted(_Result):
+    """An unsubscribed webhook."""
+
+    webhook_id: str
+    deleted: bool
+
+
+ChaosCase = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+
+
+class ChaosIn(BaseModel):
+    """One chaos case, in a non-production environment (production is refused, 403)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    case: ChaosCase
+    environment: Environment = "sandbox"
+
+
+class ChaosResult(_Result):
+    """Whether the engine kept deciding with its last good bundle, and what was measured."""
+
+    case: ChaosCase
+    environment: Environment
+    kept_deciding: bool
+    figures: dict[str, Any]

@@ -52,9 +52,24 @@ def _environment(value: str) -> str:
     return value
 
 
-def _activate(api: Api, digest: str, environment: str) -> dict[str, Any]:
+ImmediateOption = Annotated[
+    bool,
+    typer.Option("--immediate", help="Switch every run at once (no canary; for an urgent fix)."),
+]
+CanaryPercentOption = Annotated[
+    int | None,
+    typer.Option("--canary-percent", min=1, max=100, help="The canary's share of runs (10)."),
+]
+
+
+def _activate(
+    api: Api, digest: str, environment: str, immediate: bool, percent: int | None
+) -> dict[str, Any]:
     path = f"/v1/policy-bundles/{digest}:activate"
-    answer: dict[str, Any] = api.send("POST", path, params={"environment": environment})
+    body: dict[str, Any] = {"immediate": immediate}
+    if percent is not None:
+        body["canary"] = {"percent": percent}
+    answer: dict[str, Any] = api.send("POST", path, params={"environment": environment}, json=body)
     return answer
 
 
@@ -86,6 +101,8 @@ def push(
     activate: Annotated[
         bool, typer.Option("--activate", help="Activate it (by its digest) once uploaded.")
     ] = False,
+    immediate: ImmediateOption = False,
+    canary_percent: CanaryPercentOption = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     data_dir: DataDirOption = None,
@@ -98,7 +115,7 @@ def push(
             "POST", "/v1/policy-bundles", params={"environment": env}, content=file.read_bytes()
         )
         if activate:
-            stored = _activate(api, stored["bundle_digest"], env)
+            stored = _activate(api, stored["bundle_digest"], env, immediate, canary_percent)
     typer.echo(json.dumps(stored, indent=2))
 
 
@@ -107,14 +124,18 @@ def push(
 def activate_bundle(
     digest: Annotated[str, typer.Argument(help="The bundle's digest, sha256:<hex>.")],
     environment: EnvironmentOption = "production",
+    immediate: ImmediateOption = False,
+    canary_percent: CanaryPercentOption = None,
     url: UrlOption = None,
     api_key: ApiKeyOption = None,
     data_dir: DataDirOption = None,
 ) -> None:
-    """Activate an uploaded bundle by its digest."""
+    """Activate an uploaded bundle by its digest: as a canary (10 % of runs unless
+    --canary-percent), or --immediate."""
     env = _environment(environment)
     with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
-        typer.echo(json.dumps(_activate(api, digest, env), indent=2))
+        answer = _activate(api, digest, env, immediate, canary_percent)
+        typer.echo(json.dumps(answer, indent=2))
 
 
 @policy_app.command("test")

@@ -475,12 +475,22 @@ class PolicyView(_Result):
     open_incidents: int
 
 
+class CanaryState(_Result):
+    """A reload in its canary: its bundle decides for ``percent`` % of runs."""
+
+    reload_id: str
+    bundle_digest: str
+    percent: int
+
+
 class EnvironmentBundleView(_Result):
-    """What decides in one environment: the tenant's own bundle, or the default one."""
+    """What decides in one environment: the tenant's own bundle, or the default one (during a
+    canary: for the runs outside it)."""
 
     bundle_digest: str
     source: Literal["tenant", "default"]
     revision: str | None = None
+    canary: CanaryState | None = None
 
 
 class PolicySettingsState(_Result):

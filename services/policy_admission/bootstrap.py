@@ -59,6 +59,7 @@ class PolicyAdmissionService:
         self.tenants: TenantPolicies | None = None
         self._follow: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
+        self._deliver: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
@@ -72,6 +73,11 @@ class PolicyAdmissionService:
             self.tenants.sweep(utcnow), name="admission-exception-sweep"
         )
         ctx.tasks.append(self._sweep)
+        # Reload reports to webhook subscribers, from the durable outbox.
+        self._deliver = asyncio.create_task(
+            self.tenants.webhooks.run(), name="admission-policy-webhooks"
+        )
+        ctx.tasks.append(self._deliver)
         self.handler = AdmissionHandler(
             ctx.store, self.bundle, registry=ctx.registry, tenants=self.tenants
         )
@@ -114,6 +120,8 @@ class PolicyAdmissionService:
             self._sweep.cancel()
         if self._drift_task is not None:
             self._drift_task.cancel()
+        if self._deliver is not None:
+            self._deliver.cancel()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""

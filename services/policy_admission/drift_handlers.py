@@ -109,7 +109,8 @@ class DriftWatch:
         # makes, an older revision than the target's included.
         archive = await self.tenants.read_archive(tenant_id, digest)
         await self.tenants.upload(tenant_id, target, archive, actor)
-        await self.tenants.activate(tenant_id, target, digest, actor)
+        # At once, without a canary: the bundle already decides in the source environment.
+        await self.tenants.activate(tenant_id, target, digest, actor, immediate=True)
         log.info(
             "policy_drift.aligned", tenant_id=tenant_id, source=source, target=target, by=actor
         )

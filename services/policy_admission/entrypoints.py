@@ -26,6 +26,7 @@ from libs.contracts.policy import (
     MAX_PUBLIC_KEY_PEM,
     MAX_SETTINGS_VERSION,
     SIGNING_KEY_ID_PATTERN,
+    CanaryPlan,
     Environment,
 )
 from libs.contracts.subjects import events_filter
@@ -95,10 +96,55 @@ class UploadCall(_Admin):
 
 class ActivateCall(_Admin):
     """``activate_bundle``: the digest to activate (required: an unpinned reload is refused
-    by name, not by schema)."""
+    by name, not by schema), as a canary (``canary``: its plan, else the default one) or for
+    every run at once (``immediate``)."""
 
     environment: Environment = DEFAULT_ENVIRONMENT
     bundle_digest: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
+    canary: CanaryPlan | None = None
+    immediate: bool = False
+
+
+RELOAD_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+class ReloadCall(_Call):
+    """``get_reload``."""
+
+    reload_id: str = Field(pattern=RELOAD_ID_PATTERN)
+
+
+class EndCanaryCall(_Admin):
+    """``end_canary``: promote the candidate to every run, or abort (roll back)."""
+
+    reload_id: str = Field(pattern=RELOAD_ID_PATTERN)
+    outcome: Literal["promoted", "rolled_back"]
+    reason: str | None = Field(default=None, max_length=MAX_REASON)
+
+
+class ListReloadsCall(_Call):
+    """``list_reloads``: of one environment, or both."""
+
+    environment: Environment | None = None
+
+
+class ChaosCall(_Admin):
+    """``run_chaos``: one case, in a non-production environment."""
+
+    environment: Environment = "sandbox"
+    case: Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+
+
+class CreateWebhookCall(_Admin):
+    """``create_webhook``."""
+
+    url: str = Field(min_length=1, max_length=2000)
+
+
+class WebhookCall(_Call):
+    """``delete_webhook``."""
+
+    webhook_id: str = Field(pattern=RELOAD_ID_PATTERN)
 
 
 class ListBundlesCall(_Call):
@@ -285,8 +331,50 @@ def bundle_routes(server: RpcServer, tenants: TenantPolicies) -> None:
     async def activate_bundle(body: ActivateCall) -> dict[str, Any]:
         """Activate an uploaded bundle by its digest, after verifying it again."""
         return await tenants.activate(
-            body.tenant_id, body.environment, body.bundle_digest, body.actor
+            body.tenant_id,
+            body.environment,
+            body.bundle_digest,
+            body.actor,
+            canary=body.canary,
+            immediate=body.immediate,
         )
+
+    @server.handler("list_reloads")
+    async def list_reloads(body: ListReloadsCall) -> dict[str, Any]:
+        """Every reload of the tenant, newest first, each with its impact report."""
+        return await tenants.list_reloads(body.tenant_id, body.environment)
+
+    @server.handler("get_reload")
+    async def get_reload(body: ReloadCall) -> dict[str, Any]:
+        """One reload's impact report (live figures while its canary runs)."""
+        return await tenants.get_reload(body.tenant_id, body.reload_id)
+
+    @server.handler("end_canary")
+    async def end_canary(body: EndCanaryCall) -> dict[str, Any]:
+        """Promote or abort a canary in progress."""
+        return await tenants.end_canary(
+            body.tenant_id, body.reload_id, body.outcome, body.reason, body.actor
+        )
+
+    @server.handler("run_chaos")
+    async def run_chaos(body: ChaosCall) -> dict[str, Any]:
+        """Run a chaos case beside the tenant's bundle (non-production only)."""
+        return await tenants.run_chaos(body.tenant_id, body.environment, body.case, body.actor)
+
+    @server.handler("create_webhook")
+    async def create_webhook(body: CreateWebhookCall) -> dict[str, Any]:
+        """Subscribe a URL to reload outcomes; the answer shows the signing secret once."""
+        return await tenants.webhooks.create(body.tenant_id, body.url, body.actor)
+
+    @server.handler("list_webhooks")
+    async def list_webhooks(body: _Call) -> dict[str, Any]:
+        """The tenant's webhook subscriptions (without secrets) and their deliveries."""
+        return await tenants.webhooks.listing(body.tenant_id)
+
+    @server.handler("delete_webhook")
+    async def delete_webhook(body: WebhookCall) -> dict[str, Any]:
+        """Unsubscribe (its undelivered reports are dropped)."""
+        return await tenants.webhooks.delete(body.tenant_id, body.webhook_id)
 
     @server.handler("list_bundles")
     async def list_bundles(body: ListBundlesCall) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from libs.eventbus.uow import DeferredAppends, UnitOfWork
 from libs.observability import trace_id_of
 from libs.pricing import PriceTable, builtin_price_table
 from services.policy_admission.agents import admission_denial, admission_reason, with_deny
-from services.policy_admission.bundle import PolicyBundle
+from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.domain import (
     AdmitRequest,
     Decision,
@@ -64,7 +64,7 @@ from services.policy_admission.domain import (
     waive,
 )
 from services.policy_admission.exceptions import waiving
-from services.policy_admission.tenant_bundles import TenantPolicies
+from services.policy_admission.tenant_bundles import Choice, TenantPolicies
 
 log = structlog.get_logger("policy_admission")
 
@@ -340,17 +340,8 @@ class AdmissionHandler:
         input_doc = build_input(context, req, prices=prices[0], at=at)
         # The tenant's bundle for the environment and its settings: in-memory lookups, taken
         # once, so the whole decision is made by one bundle.
-        bundle = self.bundle_for(context.tenant_id, req.bundle_environment)
-        settings = self.settings_for(context.tenant_id)
-        if settings is not None:
-            input_doc["settings"] = settings
         denial = self._agent_state(context, req.bundle_environment, input_doc)
-        eval_started = time.perf_counter()
-        raw = bundle.evaluate(input_doc)
-        self._evaluation.observe(time.perf_counter() - eval_started)
-        if denial is not None:
-            raw = with_deny(raw, admission_reason(denial))
-        decision = interpret(raw)
+        bundle, decision = self._evaluate(context.tenant_id, req, input_doc, denial)
         if decision.outcome == "deny" and self.tenants is not None:
             # In memory, compared with this decision's clock: never applied at or after expiry.
             decision = waive(
@@ -394,6 +385,51 @@ class AdmissionHandler:
             "governed_version": gate.governed_version,
         }
         return admission_denial(gate, context.agent_id or "", environment)
+
+    def _evaluate(
+        self, tenant_id: str, req: AdmitRequest, input_doc: dict[str, Any], denial: str | None
+    ) -> tuple[PolicyBundle, Decision]:
+        """The bundle that decides and its decision. During a canary the run's arm decides
+        and is counted; a candidate that fails to evaluate is counted as an error and the
+        stable bundle decides instead (no decision is lost to a bad reload). ``denial`` (the
+        registered agent may not run here) is added to whichever bundle's answer."""
+
+        def decide(bundle: PolicyBundle) -> Decision:
+            raw = bundle.evaluate(input_doc)
+            if denial is not None:
+                raw = with_deny(raw, admission_reason(denial))
+            return interpret(raw)
+
+        settings = self.settings_for(tenant_id)
+        if settings is not None:
+            input_doc["settings"] = settings
+        if self.tenants is None:
+            choice = Choice(self.bundle)
+        else:
+            choice = self.tenants.choose(tenant_id, req.bundle_environment, req.run_id)
+        started = time.perf_counter()
+        try:
+            decision = decide(choice.bundle)
+        except BundleError:
+            if self.tenants is not None:
+                self.tenants.observe(tenant_id, choice, denied=False, error=True, seconds=0.0)
+            if choice.fallback is None:
+                raise
+            log.warning(
+                "policy_canary.evaluation_failed",
+                reload_id=choice.reload_id,
+                bundle_digest=choice.bundle.digest,
+            )
+            choice = Choice(choice.fallback)
+            started = time.perf_counter()
+            decision = decide(choice.bundle)
+        seconds = time.perf_counter() - started
+        self._evaluation.observe(seconds)
+        if self.tenants is not None:
+            self.tenants.observe(
+                tenant_id, choice, denied=decision.outcome == "deny", error=False, seconds=seconds
+            )
+        return choice.bundle, decision
 
     async def judge_steps(self, envelopes: Sequence[EventEnvelope]) -> None:
         """``BatchEventConsumer`` handler of ``run.step_recorded``: judge every marked step.

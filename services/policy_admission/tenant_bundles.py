@@ -5,7 +5,9 @@ Streams (category ``policy``, one set per tenant):
 
 * ``<t>/policy/signing-keys``: ``policy.signing_key_registered`` / ``_retired``;
 * ``<t>/policy/bundles-<environment>``: ``policy.bundle_uploaded`` and
-  ``policy.bundle_activated`` (by digest) for ``sandbox`` and ``production``;
+  ``policy.bundle_activated`` (by digest) for ``sandbox`` and ``production``, and each reload's
+  ``policy.canary_started`` and outcome (``policy.canary_promoted`` /
+  ``policy.canary_rolled_back``, see :mod:`services.policy_admission.canary`);
 * ``<t>/policy/settings``: ``policy.settings_changed`` (the stream version is the settings'
   ``version``);
 * ``<t>/policy/exceptions``: ``policy.exception_granted`` / ``_revoked`` / ``_expired`` (see
@@ -40,28 +42,41 @@ import structlog
 from pydantic import ValidationError
 
 from libs import policy_bundles as artifacts
-from libs.contracts import stream_id_for
+from libs.contracts import new_uuid7, stream_id_for, utcnow
 from libs.contracts.envelope import DomainEvent
 from libs.contracts.events import (
     PolicyBundleActivated,
     PolicyBundleUploaded,
+    PolicyCanaryPromoted,
+    PolicyCanaryRolledBack,
+    PolicyCanaryStarted,
+    PolicyChaosRan,
     PolicyInfo,
     PolicySettingsChanged,
     PolicySigningKeyRegistered,
     PolicySigningKeyRetired,
 )
-from libs.contracts.policy import ENVIRONMENTS, Environment, PolicySettings, policy_set_hash
-from libs.errors import Conflict, InvalidInput, NotFound
+from libs.contracts.policy import (
+    ENVIRONMENTS,
+    CanaryPlan,
+    Environment,
+    PolicySettings,
+    policy_set_hash,
+)
+from libs.errors import Conflict, Forbidden, InvalidInput, NotFound
 from libs.eventbus.db import transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository, begin
 from libs.eventbus.store import EventStore
 from libs.eventbus.uow import UnitOfWork
 from libs.policy_bundles import BundleConflict, BundleNotFound, BundleRejected
 from libs.redaction import redact_text
+from services.policy_admission import canary as canaries
+from services.policy_admission import chaos
 from services.policy_admission import exceptions as waivers
 from services.policy_admission.agents import AgentGate
 from services.policy_admission.bundle import BundleError, PolicyBundle
 from services.policy_admission.rego_tests import run_sources
+from services.policy_admission.webhooks import Webhooks
 
 log = structlog.get_logger("policy_admission")
 
@@ -130,29 +145,96 @@ class Uploaded:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A reload still in its canary: ``candidate`` decides for ``plan.percent`` % of runs,
+    ``stable`` (``None``: the repository's bundle) for the rest."""
+
+    reload_id: str
+    plan: CanaryPlan
+    candidate: PolicyBundleActivated
+    stable: PolicyBundleActivated | None
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Reload:
+    """One activation and what became of it (its impact report without live figures)."""
+
+    reload_id: str
+    environment: str
+    bundle_digest: str
+    revision: str | None
+    stable_digest: str
+    plan: dict[str, Any] | None
+    started_at: datetime
+    started_by: str
+    status: str = "canary"
+    reason: str | None = None
+    detail: str = ""
+    figures: dict[str, Any] = field(default_factory=dict)
+    ended_at: datetime | None = None
+    ended_by: str | None = None
+
+
+@dataclass(frozen=True)
 class Bundles:
-    """A tenant's bundles in one environment: uploaded, the active one, the highest revision
-    ever activated."""
+    """A tenant's bundles in one environment: uploaded, the active one (during a canary: the
+    candidate), the highest revision ever activated, the canary in progress and every reload."""
 
     uploaded: dict[str, Uploaded] = field(default_factory=dict)
     active: PolicyBundleActivated | None = None
     highest: tuple[int, ...] | None = None
+    prior: PolicyBundleActivated | None = None
+    canary: Canary | None = None
+    reloads: dict[str, Reload] = field(default_factory=dict)
+
+    @property
+    def stable(self) -> PolicyBundleActivated | None:
+        """What decides for the runs outside a canary (``None``: the repository's bundle)."""
+        return self.canary.stable if self.canary is not None else self.active
 
 
 def _fold_bundles(state: Bundles, recorded: Sequence[Recorded]) -> Bundles:
     uploaded, active, highest = dict(state.uploaded), state.active, state.highest
+    prior, canary, reloads = state.prior, state.canary, dict(state.reloads)
     for r in recorded:
         e = r.event
+        at = r.envelope.occurred_at
         if isinstance(e, PolicyBundleUploaded):
             uploaded[e.bundle_digest] = Uploaded(
                 e.bundle_digest, e.revision, e.signer_key_id, tuple(e.policies)
             )
         elif isinstance(e, PolicyBundleActivated):
-            active = e
+            prior, active = active, e
             if e.revision is not None:
                 key = artifacts.revision_key(e.revision)
                 highest = key if highest is None else max(highest, key)
-    return Bundles(uploaded, active, highest)
+        elif isinstance(e, PolicyCanaryStarted) and active is not None:
+            canary = Canary(e.reload_id, CanaryPlan.model_validate(e.plan), active, prior, at)
+            reloads[e.reload_id] = Reload(
+                e.reload_id, e.environment, e.bundle_digest, e.revision, e.stable_digest,
+                e.plan, at, e.by,
+            )  # fmt: skip
+        elif isinstance(e, PolicyCanaryPromoted | PolicyCanaryRolledBack):
+            if isinstance(e, PolicyCanaryRolledBack) and canary and canary.reload_id == e.reload_id:
+                active, prior = canary.stable, None
+            if canary is not None and canary.reload_id == e.reload_id:
+                canary = None
+            started = reloads.get(e.reload_id) or Reload(
+                e.reload_id, e.environment, e.bundle_digest,
+                active.revision if active is not None else None, e.stable_digest
+                if isinstance(e, PolicyCanaryPromoted) else e.restored_digest, None, at, e.by,
+            )  # fmt: skip
+            reloads[e.reload_id] = replace(
+                started,
+                status="promoted" if isinstance(e, PolicyCanaryPromoted) else "rolled_back",
+                reason=e.reason,
+                detail=getattr(e, "detail", ""),
+                figures=dict(e.figures),
+                ended_at=at,
+                ended_by=e.by,
+            )
+    return Bundles(uploaded, active, highest, prior, canary, reloads)
 
 
 @dataclass(frozen=True)
@@ -169,6 +251,14 @@ def _fold_settings(state: Settings, recorded: Sequence[Recorded]) -> Settings:
             state = Settings(r.event.version, PolicySettings.model_validate(r.event.settings))
     return state
 
+
+def _count(state: int, recorded: Sequence[Recorded]) -> int:
+    return state + len(recorded)
+
+
+CHAOS = Aggregate[int](category=POLICY_CATEGORY, initial=lambda t, i: 0, fold=_count)
+"""``<t>/policy/chaos``: the chaos cases run (``policy.chaos_ran``)."""
+CHAOS_ENTITY = "chaos"
 
 KEYS = Aggregate[Keys](category=POLICY_CATEGORY, initial=lambda t, i: Keys(), fold=_fold_keys)
 BUNDLES = Aggregate[Bundles](
@@ -284,6 +374,130 @@ def record_activation(
     ]
 
 
+def record_reload(
+    state: Bundles,
+    checked: CheckedBundle,
+    environment: Environment,
+    public_key: str,
+    *,
+    reload_id: str,
+    plan: CanaryPlan | None,
+    default_digest: str,
+    actor: str,
+) -> list[DomainEvent]:
+    """An activation and its reload: ``policy.canary_started`` with ``plan``, or (``plan``
+    ``None``: at once) ``policy.canary_promoted`` with reason ``immediate``. Nothing if the
+    digest is already active; ``canary_in_progress`` (409) while another reload is a canary."""
+    if state.active is not None and state.active.bundle_digest == checked.digest:
+        return []
+    if state.canary is not None:
+        raise BundleConflict(
+            "canary_in_progress",
+            f"reload {state.canary.reload_id} of {state.canary.candidate.bundle_digest} is still "
+            f"a canary in {environment}; promote or abort it first",
+        )
+    events = record_activation(state, checked, environment, public_key)
+    if not events:  # pragma: no cover - the digest is not active (checked above)
+        return []
+    stable = state.active
+    stable_digest = stable.bundle_digest if stable is not None else default_digest
+    if plan is None:
+        return [
+            *events,
+            PolicyCanaryPromoted(
+                reload_id=reload_id,
+                environment=environment,
+                bundle_digest=checked.digest,
+                stable_digest=stable_digest,
+                reason="immediate",
+                by=actor,
+            ),
+        ]
+    return [
+        *events,
+        PolicyCanaryStarted(
+            reload_id=reload_id,
+            environment=environment,
+            bundle_digest=checked.digest,
+            revision=checked.revision,
+            stable_digest=stable_digest,
+            stable_source="tenant" if stable is not None else "default",
+            plan=plan.model_dump(mode="json"),
+            by=actor,
+        ),
+    ]
+
+
+def finish_canary(
+    state: Bundles,
+    reload_id: str,
+    verdict: canaries.Verdict,
+    *,
+    default_digest: str,
+    actor: str,
+    strict: bool,
+) -> list[DomainEvent]:
+    """The outcome of the canary ``reload_id``. Not in progress: nothing (``strict``: 404
+    ``reload_not_found`` or 409 ``canary_not_in_progress``)."""
+    canary = state.canary
+    if canary is None or canary.reload_id != reload_id:
+        if not strict:
+            return []
+        done = state.reloads.get(reload_id)
+        if done is None:
+            raise BundleNotFound("reload_not_found", f"no reload {reload_id!r}")
+        raise BundleConflict(
+            "canary_not_in_progress", f"reload {reload_id} is already {done.status}"
+        )
+    env = canary.candidate.environment
+    stable_digest = canary.stable.bundle_digest if canary.stable is not None else default_digest
+    if verdict.outcome == "promoted":
+        return [
+            PolicyCanaryPromoted(
+                reload_id=reload_id,
+                environment=env,
+                bundle_digest=canary.candidate.bundle_digest,
+                stable_digest=stable_digest,
+                reason=verdict.reason,
+                by=actor,
+                figures=verdict.figures,
+            )
+        ]
+    return [
+        PolicyCanaryRolledBack(
+            reload_id=reload_id,
+            environment=env,
+            bundle_digest=canary.candidate.bundle_digest,
+            restored_digest=stable_digest,
+            reason=verdict.reason,
+            detail=verdict.detail,
+            by=actor,
+            figures=verdict.figures,
+        )
+    ]
+
+
+def reload_document(reload: Reload, figures: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A reload's impact report: what was tried against what, the plan, the figures (live ones
+    for a canary in progress) and the outcome."""
+    return {
+        "reload_id": reload.reload_id,
+        "environment": reload.environment,
+        "bundle_digest": reload.bundle_digest,
+        "revision": reload.revision,
+        "stable_digest": reload.stable_digest,
+        "plan": reload.plan,
+        "status": reload.status,
+        "reason": reload.reason,
+        "detail": reload.detail,
+        "figures": figures if figures is not None else reload.figures,
+        "started_at": reload.started_at.isoformat(),
+        "started_by": reload.started_by,
+        "ended_at": reload.ended_at.isoformat() if reload.ended_at is not None else None,
+        "ended_by": reload.ended_by,
+    }
+
+
 def change_settings(
     state: Settings, settings: PolicySettings, expected_version: int | None
 ) -> list[DomainEvent]:
@@ -356,10 +570,33 @@ def check_archive(
 
 
 @dataclass(frozen=True)
+class CanaryView:
+    """A canary as a replica decides with it: the candidate, loaded, and who it decides for."""
+
+    reload_id: str
+    plan: CanaryPlan
+    candidate: PolicyBundle
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The bundle that decides one run's step: ``arm`` and ``reload_id`` name the canary it is
+    part of (if any); ``fallback`` decides instead when the candidate fails to evaluate."""
+
+    bundle: PolicyBundle
+    arm: canaries.Arm | None = None
+    reload_id: str | None = None
+    fallback: PolicyBundle | None = None
+
+
+@dataclass(frozen=True)
 class TenantView:
-    """One tenant's bundles (by environment) and settings, as loaded in this replica."""
+    """One tenant's bundles (by environment) and settings, as loaded in this replica. During a
+    canary ``bundles`` holds the stable bundle and ``canaries`` the candidate."""
 
     bundles: Mapping[str, PolicyBundle] = field(default_factory=dict)
+    canaries: Mapping[str, CanaryView] = field(default_factory=dict)
     revisions: Mapping[str, str] = field(default_factory=dict)
     settings: Settings = field(default_factory=Settings)
     settings_input: dict[str, Any] | None = None
@@ -387,14 +624,21 @@ class TenantPolicies:
         default: PolicyBundle,
         *,
         interval_s: float = FOLLOW_INTERVAL_S,
+        webhooks: Webhooks | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.store = store
         self.default = default
         self.interval_s = interval_s
+        self.webhooks = webhooks or Webhooks(store)
+        self.clock = clock
+        self.meter = canaries.Meter()
+        self.replica_id = str(new_uuid7())
         self.keys = Repository(store, KEYS, max_retries=4)
         self.bundles = Repository(store, BUNDLES, max_retries=4)
         self.settings = Repository(store, SETTINGS, max_retries=4)
         self.exceptions = Repository(store, waivers.EXCEPTIONS, max_retries=4)
+        self.chaos = Repository(store, CHAOS, max_retries=4)
         self._views: dict[str, TenantView] = {}
         self._default_set_hash = policy_set_hash(default.digest, None, ())
         self._seen = 0
@@ -409,6 +653,36 @@ class TenantPolicies:
         if view is None:
             return self.default
         return view.bundles.get(environment, self.default)
+
+    def choose(self, tenant_id: str, environment: str, run_id: str) -> Choice:
+        """The bundle deciding a step of ``run_id``: during a canary, the candidate for the
+        runs its share holds (a stable hash of the run id: every step of a run alike), the
+        stable bundle for the others."""
+        view = self._views.get(tenant_id)
+        if view is None:
+            return Choice(self.default)
+        stable = view.bundles.get(environment, self.default)
+        canary = view.canaries.get(environment)
+        if canary is None:
+            return Choice(stable)
+        if canaries.in_canary(run_id, canary.reload_id, canary.plan.percent):
+            return Choice(canary.candidate, "canary", canary.reload_id, stable)
+        return Choice(stable, "stable", canary.reload_id)
+
+    def observe(
+        self,
+        tenant_id: str,
+        choice: Choice,
+        *,
+        denied: bool,
+        error: bool,
+        seconds: float,
+    ) -> None:
+        """Count one evaluation made for a canary (no I/O: written out by :meth:`tend`)."""
+        if choice.arm is not None and choice.reload_id is not None:
+            self.meter.observe(
+                tenant_id, choice.reload_id, choice.arm, denied=denied, error=error, seconds=seconds
+            )
 
     def settings_for(self, tenant_id: str) -> dict[str, Any] | None:
         """The tenant's ``input.settings`` (``None`` when it never set any)."""
@@ -477,12 +751,17 @@ class TenantPolicies:
         return tenants
 
     async def follow(self) -> None:
-        """Poll until cancelled; a failed poll is logged and retried at the next tick."""
+        """Poll until cancelled; a failed poll is logged and retried at the next tick. Each tick
+        also writes this replica's canary counts and judges the canaries in progress."""
         while True:
             try:
                 await self.poll()
             except Exception as exc:
                 log.warning("policy_follow.poll_failed", error=redact_text(str(exc))[:500])
+            try:
+                await self.tend()
+            except Exception as exc:
+                log.warning("policy_canary.tend_failed", error=redact_text(str(exc))[:500])
             await asyncio.sleep(self.interval_s)
 
     async def reload(self, tenant_id: str) -> TenantView:
@@ -497,23 +776,29 @@ class TenantPolicies:
             old = self.view(tenant_id)
             bundles = dict(old.bundles)
             revisions = dict(old.revisions)
+            candidates = dict(old.canaries)
+            loaded = {b.digest: b for b in bundles.values()}
+            loaded.update({c.candidate.digest: c.candidate for c in candidates.values()})
             for env in ENVIRONMENTS:
                 state = await self.bundles.load(tenant_id, bundles_entity(env))
-                active = state.active
-                if active is None or (
-                    env in bundles and bundles[env].digest == active.bundle_digest
-                ):
+                stable, canary = state.stable, state.canary
+                if stable is None:
+                    bundles.pop(env, None)  # back to the repository's (a first canary undone)
+                    revisions.pop(env, None)
+                else:
+                    bundle = await self._bundle(tenant_id, stable, loaded)
+                    if bundle is not None:
+                        bundles[env] = bundle
+                        revisions[env] = stable.revision or ""
+                if canary is None:
+                    candidates.pop(env, None)
                     continue
-                try:
-                    bundles[env] = await self._load_active(tenant_id, active)
-                    revisions[env] = active.revision or ""
-                except Exception as exc:
-                    log.error(
-                        "policy_bundle.load_failed",
-                        tenant_id=tenant_id,
-                        environment=env,
-                        bundle_digest=active.bundle_digest,
-                        error=redact_text(str(exc))[:500],
+                candidate = await self._bundle(tenant_id, canary.candidate, loaded)
+                if candidate is None:
+                    candidates.pop(env, None)  # this replica decides with the stable one
+                else:
+                    candidates[env] = CanaryView(
+                        canary.reload_id, canary.plan, candidate, canary.started_at
                     )
             settings = await self.settings.load(tenant_id, SETTINGS_ENTITY)
             granted = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
@@ -521,6 +806,7 @@ class TenantPolicies:
             open_waivers = granted.open()
             view = TenantView(
                 bundles=bundles,
+                canaries=candidates,
                 revisions=revisions,
                 settings=settings,
                 settings_input=settings_input,
@@ -537,6 +823,27 @@ class TenantPolicies:
             )
             self._views[tenant_id] = view  # the swap: one assignment
             return view
+
+    async def _bundle(
+        self, tenant_id: str, active: PolicyBundleActivated, loaded: dict[str, PolicyBundle]
+    ) -> PolicyBundle | None:
+        """The bundle of ``active``: already loaded, or loaded now (``None``, logged, if it fails
+        to load or verify)."""
+        if active.bundle_digest in loaded:
+            return loaded[active.bundle_digest]
+        try:
+            bundle = await self._load_active(tenant_id, active)
+        except Exception as exc:
+            log.error(
+                "policy_bundle.load_failed",
+                tenant_id=tenant_id,
+                environment=active.environment,
+                bundle_digest=active.bundle_digest,
+                error=redact_text(str(exc))[:500],
+            )
+            return None
+        loaded[bundle.digest] = bundle
+        return bundle
 
     async def _load_active(self, tenant_id: str, active: PolicyBundleActivated) -> PolicyBundle:
         archive = await self.read_archive(tenant_id, active.bundle_digest)
@@ -636,9 +943,17 @@ class TenantPolicies:
         return _bundle_answer(checked, environment, created=bool(stored), activated=False)
 
     async def activate(
-        self, tenant_id: str, environment: Environment, digest: str | None, actor: str
+        self,
+        tenant_id: str,
+        environment: Environment,
+        digest: str | None,
+        actor: str,
+        *,
+        canary: CanaryPlan | None = None,
+        immediate: bool = False,
     ) -> dict[str, Any]:
-        """Activate the uploaded bundle ``digest`` (required) after verifying it again."""
+        """Activate the uploaded bundle ``digest`` (required) after verifying it again: as a
+        canary (``canary``, else the default plan), or ``immediate``-ly for every run."""
         if not digest:
             raise BundleRejected(
                 "bundle_reload_unpinned",
@@ -661,18 +976,213 @@ class TenantPolicies:
             public_key = check_signer(
                 await self.keys.load(tenant_id, KEYS_ENTITY, uow=uow), checked.signer_key_id
             )
-            _, stored = await self.bundles.execute(
-                tenant_id,
-                bundles_entity(environment),
-                lambda s: record_activation(s, checked, environment, public_key),
-                EventMeta(correlation_id=digest, actor=actor),
-                uow=uow,
+            reload_id = str(new_uuid7())
+            decide = partial(
+                record_reload,
+                checked=checked,
+                environment=environment,
+                public_key=public_key,
+                reload_id=reload_id,
+                plan=None if immediate else (canary or CanaryPlan()),
+                default_digest=self.default.digest,
+                actor=actor,
             )
-            if stored:
-                await _log_change(uow, tenant_id, "activation")
+            state, stored = await self._record(
+                uow, tenant_id, environment, decide, reload_id, actor, notify=immediate
+            )
         # This replica applies it at once; the others follow the change log.
         await self.reload(tenant_id)
-        return _bundle_answer(checked, environment, created=False, activated=bool(stored))
+        answer = _bundle_answer(checked, environment, created=False, activated=bool(stored))
+        if stored:
+            answer["reload"] = reload_document(state.reloads[reload_id])
+        return answer
+
+    # -- canaries ------------------------------------------------------------------------------
+
+    async def tend(self) -> list[str]:
+        """Write this replica's canary counts, then judge every canary in progress here; the
+        reloads that ended."""
+        await self.flush_counts()
+        ended: list[str] = []
+        for tenant_id, view in list(self._views.items()):
+            for env, canary in list(view.canaries.items()):
+                arms = await self.counts(canary.reload_id)
+                elapsed = (self.clock() - canary.started_at).total_seconds()
+                verdict = canaries.judge(canary.plan, arms, elapsed)
+                if verdict is None:
+                    continue
+                if await self._finish(tenant_id, env, canary.reload_id, verdict, ACTOR, False):
+                    ended.append(canary.reload_id)
+        return ended
+
+    async def flush_counts(self) -> None:
+        """Write this replica's counts of the canaries that changed (absolute values)."""
+        dirty, self.meter.dirty = self.meter.dirty, set()
+        if not dirty:
+            return
+        try:
+            await self._write_counts(dirty)
+        except BaseException:
+            self.meter.dirty |= dirty  # written again at the next tick
+            raise
+
+    async def _write_counts(self, dirty: set[str]) -> None:
+        async with transaction(self.store.pool) as conn:
+            for reload_id in sorted(dirty):
+                tenant_id = self.meter.tenants.get(reload_id, "")
+                for arm, stats in self.meter.of(reload_id).items():
+                    await conn.execute(
+                        "INSERT INTO policy_admission.canary_stats (reload_id, replica_id, arm, "
+                        "tenant_id, decisions, denies, errors, latency) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s::bigint[]) "
+                        "ON CONFLICT (reload_id, replica_id, arm) DO UPDATE SET "
+                        "decisions = EXCLUDED.decisions, denies = EXCLUDED.denies, "
+                        "errors = EXCLUDED.errors, latency = EXCLUDED.latency, updated_at = now()",
+                        (
+                            reload_id,
+                            self.replica_id,
+                            arm,
+                            tenant_id,
+                            stats.decisions,
+                            stats.denies,
+                            stats.errors,
+                            stats.latency,
+                        ),
+                    )
+
+    async def counts(self, reload_id: str) -> dict[canaries.Arm, canaries.ArmStats]:
+        """Every replica's counts of ``reload_id``, summed."""
+        async with transaction(self.store.pool) as conn:
+            cur = await conn.execute(
+                "SELECT arm, decisions, denies, errors, latency FROM policy_admission.canary_stats "
+                "WHERE reload_id = %s",
+                (reload_id,),
+            )
+            rows = await cur.fetchall()
+        return canaries.summed(
+            (
+                r["arm"],
+                canaries.ArmStats(
+                    int(r["decisions"]), int(r["denies"]), int(r["errors"]), list(r["latency"])
+                ),
+            )
+            for r in rows
+        )
+
+    async def _finish(
+        self,
+        tenant_id: str,
+        environment: str,
+        reload_id: str,
+        verdict: canaries.Verdict,
+        actor: str,
+        strict: bool,
+    ) -> bool:
+        decide = partial(
+            finish_canary,
+            reload_id=reload_id,
+            verdict=verdict,
+            default_digest=self.default.digest,
+            actor=actor,
+            strict=strict,
+        )
+        async with begin(self.store) as uow:
+            await uow.lock(CHANGES_LOCK)
+            _, stored = await self._record(
+                uow, tenant_id, environment, decide, reload_id, actor, notify=True
+            )
+        if not stored:
+            return False
+        log.info(
+            "policy_canary.ended",
+            tenant_id=tenant_id,
+            environment=environment,
+            reload_id=reload_id,
+            outcome=verdict.outcome,
+            reason=verdict.reason,
+        )
+        self.meter.forget(reload_id)
+        await self.reload(tenant_id)
+        return True
+
+    async def _record(
+        self,
+        uow: UnitOfWork,
+        tenant_id: str,
+        environment: str,
+        decide: Callable[[Bundles], list[DomainEvent]],
+        reload_id: str,
+        actor: str,
+        *,
+        notify: bool,
+    ) -> tuple[Bundles, Sequence[Any]]:
+        """Record a reload's events in ``uow`` with its change-log row and (``notify``: an
+        outcome) the webhook deliveries of its report."""
+        state, stored = await self.bundles.execute(
+            tenant_id,
+            bundles_entity(environment),
+            decide,
+            EventMeta(correlation_id=reload_id, actor=actor),
+            uow=uow,
+        )
+        if stored:
+            await _log_change(uow, tenant_id, "activation")
+            if notify:
+                await self._enqueue(uow, tenant_id, state.reloads[reload_id], stored[-1])
+        return state, stored
+
+    async def _enqueue(self, uow: UnitOfWork, tenant_id: str, reload: Reload, stored: Any) -> None:
+        report = {"event_type": stored.event_type, **reload_document(reload)}
+        await self.webhooks.enqueue(uow, tenant_id, reload.reload_id, report["event_type"], report)
+
+    async def end_canary(
+        self, tenant_id: str, reload_id: str, outcome: str, reason: str | None, actor: str
+    ) -> dict[str, Any]:
+        """``POST /v1/policy-reloads/{id}:promote`` or ``:abort``: an operator ends a canary."""
+        environment, _ = await self._find_reload(tenant_id, reload_id)
+        await self.flush_counts()
+        arms = await self.counts(reload_id)
+        state = await self.bundles.load(tenant_id, bundles_entity(environment))
+        started = state.canary.started_at if state.canary is not None else self.clock()
+        figures = canaries.report(arms, (self.clock() - started).total_seconds())
+        verdict = canaries.Verdict(
+            "promoted" if outcome == "promoted" else "rolled_back",
+            "operator",
+            reason or "",
+            figures,
+        )
+        await self._finish(tenant_id, environment, reload_id, verdict, actor, True)
+        return await self.get_reload(tenant_id, reload_id)
+
+    async def _find_reload(self, tenant_id: str, reload_id: str) -> tuple[Environment, Reload]:
+        for env in ENVIRONMENTS:
+            state = await self.bundles.load(tenant_id, bundles_entity(env))
+            if reload_id in state.reloads:
+                return env, state.reloads[reload_id]
+        raise BundleNotFound("reload_not_found", f"no reload {reload_id!r}")
+
+    async def get_reload(self, tenant_id: str, reload_id: str) -> dict[str, Any]:
+        """``GET /v1/policy-reloads/{id}``: the impact report (live figures while a canary)."""
+        _, reload = await self._find_reload(tenant_id, reload_id)
+        return await self._report(reload)
+
+    async def _report(self, reload: Reload) -> dict[str, Any]:
+        if reload.status != "canary":
+            return reload_document(reload)
+        await self.flush_counts()
+        elapsed = (self.clock() - reload.started_at).total_seconds()
+        return reload_document(
+            reload, canaries.report(await self.counts(reload.reload_id), elapsed)
+        )
+
+    async def list_reloads(self, tenant_id: str, environment: Environment | None) -> dict[str, Any]:
+        """``GET /v1/policy-reloads``: every reload, newest first, with its report."""
+        out: list[dict[str, Any]] = []
+        for env in ENVIRONMENTS if environment is None else (environment,):
+            state = await self.bundles.load(tenant_id, bundles_entity(env))
+            out.extend([await self._report(r) for r in state.reloads.values()])
+        out.sort(key=lambda r: str(r["started_at"]), reverse=True)
+        return {"reloads": out}
 
     async def bundle_listing(self, tenant_id: str, environment: Environment) -> dict[str, Any]:
         """The tenant's uploaded bundles in ``environment`` and the active one."""
@@ -813,11 +1323,36 @@ class TenantPolicies:
         state = await self.exceptions.load(tenant_id, waivers.EXCEPTIONS_ENTITY)
         return waivers.listing(state, now, status)
 
+    async def run_chaos(
+        self, tenant_id: str, environment: Environment, case: chaos.Case, actor: str
+    ) -> dict[str, Any]:
+        """``POST /v1/policy-chaos``: run one case beside the tenant's bundle (never in
+        production) and record ``policy.chaos_ran``."""
+        if environment == "production":
+            raise Forbidden(
+                "chaos_production_refused: chaos cases run only in a non-production environment"
+            )
+        deciding = self.bundle_for(tenant_id, environment)
+        figures = await asyncio.to_thread(chaos.run_case, case, deciding, tenant_id, self.clock())
+        kept = bool(figures.pop("kept_deciding"))
+        event = PolicyChaosRan(
+            case=case, environment=environment, kept_deciding=kept, figures=figures, by=actor
+        )
+        await self.chaos.execute(
+            tenant_id,
+            CHAOS_ENTITY,
+            lambda _: [event],
+            EventMeta(correlation_id=f"chaos:{case}", actor=actor),
+        )
+        log.info("policy_chaos.ran", tenant_id=tenant_id, case=case, kept_deciding=kept)
+        return {"case": case, "environment": environment, "kept_deciding": kept, "figures": figures}
+
     def status(self, tenant_id: str) -> dict[str, Any]:
         """What decides for the tenant in this replica: per environment, the bundle's digest,
-        its source (``tenant`` or ``default``) and revision; and the settings."""
+        its source (``tenant`` or ``default``) and revision, and the canary in progress (if
+        any); and the settings."""
         view = self.view(tenant_id)
-        bundles = {}
+        bundles: dict[str, dict[str, Any]] = {}
         for env in ENVIRONMENTS:
             own = view.bundles.get(env)
             bundles[env] = {
@@ -825,6 +1360,13 @@ class TenantPolicies:
                 "source": "tenant" if own is not None else "default",
                 "revision": view.revisions.get(env) if own is not None else None,
             }
+            canary = view.canaries.get(env)
+            if canary is not None:  # the stable bundle above decides for the other runs
+                bundles[env]["canary"] = {
+                    "reload_id": canary.reload_id,
+                    "bundle_digest": canary.candidate.digest,
+                    "percent": canary.plan.percent,
+                }
         return {"environments": bundles, "settings": _settings_document(view.settings)}
 
 

@@ -123,7 +123,14 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
         assert digest in out
         env = {**os.environ, "MC_GATEWAY_URL": base, "MC_API_KEY": api_key}
         pushed = mctl(
-            "policy", "push", str(bundle), "--environment", "production", "--activate", env=env
+            "policy",
+            "push",
+            str(bundle),
+            "--environment",
+            "production",
+            "--activate",
+            "--immediate",
+            env=env,
         )
         assert digest in pushed and '"activated": true' in pushed
 
@@ -354,7 +361,9 @@ def test_drift_between_sandbox_and_production_is_recorded_blocks_and_is_aligned_
         assert resp.status_code == 201, resp.text
         digest = resp.json()["bundle_digest"]
         resp = agent.post(
-            "/v1/policy-bundles:activate", params={"environment": "sandbox", "digest": digest}
+            "/v1/policy-bundles:activate",
+            params={"environment": "sandbox", "digest": digest},
+            json={"immediate": True},
         )
         assert resp.status_code == 200, resp.text
 

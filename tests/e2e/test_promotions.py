@@ -268,7 +268,9 @@ def test_a_bundle_activated_after_the_request_makes_it_stale_and_drift_blocks_ex
         assert resp.status_code == 201, resp.text
         digest = resp.json()["bundle_digest"]
         activated = key.post(
-            "/v1/policy-bundles:activate", params={"environment": "production", "digest": digest}
+            "/v1/policy-bundles:activate",
+            params={"environment": "production", "digest": digest},
+            json={"immediate": True},
         )
         assert activated.status_code == 200, activated.text
 

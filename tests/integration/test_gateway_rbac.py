@@ -43,6 +43,7 @@ PASSWORD = "correct horse battery staple"
 IDP = "https://idp.rbac.test/"
 IDP_AUDIENCE = "mc-rbac-test"
 NO_RUN = "rbac-no-such-run"
+NO_RELOAD = "00000000-0000-7000-8000-000000000000"
 NO_INCIDENT = "0193e1a0-0000-7000-8000-000000000000"
 SIGN_IN_USER = f"sign-in-{time.time_ns()}"
 PRICES = {"prices": [{"model": "m", "input_per_token": 1, "output_per_token": 1}]}
@@ -182,6 +183,23 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         {"environments": ["sandbox"], "reason": "rbac check"},
     ),
     ("GET", "/v1/policy-exceptions"): ("/v1/policy-exceptions?status=open", None),
+    ("GET", "/v1/policy-reloads"): ("/v1/policy-reloads?environment=sandbox", None),
+    ("GET", "/v1/policy-reloads/{reload_id}"): (f"/v1/policy-reloads/{NO_RELOAD}", None),
+    ("POST", "/v1/policy-reloads/{reload_id}:promote"): (
+        f"/v1/policy-reloads/{NO_RELOAD}:promote",
+        None,
+    ),
+    ("POST", "/v1/policy-reloads/{reload_id}:abort"): (
+        f"/v1/policy-reloads/{NO_RELOAD}:abort",
+        {"reason": "rbac probe"},
+    ),
+    ("POST", "/v1/policy-webhooks"): ("/v1/policy-webhooks", {"url": "http://127.0.0.1:9/x"}),
+    ("GET", "/v1/policy-webhooks"): ("/v1/policy-webhooks", None),
+    ("POST", "/v1/policy-chaos"): (
+        "/v1/policy-chaos",
+        {"case": "partial_reload_failure", "environment": "production"},
+    ),
+    ("DELETE", "/v1/policy-webhooks/{webhook_id}"): (f"/v1/policy-webhooks/{NO_RELOAD}", None),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",
         None,

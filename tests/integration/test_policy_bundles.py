@@ -15,6 +15,7 @@ from libs import policy_bundles as artifacts
 from libs.contracts.events import (
     PolicyBundleActivated,
     PolicyBundleUploaded,
+    PolicyCanaryPromoted,
     PolicySettingsChanged,
     PolicySigningKeyRegistered,
     PolicySigningKeyRetired,
@@ -63,8 +64,9 @@ class Replicas:
     async def activate(
         self, tenant: str, digest: str | None, environment: str = "production"
     ) -> Any:
+        # At once, for every run: the canary is tested in test_policy_canary.
         return await self.call(
-            "activate_bundle", tenant, environment=environment, bundle_digest=digest
+            "activate_bundle", tenant, environment=environment, bundle_digest=digest, immediate=True
         )
 
 
@@ -161,7 +163,12 @@ async def test_an_activated_bundle_decides_on_every_replica_without_a_restart(
     assert status["environments"]["sandbox"]["source"] == "default"
 
     events = await _events(replicas, tenant, "bundles-production")
-    assert [type(e) for e in events] == [PolicyBundleUploaded, PolicyBundleActivated]
+    assert [type(e) for e in events] == [
+        PolicyBundleUploaded,
+        PolicyBundleActivated,
+        PolicyCanaryPromoted,
+    ]
+    assert events[2].reason == "immediate"
     assert events[1].bundle_digest == digest and events[1].signer_key_id == KEY_ID
     assert events[0].revision == "1"
     # Activating the active digest again changes nothing.
