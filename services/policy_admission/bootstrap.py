@@ -10,11 +10,12 @@ from fastapi import APIRouter
 from libs.contracts import utcnow
 from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import RpcClient, RpcServer
 from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, run_service
 from services.policy_admission.bundle import PolicyBundle, load_bundle
 from services.policy_admission.entrypoints import rpc_server, steps_consumer_spec
 from services.policy_admission.handlers import AdmissionHandler, activate_bundle
+from services.policy_admission.simulation_jobs import AUDIT, AUDIT_TIMEOUT_S, SimulationJobs
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 log = structlog.get_logger("policy_admission")
@@ -44,6 +45,8 @@ class PolicyAdmissionService:
         self.tenants: TenantPolicies | None = None
         self._follow: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
+        self.simulations: SimulationJobs | None = None
+        self._simulations: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
@@ -71,7 +74,15 @@ class PolicyAdmissionService:
         self.consumer = BatchEventConsumer(ctx.js, self.steps_spec, self.handler.judge_steps)
         self._task = asyncio.create_task(self.consumer.run(), name="admission-steps")
         ctx.tasks.append(self._task)
-        self._server = rpc_server(ctx.nc, self.handler, self.tenants)
+        audit = RpcClient(ctx.nc, default_timeout=AUDIT_TIMEOUT_S)
+        self.simulations = SimulationJobs(
+            ctx.store, self.tenants, lambda method, payload: audit.call(AUDIT, method, payload)
+        )
+        self._simulations = asyncio.create_task(
+            self.simulations.follow(), name="admission-simulations"
+        )
+        ctx.tasks.append(self._simulations)
+        self._server = rpc_server(ctx.nc, self.handler, self.tenants, self.simulations)
         await self._server.start()
 
     async def stop(self) -> None:
@@ -88,6 +99,10 @@ class PolicyAdmissionService:
             self._follow.cancel()
         if self._sweep is not None:
             self._sweep.cancel()
+        if self._simulations is not None:
+            self._simulations.cancel()
+        if self.simulations is not None:
+            await self.simulations.stop()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""
