@@ -8,18 +8,24 @@ models, their token counts growing), then, in one run:
 * **simulation**: the same, plus the candidate (the repository bundle with a token limit
   of 4,000) evaluated by the worker processes, exceptions applied and the report built.
 
-Prints both figures and the share of inputs evaluated (the rest were identical to one already
-evaluated). ``--decisions`` sets how many (10,000 by default), ``--workers`` the processes.
+Prints both figures, the share of inputs evaluated (the rest were identical to one already
+evaluated), and the workers' CPU per evaluated decision, which does not depend on what else the
+machine is doing (the rate does). ``--decisions`` sets how many (10,000 by default),
+``--workers`` the processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import psutil
 
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR, bundle_files
 from services.policy_admission.simulation import (
@@ -96,9 +102,21 @@ def floor(records: list[RecordedDecision]) -> float:
     return len(records) / (time.perf_counter() - started)
 
 
-async def simulate(records: list[RecordedDecision], workers: int) -> tuple[float, float, Tally]:
-    """Decisions per second simulated (after the workers started), the share evaluated, and
-    the tally."""
+def _workers_cpu_s() -> float:
+    """CPU seconds the worker processes (this process's children) have used."""
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+async def simulate(
+    records: list[RecordedDecision], workers: int
+) -> tuple[float, float, float, Tally]:
+    """Decisions per second simulated (after the workers started), the workers' CPU seconds per
+    evaluated decision, the share evaluated, and the tally."""
     with BatchEvaluator("sha256:bench", candidate(), workers=workers) as evaluator:
         # Start the workers and compile the candidate in each before the clock starts.
         await evaluator.evaluate(
@@ -106,6 +124,7 @@ async def simulate(records: list[RecordedDecision], workers: int) -> tuple[float
         )
         evaluator.evaluated = evaluator.reused = 0
         tally = Tally()
+        cpu_before = _workers_cpu_s()
         started = time.perf_counter()
         for i in range(0, len(records), PAGE):
             page = records[i : i + PAGE]
@@ -120,7 +139,8 @@ async def simulate(records: list[RecordedDecision], workers: int) -> tuple[float
                 tally.add(r, simulated_decision(raw, r, ()))
         tally.report({})
         rate = len(records) / (time.perf_counter() - started)
-        return rate, evaluator.evaluated / max(1, len(records)), tally
+        cpu = (_workers_cpu_s() - cpu_before) / max(1, evaluator.evaluated)
+        return rate, cpu, evaluator.evaluated / max(1, len(records)), tally
 
 
 def main() -> None:
@@ -130,11 +150,16 @@ def main() -> None:
     args = parser.parse_args()
     records = recorded(args.decisions)
     floor_rate = floor(records)
-    rate, share, tally = asyncio.run(simulate(records, args.workers))
+    rate, cpu, share, tally = asyncio.run(simulate(records, args.workers))
     print(f"decisions:            {len(records):,}")
     print(f"floor (read only):    {floor_rate:,.0f} decisions/s")
     print(f"simulation:           {rate:,.0f} decisions/s ({args.workers} workers)")
     print(f"evaluated (distinct): {share:.1%} of the decisions")
+    print(
+        f"worker CPU:           {cpu * 1000:.2f} ms per evaluated decision "
+        f"(an idle machine's {os.cpu_count()} cores: {(os.cpu_count() or 1) / cpu:,.0f}/s at most)"
+    )
+    print(f"load average:         {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores")
     print(f"flipped: {tally.flipped:,}  runs stopped: {len(tally.stops):,}  errors: {tally.errors}")
 
 
