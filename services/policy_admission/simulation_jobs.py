@@ -31,7 +31,7 @@ from libs.contracts import new_uuid7
 from libs.contracts.events import Reason
 from libs.contracts.limits import AGENT_ID_PATTERN
 from libs.contracts.policy import BUNDLE_DIGEST_PATTERN, DEFAULT_ENVIRONMENT, Environment
-from libs.errors import InvalidInput, NotFound, PermanentError
+from libs.errors import InvalidInput, NotFound, PermanentError, TransientError
 from libs.eventbus.db import transaction
 from libs.eventbus.store import EventStore
 from libs.policy_bundles import BundleNotFound
@@ -58,6 +58,9 @@ COST_RUNS = 1000
 LEASE = timedelta(seconds=120)
 FOLLOW_INTERVAL_S = 5.0
 AUDIT_TIMEOUT_S = 30.0
+AUDIT_RETRIES = (1.0, 2.0, 4.0, 8.0, 16.0)
+"""Waits between attempts of a read audit-replay could not answer now (a projection rebuild,
+a restart): about half a minute in all, then the job fails naming why."""
 
 Audit = Callable[[str, dict[str, Any]], Awaitable[Any]]
 """Sends one request to audit-replay: ``(method, payload) -> result``."""
@@ -231,6 +234,16 @@ class SimulationJobs:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _read(self, method: str, payload: dict[str, Any]) -> Any:
+        """One audit-replay read, tried again after a transient failure."""
+        for wait in (*AUDIT_RETRIES, None):
+            try:
+                return await self.audit(method, payload)
+            except TransientError:
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+
     async def _update(self, simulation_id: str, **columns: Any) -> None:
         sets = ", ".join(f"{name} = %s" for name in columns)
         values = [
@@ -292,7 +305,7 @@ class SimulationJobs:
             query["agent_id"] = request.agent_id
         with BatchEvaluator(request.bundle_digest, modules, workers=self.workers) as evaluator:
             while True:
-                page = await self.audit(SIMULATION_DECISIONS, query)
+                page = await self._read(SIMULATION_DECISIONS, query)
                 records = [_record(r) for r in page["decisions"]]
                 await self._evaluate(tenant_id, request, records, evaluator, tally, history)
                 done = (
@@ -314,7 +327,7 @@ class SimulationJobs:
         runs = sorted(tally.stops)
         costs: dict[str, dict[int, Decimal | None]] = {}
         for i in range(0, len(runs), COST_RUNS):
-            answer = await self.audit(
+            answer = await self._read(
                 STEP_COSTS, {"tenant_id": tenant_id, "run_ids": runs[i : i + COST_RUNS]}
             )
             costs.update(_costs(answer["runs"]))
