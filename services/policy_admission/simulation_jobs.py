@@ -31,7 +31,7 @@ from libs.contracts import new_uuid7
 from libs.contracts.events import Reason
 from libs.contracts.limits import AGENT_ID_PATTERN
 from libs.contracts.policy import BUNDLE_DIGEST_PATTERN, DEFAULT_ENVIRONMENT, Environment
-from libs.errors import InvalidInput, NotFound, PermanentError, TransientError
+from libs.errors import InvalidInput, NotFound, PermanentError, TooLarge, TransientError
 from libs.eventbus.db import transaction
 from libs.eventbus.store import EventStore
 from libs.policy_bundles import BundleNotFound
@@ -54,6 +54,7 @@ SIMULATION_DECISIONS = "simulation_decisions"
 STEP_COSTS = "step_costs"
 MAX_WINDOW = timedelta(days=31)
 PAGE = 2000
+MIN_PAGE = 50
 COST_RUNS = 1000
 LEASE = timedelta(seconds=120)
 FOLLOW_INTERVAL_S = 5.0
@@ -305,7 +306,14 @@ class SimulationJobs:
             query["agent_id"] = request.agent_id
         with BatchEvaluator(request.bundle_digest, modules, workers=self.workers) as evaluator:
             while True:
-                page = await self._read(SIMULATION_DECISIONS, query)
+                try:
+                    page = await self._read(SIMULATION_DECISIONS, query)
+                except TooLarge:
+                    # Over the bus's message size (large contexts): ask for fewer at a time.
+                    if query["limit"] <= MIN_PAGE:
+                        raise
+                    query["limit"] = max(MIN_PAGE, query["limit"] // 2)
+                    continue
                 records = [_record(r) for r in page["decisions"]]
                 await self._evaluate(tenant_id, request, records, evaluator, tally, history)
                 done = (
