@@ -9,7 +9,9 @@ Their permissions are made from the services' registrations
   publish one (the gateway). The service that ``serves`` ``<ns>`` may subscribe to its subjects,
   in its queue group only, and may publish one reply to each request it received
   (``allow_responses``). A service therefore trusts the ``tenant_id`` a request names: only the
-  gateway, which authenticated the caller, can have sent it.
+  gateway, which authenticated the caller, can have sent it. A service may also send the few
+  single requests its registration ``reads`` (policy-admission's simulations read recorded
+  decisions and step costs from audit-replay), for a tenant the gateway authenticated.
 * **Events** ``mc.evt.>``: only the relay publishes them. The services append to the event store;
   the relay publishes what is committed.
 * **Dead letters** ``mc.dlq.<durable>``: each service, for its own durable consumers.
@@ -120,6 +122,7 @@ def service_permissions(user: str, bus: BusAccess) -> Permissions:
     publish = _streams("CREATE", "INFO")
     subscribe = [f"{inbox_prefix(user)}.>"]
     publish += [f"{RPC_PREFIX}.{ns}.>" for ns in bus.calls]
+    publish += [f"{RPC_PREFIX}.{method}" for method in bus.reads]
     for durable in bus.consumers:
         publish += _consumer(durable)
     publish += [f"{JS_API}.CONSUMER.DELETE.{EVENTS_STREAM}.{d}" for d in bus.removes]

@@ -41,6 +41,10 @@ class BusAccess:
     calls: tuple[str, ...] = ()
     """The request namespaces it sends requests to (``mc.rpc.<name>.>``). Only the gateway
     does: a request's ``tenant_id`` is trusted because nobody else can send one."""
+    reads: tuple[str, ...] = ()
+    """Single request subjects ``<ns>.<method>`` it sends to another service (``mc.rpc.<ns>.
+    <method>``, nothing else of ``<ns>``): reads of another service's projections that a job of
+    its own needs, for a tenant the gateway already authenticated."""
     consumers: tuple[str, ...] = ()
     """Durable consumers on the events stream it creates, fetches from, acks and dead-letters
     (``mc.dlq.<durable>``)."""

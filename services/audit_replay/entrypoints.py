@@ -22,6 +22,8 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``export``: ``run_id``, ``format`` (json, csv) → ``{content_type, body}``.
 * ``rebuild`` → ``{events, rows, position, duration_s}``.
 * ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
+* ``simulation_decisions``, ``step_costs``: what a policy simulation reads (see
+  :mod:`services.audit_replay.simulation_reads`).
 
 While a rebuild runs, every query that reads the projections (all but ``replay``, which reads the
 event store, ``lag`` and ``rebuild``) answers ``unavailable`` ("projections are being rebuilt,
@@ -49,6 +51,7 @@ from libs.errors import (
 )
 from libs.eventbus.rpc import RpcServer
 from libs.eventbus.store import EventStore
+from services.audit_replay import simulation_reads
 from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
     IncidentRow,
@@ -171,6 +174,8 @@ class AuditQueries:
             "export": self.export,
             "rebuild": self.rebuild,
             "lag": self.lag,
+            "simulation_decisions": self.simulation_decisions,
+            "step_costs": self.step_costs,
         }
 
     def register(self, server: RpcServer) -> None:
@@ -498,6 +503,16 @@ class AuditQueries:
     async def lag(self, p: Params) -> dict[str, Any]:
         """How far the projections are behind the store."""
         return await self.lag_monitor.snapshot()
+
+    # --- what a policy simulation reads (services/audit_replay/simulation_reads.py) -------------
+
+    async def simulation_decisions(self, p: Params) -> dict[str, Any]:
+        """A page of recorded decisions of a time window, oldest first."""
+        return await simulation_reads.simulation_decisions(self.ch, _tenant(p), p)
+
+    async def step_costs(self, p: Params) -> dict[str, Any]:
+        """The recorded cost of every step of some runs."""
+        return await simulation_reads.step_costs(self.ch, _tenant(p), p)
 
 
 _NO_TOTALS: dict[str, Any] = {"tokens_used": 0, "cost_usd": None, "unpriced_steps": 0}

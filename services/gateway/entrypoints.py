@@ -99,6 +99,13 @@ from services.gateway.policy_bundles import (
     read_bundle,
     settings_payload,
 )
+from services.gateway.policy_simulations import (
+    CSV_MEDIA_TYPE,
+    PolicySimulationIn,
+    PolicySimulationView,
+    SimulationFormat,
+    SimulationIdPath,
+)
 from services.gateway.promotions import promotion_routes
 from services.gateway.rbac import Permission, Principal, authorize
 from services.gateway.schemas import (
@@ -1157,6 +1164,55 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         a promotion may require it. People only."""
         payload = {"diff_hash": diff_hash, "actor": call.actor}
         return await call.answer("admission", "acknowledge_diff", payload)
+
+    @router.post(
+        "/policy-simulations",
+        response_model=PolicySimulationView,
+        status_code=202,
+        tags=["policies"],
+    )
+    async def start_policy_simulation(body: PolicySimulationIn, call: Configure) -> Any:
+        """Simulate an uploaded bundle on the decisions recorded in a time window: which would
+        flip, which runs would have stopped and at which step, and the cost that would have
+        prevented, per policy. Runs as a job: poll ``GET /v1/policy-simulations/{id}``."""
+        payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
+        return await call.answer("admission", "start_simulation", payload, status=202)
+
+    @router.get(
+        "/policy-simulations/{simulation_id}",
+        response_model=PolicySimulationView,
+        tags=["policies"],
+        responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}}}},
+    )
+    async def get_policy_simulation(
+        simulation_id: SimulationIdPath,
+        call: Read,
+        request: Request,
+        format: SimulationFormat = None,
+    ) -> Any:
+        """A simulation's status and progress, and its report once done; as CSV (one row per
+        policy) with ``?format=csv`` or ``Accept: text/csv``."""
+        csv = format == "csv" or (
+            format is None and "text/csv" in request.headers.get("accept", "")
+        )
+        fmt = "csv" if csv else "json"
+        view = await call(
+            "admission", "get_simulation", {"simulation_id": simulation_id, "format": fmt}
+        )
+        if not csv:
+            return json_response(view)
+        if view.get("csv") is None:
+            raise errors.Conflict(
+                f"simulation_not_done: the simulation is {view.get('status')}; its CSV comes "
+                "with its report"
+            )
+        return Response(
+            view["csv"],
+            media_type=CSV_MEDIA_TYPE,
+            headers={
+                "Content-Disposition": f'attachment; filename="simulation-{simulation_id}.csv"'
+            },
+        )
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])
     async def costs(

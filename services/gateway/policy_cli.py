@@ -12,6 +12,7 @@ key or an admin's token (``--api-key``, ``MC_API_KEY``). See ``docs/policies.md`
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,9 @@ policy_app = command_group(
 
 # Uploads wait for the bundle's own tests, which may take a while.
 UPLOAD_TIMEOUT_S = 60.0
+# How often `simulate` asks for its job's progress, and how long it waits at most.
+SIMULATION_POLL_S = 0.5
+SIMULATION_WAIT_S = 3600.0
 
 EnvironmentOption = Annotated[
     str,
@@ -136,6 +140,67 @@ def activate_bundle(
     with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
         answer = _activate(api, digest, env, immediate, canary_percent)
         typer.echo(json.dumps(answer, indent=2))
+
+
+@policy_app.command("simulate")
+@one_line_errors
+def simulate(
+    digest: Annotated[str, typer.Option("--digest", help="The candidate's digest, sha256:<hex>.")],
+    since: Annotated[str, typer.Option("--since", help="The window's start (ISO 8601, a zone).")],
+    until: Annotated[str, typer.Option("--until", help="The window's end (excluded).")],
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Only this agent's decisions.")
+    ] = None,
+    environment: EnvironmentOption = "production",
+    output_format: Annotated[
+        str, typer.Option("--format", help="How to print the report: json or csv.")
+    ] = "json",
+    url: UrlOption = None,
+    api_key: ApiKeyOption = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """Simulate an uploaded bundle on the decisions of [--since, --until): which would flip,
+    which runs would have stopped at which step, and the cost prevented, per policy.
+
+    Starts the job, shows its progress on stderr while waiting, then prints the report.
+    """
+    if output_format not in ("json", "csv"):
+        raise CliError(f"--format must be json or csv, not {output_format!r}")
+    body = {
+        "bundle_digest": digest,
+        "since": since,
+        "until": until,
+        "environment": _environment(environment),
+    }
+    if agent is not None:
+        body["agent_id"] = agent
+    with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
+        job: dict[str, Any] = api.send("POST", "/v1/policy-simulations", json=body)
+        path = f"/v1/policy-simulations/{job['simulation_id']}"
+        deadline = time.monotonic() + SIMULATION_WAIT_S
+        shown = None
+        while job["status"] in ("queued", "running"):
+            progress = job.get("progress") or {}
+            line = (
+                f"{job['status']}: {progress.get('decisions', 0):,} decisions, "
+                f"{float(progress.get('fraction', 0)):.0%} of the window"
+            )
+            if line != shown:
+                typer.echo(line, err=True)
+                shown = line
+            if time.monotonic() > deadline:
+                raise CliError(f"the simulation is still {job['status']}; see GET {path}")
+            time.sleep(SIMULATION_POLL_S)
+            job = api.send("GET", path)
+        if job["status"] == "failed":
+            raise CliError(f"the simulation failed: {job.get('error')}")
+        if output_format == "csv":
+            response = api.http.get(path, params={"format": "csv"})
+            if not response.is_success:
+                raise CliError(f"GET {path}: {response.status_code} {response.text[:200]}")
+            typer.echo(response.text, nl=False)
+        else:
+            typer.echo(json.dumps(job["report"], indent=2))
 
 
 @policy_app.command("test")

@@ -74,7 +74,8 @@ RULES: Mapping[Permission, Rule] = {
     Permission.CONFIGURE: _rule(
         {"admin"},
         {"ingest"},
-        "change the tenant's price table, budgets, policy settings or policy bundles",
+        "change the tenant's price table, budgets, policy settings or policy bundles, or "
+        "simulate a policy bundle on past decisions",
     ),
     Permission.OPERATE: _rule({"admin"}, {"ingest"}, "rebuild the projections"),
     Permission.WORKFLOWS: _rule(

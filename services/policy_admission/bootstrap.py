@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from libs.contracts import utcnow
 from libs.eventbus.consumer import BatchEventConsumer
 from libs.eventbus.jetstream import ConsumerSpec
-from libs.eventbus.rpc import RpcServer
+from libs.eventbus.rpc import RpcClient, RpcServer
 from libs.runtime.service_host import CONSUMER_STOP_TIMEOUT_S, ServiceContext, run_service
 from services.policy_admission.bundle import PolicyBundle, load_bundle
 from services.policy_admission.drift_handlers import DriftWatch
@@ -21,6 +21,7 @@ from services.policy_admission.entrypoints import (
 )
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler, activate_bundle
+from services.policy_admission.simulation_jobs import AUDIT, AUDIT_TIMEOUT_S, SimulationJobs
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 log = structlog.get_logger("policy_admission")
@@ -60,6 +61,8 @@ class PolicyAdmissionService:
         self._follow: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
         self._deliver: asyncio.Task[None] | None = None
+        self.simulations: SimulationJobs | None = None
+        self._simulations: asyncio.Task[None] | None = None
 
     async def start(self, ctx: ServiceContext) -> None:
         """Compile the bundle, record its activation if new, and start serving requests."""
@@ -99,7 +102,22 @@ class PolicyAdmissionService:
         self.drift = DriftWatch(ctx.store, self.tenants, ctx.settings.policy_drift_interval_s)
         self._drift_task = asyncio.create_task(self.drift.run(), name="admission-drift")
         ctx.tasks.append(self._drift_task)
-        self._server = rpc_server(ctx.nc, self.handler, self.tenants, self.freezes, self.drift)
+        audit = RpcClient(ctx.nc, default_timeout=AUDIT_TIMEOUT_S)
+        self.simulations = SimulationJobs(
+            ctx.store, self.tenants, lambda method, payload: audit.call(AUDIT, method, payload)
+        )
+        self._simulations = asyncio.create_task(
+            self.simulations.follow(), name="admission-simulations"
+        )
+        ctx.tasks.append(self._simulations)
+        self._server = rpc_server(
+            ctx.nc,
+            self.handler,
+            self.tenants,
+            freezes=self.freezes,
+            drift=self.drift,
+            jobs=self.simulations,
+        )
         await self._server.start()
 
     async def stop(self) -> None:
@@ -122,6 +140,10 @@ class PolicyAdmissionService:
             self._drift_task.cancel()
         if self._deliver is not None:
             self._deliver.cancel()
+        if self._simulations is not None:
+            self._simulations.cancel()
+        if self.simulations is not None:
+            await self.simulations.stop()
 
     def router(self) -> APIRouter | None:
         """No HTTP routes: admission is reached through the gateway over NATS."""

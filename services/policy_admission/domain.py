@@ -391,13 +391,15 @@ def waive(decision: Decision, exception_ids: tuple[str, ...] | None) -> Decision
 def decision_context(input_doc: dict[str, Any], decision: Decision | None = None) -> dict[str, Any]:
     """What the decision saw, recorded with it: the run document, the step asked for (kind,
     model, tool) and its estimate, so a denied step that never ran still shows what it wanted;
-    the ids of the policy exceptions that waived its denies (``exceptions``), if any; and the
-    ``policy_set_hash`` and registered ``agent`` (version, state) the decision saw."""
+    the environment whose bundle decided; the ids of the policy exceptions that waived its
+    denies (``exceptions``), if any; and the ``policy_set_hash`` and registered ``agent``
+    (version, state) the decision saw."""
     step = input_doc["step"]
     context = {
         **input_doc["run"],
         "step": {"kind": step["kind"], "model": step["model"], "tool": step["tool"]},
         "estimate": step["estimate"],
+        "environment": input_doc["environment"],
     }
     if decision is not None and decision.exceptions:
         context["exceptions"] = list(decision.exceptions)

@@ -41,6 +41,7 @@ from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.promotion_handlers import promotion_routes
+from services.policy_admission.simulation_jobs import SimulationJobs, SimulationRequest
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 RPC_SERVICE = "admission"
@@ -307,6 +308,32 @@ def diff_routes(server: RpcServer, diffs: Diffs) -> None:
         return acknowledgements_view(body.diff_hash, state)
 
 
+class StartSimulationCall(_Admin, SimulationRequest):
+    """``start_simulation``: a candidate bundle on the decisions of a time window."""
+
+
+class GetSimulationCall(_Call):
+    """``get_simulation``: a job's status, progress and report (``format`` csv adds it as CSV)."""
+
+    simulation_id: str = Field(min_length=1, max_length=100)
+    format: Literal["json", "csv"] = "json"
+
+
+def simulation_routes(server: RpcServer, jobs: SimulationJobs) -> None:
+    """Policy simulations (``docs/policies.md``, "Simulation")."""
+
+    @server.handler("start_simulation")
+    async def start_simulation(body: StartSimulationCall) -> dict[str, Any]:
+        """Start simulating a candidate bundle on past decisions; the job (queued)."""
+        request = SimulationRequest.model_validate(body.model_dump(exclude={"tenant_id", "actor"}))
+        return await jobs.start(body.tenant_id, request, body.actor)
+
+    @server.handler("get_simulation")
+    async def get_simulation(body: GetSimulationCall) -> dict[str, Any]:
+        """A simulation's status and progress, and its report once done."""
+        return await jobs.get(body.tenant_id, body.simulation_id, body.format)
+
+
 def _archive(call: UploadCall) -> bytes:
     try:
         archive = base64.b64decode(call.archive_b64, validate=True)
@@ -475,9 +502,11 @@ def rpc_server(
     tenants: TenantPolicies | None = None,
     freezes: Freezes | None = None,
     drift: DriftWatch | None = None,
+    jobs: SimulationJobs | None = None,
 ) -> RpcServer:
     """An (unstarted) RPC server routing ``admit`` and ``policies`` to ``handler`` (and, with
-    ``tenants``, the bundle, key and settings requests; with ``freezes`` and ``drift``, theirs)."""
+    ``tenants``, the bundle, key and settings requests; with ``freezes``, ``drift`` and ``jobs``
+    (the simulations), theirs)."""
     server = RpcServer(nc, RPC_SERVICE)
     if tenants is not None:
         bundle_routes(server, tenants)
@@ -489,6 +518,8 @@ def rpc_server(
         freeze_routes(server, freezes)
     if drift is not None:
         drift_routes(server, drift)
+    if jobs is not None:
+        simulation_routes(server, jobs)
 
     # The hot path: served on bare nats-py, FastStream's per-message cost measured too high for
     # it (docs/benchmarks.md); parsing, answers and bounds are the same as on every route.

@@ -54,6 +54,8 @@ class Waiver:
     expires_at: datetime
     status: Status = "open"
     closed_by: str | None = None
+    closed_at: datetime | None = None
+    """When it was revoked or recorded as expired (simulation needs what was open when)."""
 
     def applies(self, policy_id: str, agent_id: str | None, run_id: str, at: datetime) -> bool:
         """Whether this waiver covers a denial of ``policy_id`` decided at ``at``."""
@@ -94,10 +96,12 @@ class Exceptions:
         return tuple(w for w in self.waivers if w.status == "open")
 
 
-def _close(state: Exceptions, exception_id: str, status: Status, by: str) -> Exceptions:
+def _close(
+    state: Exceptions, exception_id: str, status: Status, by: str, at: datetime
+) -> Exceptions:
     return Exceptions(
         tuple(
-            replace(w, status=status, closed_by=by)
+            replace(w, status=status, closed_by=by, closed_at=at)
             if w.exception_id == exception_id and w.status == "open"
             else w
             for w in state.waivers
@@ -120,9 +124,9 @@ def evolve(state: Exceptions, event: DomainEvent, occurred_at: datetime) -> Exce
         )
         return Exceptions((*state.waivers, waiver))
     if isinstance(event, PolicyExceptionRevoked):
-        return _close(state, event.exception_id, "revoked", event.revoked_by)
+        return _close(state, event.exception_id, "revoked", event.revoked_by, occurred_at)
     if isinstance(event, PolicyExceptionExpired):
-        return _close(state, event.exception_id, "expired", "expiry")
+        return _close(state, event.exception_id, "expired", "expiry", occurred_at)
     return state
 
 

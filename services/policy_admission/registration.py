@@ -10,5 +10,10 @@ REGISTRATION = ServiceRegistration(
     migrations=Path(__file__).parent / "migrations",
     db_role="mc_policy_admission",
     stream_categories=("decisions", "policy"),
-    bus=BusAccess(serves="admission", consumers=("admission-steps", "admission-incidents")),
+    bus=BusAccess(
+        serves="admission",
+        consumers=("admission-steps", "admission-incidents"),
+        # A policy simulation reads the recorded decisions and step costs it replays.
+        reads=("audit.simulation_decisions", "audit.step_costs"),
+    ),
 )

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from libs import policy_bundles as artifacts
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR
@@ -54,6 +55,20 @@ def _tenant(system: RunningSystem, prefix: str) -> tuple[str, str, str]:
     return tenant, system.key_for(tenant), _admin_token(system, tenant, uid)
 
 
+def signing_key_file(tmp_path: Path) -> tuple[Ed25519PrivateKey, Path]:
+    """A new signing key and the file ``mctl policy sign --key`` reads it from."""
+    key = new_key()
+    key_file = tmp_path / "release.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return key, key_file
+
+
 def _client(base: str, bearer: str) -> httpx.Client:
     return httpx.Client(base_url=base, timeout=60, headers={"Authorization": f"Bearer {bearer}"})
 
@@ -85,15 +100,7 @@ def test_a_pushed_bundle_decides_once_activated_and_a_bad_one_is_refused(
     whole_system: RunningSystem, tmp_path: Path
 ) -> None:
     _, api_key, token = _tenant(whole_system, "bundles")
-    key = new_key()
-    key_file = tmp_path / "release.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key, key_file = signing_key_file(tmp_path)
     base = whole_system.gateway_url
     with _client(base, token) as admin, _client(base, api_key) as agent:
         # Only an admin person registers signing keys; an API key may not.

@@ -168,6 +168,10 @@ async def test_every_query_of_every_read_route_is_scoped_to_the_callers_tenant(
             await queries.incidents(t),
             await queries.policies(t),
             await queries.costs({**t, "group_by": "run"}),
+            await queries.simulation_decisions(
+                {**t, "since": "2000-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"}
+            ),
+            await queries.step_costs({**t, "run_ids": ["r1"]}),
         ]
         # The other tenant's run and incident do not exist for acme.
         for method, params in (

@@ -247,6 +247,18 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         f"/v1/diffs/sha256:{'0' * 64}/acknowledge",
         None,
     ),
+    ("POST", "/v1/policy-simulations"): (
+        "/v1/policy-simulations",
+        {
+            "bundle_digest": f"sha256:{'0' * 64}",
+            "since": "2026-11-01T00:00:00Z",
+            "until": "2026-11-02T00:00:00Z",
+        },
+    ),
+    ("GET", "/v1/policy-simulations/{simulation_id}"): (
+        "/v1/policy-simulations/00000000-0000-0000-0000-000000000000",
+        None,
+    ),
 }
 
 

@@ -32,6 +32,7 @@ from services.incident.entrypoints import VIOLATIONS_DURABLE as INCIDENT_DURABLE
 from services.policy_admission.entrypoints import INCIDENTS_DURABLE as ADMISSION_INCIDENTS_DURABLE
 from services.policy_admission.entrypoints import RPC_SERVICE as ADMISSION_RPC
 from services.policy_admission.entrypoints import STEPS_DURABLE as ADMISSION_STEPS_DURABLE
+from services.policy_admission.simulation_jobs import SIMULATION_DECISIONS, STEP_COSTS
 from services.workflow_engine.entrypoints import (
     COSTS_DURABLE,
     DISPATCH_DURABLE,
@@ -63,7 +64,9 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     )
     assert regs["cost"].bus == BusAccess(serves="cost", consumers=(COST_CONSUMER,))
     assert regs["policy-admission"].bus == BusAccess(
-        serves=ADMISSION_RPC, consumers=(ADMISSION_STEPS_DURABLE, ADMISSION_INCIDENTS_DURABLE)
+        serves=ADMISSION_RPC,
+        consumers=(ADMISSION_STEPS_DURABLE, ADMISSION_INCIDENTS_DURABLE),
+        reads=(f"audit.{SIMULATION_DECISIONS}", f"audit.{STEP_COSTS}"),
     )
     assert regs["audit-replay"].bus == BusAccess(
         serves="audit",
@@ -72,7 +75,7 @@ def test_the_registrations_name_the_consumers_and_request_subjects_the_code_uses
     )
 
 
-def test_only_the_gateway_sends_requests_and_it_reaches_every_service() -> None:
+def test_only_the_gateway_sends_requests_but_the_single_reads_a_registration_names() -> None:
     regs = _by_name()
     served = {r.bus.serves for r in regs.values() if r.bus.serves}
     assert set(regs["gateway"].bus.calls) == served
@@ -80,7 +83,10 @@ def test_only_the_gateway_sends_requests_and_it_reaches_every_service() -> None:
     assert [r.name for r in regs.values() if r.bus.calls] == ["gateway"]
     perms = bus_permissions(tuple(regs.values()))
     senders = [u for u, p in perms.items() if any(s.startswith("mc.rpc.") for s in p.publish)]
-    assert senders == ["gateway"]
+    assert sorted(senders) == ["gateway", "policy-admission"]
+    # policy-admission sends exactly the two reads its simulations need, nothing else of audit.
+    reads = [s for s in perms["policy-admission"].publish if s.startswith("mc.rpc.")]
+    assert reads == ["mc.rpc.audit.simulation_decisions", "mc.rpc.audit.step_costs"]
 
 
 def test_only_the_engine_dispatches_work_and_only_the_gateway_takes_it() -> None:
