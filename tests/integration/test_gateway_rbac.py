@@ -163,6 +163,10 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         },
     ),
     ("GET", "/v1/policy-exceptions"): ("/v1/policy-exceptions?status=open", None),
+    ("POST", "/v1/policy-hooks/{hook}/evaluate"): (
+        "/v1/policy-hooks/on_review_open/evaluate",
+        {"agent": {"id": "rbac-agent", "identity": {"owner": "team-a"}}},
+    ),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",
         None,
