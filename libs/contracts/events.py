@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, PlainSerializer, model_validator
 
 from libs.contracts.envelope import DomainEvent
+from libs.contracts.policy import PolicyHook
 from libs.contracts.registry import register, upcaster
 from libs.usage import require_consistent
 
@@ -644,6 +645,62 @@ class PolicyChaosRan(DomainEvent):
     kept_deciding: bool
     figures: dict[str, Any] = Field(default_factory=dict)
     by: str
+
+
+class LockedField(DomainEvent):
+    """A field of the subject that a policy locks: the caller may show it, not change it."""
+
+    event_type = "_locked_field"
+    schema_version = 1
+
+    policy_id: str
+    field: str
+    message: str | None = None
+
+
+class Mutation(DomainEvent):
+    """A change a policy proposes to the subject (``op`` on the dotted ``path``); applying it is
+    the caller's choice."""
+
+    event_type = "_mutation"
+    schema_version = 1
+
+    policy_id: str
+    op: Literal["add", "replace", "remove"]
+    path: str
+    value: Any = None
+    message: str | None = None
+
+
+class HookDecided(DomainEvent):
+    """A lifecycle hook's decision on one subject: deny when anything is violated, else warn
+    when anything warns (or a policy exception, named in ``exceptions``, waived the
+    violations), else allow. Locked fields and mutations never change the outcome."""
+
+    event_type = "_hook_decided"
+    schema_version = 1
+
+    hook: PolicyHook
+    outcome: Outcome
+    violations: list[Reason] = Field(default_factory=list)
+    warnings: list[Reason] = Field(default_factory=list)
+    locked_fields: list[LockedField] = Field(default_factory=list)
+    mutations: list[Mutation] = Field(default_factory=list)
+    exceptions: list[str] = Field(default_factory=list)
+    bundle_digest: str
+
+
+@register
+class PolicyHookEvaluated(HookDecided):
+    """A lifecycle hook's policies decided on one subject (an agent, or a run's recorded step
+    for ``after_execute``). ``before_execute`` is admission's ``admission.decided``."""
+
+    event_type = "policy.hook_evaluated"
+    schema_version = 1
+
+    decision_id: str
+    subject: str
+    environment: str
 
 
 # --- incidents (owned by incident) ---------------------------------------------------------------

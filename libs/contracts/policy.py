@@ -22,6 +22,16 @@ Environment = Literal["sandbox", "production"]
 ENVIRONMENTS: tuple[Environment, ...] = ("sandbox", "production")
 DEFAULT_ENVIRONMENT: Environment = "production"
 
+PolicyHook = Literal[
+    "on_create_attempt",
+    "on_review_open",
+    "on_promotion_attempt",
+    "before_execute",
+    "after_execute",
+    "on_policy_update",
+]
+"""The lifecycle points at which the policy bundle decides (docs/policies.md, "Hooks")."""
+
 MAX_ALLOWLIST = 500
 MAX_COST_USD = Decimal(1_000_000_000)
 MAX_SETTINGS_VERSION = 1_000_000_000
@@ -49,6 +59,10 @@ AllowedName = Annotated[
 ]
 
 
+MAX_STEPS_SETTING = 1_000_000
+MAX_RETENTION_DAYS = 36_500
+
+
 class PolicySettings(BaseModel):
     """A tenant's limits and allowlists; a field left out (null) falls back to the bundle.
 
@@ -69,6 +83,9 @@ class PolicySettings(BaseModel):
         description="An open incident at or above this severity freezes promotions into its "
         "environment until it is resolved (default: high).",
     )
+    max_steps_per_run: int | None = Field(default=None, ge=0, le=MAX_STEPS_SETTING)
+    """0 turns the max_steps check off."""
+    max_memory_retention_days: int | None = Field(default=None, ge=0, le=MAX_RETENTION_DAYS)
 
     def as_input(self) -> dict[str, Any]:
         """The ``input.settings`` document: the fields set, in JSON types."""

@@ -85,5 +85,9 @@ decision := {
 # Every policy's metadata, published with the bundle so projections can name policies.
 policies := array.concat(
 	[run_state_metadata, admission_required_metadata],
-	[policy.metadata | some policy in data.missioncontrol.policies],
+	array.concat(
+		[policy.metadata | some policy in data.missioncontrol.policies],
+		# The lifecycle hooks' policies (lib/hooks.rego): not evaluated at admission.
+		[rule.metadata | some rule in data.missioncontrol.rules],
+	),
 )

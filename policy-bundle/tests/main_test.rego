@@ -86,7 +86,11 @@ test_unpriced_model_is_a_warning_not_a_deny if {
 test_policies_lists_every_policy_once if {
 	ids := [p.id | some p in main.policies]
 	count(ids) == count({id | some id in ids})
-	{id | some id in ids} == {"run_state", "admission_required", "token_limit", "cost_cap", "model_allowlist", "tool_allowlist"}
+	{id | some id in ids} == {
+		"run_state", "admission_required", "token_limit", "cost_cap", "model_allowlist", "tool_allowlist",
+		"max_steps", "agent_owner", "governed_fields", "promotion_checks", "tool_combinations",
+		"model_deprecation", "memory_retention", "run_budget_actual",
+	}
 }
 
 test_every_policy_has_title_severity_and_runbook if {

@@ -99,6 +99,12 @@ from services.gateway.policy_bundles import (
     read_bundle,
     settings_payload,
 )
+from services.gateway.policy_hooks import (
+    HookPath,
+    PolicyHookDecision,
+    PolicyHookIn,
+    hook_payload,
+)
 from services.gateway.policy_simulations import (
     CSV_MEDIA_TYPE,
     PolicySimulationIn,
@@ -1212,6 +1218,18 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
             headers={
                 "Content-Disposition": f'attachment; filename="simulation-{simulation_id}.csv"'
             },
+        )
+
+    @router.post(
+        "/policy-hooks/{hook}/evaluate", response_model=PolicyHookDecision, tags=["policies"]
+    )
+    async def evaluate_policy_hook(hook: HookPath, body: PolicyHookIn, call: Admit) -> Any:
+        """A lifecycle hook's decision: allow, warn or deny, with the violations, warnings,
+        locked fields, proposed mutations and runbook links of the tenant's bundle. Recorded
+        as ``policy.hook_evaluated`` (``before_execute`` only evaluates: the admission itself
+        is ``POST /v1/runs/{run_id}/admissions``)."""
+        return await call.answer(
+            "admission", "evaluate_hook", hook_payload(hook, body, call.principal)
         )
 
     @router.get("/costs", response_model=CostsResponse, tags=["costs"])

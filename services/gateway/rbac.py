@@ -66,7 +66,9 @@ RULES: Mapping[Permission, Rule] = {
     Permission.READ: _rule(
         ROLES, {"read"}, "read the tenant's runs, incidents, policies and costs"
     ),
-    Permission.ADMIT: _rule({"operator", "admin"}, {"admit"}, "ask admission for a step"),
+    Permission.ADMIT: _rule(
+        {"operator", "admin"}, {"admit"}, "ask admission for a step or a policy hook's decision"
+    ),
     Permission.INGEST: _rule({"operator", "admin"}, {"ingest"}, "start, record or finish runs"),
     Permission.INCIDENTS: _rule(
         {"operator", "approver", "admin"}, {"ingest"}, "acknowledge or resolve incidents"

@@ -28,6 +28,18 @@ from libs.settings import Settings
 
 DECISION_ENTRYPOINT = "missioncontrol/main/decision"
 POLICIES_ENTRYPOINT = "missioncontrol/main/policies"
+HOOK_ENTRYPOINTS: dict[str, str] = {
+    hook: f"missioncontrol/hooks/{hook}/decision"
+    for hook in (
+        "on_create_attempt",
+        "on_review_open",
+        "on_promotion_attempt",
+        "after_execute",
+        "on_policy_update",
+    )
+}
+"""The lifecycle hooks' entrypoints (``before_execute`` is admission's ``decision``). A bundle
+that defines none of them still compiles: an undefined hook decides nothing."""
 DATA_FILE = "data.json"
 TESTS_DIR = "tests"
 
@@ -82,10 +94,67 @@ def digest_of(files: list[tuple[str, str]]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-class PolicyBundle:
-    """One compiled bundle and the interpreter that runs it.
+HOOK_DIRS = frozenset({"rules", "hooks"})
+"""Top-level directories of the lifecycle hooks' modules: compiled apart from admission's."""
 
-    Not thread-safe: the interpreter holds the current input. Decisions take well under a
+
+class _Compiled:
+    """One regopy interpreter and the plan of its entrypoints."""
+
+    def __init__(
+        self,
+        root: Path,
+        modules: list[tuple[str, str]],
+        data_json: str | None,
+        entrypoints: list[str],
+    ) -> None:
+        self.root = root
+        self.interp = Interpreter()
+        try:
+            for rel, src in modules:
+                self.interp.add_module(rel, src)
+            if data_json is not None:
+                self.interp.add_data_json(data_json)
+            self.bundle = self.interp.build(None, entrypoints)
+        except RegoError as exc:
+            raise BundleError(f"policy bundle {str(root)!r} does not compile: {exc}") from exc
+        if not self.bundle.ok():
+            raise BundleError(f"policy bundle {str(root)!r} does not compile")
+
+    def set_input(self, input_doc: dict[str, Any]) -> None:
+        try:
+            # JSON text, not ``set_input(dict)``: regopy's dict conversion stores strings
+            # unescaped, so a quote in a model name would corrupt the decision's JSON.
+            self.interp.set_input_term(orjson.dumps(input_doc).decode())
+        except (RegoError, TypeError) as exc:
+            raise BundleError(f"input is not a valid Rego document: {exc}") from exc
+
+    def query(self, entrypoint: str) -> Any:
+        """The entrypoint's value for the current input (``None`` when undefined)."""
+        try:
+            output = self.interp.query_bundle_entrypoint(self.bundle, entrypoint)
+        except RegoError as exc:
+            raise BundleError(f"evaluating {entrypoint} failed: {exc}") from exc
+        except json.JSONDecodeError as exc:
+            # regopy parses the engine's output string as it builds the Output; the engine
+            # renders some computed strings unescaped (see the bundle README), so refuse clearly.
+            raise BundleError(f"{entrypoint} produced malformed output: {exc}") from exc
+        if not output.ok():
+            raise BundleError(f"evaluating {entrypoint} failed: {output}")
+        if not output.results or not output.results[0].expressions:
+            return None
+        return output.results[0].expressions[0]
+
+
+class PolicyBundle:
+    """One compiled bundle and the interpreters that run it.
+
+    Admission's decision is compiled without the lifecycle hooks' modules (``rules/``,
+    ``hooks/``): the embedded engine's cost per evaluation grows with every module it holds,
+    related or not, and admission is the hot path. The hooks and the policy list are compiled
+    from every module.
+
+    Not thread-safe: an interpreter holds the current input. Decisions take well under a
     millisecond, so the service calls :meth:`evaluate` directly on the event loop thread, where
     calls cannot interleave.
     """
@@ -96,22 +165,20 @@ class PolicyBundle:
         self.root = root
         self.digest = digest or digest_of(files)
         self.data: dict[str, Any] = {}
-        self._interp = Interpreter()
         modules = [(rel, src) for rel, src in files if rel.endswith(".rego")]
         if not modules:
             raise BundleError(f"policy bundle {str(root)!r} has no .rego modules")
-        try:
-            for rel, src in modules:
-                self._interp.add_module(rel, src)
-            for rel, src in files:
-                if rel == DATA_FILE:
-                    self.data = json.loads(src)
-                    self._interp.add_data_json(src)
-            self._bundle = self._interp.build(None, [DECISION_ENTRYPOINT, POLICIES_ENTRYPOINT])
-        except (RegoError, json.JSONDecodeError) as exc:
-            raise BundleError(f"policy bundle {str(root)!r} does not compile: {exc}") from exc
-        if not self._bundle.ok():
-            raise BundleError(f"policy bundle {str(root)!r} does not compile")
+        data_json = next((src for rel, src in files if rel == DATA_FILE), None)
+        if data_json is not None:
+            try:
+                self.data = json.loads(data_json)
+            except json.JSONDecodeError as exc:
+                raise BundleError(f"policy bundle {str(root)!r} does not compile: {exc}") from exc
+        admission = [(rel, src) for rel, src in modules if rel.split("/", 1)[0] not in HOOK_DIRS]
+        self._admission = _Compiled(root, admission, data_json, [DECISION_ENTRYPOINT])
+        self._hooks = _Compiled(
+            root, modules, data_json, [POLICIES_ENTRYPOINT, *HOOK_ENTRYPOINTS.values()]
+        )
         self.policies = self._load_policies()
 
     @classmethod
@@ -124,8 +191,8 @@ class PolicyBundle:
         return cls(root, files)
 
     def _load_policies(self) -> list[PolicyInfo]:
-        self._interp.set_input_term("{}")
-        raw = self._query(POLICIES_ENTRYPOINT)
+        self._hooks.set_input({})
+        raw = self._hooks.query(POLICIES_ENTRYPOINT)
         if not isinstance(raw, list) or not raw:
             raise BundleError(f"{POLICIES_ENTRYPOINT} of {str(self.root)!r} lists no policies")
         out: list[PolicyInfo] = []
@@ -149,34 +216,25 @@ class PolicyBundle:
             raise BundleError(f"policy ids are not unique in {str(self.root)!r}: {sorted(ids)}")
         return sorted(out, key=lambda p: p.policy_id)
 
-    def _query(self, entrypoint: str) -> Any:
-        """The entrypoint's value for the current input (``None`` when undefined)."""
-        try:
-            output = self._interp.query_bundle_entrypoint(self._bundle, entrypoint)
-        except RegoError as exc:
-            raise BundleError(f"evaluating {entrypoint} failed: {exc}") from exc
-        except json.JSONDecodeError as exc:
-            # regopy parses the engine's output string as it builds the Output; the engine
-            # renders some computed strings unescaped (see the bundle README), so refuse clearly.
-            raise BundleError(f"{entrypoint} produced malformed output: {exc}") from exc
-        if not output.ok():
-            raise BundleError(f"evaluating {entrypoint} failed: {output}")
-        if not output.results or not output.results[0].expressions:
-            return None
-        return output.results[0].expressions[0]
-
     def evaluate(self, input_doc: dict[str, Any]) -> dict[str, Any]:
         """The ``decision`` document (``{"deny": [...], "warn": [...]}``) for one input."""
-        try:
-            # JSON text, not ``set_input(dict)``: regopy's dict conversion stores strings
-            # unescaped, so a quote in a model name would corrupt the decision's JSON.
-            self._interp.set_input_term(orjson.dumps(input_doc).decode())
-        except (RegoError, TypeError) as exc:
-            raise BundleError(f"input is not a valid Rego document: {exc}") from exc
-        value = self._query(DECISION_ENTRYPOINT)
+        self._admission.set_input(input_doc)
+        value = self._admission.query(DECISION_ENTRYPOINT)
         if not isinstance(value, dict):
             # An undefined decision must not read as "nothing denied".
             raise BundleError(f"{DECISION_ENTRYPOINT} is undefined for this input")
+        return value
+
+    def evaluate_hook(self, hook: str, input_doc: dict[str, Any]) -> dict[str, Any] | None:
+        """The lifecycle hook's ``decision`` document for one input; ``None`` when the bundle
+        defines nothing for the hook (so it decides nothing)."""
+        entrypoint = HOOK_ENTRYPOINTS.get(hook)
+        if entrypoint is None:
+            raise BundleError(f"no lifecycle hook {hook!r}")
+        self._hooks.set_input(input_doc)
+        value = self._hooks.query(entrypoint)
+        if value is not None and not isinstance(value, dict):
+            raise BundleError(f"{entrypoint} is not an object: {value!r}")
         return value
 
 

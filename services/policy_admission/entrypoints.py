@@ -40,6 +40,8 @@ from services.policy_admission.domain import AdmitRequest
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
+from services.policy_admission.hook_handler import HookHandler
+from services.policy_admission.hooks import HookActor, HookContext, parse_hook
 from services.policy_admission.promotion_handlers import promotion_routes
 from services.policy_admission.simulation_jobs import SimulationJobs, SimulationRequest
 from services.policy_admission.tenant_bundles import TenantPolicies
@@ -334,6 +336,29 @@ def simulation_routes(server: RpcServer, jobs: SimulationJobs) -> None:
         return await jobs.get(body.tenant_id, body.simulation_id, body.format)
 
 
+class HookCall(_Call):
+    """``evaluate_hook``: the hook (named, so an unknown one is refused by name) and its input
+    context (``services.policy_admission.hooks.HookContext``)."""
+
+    hook: str = Field(min_length=1, max_length=MAX_NAME)
+    actor: HookActor
+    environment: Environment = DEFAULT_ENVIRONMENT
+    agent: dict[str, Any] | None = None
+    request: dict[str, Any] = Field(default_factory=dict)
+    change: dict[str, Any] | None = None
+
+    def context(self) -> HookContext:
+        """The hook's input context; :class:`InvalidInput` for an unknown hook."""
+        return HookContext(
+            hook=parse_hook(self.hook),
+            actor=self.actor,
+            environment=self.environment,
+            agent=self.agent,
+            request=self.request,
+            change=self.change,
+        )
+
+
 def _archive(call: UploadCall) -> bytes:
     try:
         archive = base64.b64decode(call.archive_b64, validate=True)
@@ -527,6 +552,14 @@ def rpc_server(
     async def admit(body: AdmitCall, headers: Headers) -> dict[str, Any]:
         """Decide whether a step may run; answered once the decision is durable."""
         return await handler.admit_parsed(body.tenant_id, body, headers)
+
+    hooks = HookHandler(handler)
+
+    @server.handler("evaluate_hook")
+    async def evaluate_hook(body: HookCall, headers: Headers) -> dict[str, Any]:
+        """A lifecycle hook's decision (recorded as ``policy.hook_evaluated`` unless it is
+        ``before_execute``, which only evaluates)."""
+        return await hooks.evaluate(body.tenant_id, body.context(), headers)
 
     @server.handler("policies")
     async def policies(body: dict[str, Any]) -> dict[str, Any]:

@@ -200,6 +200,10 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         {"case": "partial_reload_failure", "environment": "production"},
     ),
     ("DELETE", "/v1/policy-webhooks/{webhook_id}"): (f"/v1/policy-webhooks/{NO_RELOAD}", None),
+    ("POST", "/v1/policy-hooks/{hook}/evaluate"): (
+        "/v1/policy-hooks/on_review_open/evaluate",
+        {"agent": {"id": "rbac-agent", "identity": {"owner": "team-a"}}},
+    ),
     ("POST", "/v1/policy-exceptions/{exception_id}:revoke"): (
         "/v1/policy-exceptions/rbac-exception:revoke",
         None,

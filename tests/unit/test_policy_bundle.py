@@ -25,11 +25,19 @@ pytestmark = pytest.mark.unit
 
 POLICY_IDS = [
     "admission_required",
+    "agent_owner",
     "cost_cap",
+    "governed_fields",
+    "max_steps",
+    "memory_retention",
     "model_allowlist",
+    "model_deprecation",
+    "promotion_checks",
+    "run_budget_actual",
     "run_state",
     "token_limit",
     "tool_allowlist",
+    "tool_combinations",
 ]
 
 
