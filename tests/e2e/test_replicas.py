@@ -300,9 +300,12 @@ def duplicated_effects(sys_: RunningSystem, o: Outcomes) -> list[tuple[Any, ...]
             "GROUP BY 1, 2, 3 HAVING count(*) > 1",
             (list(o.tenants.values()), list(ONCE_PER_RUN_STEP)),
         ).fetchall()
+        # Each activation once per stream (tenant and environment): replicas starting together
+        # must not each record the repository bundle's, while one tenant may rightly activate
+        # the same bundle in both of its environments (aligning them).
         bundles = conn.execute(
-            "SELECT payload->>'bundle_digest', count(*) FROM eventstore.events "
-            "WHERE event_type = 'policy.bundle_activated' GROUP BY 1 HAVING count(*) > 1"
+            "SELECT stream_id, payload->>'bundle_digest', count(*) FROM eventstore.events "
+            "WHERE event_type = 'policy.bundle_activated' GROUP BY 1, 2 HAVING count(*) > 1"
         ).fetchall()
     return [tuple(r) for r in rows] + [("policy.bundle_activated", *b) for b in bundles]
 
