@@ -198,7 +198,7 @@ def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None
         A governed version cannot change (409 ``agent_version_immutable``): fork it."""
         payload = {**body.model_dump(mode="json"), "actor": call.actor}
         result = await call("admission", "agent_save_draft", payload)
-        status = 201 if result.get("created") and result.get("changed") else 200
+        status = 201 if result.get("created") else 200
         return Response(orjson.dumps(result), status_code=status, media_type="application/json")
 
     @router.post("/agents/validate", response_model=AgentValidation, tags=tags)

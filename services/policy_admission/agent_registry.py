@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from libs.contracts.agents import REGISTRY_AGENT_ID_PATTERN, LifecycleState, Origin, spec_hash
-from libs.contracts.envelope import DomainEvent, TenantId
+from libs.contracts.envelope import DomainEvent, EventEnvelope, TenantId
 from libs.contracts.limits import MAX_ACTOR, MAX_NAME, MAX_REASON
 from libs.contracts.policy import ENVIRONMENTS, Environment
 from libs.errors import InvalidInput, NotFound
@@ -63,8 +63,8 @@ class AgentRegistry:
         agent_id: str,
         decide: Callable[[Agent], Sequence[DomainEvent]],
         actor: str,
-    ) -> tuple[Agent, bool]:
-        """Decide on the agent and record what was decided with its row; ``(agent, changed)``."""
+    ) -> tuple[Agent, list[EventEnvelope]]:
+        """Decide on the agent and record what was decided with its row; ``(agent, stored)``."""
         before: list[AgentGate | None] = [None]
 
         def decide_noting(agent: Agent) -> Sequence[DomainEvent]:
@@ -88,7 +88,7 @@ class AgentRegistry:
         if gate_changed:
             # This replica applies it at once; the others follow the change log.
             await self.tenants.reload(tenant_id)
-        return agent, bool(stored)
+        return agent, stored
 
     async def save_draft(
         self,
@@ -100,13 +100,15 @@ class AgentRegistry:
         actor: str,
     ) -> dict[str, Any]:
         """Create the agent or autosave its draft (the same content again records nothing)."""
-        agent, changed = await self.change(
+        agent, stored = await self.change(
             tenant_id,
             agent_id,
             lambda a: agents.save_draft(a, spec, origin=origin, origin_ref=origin_ref),
             actor,
         )
-        return {**agents.agent_view(agent), "changed": changed, "created": agent.version == 1}
+        # Only the first draft of an agent records its origin.
+        created = bool(stored) and stored[0].payload.get("origin") is not None
+        return {**agents.agent_view(agent), "changed": bool(stored), "created": created}
 
     async def validate(
         self, tenant_id: str, agent_id: str, environment: Environment, actor: str
@@ -154,8 +156,8 @@ class AgentRegistry:
                 decide = lambda a: agents.sandbox(a, verdict)  # noqa: E731
             else:
                 decide = lambda a: agents.promote(a, verdict, actor)  # noqa: E731
-        agent, changed = await self.change(tenant_id, agent_id, decide, actor)
-        return {**agents.agent_view(agent), "changed": changed}
+        agent, stored = await self.change(tenant_id, agent_id, decide, actor)
+        return {**agents.agent_view(agent), "changed": bool(stored)}
 
     async def disable(
         self,
@@ -167,10 +169,10 @@ class AgentRegistry:
     ) -> dict[str, Any]:
         """Stop the agent running in ``environments`` (every replica denies its runs there)."""
         await self.get(tenant_id, agent_id)
-        agent, changed = await self.change(
+        agent, stored = await self.change(
             tenant_id, agent_id, lambda a: agents.disable(a, environments, reason, actor), actor
         )
-        return {**agents.agent_view(agent), "changed": changed}
+        return {**agents.agent_view(agent), "changed": bool(stored)}
 
     async def listing(
         self, tenant_id: str, state: LifecycleState | None, limit: int

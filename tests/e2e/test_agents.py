@@ -67,6 +67,10 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         assert resp.json()["version"] == 1 and resp.json()["state"] == "draft"
         resp = key.post("/v1/agents/draft", json=draft)
         assert resp.status_code == 200 and resp.json()["changed"] is False  # autosave, same spec
+        edited = {**draft, "spec": {**SPEC, "role": "Sorts tickets"}}
+        resp = key.post("/v1/agents/draft", json=edited)
+        assert resp.status_code == 200 and resp.json()["changed"] is True, resp.text
+        assert key.post("/v1/agents/draft", json=draft).json()["version"] == 1
 
         # Bad input is a named 4xx.
         bad = {"agent_id": agent_id, "spec": {"colour": "red"}}

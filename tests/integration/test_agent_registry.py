@@ -119,7 +119,7 @@ async def test_the_lifecycle_is_recorded_with_the_policy_set_and_admission_follo
     assert (created["version"], created["state"], created["created"]) == (1, "draft", True)
     assert created["origin"] == {"type": "template", "ref": None}
     again = await call("agent_save_draft", tenant, agent_id=agent_id, spec=dict(SPEC))
-    assert again["changed"] is False  # idempotent autosave
+    assert again["changed"] is False and again["created"] is False  # idempotent autosave
     await _everywhere(replicas, tenant, agent_id, "draft")
 
     # A draft: denied in production (by name, recorded as a violation), admitted in sandbox.
