@@ -16,6 +16,7 @@ import orjson
 from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from libs import errors
 from libs.contracts.agents import REGISTRY_AGENT_ID_PATTERN, LifecycleState, Origin
 from libs.contracts.policy import Environment
 from services.gateway.schemas import Name, Reason, json_without_nul
@@ -178,6 +179,10 @@ class AgentActions(_Result):
     runnable_in: list[Environment]
 
 
+DIRECT_TIERS = {"sandbox": "write", "promote": "irreversible"}
+"""The approval tier a direct move falls under (as a promotion request into that environment)."""
+
+
 def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None:
     """Add the registry's routes to ``router``. ``read``, ``author`` and ``govern`` are the
     caller dependencies of the read, workflows and govern permissions."""
@@ -235,14 +240,29 @@ def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None
         return await call.answer("admission", "agent_actions", {"agent_id": agent_id})
 
     async def _transition(call: Any, action: str, agent_id: str) -> Any:
+        if action in DIRECT_TIERS:
+            await _ensure_no_approval_needed(call, action)
         payload = {"agent_id": agent_id, "actor": call.actor}
         return await call.answer("admission", f"agent_{action}", payload)
+
+    async def _ensure_no_approval_needed(call: Any, action: str) -> None:
+        # A direct move is for tenants whose approval gates do not gate it; otherwise it must
+        # be a promotion request, approved as the workflow engine's rules say.
+        tier = DIRECT_TIERS[action]
+        rules = (await call("workflow", "approval_rules"))["rules"]
+        required = int((rules.get(tier) or {}).get("required") or 0)
+        if required > 0:
+            raise errors.Conflict(
+                f"promotion_requires_approval: the tenant's {tier} tier needs {required} "
+                f"approval(s); request the move at /v1/promotions/requests"
+            )
 
     @router.post("/agents/{agent_id}/sandbox", response_model=AgentView, tags=tags)
     async def sandbox_agent(agent_id: AgentIdPath, call: Author) -> Any:
         """Move the draft to the sandbox, where it may run; it must pass validation against the
         sandbox's policy set (422 ``agent_invalid`` naming the problems). Only a draft moves
-        (409 ``agent_illegal_transition``)."""
+        (409 ``agent_illegal_transition``), only when the ``write`` approval tier needs no
+        approval (409 ``promotion_requires_approval``) and no freeze or drift blocks it (409)."""
         return await _transition(call, "sandbox", agent_id)
 
     @router.post("/agents/{agent_id}/fork", response_model=AgentView, tags=tags)
@@ -255,7 +275,10 @@ def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None
     async def promote_agent(agent_id: AgentIdPath, call: Govern) -> Any:
         """Promote the sandboxed version to governed (version + 1, immutable): production runs
         it from now on. It must pass validation against production's policy set; the promotion
-        records the ``policy_digest`` and ``policy_set_hash`` used. People only (admin)."""
+        records the ``policy_digest`` and ``policy_set_hash`` used. People only (admin). Only
+        when the tenant's ``irreversible`` approval tier needs no approval (else 409
+        ``promotion_requires_approval``: request it at ``/v1/promotions/requests``), and never
+        while a freeze or unacknowledged drift blocks it (409)."""
         return await _transition(call, "promote", agent_id)
 
     @router.post("/agents/{agent_id}/disable", response_model=AgentView, tags=tags)

@@ -25,6 +25,9 @@ from libs.eventbus.rpc import RpcServer
 from libs.eventbus.uow import UnitOfWork
 from services.policy_admission import agents
 from services.policy_admission.agents import AGENTS, Agent, AgentGate, PolicyView
+from services.policy_admission.drift_handlers import DriftWatch
+from services.policy_admission.freeze_handlers import Freezes
+from services.policy_admission.promotion_guard import ensure_promotable
 from services.policy_admission.tenant_bundles import CHANGES_LOCK, TenantPolicies, log_change
 
 MAX_LISTED = 500
@@ -293,8 +296,14 @@ class ListCall(_Call):
     limit: int = Field(default=100, ge=1, le=MAX_LISTED)
 
 
-def agent_routes(server: RpcServer, registry: AgentRegistry) -> None:
-    """The agent registry's requests (``docs/agents.md``)."""
+def agent_routes(
+    server: RpcServer,
+    registry: AgentRegistry,
+    freezes: Freezes | None = None,
+    drift: DriftWatch | None = None,
+) -> None:
+    """The agent registry's requests (``docs/agents.md``). A direct ``sandbox`` or ``promote``
+    passes the same freeze and drift checks as a promotion request carried out."""
 
     @server.handler("agent_save_draft")
     async def agent_save_draft(body: SaveDraftCall) -> dict[str, Any]:
@@ -327,11 +336,13 @@ def agent_routes(server: RpcServer, registry: AgentRegistry) -> None:
     @server.handler("agent_sandbox")
     async def agent_sandbox(body: _AgentCall) -> dict[str, Any]:
         """Move the draft to the sandbox."""
+        await ensure_promotable(freezes, drift, body.tenant_id, "sandbox")
         return await registry.transition(body.tenant_id, body.agent_id, "sandbox", body.actor)
 
     @server.handler("agent_promote")
     async def agent_promote(body: _AgentCall) -> dict[str, Any]:
         """Promote the sandboxed version to governed (production)."""
+        await ensure_promotable(freezes, drift, body.tenant_id, "production")
         return await registry.transition(body.tenant_id, body.agent_id, "promote", body.actor)
 
     @server.handler("agent_fork")

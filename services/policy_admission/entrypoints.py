@@ -537,7 +537,7 @@ def rpc_server(
         bundle_routes(server, tenants)
         diff_routes(server, Diffs(tenants.store, tenants.read_archive))
         registry = AgentRegistry(tenants)
-        agent_routes(server, registry)
+        agent_routes(server, registry, freezes, drift)
         promotion_routes(server, registry, freezes, drift)
     if freezes is not None:
         freeze_routes(server, freezes)

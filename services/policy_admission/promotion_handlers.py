@@ -10,7 +10,7 @@ happen here, in order:
    ``stale`` with the snapshot of now, and the engine closes the request);
 2. no open incident freezes the target environment (409 ``promotion_frozen`` naming them);
 3. sandbox and production have not drifted apart, or the drift was acknowledged (409
-   ``promotion_drifted``, :func:`drift_blockers`);
+   ``promotion_drifted``; both checked by :mod:`~services.policy_admission.promotion_guard`);
 4. the registry moves the agent (``sandbox`` or ``promote``), validating it against the
    environment's policy set and recording the policy set it used.
 
@@ -34,6 +34,7 @@ from services.policy_admission.agent_registry import AgentRegistry
 from services.policy_admission.agents import Agent
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
+from services.policy_admission.promotion_guard import ensure_promotable
 
 
 def snapshot(
@@ -49,13 +50,6 @@ def snapshot(
         "policy_digest": policy.policy_digest,
         "policy_set_hash": policy.policy_set_hash,
     }
-
-
-async def drift_blockers(drift: DriftWatch | None, tenant_id: str) -> list[str]:
-    """Why drift forbids a promotion now (empty: it does not): the one call site of the drift
-    check (:meth:`DriftWatch.blockers`, which compares sandbox and production at once). Each
-    line starts ``policy_drift:``."""
-    return await drift.blockers(tenant_id) if drift is not None else []
 
 
 def _already_done(agent: Agent, plan: ExecuteCall) -> dict[str, Any] | None:
@@ -144,16 +138,7 @@ def promotion_routes(
         }
         if now != recorded:
             return {"outcome": "stale", "snapshot": now}
-        blockers = await freezes.blockers(body.tenant_id, body.environment) if freezes else []
-        if blockers:
-            incidents = "; ".join(b.removeprefix("promotion_frozen: ") for b in blockers)
-            raise Conflict(
-                f"promotion_frozen: promotions into {body.environment} are frozen: {incidents}"
-            )
-        drifted = await drift_blockers(drift, body.tenant_id)
-        if drifted:
-            why = "; ".join(b.removeprefix("policy_drift: ") for b in drifted)
-            raise Conflict(f"promotion_drifted: {why}")
+        await ensure_promotable(freezes, drift, body.tenant_id, body.environment)
         action: Literal["sandbox", "promote"] = (
             "promote" if body.environment == "production" else "sandbox"
         )

@@ -92,6 +92,9 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         _error(admin.post(f"/v1/agents/{agent_id}/promote"), 409, "agent_illegal_transition")
         resp = key.post(f"/v1/agents/{agent_id}/sandbox")
         assert resp.status_code == 200 and resp.json()["state"] == "sandbox", resp.text
+        # Production's approval tier needs an approval by default: no direct promotion then.
+        _error(admin.post(f"/v1/agents/{agent_id}/promote"), 409, "promotion_requires_approval")
+        _approvals_off(admin)
         resp = admin.post(f"/v1/agents/{agent_id}/promote")
         assert resp.status_code == 200, resp.text
         promoted = resp.json()
@@ -133,6 +136,12 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         assert [a["agent_id"] for a in listing["agents"]] == [agent_id]
 
 
+def _approvals_off(admin: httpx.Client) -> None:
+    """The tenant's production tier needs no approval, so an admin may promote directly."""
+    resp = admin.put("/v1/approval-rules", json={"irreversible": {"required": 0}})
+    assert resp.status_code == 200, resp.text
+
+
 def test_mctl_agent_saves_sandboxes_promotes_and_shows_an_agent(
     whole_system: RunningSystem, tmp_path: Path
 ) -> None:
@@ -152,6 +161,8 @@ def test_mctl_agent_saves_sandboxes_promotes_and_shows_an_agent(
     verdict = json.loads(mctl("agent", "validate", agent_id, "-e", "sandbox", env=as_key))
     assert verdict["passed"] is True and verdict["policy_set_hash"].startswith("sha256:")
     assert json.loads(mctl("agent", "sandbox", agent_id, env=as_key))["state"] == "sandbox"
+    with _client(whole_system.gateway_url, token) as admin:
+        _approvals_off(admin)
     promoted = json.loads(mctl("agent", "promote", agent_id, env=as_admin))
     assert (promoted["version"], promoted["state"]) == (2, "governed")
     shown = json.loads(mctl("agent", "show", agent_id, env=as_key))
