@@ -611,7 +611,10 @@ def admission_reason(message: str) -> dict[str, Any]:
     """The deny entry (as the bundle writes them) for :func:`admission_denial`'s message."""
     return {
         "policy_id": AGENT_STATE_POLICY,
-        "severity": "high",
+        # Medium: the run is stopped and an incident opened, but an agent that tried to run
+        # before it was promoted must not freeze the very promotion that would let it run
+        # (the freeze starts at high by default).
+        "severity": "medium",
         "message": message,
         "runbook_url": AGENT_STATE_RUNBOOK,
     }

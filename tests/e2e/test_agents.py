@@ -89,12 +89,12 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         assert _admit(key, agent_id, "sandbox")["outcome"] == "allow"
 
         assert key.post(f"/v1/agents/{agent_id}/promote").status_code == 403  # people only
-        _error(admin.post(f"/v1/agents/{agent_id}/promote"), 409, "agent_illegal_transition")
-        resp = key.post(f"/v1/agents/{agent_id}/sandbox")
-        assert resp.status_code == 200 and resp.json()["state"] == "sandbox", resp.text
         # Production's approval tier needs an approval by default: no direct promotion then.
         _error(admin.post(f"/v1/agents/{agent_id}/promote"), 409, "promotion_requires_approval")
         _approvals_off(admin)
+        _error(admin.post(f"/v1/agents/{agent_id}/promote"), 409, "agent_illegal_transition")
+        resp = key.post(f"/v1/agents/{agent_id}/sandbox")
+        assert resp.status_code == 200 and resp.json()["state"] == "sandbox", resp.text
         resp = admin.post(f"/v1/agents/{agent_id}/promote")
         assert resp.status_code == 200, resp.text
         promoted = resp.json()
