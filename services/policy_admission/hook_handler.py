@@ -10,6 +10,7 @@ answers. ``before_execute`` only evaluates (a dry run of admission): the admissi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,8 +31,8 @@ from services.policy_admission.hooks import (
     HookDecision,
     after_execute_context,
     evaluate_hook,
-    evaluate_scan,
     hook_events,
+    iter_scan,
     parse_after_execute,
     recorded_step,
     subject_of,
@@ -65,12 +66,15 @@ class HookHandler:
         settings = a.settings_for(tenant)
         decision_id = str(new_uuid7())
         if context.hook == SCAN_HOOK:
-            scanned = [
-                Evaluated(subject, decision)
-                for subject, decision in evaluate_scan(
-                    bundle, context, tenant_id=tenant, settings=settings
-                )
-            ]
+            scanned: list[Evaluated] = []
+            for subject, decision in iter_scan(
+                bundle, context, tenant_id=tenant, settings=settings
+            ):
+                scanned.append(Evaluated(subject, decision))
+                # A decision takes milliseconds and a scan up to 500 of them: let the
+                # admissions waiting on this loop through between subjects. The hooks have an
+                # interpreter of their own, and each evaluation is whole between two awaits.
+                await asyncio.sleep(0)
             await self._record(tenant, context, decision_id, scanned, headers)
             return {
                 "decision_id": decision_id,

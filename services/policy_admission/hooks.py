@@ -14,7 +14,7 @@ handler adds the run's recorded step for ``after_execute``, the policy exception
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, get_args
@@ -220,6 +220,20 @@ def scan_subjects(context: HookContext) -> list[ScanSubject]:
         raise InvalidInput(f"hook_request_invalid: request.subjects: {exc}") from None
 
 
+def iter_scan(
+    bundle: HookBundle,
+    context: HookContext,
+    *,
+    tenant_id: str = "",
+    settings: dict[str, Any] | None = None,
+) -> Iterator[tuple[str, HookDecision]]:
+    """``on_policy_update``: each subject's decision, evaluated as the context's agent, one at a
+    time (the subjects are all validated first)."""
+    for subject in scan_subjects(context):
+        one = context.model_copy(update={"agent": subject.agent, "request": {}})
+        yield subject.id, evaluate_hook(bundle, one, tenant_id=tenant_id, settings=settings)
+
+
 def evaluate_scan(
     bundle: HookBundle,
     context: HookContext,
@@ -227,12 +241,8 @@ def evaluate_scan(
     tenant_id: str = "",
     settings: dict[str, Any] | None = None,
 ) -> list[tuple[str, HookDecision]]:
-    """``on_policy_update``: every subject's decision, each evaluated as the context's agent."""
-    out: list[tuple[str, HookDecision]] = []
-    for subject in scan_subjects(context):
-        one = context.model_copy(update={"agent": subject.agent, "request": {}})
-        out.append((subject.id, evaluate_hook(bundle, one, tenant_id=tenant_id, settings=settings)))
-    return out
+    """``on_policy_update``: every subject's decision (see :func:`iter_scan`)."""
+    return list(iter_scan(bundle, context, tenant_id=tenant_id, settings=settings))
 
 
 def worst(outcomes: Iterable[Outcome]) -> Outcome:

@@ -350,6 +350,15 @@ async def test_policies_lists_the_bundle(admission: Admission) -> None:
         "cost_cap",
         "model_allowlist",
         "tool_allowlist",
+        # The lifecycle hooks' policies (policy-bundle/rules), listed with admission's.
+        "agent_owner",
+        "governed_fields",
+        "max_steps",
+        "memory_retention",
+        "model_deprecation",
+        "promotion_checks",
+        "run_budget_actual",
+        "tool_combinations",
     }
 
 
