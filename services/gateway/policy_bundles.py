@@ -470,7 +470,7 @@ class WebhookDeleted(_Result):
     deleted: bool
 
 
-ChaosCase = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+ChaosCase = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm", "agent_load"]
 
 
 class ChaosIn(BaseModel):

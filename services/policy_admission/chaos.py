@@ -10,6 +10,9 @@ swapped, appended or expired but the one ``policy.chaos_ran`` event that records
 * ``expiry_storm``: 10,000 policy exceptions expiring in the same second, matched as a decision
   matches them: every one applies a microsecond before that second, none at it, and the sweep
   closes all of them in one pass.
+* ``agent_load``: :data:`AGENT_LOAD` agents, each a fresh run asking for its first step with
+  varied models and tools, decided one after another by the deciding bundle as admission would:
+  every one must get a decision (no evaluation error), and the probe must decide as it did before.
 """
 
 from __future__ import annotations
@@ -26,9 +29,16 @@ from services.policy_admission import exceptions as waivers
 from services.policy_admission.bundle import DEFAULT_BUNDLE_DIR, BundleError, PolicyBundle
 from services.policy_admission.domain import AdmitRequest, RunContext, build_input, interpret
 
-Case = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
-CASES: tuple[Case, ...] = ("partial_reload_failure", "conflicting_policies", "expiry_storm")
+Case = Literal["partial_reload_failure", "conflicting_policies", "expiry_storm", "agent_load"]
+CASES: tuple[Case, ...] = (
+    "partial_reload_failure",
+    "conflicting_policies",
+    "expiry_storm",
+    "agent_load",
+)
 STORM_SIZE = 10_000
+AGENT_LOAD = 2_000
+"""How many agents the ``agent_load`` case simulates, each with a run asking for its first step."""
 BROKEN_FILE = "policies/chaos_broken.rego"
 
 
@@ -143,6 +153,57 @@ def expiry_storm(
     }
 
 
+_LOAD_MODELS = ("gpt-4o", "claude-sonnet-4", "gpt-4o-mini", "no-such-model")
+_LOAD_TOOLS = (None, "search", "http_request", "shell")
+
+
+def agent_load(deciding: PolicyBundle, input_doc: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """:data:`AGENT_LOAD` agents' first steps decided in a row; every one decided, none failed."""
+    before = _decides(deciding, input_doc)
+    outcomes: dict[str, int] = {"allow": 0, "warn": 0, "deny": 0}
+    failed = 0
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for i in range(AGENT_LOAD):
+        request = AdmitRequest.model_validate(
+            {
+                "run_id": f"chaos-load-{i}",
+                "step_index": 1,
+                "model": _LOAD_MODELS[i % len(_LOAD_MODELS)],
+                "tool": _LOAD_TOOLS[(i // len(_LOAD_MODELS)) % len(_LOAD_TOOLS)],
+                "estimate": {"input_tokens": 100 + i % 900, "max_output_tokens": 200},
+            }
+        )
+        doc = build_input(
+            RunContext(str(input_doc["tenant_id"]), f"chaos-load-{i}"),
+            request,
+            prices=builtin_price_table(),
+            at=now,
+        )
+        # A run that started, of its own agent (a run that never started is denied by
+        # run_state whatever else it asks, which would hide the other policies' work).
+        doc["run"].update(agent_id=f"chaos-agent-{i}", status="running")
+        one = time.perf_counter()
+        try:
+            outcomes[interpret(deciding.evaluate(doc)).outcome] += 1
+        except BundleError:
+            failed += 1
+        latencies.append(time.perf_counter() - one)
+    elapsed = time.perf_counter() - started
+    after = _decides(deciding, input_doc)
+    latencies.sort()
+    return {
+        "kept_deciding": failed == 0 and after["probe_outcome"] == before["probe_outcome"],
+        "agents": AGENT_LOAD,
+        "decided": sum(outcomes.values()),
+        "failed": failed,
+        "outcomes": outcomes,
+        "decisions_per_s": round(AGENT_LOAD / elapsed, 1),
+        "p95_ms": round(latencies[int(len(latencies) * 0.95)] * 1000, 3),
+        **after,
+    }
+
+
 def run_case(case: Case, deciding: PolicyBundle, tenant_id: str, now: datetime) -> dict[str, Any]:
     """Run one case against ``deciding`` (the tenant's bundle in the environment); the figures,
     with ``kept_deciding``."""
@@ -151,4 +212,6 @@ def run_case(case: Case, deciding: PolicyBundle, tenant_id: str, now: datetime) 
         return partial_reload_failure(deciding, input_doc)
     if case == "conflicting_policies":
         return conflicting_policies(deciding, input_doc)
+    if case == "agent_load":
+        return agent_load(deciding, input_doc, now)
     return expiry_storm(deciding, input_doc, now)

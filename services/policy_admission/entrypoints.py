@@ -135,7 +135,7 @@ class ChaosCall(_Admin):
     """``run_chaos``: one case, in a non-production environment."""
 
     environment: Environment = "sandbox"
-    case: Literal["partial_reload_failure", "conflicting_policies", "expiry_storm"]
+    case: Literal["partial_reload_failure", "conflicting_policies", "expiry_storm", "agent_load"]
 
 
 class CreateWebhookCall(_Admin):

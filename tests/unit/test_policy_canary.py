@@ -144,6 +144,11 @@ def test_every_chaos_case_leaves_the_last_good_bundle_deciding(case: Case) -> No
         assert "chaos_broken.rego" in figures["load_refused"]
     elif case == "conflicting_policies":
         assert "failed" in figures["candidate_failed"]
+    elif case == "agent_load":
+        assert figures["agents"] == figures["decided"] == 2_000 and figures["failed"] == 0
+        # The mix of models gets both answers the bundle gives a first step: allowed, and a
+        # warning for the model without a price.
+        assert figures["outcomes"] == {"allow": 1_500, "warn": 500, "deny": 0}
     else:
         assert figures["exceptions"] == figures["expired_in_one_sweep"] == 10_000
         assert figures["applied_before_expiry"] and not figures["applied_at_expiry"]
