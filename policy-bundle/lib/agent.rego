@@ -9,8 +9,14 @@ default owner := ""
 
 owner := trim_space(input.agent.identity.owner) if is_string(input.agent.identity.owner)
 
-# model.name (or model as a bare string); undefined when the spec names no model.
-model_name := input.agent.model.name if is_string(input.agent.model.name)
+# model.model (the registry's canonical spec), model.name, or model as a bare string; undefined
+# when the spec names no model.
+model_name := input.agent.model.model if is_string(input.agent.model.model)
+
+model_name := input.agent.model.name if {
+	not is_string(input.agent.model.model)
+	is_string(input.agent.model.name)
+}
 
 model_name := input.agent.model if is_string(input.agent.model)
 

@@ -1,8 +1,9 @@
 # METADATA
 # title: Production promotion requires passing tests and validation
 # description: >-
-#   Denies promoting an agent to production unless the promotion request reports its tests and
-#   its policy validation as passed (request.tests_passed, request.validation_passed).
+#   Denies promoting an agent to production unless its policy validation passed
+#   (request.validation_passed) and, when the request reports tests, they passed
+#   (request.tests_passed).
 # custom:
 #   id: promotion_checks
 #   severity: high
@@ -15,8 +16,9 @@ metadata := {
 	"id": "promotion_checks",
 	"title": "Production promotion requires passing tests and validation",
 	"description": concat(" ", [
-		"Denies promoting an agent to production unless the promotion request reports its tests",
-		"and its policy validation as passed (request.tests_passed, request.validation_passed).",
+		"Denies promoting an agent to production unless its policy validation passed",
+		"(request.validation_passed) and, when the request reports tests, they passed",
+		"(request.tests_passed).",
 	]),
 	"severity": "high",
 	"runbook_url": "https://github.com/mission-control/mission-control/blob/main/policy-bundle/runbooks/promotion_checks.md",
@@ -24,8 +26,11 @@ metadata := {
 
 hooks := {"on_promotion_attempt"}
 
+# Tests are the caller's to report (the registry runs none): when a promotion reports them, they
+# must have passed. Validation the registry always reports.
 deny contains "promotion to production needs passing tests (request.tests_passed is not true)" if {
 	input.environment == "production"
+	"tests_passed" in object.keys(input.request)
 	not input.request.tests_passed == true
 }
 

@@ -8,10 +8,11 @@ import data.missioncontrol.rules.promotion_checks
 promotion_checks_cases := [
 	{"env": "production", "request": {"tests_passed": true, "validation_passed": true}, "denies": 0},
 	{"env": "production", "request": {"tests_passed": true}, "denies": 1},
-	{"env": "production", "request": {"validation_passed": true}, "denies": 1},
+	{"env": "production", "request": {"validation_passed": true}, "denies": 0},
 	{"env": "production", "request": {"tests_passed": false, "validation_passed": true}, "denies": 1},
 	{"env": "production", "request": {"tests_passed": "yes", "validation_passed": true}, "denies": 1},
-	{"env": "production", "request": {}, "denies": 2},
+	{"env": "production", "request": {"tests_passed": false}, "denies": 2},
+	{"env": "production", "request": {}, "denies": 1},
 	{"env": "sandbox", "request": {}, "denies": 0},
 ]
 
@@ -24,7 +25,7 @@ test_promotion_checks_table if {
 
 test_promotion_checks_deny_reaches_the_promotion_hook if {
 	some e in on_promotion_attempt.decision.deny with input.environment as "production"
-		with input.request as {"validation_passed": true}
+		with input.request as {"validation_passed": true, "tests_passed": false}
 		with input.agent as {"identity": {"owner": "team"}}
 	e.policy_id == "promotion_checks"
 	contains(e.message, "tests")

@@ -10,7 +10,7 @@ settings and exceptions; admission then looks an agent up in memory, never in th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.contracts.agents import REGISTRY_AGENT_ID_PATTERN, LifecycleState, Origin, spec_hash
 from libs.contracts.envelope import DomainEvent, EventEnvelope, TenantId
 from libs.contracts.limits import MAX_ACTOR, MAX_NAME, MAX_REASON
-from libs.contracts.policy import ENVIRONMENTS, Environment
+from libs.contracts.policy import ENVIRONMENTS, Environment, PolicyHook
 from libs.errors import InvalidInput, NotFound
 from libs.eventbus.repository import EventMeta, Repository, begin
 from libs.eventbus.rpc import RpcServer
@@ -27,6 +27,7 @@ from services.policy_admission import agents
 from services.policy_admission.agents import AGENTS, Agent, AgentGate, PolicyView
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
+from services.policy_admission.hooks import HookActor, HookContext, evaluate_hook
 from services.policy_admission.promotion_guard import ensure_promotable
 from services.policy_admission.tenant_bundles import CHANGES_LOCK, TenantPolicies, log_change
 
@@ -52,6 +53,36 @@ class AgentRegistry:
             data=bundle.data,
             settings=self.tenants.settings_for(tenant_id),
         )
+
+    def verdict(
+        self,
+        tenant_id: str,
+        spec: Mapping[str, Any],
+        environment: Environment,
+        hook: PolicyHook,
+        actor: str,
+    ) -> agents.Verdict:
+        """Validate ``spec`` for ``environment``: the schema, the tenant's policy view, and the
+        bundle's ``hook`` (``on_create_attempt`` for validations and the sandbox,
+        ``on_promotion_attempt`` for production), each violation a problem."""
+        policy = self.policy(tenant_id, environment)
+        # What the hook's policies may require of the request: the registry's own validation
+        # (schema, allowlists, limits) of this spec for this environment.
+        validated = agents.validate_agent(spec, policy)
+        context = HookContext(
+            hook=hook,
+            actor=HookActor(id=actor[:MAX_ACTOR] or "unknown"),
+            environment=environment,
+            agent=dict(spec),
+            request={"validation_passed": validated.passed},
+        )
+        decision = evaluate_hook(
+            self.tenants.bundle_for(tenant_id, environment),
+            context,
+            tenant_id=tenant_id,
+            settings=self.tenants.settings_for(tenant_id),
+        )
+        return agents.validate_agent(spec, policy, decision)
 
     async def get(self, tenant_id: str, agent_id: str) -> Agent:
         """The agent; ``agent_not_found`` (404) if it was never saved."""
@@ -118,7 +149,7 @@ class AgentRegistry:
     ) -> dict[str, Any]:
         """Validate the agent's current spec against ``environment``'s policy set; recorded."""
         agent = await self.get(tenant_id, agent_id)
-        verdict = agents.validate_agent(agent.spec, self.policy(tenant_id, environment))
+        verdict = self.verdict(tenant_id, agent.spec, environment, "on_create_attempt", actor)
         agent, _ = await self.change(
             tenant_id, agent_id, lambda a: agents.record_validation(a, verdict), actor
         )
@@ -132,7 +163,7 @@ class AgentRegistry:
     def validate_spec(self, tenant_id: str, spec: Any, environment: Environment) -> dict[str, Any]:
         """Validate a spec that is not saved (nothing recorded)."""
         checked = agents.check_draft(spec)
-        verdict = agents.validate_agent(checked, self.policy(tenant_id, environment))
+        verdict = self.verdict(tenant_id, checked, environment, "on_create_attempt", "unknown")
         return {
             **agents.validation_view(verdict),
             "agent_id": None,
@@ -154,7 +185,10 @@ class AgentRegistry:
             decide = agents.fork
         else:
             environment: Environment = "sandbox" if action == "sandbox" else "production"
-            verdict = agents.validate_agent(agent.spec, self.policy(tenant_id, environment))
+            hook: PolicyHook = (
+                "on_create_attempt" if action == "sandbox" else "on_promotion_attempt"
+            )
+            verdict = self.verdict(tenant_id, agent.spec, environment, hook, actor)
             if action == "sandbox":
                 decide = lambda a: agents.sandbox(a, verdict)  # noqa: E731
             else:

@@ -51,6 +51,7 @@ from libs.contracts.events import (
     AgentPromoted,
     AgentSandboxed,
     AgentValidated,
+    HookDecided,
 )
 from libs.contracts.policy import ENVIRONMENTS, Environment
 from libs.errors import Conflict, InvalidInput, NotFound
@@ -356,13 +357,22 @@ def policy_problems(agent: AgentSpec, policy: PolicyView) -> list[AgentProblem]:
     return problems
 
 
-def validate_agent(spec: Mapping[str, Any], policy: PolicyView) -> Verdict:
+def validate_agent(
+    spec: Mapping[str, Any], policy: PolicyView, hook: HookDecided | None = None
+) -> Verdict:
     """Check ``spec`` against the canonical schema, then against ``policy``: the one place the
     registry asks policy about an agent (``validate``, ``sandbox`` and ``promote`` all come
-    here), so a policy hook can take its place without touching the lifecycle."""
+    here). ``hook`` is the bundle's lifecycle hook decision on the spec (``on_create_attempt``,
+    ``on_promotion_attempt``): each of its violations is a problem too, named
+    ``policy_<policy_id>``; its warnings are not."""
     parsed, problems = schema_problems(spec)
     if parsed is not None:
         problems = policy_problems(parsed, policy)
+    if hook is not None:
+        problems = [
+            *problems,
+            *(_problem(f"policy_{v.policy_id}", "policy", v.message) for v in hook.violations),
+        ]
     return Verdict(
         environment=policy.environment,
         passed=not problems,

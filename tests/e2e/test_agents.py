@@ -19,7 +19,7 @@ from tests.e2e.test_policy_bundles import _admin_token, _client
 pytestmark = pytest.mark.e2e
 
 SPEC: dict[str, Any] = {
-    "identity": {"name": "Support triage"},
+    "identity": {"name": "Support triage", "owner": "team-support"},
     "role": "Sorts support tickets",
     "model": {"model": "gpt-4o"},
     "tools": [{"name": "search"}],
@@ -81,6 +81,11 @@ def test_an_agent_from_draft_to_governed_to_disabled_through_the_gateway(
         assert checked.status_code == 200, checked.text
         assert checked.json()["passed"] is False
         assert {"identity", "model"} <= {p["path"] for p in checked.json()["problems"]}
+        # The bundle's on_create_attempt hook is part of validation: no owner, no agent.
+        ownerless = {**SPEC, "identity": {"name": "Nobody's"}}
+        checked = key.post("/v1/agents/validate", json={"spec": ownerless}).json()
+        assert checked["passed"] is False
+        assert [p["code"] for p in checked["problems"]] == ["policy_agent_owner"]
 
         # A draft runs in the sandbox only.
         denied = _admit(key, agent_id, "production")
@@ -148,7 +153,8 @@ def test_mctl_agent_saves_sandboxes_promotes_and_shows_an_agent(
     agent_id, api_key, token = _tenant(whole_system, "cli")
     spec = tmp_path / "agent.yaml"
     spec.write_text(
-        "identity: {name: CLI agent}\nrole: Answers questions\nmodel: {model: gpt-4o}\n"
+        "identity: {name: CLI agent, owner: team-cli}\n"
+        "role: Answers questions\nmodel: {model: gpt-4o}\n"
     )
     base = {**os.environ, "MC_GATEWAY_URL": whole_system.gateway_url}
     as_key = {**base, "MC_API_KEY": api_key}

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 Unique = Callable[[str], str]
 
 SPEC: dict[str, Any] = {
-    "identity": {"name": "Triage"},
+    "identity": {"name": "Triage", "owner": "team-triage"},
     "role": "Sorts incoming tickets",
     "model": {"model": "gpt-4o"},
     "tools": [{"name": "search"}],
