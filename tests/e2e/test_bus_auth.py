@@ -1,5 +1,6 @@
 """The bus of the whole system started by ``mctl up``: authenticated, and no process but the
-gateway can ask a service anything."""
+gateway can ask a service anything, except the single requests a registration ``reads``
+(policy-admission's simulations read recorded decisions and step costs from audit-replay)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import pytest
 from nats.errors import Error as NatsError
 
 from libs.eventbus.jetstream import connect
-from libs.runtime.busauth import credentials_dir
+from libs.runtime.busauth import RPC_PREFIX, credentials_dir
+from libs.runtime.registry import discover
 from tests.e2e.conftest import RunningSystem, wait_for
 from tests.integration.helpers.busprobe import RPC_SUBJECTS, Tally, probe_publishes
 
@@ -47,6 +49,17 @@ def test_every_process_has_its_own_user_and_private_password_file(whole_system):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+def _granted_reads() -> dict[str, set[str]]:
+    """The request subjects each service's registration lets it send (``BusAccess.reads``)."""
+    return {r.name: {f"{RPC_PREFIX}.{m}" for m in r.bus.reads} for r in discover() if r.bus.reads}
+
+
+def test_only_policy_admission_reads_and_only_its_simulation_requests():
+    assert _granted_reads() == {
+        "policy-admission": {"mc.rpc.audit.simulation_decisions", "mc.rpc.audit.step_costs"}
+    }
+
+
 def test_no_process_but_the_gateway_gets_an_answer_about_another_tenant(whole_system):
     """Every other process's user (and the operator's) asks every service, over every request
     subject, about another tenant; the real services would answer anything that reached them."""
@@ -56,13 +69,14 @@ def test_no_process_but_the_gateway_gets_an_answer_about_another_tenant(whole_sy
 
     async def probe() -> Tally:
         tally = Tally()
+        granted = _granted_reads()
         for user in _users(whole_system):
             if user != "gateway":
                 _, password = whole_system.nats_credentials(user)
+                # A read the registration grants is the service's own work, not a probe.
+                subjects = [s for s in RPC_SUBJECTS if s not in granted.get(user, set())]
                 tally.add(
-                    await probe_publishes(
-                        whole_system.nats_url, user, password, RPC_SUBJECTS, payload
-                    )
+                    await probe_publishes(whole_system.nats_url, user, password, subjects, payload)
                 )
         return tally
 
@@ -79,7 +93,9 @@ def test_no_process_but_the_gateway_gets_an_answer_about_another_tenant(whole_sy
     tally = asyncio.run(probe())
     print(f"\nNATS probes, running system: {tally.tried} tried, {len(tally.leaks)} leaked")
     assert tally.leaks == []
-    assert tally.refused == tally.tried == len(RPC_SUBJECTS) * (len(_users(whole_system)) - 1)
+    granted = sum(len(subjects) for subjects in _granted_reads().values())
+    expected = len(RPC_SUBJECTS) * (len(_users(whole_system)) - 1) - granted
+    assert tally.refused == tally.tried == expected
     # The control: the same question from the gateway's user is answered, so a probe that
     # reached a service would have been answered too.
     assert asyncio.run(as_gateway())["ok"] is True
