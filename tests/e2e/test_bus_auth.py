@@ -14,10 +14,15 @@ import pytest
 from nats.errors import Error as NatsError
 
 from libs.eventbus.jetstream import connect
-from libs.runtime.busauth import RPC_PREFIX, credentials_dir
-from libs.runtime.registry import discover
+from libs.runtime.busauth import credentials_dir
 from tests.e2e.conftest import RunningSystem, wait_for
-from tests.integration.helpers.busprobe import RPC_SUBJECTS, Tally, probe_publishes
+from tests.integration.helpers.busprobe import (
+    RPC_SUBJECTS,
+    Tally,
+    granted_reads,
+    probe_publishes,
+    probe_subjects,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +54,8 @@ def test_every_process_has_its_own_user_and_private_password_file(whole_system):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-def _granted_reads() -> dict[str, set[str]]:
-    """The request subjects each service's registration lets it send (``BusAccess.reads``)."""
-    return {r.name: {f"{RPC_PREFIX}.{m}" for m in r.bus.reads} for r in discover() if r.bus.reads}
-
-
 def test_only_policy_admission_reads_and_only_its_simulation_requests():
-    assert _granted_reads() == {
+    assert granted_reads() == {
         "policy-admission": {"mc.rpc.audit.simulation_decisions", "mc.rpc.audit.step_costs"}
     }
 
@@ -69,12 +69,10 @@ def test_no_process_but_the_gateway_gets_an_answer_about_another_tenant(whole_sy
 
     async def probe() -> Tally:
         tally = Tally()
-        granted = _granted_reads()
         for user in _users(whole_system):
             if user != "gateway":
                 _, password = whole_system.nats_credentials(user)
-                # A read the registration grants is the service's own work, not a probe.
-                subjects = [s for s in RPC_SUBJECTS if s not in granted.get(user, set())]
+                subjects = probe_subjects(user)
                 tally.add(
                     await probe_publishes(whole_system.nats_url, user, password, subjects, payload)
                 )
@@ -93,7 +91,7 @@ def test_no_process_but_the_gateway_gets_an_answer_about_another_tenant(whole_sy
     tally = asyncio.run(probe())
     print(f"\nNATS probes, running system: {tally.tried} tried, {len(tally.leaks)} leaked")
     assert tally.leaks == []
-    granted = sum(len(subjects) for subjects in _granted_reads().values())
+    granted = sum(len(subjects) for subjects in granted_reads().values())
     expected = len(RPC_SUBJECTS) * (len(_users(whole_system)) - 1) - granted
     assert tally.refused == tally.tried == expected
     # The control: the same question from the gateway's user is answered, so a probe that

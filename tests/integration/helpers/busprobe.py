@@ -24,6 +24,8 @@ from nats.aio.msg import Msg
 from pydantic import SecretStr
 
 from libs.contracts.subjects import inbox_prefix
+from libs.runtime.busauth import RPC_PREFIX
+from libs.runtime.registry import discover
 from tests.conftest import wait_until
 
 ASYNCAPI = Path(__file__).resolve().parents[3] / "docs" / "asyncapi.json"
@@ -40,6 +42,18 @@ RPC_SUBJECTS: tuple[str, ...] = tuple(a for a in _addresses() if a.startswith("m
 EVENT_TYPES: tuple[str, ...] = tuple(
     a.removeprefix("mc.evt.{tenant_id}.") for a in _addresses() if a.startswith("mc.evt.")
 )
+
+
+def granted_reads() -> dict[str, set[str]]:
+    """The request subjects each service's registration lets it send (``BusAccess.reads``): its
+    own work, which probes of what a user may not ask leave out."""
+    return {r.name: {f"{RPC_PREFIX}.{m}" for m in r.bus.reads} for r in discover() if r.bus.reads}
+
+
+def probe_subjects(user: str) -> list[str]:
+    """Every request subject but those ``user``'s registration reads."""
+    granted = granted_reads().get(user, set())
+    return [s for s in RPC_SUBJECTS if s not in granted]
 
 
 @dataclass
