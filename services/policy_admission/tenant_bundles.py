@@ -63,7 +63,7 @@ from libs.contracts.policy import (
     PolicySettings,
     policy_set_hash,
 )
-from libs.errors import Conflict, Forbidden, InvalidInput, NotFound
+from libs.errors import Conflict, Forbidden, InvalidInput, MissionControlError, NotFound
 from libs.eventbus.db import transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository, begin
 from libs.eventbus.store import EventStore
@@ -1006,14 +1006,29 @@ class TenantPolicies:
         ended: list[str] = []
         for tenant_id, view in list(self._views.items()):
             for env, canary in list(view.canaries.items()):
-                arms = await self.counts(canary.reload_id)
-                elapsed = (self.clock() - canary.started_at).total_seconds()
-                verdict = canaries.judge(canary.plan, arms, elapsed)
-                if verdict is None:
-                    continue
-                if await self._finish(tenant_id, env, canary.reload_id, verdict, ACTOR, False):
-                    ended.append(canary.reload_id)
+                try:
+                    if await self._tend_one(tenant_id, env, canary):
+                        ended.append(canary.reload_id)
+                except MissionControlError as exc:
+                    # One canary that cannot be judged now (a conflict that outlived its
+                    # retries, the store briefly gone) must not hold up the others; the next
+                    # tick judges it again.
+                    log.warning(
+                        "policy_canary.judge_failed",
+                        tenant_id=tenant_id,
+                        environment=env,
+                        reload_id=canary.reload_id,
+                        error=redact_text(str(exc))[:500],
+                    )
         return ended
+
+    async def _tend_one(self, tenant_id: str, environment: str, canary: CanaryView) -> bool:
+        arms = await self.counts(canary.reload_id)
+        elapsed = (self.clock() - canary.started_at).total_seconds()
+        verdict = canaries.judge(canary.plan, arms, elapsed)
+        if verdict is None:
+            return False
+        return await self._finish(tenant_id, environment, canary.reload_id, verdict, ACTOR, False)
 
     async def flush_counts(self) -> None:
         """Write this replica's counts of the canaries that changed (absolute values)."""

@@ -78,7 +78,16 @@ async def _judge(
         return isinstance((await _events(replicas, tenant))[-1], outcomes)
 
     # The judging replica decides on its own tick, behind everything else a loaded machine runs.
-    await wait_until(ended, timeout=60, what="the canary judged")
+    try:
+        await wait_until(ended, timeout=60, what="the canary judged")
+    except AssertionError as exc:
+        # Say what the judging replica saw: the canary, the summed counts and its clock.
+        tenants = _tenants(judge or replicas.a)
+        seen = {
+            env: (c.reload_id, await tenants.counts(c.reload_id), tenants.clock() - c.started_at)
+            for env, c in tenants.view(tenant).canaries.items()
+        }
+        raise AssertionError(f"{exc}; the judging replica saw {seen}") from None
     return (await _events(replicas, tenant))[-1]
 
 
@@ -236,6 +245,8 @@ async def test_a_sound_canary_is_promoted_and_an_operator_can_end_one(
 
     # An operator aborts the next canary before its window: the promoted bundle is restored.
     aborted = await _canary(replicas, tenant, other, percent=100, min_decisions=1000)
+    # Both replicas run it first, so that "no canary" below means each has seen it end.
+    await _everywhere(replicas, tenant, aborted["reload_id"])
     ended = await replicas.call(
         "end_canary",
         tenant,
@@ -335,6 +346,9 @@ async def test_decisions_never_stop_while_bundles_are_reloaded(
                     )
                 except BaseException as exc:
                     errors.append(exc)
+            # Pacing: the stream runs in the replicas' own process and would otherwise starve
+            # the reloads it is meant to run beside.
+            await asyncio.sleep(0.05)
 
     task = asyncio.create_task(deciding())
     digests = []
