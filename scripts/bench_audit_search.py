@@ -9,14 +9,15 @@ floors measured in the same run: a tenant's ``count()`` and a primary-key point 
 
 The data: runs of 50 events (run.started, then decisions, steps and costs, then the run's end)
 of 10 tenants, one holding 70 % of the events (every search is that tenant's); 1,000 agents;
-one run in ten is a workflow's (its run.started names the workflow and its execution); 2 % of
+one run in ten is a workflow's (its run.started names the workflow and its execution, and so
+does its row in ``mc.runs``); 2 % of
 decisions deny and 3 % warn, each naming one of 50 policies; one run in twenty ends with an
 incident. Step inputs and outputs hold twelve words from a vocabulary of 20,000, so a word
 is in about 6,000 events; each run holds one word of its own (a rare word, in one event) and
 one step in 1,000 holds one of 30 words, each in about 110 events of 10 M (a middling word).
 
 Also measured, not served: full text by ``positionCaseInsensitive`` (a scan no skip index
-helps), against ``hasToken`` with the token bloom filter that the search uses.
+helps), against ``hasToken`` with the text index that the search uses.
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ FROM (
 """
 
 
+def runs_sql(events: int) -> str:
+    """The runs of those events (the workflow filter finds a workflow's runs there)."""
+    return f"""
+INSERT INTO {schema.DATABASE}.runs
+  (tenant_id, run_id, agent_id, status, last_step_index, version, workflow_id, execution_id)
+SELECT
+  if(run % 10 < 7, 't0', concat('t', toString(run % 10))), concat('r', toString(run)),
+  concat('agent-', toString(run % {AGENTS})), 'completed', {RUN_EVENTS - 2}, run + 1,
+  if(run % 10 = 0, concat('wf-', toString(run % 200)), NULL),
+  if(run % 10 = 0, concat('ex-', toString(run)), NULL)
+FROM (SELECT number AS run FROM numbers({events // RUN_EVENTS}))
+"""
+
+
 async def timed(ch: Clickhouse, sql: str, params: dict[str, Any]) -> tuple[float, int]:
     start = time.perf_counter()
     rows = await ch.select(tenant_filter(TENANT_ID), sql, params)
@@ -130,6 +145,7 @@ async def main() -> None:
         if int(have[0]["n"]) == 0:
             start = time.perf_counter()
             await ch.command(load_sql(events))
+            await ch.command(runs_sql(events))
             await ch.command(f"OPTIMIZE TABLE {schema.DATABASE}.audit_events FINAL")
             print(f"loaded {events:,} events in {time.perf_counter() - start:.1f} s")
         (info,) = await ch.query_all_tenants(

@@ -148,8 +148,10 @@ AUDIT_EVENT_COLUMNS = (
     "agent_id, workflow_id, execution_id, policy_ids, outcome, incident_id, text"
 )
 # Skip indexes of the search table: a bloom filter per id column (a granule is read only if it
-# may hold the id), a set of the few outcomes, and a token bloom filter over the text that
-# ``hasToken`` uses (see docs/benchmarks.md for what each one saves).
+# may hold the id), a set of the few outcomes, and a text (inverted) index over the text, which
+# ``hasToken`` uses. The text index needs ClickHouse 26.2 or newer (chDB 4.4 is 26.9); a token
+# bloom filter (tokenbf_v1) answered the same searches several times slower over 10 M events,
+# since every search read its whole filter (25 MiB), see docs/benchmarks.md.
 AUDIT_INDEXES = (
     *(
         f"INDEX {c}_bf {c} TYPE bloom_filter(0.01) GRANULARITY 1"
@@ -157,7 +159,7 @@ AUDIT_INDEXES = (
     ),
     "INDEX policy_ids_bf policy_ids TYPE bloom_filter(0.01) GRANULARITY 1",
     "INDEX outcome_set outcome TYPE set(16) GRANULARITY 1",
-    "INDEX text_tokens text TYPE tokenbf_v1(32768, 3, 0) GRANULARITY 1",
+    "INDEX text_tokens text TYPE text(tokenizer = splitByNonAlpha)",
 )
 
 

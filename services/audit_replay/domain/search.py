@@ -190,13 +190,15 @@ def search_sql(s: SearchQuery, database: str = "mc") -> tuple[str, dict[str, Any
             where.append("has(policy_ids, {policy_id:String})")
         elif name == "workflow_id":
             # A workflow's events: those naming it, and those of its runs and executions (a
-            # step's events name only their run; the run's run.started names the workflow).
+            # step's events name only their run), found in the runs' rows, which carry their
+            # workflow and execution from their labels: a small table, where the search table
+            # would be read whole for the few rows that name the workflow.
+            runs = f"FROM {database}.runs WHERE $tenant AND workflow_id = {{workflow_id:String}}"
             where.append(
                 "(workflow_id = {workflow_id:String}"
-                f" OR run_id IN (SELECT run_id FROM {table} WHERE $tenant"
-                " AND workflow_id = {workflow_id:String} AND run_id != '')"
-                f" OR execution_id IN (SELECT execution_id FROM {table} WHERE $tenant"
-                " AND workflow_id = {workflow_id:String} AND execution_id != ''))"
+                f" OR run_id IN (SELECT run_id {runs})"
+                f" OR execution_id IN (SELECT assumeNotNull(execution_id) {runs}"
+                " AND execution_id IS NOT NULL))"
             )
         else:
             where.append(f"{name} = {{{name}:String}}")
