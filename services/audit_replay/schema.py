@@ -175,6 +175,9 @@ def audit_events_ddl(database: str = "mc") -> str:
         # Sorted as searches page (newest first within a tenant), so a page reads in order and
         # stops at its limit; versioned by position like mc.events, so a redelivery is an upsert.
         + ") ENGINE = ReplacingMergeTree(position) ORDER BY (tenant_id, occurred_at, event_id)"
+        # Granules of 2,048 rows rather than 8,192: an id spread thinly over the log (an actor,
+        # a policy, a rare word) costs a quarter of the rows read per match.
+        " SETTINGS index_granularity = 2048"
     )
 
 
