@@ -33,6 +33,7 @@ from libs.eventbus.store import EventStore
 from libs.runtime.embedded import free_port
 from libs.runtime.service_host import Service, ServiceContext
 from libs.settings import Settings, get_settings
+from services.audit_replay.domain.search import page, parse_search
 from services.gateway.bootstrap import create_app
 from services.gateway.client import ApiError, AsyncMissionControlClient
 from services.gateway.keys import create_tenant, issue_key, revoke_key
@@ -99,7 +100,13 @@ def _stand_ins(nc: Any, store: EventStore) -> list[RpcServer]:
     audit.route("export", export)
     audit.route("runs", runs)
     audit.route("incidents", incidents)
+
+    async def search(p: dict[str, Any], h: dict[str, str]) -> Any:
+        # audit-replay's own checks of a search, over no events.
+        return page(parse_search(p["tenant_id"], p), [])
+
     audit.route("rebuild", rebuild)
+    audit.route("search", search)
 
     admission = RpcServer(nc, "admission")
 
@@ -338,6 +345,14 @@ async def test_bad_input_is_4xx_with_a_message_naming_the_field(
         ("POST", "/v1/runs/r1/finish", {"status": "paused"}, "body.status"),
         ("GET", "/v1/runs?status=sleeping", None, "query.status"),
         ("GET", "/v1/runs?limit=0", None, "query.limit"),
+        ("GET", "/v1/audit/search?q=a%00b", None, "query.q"),
+        ("GET", "/v1/audit/search?outcome=maybe", None, "query.outcome"),
+        ("GET", "/v1/audit/search?limit=201", None, "query.limit"),
+        ("GET", "/v1/audit/search?since=yesterday", None, "query.since"),
+        ("GET", "/v1/audit/search?cursor=not%20a%20cursor", None, "query.cursor"),
+        # Well-formed text that is no cursor, refused by audit-replay.
+        ("GET", "/v1/audit/search?cursor=bm90YWN1cnNvcg", None, "cursor is not a cursor"),
+        ("GET", "/v1/audit/search?q=---", None, "q must hold at least one letter"),
         ("GET", "/v1/incidents/not-a-uuid", None, "path.incident_id"),
         ("POST", "/v1/incidents/0193e1a0-0000-7000-8000-000000000000/resolve", {}, "resolution"),
         ("PUT", "/v1/prices", {"prices": [{"model": "m"}]}, "input_per_token"),
