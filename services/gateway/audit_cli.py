@@ -24,6 +24,12 @@ from services.gateway.workflow_cli import (
 
 audit_app = command_group("audit", "Search the audit log.")
 
+
+@audit_app.callback()
+def audit_group() -> None:
+    """Search the audit log (a group, so ``mctl audit search`` keeps its name)."""
+
+
 # CLI option → query parameter of GET /v1/audit/search.
 FILTERS = {
     "run": "run_id",
