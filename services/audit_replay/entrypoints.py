@@ -20,6 +20,10 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``replay``: ``run_id``, ``at_position?``, ``at_version?`` →
   ``{state, events_applied, inflection_point, at_position}``, folded from the event store.
 * ``export``: ``run_id``, ``format`` (json, csv) → ``{content_type, body}``.
+* ``search``: ``run_id?``, ``agent_id?``, ``workflow_id?``, ``execution_id?``, ``policy_id?``,
+  ``outcome?``, ``incident_id?``, ``actor?``, ``event_type?``, ``since?``, ``until?``, ``q?``
+  (full text), ``limit?`` (<= 200), ``cursor?`` → ``{events, next_cursor, limit}``, the
+  tenant's events newest first (see :mod:`services.audit_replay.domain.search`).
 * ``rebuild`` → ``{events, rows, position, duration_s}``.
 * ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
 * ``simulation_decisions``, ``step_costs``: what a policy simulation reads (see
@@ -67,6 +71,7 @@ from services.audit_replay.domain import (
     trace_csv,
     trace_steps,
 )
+from services.audit_replay.domain.search import page, parse_search, search_sql
 from services.audit_replay.domain.views import COST_COMPONENTS, COST_TOKENS
 from services.audit_replay.handlers import LagMonitor, Projector, read_run_history
 from services.audit_replay.schema import DATABASE as DB
@@ -172,6 +177,7 @@ class AuditQueries:
             "costs": self.costs,
             "replay": self.replay,
             "export": self.export,
+            "search": self.search,
             "rebuild": self.rebuild,
             "lag": self.lag,
             "simulation_decisions": self.simulation_decisions,
@@ -274,6 +280,13 @@ class AuditQueries:
             t["cost_usd"] = row["priced_usd"] if int(row["priced"]) else None
             t["unpriced_steps"] = int(row["unpriced"])
         return out
+
+    async def search(self, p: Params) -> dict[str, Any]:
+        """The tenant's events matching every filter given, newest first, a page at a time."""
+        tenant = _tenant(p)
+        query = parse_search(tenant, p)
+        sql, params = search_sql(query, DB)
+        return page(query, await self.ch.select(tenant_filter(tenant), sql, params))
 
     async def _run_row(self, tenant: str, run_id: str) -> RunRow:
         rows = await self.ch.select(

@@ -107,6 +107,80 @@ INBOX_COST_ROW = (
 """The ``mc.costs`` row of a ``cost.recorded`` v2 (the same row as ``domain.rows.cost_row``)."""
 
 
+# The flat search row of any event (``mc.audit_events``), built by ClickHouse from a row of
+# ``mc.events``: the ids every filter of an audit search reads, wherever the event type keeps
+# them (a run's workflow and execution are labels of its ``run.started``; a decision names its
+# policies in its reasons), and the lower-cased text full-text search reads: reasons, messages,
+# titles, errors and a step's input and output. A field an event type does not have reads ''.
+def _field(name: str) -> str:
+    return f"JSONExtractString(payload, '{name}')"
+
+
+def _label(name: str) -> str:
+    return (
+        f"if(JSONHas(payload, '{name}'), {_field(name)}, "
+        f"JSONExtractString(payload, 'labels', '{name}')) AS {name}"
+    )
+
+
+def _raw(name: str) -> str:
+    return f"if(JSONHas(payload, '{name}'), JSONExtractRaw(payload, '{name}'), '')"
+
+
+AUDIT_EVENT_ROW = (
+    "tenant_id, occurred_at, event_id, position, event_type, stream_id, actor, "
+    f"{_field('run_id')} AS run_id, "
+    # run.started v1 named the agent ``agent``.
+    f"if(JSONHas(payload, 'agent_id'), {_field('agent_id')}, {_field('agent')}) AS agent_id, "
+    f"{_label('workflow_id')}, {_label('execution_id')}, "
+    f"arrayDistinct(arrayFilter(p -> p != '', arrayConcat([{_field('policy_id')}], "
+    "arrayMap(r -> JSONExtractString(r, 'policy_id'), JSONExtractArrayRaw(payload, 'reasons')))"
+    ")) AS policy_ids, "
+    f"{_field('outcome')} AS outcome, {_field('incident_id')} AS incident_id, "
+    "lowerUTF8(arrayStringConcat(arrayFilter(t -> t NOT IN ('', '[]', 'null', '{}'), ["
+    + ", ".join(_field(f) for f in ("reason", "message", "title", "error", "resolution"))
+    + ", "
+    + ", ".join(_raw(f) for f in ("reasons", "input", "output"))
+    + "]), ' ')) AS text"
+)
+AUDIT_EVENT_COLUMNS = (
+    "tenant_id, occurred_at, event_id, position, event_type, stream_id, actor, run_id, "
+    "agent_id, workflow_id, execution_id, policy_ids, outcome, incident_id, text"
+)
+# Skip indexes of the search table: a bloom filter per id column (a granule is read only if it
+# may hold the id), a set of the few outcomes, and a text (inverted) index over the text, which
+# ``hasToken`` uses. The text index needs ClickHouse 26.2 or newer (chDB 4.4 is 26.9); a token
+# bloom filter (tokenbf_v1) answered the same searches several times slower over 10 M events,
+# since every search read its whole filter (25 MiB), see docs/benchmarks.md.
+AUDIT_INDEXES = (
+    *(
+        f"INDEX {c}_bf {c} TYPE bloom_filter(0.01) GRANULARITY 1"
+        for c in ("run_id", "agent_id", "workflow_id", "execution_id", "incident_id", "actor")
+    ),
+    "INDEX policy_ids_bf policy_ids TYPE bloom_filter(0.01) GRANULARITY 1",
+    "INDEX outcome_set outcome TYPE set(16) GRANULARITY 1",
+    "INDEX text_tokens text TYPE text(tokenizer = splitByNonAlpha)",
+)
+
+
+def audit_events_ddl(database: str = "mc") -> str:
+    """The search table (also what the benchmark loads)."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS {database}.audit_events ("
+        f"tenant_id String, occurred_at {TS}, event_id String, position UInt64, "
+        "event_type LowCardinality(String), stream_id String, actor String, run_id String, "
+        "agent_id String, workflow_id String, execution_id String, policy_ids Array(String), "
+        "outcome LowCardinality(String), incident_id String, text String, "
+        + ", ".join(AUDIT_INDEXES)
+        # Sorted as searches page (newest first within a tenant), so a page reads in order and
+        # stops at its limit; versioned by position like mc.events, so a redelivery is an upsert.
+        + ") ENGINE = ReplacingMergeTree(position) ORDER BY (tenant_id, occurred_at, event_id)"
+        # Granules of 2,048 rows rather than 8,192: an id spread thinly over the log (an actor,
+        # a policy, a rare word) costs a quarter of the rows read per match.
+        " SETTINGS index_granularity = 2048"
+    )
+
+
 @dataclass(frozen=True)
 class Migration:
     """One numbered DDL statement."""
@@ -288,10 +362,83 @@ MIGRATIONS: tuple[Migration, ...] = (
         f"ALTER TABLE {DATABASE}.runs ADD COLUMN IF NOT EXISTS execution_id Nullable(String), "
         "ADD COLUMN IF NOT EXISTS step_id Nullable(String)",
     ),
+    # Audit search: one flat row per event, fed by the raw log's inserts (both the Python path
+    # and the inbox's view write mc.events, and a view on a view's target fires too), so it
+    # follows the stream and every rebuild without a writer of its own. The backfill gives a
+    # store projected before this migration its rows (an event the feed also wrote meanwhile is
+    # the same row, an upsert).
+    Migration(23, "audit_events", audit_events_ddl(DATABASE)),
+    Migration(
+        24,
+        "audit_events_feed",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS {DATABASE}.audit_events_feed "
+        f"TO {DATABASE}.audit_events AS SELECT {AUDIT_EVENT_ROW} FROM {DATABASE}.events",
+    ),
+    Migration(
+        25,
+        "audit_events_backfill",
+        f"INSERT INTO {DATABASE}.audit_events ({AUDIT_EVENT_COLUMNS}) "
+        f"SELECT {AUDIT_EVENT_ROW} FROM {DATABASE}.events FINAL",
+    ),
+    # Views for analysts (docs/clickhouse.md). Each reads its table with FINAL, so a
+    # redelivered event is never counted twice; a cost without an amount is not zero, so sums
+    # skip it and the views count such calls apart.
+    Migration(
+        26,
+        "cost_by_model_day",
+        f"CREATE VIEW IF NOT EXISTS {DATABASE}.cost_by_model_day AS "
+        "SELECT tenant_id, toDate(occurred_at) AS day, ifNull(model, '') AS model, "
+        "count() AS calls, sum(input_tokens) AS input_tokens, "
+        "sum(output_tokens) AS output_tokens, "
+        "countIf(pricing_status != 'priced' OR total_cost_usd IS NULL) AS unpriced_calls, "
+        f"sum(total_cost_usd) AS cost_usd FROM {DATABASE}.costs FINAL "
+        "GROUP BY tenant_id, day, model",
+    ),
+    Migration(
+        27,
+        "denials_by_policy",
+        f"CREATE VIEW IF NOT EXISTS {DATABASE}.denials_by_policy AS "
+        "SELECT tenant_id, policy_id, count() AS denials, uniqExact(run_id) AS runs, "
+        "min(occurred_at) AS first_denied_at, max(occurred_at) AS last_denied_at "
+        f"FROM {DATABASE}.decisions FINAL ARRAY JOIN policy_ids AS policy_id "
+        "WHERE outcome = 'deny' GROUP BY tenant_id, policy_id",
+    ),
+    Migration(
+        28,
+        "incident_mttr",
+        f"CREATE VIEW IF NOT EXISTS {DATABASE}.incident_mttr AS "
+        "SELECT tenant_id, policy_id, severity, count() AS incidents, "
+        "countIf(resolved_at IS NOT NULL) AS resolved, "
+        "avgIfOrNull(dateDiff('second', opened_at, resolved_at), resolved_at IS NOT NULL) "
+        "AS mttr_seconds, "
+        "avgIfOrNull(dateDiff('second', opened_at, acknowledged_at), "
+        "acknowledged_at IS NOT NULL) AS mtta_seconds "
+        f"FROM {DATABASE}.incidents FINAL GROUP BY tenant_id, policy_id, severity",
+    ),
+    Migration(
+        29,
+        "top_agents_by_spend",
+        f"CREATE VIEW IF NOT EXISTS {DATABASE}.top_agents_by_spend AS "
+        "SELECT tenant_id, agent_id, uniqExact(run_id) AS runs, count() AS calls, "
+        "sum(input_tokens + output_tokens) AS tokens, "
+        "countIf(pricing_status != 'priced' OR total_cost_usd IS NULL) AS unpriced_calls, "
+        f"sum(total_cost_usd) AS cost_usd FROM {DATABASE}.costs FINAL "
+        "GROUP BY tenant_id, agent_id",
+    ),
 )
+
+VIEWS: tuple[str, ...] = (
+    "cost_by_model_day",
+    "denials_by_policy",
+    "incident_mttr",
+    "top_agents_by_spend",
+)
+"""The analysts' views (docs/clickhouse.md)."""
 
 TABLES: tuple[str, ...] = (
     # The views first: a view must go before the tables it reads or writes.
+    *VIEWS,
+    "audit_events_feed",
     "inbox_events",
     "inbox_steps",
     "inbox_costs",
@@ -304,10 +451,19 @@ TABLES: tuple[str, ...] = (
     "policies",
     "costs",
     "projection_state",
+    "audit_events",
 )
 
 
-TENANT_TABLES = ("runs", "steps", "decisions", "incidents", "policies", "costs")
+TENANT_TABLES = (
+    "runs",
+    "steps",
+    "decisions",
+    "incidents",
+    "policies",
+    "costs",
+    "audit_events",
+)
 """The tables the queries read a tenant's rows from; on a server each has a row policy."""
 ROW_POLICY = "mc_tenant_scope"
 

@@ -43,6 +43,7 @@ from libs.contracts.limits import AGENT_ID_PATTERN, MAX_STEP_INDEX
 from libs.eventbus.rpc import RpcClient
 from libs.observability import extract_context, inject_headers
 from services.gateway.agents import agent_routes
+from services.gateway.audit_search import audit_search_routes
 from services.gateway.auth import TENANT_HEADER, Authenticator, whoami
 from services.gateway.diffs import (
     DIFF_TIMEOUT_S,
@@ -1307,6 +1308,8 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         Requires(Permission.WORKFLOWS, rpc, auth),
         Requires(Permission.GOVERN, rpc, auth),
     )
+    # Audit search (audit-replay's search table).
+    audit_search_routes(router, Requires(Permission.READ, rpc, auth))
     # Promotion requests (workflow-engine's approvals, policy-admission's checks).
     promotion_routes(
         router,

@@ -172,6 +172,8 @@ async def test_every_query_of_every_read_route_is_scoped_to_the_callers_tenant(
                 {**t, "since": "2000-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"}
             ),
             await queries.step_costs({**t, "run_ids": ["r1"]}),
+            await queries.search({**t, "workflow_id": "wf", "q": "budget"}),
+            await queries.search(t),
         ]
         # The other tenant's run and incident do not exist for acme.
         for method, params in (

@@ -21,6 +21,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from hypothesis import HealthCheck, Phase, given, settings
+from typer.testing import CliRunner
 
 from libs.contracts import stream_id_for
 from libs.contracts.registry import decode
@@ -33,6 +34,8 @@ from libs.eventbus.store import EventStore
 from libs.runtime.embedded import free_port
 from libs.runtime.service_host import Service, ServiceContext
 from libs.settings import Settings, get_settings
+from services.audit_replay.domain.search import page, parse_search
+from services.gateway.audit_cli import audit_app
 from services.gateway.bootstrap import create_app
 from services.gateway.client import ApiError, AsyncMissionControlClient
 from services.gateway.keys import create_tenant, issue_key, revoke_key
@@ -99,7 +102,19 @@ def _stand_ins(nc: Any, store: EventStore) -> list[RpcServer]:
     audit.route("export", export)
     audit.route("runs", runs)
     audit.route("incidents", incidents)
+
+    async def search(p: dict[str, Any], h: dict[str, str]) -> Any:
+        # audit-replay's own checks of a search, over one event (found by the word "probe").
+        row = {
+            "occurred_at": "2026-01-02 03:04:05.000006", "event_id": "e1", "position": 7,
+            "event_type": "admission.decided", "stream_id": "t/decisions/r1", "actor": "test",
+            "run_id": "r1", "agent_id": "a1", "workflow_id": "", "execution_id": "",
+            "policy_ids": ["p1"], "outcome": "deny", "incident_id": "", "excerpt": "a probe",
+        }  # fmt: skip
+        return page(parse_search(p["tenant_id"], p), [row] if p.get("q") == "probe" else [])
+
     audit.route("rebuild", rebuild)
+    audit.route("search", search)
 
     admission = RpcServer(nc, "admission")
 
@@ -338,6 +353,14 @@ async def test_bad_input_is_4xx_with_a_message_naming_the_field(
         ("POST", "/v1/runs/r1/finish", {"status": "paused"}, "body.status"),
         ("GET", "/v1/runs?status=sleeping", None, "query.status"),
         ("GET", "/v1/runs?limit=0", None, "query.limit"),
+        ("GET", "/v1/audit/search?q=a%00b", None, "query.q"),
+        ("GET", "/v1/audit/search?outcome=maybe", None, "query.outcome"),
+        ("GET", "/v1/audit/search?limit=201", None, "query.limit"),
+        ("GET", "/v1/audit/search?since=yesterday", None, "query.since"),
+        ("GET", "/v1/audit/search?cursor=not%20a%20cursor", None, "query.cursor"),
+        # Well-formed text that is no cursor, refused by audit-replay.
+        ("GET", "/v1/audit/search?cursor=bm90YWN1cnNvcg", None, "cursor is not a cursor"),
+        ("GET", "/v1/audit/search?q=---", None, "q must hold at least one letter"),
         ("GET", "/v1/incidents/not-a-uuid", None, "path.incident_id"),
         ("POST", "/v1/incidents/0193e1a0-0000-7000-8000-000000000000/resolve", {}, "resolution"),
         ("PUT", "/v1/prices", {"prices": [{"model": "m"}]}, "input_per_token"),
@@ -612,3 +635,24 @@ async def test_a_query_during_a_rebuild_is_503_to_retry(gateway: Gateway, tenant
         "code": "unavailable",
         "message": "projections are being rebuilt, retry shortly",
     }
+
+
+async def test_mctl_audit_search_prints_the_matching_events(gateway: Gateway, tenant: str) -> None:
+    key = await gateway.tenant_key(tenant)
+    async with over_a_socket(gateway.app) as base_url:
+
+        def mctl(*args: str) -> Any:
+            cli = ("search", "--url", base_url, "--api-key", key, *args)
+            return CliRunner().invoke(audit_app, list(cli))
+
+        found = await asyncio.to_thread(mctl, "--text", "probe", "--outcome", "deny")
+        assert found.exit_code == 0, found.output
+        assert found.output.strip() == (
+            "2026-01-02T03:04:05.000006Z admission.decided run=r1 agent=a1 outcome=deny "
+            "policy=p1 by test — a probe"
+        )
+        none = await asyncio.to_thread(mctl, "--text", "nothing")
+        assert none.exit_code == 0 and none.output.strip() == "no matching event"
+        bad = await asyncio.to_thread(mctl, "--cursor", "bm90YWN1cnNvcg")
+        assert bad.exit_code == 1 and "cursor is not a cursor" in bad.output
+        assert key not in found.output + bad.output

@@ -89,6 +89,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/runs/{run_id}/trace"): (f"/v1/runs/{NO_RUN}/trace", None),
     ("GET", "/v1/runs/{run_id}/replay"): (f"/v1/runs/{NO_RUN}/replay", None),
     ("GET", "/v1/runs/{run_id}/export"): (f"/v1/runs/{NO_RUN}/export", None),
+    ("GET", "/v1/audit/search"): ("/v1/audit/search?q=budget", None),
     ("GET", "/v1/incidents"): ("/v1/incidents", None),
     ("GET", "/v1/incidents/{incident_id}"): (f"/v1/incidents/{NO_INCIDENT}", None),
     ("POST", "/v1/incidents/{incident_id}/acknowledge"): (
