@@ -14,6 +14,12 @@ does not do (the bound, deadlines, the envelope, answers too large for the bus) 
 middleware here. A route registered ``hot=True`` is served on bare nats-py with the same
 behaviour, for the path where FastStream's per-message cost matters (docs/benchmarks.md). The
 client is plain nats-py.
+
+An answer larger than a NATS message goes back in parts when the caller asked for them
+(``Mc-Reply-Chunks: 1``, :meth:`RpcClient.call` with ``chunked=True``): each part is one message to
+the caller's inbox with ``Mc-Chunk`` (its index) and ``Mc-Chunks`` (how many), in order, and the
+client joins them. Without that header such an answer is ``too_large``, as before; over
+:data:`MAX_CHUNKED_BYTES` it is ``too_large`` either way (page such reads instead).
 """
 
 from __future__ import annotations
@@ -77,6 +83,14 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
 
 # How long stop() lets the requests in hand finish before it returns.
 STOP_TIMEOUT_S = 5.0
+# A caller that joins answers sent in parts sends this header; each part carries the other two.
+CHUNKS_REQUEST_HEADER = "Mc-Reply-Chunks"
+CHUNK_HEADER = "Mc-Chunk"
+CHUNKS_HEADER = "Mc-Chunks"
+# The largest answer sent in parts: the caller holds it whole in memory.
+MAX_CHUNKED_BYTES = 64 * 1024 * 1024
+# Room kept in each message for the headers.
+_HEADER_ROOM = 4096
 
 _servers: weakref.WeakSet[RpcServer] = weakref.WeakSet()
 
@@ -527,7 +541,32 @@ class RpcServer:
         except Exception as exc:
             log.exception("rpc.handler_failed", subject=raw.subject)
             body = _internal_body(exc)
+        if (
+            len(body) > self._room()
+            and raw.reply
+            and headers.get(CHUNKS_REQUEST_HEADER) == "1"
+            and len(body) <= MAX_CHUNKED_BYTES
+        ):
+            await self._answer_in_parts(raw, body)
+            return None
         return await self._answer(raw, self._fit(body))
+
+    def _room(self) -> int:
+        return int(self.nc.max_payload) - _HEADER_ROOM
+
+    async def _answer_in_parts(self, raw: Msg, body: bytes) -> None:
+        """Send ``body`` to the caller's inbox as numbered parts, in order."""
+        room = self._room()
+        count = -(-len(body) // room)
+        try:
+            for i in range(count):
+                await self.nc.publish(
+                    raw.reply,
+                    body[i * room : (i + 1) * room],
+                    headers={CHUNK_HEADER: str(i), CHUNKS_HEADER: str(count)},
+                )
+        except Exception:
+            log.warning("rpc.reply_failed", subject=raw.subject, parts=count)
 
     async def _answer(self, raw: Msg, body: bytes) -> bytes | None:
         if not raw.reply:
@@ -540,13 +579,14 @@ class RpcServer:
         return None
 
     def _fit(self, body: bytes) -> bytes:
-        if len(body) > self.nc.max_payload - 4096:
+        if len(body) > self._room():
             # Over the bus's limit the reply would be dropped and the caller would only see a
             # timeout; tell it what happened instead.
             return _error_body(
                 errors.TooLarge(
                     f"the answer is {len(body):,} bytes, over the {self.nc.max_payload:,} bytes "
-                    "a message may carry; ask for less (filters, a smaller limit)"
+                    "a message may carry and this caller takes no answers in parts; ask for less "
+                    "(filters, a smaller limit)"
                 )
             )
         return body
@@ -567,21 +607,60 @@ class RpcClient:
         *,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
+        chunked: bool = False,
     ) -> Any:
-        """Send a request and return its result, or raise the project error it answered with."""
+        """Send a request and return its result, or raise the project error it answered with.
+
+        ``chunked=True`` takes an answer larger than a NATS message in parts (see the module
+        docstring), at the cost of a subscription of its own for the call.
+        """
         t = timeout or self.default_timeout
         h = inject_headers(headers)
         h["Mc-Deadline"] = str(int((time.time() + t) * 1000))
         subject = rpc_subject(service, method)
         try:
-            msg = await self.nc.request(subject, orjson.dumps(payload), timeout=t, headers=h)
+            if chunked:
+                data = await self._request_in_parts(subject, orjson.dumps(payload), t, h)
+            else:
+                data = (
+                    await self.nc.request(subject, orjson.dumps(payload), timeout=t, headers=h)
+                ).data
         except NoRespondersError as exc:
             raise errors.TransientError(f"{service} is not available (no responders)") from exc
         except (NatsTimeoutError, TimeoutError) as exc:
             raise errors.DeadlineExceeded(f"{service}.{method} did not answer within {t}s") from exc
-        reply = orjson.loads(msg.data)
+        reply = orjson.loads(data)
         if reply.get("ok"):
             return reply.get("result")
         err = reply.get("error") or {}
         cls = _ERRORS.get(err.get("code", "internal"), errors.MissionControlError)
         raise cls(err.get("message", "unknown error"))
+
+    async def _request_in_parts(
+        self, subject: str, data: bytes, timeout: float, headers: dict[str, str]
+    ) -> bytes:
+        """One request on an inbox of its own; the answer, joined when it came in parts."""
+        deadline = time.monotonic() + timeout
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, pending_bytes_limit=2 * MAX_CHUNKED_BYTES)
+        try:
+            await self.nc.publish(
+                subject, data, reply=inbox, headers={**headers, CHUNKS_REQUEST_HEADER: "1"}
+            )
+            parts: list[bytes] = []
+            while True:
+                msg = await sub.next_msg(timeout=max(deadline - time.monotonic(), 0.001))
+                got = msg.headers or {}
+                if got.get("Status") == "503":
+                    raise NoRespondersError
+                if CHUNKS_HEADER not in got:
+                    return bytes(msg.data)
+                if got.get(CHUNK_HEADER) != str(len(parts)):
+                    raise errors.TransientError(
+                        f"part {len(parts)} of an answer in parts was lost; retry"
+                    )
+                parts.append(bytes(msg.data))
+                if len(parts) >= int(got[CHUNKS_HEADER]):
+                    return b"".join(parts)
+        finally:
+            await sub.unsubscribe()

@@ -55,6 +55,7 @@ from services.gateway.diffs import (
     ViewQuery,
     diff_payload,
 )
+from services.gateway.exports import export_routes
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
@@ -392,6 +393,8 @@ class Caller:
     principal: Principal
     rpc: RpcClient
     headers: dict[str, str]
+    chunked: bool = False
+    """Take answers larger than a NATS message in parts (reads: GET requests)."""
 
     async def __call__(
         self,
@@ -405,7 +408,9 @@ class Caller:
         # The tenant goes last so nothing in the payload can replace it.
         body = {**(payload or {}), "tenant_id": self.principal.tenant_id}
         try:
-            return await self.rpc.call(service, method, body, timeout=timeout, headers=self.headers)
+            return await self.rpc.call(
+                service, method, body, timeout=timeout, headers=self.headers, chunked=self.chunked
+            )
         except MaxPayloadError:
             raise PayloadTooLarge(
                 "the request is too large to forward in one message; send fewer or smaller items"
@@ -587,7 +592,7 @@ class Requires:
         headers = request.state.rpc_headers
         if principal.human:
             headers = {**headers, "Mc-Actor": principal.actor}
-        return Caller(principal, self._rpc(), headers)
+        return Caller(principal, self._rpc(), headers, chunked=request.method == "GET")
 
 
 class Public:
@@ -1300,6 +1305,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     # -- agents, workflows and executions ---------------------------------------------------------
 
+    # Replay and full exports of runs and executions, export jobs (audit-replay, docs/audit.md).
+    export_routes(
+        router, Requires(Permission.READ, rpc, auth), Requires(Permission.EXPORT, rpc, auth)
+    )
     # The agent registry (policy-admission, docs/agents.md).
     agent_routes(
         router,

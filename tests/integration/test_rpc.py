@@ -12,7 +12,14 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 
-from libs.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, TransientError
+from libs.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    TransientError,
+)
 from libs.eventbus.jetstream import connect
 from libs.eventbus.rpc import Meta, RpcClient, RpcServer
 from libs.observability import configure_logging, tracer
@@ -145,5 +152,34 @@ async def test_a_hot_route_parses_answers_bounds_and_traces_like_the_others(syst
         assert server.refused == 1
     finally:
         release.set()
+        await server.stop()
+        await nc.close()
+
+
+async def test_an_answer_larger_than_a_message_comes_in_parts_to_a_caller_that_asks(
+    system, unique
+) -> None:
+    """Over NATS's max_payload, a chunked caller gets the whole answer; others get too_large."""
+    service = unique("svc")
+    nc = await connect(system.nats_url, "test")
+    size = 3 * nc.max_payload + 12_345
+    big = "".join(chr(ord("a") + i % 26) for i in range(size))
+
+    async def large(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        return {"text": big, "n": payload["n"]}
+
+    server = RpcServer(nc, service)
+    server.route("large", large)
+    await server.start()
+    client = RpcClient(nc)
+    try:
+        got = await client.call(service, "large", {"n": 7}, chunked=True, timeout=30)
+        assert got == {"text": big, "n": 7}
+        assert await client.call(service, "large", {"n": 1}, chunked=True) != got
+        with pytest.raises(TooLarge, match="answers in parts"):
+            await client.call(service, "large", {"n": 7})
+        with pytest.raises(TransientError, match="no responders"):
+            await client.call(unique("nobody"), "large", {}, chunked=True)
+    finally:
         await server.stop()
         await nc.close()
