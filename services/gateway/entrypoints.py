@@ -393,8 +393,6 @@ class Caller:
     principal: Principal
     rpc: RpcClient
     headers: dict[str, str]
-    chunked: bool = False
-    """Take answers larger than a NATS message in parts (reads: GET requests)."""
 
     async def __call__(
         self,
@@ -408,9 +406,7 @@ class Caller:
         # The tenant goes last so nothing in the payload can replace it.
         body = {**(payload or {}), "tenant_id": self.principal.tenant_id}
         try:
-            return await self.rpc.call(
-                service, method, body, timeout=timeout, headers=self.headers, chunked=self.chunked
-            )
+            return await self.rpc.call(service, method, body, timeout=timeout, headers=self.headers)
         except MaxPayloadError:
             raise PayloadTooLarge(
                 "the request is too large to forward in one message; send fewer or smaller items"
@@ -592,7 +588,7 @@ class Requires:
         headers = request.state.rpc_headers
         if principal.human:
             headers = {**headers, "Mc-Actor": principal.actor}
-        return Caller(principal, self._rpc(), headers, chunked=request.method == "GET")
+        return Caller(principal, self._rpc(), headers)
 
 
 class Public:

@@ -159,13 +159,7 @@ async def test_an_export_larger_than_a_nats_message_comes_whole(
         await audit.append([step(tenant, run, i, output=f"{i}:{blob}")])
     await _checkpoint(audit, own_system.service_url, key)
 
-    inline = await audit.rpc.call(
-        "audit",
-        "export_events",
-        {"tenant_id": tenant, "subject_type": "run", "subject_id": run},
-        timeout=60,
-        chunked=True,
-    )
+    inline = await audit.call("export_events", tenant, subject_type="run", subject_id=run)
     body = inline["body"].encode()
     assert len(body) > audit.nc.max_payload
     report = verify_export(_lines(body), key.public_key())
@@ -173,7 +167,13 @@ async def test_an_export_larger_than_a_nats_message_comes_whole(
     assert report.events == n
     # A caller that takes no answer in parts is told why instead of timing out.
     with pytest.raises(TooLarge):
-        await audit.call("export_events", tenant, subject_type="run", subject_id=run)
+        await audit.rpc.call(
+            "audit",
+            "export_events",
+            {"tenant_id": tenant, "subject_type": "run", "subject_id": run},
+            timeout=60,
+            chunked=False,
+        )
 
     job, data = await _job(audit, tenant, "run", run)
     assert job["parts"] > 1

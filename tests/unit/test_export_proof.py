@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typer.testing import CliRunner, Result
 
 from libs.contracts import envelope_for
 from libs.contracts.envelope import EventEnvelope
@@ -30,6 +33,7 @@ from libs.eventbus.export import (
     verify_export,
 )
 from libs.eventbus.store import GENESIS, HASH_SCHEME, chain_hash_v2
+from libs.runtime.cli import app
 
 pytestmark = pytest.mark.unit
 
@@ -247,3 +251,40 @@ def test_a_stream_newer_than_the_checkpoint_is_reported_unanchored() -> None:
     report = verify_export(_export(late_stream=True), KEY.public_key())
     assert [f.kind for f in report.findings] == ["unanchored"]
     assert report.anchored_streams == 2
+
+
+def test_mctl_verify_export_exits_1_naming_the_tampering_and_0_on_the_intact_file(
+    tmp_path: Path,
+) -> None:
+    pub = tmp_path / "signing.pub"
+    pub.write_bytes(
+        KEY.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    runner = CliRunner()
+
+    def run(lines: list[bytes], *extra: str) -> Result:
+        path = tmp_path / "export.ndjson"
+        path.write_bytes(b"".join(lines))
+        return runner.invoke(app, ["verify-export", str(path), "--public-key", str(pub), *extra])
+
+    ok = run(_export())
+    assert ok.exit_code == 0, ok.output
+    assert "8 events in 2 streams" in ok.output
+    for name, (tamper, kind) in TAMPERS.items():
+        got = run(tamper(_export()))
+        assert got.exit_code == 1, name
+        assert f"BROKEN: {kind}" in got.output, (name, got.output)
+    late = _export(late_stream=True)
+    assert run(late).exit_code == 1
+    allowed = run(late, "--allow-unanchored")
+    assert allowed.exit_code == 0, allowed.output
+    assert "warning: unanchored" in allowed.output
+    no_key = runner.invoke(
+        app,
+        ["verify-export", str(tmp_path / "export.ndjson"), "--data-dir", str(tmp_path / "none")],
+        env={"MC_ANCHOR_PUBLIC_KEY": ""},
+    )
+    assert no_key.exit_code != 0
+    assert "no public key" in no_key.output
