@@ -186,38 +186,61 @@ async def test_an_unfinished_job_is_built_again_or_fails_visibly_after_restarts(
 ) -> None:
     tenant, run = unique("acme"), unique("run")
     await audit.append(flow(tenant, run))
-    jobs = audit.service.queries
-    assert jobs is not None
-    resumed, exhausted = (
-        "00000000-0000-7000-8000-00000000000a",
-        "00000000-0000-7000-8000-00000000000b",
-    )
+    resumed, exhausted, stale = (f"00000000-0000-7000-8000-00000000000{c}" for c in "abc")
     async with transaction(audit.pool) as conn:
-        for job_id, attempts in ((resumed, 1), (exhausted, MAX_ATTEMPTS)):
-            # As a process that died while building it left it: running, heartbeat gone stale.
+        for job_id, attempts, age in (
+            (resumed, 1, "0 s"),
+            (exhausted, MAX_ATTEMPTS, "0 s"),
+            (stale, 1, "1 h"),
+        ):
+            # As a process that stopped while building it left it: running, partly written.
             await conn.execute(
                 "INSERT INTO audit_replay.export_jobs (job_id, tenant_id, subject_type, "
                 "subject_id, requested_by, status, attempts, done, total, heartbeat_at) "
-                "VALUES (%s, %s, 'run', %s, 'test', 'running', %s, 3, 9, now() - interval '1 h')",
-                (job_id, tenant, run, attempts),
+                "VALUES (%s, %s, 'run', %s, 'test', 'running', %s, 3, 9, now() - %s::interval)",
+                (job_id, tenant, run, attempts, age),
+            )
+            await conn.execute(
+                "INSERT INTO audit_replay.export_parts (job_id, seq, data) VALUES (%s, 0, %s)",
+                (job_id, b'{"kind":"header"}\n'),
             )
     with pytest.raises(Conflict, match="running"):
         await audit.call("export_job_part", tenant, job_id=resumed, seq=0)
-    taken = await jobs.exports.take_over(timedelta(minutes=5))
-    assert set(taken) >= {resumed, exhausted}
+    # A job whose heartbeat went stale is taken over by the running service ...
+    queries = audit.service.queries
+    assert queries is not None
+    await queries.exports.take_over(timedelta(minutes=5))
+
+    async def stale_done() -> bool:
+        return (await audit.call("export_job", tenant, job_id=stale))["status"] == "done"
+
+    await wait_until(stale_done, timeout=60, what="the stale job to be built again")
+    assert (await audit.call("export_job", tenant, job_id=resumed))["status"] == "running"
+    # ... and a restarted service takes over every unfinished job at once.
+    await audit.service.stop()
+    await audit.start_service()
 
     async def settled() -> bool:
         states = [
             (await audit.call("export_job", tenant, job_id=j))["status"]
-            for j in (resumed, exhausted)
+            for j in (resumed, exhausted, stale)
         ]
         return all(s in ("done", "failed") for s in states)
 
-    await wait_until(settled, timeout=60, what="both jobs to settle")
-    done = await audit.call("export_job", tenant, job_id=resumed)
-    assert done["status"] == "done"
-    assert done["attempts"] == 2
-    assert done["progress"]["done"] == done["progress"]["total"] == len(flow(tenant, run))
+    await wait_until(settled, timeout=60, what="the jobs to settle")
+    for job_id in (resumed, stale):
+        done = await audit.call("export_job", tenant, job_id=job_id)
+        assert done["status"] == "done"
+        assert done["attempts"] == 2
+        assert done["progress"]["done"] == done["progress"]["total"] == len(flow(tenant, run))
+        data, seq = bytearray(), 0
+        while seq is not None:
+            part = await audit.call("export_job_part", tenant, job_id=job_id, seq=seq)
+            data += part["data"].encode()
+            seq = part["next"]
+        # Built again from the start: the part the stopped process wrote is gone.
+        assert data.count(b'"kind":"header"') == 1
+        assert _lines(bytes(data))[-1].startswith(b'{"kind":"end"')
     failed = await audit.call("export_job", tenant, job_id=exhausted)
     assert failed["status"] == "failed"
     assert f"interrupted {MAX_ATTEMPTS} times" in failed["error"]
