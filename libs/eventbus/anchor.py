@@ -208,35 +208,59 @@ async def heads_at_horizon(conn: psycopg.AsyncConnection[dict[str, Any]]) -> tup
     """
     async with conn.transaction():
         await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        cur = await conn.execute(f"SELECT {HORIZON}::text AS h")
+        cur = await conn.execute(
+            f"SELECT {HORIZON}::text AS h, (SELECT last_version FROM eventstore.stream_heads "
+            "WHERE stream_id = %s) AS checkpoints",
+            (CHECKPOINT_STREAM,),
+        )
         row = await cur.fetchone()
         assert row is not None
-        horizon = int(row["h"])
+        heads = await heads_at(conn, int(row["h"]))
+    return heads, int(row["checkpoints"] or 0)
+
+
+async def heads_at(conn: psycopg.AsyncConnection[dict[str, Any]], horizon: int) -> HeadsAt:
+    """Every stream's head as of ``horizon`` (now's, or a past checkpoint's): the heads table
+    gives the head of every stream whose last append is below it; the few appended to since are
+    looked up in the events."""
+    cur = await conn.execute(
+        "SELECT stream_id, last_version, last_hash, log_xid >= %s::text::xid8 AS recent "
+        "FROM eventstore.stream_heads",
+        (str(horizon),),
+    )
+    heads: dict[str, tuple[int, bytes]] = {}
+    recent: list[str] = []
+    for r in await cur.fetchall():
+        if r["recent"]:
+            recent.append(r["stream_id"])
+        else:
+            heads[r["stream_id"]] = (int(r["last_version"]), bytes(r["last_hash"]))
+    if recent:
         cur = await conn.execute(
-            "SELECT stream_id, last_version, last_hash, log_xid >= %s::text::xid8 AS recent "
-            "FROM eventstore.stream_heads",
-            (str(horizon),),
+            "SELECT DISTINCT ON (stream_id) stream_id, stream_version, hash "
+            "FROM eventstore.events WHERE stream_id = ANY(%s) AND log_xid < %s::text::xid8 "
+            "ORDER BY stream_id, stream_version DESC",
+            (recent, str(horizon)),
         )
-        heads: dict[str, tuple[int, bytes]] = {}
-        recent: list[str] = []
-        checkpoint_version = 0
         for r in await cur.fetchall():
-            if r["stream_id"] == CHECKPOINT_STREAM:
-                checkpoint_version = int(r["last_version"])
-            if r["recent"]:
-                recent.append(r["stream_id"])
-            else:
-                heads[r["stream_id"]] = (int(r["last_version"]), bytes(r["last_hash"]))
-        if recent:
-            cur = await conn.execute(
-                "SELECT DISTINCT ON (stream_id) stream_id, stream_version, hash "
-                "FROM eventstore.events WHERE stream_id = ANY(%s) AND log_xid < %s::text::xid8 "
-                "ORDER BY stream_id, stream_version DESC",
-                (recent, str(horizon)),
-            )
-            for r in await cur.fetchall():
-                heads[r["stream_id"]] = (int(r["stream_version"]), bytes(r["hash"]))
-    return HeadsAt(horizon, heads), checkpoint_version
+            heads[r["stream_id"]] = (int(r["stream_version"]), bytes(r["hash"]))
+    return HeadsAt(horizon, heads)
+
+
+async def latest_checkpoint(
+    conn: psycopg.AsyncConnection[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """The newest checkpoint event's row (envelope columns, ``prev_hash``, ``hash``,
+    ``hash_scheme``), or ``None`` before the first."""
+    cur = await conn.execute(
+        "SELECT position, event_id, event_type, schema_version, tenant_id, stream_id, "
+        "stream_version, occurred_at, recorded_at, correlation_id, causation_id, actor, "
+        "trace_context, payload, prev_hash, hash, hash_scheme FROM eventstore.events "
+        "WHERE stream_id = %s ORDER BY stream_version DESC LIMIT 1",
+        (CHECKPOINT_STREAM,),
+    )
+    row: dict[str, Any] | None = await cur.fetchone()
+    return row
 
 
 # --- the periodic writer -------------------------------------------------------------------------

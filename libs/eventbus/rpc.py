@@ -14,6 +14,16 @@ does not do (the bound, deadlines, the envelope, answers too large for the bus) 
 middleware here. A route registered ``hot=True`` is served on bare nats-py with the same
 behaviour, for the path where FastStream's per-message cost matters (docs/benchmarks.md). The
 client is plain nats-py.
+
+An answer larger than a NATS message goes back in parts to a caller that takes them (header
+``Mc-Reply-Chunks: 1``, which :class:`RpcClient` sends unless told not to). The reply carries the
+first part, how many there are (``Mc-Chunks``), a token (``Mc-Chunk-Token``) and the subject to ask
+for the others (``Mc-Chunk-Subject``: ``mc.rpc.<service>._part.<replica>``, served in the
+service's queue group by the replica that holds the answer, so it is a request like any other
+under the bus's permissions). The client asks for each next part with one request and joins them.
+The replica keeps an answer until its last part is taken or :data:`PART_TTL_S` passes, at most
+:data:`MAX_HELD_BYTES` of them at once. Without that header such an answer is ``too_large`` as
+before; over :data:`MAX_CHUNKED_BYTES` it is ``too_large`` either way (page such reads instead).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextvars import ContextVar
@@ -77,6 +88,19 @@ _ERRORS: dict[str, type[errors.MissionControlError]] = {
 
 # How long stop() lets the requests in hand finish before it returns.
 STOP_TIMEOUT_S = 5.0
+# A caller that joins answers sent in parts sends this header; the first part carries the others.
+CHUNKS_REQUEST_HEADER = "Mc-Reply-Chunks"
+CHUNKS_HEADER = "Mc-Chunks"
+CHUNK_TOKEN_HEADER = "Mc-Chunk-Token"  # noqa: S105 - a header's name
+CHUNK_SUBJECT_HEADER = "Mc-Chunk-Subject"
+PART_ERROR_HEADER = "Mc-Part-Error"
+# The largest answer sent in parts: the caller holds it whole in memory.
+MAX_CHUNKED_BYTES = 64 * 1024 * 1024
+# How much a replica holds of answers whose parts are being taken, and for how long at most.
+MAX_HELD_BYTES = 256 * 1024 * 1024
+PART_TTL_S = 120.0
+# Room kept in each message for the headers.
+_HEADER_ROOM = 4096
 
 _servers: weakref.WeakSet[RpcServer] = weakref.WeakSet()
 
@@ -346,6 +370,11 @@ class RpcServer:
         self._working = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._handler_names: set[str] = set()
+        # Answers whose parts are being taken: token -> (until, body, part size).
+        self._held: dict[str, tuple[float, bytes, int]] = {}
+        self._held_bytes = 0
+        self.part_subject = f"{RPC_PREFIX}.{service}._part.{uuid.uuid4().hex[:12]}"
+        """Where this replica serves the parts of its large answers."""
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
@@ -419,6 +448,9 @@ class RpcServer:
 
     async def start(self) -> None:
         """Subscribe every registered route."""
+        self._hot_subs.append(
+            await self.nc.subscribe(self.part_subject, queue=self.service, cb=self._serve_part)
+        )
         for method, call in self._hot.items():
             self._hot_subs.append(
                 await self.nc.subscribe(
@@ -527,7 +559,84 @@ class RpcServer:
         except Exception as exc:
             log.exception("rpc.handler_failed", subject=raw.subject)
             body = _internal_body(exc)
+        if (
+            len(body) > self._room()
+            and raw.reply
+            and headers.get(CHUNKS_REQUEST_HEADER) == "1"
+            and len(body) <= MAX_CHUNKED_BYTES
+        ):
+            await self._answer_in_parts(raw, body)
+            return None
         return await self._answer(raw, self._fit(body))
+
+    def _room(self) -> int:
+        return int(self.nc.max_payload) - _HEADER_ROOM
+
+    async def _answer_in_parts(self, raw: Msg, body: bytes) -> None:
+        """Answer with the first part of ``body``; keep the rest for the caller to ask for."""
+        room = self._room()
+        count = -(-len(body) // room)
+        self._drop_expired()
+        if self._held_bytes + len(body) > MAX_HELD_BYTES:
+            await self._answer(
+                raw,
+                _error_body(
+                    errors.Overloaded(
+                        f"{self.service} holds as many large answers as it may; retry shortly"
+                    )
+                ),
+            )
+            return
+        token = uuid.uuid4().hex
+        self._held[token] = (time.monotonic() + PART_TTL_S, body, room)
+        self._held_bytes += len(body)
+        headers = {
+            CHUNKS_HEADER: str(count),
+            CHUNK_TOKEN_HEADER: token,
+            CHUNK_SUBJECT_HEADER: self.part_subject,
+        }
+        try:
+            await self.nc.publish(raw.reply, body[:room], headers=headers)
+        except Exception:
+            log.warning("rpc.reply_failed", subject=raw.subject, parts=count)
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for token in [t for t, (until, _, _) in self._held.items() if until < now]:
+            self._release(token)
+
+    def _release(self, token: str) -> None:
+        held = self._held.pop(token, None)
+        if held is not None:
+            self._held_bytes -= len(held[1])
+
+    async def _serve_part(self, msg: Msg) -> None:
+        """Answer a request for part ``index`` of a held answer (the last one releases it)."""
+        try:
+            ask = orjson.loads(msg.data)
+            token, index = str(ask["token"]), int(ask["index"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            await self._part_answer(msg, b"bad part request", error=True)
+            return
+        held = self._held.get(token)
+        if held is None:
+            await self._part_answer(msg, b"the answer's parts are gone; ask again", error=True)
+            return
+        _, body, room = held
+        part = body[index * room : (index + 1) * room]
+        if (index + 1) * room >= len(body):
+            self._release(token)
+        await self._part_answer(msg, part)
+
+    async def _part_answer(self, msg: Msg, data: bytes, *, error: bool = False) -> None:
+        if not msg.reply:
+            return
+        try:
+            await self.nc.publish(
+                msg.reply, data, headers={PART_ERROR_HEADER: "1"} if error else None
+            )
+        except Exception:
+            log.warning("rpc.reply_failed", subject=msg.subject)
 
     async def _answer(self, raw: Msg, body: bytes) -> bytes | None:
         if not raw.reply:
@@ -540,13 +649,14 @@ class RpcServer:
         return None
 
     def _fit(self, body: bytes) -> bytes:
-        if len(body) > self.nc.max_payload - 4096:
+        if len(body) > self._room():
             # Over the bus's limit the reply would be dropped and the caller would only see a
             # timeout; tell it what happened instead.
             return _error_body(
                 errors.TooLarge(
                     f"the answer is {len(body):,} bytes, over the {self.nc.max_payload:,} bytes "
-                    "a message may carry; ask for less (filters, a smaller limit)"
+                    "a message may carry and this caller takes no answers in parts; ask for less "
+                    "(filters, a smaller limit)"
                 )
             )
         return body
@@ -567,21 +677,48 @@ class RpcClient:
         *,
         timeout: float | None = None,
         headers: dict[str, str] | None = None,
+        chunked: bool = True,
     ) -> Any:
-        """Send a request and return its result, or raise the project error it answered with."""
+        """Send a request and return its result, or raise the project error it answered with.
+
+        An answer larger than a NATS message comes in parts and is joined here (see the module
+        docstring); ``chunked=False`` asks for ``too_large`` instead.
+        """
         t = timeout or self.default_timeout
+        deadline = time.monotonic() + t
         h = inject_headers(headers)
         h["Mc-Deadline"] = str(int((time.time() + t) * 1000))
+        if chunked:
+            h[CHUNKS_REQUEST_HEADER] = "1"
         subject = rpc_subject(service, method)
         try:
             msg = await self.nc.request(subject, orjson.dumps(payload), timeout=t, headers=h)
+            data = msg.data
+            if msg.headers and CHUNKS_HEADER in msg.headers:
+                data = await self._rest(msg, deadline)
         except NoRespondersError as exc:
             raise errors.TransientError(f"{service} is not available (no responders)") from exc
         except (NatsTimeoutError, TimeoutError) as exc:
             raise errors.DeadlineExceeded(f"{service}.{method} did not answer within {t}s") from exc
-        reply = orjson.loads(msg.data)
+        reply = orjson.loads(data)
         if reply.get("ok"):
             return reply.get("result")
         err = reply.get("error") or {}
         cls = _ERRORS.get(err.get("code", "internal"), errors.MissionControlError)
         raise cls(err.get("message", "unknown error"))
+
+    async def _rest(self, first: Msg, deadline: float) -> bytes:
+        """The whole answer whose first part is ``first``: each next part asked for in turn."""
+        headers = first.headers or {}
+        count = int(headers[CHUNKS_HEADER])
+        token, subject = headers[CHUNK_TOKEN_HEADER], headers[CHUNK_SUBJECT_HEADER]
+        parts = [bytes(first.data)]
+        for index in range(1, count):
+            left = max(deadline - time.monotonic(), 0.001)
+            msg = await self.nc.request(
+                subject, orjson.dumps({"token": token, "index": index}), timeout=left
+            )
+            if msg.headers and PART_ERROR_HEADER in msg.headers:
+                raise errors.TransientError(msg.data.decode(errors="replace"))
+            parts.append(bytes(msg.data))
+        return b"".join(parts)

@@ -154,6 +154,16 @@ def event_hash(scheme: int, prev_hash: bytes, envelope: EventEnvelope) -> bytes:
 
 
 @dataclass(frozen=True)
+class ChainedEvent:
+    """A stored event with its link in its stream's hash chain (what an export carries)."""
+
+    envelope: EventEnvelope
+    prev_hash: bytes
+    hash: bytes
+    hash_scheme: int
+
+
+@dataclass(frozen=True)
 class StreamHead:
     """The last event of a stream as its head records it (``eventstore.stream_heads``)."""
 
@@ -406,6 +416,75 @@ class EventStore:
             await scope_to_tenant(c, tenant_id)
             cur = await c.execute(q, args)
             return [row_to_envelope(r) for r in await cur.fetchall()]
+
+    async def linked_streams(
+        self, tenant_id: str, event_type: str, key: str, values: Sequence[str]
+    ) -> list[str]:
+        """The tenant's streams holding an event of ``event_type`` whose payload's ``key`` is one
+        of ``values`` (the incidents of some runs, by the run id their ``incident.opened``
+        carries), sorted."""
+        if not values:
+            return []
+        async with transaction(self.pool) as c:
+            await scope_to_tenant(c, tenant_id)
+            cur = await c.execute(
+                "SELECT DISTINCT stream_id FROM eventstore.events WHERE tenant_id = %s "
+                "AND event_type = %s AND payload->>%s = ANY(%s) ORDER BY stream_id",
+                (tenant_id, event_type, key, list(values)),
+            )
+            return [r["stream_id"] for r in await cur.fetchall()]
+
+    async def payload_values(
+        self, tenant_id: str, stream_id: str, event_type: str, key: str
+    ) -> list[str]:
+        """The distinct values of payload ``key`` in one stream's events of ``event_type``."""
+        async with transaction(self.pool) as c:
+            await scope_to_tenant(c, tenant_id)
+            cur = await c.execute(
+                "SELECT DISTINCT payload->>%s AS v FROM eventstore.events WHERE tenant_id = %s "
+                "AND stream_id = %s AND event_type = %s ORDER BY 1",
+                (key, tenant_id, stream_id, event_type),
+            )
+            return [r["v"] for r in await cur.fetchall() if r["v"] is not None]
+
+    async def iter_chain(
+        self, tenant_id: str, stream_ids: Sequence[str], batch: int = 2000
+    ) -> AsyncIterator[list[ChainedEvent]]:
+        """One tenant's events of ``stream_ids`` with their hash links, in store order, in
+        batches, all from one snapshot (REPEATABLE READ) so the streams end where they ended
+        when the read began."""
+        async with self.pool.connection() as raw:
+            conn: AsyncConn = raw  # type: ignore[assignment]
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                await scope_to_tenant(conn, tenant_id)
+                async with conn.cursor(name="export_chain") as cur:
+                    await cur.execute(
+                        f"SELECT {_COLUMNS}, hash_scheme FROM eventstore.events "
+                        "WHERE tenant_id = %s AND stream_id = ANY(%s) ORDER BY position",
+                        (tenant_id, list(stream_ids)),
+                    )
+                    while rows := await cur.fetchmany(batch):
+                        yield [
+                            ChainedEvent(
+                                row_to_envelope(r),
+                                bytes(r["prev_hash"]),
+                                bytes(r["hash"]),
+                                int(r["hash_scheme"]),
+                            )
+                            for r in rows
+                        ]
+
+    async def stream_counts(self, tenant_id: str, stream_ids: Sequence[str]) -> dict[str, int]:
+        """How many events each of ``stream_ids`` holds (streams without events left out)."""
+        async with transaction(self.pool) as c:
+            await scope_to_tenant(c, tenant_id)
+            cur = await c.execute(
+                "SELECT stream_id, count(*) AS n FROM eventstore.events WHERE tenant_id = %s "
+                "AND stream_id = ANY(%s) GROUP BY stream_id",
+                (tenant_id, list(stream_ids)),
+            )
+            return {r["stream_id"]: int(r["n"]) for r in await cur.fetchall()}
 
     async def first_position_after(
         self, after_position: int, event_types: Sequence[str]

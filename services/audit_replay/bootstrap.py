@@ -54,13 +54,20 @@ class AuditReplayService:
         self._consumer_tasks = [
             asyncio.create_task(c.run(), name=f"audit-{c.lane.name}") for c in self.consumers
         ]
-        self._tasks = [*self._consumer_tasks, asyncio.create_task(self.lag.run(), name="audit-lag")]
+        self._tasks = [
+            *self._consumer_tasks,
+            asyncio.create_task(self.lag.run(), name="audit-lag"),
+            # Export jobs left unfinished by a stopped process are built again.
+            asyncio.create_task(self.queries.exports.follow(), name="audit-exports"),
+        ]
         ctx.tasks.extend(self._tasks)
 
     async def stop(self) -> None:
         """Stop consuming, write and ack what is buffered, then close ClickHouse."""
         if self.rpc is not None:
             await self.rpc.stop()
+        if self.queries is not None:
+            await self.queries.exports.stop()
         for c in self.consumers:
             c.stop()
         for task in self._consumer_tasks:

@@ -24,6 +24,16 @@ query filters on it, so no answer ever holds another tenant's rows.
   ``outcome?``, ``incident_id?``, ``actor?``, ``event_type?``, ``since?``, ``until?``, ``q?``
   (full text), ``limit?`` (<= 200), ``cursor?`` → ``{events, next_cursor, limit}``, the
   tenant's events newest first (see :mod:`services.audit_replay.domain.search`).
+* ``replay_execution``: ``execution_id``, ``at_position?``, ``at_version?`` →
+  ``{state, events_applied, inflection_point, at_position, at_version}``, the execution folded
+  from its stream up to that point (the first failed, blocked, stopped or rejected step, an
+  exceeded budget or the execution's failure is its inflection point).
+* ``export_events``: ``subject_type`` (run, execution), ``subject_id`` → ``{content_type, body}``,
+  the NDJSON export with hashes and checkpoint proof (:mod:`services.audit_replay.exports`).
+* ``export_job_create``: ``subject_type``, ``subject_id``, ``requested_by`` → the job;
+  ``export_job``: ``job_id`` → the job; ``export_jobs``: ``limit?`` → ``{jobs}``;
+  ``export_job_part``: ``job_id``, ``seq`` → ``{seq, data, next}`` (a done job's file, a part at a
+  time).
 * ``rebuild`` → ``{events, rows, position, duration_s}``.
 * ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
 * ``simulation_decisions``, ``step_costs``: what a policy simulation reads (see
@@ -47,6 +57,7 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 
+from libs.contracts.envelope import stream_id_for
 from libs.errors import (
     InvalidInput,
     MissionControlError,
@@ -58,11 +69,14 @@ from libs.eventbus.store import EventStore
 from services.audit_replay import simulation_reads
 from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
+    ExecutionReplay,
     IncidentRow,
     ReplayState,
     RunRow,
     cost_summary,
+    evolve_execution,
     evolve_replay,
+    execution_replay_answer,
     incident_view,
     inflection_point,
     iso,
@@ -73,7 +87,20 @@ from services.audit_replay.domain import (
 )
 from services.audit_replay.domain.search import page, parse_search, search_sql
 from services.audit_replay.domain.views import COST_COMPONENTS, COST_TOKENS
-from services.audit_replay.handlers import LagMonitor, Projector, read_run_history
+from services.audit_replay.exports import (
+    EXECUTION_CATEGORY,
+    SUBJECT_TYPES,
+    Checkpoints,
+    ExportJobs,
+    export_inline,
+    plan_export,
+)
+from services.audit_replay.handlers import (
+    LagMonitor,
+    Projector,
+    read_run_history,
+    replay_limit,
+)
 from services.audit_replay.schema import DATABASE as DB
 
 MAX_LIMIT = 500
@@ -92,7 +119,19 @@ GROUP_KEYS = {
 }
 _TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Methods that do not read the projection tables, so a rebuild does not hold them up.
-NOT_PROJECTION_READS = frozenset({"replay", "rebuild", "lag"})
+NOT_PROJECTION_READS = frozenset(
+    {
+        "replay",
+        "replay_execution",
+        "export_events",
+        "export_job_create",
+        "export_job",
+        "export_jobs",
+        "export_job_part",
+        "rebuild",
+        "lag",
+    }
+)
 REBUILDING_MESSAGE = "projections are being rebuilt, retry shortly"
 
 # A cost counts as priced only when it carries an amount; anything else is "unpriced".
@@ -164,6 +203,8 @@ class AuditQueries:
         self.projector = projector
         self.store = store
         self.lag_monitor = lag
+        self.checkpoints = Checkpoints(store)
+        self.exports = ExportJobs(store, self.checkpoints)
 
     def routes(self) -> dict[str, Callable[[Params], Awaitable[Any]]]:
         """Method name → handler."""
@@ -178,6 +219,12 @@ class AuditQueries:
             "replay": self.replay,
             "export": self.export,
             "search": self.search,
+            "replay_execution": self.replay_execution,
+            "export_events": self.export_events,
+            "export_job_create": self.export_job_create,
+            "export_job": self.export_job,
+            "export_jobs": self.export_jobs,
+            "export_job_part": self.export_job_part,
             "rebuild": self.rebuild,
             "lag": self.lag,
             "simulation_decisions": self.simulation_decisions,
@@ -508,6 +555,63 @@ class AuditQueries:
             "content_type": "application/json",
             "body": orjson.dumps(trace, option=orjson.OPT_INDENT_2).decode(),
         }
+
+    async def replay_execution(self, p: Params) -> dict[str, Any]:
+        """A workflow execution rebuilt from its stream, up to a position or stream version."""
+        tenant = _tenant(p)
+        execution_id = _text(p, "execution_id", required=True)
+        assert execution_id is not None
+        at_position = _int(p, "at_position", default=None, low=1)
+        at_version = _int(p, "at_version", default=None, low=1)
+        stream = stream_id_for(tenant, EXECUTION_CATEGORY, execution_id)
+        limit = await replay_limit(
+            self.store, stream, at_position, at_version, f"execution {execution_id}"
+        )
+        history = await self.store.read_history(tenant, [stream], up_to_position=limit)
+        if not history:
+            raise NotFound(f"execution {execution_id} has no events at that point")
+        state = ExecutionReplay(execution_id=execution_id)
+        for env in history:
+            state = evolve_execution(state, env)
+        return execution_replay_answer(state)
+
+    def _subject(self, p: Params) -> tuple[str, str, str]:
+        tenant = _tenant(p)
+        kind = _choice(p, "subject_type", SUBJECT_TYPES, required=True)
+        subject_id = _text(p, "subject_id", required=True)
+        assert kind is not None
+        assert subject_id is not None
+        return tenant, kind, subject_id
+
+    async def export_events(self, p: Params) -> dict[str, Any]:
+        """A run's or an execution's events with hashes and checkpoint proof, as NDJSON."""
+        tenant, kind, subject_id = self._subject(p)
+        plan = await plan_export(self.store, tenant, kind, subject_id)
+        return await export_inline(self.store, self.checkpoints, plan)
+
+    async def export_job_create(self, p: Params) -> dict[str, Any]:
+        """Start building an export in the background; the job (``queued``)."""
+        tenant, kind, subject_id = self._subject(p)
+        actor = _text(p, "requested_by") or "unknown"
+        return await self.exports.create(tenant, kind, subject_id, actor)
+
+    async def export_job(self, p: Params) -> dict[str, Any]:
+        """One export job: status and progress."""
+        job_id = _text(p, "job_id", required=True)
+        assert job_id is not None
+        return await self.exports.get(_tenant(p), job_id)
+
+    async def export_jobs(self, p: Params) -> dict[str, Any]:
+        """The tenant's export jobs, newest first."""
+        limit = _int(p, "limit", default=DEFAULT_LIMIT, low=1, high=MAX_LIMIT) or DEFAULT_LIMIT
+        return {"jobs": await self.exports.recent(_tenant(p), limit)}
+
+    async def export_job_part(self, p: Params) -> dict[str, Any]:
+        """One part of a done job's file."""
+        job_id = _text(p, "job_id", required=True)
+        assert job_id is not None
+        seq = _int(p, "seq", default=0, low=0, high=10_000_000) or 0
+        return await self.exports.part(_tenant(p), job_id, seq)
 
     async def rebuild(self, p: Params) -> dict[str, Any]:
         """Drop and rebuild every projection from the event store."""

@@ -749,6 +749,20 @@ class LagMonitor:
             await asyncio.sleep(interval)
 
 
+async def replay_limit(
+    store: EventStore, stream: str, at_position: int | None, at_version: int | None, what: str
+) -> int | None:
+    """The store position a replay stops at: ``at_position``, or the position of ``stream``'s
+    event at ``at_version`` (the lower of the two when both are given)."""
+    limit = at_position
+    if at_version is not None:
+        pos = await store.position_of(stream, at_version)
+        if pos is None:
+            raise InvalidInput(f"at_version {at_version} does not exist in {what}")
+        limit = pos if limit is None else min(limit, pos)
+    return limit
+
+
 async def read_run_history(
     store: EventStore,
     tenant_id: str,
@@ -764,12 +778,7 @@ async def read_run_history(
     ``at_version`` is a version of the run stream, turned into the position of that event.
     """
     stream = run_stream(tenant_id, run_id)
-    limit = at_position
-    if at_version is not None:
-        pos = await store.position_of(stream, at_version)
-        if pos is None:
-            raise InvalidInput(f"at_version {at_version} does not exist in run {run_id}")
-        limit = pos if limit is None else min(limit, pos)
+    limit = await replay_limit(store, stream, at_position, at_version, f"run {run_id}")
     return await store.read_history(
         tenant_id,
         [

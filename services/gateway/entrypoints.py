@@ -56,6 +56,7 @@ from services.gateway.diffs import (
     ViewQuery,
     diff_payload,
 )
+from services.gateway.exports import export_routes
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
@@ -1301,6 +1302,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
     # -- agents, workflows and executions ---------------------------------------------------------
 
+    # Replay and full exports of runs and executions, export jobs (audit-replay, docs/audit.md).
+    export_routes(
+        router, Requires(Permission.READ, rpc, auth), Requires(Permission.EXPORT, rpc, auth)
+    )
     # The agent registry (policy-admission, docs/agents.md).
     agent_routes(
         router,

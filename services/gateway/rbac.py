@@ -44,6 +44,7 @@ class Permission(StrEnum):
     APPROVE = "approve"
     GOVERN = "govern"
     REVIEW = "review"
+    EXPORT = "export"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ RULES: Mapping[Permission, Rule] = {
         (),
         "change the tenant's approval rules or policy signing keys, grant or revoke "
         "policy exceptions, or promote or disable agents",
+    ),
+    Permission.EXPORT: _rule(
+        ROLES, {"read"}, "start exports of the tenant's runs and executions (events with hashes)"
     ),
     # Acknowledging a diff says a person viewed it: no key may do it.
     Permission.REVIEW: _rule(ROLES, (), "acknowledge having viewed a diff"),

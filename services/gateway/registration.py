@@ -2,8 +2,8 @@
 
 The gateway is the front door: it forwards every request to the other services, so it starts
 after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow``,
-``mctl approval``, ``mctl policy``, ``mctl promotion`` and ``mctl audit``, and the demo
-``mctl up --demo`` runs.
+``mctl approval``, ``mctl policy``, ``mctl promotion``, ``mctl audit`` and ``mctl export``, and
+the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -27,6 +27,7 @@ REGISTRATION = ServiceRegistration(
         "agent": "services.gateway.agent_cli:agent_app",
         "promotion": "services.gateway.promotion_cli:promotion_app",
         "audit": "services.gateway.audit_cli:audit_app",
+        "export": "services.gateway.export_cli:export_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.

@@ -103,8 +103,12 @@ class PolicyAdmissionService:
         self._drift_task = asyncio.create_task(self.drift.run(), name="admission-drift")
         ctx.tasks.append(self._drift_task)
         audit = RpcClient(ctx.nc, default_timeout=AUDIT_TIMEOUT_S)
+        # Whole answers only: the bus lets this service send its two reads, not ask for the
+        # parts of a large answer; a page too large answers too_large and the job asks for less.
         self.simulations = SimulationJobs(
-            ctx.store, self.tenants, lambda method, payload: audit.call(AUDIT, method, payload)
+            ctx.store,
+            self.tenants,
+            lambda method, payload: audit.call(AUDIT, method, payload, chunked=False),
         )
         self._simulations = asyncio.create_task(
             self.simulations.follow(), name="admission-simulations"

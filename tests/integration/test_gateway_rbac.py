@@ -264,6 +264,16 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         "/v1/policy-simulations/00000000-0000-0000-0000-000000000000",
         None,
     ),
+    ("GET", "/v1/runs/{run_id}/full-export"): (f"/v1/runs/{NO_RUN}/full-export", None),
+    ("GET", "/v1/executions/{execution_id}/replay"): (f"/v1/executions/{NO_RUN}/replay", None),
+    ("GET", "/v1/executions/{execution_id}/full-export"): (
+        f"/v1/executions/{NO_RUN}/full-export",
+        None,
+    ),
+    ("POST", "/v1/exports"): ("/v1/exports", {"subject_type": "run", "subject_id": NO_RUN}),
+    ("GET", "/v1/exports"): ("/v1/exports", None),
+    ("GET", "/v1/exports/{job_id}"): (f"/v1/exports/{NO_RELOAD}", None),
+    ("GET", "/v1/exports/{job_id}/download"): (f"/v1/exports/{NO_RELOAD}/download", None),
 }
 
 

@@ -12,9 +12,16 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 
-from libs.errors import DeadlineExceeded, InvalidInput, NotFound, Overloaded, TransientError
+from libs.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    TransientError,
+)
 from libs.eventbus.jetstream import connect
-from libs.eventbus.rpc import Meta, RpcClient, RpcServer
+from libs.eventbus.rpc import PART_ERROR_HEADER, Meta, RpcClient, RpcServer
 from libs.observability import configure_logging, tracer
 from tests.conftest import wait_until
 
@@ -72,8 +79,7 @@ async def test_request_reply_results_errors_deadlines_and_headers(system, unique
 
 
 async def test_an_answer_too_large_for_the_bus_is_an_error_not_a_timeout(system, unique) -> None:
-    from libs.errors import TooLarge
-
+    """For a caller that takes no answers in parts (see the test below for those that do)."""
     service = unique("big")
     nc = await connect(system.nats_url, "test")
 
@@ -85,7 +91,7 @@ async def test_an_answer_too_large_for_the_bus_is_an_error_not_a_timeout(system,
     await server.start()
     try:
         with pytest.raises(TooLarge, match="over the"):
-            await RpcClient(nc).call(service, "huge", {}, timeout=5)
+            await RpcClient(nc).call(service, "huge", {}, timeout=5, chunked=False)
     finally:
         await server.stop()
         await nc.close()
@@ -146,4 +152,39 @@ async def test_a_hot_route_parses_answers_bounds_and_traces_like_the_others(syst
     finally:
         release.set()
         await server.stop()
+        await nc.close()
+
+
+async def test_an_answer_larger_than_a_message_comes_in_parts_and_is_joined(system, unique) -> None:
+    """Over NATS's max_payload, the caller gets the whole answer (its parts asked for one by one
+    from the replica that holds them, then released); a caller that takes no parts gets
+    too_large, and a part asked for after its answer was released is a transient error."""
+    service = unique("svc")
+    nc = await connect(system.nats_url, "test")
+    size = 3 * nc.max_payload + 12_345
+    big = "".join(chr(ord("a") + i % 26) for i in range(size))
+
+    async def large(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        return {"text": big, "n": payload["n"]}
+
+    servers = [RpcServer(nc, service), RpcServer(nc, service)]
+    for server in servers:
+        server.route("large", large)
+        await server.start()
+    client = RpcClient(nc)
+    try:
+        for n in range(4):  # the replicas share the requests; each serves its own parts
+            got = await client.call(service, "large", {"n": n}, timeout=30)
+            assert got == {"text": big, "n": n}
+        assert all(s._held_bytes == 0 and not s._held for s in servers)
+        with pytest.raises(TooLarge, match="takes no answers in parts"):
+            await client.call(service, "large", {"n": 7}, chunked=False)
+        gone = await nc.request(
+            servers[0].part_subject, json.dumps({"token": "nope", "index": 1}).encode()
+        )
+        assert gone.headers == {PART_ERROR_HEADER: "1"}
+        assert b"parts are gone" in gone.data
+    finally:
+        for server in servers:
+            await server.stop()
         await nc.close()

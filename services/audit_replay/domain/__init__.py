@@ -30,7 +30,14 @@ from services.audit_replay.domain.folds import (
     safe_decode,
 )
 from services.audit_replay.domain.projection import Projection, project, project_steps
-from services.audit_replay.domain.replay import ReplayState, evolve_replay, replay_answer
+from services.audit_replay.domain.replay import (
+    ExecutionReplay,
+    ReplayState,
+    evolve_execution,
+    evolve_replay,
+    execution_replay_answer,
+    replay_answer,
+)
 from services.audit_replay.domain.rows import (
     IncidentRow,
     Key,
@@ -61,6 +68,7 @@ __all__ = [
     "CSV_COLUMNS",
     "INCIDENT_EVENTS",
     "RUN_EVENTS",
+    "ExecutionReplay",
     "IncidentRow",
     "Key",
     "Projection",
@@ -73,9 +81,11 @@ __all__ = [
     "decision_view",
     "dumps",
     "event_row",
+    "evolve_execution",
     "evolve_incident",
     "evolve_replay",
     "evolve_run",
+    "execution_replay_answer",
     "fold_steps",
     "governing_decisions",
     "incident_event_is_late",

@@ -73,3 +73,101 @@ def replay_answer(state: ReplayState) -> dict[str, Any]:
         "inflection_point": inflection,
         "at_position": state.position,
     }
+
+
+# --- workflow executions --------------------------------------------------------------------
+
+# Where an execution went wrong: the first of these in its stream is its inflection point.
+EXECUTION_TURNS = {
+    "execution.step_failed": "failed",
+    "execution.step_blocked": "blocked",
+    "execution.step_stopped": "stopped",
+    "execution.step_rejected": "rejected",
+    "execution.budget_exceeded": "budget_exceeded",
+    "execution.failed": "failed",
+    "execution.aborted": "aborted",
+}
+_STEP_STATUS = {
+    "execution.step_dispatched": "dispatched",
+    "execution.step_completed": "completed",
+    "execution.step_failed": "failed",
+    "execution.step_blocked": "blocked",
+    "execution.step_stopped": "stopped",
+    "execution.approval_requested": "awaiting_approval",
+    "execution.step_approved": "approved",
+    "execution.step_rejected": "rejected",
+}
+_END_STATUS = {
+    "execution.completed": "completed",
+    "execution.failed": "failed",
+    "execution.aborted": "aborted",
+}
+
+
+@dataclass
+class ExecutionReplay:
+    """A workflow execution folded from its stream's events up to a point."""
+
+    execution_id: str = ""
+    workflow_id: str | None = None
+    workflow_version: int | None = None
+    status: str | None = None
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    inflection: dict[str, Any] | None = None
+    events_applied: int = 0
+    position: int = 0
+    stream_version: int = 0
+
+
+def evolve_execution(state: ExecutionReplay, env: EventEnvelope) -> ExecutionReplay:
+    """Fold one event of an execution's stream into ``state``."""
+    p = env.payload
+    state.events_applied += 1
+    state.position = max(state.position, env.position or 0)
+    state.stream_version = max(state.stream_version, env.stream_version)
+    kind = env.event_type
+    if kind == "execution.started":
+        state.execution_id = str(p.get("execution_id", ""))
+        state.workflow_id = p.get("workflow_id")
+        state.workflow_version = p.get("workflow_version")
+        state.status = "running"
+    elif kind in _END_STATUS:
+        state.status = _END_STATUS[kind]
+    step_id = p.get("step_id")
+    if kind in _STEP_STATUS and isinstance(step_id, str):
+        step = state.steps.setdefault(
+            step_id, {"step_id": step_id, "status": None, "attempts": 0, "run_ids": []}
+        )
+        step["status"] = _STEP_STATUS[kind]
+        if kind == "execution.step_dispatched":
+            step["attempts"] = max(step["attempts"], int(p.get("attempt") or 0))
+            if p.get("run_id") and p["run_id"] not in step["run_ids"]:
+                step["run_ids"].append(p["run_id"])
+    if state.inflection is None and kind in EXECUTION_TURNS:
+        state.inflection = {
+            "kind": EXECUTION_TURNS[kind],
+            "event_type": kind,
+            "step_id": step_id if isinstance(step_id, str) else None,
+            "position": env.position,
+            "stream_version": env.stream_version,
+            "occurred_at": env.occurred_at.isoformat(),
+            "reason": p.get("reason") or p.get("error"),
+        }
+    return state
+
+
+def execution_replay_answer(state: ExecutionReplay) -> dict[str, Any]:
+    """The ``replay_execution`` result: the execution as it stood at that point."""
+    return {
+        "state": {
+            "execution_id": state.execution_id,
+            "workflow_id": state.workflow_id,
+            "workflow_version": state.workflow_version,
+            "status": state.status,
+            "steps": [state.steps[k] for k in sorted(state.steps)],
+        },
+        "events_applied": state.events_applied,
+        "inflection_point": state.inflection,
+        "at_position": state.position,
+        "at_version": state.stream_version,
+    }
