@@ -55,6 +55,7 @@ from services.gateway.diffs import (
     ViewQuery,
     diff_payload,
 )
+from services.gateway.evidence import evidence_routes
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
@@ -1307,6 +1308,8 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         Requires(Permission.WORKFLOWS, rpc, auth),
         Requires(Permission.GOVERN, rpc, auth),
     )
+    # Signed evidence documents (audit-replay reads the event store and signs them).
+    evidence_routes(router, Requires(Permission.EVIDENCE, rpc, auth))
     # Promotion requests (workflow-engine's approvals, policy-admission's checks).
     promotion_routes(
         router,

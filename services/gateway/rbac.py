@@ -44,6 +44,7 @@ class Permission(StrEnum):
     APPROVE = "approve"
     GOVERN = "govern"
     REVIEW = "review"
+    EVIDENCE = "evidence"
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,13 @@ RULES: Mapping[Permission, Rule] = {
     ),
     # Acknowledging a diff says a person viewed it: no key may do it.
     Permission.REVIEW: _rule(ROLES, (), "acknowledge having viewed a diff"),
+    # Signed compliance documents: for the people who answer for them, and read-scoped keys
+    # (an auditor's export job).
+    Permission.EVIDENCE: _rule(
+        {"approver", "admin"},
+        {"read"},
+        "read the tenant's SOC2 evidence or executive debriefs",
+    ),
 }
 
 

@@ -2,7 +2,8 @@
 
 The gateway is the front door: it forwards every request to the other services, so it starts
 after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow``,
-``mctl approval``, ``mctl policy`` and ``mctl promotion``, and the demo ``mctl up --demo`` runs.
+``mctl approval``, ``mctl policy``, ``mctl promotion``, ``mctl evidence`` and ``mctl debrief``,
+and the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -25,6 +26,8 @@ REGISTRATION = ServiceRegistration(
         "policy": "services.gateway.policy_cli:policy_app",
         "agent": "services.gateway.agent_cli:agent_app",
         "promotion": "services.gateway.promotion_cli:promotion_app",
+        "evidence": "services.gateway.evidence_cli:evidence_app",
+        "debrief": "services.gateway.evidence_cli:debrief_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.

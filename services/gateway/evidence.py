@@ -1,0 +1,155 @@
+"""Evidence routes: SOC2 evidence, executive debriefs (docs/evidence.md).
+
+audit-replay builds each document from the event store and signs it; it answers in chunks (a PDF
+can be larger than a NATS message), which these routes put together and return as one file.
+The signature statement comes back in ``X-Evidence-Signature`` (base64 of its JSON: save it as
+``FILE.sig`` beside the file); a JSON document carries it inside as well.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the routes' dependency annotations,
+# which are local to evidence_routes.
+import base64
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+# Long documents: the audit service reads a whole period of the log and renders it.
+DOCUMENT_TIMEOUT_S = 120.0
+SIGNATURE_HEADER = "X-Evidence-Signature"
+SHA256_HEADER = "X-Evidence-Sha256"
+
+Soc2Format = Literal["pdf", "json", "csv"]
+DebriefFormat = Literal["md", "html", "pdf", "json"]
+From = Annotated[
+    AwareDatetime,
+    Query(alias="from", description="Start of the period (ISO 8601 with a time zone), included."),
+]
+To = Annotated[
+    AwareDatetime,
+    Query(description="End of the period (ISO 8601 with a time zone), excluded."),
+]
+
+
+class SignatureStatement(BaseModel):
+    """What a document's ed25519 signature covers (libs/evidence_signing.py)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    document: str
+    format: str
+    tenant_id: str
+    generated_at: str
+    as_of_position: int
+    sha256: str
+    checkpoint: dict[str, Any] | None
+    algorithm: str
+    key_id: str
+    public_key: str
+    signature: str
+
+
+class SignedDocument(BaseModel):
+    """A JSON evidence document with its signature statement."""
+
+    evidence: dict[str, Any]
+    signature: SignatureStatement
+
+
+def _file_responses(*types: str) -> dict[int | str, dict[str, Any]]:
+    content: dict[str, Any] = {t: {"schema": {"type": "string", "format": "binary"}} for t in types}
+    return {
+        200: {
+            "model": SignedDocument,
+            "description": "The signed document as a file (JSON: the document and its signature; "
+            f"other formats: the signature statement in `{SIGNATURE_HEADER}`, base64 JSON).",
+            "content": content,
+            "headers": {
+                SIGNATURE_HEADER: {"schema": {"type": "string"}},
+                SHA256_HEADER: {"schema": {"type": "string"}},
+            },
+        }
+    }
+
+
+async def fetch_document(call: Any, method: str, payload: dict[str, Any]) -> Response:
+    """The whole document ``audit.<method>`` makes, chunk by chunk, as a downloadable file."""
+    first = await call("audit", method, payload, timeout=DOCUMENT_TIMEOUT_S)
+    parts = [base64.b64decode(first["body_b64"])]
+    for chunk in range(1, int(first["chunks"])):
+        more = await call(
+            "audit",
+            method,
+            {**payload, "chunk": chunk, "pin": first["pin"], "sha256": first["sha256"]},
+            timeout=DOCUMENT_TIMEOUT_S,
+        )
+        parts.append(base64.b64decode(more["body_b64"]))
+    statement = base64.b64encode(orjson.dumps(first["signature"])).decode()
+    return Response(
+        b"".join(parts),
+        media_type=str(first["content_type"]),
+        headers={
+            "Content-Disposition": f'attachment; filename="{first["filename"]}"',
+            SIGNATURE_HEADER: statement,
+            SHA256_HEADER: str(first["sha256"]),
+        },
+    )
+
+
+def _period(start: Any, end: Any) -> dict[str, str]:
+    return {"from": start.isoformat(), "to": end.isoformat()}
+
+
+def evidence_routes(router: APIRouter, evidence: Any) -> None:
+    """Add the evidence routes to ``router``; ``evidence`` is the evidence permission's caller."""
+    Evidence = Annotated[Any, Depends(evidence)]
+    tags: list[str | Any] = ["evidence"]
+
+    @router.get(
+        "/evidence/soc2",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses("application/pdf", "text/csv", "application/json"),
+    )
+    async def soc2_evidence(
+        call: Evidence, start: From, to: To, format: Soc2Format = "pdf"
+    ) -> Response:
+        """The tenant's SOC2 evidence for a period, control by control (CC6.1, CC6.2/6.3, CC7.2,
+        CC7.3/7.4, CC8.1), every figure traceable to event ids; signed, with the event store's
+        newest signed checkpoint. Verify it offline with `mctl verify-evidence FILE`."""
+        return await fetch_document(call, "evidence_soc2", {**_period(start, to), "format": format})
+
+    @router.get(
+        "/incidents/{incident_id}/debrief",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses(
+            "text/markdown", "text/html", "application/pdf", "application/json"
+        ),
+    )
+    async def incident_debrief(
+        incident_id: Annotated[UUID, Path(description="The incident's id.")],
+        call: Evidence,
+        format: DebriefFormat = "md",
+    ) -> Response:
+        """An executive debrief of one incident: what happened (timeline, inflection point),
+        the impact (runs stopped, cost spent and prevented, time to detect, stop and resolve)
+        and the recommended actions from the policy's runbook."""
+        payload = {"incident_id": str(incident_id), "format": format}
+        return await fetch_document(call, "debrief", payload)
+
+    @router.get(
+        "/debriefs",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses(
+            "text/markdown", "text/html", "application/pdf", "application/json"
+        ),
+    )
+    async def period_debriefs(
+        call: Evidence, start: From, to: To, format: DebriefFormat = "md"
+    ) -> Response:
+        """The executive debrief of every incident opened in a period (the first 100)."""
+        return await fetch_document(call, "debriefs", {**_period(start, to), "format": format})
