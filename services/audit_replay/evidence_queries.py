@@ -5,6 +5,11 @@ store (the system of record) rather than the projections.
   → one chunk of the signed SOC2 evidence of the tenant's period.
 * ``debrief``: ``incident_id``, ``format`` (md, html, pdf, json) → one incident's debrief.
 * ``debriefs``: ``from``, ``to``, ``format`` → every incident opened in the period, debriefed.
+* ``attest``: ``standard`` (soc2, iso27001), ``from``, ``to``, ``actor`` → generates a compliance
+  attestation, records it as ``evidence.attestation_generated`` and answers its record.
+* ``attestations`` → the tenant's attestation history, newest first.
+* ``attestation``: ``attestation_id``, ``format`` (json, pdf) → one chunk of a recorded
+  attestation, generated again from its recorded pin and checked against its recorded sha256.
 
 A document can be larger than a NATS message, so every answer is one chunk of at most
 :data:`CHUNK_BYTES`: ``{content_type, filename, size, sha256, chunks, chunk, body_b64,
@@ -29,12 +34,19 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from libs.contracts import stream_id_for
-from libs.contracts.envelope import EventEnvelope
+from libs.contracts import envelope_for, stream_id_for
+from libs.contracts.envelope import EventEnvelope, new_uuid7
+from libs.contracts.events import AttestationGenerated
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.anchor import CHECKPOINT_STREAM
 from libs.eventbus.store import START, EventStore
 from libs.evidence_signing import sha256_hex, sign_statement, signed_json
+from services.audit_replay.domain.attestation import (
+    ATTESTATION_EVENT,
+    STANDARDS,
+    attestation,
+    attestation_report,
+)
 from services.audit_replay.domain.debrief import (
     debrief_report,
     incident_debrief,
@@ -64,6 +76,8 @@ CONTENT_TYPES = {
     "html": "text/html; charset=utf-8",
 }
 SOC2_FORMATS = ("json", "csv", "pdf")
+ATTESTATION_FORMATS = ("json", "pdf")
+ATTESTATION_CATEGORY = "attestation"
 DEBRIEF_FORMATS = ("md", "html", "pdf", "json")
 # matplotlib's pyplot is not thread-safe: one document renders at a time.
 _RENDER_LOCK = threading.Lock()
@@ -129,6 +143,9 @@ class EvidenceQueries:
             "evidence_soc2": self.evidence_soc2,
             "debrief": self.debrief,
             "debriefs": self.debriefs,
+            "attest": self.attest,
+            "attestations": self.attestations,
+            "attestation": self.attestation,
         }
 
     # --- reading the store ----------------------------------------------------------------------
@@ -198,12 +215,14 @@ class EvidenceQueries:
         key: tuple[Any, ...],
         p: Params,
         build: Callable[[int, datetime], Awaitable[Document]],
+        fixed: tuple[int, datetime] | None = None,
     ) -> dict[str, Any]:
-        """One chunk of the document ``build`` makes, pinned to a position and a time."""
+        """One chunk of the document ``build`` makes, pinned to a position and a time (``fixed``,
+        else the request's pin, else the store's head and now)."""
         chunk = p.get("chunk", 0)
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
             raise InvalidInput("chunk must be an integer >= 0")
-        pin = _pin(p)
+        pin = fixed or _pin(p)
         if pin is None:
             if chunk != 0:
                 raise InvalidInput("chunks after the first need the first chunk's pin")
@@ -364,3 +383,163 @@ class EvidenceQueries:
             }
 
         return await self._document(("debriefs", tenant, period.start, period.end, fmt), p, build)
+
+    # --- attestations ---------------------------------------------------------------------------
+
+    async def _history(self, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's attestations, oldest first (their records)."""
+        envs = await self.store.read_history(tenant, [attestation_stream(tenant)])
+        return [attestation_record(e) for e in envs if e.event_type == ATTESTATION_EVENT]
+
+    async def _attestation_files(
+        self,
+        tenant: str,
+        period: Period,
+        standard: str,
+        attestation_id: str,
+        as_of: int,
+        at: datetime,
+        history: list[dict[str, Any]],
+    ) -> dict[str, Document]:
+        """The attestation's JSON and PDF files, signed."""
+        checkpoint = await self.checkpoint(as_of)
+        events = await self.tenant_events(tenant, as_of)
+        doc = attestation(
+            events,
+            period,
+            standard=standard,
+            attestation_id=attestation_id,
+            generated_at=at,
+            as_of_position=as_of,
+            checkpoint=checkpoint,
+            history=history,
+        )
+        out: dict[str, Document] = {}
+        for fmt in ATTESTATION_FORMATS:
+            meta = {
+                "document": "compliance-attestation",
+                "format": fmt,
+                "standard": standard,
+                "attestation_id": attestation_id,
+                "tenant_id": tenant,
+                "period": doc["period"],
+                "generated_at": doc["generated_at"],
+                "as_of_position": as_of,
+                "checkpoint": checkpoint,
+            }
+            body, statement = await self._signed(
+                fmt, doc, lambda: render(attestation_report(doc), "pdf"), meta
+            )
+            out[fmt] = (
+                body,
+                {
+                    "content_type": CONTENT_TYPES[fmt],
+                    "filename": f"attestation-{standard}-{attestation_id}.{fmt}",
+                    "signature": statement,
+                },
+            )
+        return out
+
+    async def attest(self, p: Params) -> dict[str, Any]:
+        """Generate an attestation of a period and record it (``evidence.attestation_generated``);
+        answer its record."""
+        tenant = _tenant(p)
+        period = parse_period(tenant, p)
+        standard = _choice(p, "standard", STANDARDS)
+        actor = _text(p, "actor", required=True)
+        assert actor is not None
+        attestation_id = str(new_uuid7())
+        as_of = await self.store.head_position()
+        at = datetime.now(UTC).replace(microsecond=0)
+        history = await self._history(tenant)
+        files = await self._attestation_files(
+            tenant, period, standard, attestation_id, as_of, at, history
+        )
+        statement = files["json"][1]["signature"]
+        checkpoint = statement.get("checkpoint") or {}
+        event = AttestationGenerated(
+            attestation_id=attestation_id,
+            standard=standard,
+            period_from=period.start,
+            period_to=period.end,
+            as_of_position=as_of,
+            generated_at=at,
+            json_sha256=sha256_hex(files["json"][0]),
+            pdf_sha256=sha256_hex(files["pdf"][0]),
+            key_id=statement["key_id"],
+            checkpoint_seq=checkpoint.get("seq"),
+            requested_by=actor,
+        )
+        stream = attestation_stream(tenant)
+        env = envelope_for(
+            event, tenant_id=tenant, stream_id=stream, correlation_id=attestation_id, actor=actor
+        )
+        [stored] = await self.store.append(stream, [env])
+        for fmt, doc in files.items():
+            self._cache[("attestation", tenant, attestation_id, fmt, as_of, at)] = doc
+        return attestation_record(stored)
+
+    async def attestations(self, p: Params) -> dict[str, Any]:
+        """The tenant's attestation history, newest first."""
+        return {"attestations": list(reversed(await self._history(_tenant(p))))}
+
+    async def attestation(self, p: Params) -> dict[str, Any]:
+        """A chunk of one recorded attestation's file, generated again from its pin; a file
+        that does not come out with the recorded hash answers ``conflict``."""
+        tenant = _tenant(p)
+        attestation_id = _text(p, "attestation_id", required=True)
+        fmt = _choice(p, "format", ATTESTATION_FORMATS)
+        history = await self._history(tenant)
+        index = next(
+            (i for i, h in enumerate(history) if h["attestation_id"] == attestation_id), None
+        )
+        if index is None:
+            raise NotFound(f"attestation {attestation_id} not found")
+        record = history[index]
+        pin = (record["as_of_position"], parse_instant(record, "generated_at"))
+        period = parse_period(tenant, {"from": record["period_from"], "to": record["period_to"]})
+
+        async def build(as_of: int, at: datetime) -> Document:
+            files = await self._attestation_files(
+                tenant,
+                period,
+                record["standard"],
+                record["attestation_id"],
+                as_of,
+                at,
+                history[:index],
+            )
+            body, meta = files[fmt]
+            if sha256_hex(body) != record[f"{fmt}_sha256"]:
+                raise Conflict(
+                    f"attestation {attestation_id} no longer regenerates to its recorded "
+                    f"{fmt} sha256 (the log it read was changed)"
+                )
+            return body, meta
+
+        key = ("attestation", tenant, attestation_id, fmt)
+        return await self._document(key, p, build, fixed=pin)
+
+
+def attestation_stream(tenant: str) -> str:
+    """The stream of a tenant's attestation records."""
+    return stream_id_for(tenant, ATTESTATION_CATEGORY, "history")
+
+
+def attestation_record(env: EventEnvelope) -> dict[str, Any]:
+    """An ``evidence.attestation_generated`` event as a history entry."""
+    p = env.payload
+    return {
+        "attestation_id": p["attestation_id"],
+        "standard": p["standard"],
+        "period_from": p["period_from"],
+        "period_to": p["period_to"],
+        "as_of_position": p["as_of_position"],
+        "generated_at": p["generated_at"],
+        "json_sha256": p["json_sha256"],
+        "pdf_sha256": p["pdf_sha256"],
+        "key_id": p["key_id"],
+        "checkpoint_seq": p.get("checkpoint_seq"),
+        "requested_by": p["requested_by"],
+        "event_id": str(env.event_id),
+    }

@@ -1309,7 +1309,9 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         Requires(Permission.GOVERN, rpc, auth),
     )
     # Signed evidence documents (audit-replay reads the event store and signs them).
-    evidence_routes(router, Requires(Permission.EVIDENCE, rpc, auth))
+    evidence_routes(
+        router, Requires(Permission.EVIDENCE, rpc, auth), Requires(Permission.ATTEST, rpc, auth)
+    )
     # Promotion requests (workflow-engine's approvals, policy-admission's checks).
     promotion_routes(
         router,

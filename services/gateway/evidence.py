@@ -1,4 +1,5 @@
-"""Evidence routes: SOC2 evidence, executive debriefs (docs/evidence.md).
+"""Evidence routes: SOC2 evidence, executive debriefs, compliance attestations
+(docs/evidence.md).
 
 audit-replay builds each document from the event store and signs it; it answers in chunks (a PDF
 can be larger than a NATS message), which these routes put together and return as one file.
@@ -14,7 +15,7 @@ from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Response
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 # Long documents: the audit service reads a whole period of the log and renders it.
 DOCUMENT_TIMEOUT_S = 120.0
@@ -102,10 +103,82 @@ def _period(start: Any, end: Any) -> dict[str, str]:
     return {"from": start.isoformat(), "to": end.isoformat()}
 
 
-def evidence_routes(router: APIRouter, evidence: Any) -> None:
-    """Add the evidence routes to ``router``; ``evidence`` is the evidence permission's caller."""
+class AttestationIn(BaseModel):
+    """What to attest: a standard and a period."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    standard: Literal["soc2", "iso27001"]
+    start: AwareDatetime = Field(alias="from", description="Start of the period, included.")
+    to: AwareDatetime = Field(description="End of the period, excluded.")
+
+
+class AttestationRecord(BaseModel):
+    """A generated attestation as its ``evidence.attestation_generated`` event records it."""
+
+    attestation_id: str
+    standard: Literal["soc2", "iso27001"]
+    period_from: str
+    period_to: str
+    as_of_position: int
+    generated_at: str
+    json_sha256: str
+    pdf_sha256: str
+    key_id: str
+    checkpoint_seq: int | None
+    requested_by: str
+    event_id: str
+
+
+class AttestationList(BaseModel):
+    """The tenant's attestation history, newest first."""
+
+    attestations: list[AttestationRecord]
+
+
+AttestationIdPath = Annotated[
+    str, Path(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+]
+
+
+def evidence_routes(router: APIRouter, evidence: Any, attest: Any) -> None:
+    """Add the evidence routes to ``router``; ``evidence`` and ``attest`` are the callers of the
+    evidence and attest permissions."""
     Evidence = Annotated[Any, Depends(evidence)]
+    Attest = Annotated[Any, Depends(attest)]
     tags: list[str | Any] = ["evidence"]
+
+    @router.post("/attestations", response_model=AttestationRecord, status_code=201, tags=tags)
+    async def create_attestation(body: AttestationIn, call: Attest) -> Any:
+        """Generate a compliance attestation (SOC 2 or ISO 27001) of a period: policy digests
+        and their signatures, promotion approvals and their diffs, exceptions and their expiry,
+        the freeze history and proofs of enforcement. It is recorded as an event (the history);
+        download it with `GET /v1/attestations/{attestation_id}`."""
+        payload = {
+            "standard": body.standard,
+            **_period(body.start, body.to),
+            "actor": call.actor,
+        }
+        return await call("audit", "attest", payload, timeout=DOCUMENT_TIMEOUT_S)
+
+    @router.get("/attestations", response_model=AttestationList, tags=tags)
+    async def list_attestations(call: Evidence) -> Any:
+        """The tenant's attestations, newest first."""
+        return await call.answer("audit", "attestations")
+
+    @router.get(
+        "/attestations/{attestation_id}",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses("application/pdf", "application/json"),
+    )
+    async def get_attestation(
+        attestation_id: AttestationIdPath, call: Evidence, format: Literal["pdf", "json"] = "pdf"
+    ) -> Response:
+        """A recorded attestation's file, generated again from what it recorded (the same
+        bytes: its sha256 is the recorded one, else 409)."""
+        payload = {"attestation_id": attestation_id, "format": format}
+        return await fetch_document(call, "attestation", payload)
 
     @router.get(
         "/evidence/soc2",

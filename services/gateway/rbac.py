@@ -45,6 +45,7 @@ class Permission(StrEnum):
     GOVERN = "govern"
     REVIEW = "review"
     EVIDENCE = "evidence"
+    ATTEST = "attest"
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,10 @@ RULES: Mapping[Permission, Rule] = {
     Permission.EVIDENCE: _rule(
         {"approver", "admin"},
         {"read"},
-        "read the tenant's SOC2 evidence or executive debriefs",
+        "read the tenant's SOC2 evidence, executive debriefs or attestations",
     ),
+    # An attestation is a statement someone answers for: people only.
+    Permission.ATTEST: _rule({"admin"}, (), "generate a compliance attestation"),
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -143,3 +144,33 @@ def test_evidence_routes_answer_files_and_name_bad_input(whole_system: RunningSy
     path = Path(out.strip())
     assert path.read_text().startswith("control,kind,name,value,occurred_at,event_ids")
     assert _verify(whole_system.data_dir, path).returncode == 0
+
+
+def test_an_admin_attests_and_the_history_lists_it(whole_system: RunningSystem) -> None:
+    from tests.e2e.test_promotions import _person
+
+    tenant = f"att{uuid.uuid4().hex[:10]}"
+    key = whole_system.key_for(tenant)
+    token = _person(whole_system, tenant, f"{tenant}-admin", "admin")
+    base = whole_system.gateway_url
+    admin = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    reader = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    now = datetime.now(UTC)
+    body = {
+        "standard": "iso27001",
+        "from": (now - timedelta(days=1)).isoformat(),
+        "to": (now + timedelta(minutes=1)).isoformat(),
+    }
+    # A key may read evidence but not attest: an attestation is a person's statement.
+    assert reader.post("/v1/attestations", json=body).status_code == 403
+    made = admin.post("/v1/attestations", json=body)
+    assert made.status_code == 201, made.text
+    record = made.json()
+    assert record["requested_by"] == f"user:{tenant}-admin"
+    listed = reader.get("/v1/attestations").json()["attestations"]
+    assert [a["attestation_id"] for a in listed] == [record["attestation_id"]]
+    pdf = reader.get(f"/v1/attestations/{record['attestation_id']}", params={"format": "pdf"})
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+    assert pdf.headers["x-evidence-sha256"] == record["pdf_sha256"]
+    bad = admin.post("/v1/attestations", json={**body, "standard": "pci"})
+    assert bad.status_code == 422 and "standard" in bad.text

@@ -33,6 +33,7 @@ from libs.errors import InvalidInput, NotFound
 from libs.eventbus.anchor import Anchorer
 from libs.evidence_signing import SIG_SUFFIX, verify_file
 from services.audit_replay import evidence_queries
+from services.audit_replay.domain.attestation import content_sha256
 from tests.conftest import System
 from tests.integration.test_projections import Audit, audit
 from tests.unit.test_audit_domain import POLICY, bundle_event, flow
@@ -130,6 +131,16 @@ def seeded(tenant: str, unique: Any) -> dict[str, list[EventEnvelope]]:
     }
 
 
+async def seed_store(
+    audit: Audit, system: System, tenant: str, unique: Any
+) -> dict[str, list[EventEnvelope]]:
+    """The seeded events stored, with the shared bundle and a signed checkpoint after them."""
+    seed = seeded(tenant, unique)
+    await audit.append([bundle_event(), *(e for group in seed.values() for e in group)])
+    await checkpoint(system, audit, Ed25519PrivateKey.generate())
+    return seed
+
+
 async def fetch(audit: Audit, method: str, tenant: str, **params: Any) -> tuple[bytes, Any]:
     """A whole document, chunk by chunk, and its first chunk's answer."""
     first = await audit.call(method, tenant, **params)
@@ -164,10 +175,11 @@ def save(tmp: Path, name: str, body: bytes, statement: dict[str, Any] | None = N
     return path
 
 
-def pdf_text(path: Path) -> str:
-    return subprocess.run(
-        ["pdftotext", "-layout", str(path), "-"], check=True, capture_output=True, text=True
-    ).stdout
+def pdf_text(path: Path, *, layout: bool = True) -> str:
+    """The PDF's text; with ``layout`` a table row stays on one line, without it a cell's
+    wrapped lines follow each other."""
+    args = ["pdftotext", *(["-layout"] if layout else []), str(path), "-"]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def pdf_pages(path: Path, tmp: Path) -> list[Path]:
@@ -248,9 +260,7 @@ async def test_soc2_evidence_pdf_has_every_control_and_the_figures(
     audit: Audit, own_system: System, unique: Any, tmp_path: Path
 ) -> None:
     tenant = unique("acme")
-    seed = seeded(tenant, unique)
-    await audit.append([bundle_event(), *(e for group in seed.values() for e in group)])
-    await checkpoint(own_system, audit, Ed25519PrivateKey.generate())
+    await seed_store(audit, own_system, tenant, unique)
     body, first = await fetch(
         audit, "evidence_soc2", tenant, **{"from": FROM, "to": TO, "format": "pdf"}
     )
@@ -338,3 +348,70 @@ async def test_bad_requests_are_named(audit: Audit, unique: Any) -> None:
             await audit.call(method, tenant, **params)
     with pytest.raises(NotFound, match="incident nope not found"):
         await audit.call("debrief", tenant, incident_id="nope", format="md")
+
+
+async def test_attestations_are_recorded_listed_and_regenerate_to_their_hashes(
+    audit: Audit, own_system: System, unique: Any, tmp_path: Path
+) -> None:
+    tenant = unique("acme")
+    await seed_store(audit, own_system, tenant, unique)
+    period = {"from": FROM, "to": TO}
+    first = await audit.call("attest", tenant, standard="soc2", actor="user:carol", **period)
+    second = await audit.call("attest", tenant, standard="iso27001", actor="user:carol", **period)
+    listed = (await audit.call("attestations", tenant))["attestations"]
+    assert [a["attestation_id"] for a in listed] == [
+        second["attestation_id"],
+        first["attestation_id"],
+    ]
+    recorded = [
+        e
+        for e in await audit.store.read_all(0, 10_000)
+        if e.event_type == "evidence.attestation_generated" and e.tenant_id == tenant
+    ]
+    assert [str(e.event_id) for e in recorded] == [first["event_id"], second["event_id"]]
+
+    body, answer = await fetch(
+        audit, "attestation", tenant, attestation_id=second["attestation_id"], format="json"
+    )
+    assert answer["sha256"] == second["json_sha256"]
+    path = save(tmp_path, "attestation.json", body)
+    assert verify_file(path)[1] == []
+    doc = orjson.loads(body)["evidence"]
+    assert doc["standard"] == "iso27001"
+    assert [h["attestation_id"] for h in doc["history"]] == [first["attestation_id"]]
+    assert doc["enforcement"]["denials"] == 2
+    stored = {str(e.event_id): e for e in await audit.store.read_all(0, 10_000)}
+    for p in doc["enforcement"]["proofs"]:
+        assert p["content_sha256"] == content_sha256(stored[p["event_id"]])
+    [promotion] = doc["promotions"]
+    assert promotion["request"]["diff_hash"] == "sha256:" + "c" * 64
+    assert [a["approver"] for a in promotion["approvals"]] == ["carol"]
+    [exception] = doc["exceptions"]
+    assert exception["granted"]["expires_at"] and exception["ended"] is None
+    assert [b["bundle_digest"] for b in doc["policy_bundles"]] == ["sha256:bundle1"]
+
+    pdf, pdf_answer = await fetch(
+        audit, "attestation", tenant, attestation_id=second["attestation_id"], format="pdf"
+    )
+    assert pdf_answer["sha256"] == second["pdf_sha256"]
+    pdf_path = save(tmp_path, "attestation.pdf", pdf, pdf_answer["signature"])
+    assert verify_file(pdf_path)[1] == []
+    text = pdf_text(pdf_path)
+    flat = " ".join(text.split())  # long headings wrap
+    for heading in (
+        "Compliance attestation: ISO/IEC 27001:2022",
+        "A.8.32 Change management: policy digests and signatures",
+        "approvals and diffs",
+        "exceptions and expiry",
+        "freeze history",
+        "proofs of enforcement",
+        "Attestation history",
+    ):
+        assert heading in flat, heading
+    cells = "".join(pdf_text(pdf_path, layout=False).split())  # a table cell wraps the id
+    assert first["attestation_id"] in cells
+    assert re.search(r"Denials enforced\s+2", text)
+    with pytest.raises(NotFound):
+        await audit.call("attestation", tenant, attestation_id="nope", format="pdf")
+    with pytest.raises(InvalidInput, match="standard must be one of"):
+        await audit.call("attest", tenant, standard="pci", actor="user:carol", **period)

@@ -97,6 +97,12 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         None,
     ),
     ("GET", "/v1/debriefs"): (f"/v1/debriefs?from={PERIOD}&format=md", None),
+    ("POST", "/v1/attestations"): (
+        "/v1/attestations",
+        {"standard": "soc2", "from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"},
+    ),
+    ("GET", "/v1/attestations"): ("/v1/attestations", None),
+    ("GET", "/v1/attestations/{attestation_id}"): (f"/v1/attestations/{PROMOTION}", None),
     ("GET", "/v1/incidents/{incident_id}"): (f"/v1/incidents/{NO_INCIDENT}", None),
     ("POST", "/v1/incidents/{incident_id}/acknowledge"): (
         f"/v1/incidents/{NO_INCIDENT}/acknowledge",
