@@ -151,20 +151,20 @@ class EvidenceQueries:
     # --- reading the store ----------------------------------------------------------------------
 
     async def tenant_events(self, tenant: str, as_of: int) -> list[EventEnvelope]:
-        """The tenant's and the shared tenant's events at or below position ``as_of``."""
-        out: list[EventEnvelope] = []
-        for t in (tenant, SHARED_TENANT):
-            cursor = START
-            while True:
-                page = await self.store.read_log(cursor, READ_BATCH, tenant_id=t)
-                out += [
-                    e
-                    for e in page.events
-                    if (e.position or 0) <= as_of and e.event_type != "anchor.checkpointed"
-                ]
-                if len(page.events) < READ_BATCH:
-                    break
-                cursor = page.cursor
+        """The tenant's events and the shared policy bundle's activations, at or below position
+        ``as_of`` (the shared tenant's other streams, its checkpoints, are not evidence)."""
+        out = [
+            e
+            for e in await self.store.read_stream(stream_id_for(SHARED_TENANT, "policy", "bundle"))
+            if (e.position or 0) <= as_of
+        ]
+        cursor = START
+        while True:
+            page = await self.store.read_log(cursor, READ_BATCH, tenant_id=tenant)
+            out += [e for e in page.events if (e.position or 0) <= as_of]
+            if len(page.events) < READ_BATCH:
+                break
+            cursor = page.cursor
         return out
 
     async def checkpoint(self, as_of: int) -> dict[str, Any] | None:

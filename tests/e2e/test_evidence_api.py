@@ -71,6 +71,8 @@ def test_the_demo_prints_a_signed_soc2_pdf_and_a_debrief_of_its_stopped_run(
     # before in this system).
     assert re.search(r"^\s*Denials\s+[1-9]\d*\s*$", content, re.M)
     assert re.search(r"^\s*Incidents opened\s+[1-9]\d*\s*$", content, re.M)
+    # The repository's bundle, activated when the system started (the shared tenant's stream).
+    assert re.search(r"^\s*Policy bundles activated\s+[1-9]\d*\s*$", content, re.M)
     pages = subprocess.run(
         ["pdftoppm", "-png", "-r", "30", str(pdf), str(tmp_path / "p")], check=True
     )
