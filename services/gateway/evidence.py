@@ -60,7 +60,12 @@ class SignedDocument(BaseModel):
 
 
 def _file_responses(*types: str) -> dict[int | str, dict[str, Any]]:
-    content: dict[str, Any] = {t: {"schema": {"type": "string", "format": "binary"}} for t in types}
+    # application/json is the model's (a signed document); the other types are files.
+    content: dict[str, Any] = {
+        t: {"schema": {"type": "string", "format": "binary"}}
+        for t in types
+        if t != "application/json"
+    }
     return {
         200: {
             "model": SignedDocument,
