@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     """ed25519 private key (PEM, PKCS#8) the relay signs the event store's checkpoints with.
     ``mctl up`` generates one in ``<data dir>/anchor/signing.key`` (mode 0600) and hands it to
     the relay; without one the relay writes no checkpoints."""
+    evidence_signing_key: SecretStr | None = Field(default=None, alias="MC_EVIDENCE_SIGNING_KEY")
+    """ed25519 private key (PEM, PKCS#8) the audit service signs evidence documents with
+    (docs/evidence.md); without one it uses ``<data dir>/evidence/signing.key``, generated on
+    first use, whose ``signing.pub`` beside it is the key auditors verify with."""
     anchor_interval_s: float = Field(default=60.0, gt=0, alias="MC_ANCHOR_INTERVAL")
     """Seconds between two checkpoints (a round where no stream moved writes none)."""
     anchor_public_key: Path | None = Field(default=None, alias="MC_ANCHOR_PUBLIC_KEY")

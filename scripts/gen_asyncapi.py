@@ -40,6 +40,7 @@ from libs.contracts.subjects import (
 from libs.eventbus.rpc import RpcServer
 from services.audit_replay.entrypoints import AuditQueries
 from services.audit_replay.entrypoints import rpc_server as audit_rpc
+from services.audit_replay.evidence_queries import EvidenceQueries
 from services.cost.entrypoints import build_rpc_server as cost_rpc
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT
 from services.incident.entrypoints import build_rpc as incident_rpc
@@ -72,8 +73,15 @@ def _servers() -> list[RpcServer]:
         incident_rpc(RpcServer(nc, INCIDENT), unused),
         cost_rpc(nc, unused),
         # Registering reads only the methods' names; a bare instance holds no connections.
-        audit_rpc(nc, AuditQueries.__new__(AuditQueries)),
+        audit_rpc(nc, _bare_audit_queries()),
     ]
+
+
+def _bare_audit_queries() -> AuditQueries:
+    """The audit service's queries, with the evidence methods, holding no connections."""
+    queries = AuditQueries.__new__(AuditQueries)
+    queries.store_reads = EvidenceQueries.__new__(EvidenceQueries).routes()
+    return queries
 
 
 def _event_envelope(model: type[BaseModel]) -> type[BaseModel]:

@@ -10,6 +10,14 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_venv.sh
 ensure_venv
+# The evidence tests read the PDFs they make with poppler (pdftotext, pdftoppm); a fresh CI
+# machine has none.
+if ! command -v pdftotext >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo_=""
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo_="sudo -n"
+  { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq poppler-utils; } >/dev/null 2>&1 ||
+    echo "warning: poppler-utils could not be installed; the evidence PDF tests will fail" >&2
+fi
 if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest "$@"
 fi

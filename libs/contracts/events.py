@@ -1575,3 +1575,30 @@ class PolicyDriftAcknowledged(DomainEvent):
     fingerprint: str
     by: str
     reason: str
+
+
+# --- compliance attestations (owned by audit-replay) ---------------------------------------------
+
+
+@register
+class AttestationGenerated(DomainEvent):
+    """A compliance attestation (``standard``: SOC2 or ISO 27001) of the tenant's period
+    ``[period_from, period_to)`` was generated, read from the store up to ``as_of_position`` at
+    ``generated_at``; ``json_sha256`` and ``pdf_sha256`` are its two files' hashes, signed by the
+    evidence key ``key_id``, against checkpoint ``checkpoint_seq`` (``None``: none existed). The
+    same pin regenerates the same files. In ``<tenant>/attestation/history``."""
+
+    event_type = "evidence.attestation_generated"
+    schema_version = 1
+
+    attestation_id: str
+    standard: Literal["soc2", "iso27001"]
+    period_from: datetime
+    period_to: datetime
+    as_of_position: int = Field(ge=0)
+    generated_at: datetime
+    json_sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    pdf_sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    checkpoint_seq: int | None = None
+    requested_by: str

@@ -130,13 +130,14 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def ensure_key_files(data_dir: Path) -> tuple[Path, Path]:
-    """The signing key pair under ``data_dir/anchor``, generated when absent.
+def ensure_key_files(data_dir: Path, key_dir: str = KEY_DIR) -> tuple[Path, Path]:
+    """The signing key pair under ``data_dir/<key_dir>`` (``anchor``), generated when absent.
 
     The private key is written mode 0600 (created with that mode, never readable by others even
-    for a moment); the public key is mode 0644, for anyone who verifies.
+    for a moment); the public key is mode 0644, for anyone who verifies. Two processes racing to
+    create it end with the one key the first wrote.
     """
-    folder = data_dir / KEY_DIR
+    folder = data_dir / key_dir
     folder.mkdir(parents=True, exist_ok=True)
     private, public = folder / PRIVATE_KEY_FILE, folder / PUBLIC_KEY_FILE
     if not private.exists():
@@ -146,10 +147,14 @@ def ensure_key_files(data_dir: Path) -> tuple[Path, Path]:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
-        public.unlink(missing_ok=True)
+        try:
+            fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = -1
+        if fd >= 0:
+            with os.fdopen(fd, "wb") as f:
+                f.write(pem)
+            public.unlink(missing_ok=True)
     os.chmod(private, 0o600)
     if not public.exists():
         key = load_signing_key(SecretStr(private.read_text()))

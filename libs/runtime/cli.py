@@ -479,6 +479,63 @@ def verify_export_file(
     raise typer.Exit(1)
 
 
+@app.command("verify-evidence")
+@one_line_errors
+def verify_evidence(
+    file: Annotated[
+        Path, typer.Argument(help="The evidence file (FILE.sig beside it if not JSON).")
+    ],
+    data_dir: DataDirOption = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            help="PEM file of the key the evidence must be signed with (default: "
+            "<data dir>/evidence/signing.pub when it exists).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    anchor_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--anchor-key",
+            help="PEM file of the event store's checkpoint key (default: $MC_ANCHOR_PUBLIC_KEY, "
+            "else <data dir>/anchor/signing.pub when it exists).",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Check an evidence document offline: its sha256 against the signed statement, the ed25519
+    signature, the signing key, and the checkpoint's signature; exit 1 naming each problem."""
+    from libs.eventbus.anchor import KEY_DIR, PUBLIC_KEY_FILE, load_public_key
+    from libs.evidence_signing import KEY_DIR as EVIDENCE_DIR
+    from libs.evidence_signing import verify_file
+
+    settings = load_settings()
+    folder = data_dir_of(data_dir, settings)
+    if not file.is_file():
+        raise CliError(f"{file} does not exist")
+    own = public_key or folder / EVIDENCE_DIR / PUBLIC_KEY_FILE
+    trusted = load_public_key(own) if own.is_file() else None
+    anchor = anchor_key or settings.anchor_public_key or folder / KEY_DIR / PUBLIC_KEY_FILE
+    anchor_public = load_public_key(anchor) if anchor.is_file() else None
+    statement, problems = verify_file(file, trusted=trusted, anchor_key=anchor_public)
+    if trusted is None:
+        typer.echo("warning: no trusted key (--public-key): checked against its own key", err=True)
+    if problems:
+        for problem in problems:
+            typer.echo(f"BROKEN: {problem}", err=True)
+        raise typer.Exit(1)
+    checkpoint = statement.get("checkpoint") or {}
+    typer.echo(
+        f"ok: {statement.get('document')} of {statement.get('tenant_id')} signed by key "
+        f"{statement.get('key_id')}, sha256 matches; checkpoint {checkpoint.get('seq', 'none')}"
+        + (" signature valid" if anchor_public is not None and checkpoint else "")
+    )
+
+
 @app.command()
 @one_line_errors
 def migrate(

@@ -10,9 +10,11 @@ import structlog
 from fastapi import APIRouter
 
 from libs.eventbus.rpc import RpcServer
+from libs.evidence_signing import evidence_signing_key
 from libs.runtime.service_host import ServiceContext, run_service
 from services.audit_replay.clickhouse import Clickhouse, open_clickhouse
 from services.audit_replay.entrypoints import AuditQueries, rpc_server
+from services.audit_replay.evidence_queries import EvidenceQueries
 from services.audit_replay.handlers import LagMonitor, ProjectionConsumer, Projector
 from services.audit_replay.lanes import LANES
 
@@ -48,7 +50,11 @@ class AuditReplayService:
         self._schema_ready = True
         self.lag = LagMonitor(self.projector, ctx.store, ctx.registry)
         self.consumers = [ProjectionConsumer(ctx.js, self.projector, lane) for lane in LANES]
-        self.queries = AuditQueries(self.ch, self.projector, ctx.store, self.lag)
+        key = evidence_signing_key(ctx.settings.evidence_signing_key, ctx.settings.data_dir)
+        evidence = EvidenceQueries(ctx.store, key)
+        self.queries = AuditQueries(
+            self.ch, self.projector, ctx.store, self.lag, store_reads=evidence.routes()
+        )
         self.rpc = rpc_server(ctx.nc, self.queries)
         await self.rpc.start()
         self._consumer_tasks = [

@@ -198,8 +198,12 @@ class AuditQueries:
         projector: Projector,
         store: EventStore,
         lag: LagMonitor,
+        store_reads: Mapping[str, Callable[[Params], Awaitable[Any]]] | None = None,
     ) -> None:
         self.ch = ch
+        # Further methods that read the event store, not the projections (the evidence
+        # documents of services/audit_replay/evidence_queries.py).
+        self.store_reads = dict(store_reads or {})
         self.projector = projector
         self.store = store
         self.lag_monitor = lag
@@ -229,12 +233,13 @@ class AuditQueries:
             "lag": self.lag,
             "simulation_decisions": self.simulation_decisions,
             "step_costs": self.step_costs,
+            **self.store_reads,
         }
 
     def register(self, server: RpcServer) -> None:
         """Register every method on ``server``."""
         for method, fn in self.routes().items():
-            if method in NOT_PROJECTION_READS:
+            if method in NOT_PROJECTION_READS or method in self.store_reads:
                 server.route(method, _plain(fn))
             else:
                 server.route(method, self._projection_read(fn))

@@ -9,6 +9,8 @@ REGISTRATION = ServiceRegistration(
     module="services.audit_replay",
     migrations=Path(__file__).parent / "migrations",
     db_role="mc_audit_replay",
+    # The compliance attestations it generates (services/audit_replay/evidence_queries.py).
+    stream_categories=("attestation",),
     bus=BusAccess(
         serves="audit", consumers=("audit-control", "audit-bulk"), removes=("audit-projector",)
     ),

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from services.gateway.demo_workflow import (
     run_workflow,
 )
 from services.gateway.demo_workflow import summary as workflow_summary
+from services.gateway.evidence_cli import download
 from services.gateway.keys import provision_tenant, run_with_pool
 
 DEMO_TENANT = "demo"
@@ -196,7 +198,41 @@ def run_demo(
         )
         trace = mc.trace(run_c)
     echo(summary(base_url, api_key, run_ids, runs, denial, incident, trace))
+    soc2, debrief = write_evidence(base_url, api_key, data_dir.resolve(), incident["incident_id"])
+    echo(f"SOC2 evidence PDF: {soc2}  (signature: {soc2}.sig; mctl verify-evidence {soc2})")
+    echo(f"Debrief of run C's incident: {debrief}")
+    echo("")
     return run_workflow_part(base_url, api_key, url, data_dir.resolve(), echo)
+
+
+def write_evidence(
+    base_url: str, api_key: str, data_dir: Path, incident_id: str
+) -> tuple[Path, Path]:
+    """The tenant's SOC2 evidence of the last day as a signed PDF, and the debrief of the
+    stopped run's incident as Markdown (and PDF), under ``<data dir>/demo``."""
+    folder = data_dir / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    period = {
+        "from": (now - timedelta(days=1)).isoformat(),
+        "to": (now + timedelta(minutes=5)).isoformat(),
+    }
+    soc2 = download(
+        base_url,
+        api_key,
+        data_dir,
+        "/v1/evidence/soc2",
+        {**period, "format": "pdf"},
+        folder / "soc2-evidence.pdf",
+    )
+    path = f"/v1/incidents/{incident_id}/debrief"
+    debrief = download(
+        base_url, api_key, data_dir, path, {"format": "md"}, folder / f"debrief-{incident_id}.md"
+    )
+    download(
+        base_url, api_key, data_dir, path, {"format": "pdf"}, folder / f"debrief-{incident_id}.pdf"
+    )
+    return soc2, debrief
 
 
 def run_workflow_part(

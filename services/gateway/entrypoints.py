@@ -56,6 +56,7 @@ from services.gateway.diffs import (
     ViewQuery,
     diff_payload,
 )
+from services.gateway.evidence import evidence_routes
 from services.gateway.exports import export_routes
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
@@ -1315,6 +1316,10 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     )
     # Audit search (audit-replay's search table).
     audit_search_routes(router, Requires(Permission.READ, rpc, auth))
+    # Signed evidence documents (audit-replay reads the event store and signs them).
+    evidence_routes(
+        router, Requires(Permission.EVIDENCE, rpc, auth), Requires(Permission.ATTEST, rpc, auth)
+    )
     # Promotion requests (workflow-engine's approvals, policy-admission's checks).
     promotion_routes(
         router,

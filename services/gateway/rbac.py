@@ -45,6 +45,8 @@ class Permission(StrEnum):
     GOVERN = "govern"
     REVIEW = "review"
     EXPORT = "export"
+    EVIDENCE = "evidence"
+    ATTEST = "attest"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,15 @@ RULES: Mapping[Permission, Rule] = {
     ),
     # Acknowledging a diff says a person viewed it: no key may do it.
     Permission.REVIEW: _rule(ROLES, (), "acknowledge having viewed a diff"),
+    # Signed compliance documents: for the people who answer for them, and read-scoped keys
+    # (an auditor's export job).
+    Permission.EVIDENCE: _rule(
+        {"approver", "admin"},
+        {"read"},
+        "read the tenant's SOC2 evidence, executive debriefs or attestations",
+    ),
+    # An attestation is a statement someone answers for: people only.
+    Permission.ATTEST: _rule({"admin"}, (), "generate a compliance attestation"),
 }
 
 

@@ -2,8 +2,8 @@
 
 The gateway is the front door: it forwards every request to the other services, so it starts
 after them. It also contributes ``mctl tenant``, ``mctl user``, ``mctl workflow``,
-``mctl approval``, ``mctl policy``, ``mctl promotion``, ``mctl audit`` and ``mctl export``, and
-the demo ``mctl up --demo`` runs.
+``mctl approval``, ``mctl policy``, ``mctl promotion``, ``mctl audit``, ``mctl export``,
+``mctl evidence`` and ``mctl debrief``, and the demo ``mctl up --demo`` runs.
 """
 
 from pathlib import Path
@@ -28,6 +28,8 @@ REGISTRATION = ServiceRegistration(
         "promotion": "services.gateway.promotion_cli:promotion_app",
         "audit": "services.gateway.audit_cli:audit_app",
         "export": "services.gateway.export_cli:export_app",
+        "evidence": "services.gateway.evidence_cli:evidence_app",
+        "debrief": "services.gateway.evidence_cli:debrief_app",
     },
     # The one sender of requests: the services trust the tenant a request names because only
     # the gateway, which has authenticated the caller, can send one.

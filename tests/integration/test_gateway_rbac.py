@@ -61,6 +61,7 @@ CALLERS = [*ROLES, *(f"key:{s}" for s in SCOPES)]
 # One request per route: (path, JSON body). Valid enough to get past validation where the
 # caller is allowed; what the services answer then does not matter here, only that it is not
 # 401 or 403.
+PERIOD = "2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z"
 PROMOTION = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
 SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("POST", "/v1/auth/token"): (
@@ -91,6 +92,18 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/runs/{run_id}/export"): (f"/v1/runs/{NO_RUN}/export", None),
     ("GET", "/v1/audit/search"): ("/v1/audit/search?q=budget", None),
     ("GET", "/v1/incidents"): ("/v1/incidents", None),
+    ("GET", "/v1/evidence/soc2"): (f"/v1/evidence/soc2?from={PERIOD}&format=json", None),
+    ("GET", "/v1/incidents/{incident_id}/debrief"): (
+        f"/v1/incidents/{NO_INCIDENT}/debrief",
+        None,
+    ),
+    ("GET", "/v1/debriefs"): (f"/v1/debriefs?from={PERIOD}&format=md", None),
+    ("POST", "/v1/attestations"): (
+        "/v1/attestations",
+        {"standard": "soc2", "from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"},
+    ),
+    ("GET", "/v1/attestations"): ("/v1/attestations", None),
+    ("GET", "/v1/attestations/{attestation_id}"): (f"/v1/attestations/{PROMOTION}", None),
     ("GET", "/v1/incidents/{incident_id}"): (f"/v1/incidents/{NO_INCIDENT}", None),
     ("POST", "/v1/incidents/{incident_id}/acknowledge"): (
         f"/v1/incidents/{NO_INCIDENT}/acknowledge",

@@ -85,7 +85,9 @@ async def audit(own_system: System, tmp_path: Path) -> AsyncIterator[Audit]:
     relay = Relay(own_system.service_url, js, idle_wait=0.2)
     relay_task = asyncio.create_task(relay.run())
     ch = Clickhouse(embedded_dsn(tmp_path / "clickhouse"))
-    ctx = ServiceContext.wire("audit-replay", Settings(), nc, pool)
+    # Its own data dir: the evidence signing key is generated there.
+    settings = Settings.model_validate({"MC_DATA_DIR": str(tmp_path / "data")})
+    ctx = ServiceContext.wire("audit-replay", settings, nc, pool)
     a = Audit(nc, js, pool, store, ch, ctx, AuditReplayService(ch), RpcClient(nc))
     try:
         await a.start_service()

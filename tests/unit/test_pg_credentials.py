@@ -102,6 +102,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
     from libs.domain.prices import PRICES
     from libs.domain.run import RUN_CATEGORY
     from libs.eventbus.anchor import CHECKPOINT_STREAM
+    from services.audit_replay.evidence_queries import ATTESTATION_CATEGORY
     from services.cost.handlers import cost_stream
     from services.gateway.keys import API_KEY_CATEGORY, TENANT_CATEGORY
     from services.gateway.users import USER_CATEGORY
@@ -132,6 +133,7 @@ def test_each_stream_category_has_exactly_the_owner_its_aggregates_say() -> None
         BUDGET_CATEGORY: "mc_workflow_engine",
         PROMOTION_CATEGORY: "mc_workflow_engine",
         CHECKPOINT_STREAM.split("/")[1]: "mc_relay",
+        ATTESTATION_CATEGORY: "mc_audit_replay",
     }
     assert stream_category_owners() == used
 

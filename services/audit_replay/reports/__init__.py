@@ -1,0 +1,1 @@
+"""Report documents (evidence, debriefs, attestations) and their renderers."""

@@ -1,0 +1,233 @@
+"""Evidence routes: SOC2 evidence, executive debriefs, compliance attestations
+(docs/evidence.md).
+
+audit-replay builds each document from the event store and signs it; it answers in chunks (a PDF
+can be larger than a NATS message), which these routes put together and return as one file.
+The signature statement comes back in ``X-Evidence-Signature`` (base64 of its JSON: save it as
+``FILE.sig`` beside the file); a JSON document carries it inside as well.
+"""
+
+# No ``from __future__ import annotations``: FastAPI resolves the routes' dependency annotations,
+# which are local to evidence_routes.
+import base64
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import orjson
+from fastapi import APIRouter, Depends, Path, Query, Response
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+# Long documents: the audit service reads a whole period of the log and renders it.
+DOCUMENT_TIMEOUT_S = 120.0
+SIGNATURE_HEADER = "X-Evidence-Signature"
+SHA256_HEADER = "X-Evidence-Sha256"
+
+Soc2Format = Literal["pdf", "json", "csv"]
+DebriefFormat = Literal["md", "html", "pdf", "json"]
+From = Annotated[
+    AwareDatetime,
+    Query(alias="from", description="Start of the period (ISO 8601 with a time zone), included."),
+]
+To = Annotated[
+    AwareDatetime,
+    Query(description="End of the period (ISO 8601 with a time zone), excluded."),
+]
+
+
+class SignatureStatement(BaseModel):
+    """What a document's ed25519 signature covers (libs/evidence_signing.py)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    document: str
+    format: str
+    tenant_id: str
+    generated_at: str
+    as_of_position: int
+    sha256: str
+    checkpoint: dict[str, Any] | None
+    algorithm: str
+    key_id: str
+    public_key: str
+    signature: str
+
+
+class SignedDocument(BaseModel):
+    """A JSON evidence document with its signature statement."""
+
+    evidence: dict[str, Any]
+    signature: SignatureStatement
+
+
+def _file_responses(*types: str) -> dict[int | str, dict[str, Any]]:
+    # application/json is the model's (a signed document); the other types are files.
+    content: dict[str, Any] = {
+        t: {"schema": {"type": "string", "format": "binary"}}
+        for t in types
+        if t != "application/json"
+    }
+    return {
+        200: {
+            "model": SignedDocument,
+            "description": "The signed document as a file (JSON: the document and its signature; "
+            f"other formats: the signature statement in `{SIGNATURE_HEADER}`, base64 JSON).",
+            "content": content,
+            "headers": {
+                SIGNATURE_HEADER: {"schema": {"type": "string"}},
+                SHA256_HEADER: {"schema": {"type": "string"}},
+            },
+        }
+    }
+
+
+async def fetch_document(call: Any, method: str, payload: dict[str, Any]) -> Response:
+    """The whole document ``audit.<method>`` makes, chunk by chunk, as a downloadable file."""
+    first = await call("audit", method, payload, timeout=DOCUMENT_TIMEOUT_S)
+    parts = [base64.b64decode(first["body_b64"])]
+    for chunk in range(1, int(first["chunks"])):
+        more = await call(
+            "audit",
+            method,
+            {**payload, "chunk": chunk, "pin": first["pin"], "sha256": first["sha256"]},
+            timeout=DOCUMENT_TIMEOUT_S,
+        )
+        parts.append(base64.b64decode(more["body_b64"]))
+    statement = base64.b64encode(orjson.dumps(first["signature"])).decode()
+    return Response(
+        b"".join(parts),
+        media_type=str(first["content_type"]),
+        headers={
+            "Content-Disposition": f'attachment; filename="{first["filename"]}"',
+            SIGNATURE_HEADER: statement,
+            SHA256_HEADER: str(first["sha256"]),
+        },
+    )
+
+
+def _period(start: Any, end: Any) -> dict[str, str]:
+    return {"from": start.isoformat(), "to": end.isoformat()}
+
+
+class AttestationIn(BaseModel):
+    """What to attest: a standard and a period."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    standard: Literal["soc2", "iso27001"]
+    start: AwareDatetime = Field(alias="from", description="Start of the period, included.")
+    to: AwareDatetime = Field(description="End of the period, excluded.")
+
+
+class AttestationRecord(BaseModel):
+    """A generated attestation as its ``evidence.attestation_generated`` event records it."""
+
+    attestation_id: str
+    standard: Literal["soc2", "iso27001"]
+    period_from: str
+    period_to: str
+    as_of_position: int
+    generated_at: str
+    json_sha256: str
+    pdf_sha256: str
+    key_id: str
+    checkpoint_seq: int | None
+    requested_by: str
+    event_id: str
+
+
+class AttestationList(BaseModel):
+    """The tenant's attestation history, newest first."""
+
+    attestations: list[AttestationRecord]
+
+
+AttestationIdPath = Annotated[
+    str, Path(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+]
+
+
+def evidence_routes(router: APIRouter, evidence: Any, attest: Any) -> None:
+    """Add the evidence routes to ``router``; ``evidence`` and ``attest`` are the callers of the
+    evidence and attest permissions."""
+    Evidence = Annotated[Any, Depends(evidence)]
+    Attest = Annotated[Any, Depends(attest)]
+    tags: list[str | Any] = ["evidence"]
+
+    @router.post("/attestations", response_model=AttestationRecord, status_code=201, tags=tags)
+    async def create_attestation(body: AttestationIn, call: Attest) -> Any:
+        """Generate a compliance attestation (SOC 2 or ISO 27001) of a period: policy digests
+        and their signatures, promotion approvals and their diffs, exceptions and their expiry,
+        the freeze history and proofs of enforcement. It is recorded as an event (the history);
+        download it with `GET /v1/attestations/{attestation_id}`."""
+        payload = {
+            "standard": body.standard,
+            **_period(body.start, body.to),
+            "actor": call.actor,
+        }
+        return await call("audit", "attest", payload, timeout=DOCUMENT_TIMEOUT_S)
+
+    @router.get("/attestations", response_model=AttestationList, tags=tags)
+    async def list_attestations(call: Evidence) -> Any:
+        """The tenant's attestations, newest first."""
+        return await call.answer("audit", "attestations")
+
+    @router.get(
+        "/attestations/{attestation_id}",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses("application/pdf", "application/json"),
+    )
+    async def get_attestation(
+        attestation_id: AttestationIdPath, call: Evidence, format: Literal["pdf", "json"] = "pdf"
+    ) -> Response:
+        """A recorded attestation's file, generated again from what it recorded (the same
+        bytes: its sha256 is the recorded one, else 409)."""
+        payload = {"attestation_id": attestation_id, "format": format}
+        return await fetch_document(call, "attestation", payload)
+
+    @router.get(
+        "/evidence/soc2",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses("application/pdf", "text/csv", "application/json"),
+    )
+    async def soc2_evidence(
+        call: Evidence, start: From, to: To, format: Soc2Format = "pdf"
+    ) -> Response:
+        """The tenant's SOC2 evidence for a period, control by control (CC6.1, CC6.2/6.3, CC7.2,
+        CC7.3/7.4, CC8.1), every figure traceable to event ids; signed, with the event store's
+        newest signed checkpoint. Verify it offline with `mctl verify-evidence FILE`."""
+        return await fetch_document(call, "evidence_soc2", {**_period(start, to), "format": format})
+
+    @router.get(
+        "/incidents/{incident_id}/debrief",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses(
+            "text/markdown", "text/html", "application/pdf", "application/json"
+        ),
+    )
+    async def incident_debrief(
+        incident_id: Annotated[UUID, Path(description="The incident's id.")],
+        call: Evidence,
+        format: DebriefFormat = "md",
+    ) -> Response:
+        """An executive debrief of one incident: what happened (timeline, inflection point),
+        the impact (runs stopped, cost spent and prevented, time to detect, stop and resolve)
+        and the recommended actions from the policy's runbook."""
+        payload = {"incident_id": str(incident_id), "format": format}
+        return await fetch_document(call, "debrief", payload)
+
+    @router.get(
+        "/debriefs",
+        tags=tags,
+        response_class=Response,
+        responses=_file_responses(
+            "text/markdown", "text/html", "application/pdf", "application/json"
+        ),
+    )
+    async def period_debriefs(
+        call: Evidence, start: From, to: To, format: DebriefFormat = "md"
+    ) -> Response:
+        """The executive debrief of every incident opened in a period (the first 100)."""
+        return await fetch_document(call, "debriefs", {**_period(start, to), "format": format})
