@@ -140,6 +140,25 @@ def whole_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSy
     stop_whole_system(sys_)
 
 
+@dataclass(frozen=True)
+class DemoRun:
+    """One run of the demo against the shared system: its outcome and what it printed."""
+
+    outcome: Any
+    text: str
+
+
+@pytest.fixture(scope="session")
+def demo_run(whole_system: RunningSystem) -> DemoRun:
+    """The demo, run once per session: every test about what it does reads this one run (a
+    second run against the same system would test the demo's re-runs, not what it shows)."""
+    from services.gateway.demo import run_demo
+
+    printed: list[str] = []
+    outcome = run_demo(whole_system.gateway_url, whole_system.data_dir, echo=printed.append)
+    return DemoRun(outcome, "\n".join(printed))
+
+
 def wait_for(predicate: Any, timeout: float = 30.0, what: str = "", interval: float = 0.1) -> Any:
     """Poll until ``predicate()`` returns something truthy; return it, or fail at the deadline."""
     deadline = time.monotonic() + timeout

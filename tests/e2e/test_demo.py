@@ -11,21 +11,19 @@ from collections import Counter
 import httpx
 import psycopg
 
-from services.gateway.demo import DEMO_TENANT, run_demo
+from services.gateway.demo import DEMO_TENANT
 from services.gateway.demo_workflow import APPROVAL_REASON, BUDGET_ID
 from services.gateway.example_worker import WORKFLOW
-from tests.e2e.conftest import RunningSystem
+from tests.e2e.conftest import DemoRun, RunningSystem
 
 STEPS = [s["id"] for s in WORKFLOW["steps"]]
 
 
 def test_the_demo_runs_its_workflow_with_an_approval_and_a_budget_alert(
-    whole_system: RunningSystem,
+    whole_system: RunningSystem, demo_run: DemoRun
 ) -> None:
-    printed: list[str] = []
-    outcome = run_demo(whole_system.gateway_url, whole_system.data_dir, echo=printed.append)
+    outcome, text = demo_run.outcome, demo_run.text
     eid = outcome.execution_id
-    text = "\n".join(printed)
 
     # The execution, as the API shows it: completed, every step completed at its first attempt.
     key = whole_system.key_for(DEMO_TENANT)

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.gateway.demo import DEMO_TENANT, run_demo
-from tests.e2e.conftest import RunningSystem, mctl
+from services.gateway.demo import DEMO_TENANT
+from tests.e2e.conftest import DemoRun, RunningSystem, mctl
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +53,9 @@ def _verify(data_dir: Path, file: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_demo_prints_a_signed_soc2_pdf_and_a_debrief_of_its_stopped_run(
-    whole_system: RunningSystem, tmp_path: Path
+    whole_system: RunningSystem, demo_run: DemoRun, tmp_path: Path
 ) -> None:
-    printed: list[str] = []
-    run_demo(whole_system.gateway_url, whole_system.data_dir, echo=printed.append)
-    text = "\n".join(printed)
+    text = demo_run.text
     pdf = _printed_path(text, "SOC2 evidence PDF")
     debrief = _printed_path(text, "Debrief of run C's incident")
 
