@@ -2,23 +2,20 @@
 store (the system of record) rather than the projections.
 
 * ``evidence_soc2``: ``from``, ``to`` (ISO 8601 with a time zone), ``format`` (json, csv, pdf)
-  → one chunk of the signed SOC2 evidence of the tenant's period.
+  → the signed SOC2 evidence of the tenant's period.
 * ``debrief``: ``incident_id``, ``format`` (md, html, pdf, json) → one incident's debrief.
 * ``debriefs``: ``from``, ``to``, ``format`` → every incident opened in the period, debriefed.
 * ``attest``: ``standard`` (soc2, iso27001), ``from``, ``to``, ``actor`` → generates a compliance
   attestation, records it as ``evidence.attestation_generated`` and answers its record.
 * ``attestations`` → the tenant's attestation history, newest first.
-* ``attestation``: ``attestation_id``, ``format`` (json, pdf) → one chunk of a recorded
+* ``attestation``: ``attestation_id``, ``format`` (json, pdf) → a recorded
   attestation, generated again from its recorded pin and checked against its recorded sha256.
 
-A document can be larger than a NATS message, so every answer is one chunk of at most
-:data:`CHUNK_BYTES`: ``{content_type, filename, size, sha256, chunks, chunk, body_b64,
-signature, pin}``. The caller asks for chunk 0, then for chunks 1..n-1 passing the answer's
-``pin`` (the store position read up to and the generation time) back: the document is
-deterministic given those (reportlab's invariant mode, ed25519's deterministic signatures), so
-any replica can answer any chunk; a small cache spares the rebuild. A document that comes out
-different for the same pin (an event below the position became visible late) answers
-``conflict`` and the caller starts again.
+Every document answer is ``{content_type, filename, size, sha256, body_b64, signature, pin}``:
+the whole file, whatever its size (the RPC layer sends an answer larger than a NATS message in
+parts, :mod:`libs.eventbus.rpc`). The ``pin`` is the store position read up to and the generation
+time: the document is deterministic given those (reportlab's invariant mode, ed25519's
+deterministic signatures), which is how an attestation is generated again to its recorded sha256.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -63,11 +59,9 @@ from services.audit_replay.entrypoints import _tenant, _text
 from services.audit_replay.handlers import read_run_history
 from services.audit_replay.reports.render import render
 
-CHUNK_BYTES = 512 * 1024
 MAX_PERIOD = timedelta(days=400)
 MAX_DEBRIEFS = 100
 READ_BATCH = 5000
-_CACHE_SIZE = 16
 CONTENT_TYPES = {
     "json": "application/json",
     "csv": "text/csv; charset=utf-8",
@@ -117,25 +111,12 @@ def _choice(p: Params, name: str, choices: tuple[str, ...]) -> str:
     return str(v)
 
 
-def _pin(p: Params) -> tuple[int, datetime] | None:
-    pin = p.get("pin")
-    if pin is None:
-        return None
-    if not isinstance(pin, dict):
-        raise InvalidInput("pin must be the pin of the document's first chunk")
-    pos, at = pin.get("as_of_position"), pin.get("generated_at")
-    if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0 or not isinstance(at, str):
-        raise InvalidInput("pin must be the pin of the document's first chunk")
-    return pos, parse_instant({"generated_at": at}, "generated_at")
-
-
 class EvidenceQueries:
     """SOC2 evidence and debriefs, read from the event store and signed."""
 
     def __init__(self, store: EventStore, key: Ed25519PrivateKey) -> None:
         self.store = store
         self.key = key
-        self._cache: OrderedDict[tuple[Any, ...], Document] = OrderedDict()
 
     def routes(self) -> dict[str, Callable[[Params], Awaitable[Any]]]:
         """Method name → handler."""
@@ -212,44 +193,19 @@ class EvidenceQueries:
 
     async def _document(
         self,
-        key: tuple[Any, ...],
-        p: Params,
         build: Callable[[int, datetime], Awaitable[Document]],
         fixed: tuple[int, datetime] | None = None,
     ) -> dict[str, Any]:
-        """One chunk of the document ``build`` makes, pinned to a position and a time (``fixed``,
-        else the request's pin, else the store's head and now)."""
-        chunk = p.get("chunk", 0)
-        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-            raise InvalidInput("chunk must be an integer >= 0")
-        pin = fixed or _pin(p)
-        if pin is None:
-            if chunk != 0:
-                raise InvalidInput("chunks after the first need the first chunk's pin")
-            pin = (await self.store.head_position(), datetime.now(UTC).replace(microsecond=0))
-        cache_key = (*key, *pin)
-        doc = self._cache.get(cache_key)
-        if doc is None:
-            doc = await build(*pin)
-            self._cache[cache_key] = doc
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
-        body, meta = doc
-        expected = p.get("sha256")
-        if expected is not None and expected != sha256_hex(body):
-            raise Conflict("the document changed while it was read in chunks; ask again")
-        chunks = max(1, -(-len(body) // CHUNK_BYTES))
-        if chunk >= chunks:
-            raise InvalidInput(f"chunk must be below {chunks}")
-        part = body[chunk * CHUNK_BYTES : (chunk + 1) * CHUNK_BYTES]
+        """The document ``build`` makes, pinned to a position and a time (``fixed``, else the
+        store's head and now), as one answer."""
+        pin = fixed or (await self.store.head_position(), datetime.now(UTC).replace(microsecond=0))
+        body, meta = await build(*pin)
         return {
             "content_type": meta["content_type"],
             "filename": meta["filename"],
             "size": len(body),
             "sha256": sha256_hex(body),
-            "chunks": chunks,
-            "chunk": chunk,
-            "body_b64": base64.b64encode(part).decode(),
+            "body_b64": base64.b64encode(body).decode(),
             "signature": meta["signature"],
             "pin": {"as_of_position": pin[0], "generated_at": pin[1].isoformat()},
         }
@@ -271,7 +227,7 @@ class EvidenceQueries:
         return body, statement
 
     async def evidence_soc2(self, p: Params) -> dict[str, Any]:
-        """A chunk of the signed SOC2 evidence of a period."""
+        """The signed SOC2 evidence of a period."""
         tenant = _tenant(p)
         period = parse_period(tenant, p)
         fmt = _choice(p, "format", SOC2_FORMATS)
@@ -305,11 +261,10 @@ class EvidenceQueries:
                 "signature": statement,
             }
 
-        key = ("soc2", tenant, period.start, period.end, fmt)
-        return await self._document(key, p, build)
+        return await self._document(build)
 
     async def debrief(self, p: Params) -> dict[str, Any]:
-        """A chunk of one incident's executive debrief."""
+        """One incident's executive debrief."""
         tenant = _tenant(p)
         incident_id = _text(p, "incident_id", required=True)
         assert incident_id is not None
@@ -336,10 +291,10 @@ class EvidenceQueries:
                 "signature": statement,
             }
 
-        return await self._document(("debrief", tenant, incident_id, fmt), p, build)
+        return await self._document(build)
 
     async def debriefs(self, p: Params) -> dict[str, Any]:
-        """A chunk of the debrief of every incident opened in a period (the first 100)."""
+        """The debrief of every incident opened in a period (the first 100)."""
         tenant = _tenant(p)
         period = parse_period(tenant, p)
         fmt = _choice(p, "format", DEBRIEF_FORMATS)
@@ -382,7 +337,7 @@ class EvidenceQueries:
                 "signature": statement,
             }
 
-        return await self._document(("debriefs", tenant, period.start, period.end, fmt), p, build)
+        return await self._document(build)
 
     # --- attestations ---------------------------------------------------------------------------
 
@@ -475,8 +430,6 @@ class EvidenceQueries:
             event, tenant_id=tenant, stream_id=stream, correlation_id=attestation_id, actor=actor
         )
         [stored] = await self.store.append(stream, [env])
-        for fmt, doc in files.items():
-            self._cache[("attestation", tenant, attestation_id, fmt, as_of, at)] = doc
         return attestation_record(stored)
 
     async def attestations(self, p: Params) -> dict[str, Any]:
@@ -484,7 +437,7 @@ class EvidenceQueries:
         return {"attestations": list(reversed(await self._history(_tenant(p))))}
 
     async def attestation(self, p: Params) -> dict[str, Any]:
-        """A chunk of one recorded attestation's file, generated again from its pin; a file
+        """One recorded attestation's file, generated again from its pin; a file
         that does not come out with the recorded hash answers ``conflict``."""
         tenant = _tenant(p)
         attestation_id = _text(p, "attestation_id", required=True)
@@ -517,8 +470,7 @@ class EvidenceQueries:
                 )
             return body, meta
 
-        key = ("attestation", tenant, attestation_id, fmt)
-        return await self._document(key, p, build, fixed=pin)
+        return await self._document(build, fixed=pin)
 
 
 def attestation_stream(tenant: str) -> str:

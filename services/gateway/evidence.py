@@ -1,8 +1,9 @@
 """Evidence routes: SOC2 evidence, executive debriefs, compliance attestations
 (docs/evidence.md).
 
-audit-replay builds each document from the event store and signs it; it answers in chunks (a PDF
-can be larger than a NATS message), which these routes put together and return as one file.
+audit-replay builds each document from the event store and signs it, and answers it whole (the
+RPC layer carries an answer larger than a NATS message in parts); these routes return it as a
+file.
 The signature statement comes back in ``X-Evidence-Signature`` (base64 of its JSON: save it as
 ``FILE.sig`` beside the file); a JSON document carries it inside as well.
 """
@@ -81,25 +82,16 @@ def _file_responses(*types: str) -> dict[int | str, dict[str, Any]]:
 
 
 async def fetch_document(call: Any, method: str, payload: dict[str, Any]) -> Response:
-    """The whole document ``audit.<method>`` makes, chunk by chunk, as a downloadable file."""
-    first = await call("audit", method, payload, timeout=DOCUMENT_TIMEOUT_S)
-    parts = [base64.b64decode(first["body_b64"])]
-    for chunk in range(1, int(first["chunks"])):
-        more = await call(
-            "audit",
-            method,
-            {**payload, "chunk": chunk, "pin": first["pin"], "sha256": first["sha256"]},
-            timeout=DOCUMENT_TIMEOUT_S,
-        )
-        parts.append(base64.b64decode(more["body_b64"]))
-    statement = base64.b64encode(orjson.dumps(first["signature"])).decode()
+    """The document ``audit.<method>`` makes, as a downloadable file."""
+    answer = await call("audit", method, payload, timeout=DOCUMENT_TIMEOUT_S)
+    statement = base64.b64encode(orjson.dumps(answer["signature"])).decode()
     return Response(
-        b"".join(parts),
-        media_type=str(first["content_type"]),
+        base64.b64decode(answer["body_b64"]),
+        media_type=str(answer["content_type"]),
         headers={
-            "Content-Disposition": f'attachment; filename="{first["filename"]}"',
+            "Content-Disposition": f'attachment; filename="{answer["filename"]}"',
             SIGNATURE_HEADER: statement,
-            SHA256_HEADER: str(first["sha256"]),
+            SHA256_HEADER: str(answer["sha256"]),
         },
     )
 

@@ -5,6 +5,7 @@ fail on a tampered file, PDFs checked with poppler (``pdftotext``, ``pdftoppm``)
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,6 @@ from libs.contracts.events import (
 from libs.errors import InvalidInput, NotFound
 from libs.eventbus.anchor import Anchorer
 from libs.evidence_signing import SIG_SUFFIX, verify_file
-from services.audit_replay import evidence_queries
 from services.audit_replay.domain.attestation import content_sha256
 from tests.conftest import System
 from tests.integration.test_projections import Audit, audit
@@ -142,17 +142,12 @@ async def seed_store(
 
 
 async def fetch(audit: Audit, method: str, tenant: str, **params: Any) -> tuple[bytes, Any]:
-    """A whole document, chunk by chunk, and its first chunk's answer."""
-    first = await audit.call(method, tenant, **params)
-    parts = [base64.b64decode(first["body_b64"])]
-    for i in range(1, first["chunks"]):
-        more = await audit.call(
-            method, tenant, **params, chunk=i, pin=first["pin"], sha256=first["sha256"]
-        )
-        parts.append(base64.b64decode(more["body_b64"]))
-    body = b"".join(parts)
-    assert len(body) == first["size"]
-    return body, first
+    """A whole document and its answer (size and sha256 checked)."""
+    answer = await audit.call(method, tenant, **params)
+    body = base64.b64decode(answer["body_b64"])
+    assert len(body) == answer["size"]
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == answer["sha256"]
+    return body, answer
 
 
 async def checkpoint(system: System, audit: Audit, key: Ed25519PrivateKey) -> None:
@@ -190,7 +185,7 @@ def pdf_pages(path: Path, tmp: Path) -> list[Path]:
 
 
 async def test_soc2_evidence_counts_the_seeded_events_and_verifies(
-    audit: Audit, own_system: System, unique: Any, tmp_path: Path, monkeypatch: Any
+    audit: Audit, own_system: System, unique: Any, tmp_path: Path
 ) -> None:
     tenant, other = unique("acme"), unique("other")
     seed = seeded(tenant, unique)
@@ -199,12 +194,9 @@ async def test_soc2_evidence_counts_the_seeded_events_and_verifies(
     anchor_key = Ed25519PrivateKey.generate()
     await checkpoint(own_system, audit, anchor_key)
 
-    # Small chunks: the document crosses several answers and is put together again.
-    monkeypatch.setattr(evidence_queries, "CHUNK_BYTES", 2048)
-    body, first = await fetch(
+    body, _ = await fetch(
         audit, "evidence_soc2", tenant, **{"from": FROM, "to": TO, "format": "json"}
     )
-    assert first["chunks"] > 1
     path = save(tmp_path, "evidence.json", body)
     statement, problems = verify_file(path, anchor_key=anchor_key.public_key())
     assert problems == []
@@ -339,7 +331,6 @@ async def test_bad_requests_are_named(audit: Audit, unique: Any) -> None:
         ("evidence_soc2", {"from": "yesterday", "to": TO, "format": "pdf"}, "ISO 8601"),
         ("evidence_soc2", {"from": "2026-01-01T00:00:00", "to": TO, "format": "pdf"}, "time zone"),
         ("evidence_soc2", {"from": FROM, "to": TO, "format": "docx"}, "format must be"),
-        ("evidence_soc2", {"from": FROM, "to": TO, "format": "pdf", "chunk": 3}, "pin"),
         ("debrief", {"incident_id": "i", "format": "txt"}, "format must be"),
         ("debriefs", {"from": "2020-01-01T00:00:00Z", "to": TO, "format": "md"}, "longer than"),
     ]
