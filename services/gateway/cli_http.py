@@ -76,7 +76,7 @@ class Api:
         response = self.http.request(method, path, **kw)
         if response.is_success:
             return response.json()
-        raise CliError(f"{method} {path}: {response.status_code} {_message(response)}")
+        raise CliError(f"{method} {path}: {response.status_code} {error_message(response)}")
 
     def events(
         self, path: str, last_event_id: str | None = None, idle_s: float = SSE_IDLE_S
@@ -94,7 +94,7 @@ class Api:
         with self.http.stream("GET", path, headers=headers, timeout=timeout) as response:
             if not response.is_success:
                 response.read()
-                raise CliError(f"GET {path}: {response.status_code} {_message(response)}")
+                raise CliError(f"GET {path}: {response.status_code} {error_message(response)}")
             event_id: str | None = None
             name = "message"
             data: list[str] = []
@@ -122,7 +122,8 @@ class ServerSentEvent:
     data: str
 
 
-def _message(response: httpx.Response) -> str:
+def error_message(response: httpx.Response) -> str:
+    """The gateway's own message in an answer that is not 2xx (else its text, shortened)."""
     try:
         body = response.json()
     except ValueError:

@@ -15,7 +15,14 @@ import typer
 
 from libs.evidence_signing import SIG_SUFFIX
 from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
-from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
+from services.gateway.cli_http import (
+    Api,
+    ApiKeyOption,
+    UrlOption,
+    api_key_headers,
+    error_message,
+    gateway_url,
+)
 from services.gateway.evidence import DOCUMENT_TIMEOUT_S, SIGNATURE_HEADER
 
 evidence_app = command_group("evidence", "Download the tenant's signed SOC2 evidence.")
@@ -44,11 +51,7 @@ def download(
     with Api(base, api_key_headers(api_key), timeout=DOCUMENT_TIMEOUT_S) as api:
         response = api.http.get(path, params=params)
         if not response.is_success:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text[:200]
-            raise CliError(f"GET {path}: {response.status_code} {message}")
+            raise CliError(f"GET {path}: {response.status_code} {error_message(response)}")
     disposition = response.headers.get("content-disposition", "")
     name = disposition.split('filename="')[-1].rstrip('"') or "evidence"
     target = output or Path(Path(name).name)
