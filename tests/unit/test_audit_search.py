@@ -61,6 +61,8 @@ def test_a_bad_cursor_is_refused_naming_the_cursor(bad: str) -> None:
         ({"since": "yesterday"}, "since"),
         ({"until": "2026-01-01T00:00:00"}, "until"),
         ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since"),
+        ({"until": "9999-12-31T23:00:00-05:00"}, "until"),
         ({"q": "--- !!"}, "q"),
         ({"q": "a b c d e f g h i"}, "q"),
         ({"actor": "a\x00b"}, "actor"),
@@ -107,7 +109,10 @@ def test_every_filter_is_a_bound_parameter_and_the_tenant_is_marked_per_from() -
     assert "r'1" not in sql and "user:x" not in sql
     assert params["run_id"] == "r'1" and params["outcome"] == "deny"
     assert params["t0"] == "budget" and params["t1"] == "exceeded"
-    assert params["since"].isoformat() == "2025-12-31T22:00:00+00:00"
+    assert (params["since"], params["until"]) == (
+        "2025-12-31 22:00:00.000000",
+        "2026-01-02 00:00:00.000000",
+    )
     assert (params["after_at"], params["after_id"]) == ("2026-01-01 12:00:00.000000", "e9")
     assert params["limit"] == 11
     assert "has(policy_ids, {policy_id:String})" in sql
@@ -115,6 +120,15 @@ def test_every_filter_is_a_bound_parameter_and_the_tenant_is_marked_per_from() -
     # The workflow's subqueries read the table too: each FROM has its tenant predicate.
     assert sql.count(TENANT) == sql.count("FROM ") == 3
     scoped_sql(tenant_filter("acme"), sql)
+
+
+def test_times_reach_clickhouse_with_a_four_digit_year() -> None:
+    q = parse_search("acme", {"since": "0001-01-01T00:00:00Z", "until": "0999-06-01T12:00:00Z"})
+    _, params = search_sql(q)
+    assert (params["since"], params["until"]) == (
+        "0001-01-01 00:00:00.000000",
+        "0999-06-01 12:00:00.000000",
+    )
 
 
 def _row(at: str, event_id: str, **kw: Any) -> dict[str, Any]:
