@@ -6,7 +6,6 @@ Takes an API key with the ``read`` scope (``--api-key`` or ``$MC_API_KEY``) or a
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -14,12 +13,12 @@ import orjson
 import typer
 
 from libs.runtime.cli_support import DataDirOption, command_group, one_line_errors
-from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
+from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, gateway_url
 from services.gateway.workflow_cli import (
     PasswordStdinOption,
     TenantOption,
     UserOption,
-    _person_headers,
+    caller_headers,
 )
 
 audit_app = command_group("audit", "Search the audit log.")
@@ -120,12 +119,8 @@ def search(
     }  # fmt: skip
     params: dict[str, Any] = {FILTERS[k]: v for k, v in values.items() if v is not None}
     params["limit"] = limit
-    if api_key or (user is None and "MC_TOKEN" not in os.environ):
-        headers = api_key_headers(api_key)
-    else:
-        headers = _person_headers(base, user, password_stdin, tenant)
     shown = 0
-    with Api(base, headers) as api:
+    with Api(base, caller_headers(base, api_key, user, password_stdin, tenant)) as api:
         for _ in range(max(pages, 1)):
             if cursor:
                 params["cursor"] = cursor

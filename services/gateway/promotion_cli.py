@@ -8,7 +8,6 @@ requester. Credentials are sent as headers only, never printed.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,13 +15,14 @@ from typing import Annotated, Any
 import typer
 
 from libs.runtime.cli_support import DataDirOption, command_group, one_line_errors
-from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
+from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, gateway_url
 from services.gateway.workflow_cli import (
     PasswordStdinOption,
     ReasonOption,
     TenantOption,
     UserOption,
     _person_headers,
+    caller_headers,
 )
 
 promotion_app = command_group("promotion", "Request, approve and execute agent promotions.")
@@ -44,14 +44,6 @@ def describe(view: Mapping[str, Any]) -> str:
         e = view["executed"]
         line += f" — v{e['agent_version']} under {e['policy_digest']}"
     return line
-
-
-def _headers(
-    base: str, api_key: str | None, user: str | None, password_stdin: bool, tenant: str | None
-) -> dict[str, str]:
-    if api_key or (user is None and "MC_TOKEN" not in os.environ):
-        return api_key_headers(api_key)
-    return _person_headers(base, user, password_stdin, tenant)
 
 
 @promotion_app.command("request")
@@ -80,7 +72,7 @@ def request(
         body["diff_hash"] = diff_hash
     if reason:
         body["reason"] = reason
-    with Api(base, _headers(base, api_key, user, password_stdin, tenant)) as api:
+    with Api(base, caller_headers(base, api_key, user, password_stdin, tenant)) as api:
         typer.echo(describe(api.send("POST", "/v1/promotions/requests", json=body)))
 
 
@@ -106,7 +98,7 @@ def listing(
         params["agent_id"] = agent_id
     if approver_id:
         params["approver_id"] = approver_id
-    with Api(base, _headers(base, api_key, user, password_stdin, tenant)) as api:
+    with Api(base, caller_headers(base, api_key, user, password_stdin, tenant)) as api:
         found = api.send("GET", "/v1/promotions/requests", params=params)["promotions"]
     if not found:
         typer.echo("no promotion request")
@@ -175,6 +167,6 @@ def execute(
 ) -> None:
     """Carry out an approved request."""
     base = gateway_url(url, data_dir)
-    with Api(base, _headers(base, api_key, user, password_stdin, tenant)) as api:
+    with Api(base, caller_headers(base, api_key, user, password_stdin, tenant)) as api:
         view = api.send("POST", f"/v1/promotions/requests/{promotion_id}/execute")
     typer.echo(describe(view))

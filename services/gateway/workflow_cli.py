@@ -81,6 +81,16 @@ def _person_headers(
     return {**headers, "Authorization": f"Bearer {issued['access_token']}"}
 
 
+def caller_headers(
+    url: str, api_key: str | None, user: str | None, password_stdin: bool, tenant: str | None
+) -> dict[str, str]:
+    """The caller of a command open to keys and people: ``--api-key`` if given, else a person
+    (``--user``, or ``$MC_TOKEN``) if named, else ``$MC_API_KEY``."""
+    if api_key or (user is None and "MC_TOKEN" not in os.environ):
+        return api_key_headers(api_key)
+    return _person_headers(url, user, password_stdin, tenant)
+
+
 def _inputs(pairs: list[str] | None, file: Path | None) -> dict[str, Any]:
     """``--inputs-file`` (a JSON object), then each ``--input KEY=VALUE`` over it. A value that
     parses as JSON is taken as such (``n=3`` is a number), else as a string."""
@@ -271,12 +281,7 @@ def approval_list(
 ) -> None:
     """Steps waiting for approval, oldest first, with their age and the SLA left."""
     base = gateway_url(url, data_dir)
-    headers = (
-        api_key_headers(api_key)
-        if api_key or (user is None and "MC_TOKEN" not in os.environ)
-        else _person_headers(base, user, password_stdin, tenant)
-    )
-    with Api(base, headers) as api:
+    with Api(base, caller_headers(base, api_key, user, password_stdin, tenant)) as api:
         queue = api.send("GET", "/v1/approvals")["approvals"]
     if not queue:
         typer.echo("no step is waiting for approval")

@@ -361,6 +361,7 @@ async def test_bad_input_is_4xx_with_a_message_naming_the_field(
         # Well-formed text that is no cursor, refused by audit-replay.
         ("GET", "/v1/audit/search?cursor=bm90YWN1cnNvcg", None, "cursor is not a cursor"),
         ("GET", "/v1/audit/search?q=---", None, "q must hold at least one letter"),
+        ("GET", "/v1/audit/search?since=0001-01-01T00:00:00%2B01:00", None, "since must be a time"),
         ("GET", "/v1/incidents/not-a-uuid", None, "path.incident_id"),
         ("POST", "/v1/incidents/0193e1a0-0000-7000-8000-000000000000/resolve", {}, "resolution"),
         ("PUT", "/v1/prices", {"prices": [{"model": "m"}]}, "input_per_token"),

@@ -10,6 +10,7 @@ import pytest
 from libs.errors import InvalidInput
 from services.audit_replay.clickhouse import TENANT, scoped_sql, tenant_filter
 from services.audit_replay.domain.search import (
+    ID_FILTERS,
     MAX_SEARCH_LIMIT,
     Cursor,
     decode_cursor,
@@ -61,6 +62,8 @@ def test_a_bad_cursor_is_refused_naming_the_cursor(bad: str) -> None:
         ({"since": "yesterday"}, "since"),
         ({"until": "2026-01-01T00:00:00"}, "until"),
         ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
+        ({"since": "0001-01-01T00:00:00+01:00"}, "since"),
+        ({"until": "9999-12-31T23:00:00-05:00"}, "until"),
         ({"q": "--- !!"}, "q"),
         ({"q": "a b c d e f g h i"}, "q"),
         ({"actor": "a\x00b"}, "actor"),
@@ -84,37 +87,45 @@ def test_full_text_tokens_split_like_clickhouse_has_token() -> None:
 
 
 def test_every_filter_is_a_bound_parameter_and_the_tenant_is_marked_per_from() -> None:
+    # Each value carries a quote and a word of its own: none may reach the SQL text.
+    ids = {name: f"{name}'v" for name in (*ID_FILTERS, "workflow_id", "policy_id")}
     q = parse_search(
         "acme",
         {
-            "run_id": "r'1",
-            "agent_id": "a1",
-            "workflow_id": "wf",
-            "execution_id": "ex",
-            "incident_id": "i1",
-            "actor": "user:x",
-            "event_type": "admission.decided",
-            "policy_id": "p1",
+            **ids,
             "outcome": "deny",
             "since": "2026-01-01T00:00:00+02:00",
             "until": "2026-01-02T00:00:00Z",
-            "q": "Budget exceeded",
+            "q": "Zanzibar exceeded",
             "limit": 10,
-            "cursor": encode_cursor(Cursor("2026-01-01 12:00:00.000000", "e9")),
+            "cursor": encode_cursor(Cursor("2026-01-01 12:00:00.000000", "e9'x")),
         },
     )
     sql, params = search_sql(q)
-    assert "r'1" not in sql and "user:x" not in sql
-    assert params["run_id"] == "r'1" and params["outcome"] == "deny"
-    assert params["t0"] == "budget" and params["t1"] == "exceeded"
-    assert params["since"].isoformat() == "2025-12-31T22:00:00+00:00"
-    assert (params["after_at"], params["after_id"]) == ("2026-01-01 12:00:00.000000", "e9")
+    for value in (*ids.values(), "deny", "zanzibar", "exceeded", "2026", "e9'x", "acme"):
+        assert value not in sql, value
+    assert {k: params[k] for k in ids} == ids and params["outcome"] == "deny"
+    assert params["t0"] == "zanzibar" and params["t1"] == "exceeded"
+    assert (params["since"], params["until"]) == (
+        "2025-12-31 22:00:00.000000",
+        "2026-01-02 00:00:00.000000",
+    )
+    assert (params["after_at"], params["after_id"]) == ("2026-01-01 12:00:00.000000", "e9'x")
     assert params["limit"] == 11
     assert "has(policy_ids, {policy_id:String})" in sql
     assert "ORDER BY tenant_id DESC, occurred_at DESC, event_id DESC" in sql
     # The workflow's subqueries read the table too: each FROM has its tenant predicate.
     assert sql.count(TENANT) == sql.count("FROM ") == 3
-    scoped_sql(tenant_filter("acme"), sql)
+    assert "acme" not in scoped_sql(tenant_filter("acme"), sql)
+
+
+def test_times_reach_clickhouse_with_a_four_digit_year() -> None:
+    q = parse_search("acme", {"since": "0001-01-01T00:00:00Z", "until": "0999-06-01T12:00:00Z"})
+    _, params = search_sql(q)
+    assert (params["since"], params["until"]) == (
+        "0001-01-01 00:00:00.000000",
+        "0999-06-01 12:00:00.000000",
+    )
 
 
 def _row(at: str, event_id: str, **kw: Any) -> dict[str, Any]:

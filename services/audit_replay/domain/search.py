@@ -141,7 +141,16 @@ def _time(p: Mapping[str, Any], name: str) -> datetime | None:
         raise InvalidInput(f"{name} must be an ISO 8601 time with a zone") from None
     if t.tzinfo is None:
         raise InvalidInput(f"{name} must be an ISO 8601 time with a zone")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00, before the first UTC time
+        raise InvalidInput(f"{name} must be a time between the years 1 and 9999 in UTC") from None
+
+
+def _ch_time(t: datetime) -> str:
+    # As text with a four-digit year: the driver writes a datetime's year 1 as "1-01-01", which
+    # ClickHouse refuses.
+    return t.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def parse_search(tenant_id: str, p: Mapping[str, Any]) -> SearchQuery:
@@ -203,10 +212,10 @@ def search_sql(s: SearchQuery, database: str = "mc") -> tuple[str, dict[str, Any
         else:
             where.append(f"{name} = {{{name}:String}}")
     if s.since is not None:
-        params["since"] = s.since
+        params["since"] = _ch_time(s.since)
         where.append("occurred_at >= {since:DateTime64(6, 'UTC')}")
     if s.until is not None:
-        params["until"] = s.until
+        params["until"] = _ch_time(s.until)
         where.append("occurred_at < {until:DateTime64(6, 'UTC')}")
     for i, token in enumerate(s.tokens):
         params[f"t{i}"] = token
