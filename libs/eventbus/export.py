@@ -60,28 +60,32 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _subtree(leaves: Sequence[bytes], lo: int, hi: int) -> bytes:
-    if hi - lo == 1:
-        return leaves[lo]
-    k = 1 << ((hi - lo - 1).bit_length() - 1)
-    return _node(_subtree(leaves, lo, lo + k), _subtree(leaves, lo + k, hi))
+def merkle_levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree over ``leaves``, leaves first, root last: each level pairs the one
+    below and carries a lone last node up unchanged, which builds RFC 6962's tree (split at the
+    largest power of two below n) bottom up, in one pass."""
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        below = levels[-1]
+        above = [_node(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+        if len(below) % 2:
+            above.append(below[-1])
+        levels.append(above)
+    return levels
 
 
-def merkle_path(leaves: Sequence[bytes], index: int) -> list[bytes]:
-    """The audit path of leaf ``index`` in the tree over ``leaves``, leaf end first."""
+def merkle_path(
+    leaves: Sequence[bytes], index: int, levels: list[list[bytes]] | None = None
+) -> list[bytes]:
+    """The audit path of leaf ``index`` in the tree over ``leaves``, leaf end first (``levels``:
+    :func:`merkle_levels` of ``leaves``, for many paths of one tree)."""
     if not 0 <= index < len(leaves):
         raise ValueError(f"leaf {index} is not in a tree of {len(leaves)}")
     path: list[bytes] = []
-    lo, hi = 0, len(leaves)
-    while hi - lo > 1:
-        k = 1 << ((hi - lo - 1).bit_length() - 1)
-        if index < lo + k:
-            path.append(_subtree(leaves, lo + k, hi))
-            hi = lo + k
-        else:
-            path.append(_subtree(leaves, lo, lo + k))
-            lo = lo + k
-    path.reverse()
+    for level in (levels or merkle_levels(leaves))[:-1]:
+        if index ^ 1 < len(level):
+            path.append(level[index ^ 1])
+        index >>= 1
     return path
 
 
@@ -145,6 +149,7 @@ def proof_records(
     ordered = sorted(heads, key=str.encode)
     index = {sid: i for i, sid in enumerate(ordered)}
     leaves = [merkle_leaf(sid, *heads[sid]) for sid in ordered]
+    levels = merkle_levels(leaves)
     out: list[dict[str, Any]] = []
     for sid in stream_ids:
         if sid not in index:
@@ -160,7 +165,7 @@ def proof_records(
                 "head_hash": head.hex(),
                 "leaf_index": index[sid],
                 "tree_size": len(leaves),
-                "path": [p.hex() for p in merkle_path(leaves, index[sid])],
+                "path": [p.hex() for p in merkle_path(leaves, index[sid], levels)],
             }
         )
     return out

@@ -29,6 +29,7 @@ from libs.eventbus.export import (
     event_record,
     header_record,
     line,
+    merkle_levels,
     merkle_path,
     proof_records,
     root_from_path,
@@ -45,12 +46,15 @@ RUN = f"{TENANT}/run/r1"
 COST = f"{TENANT}/cost/r1"
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 9, 31, 100])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 8, 9, 31, 100, 333])
 def test_every_leafs_audit_path_proves_the_rfc_6962_root(n: int) -> None:
     leaves = [merkle_leaf(f"t/run/{i}", i + 1, bytes([i % 256]) * 32) for i in range(n)]
     root = merkle_root(leaves)
+    levels = merkle_levels(leaves)
+    assert levels[-1] == [root]
     for i in range(n):
         path = merkle_path(leaves, i)
+        assert merkle_path(leaves, i, levels) == path
         assert root_from_path(leaves[i], i, n, path) == root
         if n > 1:
             assert root_from_path(leaves[i], (i + 1) % n, n, path) != root
