@@ -425,3 +425,19 @@ def test_a_battery_of_random_tamperings_is_each_detected_and_named() -> None:
             assert found & kinds, (round_, name, found)
     print(f"export tampering: {tried} tried, {detected} detected, {named} named")
     assert tried == detected == named == 300
+
+
+@pytest.mark.parametrize("command", ["status", "download"])
+def test_mctl_export_refuses_what_is_no_job_id_before_asking_the_gateway(
+    command: str, tmp_path: Path
+) -> None:
+    """``..`` in a job id would reach another route (``/v1/exports/../runs`` is ``/v1/runs``)."""
+    out = tmp_path / "out.ndjson"
+    extra = ["-o", str(out)] if command == "download" else []
+    got = CliRunner().invoke(
+        app,
+        ["export", command, "../runs", *extra, "--url", "http://127.0.0.1:9", "--api-key", "k"],
+    )
+    assert got.exit_code == 1, got.output
+    assert "'../runs' is not an export job id" in got.output
+    assert not out.exists()
