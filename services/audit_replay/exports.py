@@ -268,21 +268,23 @@ class ExportJobs:
     async def part(self, tenant_id: str, job_id: str, seq: int) -> dict[str, Any]:
         """Part ``seq`` of a finished job's file, and the next part's number (``None`` at the
         end); 409 while the job is not done."""
-        row = await self._row(tenant_id, job_id)
+        async with transaction(self.store.pool) as conn:
+            # The job and the part in one read: a download asks for every part in turn.
+            cur = await conn.execute(
+                "SELECT j.status, j.parts, p.data FROM audit_replay.export_jobs j "
+                "LEFT JOIN audit_replay.export_parts p ON p.job_id = j.job_id AND p.seq = %s "
+                "WHERE j.tenant_id = %s AND j.job_id = %s",
+                (seq, tenant_id, job_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"export job {job_id} not found")
         if row["status"] != "done":
             raise Conflict(f"export job {job_id} is {row['status']}, not done")
-        if seq >= int(row["parts"]):
+        if row["data"] is None:
             raise NotFound(f"export job {job_id} has {row['parts']} parts, no part {seq}")
-        async with transaction(self.store.pool) as conn:
-            cur = await conn.execute(
-                "SELECT data FROM audit_replay.export_parts WHERE job_id = %s AND seq = %s",
-                (job_id, seq),
-            )
-            got = await cur.fetchone()
-        if got is None:
-            raise NotFound(f"export job {job_id} has no part {seq}")
         nxt = seq + 1 if seq + 1 < int(row["parts"]) else None
-        return {"seq": seq, "data": bytes(got["data"]).decode(), "next": nxt}
+        return {"seq": seq, "data": bytes(row["data"]).decode(), "next": nxt}
 
     # -- running -------------------------------------------------------------------------------
 
