@@ -141,21 +141,40 @@ def event_record(
     }
 
 
+@dataclass(frozen=True)
+class HeadTree:
+    """The Merkle tree over every stream head at a checkpoint's horizon: built once, it gives
+    the root to check against the checkpoint's and each stream's proof."""
+
+    heads: dict[str, tuple[int, bytes]]
+    index: dict[str, int]
+    levels: list[list[bytes]]
+
+    @classmethod
+    def of(cls, heads: dict[str, tuple[int, bytes]]) -> HeadTree:
+        ordered = sorted(heads, key=str.encode)
+        leaves = [merkle_leaf(sid, *heads[sid]) for sid in ordered]
+        return cls(heads, {sid: i for i, sid in enumerate(ordered)}, merkle_levels(leaves))
+
+    def root(self) -> bytes:
+        """The same root as :meth:`libs.eventbus.anchor.HeadsAt.root`."""
+        return self.levels[-1][0] if self.levels[0] else hashlib.sha256(b"").digest()
+
+
 def proof_records(
-    heads: dict[str, tuple[int, bytes]], stream_ids: Iterable[str]
+    heads: dict[str, tuple[int, bytes]] | HeadTree, stream_ids: Iterable[str]
 ) -> list[dict[str, Any]]:
     """The inclusion proof of each of ``stream_ids``'s head among ``heads`` (every stream head at
-    a checkpoint's horizon), or ``anchored: false`` for a stream the checkpoint has no head of."""
-    ordered = sorted(heads, key=str.encode)
-    index = {sid: i for i, sid in enumerate(ordered)}
-    leaves = [merkle_leaf(sid, *heads[sid]) for sid in ordered]
-    levels = merkle_levels(leaves)
+    a checkpoint's horizon, or their tree), or ``anchored: false`` for a stream the checkpoint
+    has no head of."""
+    tree = heads if isinstance(heads, HeadTree) else HeadTree.of(heads)
+    leaves = tree.levels[0]
     out: list[dict[str, Any]] = []
     for sid in stream_ids:
-        if sid not in index:
+        if sid not in tree.index:
             out.append({"kind": "proof", "stream_id": sid, "anchored": False})
             continue
-        version, head = heads[sid]
+        version, head = tree.heads[sid]
         out.append(
             {
                 "kind": "proof",
@@ -163,9 +182,9 @@ def proof_records(
                 "anchored": True,
                 "head_version": version,
                 "head_hash": head.hex(),
-                "leaf_index": index[sid],
+                "leaf_index": tree.index[sid],
                 "tree_size": len(leaves),
-                "path": [p.hex() for p in merkle_path(leaves, index[sid], levels)],
+                "path": [p.hex() for p in merkle_path(leaves, tree.index[sid], tree.levels)],
             }
         )
     return out

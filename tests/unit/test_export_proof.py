@@ -25,6 +25,7 @@ from libs.eventbus.anchor import (
     signed_message,
 )
 from libs.eventbus.export import (
+    HeadTree,
     end_record,
     event_record,
     header_record,
@@ -60,6 +61,15 @@ def test_every_leafs_audit_path_proves_the_rfc_6962_root(n: int) -> None:
             assert root_from_path(leaves[i], (i + 1) % n, n, path) != root
             assert root_from_path(b"\x00" * 32, i, n, path) != root
     assert root_from_path(leaves[0], n, n, merkle_path(leaves, 0)) is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 100])
+def test_the_head_tree_has_the_checkpoints_root_and_the_same_proofs(n: int) -> None:
+    heads = {f"t/run/{i}": (i + 1, bytes([i % 256]) * 32) for i in range(n)}
+    tree = HeadTree.of(heads)
+    assert tree.root() == HeadsAt(1, heads).root()
+    wanted = [*heads, "t/run/absent"]
+    assert proof_records(tree, wanted) == proof_records(heads, wanted)
 
 
 def _stored(stream: str, version: int, position: int, payload: dict[str, Any]) -> EventEnvelope:
