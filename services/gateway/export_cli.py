@@ -52,10 +52,15 @@ def _download(api: Api, job_id: str, output: Path) -> int:
         if not response.is_success:
             response.read()
             raise CliError(f"GET {path}: {response.status_code} {response.text[:200]}")
-        with partial.open("wb") as f:
-            for chunk in response.iter_bytes():
-                f.write(chunk)
-                written += len(chunk)
+        try:
+            with partial.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+                    written += len(chunk)
+        except BaseException:
+            # A download cut short leaves nothing behind: output only ever holds a whole file.
+            partial.unlink(missing_ok=True)
+            raise
     partial.replace(output)
     return written
 

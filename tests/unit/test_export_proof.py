@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import socket
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -451,3 +453,34 @@ def test_mctl_export_refuses_what_is_no_job_id_before_asking_the_gateway(
     assert got.exit_code == 1, got.output
     assert "'../runs' is not an export job id" in got.output
     assert not out.exists()
+
+
+def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: Path) -> None:
+    """A peer that closes the connection before the length it announced has been sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b'Content-Length: 100000\r\n\r\n{"kind": "header"}\n'
+            )
+
+    server = threading.Thread(target=serve)
+    server.start()
+    job_id = "0193e1a0-0000-7000-8000-000000000000"
+    out = tmp_path / "out.ndjson"
+    url = f"http://127.0.0.1:{port}"
+    try:
+        got = CliRunner().invoke(
+            app, ["export", "download", job_id, "-o", str(out), "--url", url, "--api-key", "k"]
+        )
+    finally:
+        server.join(timeout=10)
+        listener.close()
+    assert got.exit_code == 1, got.output
+    assert "error:" in got.output
+    assert list(tmp_path.iterdir()) == []
