@@ -35,6 +35,8 @@ RUN_ID_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_RUN_ID - 1}}}$"
 """Safe in URLs, stream ids, subjects and CSV without quoting."""
 AGENT_ID_PATTERN = rf"^[^\x00-\x1f\x7f\\]{{1,{MAX_AGENT_ID}}}$"
 """Free text, but no control characters or backslashes (agent ids are query filters)."""
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+"""Ids the services mint (export jobs, promotions, reloads): a lower-case UUID."""
 WORKFLOW_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 """Workflow, agent-catalogue and step names: lower case, so two spellings never name two things;
 one NATS subject token (``mc.work.<tenant>.<agent>``)."""

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,23 +148,30 @@ def ensure_key_files(data_dir: Path, key_dir: str = KEY_DIR) -> tuple[Path, Path
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        # Written whole under a name of its own, then linked into place: the link fails when
+        # another process put its key there first, and no one ever reads a half-written key.
+        draft = folder / f".{PRIVATE_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            fd = -1
-        if fd >= 0:
             with os.fdopen(fd, "wb") as f:
                 f.write(pem)
+            os.link(draft, private)
             public.unlink(missing_ok=True)
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink(missing_ok=True)
     os.chmod(private, 0o600)
     if not public.exists():
         key = load_signing_key(SecretStr(private.read_text()))
-        public.write_bytes(
+        draft = folder / f".{PUBLIC_KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        draft.write_bytes(
             key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-        os.chmod(public, 0o644)
+        os.chmod(draft, 0o644)
+        draft.replace(public)
     return private, public
 
 

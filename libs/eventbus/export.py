@@ -60,28 +60,32 @@ def _node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _subtree(leaves: Sequence[bytes], lo: int, hi: int) -> bytes:
-    if hi - lo == 1:
-        return leaves[lo]
-    k = 1 << ((hi - lo - 1).bit_length() - 1)
-    return _node(_subtree(leaves, lo, lo + k), _subtree(leaves, lo + k, hi))
+def merkle_levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree over ``leaves``, leaves first, root last: each level pairs the one
+    below and carries a lone last node up unchanged, which builds RFC 6962's tree (split at the
+    largest power of two below n) bottom up, in one pass."""
+    levels = [list(leaves)]
+    while len(levels[-1]) > 1:
+        below = levels[-1]
+        above = [_node(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+        if len(below) % 2:
+            above.append(below[-1])
+        levels.append(above)
+    return levels
 
 
-def merkle_path(leaves: Sequence[bytes], index: int) -> list[bytes]:
-    """The audit path of leaf ``index`` in the tree over ``leaves``, leaf end first."""
+def merkle_path(
+    leaves: Sequence[bytes], index: int, levels: list[list[bytes]] | None = None
+) -> list[bytes]:
+    """The audit path of leaf ``index`` in the tree over ``leaves``, leaf end first (``levels``:
+    :func:`merkle_levels` of ``leaves``, for many paths of one tree)."""
     if not 0 <= index < len(leaves):
         raise ValueError(f"leaf {index} is not in a tree of {len(leaves)}")
     path: list[bytes] = []
-    lo, hi = 0, len(leaves)
-    while hi - lo > 1:
-        k = 1 << ((hi - lo - 1).bit_length() - 1)
-        if index < lo + k:
-            path.append(_subtree(leaves, lo + k, hi))
-            hi = lo + k
-        else:
-            path.append(_subtree(leaves, lo, lo + k))
-            lo = lo + k
-    path.reverse()
+    for level in (levels or merkle_levels(leaves))[:-1]:
+        if index ^ 1 < len(level):
+            path.append(level[index ^ 1])
+        index >>= 1
     return path
 
 
@@ -137,20 +141,40 @@ def event_record(
     }
 
 
+@dataclass(frozen=True)
+class HeadTree:
+    """The Merkle tree over every stream head at a checkpoint's horizon: built once, it gives
+    the root to check against the checkpoint's and each stream's proof."""
+
+    heads: dict[str, tuple[int, bytes]]
+    index: dict[str, int]
+    levels: list[list[bytes]]
+
+    @classmethod
+    def of(cls, heads: dict[str, tuple[int, bytes]]) -> HeadTree:
+        ordered = sorted(heads, key=str.encode)
+        leaves = [merkle_leaf(sid, *heads[sid]) for sid in ordered]
+        return cls(heads, {sid: i for i, sid in enumerate(ordered)}, merkle_levels(leaves))
+
+    def root(self) -> bytes:
+        """The same root as :meth:`libs.eventbus.anchor.HeadsAt.root`."""
+        return self.levels[-1][0] if self.levels[0] else hashlib.sha256(b"").digest()
+
+
 def proof_records(
-    heads: dict[str, tuple[int, bytes]], stream_ids: Iterable[str]
+    heads: dict[str, tuple[int, bytes]] | HeadTree, stream_ids: Iterable[str]
 ) -> list[dict[str, Any]]:
     """The inclusion proof of each of ``stream_ids``'s head among ``heads`` (every stream head at
-    a checkpoint's horizon), or ``anchored: false`` for a stream the checkpoint has no head of."""
-    ordered = sorted(heads, key=str.encode)
-    index = {sid: i for i, sid in enumerate(ordered)}
-    leaves = [merkle_leaf(sid, *heads[sid]) for sid in ordered]
+    a checkpoint's horizon, or their tree), or ``anchored: false`` for a stream the checkpoint
+    has no head of."""
+    tree = heads if isinstance(heads, HeadTree) else HeadTree.of(heads)
+    leaves = tree.levels[0]
     out: list[dict[str, Any]] = []
     for sid in stream_ids:
-        if sid not in index:
+        if sid not in tree.index:
             out.append({"kind": "proof", "stream_id": sid, "anchored": False})
             continue
-        version, head = heads[sid]
+        version, head = tree.heads[sid]
         out.append(
             {
                 "kind": "proof",
@@ -158,9 +182,9 @@ def proof_records(
                 "anchored": True,
                 "head_version": version,
                 "head_hash": head.hex(),
-                "leaf_index": index[sid],
+                "leaf_index": tree.index[sid],
                 "tree_size": len(leaves),
-                "path": [p.hex() for p in merkle_path(leaves, index[sid])],
+                "path": [p.hex() for p in merkle_path(leaves, tree.index[sid], tree.levels)],
             }
         )
     return out

@@ -374,7 +374,9 @@ class RpcServer:
         self._held: dict[str, tuple[float, bytes, int]] = {}
         self._held_bytes = 0
         self.part_subject = f"{RPC_PREFIX}.{service}._part.{uuid.uuid4().hex[:12]}"
-        """Where this replica serves the parts of its large answers."""
+        """Where this replica serves the parts of its large answers (subscribed at the first)."""
+        self._part_sub: Subscription | None = None
+        self._serving = False
         self.refused = 0
         """Requests answered ``overloaded`` since start (for metrics and tests)."""
         self.expired = 0
@@ -448,9 +450,7 @@ class RpcServer:
 
     async def start(self) -> None:
         """Subscribe every registered route."""
-        self._hot_subs.append(
-            await self.nc.subscribe(self.part_subject, queue=self.service, cb=self._serve_part)
-        )
+        self._serving = True
         for method, call in self._hot.items():
             self._hot_subs.append(
                 await self.nc.subscribe(
@@ -462,9 +462,11 @@ class RpcServer:
 
     async def stop(self) -> None:
         """Stop taking requests, then let those in hand finish (for up to a few seconds)."""
+        self._serving = False
         for sub in self._hot_subs:
             await sub.unsubscribe()
         self._hot_subs.clear()
+        self._part_sub = None
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
@@ -564,6 +566,7 @@ class RpcServer:
             and raw.reply
             and headers.get(CHUNKS_REQUEST_HEADER) == "1"
             and len(body) <= MAX_CHUNKED_BYTES
+            and self._serving
         ):
             await self._answer_in_parts(raw, body)
             return None
@@ -587,6 +590,13 @@ class RpcServer:
                 ),
             )
             return
+        if self._part_sub is None:
+            # Subscribed before the first part is sent: the caller's requests for the others
+            # come after it on the bus, so they find the subscription in place.
+            self._part_sub = await self.nc.subscribe(
+                self.part_subject, queue=self.service, cb=self._serve_part
+            )
+            self._hot_subs.append(self._part_sub)
         token = uuid.uuid4().hex
         self._held[token] = (time.monotonic() + PART_TTL_S, body, room)
         self._held_bytes += len(body)
@@ -615,6 +625,8 @@ class RpcServer:
         try:
             ask = orjson.loads(msg.data)
             token, index = str(ask["token"]), int(ask["index"])
+            if index < 1:
+                raise ValueError(index)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             await self._part_answer(msg, b"bad part request", error=True)
             return

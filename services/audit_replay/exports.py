@@ -30,9 +30,10 @@ import structlog
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import stream_id_for
 from libs.errors import Conflict, InvalidInput, NotFound, PermanentError, TooLarge
-from libs.eventbus.anchor import HeadsAt, heads_at, latest_checkpoint
+from libs.eventbus.anchor import heads_at, latest_checkpoint
 from libs.eventbus.db import AsyncConn, transaction
 from libs.eventbus.export import (
+    HeadTree,
     end_record,
     event_record,
     header_record,
@@ -95,32 +96,33 @@ async def plan_export(
 
 
 class Checkpoints:
-    """The newest signed checkpoint and every stream head at its horizon (kept for the newest
-    one: what a checkpoint covers never changes)."""
+    """The newest signed checkpoint and the tree of every stream head at its horizon (kept for
+    the newest one: what a checkpoint covers never changes)."""
 
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self._seq: int | None = None
-        self._heads: HeadsAt | None = None
+        self._tree: HeadTree | None = None
         self._lock = asyncio.Lock()
 
-    async def latest(self) -> tuple[dict[str, Any], HeadsAt] | None:
-        """The checkpoint's row and its heads; ``None`` before the first checkpoint."""
+    async def latest(self) -> tuple[dict[str, Any], HeadTree] | None:
+        """The checkpoint's row and its heads' tree; ``None`` before the first checkpoint."""
         async with self._lock, self.store.pool.connection() as raw:
             conn: AsyncConn = raw  # type: ignore[assignment]
             row = await latest_checkpoint(conn)
             if row is None:
                 return None
             seq = int(row["payload"]["seq"])
-            if self._seq != seq or self._heads is None:
+            if self._seq != seq or self._tree is None:
                 heads = await heads_at(conn, int(row["payload"]["horizon_xid"]))
-                if heads.root().hex() != row["payload"]["merkle_root"]:
+                tree = HeadTree.of(heads.heads)
+                if tree.root().hex() != row["payload"]["merkle_root"]:
                     raise PermanentError(
                         f"the event store does not match checkpoint {seq}'s signed root: run "
                         "`mctl verify` to find what changed"
                     )
-                self._seq, self._heads = seq, heads
-            return row, self._heads
+                self._seq, self._tree = seq, tree
+            return row, self._tree
 
 
 async def write_export(
@@ -152,7 +154,7 @@ async def write_export(
             await progress(written)
     seq: int | None = None
     if latest is not None:
-        row, heads = latest
+        row, tree = latest
         env = row_to_envelope(row)
         await emit(
             line(
@@ -166,7 +168,7 @@ async def write_export(
             )
         )
         seq = int(row["payload"]["seq"])
-        for rec in proof_records(heads.heads, plan.streams):
+        for rec in proof_records(tree, plan.streams):
             await emit(line(rec))
     await emit(line(end_record(written, tails)))
     return seq
@@ -268,21 +270,23 @@ class ExportJobs:
     async def part(self, tenant_id: str, job_id: str, seq: int) -> dict[str, Any]:
         """Part ``seq`` of a finished job's file, and the next part's number (``None`` at the
         end); 409 while the job is not done."""
-        row = await self._row(tenant_id, job_id)
+        async with transaction(self.store.pool) as conn:
+            # The job and the part in one read: a download asks for every part in turn.
+            cur = await conn.execute(
+                "SELECT j.status, j.parts, p.data FROM audit_replay.export_jobs j "
+                "LEFT JOIN audit_replay.export_parts p ON p.job_id = j.job_id AND p.seq = %s "
+                "WHERE j.tenant_id = %s AND j.job_id = %s",
+                (seq, tenant_id, job_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"export job {job_id} not found")
         if row["status"] != "done":
             raise Conflict(f"export job {job_id} is {row['status']}, not done")
-        if seq >= int(row["parts"]):
+        if row["data"] is None:
             raise NotFound(f"export job {job_id} has {row['parts']} parts, no part {seq}")
-        async with transaction(self.store.pool) as conn:
-            cur = await conn.execute(
-                "SELECT data FROM audit_replay.export_parts WHERE job_id = %s AND seq = %s",
-                (job_id, seq),
-            )
-            got = await cur.fetchone()
-        if got is None:
-            raise NotFound(f"export job {job_id} has no part {seq}")
         nxt = seq + 1 if seq + 1 < int(row["parts"]) else None
-        return {"seq": seq, "data": bytes(got["data"]).decode(), "next": nxt}
+        return {"seq": seq, "data": bytes(row["data"]).decode(), "next": nxt}
 
     # -- running -------------------------------------------------------------------------------
 

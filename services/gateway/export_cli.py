@@ -7,6 +7,7 @@ FILE`` checks it offline. ``status`` and ``download`` act on a job started befor
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from libs.contracts.limits import UUID_PATTERN
 from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
 from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
 
@@ -34,26 +36,38 @@ WaitOption = Annotated[
 ]
 
 
+def _job_path(job_id: str) -> str:
+    """``/v1/exports/{job_id}``, for a job id only: the path is never another route's (``..``)."""
+    if not re.fullmatch(UUID_PATTERN, job_id):
+        raise CliError(f"{job_id!r} is not an export job id (a UUID, as `mctl export` prints)")
+    return f"/v1/exports/{job_id}"
+
+
 def _download(api: Api, job_id: str, output: Path) -> int:
     """Stream a done job's file to ``output``; the bytes written."""
-    path = f"/v1/exports/{job_id}/download"
+    path = f"{_job_path(job_id)}/download"
     written = 0
     partial = output.with_name(output.name + ".partial")
     with api.http.stream("GET", path, timeout=None) as response:
         if not response.is_success:
             response.read()
             raise CliError(f"GET {path}: {response.status_code} {response.text[:200]}")
-        with partial.open("wb") as f:
-            for chunk in response.iter_bytes():
-                f.write(chunk)
-                written += len(chunk)
+        try:
+            with partial.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+                    written += len(chunk)
+        except BaseException:
+            # A download cut short leaves nothing behind: output only ever holds a whole file.
+            partial.unlink(missing_ok=True)
+            raise
     partial.replace(output)
     return written
 
 
 def _follow(api: Api, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
     """Poll the job until it is done or failed, with a progress bar on stderr."""
-    path = f"/v1/exports/{job['job_id']}"
+    path = _job_path(job["job_id"])
     deadline = time.monotonic() + wait_s
     console = Console(stderr=True)
     with Progress(
@@ -148,7 +162,7 @@ def status(
 ) -> None:
     """An export job's status and progress."""
     with Api(gateway_url(url, data_dir), api_key_headers(api_key)) as api:
-        job = api.send("GET", f"/v1/exports/{job_id}")
+        job = api.send("GET", _job_path(job_id))
     p = job["progress"]
     error = f" ({job['error']})" if job.get("error") else ""
     typer.echo(f"{job['job_id']} {job['status']}: {p['done']:,}/{p['total']:,} events{error}")

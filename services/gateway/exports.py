@@ -17,13 +17,13 @@ from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from libs.contracts.limits import UUID_PATTERN
 from services.gateway.schemas import ID_PATTERN
-from services.gateway.workflows import ExecutionIdPath
+from services.gateway.workflows import EXECUTION_ID_PATTERN, ExecutionIdPath
 
 EXPORT_TIMEOUT_S = 60.0
 NDJSON = "application/x-ndjson"
-JOB_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-EXECUTION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+JOB_ID_PATTERN = UUID_PATTERN
 JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The export job's id.")]
 Position = Annotated[int | None, Query(ge=1, le=2**62)]
 SubjectType = Literal["run", "execution"]

@@ -28,8 +28,9 @@ MAX_WAIT_S = 30.0
 
 AgentNamePath = Annotated[str, Path(pattern=NAME_PATTERN, description="The agent's name.")]
 WorkflowIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The workflow's name.")]
+EXECUTION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ExecutionIdPath = Annotated[
-    str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$", description="The execution's id.")
+    str, Path(pattern=EXECUTION_ID_PATTERN, description="The execution's id.")
 ]
 StepIdPath = Annotated[str, Path(pattern=NAME_PATTERN, description="The step's id.")]
 ExecutionStatus = Literal["pending", "running", "completed", "failed", "aborted"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -513,6 +514,35 @@ async def test_mctl_verify_names_each_problem_and_checks_signatures(
     )
     unsigned = CliRunner().invoke(app, args[:3])
     assert "no public key" in unsigned.output and unsigned.exit_code == 1
+
+
+def test_processes_racing_to_create_the_signing_key_all_load_the_one_key(tmp_path: Path) -> None:
+    """Each reader finds the whole key the first writer linked into place (none a half-written
+    file), and the public key is that key's."""
+    failed: list[BaseException] = []
+
+    def create(data_dir: Path, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            ensure_key_files(data_dir)
+        except Exception as exc:
+            failed.append(exc)
+
+    for round_ in range(20):
+        data_dir = tmp_path / str(round_)
+        start = threading.Barrier(6)
+        threads = [threading.Thread(target=create, args=(data_dir, start)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failed == [], failed
+        folder = data_dir / "anchor"
+        assert sorted(p.name for p in folder.iterdir()) == ["signing.key", "signing.pub"]
+        key = load_signing_key(SecretStr((folder / "signing.key").read_text()))
+        published = serialization.load_pem_public_key((folder / "signing.pub").read_bytes())
+        assert isinstance(published, Ed25519PublicKey)
+        assert key.public_key().public_bytes_raw() == published.public_bytes_raw()
 
 
 def test_the_signing_key_is_generated_once_private_and_loads(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ async def test_a_run_exports_with_its_proof_inline_and_as_a_job_for_its_tenant_o
         await audit.call("export_events", other, subject_type="run", subject_id=run)
     with pytest.raises(NotFound):
         await audit.call("export_job", other, job_id=job["job_id"])
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match="not found"):
         await audit.call("export_job_part", other, job_id=job["job_id"], seq=0)
     assert (await audit.call("export_jobs", other))["jobs"] == []
     assert [j["job_id"] for j in (await audit.call("export_jobs", tenant))["jobs"]] == [
@@ -144,7 +144,7 @@ async def test_a_run_exports_with_its_proof_inline_and_as_a_job_for_its_tenant_o
     ]
     with pytest.raises(InvalidInput, match="subject_type"):
         await audit.call("export_events", tenant, subject_type="tenant", subject_id=run)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFound, match=f"has {job['parts']} parts, no part {job['parts']}"):
         await audit.call("export_job_part", tenant, job_id=job["job_id"], seq=job["parts"])
 
 

@@ -365,6 +365,15 @@ async def test_bad_input_is_4xx_with_a_message_naming_the_field(
         ("GET", "/v1/incidents/not-a-uuid", None, "path.incident_id"),
         ("POST", "/v1/incidents/0193e1a0-0000-7000-8000-000000000000/resolve", {}, "resolution"),
         ("PUT", "/v1/prices", {"prices": [{"model": "m"}]}, "input_per_token"),
+        ("POST", "/v1/exports", {"subject_type": "tenant", "subject_id": "r1"}, "subject_type"),
+        ("POST", "/v1/exports", {"subject_type": "run", "subject_id": "a/../b"}, "subject_id"),
+        ("POST", "/v1/exports", {"subject_type": "run", "subject_id": "r1", "x": 1}, "body.x"),
+        ("GET", "/v1/exports?limit=501", None, "query.limit"),
+        ("GET", "/v1/exports/not-a-job", None, "path.job_id"),
+        ("GET", "/v1/exports/1%27%20OR%201=1/download", None, "path.job_id"),
+        ("GET", "/v1/runs/white%20space/full-export", None, "path.run_id"),
+        ("GET", "/v1/executions/e1/replay?at_position=0", None, "query.at_position"),
+        ("GET", f"/v1/executions/e1/replay?at_version={2**63}", None, "query.at_version"),
     ]
     for method, path, body, field in cases:
         if isinstance(body, bytes):

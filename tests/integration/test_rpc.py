@@ -173,17 +173,27 @@ async def test_an_answer_larger_than_a_message_comes_in_parts_and_is_joined(syst
         await server.start()
     client = RpcClient(nc)
     try:
+        # A replica subscribes to its parts' subject only once it has an answer in parts.
+        assert all(s._part_sub is None for s in servers)
+        with pytest.raises(TooLarge, match="takes no answers in parts"):
+            await client.call(service, "large", {"n": 7}, chunked=False)
+        assert all(s._part_sub is None for s in servers)
         for n in range(4):  # the replicas share the requests; each serves its own parts
             got = await client.call(service, "large", {"n": n}, timeout=30)
             assert got == {"text": big, "n": n}
         assert all(s._held_bytes == 0 and not s._held for s in servers)
-        with pytest.raises(TooLarge, match="takes no answers in parts"):
-            await client.call(service, "large", {"n": 7}, chunked=False)
+        holder = next(s for s in servers if s._part_sub is not None)
         gone = await nc.request(
-            servers[0].part_subject, json.dumps({"token": "nope", "index": 1}).encode()
+            holder.part_subject, json.dumps({"token": "nope", "index": 1}).encode()
         )
         assert gone.headers == {PART_ERROR_HEADER: "1"}
         assert b"parts are gone" in gone.data
+        # A part before the second (the first came with the answer) is not a part to ask for.
+        for index in (0, -1):
+            bad = await nc.request(
+                holder.part_subject, json.dumps({"token": "nope", "index": index}).encode()
+            )
+            assert bad.data == b"bad part request"
     finally:
         for server in servers:
             await server.stop()

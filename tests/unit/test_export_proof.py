@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import socket
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,10 +27,12 @@ from libs.eventbus.anchor import (
     signed_message,
 )
 from libs.eventbus.export import (
+    HeadTree,
     end_record,
     event_record,
     header_record,
     line,
+    merkle_levels,
     merkle_path,
     proof_records,
     root_from_path,
@@ -45,17 +49,29 @@ RUN = f"{TENANT}/run/r1"
 COST = f"{TENANT}/cost/r1"
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 8, 9, 31, 100])
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7, 8, 9, 31, 100, 333])
 def test_every_leafs_audit_path_proves_the_rfc_6962_root(n: int) -> None:
     leaves = [merkle_leaf(f"t/run/{i}", i + 1, bytes([i % 256]) * 32) for i in range(n)]
     root = merkle_root(leaves)
+    levels = merkle_levels(leaves)
+    assert levels[-1] == [root]
     for i in range(n):
         path = merkle_path(leaves, i)
+        assert merkle_path(leaves, i, levels) == path
         assert root_from_path(leaves[i], i, n, path) == root
         if n > 1:
             assert root_from_path(leaves[i], (i + 1) % n, n, path) != root
             assert root_from_path(b"\x00" * 32, i, n, path) != root
     assert root_from_path(leaves[0], n, n, merkle_path(leaves, 0)) is None
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 100])
+def test_the_head_tree_has_the_checkpoints_root_and_the_same_proofs(n: int) -> None:
+    heads = {f"t/run/{i}": (i + 1, bytes([i % 256]) * 32) for i in range(n)}
+    tree = HeadTree.of(heads)
+    assert tree.root() == HeadsAt(1, heads).root()
+    wanted = [*heads, "t/run/absent"]
+    assert proof_records(tree, wanted) == proof_records(heads, wanted)
 
 
 def _stored(stream: str, version: int, position: int, payload: dict[str, Any]) -> EventEnvelope:
@@ -421,3 +437,50 @@ def test_a_battery_of_random_tamperings_is_each_detected_and_named() -> None:
             assert found & kinds, (round_, name, found)
     print(f"export tampering: {tried} tried, {detected} detected, {named} named")
     assert tried == detected == named == 300
+
+
+@pytest.mark.parametrize("command", ["status", "download"])
+def test_mctl_export_refuses_what_is_no_job_id_before_asking_the_gateway(
+    command: str, tmp_path: Path
+) -> None:
+    """``..`` in a job id would reach another route (``/v1/exports/../runs`` is ``/v1/runs``)."""
+    out = tmp_path / "out.ndjson"
+    extra = ["-o", str(out)] if command == "download" else []
+    got = CliRunner().invoke(
+        app,
+        ["export", command, "../runs", *extra, "--url", "http://127.0.0.1:9", "--api-key", "k"],
+    )
+    assert got.exit_code == 1, got.output
+    assert "'../runs' is not an export job id" in got.output
+    assert not out.exists()
+
+
+def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: Path) -> None:
+    """A peer that closes the connection before the length it announced has been sent."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b'Content-Length: 100000\r\n\r\n{"kind": "header"}\n'
+            )
+
+    server = threading.Thread(target=serve)
+    server.start()
+    job_id = "0193e1a0-0000-7000-8000-000000000000"
+    out = tmp_path / "out.ndjson"
+    url = f"http://127.0.0.1:{port}"
+    try:
+        got = CliRunner().invoke(
+            app, ["export", "download", job_id, "-o", str(out), "--url", url, "--api-key", "k"]
+        )
+    finally:
+        server.join(timeout=10)
+        listener.close()
+    assert got.exit_code == 1, got.output
+    assert "error:" in got.output
+    assert list(tmp_path.iterdir()) == []
