@@ -166,6 +166,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+# How long the gateway keeps an idle client connection open. Longer than the SDK's own
+# keep-alive (services/gateway/client.py, KEEPALIVE_EXPIRY_S), so a client never sends on a
+# connection the gateway is closing; uvicorn's default (5 s) equals httpx's.
+KEEP_ALIVE_S = 60
+
+
 def main() -> None:
     """Run the gateway until SIGTERM: :func:`run_service`, but serving :func:`create_app`."""
     settings = get_settings()
@@ -178,4 +184,5 @@ def main() -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )

@@ -48,6 +48,11 @@ T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 DEFAULT_TIMEOUT_S = 10.0
+# How long an idle connection is kept for reuse. It must end before the server's keep-alive does
+# (the gateway's is 60 s): at equal times the server closes the connection as the client sends on
+# it, and the request fails with a ReadError it never reached the server with.
+KEEPALIVE_EXPIRY_S = 15.0
+LIMITS = httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S)
 
 
 class ApiError(Exception):
@@ -319,7 +324,11 @@ class MissionControlClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._http = httpx.Client(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=base_url,
+            headers=_headers(api_key),
+            timeout=timeout,
+            transport=transport,
+            limits=LIMITS,
         )
 
     def send(self, request: ApiRequest[T]) -> T:
@@ -439,7 +448,11 @@ class AsyncMissionControlClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=base_url,
+            headers=_headers(api_key),
+            timeout=timeout,
+            transport=transport,
+            limits=LIMITS,
         )
 
     async def send(self, request: ApiRequest[T]) -> T:

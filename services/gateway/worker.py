@@ -57,7 +57,13 @@ from tenacity import (
 )
 
 from libs.usage import Usage
-from services.gateway.client import ApiError, ApiRequest, AsyncMissionControlClient, Requests
+from services.gateway.client import (
+    LIMITS,
+    ApiError,
+    ApiRequest,
+    AsyncMissionControlClient,
+    Requests,
+)
 from services.gateway.schemas import AdmissionResponse, UsageVerdict
 
 log = structlog.get_logger("mission_control.worker")
@@ -259,6 +265,7 @@ class Worker:
             base_url=self.gateway_url,
             headers={"Authorization": f"Bearer {self._api_key}"},
             timeout=self.poll_s + 15,
+            limits=LIMITS,
         )
         try:
             pullers = [
