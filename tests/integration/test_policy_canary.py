@@ -156,6 +156,35 @@ async def _runs(replicas: Replicas, tenant: str, unique: Unique, n: int) -> list
     return runs
 
 
+async def _split(
+    replicas: Replicas,
+    tenant: str,
+    unique: Unique,
+    reload: dict[str, Any],
+    *,
+    canary: int,
+    stable: int,
+) -> list[str]:
+    """Started runs of which exactly ``canary`` fall in the reload's share, alternating with the
+    others while both last. Run ids are random, so a test that needs a window's worth of canary
+    decisions picks its runs by share rather than hoping a random draw holds enough."""
+    share = int(reload["plan"]["percent"])
+    held: list[str] = []
+    rest: list[str] = []
+    tried = 0
+    while len(held) < canary or len(rest) < stable:
+        run_id = unique(f"run{tried}-")
+        tried += 1
+        arm = held if in_canary(run_id, reload["reload_id"], share) else rest
+        if len(arm) < (canary if arm is held else stable):
+            arm.append(run_id)
+    runs = [r for pair in zip(held, rest, strict=False) for r in pair]
+    runs += held[len(rest) :] + rest[len(held) :]
+    for run_id in runs:
+        await _append(replicas.a.store, tenant, run_id, RunStarted(run_id=run_id, agent_id="a"))
+    return runs
+
+
 async def test_a_canary_that_denies_more_is_rolled_back_by_its_figures(
     replicas: Replicas, tenant: str, unique: Unique
 ) -> None:
@@ -164,9 +193,10 @@ async def test_a_canary_that_denies_more_is_rolled_back_by_its_figures(
     reload = await _canary(replicas, tenant, tight, percent=50, **WINDOW)
     assert reload["status"] == "canary" and reload["stable_digest"] == stable
     reload_id = reload["reload_id"]
-    runs = await _runs(replicas, tenant, unique, 60)
+    # 11 canary runs of 21 decided, two steps each: the canary makes the window's 10 decisions.
+    runs = await _split(replicas, tenant, unique, reload, canary=11, stable=10)
     canary_runs = {r for r in runs if in_canary(r, reload_id, 50)}
-    assert 0 < len(canary_runs) < len(runs)
+    assert len(canary_runs) == 11
     await _everywhere(replicas, tenant, reload_id)
     for i, run_id in enumerate(runs):
         # Both replicas decide; every step of a run is decided by the same bundle.
@@ -176,8 +206,6 @@ async def test_a_canary_that_denies_more_is_rolled_back_by_its_figures(
         expected = tight if run_id in canary_runs else stable
         assert first["bundle_digest"] == second["bundle_digest"] == expected
         assert first["outcome"] == ("deny" if run_id in canary_runs else "allow")
-        if i == 20:
-            break  # enough for the window (both replicas counted)
 
     rolled = await _judge(replicas, tenant)
     events = await _events(replicas, tenant)
@@ -217,7 +245,7 @@ async def test_a_sound_canary_is_promoted_and_an_operator_can_end_one(
     with pytest.raises(Conflict, match="canary_in_progress"):
         await _canary(replicas, tenant, other)
     await _everywhere(replicas, tenant, reload["reload_id"])
-    runs = await _runs(replicas, tenant, unique, 80)
+    runs = await _split(replicas, tenant, unique, reload, canary=20, stable=60)
     for run_id in runs:
         await _decide(replicas.a, tenant, run_id, 1)
     # The live report sums what every replica wrote (each writes every 250 ms).
@@ -285,7 +313,7 @@ async def test_a_candidate_that_fails_to_evaluate_loses_no_decision_and_is_rolle
     failing = await _upload(replicas, tenant, _failing("2"))
     reload = await _canary(replicas, tenant, failing, percent=50, **WINDOW)
     await _everywhere(replicas, tenant, reload["reload_id"])
-    runs = await _runs(replicas, tenant, unique, 12)
+    runs = await _split(replicas, tenant, unique, reload, canary=6, stable=6)
     held = [r for r in runs if in_canary(r, reload["reload_id"], 50)]
     assert held
     # The first canary run's step is decided by the stable bundle, and counted as an error.
@@ -308,7 +336,8 @@ async def test_a_canary_in_progress_resumes_after_a_restart_with_what_was_counte
         await wait_until(lambda: _tenants(doomed).view(tenant).bundles, what="loaded")
         reload = await _canary(replicas, tenant, tight, percent=50, **WINDOW)
         await wait_until(lambda: _tenants(doomed).view(tenant).canaries, what="canary loaded")
-        runs = await _runs(replicas, tenant, unique, 30)
+        # 15 canary runs: the window's 10 canary decisions are there whatever the run ids.
+        runs = await _split(replicas, tenant, unique, reload, canary=15, stable=15)
         for run_id in runs:
             await _decide(doomed, tenant, run_id, 1)
         await _tenants(doomed).flush_counts()
