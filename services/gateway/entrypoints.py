@@ -1352,12 +1352,15 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
 
         The item names the attempt's run: ask admission for each call, record each call and
         finish the run. An item is handed over once; a worker that loses it leaves the attempt
-        to time out, and the engine dispatches the next attempt.
+        to time out, and the engine dispatches the next attempt. A poll whose worker has
+        disconnected takes nothing: an item fetched for it goes back to the queue.
         """
         ctx = getattr(request.app.state, "ctx", None)
         if ctx is None:
             raise errors.TransientError("the gateway is not started")
-        item = await work_queues(ctx.js).take(call.principal.tenant_id, agent_id, wait_s)
+        item = await work_queues(ctx.js).take(
+            call.principal.tenant_id, agent_id, wait_s, gone=request.is_disconnected
+        )
         if item is None:
             return Response(status_code=204)
         return json_response(item)

@@ -7,6 +7,12 @@ bus credentials and can only ever see its own tenant's work. The gateway holds o
 consumer per tenant and agent, takes at most one item per request, and acknowledges it as it hands
 it over: an attempt is delivered once. If the worker then never finishes it, the engine's deadline
 fails the attempt and dispatches the next one.
+
+A long poll whose worker has gone (it stopped, or its client gave up) must not take an item: the
+handler checks the connection before each fetch and again before acknowledging, and gives back
+(``nak``) an item fetched for a worker that left, so the next request takes it at once. A
+gateway that dies between fetch and acknowledgement leaves the item unacknowledged; it is
+delivered again after ``ack_wait``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -52,8 +59,10 @@ class WorkQueues:
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
                 filter_subject=work_subject(tenant_id, agent_id),
-                # Handed over means delivered: never again, even if the worker goes away.
-                max_deliver=1,
+                # An item is acknowledged as it is handed over, so redelivery only ever covers
+                # one fetched for a worker that left (given back) or by a gateway that died
+                # before handing it over.
+                max_deliver=-1,
                 ack_wait=30,
             )
             try:
@@ -67,18 +76,30 @@ class WorkQueues:
             sub = self._subs[key] = await self.js.pull_subscribe_bind(durable, stream=WORK_STREAM)
         return sub
 
-    async def take(self, tenant_id: str, agent_id: str, wait_s: float) -> dict[str, Any] | None:
-        """The next work item of the agent, waiting up to ``wait_s`` for one; None if none came."""
+    async def take(
+        self,
+        tenant_id: str,
+        agent_id: str,
+        wait_s: float,
+        gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> dict[str, Any] | None:
+        """The next work item of the agent, waiting up to ``wait_s`` for one; None if none came
+        or if the asker is ``gone`` (an item fetched for it is given back)."""
         lock = self._locks.setdefault((tenant_id, agent_id), asyncio.Lock())
         deadline = time.monotonic() + wait_s
         while True:
             async with lock:
+                if gone is not None and await gone():
+                    return None
                 sub = await self._sub(tenant_id, agent_id)
                 left = deadline - time.monotonic()
                 try:
                     msgs = await sub.fetch(1, timeout=max(0.05, min(POLL_S, left)))
                 except NatsTimeout:
                     msgs = []
+                if msgs and gone is not None and await gone():
+                    await msgs[0].nak()
+                    return None
                 if msgs:
                     await msgs[0].ack()
                     item: dict[str, Any] = orjson.loads(msgs[0].data)
