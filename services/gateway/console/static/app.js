@@ -174,8 +174,18 @@ export function failure(error) {
   return h("p", { class: "error", role: "alert" }, error instanceof ApiError ? `${error.code}: ${error.message}` : String(error));
 }
 
-/** What panels and views receive. */
-export const ctx = { api, sse, download, navigate, panelHref, viewHref, h, toast, empty, failure, session };
+/**
+ * Render a view inside an element (a panel's O3 that shows an entity a view owns, say), or an
+ * honest empty state when that view does not exist.
+ */
+export async function view(name, el, id, query = {}) {
+  const v = VIEWS[name];
+  if (!v) { el.append(empty(`The ${name} view is not available in this build.`)); return; }
+  await v.render(el, { ...ctx, id, query, onLeave: (fn) => cleanup.push(fn) });
+}
+
+/** What panels and views receive (plus query, onLeave and, for views, id). */
+export const ctx = { api, sse, download, navigate, panelHref, viewHref, view, h, toast, empty, failure, session };
 
 // -- rendering ------------------------------------------------------------------------------
 
