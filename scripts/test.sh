@@ -18,6 +18,13 @@ if ! command -v pdftotext >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1;
   { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq poppler-utils; } >/dev/null 2>&1 ||
     echo "warning: poppler-utils could not be installed; the evidence PDF tests will fail" >&2
 fi
+# The console tests drive Debian's Chromium through Playwright (tests/e2e/browser.py).
+if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null 2>&1; then
+  sudo_=""
+  [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo_="sudo -n"
+  { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq chromium; } >/dev/null 2>&1 ||
+    echo "warning: chromium could not be installed; the console tests will fail" >&2
+fi
 if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest "$@"
 fi

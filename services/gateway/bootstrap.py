@@ -15,6 +15,7 @@ from libs.observability import configure_logging
 from libs.runtime.service_host import ServiceContext, build_app, new_registry
 from libs.settings import Settings, get_settings
 from services.gateway.auth import Authenticator
+from services.gateway.console import mount_console
 from services.gateway.entrypoints import build_router, build_well_known_router, map_exception
 from services.gateway.keys import REVOKED_CHANNEL, KeyVerifier, follow_notifications
 from services.gateway.middleware import LoadShedding, RateLimiting
@@ -160,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.include_router(build_well_known_router(service.authenticator))
+    mount_console(app)
     app.title = API_TITLE
     app.version = API_VERSION
     app.description = API_DESCRIPTION

@@ -11,13 +11,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import pytest_asyncio
 from pydantic import SecretStr
 
 from libs.eventbus.jetstream import connect
@@ -203,3 +204,47 @@ def event_counts(admin_url: str, tenant: str) -> dict[str, int]:
             (tenant,),
         ).fetchall()
     return {r[0]: int(r[1]) for r in rows}
+
+
+@pytest_asyncio.fixture(scope="session")
+async def chromium() -> AsyncIterator[Any]:
+    """Debian's Chromium under Playwright, once per session (see tests/e2e/browser.py).
+
+    Playwright's async API, on the session's event loop: its sync API keeps a loop running on
+    the test thread, which the system's synchronous helpers (``asyncio.run``) cannot share.
+    """
+    from playwright.async_api import async_playwright
+
+    from tests.e2e.browser import CHROMIUM, CHROMIUM_ARGS
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest_asyncio.fixture
+async def page(chromium: Any) -> AsyncIterator[Any]:
+    """A fresh browser context and page; every request it makes off this machine is refused
+    and recorded in ``page.offsite`` (the console must work offline)."""
+    context = await chromium.new_context(viewport={"width": 1280, "height": 860})
+    offsite: list[str] = []
+
+    async def guard(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(("http://127.0.0.1", "http://localhost", "data:", "blob:")):
+            await route.continue_()
+        else:
+            offsite.append(url)
+            await route.abort()
+
+    await context.route("**/*", guard)
+    page = await context.new_page()
+    page.offsite = offsite
+    page.set_default_timeout(20_000)
+    try:
+        yield page
+    finally:
+        await context.close()
