@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 
 from services.gateway.client import MissionControlClient
+from services.gateway.keys import run_with_pool
+from services.gateway.users import create_user, grant_role
 from tests.e2e.conftest import RunningSystem, wait_for
 from tests.e2e.test_live_tokens import SseReader
 
@@ -161,3 +163,44 @@ def test_analytics_and_statements_answer_what_the_runs_recorded(
         for bad in ("2026-13", "2026-1", "latest"):
             resp = http.get(f"/v1/statements/{bad}")
             assert resp.status_code == 422 and "period" in resp.text, resp.text
+
+
+def test_an_admin_issues_a_key_whose_secret_is_shown_once_and_never_logged(
+    whole_system: RunningSystem,
+) -> None:
+    tenant, client, http = _tenant(whole_system, "keys")
+    user, password = f"admin-{tenant}", f"pw-{uuid.uuid4().hex}"
+
+    async def admin(pool: Any) -> None:
+        await create_user(pool, user, password, actor="test")
+        await grant_role(pool, user, tenant, "admin", actor="test")
+
+    run_with_pool(whole_system.admin_url, admin)
+    with client, http:
+        signed_in = http.post("/v1/auth/token", json={"username": user, "password": password})
+        assert signed_in.status_code == 200, signed_in.text
+        person = {"Authorization": f"Bearer {signed_in.json()['access_token']}"}
+        # A key (the console's, signed in with one) may list keys but never issue one.
+        refused = http.post("/v1/api-keys", json={"name": "from a key"})
+        assert refused.status_code == 403 and "API keys may not" in refused.text
+
+        issued = http.post(
+            "/v1/api-keys", json={"name": "console", "scopes": ["read"]}, headers=person
+        )
+        assert issued.status_code == 201, issued.text
+        token = issued.json()["api_key"]
+        secret = token.split("_", 2)[2]
+        key_id = issued.json()["key_id"]
+        mine = httpx.get(
+            f"{whole_system.gateway_url}/v1/api-keys",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert mine.status_code == 200 and secret not in mine.text
+        assert key_id in {k["key_id"] for k in mine.json()["keys"]}
+        members = http.get("/v1/members").json()["members"]
+        assert members == [{"user_id": user, "roles": ["admin"], "disabled": False}]
+        revoked = http.post(f"/v1/api-keys/{key_id}:revoke", headers=person)
+        assert revoked.status_code == 200, revoked.text
+
+    for path in sorted((whole_system.data_dir / "logs").glob("*")):
+        assert secret not in path.read_text(errors="replace"), path
