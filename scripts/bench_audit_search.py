@@ -53,14 +53,20 @@ Query = Callable[[], tuple[str, dict[str, Any]]]
 """Makes one query to time: its SQL and parameters."""
 
 
-def load_sql(events: int) -> str:
-    """One INSERT of ``events`` generated events (see the module docstring)."""
+EVENT_SPACING_US = 300_000
+"""Time between two generated events."""
+
+
+def load_sql(events: int, start: datetime = START, spacing_us: int = EVENT_SPACING_US) -> str:
+    """One INSERT of ``events`` generated events (see the module docstring), the first at
+    ``start``, one every ``spacing_us`` microseconds."""
+    first = start.strftime("%Y-%m-%d %H:%M:%S")
     # run: the run's number; k: the event's place in its run; h: a hash for the random choices.
     return f"""
 INSERT INTO {schema.DATABASE}.audit_events
 SELECT
   if(run % 10 < 7, 't0', concat('t', toString(run % 10))) AS tenant_id,
-  toDateTime64('2026-01-01 00:00:00', 6, 'UTC') + toIntervalMicrosecond(n * 300000) AS occurred_at,
+  toDateTime64('{first}', 6, 'UTC') + toIntervalMicrosecond(n * {spacing_us}) AS occurred_at,
   toString(generateUUIDv4(n)) AS event_id,
   n + 1 AS position,
   multiIf(k = 0, 'run.started', k = 49 AND run % 20 = 0, 'incident.opened',

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +108,16 @@ def admin_url_of(data_dir: Path) -> str:
 
 
 @contextmanager
-def whole_system(tenant: str, prefix: str = "mc-bench-") -> Iterator[System]:
+def whole_system(
+    tenant: str, prefix: str = "mc-bench-", prepare: Callable[[Path], None] | None = None
+) -> Iterator[System]:
     """``mctl up --detach`` in a scratch data directory with ``tenant`` provisioned; stopped and
-    removed on exit."""
+    removed on exit. ``prepare`` is given the data directory before the system starts (to fill
+    the projections' embedded chDB, which only one process may open)."""
     data_dir = Path(tempfile.mkdtemp(prefix=prefix)) / "mc"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if prepare is not None:
+        prepare(data_dir)
     nats_server = bench_nats(data_dir)
     env = {
         **os.environ,

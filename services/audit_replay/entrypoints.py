@@ -38,6 +38,9 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``lag`` → ``{head_position, projected_position, lag_events, lag_seconds, rebuilding}``.
 * ``simulation_decisions``, ``step_costs``: what a policy simulation reads (see
   :mod:`services.audit_replay.simulation_reads`).
+* ``analytics``: ``view``, ``days?`` → ``{view, days, columns, rows, truncated}``;
+  ``statements`` → ``{statements}``; ``statement``: ``period`` (``YYYY-MM``) → the month's
+  usage and chargeback lines by agent and model (see :mod:`services.audit_replay.insights`).
 
 While a rebuild runs, every query that reads the projections (all but ``replay``, which reads the
 event store, ``lag`` and ``rebuild``) answers ``unavailable`` ("projections are being rebuilt,
@@ -66,7 +69,7 @@ from libs.errors import (
 )
 from libs.eventbus.rpc import RpcServer
 from libs.eventbus.store import EventStore
-from services.audit_replay import simulation_reads
+from services.audit_replay import insights, simulation_reads
 from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
     ExecutionReplay,
@@ -233,6 +236,9 @@ class AuditQueries:
             "lag": self.lag,
             "simulation_decisions": self.simulation_decisions,
             "step_costs": self.step_costs,
+            "analytics": self.analytics,
+            "statements": self.statements,
+            "statement": self.statement,
             **self.store_reads,
         }
 
@@ -635,6 +641,20 @@ class AuditQueries:
     async def step_costs(self, p: Params) -> dict[str, Any]:
         """The recorded cost of every step of some runs."""
         return await simulation_reads.step_costs(self.ch, _tenant(p), p)
+
+    # --- the console's analytics and statements (services/audit_replay/insights.py) -------------
+
+    async def analytics(self, p: Params) -> dict[str, Any]:
+        """One analytics view of the tenant over its last ``days`` days."""
+        return await insights.analytics(self.ch, _tenant(p), p)
+
+    async def statements(self, p: Params) -> dict[str, Any]:
+        """The tenant's monthly statements, newest first."""
+        return await insights.statements(self.ch, _tenant(p))
+
+    async def statement(self, p: Params) -> dict[str, Any]:
+        """One month's usage and chargeback lines."""
+        return await insights.statement(self.ch, _tenant(p), p)
 
 
 _NO_TOTALS: dict[str, Any] = {"tokens_used": 0, "cost_usd": None, "unpriced_steps": 0}

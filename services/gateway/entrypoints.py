@@ -56,8 +56,10 @@ from services.gateway.diffs import (
     ViewQuery,
     diff_payload,
 )
+from services.gateway.directory import directory_routes
 from services.gateway.evidence import evidence_routes
 from services.gateway.exports import export_routes
+from services.gateway.insights import insight_routes
 from services.gateway.live import MAX_HEARTBEAT_S, MEDIA_TYPE, MIN_HEARTBEAT_S, Target, open_stream
 from services.gateway.policy_bundles import (
     BUNDLE_BODY,
@@ -213,6 +215,8 @@ _MAX_REPORTED_FIELDS = 10
 RPC_BATCH_ITEMS = 1000
 RPC_BATCH_BYTES = 4 * 1024 * 1024
 ADMIN_HEADER = "X-Admin-Token"
+LIVE_SNAPSHOT_RUNS = 500
+"""The most running runs the first message of ``GET /v1/live`` lists (audit-replay's page)."""
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -743,6 +747,26 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         async def load() -> dict[str, Any]:
             state: dict[str, Any] = await call("workflow", "get_run", {"run_id": run_id})
             return state
+
+        return await open_stream(request, target, load, last_event_id, heartbeat_s)
+
+    @router.get("/live", tags=["runs"], responses=_EVENT_STREAM)
+    async def live_events(
+        request: Request,
+        call: Read,
+        last_event_id: LastEventId = None,
+        heartbeat_s: HeartbeatS = None,
+    ) -> Response:
+        """Every durable event of the tenant as Server-Sent Events (``event:`` its type,
+        ``data:`` its envelope), first ``event: snapshot`` with the running runs (``{"runs":
+        [...]}``, as ``GET /v1/runs?status=live`` lists them); resumable with
+        ``Last-Event-ID``."""
+        tenant = call.principal.tenant_id
+        target = Target(tenant, "tenant", tenant)
+
+        async def load() -> dict[str, Any]:
+            running = await call("audit", "runs", {"status": "live", "limit": LIVE_SNAPSHOT_RUNS})
+            return {"runs": running.get("runs", [])}
 
         return await open_stream(request, target, load, last_event_id, heartbeat_s)
 
@@ -1316,6 +1340,12 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
     )
     # Audit search (audit-replay's search table).
     audit_search_routes(router, Requires(Permission.READ, rpc, auth))
+    # The console's analytics and monthly statements (audit-replay's projections).
+    insight_routes(router, Requires(Permission.READ, rpc, auth))
+    # The tenant's API keys and members (the gateway's own tables).
+    directory_routes(
+        router, Requires(Permission.READ, rpc, auth), Requires(Permission.KEYS, rpc, auth), auth
+    )
     # Signed evidence documents (audit-replay reads the event store and signs them).
     evidence_routes(
         router, Requires(Permission.EVIDENCE, rpc, auth), Requires(Permission.ATTEST, rpc, auth)

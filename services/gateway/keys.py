@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import psycopg
@@ -137,12 +138,15 @@ async def issue_key(
     return issued.token
 
 
-async def revoke_key(pool: AsyncConnectionPool, key_id: str, *, actor: str = "mctl") -> None:
+async def revoke_key(
+    pool: AsyncConnectionPool, key_id: str, *, actor: str = "mctl", tenant_id: str | None = None
+) -> None:
     """Revoke a key; gateways stop accepting it when the revocation commits.
 
     The notification on :data:`REVOKED_CHANNEL` is delivered at commit; a gateway that is not
     listening at that moment still stops within :data:`CACHE_TTL_S` seconds. The first revocation
-    is recorded as ``api_key.revoked``; revoking again changes nothing.
+    is recorded as ``api_key.revoked``; revoking again changes nothing. With ``tenant_id`` (the
+    API's callers) a key of another tenant does not exist.
     """
     async with transaction(pool) as conn:
         cur = await conn.execute(
@@ -150,7 +154,7 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str, *, actor: str = "mc
             (key_id,),
         )
         row = await cur.fetchone()
-        if row is None:
+        if row is None or (tenant_id is not None and row["tenant_id"] != tenant_id):
             raise NotFound(f"API key {key_id!r} does not exist")
         if row["revoked_at"] is not None:
             return
@@ -166,6 +170,35 @@ async def revoke_key(pool: AsyncConnectionPool, key_id: str, *, actor: str = "mc
             actor=actor,
         )
         await conn.execute("SELECT pg_notify(%s, %s)", (REVOKED_CHANNEL, key_id))
+
+
+MAX_LISTED_KEYS = 1000
+
+
+async def list_keys(pool: AsyncConnectionPool, tenant_id: str) -> list[dict[str, object]]:
+    """The tenant's API keys, newest first (at most :data:`MAX_LISTED_KEYS`): id, name, scopes,
+    when issued and revoked. Never a secret: only its hash is kept, and it is not read here."""
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "SELECT key_id, name, scopes, created_at, revoked_at FROM gateway.api_keys "
+            "WHERE tenant_id = %s ORDER BY created_at DESC, key_id LIMIT %s",
+            (tenant_id, MAX_LISTED_KEYS),
+        )
+        rows = await cur.fetchall()
+    return [
+        {
+            "key_id": r["key_id"],
+            "name": r["name"],
+            "scopes": list(r["scopes"]),
+            "created_at": _iso(r["created_at"]),
+            "revoked_at": _iso(r["revoked_at"]),
+        }
+        for r in rows
+    ]
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Live tokens for viewers: Server-Sent Events of a run's or an execution's events and progress.
+"""Live tokens for viewers: Server-Sent Events of a run's or an execution's events and progress,
+and of a whole tenant's events.
 
 ``GET /v1/runs/{run_id}/events`` and ``GET /v1/executions/{execution_id}/events`` answer
 ``text/event-stream``. Each stream merges two JetStream streams, read through ephemeral push
@@ -20,6 +21,11 @@ line (``: heartbeat``) goes out after ``heartbeat_s`` seconds without a message 
 default), so proxies keep the connection and clients notice a dead one. When the run or
 execution ends, ``event: end`` is sent (without an ``id:``; its data names the cursor) and the
 response closes.
+
+``GET /v1/live`` follows the caller's whole tenant: every durable event of the tenant (no usage
+reports: ``MC_LIVE`` is not read, and the live half of ``id:`` stays as it was), first
+``event: snapshot`` with ``{"runs": [...]}`` (the running runs, as ``GET /v1/runs`` lists them),
+never an ``event: end``. The same bounds, heartbeats and ``Last-Event-ID`` resumption apply.
 
 Resources are bounded: a process serves at most ``MC_SSE_MAX_STREAMS`` streams (503 above) and
 a tenant at most ``MC_SSE_MAX_STREAMS_PER_TENANT`` (429 with ``Retry-After``). A connection's
@@ -70,7 +76,7 @@ POLL_S = 1.0
 """How often a quiet stream checks whether its client is still there."""
 _CURSOR = re.compile(r"^(\d{1,19})-(\d{1,19})$")
 
-Kind = Literal["run", "execution"]
+Kind = Literal["run", "execution", "tenant"]
 
 
 class Cursor(NamedTuple):
@@ -129,7 +135,8 @@ class StreamSlots:
 
 @dataclass(frozen=True)
 class Target:
-    """What a stream follows: one run, or one execution and its attempts' runs."""
+    """What a stream follows: one run, one execution and its attempts' runs, or the whole
+    tenant (``kind`` ``tenant``, ``id`` the tenant: every durable event, no usage reports)."""
 
     tenant_id: str
     kind: Kind
@@ -141,10 +148,17 @@ class Target:
 
     def event_filters(self) -> list[str]:
         t = self.tenant_id
+        if self.kind == "tenant":
+            return [events_filter(">", t)]
         subjects = [events_filter("run.>", t), events_filter("cost.recorded", t)]
         if self.kind == "execution":
             subjects.append(events_filter("execution.>", t))
         return subjects
+
+    @property
+    def follows_usage(self) -> bool:
+        """Whether the stream carries live usage reports (a run's or an execution's do)."""
+        return self.kind != "tenant"
 
     def live_filter(self) -> str:
         if self.kind == "run":
@@ -155,6 +169,8 @@ class Target:
         """Whether an event (envelope) is about this run or execution."""
         if env.get("tenant_id") != self.tenant_id:
             return False
+        if self.kind == "tenant":
+            return True
         stream_id = str(env.get("stream_id", ""))
         if stream_id == self.stream_id:
             return True
@@ -167,7 +183,7 @@ class Target:
 
     def ends(self, env: dict[str, Any]) -> bool:
         """Whether the event ends the run or execution."""
-        if env.get("stream_id") != self.stream_id:
+        if self.kind == "tenant" or env.get("stream_id") != self.stream_id:
             return False
         kind = str(env.get("event_type", ""))
         if self.kind == "run":
@@ -182,6 +198,8 @@ class Target:
     def ended(self, snapshot: dict[str, Any]) -> bool:
         """Whether the snapshot shows it ended."""
         status = snapshot.get("status")
+        if self.kind == "tenant":
+            return False
         if self.kind == "run":
             return status in ("completed", "failed", "stopped_by_policy")
         return status in ("completed", "failed", "aborted")
@@ -324,9 +342,12 @@ class LiveStream:
             self.feeds = [
                 _Feed(self.nc, self.js, EVENTS_STREAM, self.target.event_filters(),
                       self.cursor.events + 1, self.queue),
-                _Feed(self.nc, self.js, LIVE_STREAM, [self.target.live_filter()],
-                      self.cursor.live + 1, self.queue),
             ]  # fmt: skip
+            if self.target.follows_usage:
+                self.feeds.append(
+                    _Feed(self.nc, self.js, LIVE_STREAM, [self.target.live_filter()],
+                          self.cursor.live + 1, self.queue)
+                )  # fmt: skip
             for feed in self.feeds:
                 await feed.start()
         except BaseException:

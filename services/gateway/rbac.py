@@ -47,6 +47,7 @@ class Permission(StrEnum):
     EXPORT = "export"
     EVIDENCE = "evidence"
     ATTEST = "attest"
+    KEYS = "keys"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,10 @@ RULES: Mapping[Permission, Rule] = {
     Permission.PUBLIC: _rule(ROLES, SCOPES, "call this route"),
     Permission.SELF: _rule(ROLES, SCOPES, "see who they are"),
     Permission.READ: _rule(
-        ROLES, {"read"}, "read the tenant's runs, incidents, policies and costs"
+        ROLES,
+        {"read"},
+        "read the tenant's runs, incidents, policies, costs, analytics and statements, its API "
+        "keys (never their secrets) and members",
     ),
     Permission.ADMIT: _rule(
         {"operator", "admin"}, {"admit"}, "ask admission for a step or a policy hook's decision"
@@ -116,6 +120,8 @@ RULES: Mapping[Permission, Rule] = {
     ),
     # An attestation is a statement someone answers for: people only.
     Permission.ATTEST: _rule({"admin"}, (), "generate a compliance attestation"),
+    # A key that could issue keys would outlive its own revocation: people only.
+    Permission.KEYS: _rule({"admin"}, (), "issue or revoke the tenant's API keys"),
 }
 
 

@@ -29,6 +29,7 @@ USER_CHANNEL = "mc_user_changed"
 # Users are global: their own records live in the streams of the reserved tenant.
 SYSTEM_TENANT = "system"
 USER_CATEGORY = "user"
+MAX_LISTED_MEMBERS = 1000
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,25 @@ async def list_users(pool: AsyncConnectionPool) -> list[UserRecord]:
     async with transaction(pool) as conn:
         cur = await conn.execute(_SELECT_USERS + "GROUP BY u.user_id ORDER BY u.user_id")
         return [_user_of(row) for row in await cur.fetchall()]
+
+
+async def tenant_members(pool: AsyncConnectionPool, tenant_id: str) -> list[dict[str, object]]:
+    """The users holding a role in ``tenant_id``: their roles there and whether they are
+    disabled, by id (no password hashes, no other tenants' roles)."""
+    async with transaction(pool) as conn:
+        cur = await conn.execute(
+            "SELECT u.user_id, u.disabled_at IS NOT NULL AS disabled, "
+            "array_agg(g.role ORDER BY g.role) AS roles "
+            "FROM gateway.role_grants g JOIN gateway.users u ON u.user_id = g.user_id "
+            "WHERE g.tenant_id = %s AND g.revoked_at IS NULL "
+            "GROUP BY u.user_id, u.disabled_at ORDER BY u.user_id LIMIT %s",
+            (tenant_id, MAX_LISTED_MEMBERS),
+        )
+        rows = await cur.fetchall()
+    return [
+        {"user_id": r["user_id"], "roles": list(r["roles"]), "disabled": bool(r["disabled"])}
+        for r in rows
+    ]
 
 
 async def _load(pool: AsyncConnectionPool, user_id: str) -> tuple[UserRecord, str] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from services.audit_replay.clickhouse import (
 )
 from services.audit_replay.domain import project
 from services.audit_replay.entrypoints import AuditQueries
+from services.audit_replay.insights import ANALYTICS_VIEWS
 from tests.unit.test_audit_domain import bundle_event, flow, stored
 
 pytestmark = pytest.mark.integration
@@ -174,6 +176,9 @@ async def test_every_query_of_every_read_route_is_scoped_to_the_callers_tenant(
             await queries.step_costs({**t, "run_ids": ["r1"]}),
             await queries.search({**t, "workflow_id": "wf", "q": "budget"}),
             await queries.search(t),
+            *[await queries.analytics({**t, "view": v, "days": 366}) for v in ANALYTICS_VIEWS],
+            await queries.statements(t),
+            await queries.statement({**t, "period": datetime.now(UTC).strftime("%Y-%m")}),
         ]
         # The other tenant's run and incident do not exist for acme.
         for method, params in (

@@ -91,6 +91,15 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/runs/{run_id}/replay"): (f"/v1/runs/{NO_RUN}/replay", None),
     ("GET", "/v1/runs/{run_id}/export"): (f"/v1/runs/{NO_RUN}/export", None),
     ("GET", "/v1/audit/search"): ("/v1/audit/search?q=budget", None),
+    # An out-of-bounds heartbeat: 422 once allowed, so the stream never opens here.
+    ("GET", "/v1/live"): ("/v1/live?heartbeat_s=0", None),
+    ("GET", "/v1/analytics/{view}"): ("/v1/analytics/productivity?days=7", None),
+    ("GET", "/v1/statements"): ("/v1/statements", None),
+    ("GET", "/v1/statements/{period}"): ("/v1/statements/2026-01", None),
+    ("GET", "/v1/api-keys"): ("/v1/api-keys", None),
+    ("POST", "/v1/api-keys"): ("/v1/api-keys", {"name": "rbac sample", "scopes": ["read"]}),
+    ("POST", "/v1/api-keys/{key_id}:revoke"): ("/v1/api-keys/nosuchkey000:revoke", None),
+    ("GET", "/v1/members"): ("/v1/members", None),
     ("GET", "/v1/incidents"): ("/v1/incidents", None),
     ("GET", "/v1/evidence/soc2"): (f"/v1/evidence/soc2?from={PERIOD}&format=json", None),
     ("GET", "/v1/incidents/{incident_id}/debrief"): (
@@ -653,3 +662,81 @@ async def test_keys_from_before_scopes_hold_all_three(
     old_token = token.replace(key_id, old_id, 1)
     principal = await KeyVerifier(pool).verify(old_token)
     assert principal.scopes == frozenset(SCOPES)
+
+
+# --- the tenant's keys and members ----------------------------------------------------------------
+
+
+async def test_an_admin_issues_lists_and_revokes_only_the_tenants_own_keys(world: World) -> None:
+    gw, a, b = world.gw, world.tenant, world.other
+    admin = world.creds["admin"]
+    resp = await gw.http.post(
+        "/v1/api-keys", json={"name": "console test", "scopes": ["read"]}, headers=admin
+    )
+    assert resp.status_code == 201, resp.text
+    assert resp.headers["cache-control"] == "no-store"
+    issued = resp.json()
+    key_id, token = issued["key_id"], issued["api_key"]
+    assert token.startswith(f"mc_{key_id}_") and issued["scopes"] == ["read"]
+    new_key = _bearer(token)
+    assert (await gw.http.get("/v1/runs", headers=new_key)).status_code != 401
+
+    listing = await gw.http.get("/v1/api-keys", headers=world.creds["key:read"])
+    assert listing.status_code == 200, listing.text
+    keys = {k["key_id"]: k for k in listing.json()["keys"]}
+    assert keys[key_id]["name"] == "console test" and keys[key_id]["revoked_at"] is None
+    assert keys[key_id]["scopes"] == ["read"] and keys[key_id]["created_at"].endswith("Z")
+    # The secret is in the one answer that issued it, nowhere else.
+    assert token.split("_", 2)[2] not in listing.text
+
+    # Another tenant's key: not listed, not revocable (not found), still valid.
+    other_key = await issue_key(gw.pool, b, "b's key", actor="test")
+    other_id = other_key.split("_")[1]
+    assert other_id not in listing.text
+    resp = await gw.http.post(f"/v1/api-keys/{other_id}:revoke", headers=admin)
+    assert resp.status_code == 404, resp.text
+    assert (await gw.http.get("/v1/runs", headers=_bearer(other_key))).status_code != 401
+
+    resp = await gw.http.post(f"/v1/api-keys/{key_id}:revoke", headers=admin)
+    assert resp.json() == {"key_id": key_id, "revoked": True}
+    assert (await gw.http.post(f"/v1/api-keys/{key_id}:revoke", headers=admin)).status_code == 200
+
+    async def refused() -> bool:
+        return (await gw.http.get("/v1/runs", headers=new_key)).status_code == 401
+
+    await wait_until(refused, timeout=5, what="the revoked key refused")
+    listing = await gw.http.get("/v1/api-keys", headers=admin)
+    (revoked,) = [k for k in listing.json()["keys"] if k["key_id"] == key_id]
+    assert revoked["revoked_at"] is not None
+
+    # Bad input is named, never a 500.
+    for body in ({"scopes": ["root"]}, {"name": "x" * 101}, {"secret": "mine"}):
+        resp = await gw.http.post("/v1/api-keys", json=body, headers=admin)
+        assert resp.status_code == 422, resp.text
+    resp = await gw.http.post("/v1/api-keys/NOT-AN-ID:revoke", headers=admin)
+    assert resp.status_code == 422, resp.text
+    # Events name the admin who issued and revoked the key.
+    events = await gw.store.read_stream(stream_id_for(a, "api_key", key_id))
+    assert [e.event_type for e in events] == ["api_key.issued", "api_key.revoked"]
+    assert {e.actor for e in events} == {f"user:admin-{a.removeprefix('rbac-a')}"}
+    assert token.split("_", 2)[2] not in str([e.payload for e in events])
+
+
+async def test_members_are_the_users_holding_a_role_in_the_callers_tenant(world: World) -> None:
+    gw, a, b = world.gw, world.tenant, world.other
+    suffix = a.removeprefix("rbac-a")
+    both = f"both-{suffix}"
+    await _user(gw, both, [(a, "viewer"), (a, "approver"), (b, "admin")])
+    only_b = f"only-b-{suffix}"
+    await _user(gw, only_b, [(b, "viewer")])
+    resp = await gw.http.get("/v1/members", headers=world.creds["viewer"])
+    assert resp.status_code == 200, resp.text
+    members = {m["user_id"]: m for m in resp.json()["members"]}
+    assert only_b not in members
+    assert members[both] == {"user_id": both, "roles": ["approver", "viewer"], "disabled": False}
+    for role in ROLES:
+        assert members[f"{role}-{suffix}"]["roles"] == [role]
+    assert "password" not in resp.text and "argon2" not in resp.text
+    await disable_user(gw.pool, both, actor="test")
+    resp = await gw.http.get("/v1/members", headers=world.creds["key:read"])
+    assert {m["user_id"]: m for m in resp.json()["members"]}[both]["disabled"] is True

@@ -1,0 +1,179 @@
+"""The console's analytics and statements end to end: store → relay → JetStream → projector →
+chDB → the ``analytics``, ``statements`` and ``statement`` requests of audit-replay."""
+
+# ruff: noqa: F811  (the tests name the imported ``audit`` fixture as their parameter)
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from libs.contracts import envelope_for, stream_id_for
+from libs.contracts.envelope import EventEnvelope
+from libs.contracts.events import IncidentResolved, RunCompleted, RunStarted
+from libs.errors import InvalidInput, NotFound
+from services.audit_replay.insights import ANALYTICS_VIEWS
+from tests.integration.test_projections import Audit, audit  # noqa: F401
+from tests.unit.test_audit_domain import POLICY, bundle_event, flow
+
+pytestmark = pytest.mark.integration
+
+
+def _at(envs: list[EventEnvelope], when: datetime) -> list[EventEnvelope]:
+    """The events as if they had happened at ``when`` (a microsecond apart, in order)."""
+    return [
+        e.model_copy(update={"occurred_at": when + timedelta(microseconds=i)})
+        for i, e in enumerate(envs)
+    ]
+
+
+def _completed(tenant: str, run: str, agent: str) -> list[EventEnvelope]:
+    def env(event: Any) -> EventEnvelope:
+        return envelope_for(
+            event,
+            tenant_id=tenant,
+            stream_id=stream_id_for(tenant, "run", run),
+            correlation_id=f"corr-{run}",
+            actor="test",
+        )
+
+    return [
+        env(RunStarted(run_id=run, agent_id=agent)),
+        env(RunCompleted(run_id=run, status="completed")),
+    ]
+
+
+def _table(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    return [dict(zip(answer["columns"], row, strict=True)) for row in answer["rows"]]
+
+
+async def test_each_analytics_view_answers_the_tenants_own_figures_in_its_window(
+    audit: Audit, unique: Any
+) -> None:
+    tenant, other = unique("acme"), unique("globex")
+    run, old_run, done = unique("run"), unique("old"), unique("done")
+    now = datetime.now(UTC)
+    today = now.date().isoformat()
+    incident = f"{run}-i1"
+    resolved = envelope_for(
+        IncidentResolved(incident_id=incident, by="user:alice", resolution="raised the cap"),
+        tenant_id=tenant,
+        stream_id=stream_id_for(tenant, "incident", incident),
+        correlation_id="c",
+        actor="user:alice",
+    )
+    envs = [
+        bundle_event(),
+        *flow(tenant, run),
+        resolved,
+        *_completed(tenant, done, "agent-2"),
+        # Forty days ago: outside a 30-day window, inside a 60-day one.
+        *_at(flow(tenant, old_run), now - timedelta(days=40)),
+        *flow(other, run, agent="agent-x"),
+    ]
+    await audit.projected(await audit.append(envs))
+
+    async def view(name: str, **params: Any) -> list[dict[str, Any]]:
+        answer = await audit.call("analytics", tenant, view=name, **params)
+        assert answer["view"] == name and answer["truncated"] is False
+        return _table(answer)
+
+    assert await view("cost_by_model_day") == [
+        {"day": today, "model": "gpt-4o", "cost_usd": "0.0007500000", "tokens": 150},
+        {"day": today, "model": "in-house-model", "cost_usd": None, "tokens": 280},
+    ]
+    assert len(await view("cost_by_model_day", days=60)) == 4
+    assert await view("cost_by_agent_day") == [
+        {"day": today, "agent_id": "agent-1", "cost_usd": "0.0007500000", "tokens": 430}
+    ]
+    (denials,) = await view("denials_by_policy")
+    assert denials["policy_id"] == POLICY and denials["denials"] == 1
+    assert denials["last_at"].startswith(today)
+    assert (await view("denials_by_policy", days=60))[0]["denials"] == 2
+    assert await view("incidents_by_day") == [
+        {"day": today, "severity": "high", "opened": 1, "resolved": 1}
+    ]
+    assert await view("decisions_by_day") == [
+        {"day": today, "outcome": "allow", "decisions": 2},
+        {"day": today, "outcome": "deny", "decisions": 1},
+    ]
+    productivity = {r["agent_id"]: r for r in await view("productivity")}
+    assert productivity["agent-1"] == {
+        "agent_id": "agent-1",
+        "runs": 1,
+        "completed": 0,
+        "stopped": 1,
+        "failed": 0,
+        "mean_duration_s": productivity["agent-1"]["mean_duration_s"],
+        "tokens": 430,
+        "cost_usd": "0.0007500000",
+    }
+    assert productivity["agent-1"]["mean_duration_s"] >= 0
+    assert productivity["agent-2"]["runs"] == productivity["agent-2"]["completed"] == 1
+    assert productivity["agent-2"]["cost_usd"] is None
+    assert (await view("productivity", days=60))[0] == {
+        **productivity["agent-1"],
+        "runs": 2,
+        "stopped": 2,
+        "tokens": 860,
+        "cost_usd": "0.0015000000",
+        "mean_duration_s": (await view("productivity", days=60))[0]["mean_duration_s"],
+    }
+
+    # The other tenant's agent never shows.
+    for name in ANALYTICS_VIEWS:
+        answer = await audit.call("analytics", tenant, view=name, days=366)
+        assert "agent-x" not in str(answer["rows"])
+
+    with pytest.raises(NotFound, match="cost_by_model_day, cost_by_agent_day"):
+        await audit.call("analytics", tenant, view="nope")
+    for days in (0, 367, "7"):
+        with pytest.raises(InvalidInput, match="between 1 and 366"):
+            await audit.call("analytics", tenant, view="productivity", days=days)
+
+
+async def test_statements_sum_each_month_and_charge_back_by_agent_and_model(
+    audit: Audit, unique: Any
+) -> None:
+    tenant, other = unique("acme"), unique("globex")
+    jan = datetime(2026, 1, 31, 23, 59, tzinfo=UTC)
+    feb = datetime(2026, 2, 1, 0, 0, tzinfo=UTC)
+    envs = [
+        bundle_event(),
+        *_at(flow(tenant, unique("a")), jan),
+        *_at(flow(tenant, unique("b"), agent="agent-2"), jan),
+        *_at(flow(tenant, unique("c")), feb),
+        *_at(flow(other, unique("d")), jan),
+    ]
+    await audit.projected(await audit.append(envs))
+
+    listing = await audit.call("statements", tenant)
+    assert listing["statements"] == [
+        {"period": "2026-02", "runs": 1, "tokens": 430, "cost_usd": "0.0007500000",
+         "unpriced_calls": 1},
+        {"period": "2026-01", "runs": 2, "tokens": 860, "cost_usd": "0.0015000000",
+         "unpriced_calls": 2},
+    ]  # fmt: skip
+
+    january = await audit.call("statement", tenant, period="2026-01")
+    assert january["period"] == "2026-01"
+    assert (january["runs"], january["tokens"], january["total_usd"]) == (
+        2,
+        860,
+        "0.0015000000",
+    )
+    assert january["unpriced_calls"] == 2 and january["truncated"] is False
+    assert [(x["agent_id"], x["model"], x["runs"], x["tokens"], x["cost_usd"])
+            for x in january["lines"]] == [
+        ("agent-1", "gpt-4o", 1, 150, "0.0007500000"),
+        ("agent-1", "in-house-model", 1, 280, None),
+        ("agent-2", "gpt-4o", 1, 150, "0.0007500000"),
+        ("agent-2", "in-house-model", 1, 280, None),
+    ]  # fmt: skip
+    empty = await audit.call("statement", tenant, period="2025-12")
+    assert (empty["lines"], empty["total_usd"], empty["runs"]) == ([], None, 0)
+    for bad in ("2026-13", "2026-1", "january"):
+        with pytest.raises(InvalidInput, match="YYYY-MM"):
+            await audit.call("statement", tenant, period=bad)
