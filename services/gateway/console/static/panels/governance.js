@@ -209,7 +209,7 @@ export async function budgetBurn(ctx) {
   return chart({ title: "Budget burn (% of cap)", labels, type: "bar", stacked: true, unit: "",
     series: [{ label: "spent %", data: list.map((b) => pct(b.spent_usd, b)) }, { label: "reserved %", data: list.map((b) => pct(b.reserved_usd, b)) }],
     summary: list.map((b) => `${b.scope} ${b.subject}: ${pct(b.spent_usd, b)}% spent of ${fmt.usd(b.cap_usd)}`).join("; "),
-    emptyText: "No budget is set (PUT /v1/budgets sets one); nothing burns." });
+    emptyText: list.length ? `No spend against the ${list.length} budget(s) yet.` : "No budget is set (PUT /v1/budgets sets one); nothing burns." });
 }
 
 export const POLICIES = [

@@ -85,7 +85,7 @@ export function details(pairs) {
 
 /** A row of action links and buttons. */
 export function actions(...items) {
-  return h("div", { class: "actions" }, items);
+  return h("div", { class: "actions" }, items.flat());
 }
 
 /** A section with a heading. */
@@ -263,6 +263,7 @@ export function dataTable(ctx, { caption, columns, filters = [], paging = "clien
 
   async function fetchPage() {
     status.textContent = `Loading ${caption}…`;
+    root.setAttribute("aria-busy", "true");
     try {
       if (paging === "client") {
         if (!state.all) state.all = (await load({ filters: state.filters })).rows;
@@ -280,6 +281,8 @@ export function dataTable(ctx, { caption, columns, filters = [], paging = "clien
     } catch (e) {
       body.replaceChildren(failure(e));
       status.textContent = "";
+    } finally {
+      root.removeAttribute("aria-busy");
     }
   }
 
@@ -308,11 +311,14 @@ export function chart({ title, type = "bar", labels, series, summary, emptyText,
   const fig = h("figure", { class: "chart-figure", "data-chart": title }, h("figcaption", {}, title), h("div", { class: "chart" }, canvas), table);
   const draw = () => {
     if (typeof Chart === "undefined") { fig.append(empty("The chart library did not load; the figures are in the table.")); return; }
+    const round = type === "doughnut" || type === "pie";
     new Chart(canvas, {
       type,
-      data: { labels, datasets: series.map((s, i) => ({ label: s.label, data: s.data, backgroundColor: PALETTE[i % PALETTE.length], borderColor: PALETTE[i % PALETTE.length] })) },
+      data: { labels, datasets: series.map((s, i) => round
+        ? { label: s.label, data: s.data, backgroundColor: labels.map((_, j) => PALETTE[j % PALETTE.length]) }
+        : { label: s.label, data: s.data, backgroundColor: PALETTE[i % PALETTE.length], borderColor: PALETTE[i % PALETTE.length] }) },
       options: { responsive: true, maintainAspectRatio: false, animation: false,
-        scales: type === "doughnut" || type === "pie" ? {} : { x: { stacked }, y: { stacked, beginAtZero: true } } },
+        scales: round ? {} : { x: { stacked }, y: { stacked, beginAtZero: true } } },
     });
   };
   queueMicrotask(draw);
