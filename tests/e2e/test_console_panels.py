@@ -57,6 +57,15 @@ async def demo_ids(base: str, key: str) -> dict[str, str]:
     }
 
 
+async def signed_in(whole_system: RunningSystem, page: Any) -> tuple[str, dict[str, str]]:
+    """Sign in to the demo's tenant with an API key; the gateway's URL and the demo's ids."""
+    base = whole_system.gateway_url
+    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
+    ids = await demo_ids(base, key)
+    await sign_in_with_key(page, base, key)
+    return base, ids
+
+
 async def goto(page: Any, base: str, route: str) -> None:
     await page.goto(f"{base}/{route}")
     await settled(page)
@@ -65,10 +74,7 @@ async def goto(page: Any, base: str, route: str) -> None:
 async def test_every_panel_renders_at_every_level_with_no_accessibility_violation(
     whole_system: RunningSystem, demo_run: DemoRun, page: Any
 ) -> None:
-    base = whole_system.gateway_url
-    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
-    ids = await demo_ids(base, key)
-    await sign_in_with_key(page, base, key)
+    base, ids = await signed_in(whole_system, page)
     panels = await page.evaluate(
         "async () => (await import('/console/panels/index.js')).PANELS"
         ".map((p) => [p.id, Object.keys(p.levels).sort()])"
@@ -94,10 +100,7 @@ async def test_every_panel_renders_at_every_level_with_no_accessibility_violatio
 async def test_a_runs_details_show_where_it_stopped_and_its_trace_marks_the_inflection(
     whole_system: RunningSystem, demo_run: DemoRun, page: Any
 ) -> None:
-    base = whole_system.gateway_url
-    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
-    ids = await demo_ids(base, key)
-    await sign_in_with_key(page, base, key)
+    base, ids = await signed_in(whole_system, page)
     await goto(page, base, f"#/panel/ACT-LLM-COMP/O3?run_id={ids['run_id']}")
     text = await page.locator("main").inner_text()
     assert "stopped_by_policy" in text and ids["policy_id"] in text
@@ -117,10 +120,7 @@ async def test_a_runs_details_show_where_it_stopped_and_its_trace_marks_the_infl
 async def test_cross_links_lead_to_the_entity_they_name(
     whole_system: RunningSystem, demo_run: DemoRun, page: Any
 ) -> None:
-    base = whole_system.gateway_url
-    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
-    ids = await demo_ids(base, key)
-    await sign_in_with_key(page, base, key)
+    base, ids = await signed_in(whole_system, page)
     starts = {
         "run": f"#/panel/ACT-LLM-COMP/O3?run_id={ids['run_id']}",
         "incident": f"#/panel/INC-EV-ACT/O3?incident_id={ids['incident_id']}",
@@ -166,9 +166,7 @@ async def test_cross_links_lead_to_the_entity_they_name(
 async def test_the_navigation_and_a_tables_sorting_work_from_the_keyboard(
     whole_system: RunningSystem, demo_run: DemoRun, page: Any
 ) -> None:
-    base = whole_system.gateway_url
-    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
-    await sign_in_with_key(page, base, key)
+    base, _ = await signed_in(whole_system, page)
     await goto(page, base, "#/panel/ACT-LLM-COMP/O2")
     focused = "() => document.activeElement"
     reached_nav = reached_sort = False
