@@ -35,6 +35,7 @@ VIEW_LINKS = {
     "agent": r"#/view/agent/[^/?]+$",
     "execution": r"#/view/execution/[^/?]+$",
     "workflow": r"#/panel/LOG-REC-AUD/O2\?workflow_id=.+$",
+    "approvals": r"#/view/approvals\?execution_id=.+$",
 }
 
 
@@ -115,6 +116,34 @@ async def test_a_runs_details_show_where_it_stopped_and_its_trace_marks_the_infl
         await page.get_by_role("button", name="Full export (NDJSON, with proof)").click()
     first = (await (await download.value).path()).read_text().splitlines()[0]
     assert '"kind":"header"' in first.replace(" ", "")
+
+
+async def test_charts_have_a_text_alternative_and_an_empty_state(
+    whole_system: RunningSystem, demo_run: DemoRun, page: Any
+) -> None:
+    base, _ = await signed_in(whole_system, page)
+    await goto(page, base, "#/panel/ANL-INS-COST/O1")
+    figures = page.locator("main figure.chart-figure")
+    assert await figures.count() == 4  # by model, by agent, by day, budget burn
+    drawn = page.locator("main figure[data-chart]")
+    titles = await drawn.evaluate_all("(fs) => fs.map((f) => f.dataset.chart)")
+    assert {"Cost by model", "Cost by agent", "Cost by day"} <= set(titles)
+    for i in range(await drawn.count()):
+        figure = drawn.nth(i)
+        label = await figure.locator("canvas").get_attribute("aria-label")
+        assert label and "$" in label
+        assert await figure.locator("table.visually-hidden tbody tr").count() >= 1
+    # The demo's agents appear in the summary of the chart by agent.
+    by_agent = page.locator("main figure[data-chart='Cost by agent'] canvas")
+    assert "code-review-agent" in (await by_agent.get_attribute("aria-label") or "")
+    # A chart with nothing to draw says so instead (a fresh tenant has no cost).
+    fresh = f"console-empty-{secrets.token_hex(4)}"
+    key = await asyncio.to_thread(whole_system.key_for, fresh)
+    await page.locator("#logout").click()
+    await sign_in_with_key(page, base, key)
+    await goto(page, base, "#/panel/ANL-INS-COST/O1")
+    assert await page.locator("main figure[data-chart]").count() == 0
+    assert await page.locator("main figure.chart-figure .empty").count() == 4
 
 
 async def test_cross_links_lead_to_the_entity_they_name(

@@ -192,7 +192,8 @@ async function policyTimeline(el, ctx) {
 const BUDGET_COLUMNS = [
   { key: "budget_id", label: "Budget" }, { key: "scope", label: "Scope" },
   { key: "subject", label: "Subject", render: (b) => (b.scope === "agent" ? link("agent", b.subject) : b.scope === "execution" ? link("execution", b.subject) : fmt.text(b.subject)) },
-  { key: "window", label: "Window" }, { key: "window_key", label: "Period" },
+  { key: "window", label: "Window" },
+  { key: "window_key", label: "Period or execution", render: (b) => (b.window === "execution" && b.window_key ? link("execution", b.window_key) : fmt.text(b.window_key)) },
   { key: "cap_usd", label: "Cap", render: (b) => fmt.usd(b.cap_usd) },
   { key: "spent_usd", label: "Spent", render: (b) => fmt.usd(b.spent_usd) },
   { key: "reserved_usd", label: "Reserved", render: (b) => fmt.usd(b.reserved_usd) },
@@ -200,16 +201,30 @@ const BUDGET_COLUMNS = [
   { key: "alerted_pct", label: "Alerted at %" },
 ];
 
-/** The budget burn chart: spent and reserved against each cap (GET /v1/budgets). */
+/**
+ * The tenant's budgets (GET /v1/budgets); a budget per execution is listed once per recent
+ * execution too (GET /v1/budgets?execution_id=E for the newest ten), with what that one spent.
+ */
+async function budgetsWithExecutions(ctx, query = {}) {
+  const res = await ctx.api("/v1/budgets", { query });
+  if (!res.budgets.some((b) => b.window === "execution")) return res;
+  const recent = await optional(ctx, "/v1/executions", { query: { limit: 10 } });
+  const per = await Promise.all((recent?.executions || []).map((e) => ctx.api("/v1/budgets", { query: { ...query, execution_id: e.execution_id } })));
+  const seen = new Set();
+  const runs = per.flatMap((p) => p.budgets).filter((b) => b.window_key && !seen.has(`${b.budget_id}/${b.window_key}`) && seen.add(`${b.budget_id}/${b.window_key}`));
+  return { ...res, budgets: [...res.budgets, ...runs] };
+}
+
+/** The budget burn chart: spent and reserved against each cap. */
 export async function budgetBurn(ctx) {
-  const res = await ctx.api("/v1/budgets");
-  const list = res.budgets;
-  const labels = list.map((b) => `${b.scope}:${b.subject} (${b.window})`);
+  const res = await budgetsWithExecutions(ctx);
+  const list = res.budgets.filter((b) => b.spent_usd !== null && b.spent_usd !== undefined);
+  const labels = list.map((b) => `${b.scope}:${b.subject} (${b.window_key ? `${b.window} ${String(b.window_key).slice(0, 8)}` : b.window})`);
   const pct = (v, b) => (Number(b.cap_usd) ? Math.round((Number(v || 0) / Number(b.cap_usd)) * 1000) / 10 : 0);
   return chart({ title: "Budget burn (% of cap)", labels, type: "bar", stacked: true, unit: "",
     series: [{ label: "spent %", data: list.map((b) => pct(b.spent_usd, b)) }, { label: "reserved %", data: list.map((b) => pct(b.reserved_usd, b)) }],
     summary: list.map((b) => `${b.scope} ${b.subject}: ${pct(b.spent_usd, b)}% spent of ${fmt.usd(b.cap_usd)}`).join("; "),
-    emptyText: list.length ? `No spend against the ${list.length} budget(s) yet.` : "No budget is set (PUT /v1/budgets sets one); nothing burns." });
+    emptyText: res.budgets.length ? `No spend against the ${res.budgets.length} budget(s) yet.` : "No budget is set (PUT /v1/budgets sets one); nothing burns." });
 }
 
 export const POLICIES = [
@@ -292,7 +307,7 @@ export const POLICIES = [
       O2: async (el, ctx) => {
         put(el, dataTable(ctx, { caption: "budgets", columns: BUDGET_COLUMNS, paging: "client",
           filters: [{ name: "scope", label: "Scope", options: ["", "tenant", "agent", "workflow", "execution"] }],
-          load: async ({ filters }) => ({ rows: (await ctx.api("/v1/budgets", { query: filters })).budgets }),
+          load: async ({ filters }) => ({ rows: (await budgetsWithExecutions(ctx, filters)).budgets }),
           emptyText: "No budget is set." }));
       },
       O3: async (el, ctx) => {

@@ -123,7 +123,10 @@ export const AUDIT_COLUMNS = [
   { key: "run_id", label: "Run", render: (e) => link("run", e.run_id) },
   { key: "policy_ids", label: "Policies", value: (e) => (e.policy_ids || []).join(","), render: (e) => (e.policy_ids || []).length ? (e.policy_ids || []).flatMap((p, i) => [i ? ", " : "", link("policy", p)]) : "—" },
   { key: "incident_id", label: "Incident", render: (e) => link("incident", e.incident_id) },
-  { key: "execution_id", label: "Execution", render: (e) => link("execution", e.execution_id) },
+  { key: "execution_id", label: "Execution", render: (e) => (e.execution_id ? h("span", {}, link("execution", e.execution_id),
+    e.workflow_id ? [" of ", link("workflow", e.workflow_id)] : null,
+    String(e.event_type).startsWith("execution.approval") || String(e.event_type).startsWith("execution.step_approved")
+      ? [" · ", h("a", { href: href.approvals(e.execution_id), "data-link": "approvals", "data-id": e.execution_id }, "approvals")] : null) : "—") },
   { key: "agent_id", label: "Agent", render: (e) => link("agent", e.agent_id) },
   { key: "actor", label: "Actor" },
   { key: "excerpt", label: "Excerpt", sort: false, render: (e) => (e.excerpt ? h("span", { class: "excerpt" }, String(e.excerpt).slice(0, 160)) : "—") },
