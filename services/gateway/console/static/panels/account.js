@@ -65,6 +65,7 @@ export const CONNECTIVITY = [
 function keysTable(ctx, keys, withRevoke = false) {
   const columns = [
     { key: "key_id", label: "Key" }, { key: "name", label: "Name" },
+    { key: "scopes", label: "Scopes", value: (k) => (k.scopes || []).join(","), render: (k) => (k.scopes || []).join(", ") || "—" },
     { key: "created_at", label: "Created", render: (k) => fmt.time(k.created_at) },
     { key: "revoked_at", label: "Revoked", render: (k) => (k.revoked_at ? fmt.time(k.revoked_at) : h("span", { class: "ok" }, "active")) },
   ];
@@ -118,14 +119,15 @@ export const ACCOUNT = [
         const res = await optional(ctx, "/v1/statements");
         if (!res) { put(el, missing("Usage statements", "GET /v1/statements")); return; }
         const last = res.statements[0];
-        put(el, cards([{ label: "statements", value: res.statements.length }, { label: "latest period", value: last ? last.period : "—" }, { label: "latest total", value: last ? fmt.usd(last.cost_usd) : "—" }]));
+        put(el, cards([{ label: "statements", value: res.statements.length }, { label: "latest period", value: last ? last.period : "—" }, { label: "latest total (priced calls)", value: last ? fmt.usd(last.cost_usd) : "—" }]));
       },
       O2: async (el, ctx) => {
         const res = await optional(ctx, "/v1/statements");
         if (!res) { put(el, missing("Usage statements", "GET /v1/statements")); return; }
         put(el, dataTable(ctx, { caption: "usage statements", paging: "client",
           columns: [{ key: "period", label: "Period", render: (s) => h("a", { href: ctx.panelHref("ACC-BIL-INV", "O3", { period: s.period }) }, s.period) },
-            { key: "runs", label: "Runs" }, { key: "tokens", label: "Tokens", render: (s) => fmt.num(s.tokens) }, { key: "cost_usd", label: "Cost", render: (s) => fmt.usd(s.cost_usd) }],
+            { key: "runs", label: "Runs" }, { key: "tokens", label: "Tokens", render: (s) => fmt.num(s.tokens) }, { key: "cost_usd", label: "Cost", render: (s) => fmt.usd(s.cost_usd) },
+            { key: "unpriced_calls", label: "Unpriced calls" }],
           load: async () => ({ rows: res.statements }), emptyText: "No usage yet, so no statement." }));
       },
       O3: async (el, ctx) => {
