@@ -192,6 +192,9 @@ def format_table(state: Mapping[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(col.ljust(widths[i]) for i, col in enumerate(r)).rstrip() for r in rows]
     lines.append("")
+    gateway = next((c for c in state.get("children", []) if c["name"] == "gateway"), None)
+    if gateway and gateway.get("url"):
+        lines.append(f"Console   {gateway['url']}/  (sign in with a user or an API key)")
     lines.append(f"NATS      {state.get('nats_url')}")
     lines.append(f"Postgres  {state.get('database_url')}")
     lines.append(f"Data dir  {state.get('data_dir')}")

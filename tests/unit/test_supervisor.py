@@ -97,6 +97,7 @@ def test_format_table_lists_processes_but_not_servers() -> None:
     assert lines[2].split() == ["gateway", "12", "http://127.0.0.1:3"]
     assert "NATS      nats://127.0.0.1:1" in lines
     assert "Data dir  /data" in lines
+    assert "Console   http://127.0.0.1:3/  (sign in with a user or an API key)" in lines
     assert not any(line.startswith("nats ") for line in lines)
 
 

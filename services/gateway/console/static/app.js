@@ -289,8 +289,11 @@ async function route() {
       const body = h("div", { class: "panel-body", "data-panel": panel.id, "data-level": level });
       main.replaceChildren(h("h1", {}, `${panel.domain} · ${panel.topic}`), levels, body);
       const render = panel.levels[level];
-      if (!render) body.append(empty(`${panel.topic} has no ${LEVEL_NAMES[level]} level.`));
-      else await render(body, page);
+      body.setAttribute("aria-busy", "true");
+      try {
+        if (!render) body.append(empty(`${panel.topic} has no ${LEVEL_NAMES[level]} level.`));
+        else await render(body, page);
+      } finally { body.removeAttribute("aria-busy"); }
     }
   } catch (e) {
     main.append(failure(e));

@@ -1,15 +1,11 @@
 // The panels of seed 000, in its order. Each: {id, domain, topic, defaultLevel, levels: {O1..O5:
-// async (el, ctx) => void}}. A level a panel does not have is left out of `levels`.
+// async (el, ctx) => void}}. A level a panel does not have is left out of `levels`. The panels
+// live in one module per pair of domains; lib.js holds the table, cards, charts and links they share.
+import { OVERVIEW, ACTIVITY } from "./activity.js";
+import { INCIDENTS, POLICIES } from "./governance.js";
+import { LOGS, ANALYTICS } from "./records.js";
+import { CONNECTIVITY, ACCOUNT } from "./account.js";
+
 export const DOMAINS = ["Overview", "Activity", "Incidents", "Policies", "Logs", "Analytics", "Connectivity", "Account"];
 
-export const PANELS = [
-  {
-    id: "OVR-SUM-HIGH", domain: "Overview", topic: "Highlights", defaultLevel: "O1",
-    levels: {
-      O1: async (el, { api, h }) => {
-        const runs = await api("/v1/runs", { query: { limit: 50 } });
-        el.append(h("p", {}, `Runs: ${(runs.runs || []).length}`));
-      },
-    },
-  },
-];
+export const PANELS = [...OVERVIEW, ...ACTIVITY, ...INCIDENTS, ...POLICIES, ...LOGS, ...ANALYTICS, ...CONNECTIVITY, ...ACCOUNT];
