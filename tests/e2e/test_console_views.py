@@ -129,6 +129,8 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
         incident_link = page.locator("section[data-step='write'] a[data-incident]")
         await incident_link.wait_for(timeout=60_000)
         incident = await incident_link.get_attribute("data-incident")
+        chosen = "section[data-step='write'] li[data-attempt='1'][data-chosen='true']"
+        await page.locator(f"{chosen} [data-state='stopped_by_policy']").wait_for()
         assert await page.evaluate("() => window.notReloaded === true")
         edges = page.locator("svg.dag path[data-edge='prepare->write'][data-executed='true']")
         assert await edges.count() == 1
@@ -257,7 +259,12 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
         await page.get_by_role("button", name="Debriefs (Markdown)").click()
     assert (await info.value).suggested_filename.endswith(".md")
     await page.get_by_role("button", name="Generate attestation").click()
-    await page.locator("tr[data-attestation]").wait_for(timeout=60_000)
+    attestation = page.locator("tr[data-attestation]")
+    await attestation.wait_for(timeout=60_000)
+    async with page.expect_download() as info:
+        await attestation.get_by_role("button", name="JSON of soc2").click()
+    signed = json.loads(Path(await (await info.value).path()).read_text(encoding="utf-8"))
+    assert signed["signature"]["tenant_id"] == tenant
     assert await axe(page) == []
     await shot(page, "view-evidence")
     assert page.offsite == []

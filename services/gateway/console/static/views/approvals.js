@@ -1,13 +1,13 @@
 // The approval queue (GET /v1/approvals): approve or reject each waiting step with a reason,
 // its SLA (due time, time left, escalated) and a link to its execution.
-import { links, seconds, when } from "./flow-common.js";
+import { add, links, seconds, when } from "./flow-common.js";
 
 export async function renderApprovals(el, ctx) {
   const { api, h, empty, failure, toast, onLeave, query } = ctx;
   const only = query.execution_id || null;
   const results = h("div", {});
   const refreshButton = h("button", { type: "button", onclick: () => load() }, "Refresh the queue");
-  el.append(
+  add(el,
     only ? h("p", {}, `Steps of execution ${only} · `, h("a", { href: links.execution(only) }, "open the execution"), " · ",
       h("a", { href: links.approvals() }, "show every waiting step")) : null,
     h("div", { class: "pager" }, refreshButton), results);

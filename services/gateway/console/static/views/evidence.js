@@ -46,7 +46,7 @@ export async function renderEvidence(el, ctx) {
           const b = h("button", { type: "button", onclick: () => fetchFile(b, `/v1/attestations/${a.attestation_id}`, `attestation-${a.attestation_id}.${fmt}`, { format: fmt }) },
             `${fmt.toUpperCase()} of ${a.standard} ${a.period_from.slice(0, 10)}`);
           return [b, " "];
-        })))))));
+        }).flat()))))));
   };
   const generate = h("button", { type: "button", class: "primary", onclick: async () => {
     let p;

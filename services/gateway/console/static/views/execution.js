@@ -1,10 +1,11 @@
 // One workflow execution (#/view/execution/E): its DAG drawn as SVG with the executed path and
 // the critical path marked, each step's state, cost, duration, turns, attempts (the chosen one
 // marked) and admission checks, updated live from GET /v1/executions/{id}/events.
-import { badge, field, links, ms, runLinks, svg, tokens, usd, when } from "./flow-common.js";
+import { badge, fill, field, links, ms, runLinks, svg, tokens, usd, when } from "./flow-common.js";
 
 const ENDED = new Set(["completed", "failed", "aborted"]);
-const RUN_ENDED = new Set(["completed", "failed", "stopped_by_policy", "aborted", "timed_out"]);
+const RUN_ENDED = new Set(["completed", "failed", "stopped_by_policy"]);
+const STEP_ENDED = new Set(["completed", "failed", "blocked", "rejected"]);
 const FILL = {
   completed: "#e6f4ea", running: "#fff4d6", failed: "#fde8e7", blocked: "#fde8e7",
   rejected: "#fde8e7", waiting: "#f3f5f7", skipped: "#f3f5f7",
@@ -132,7 +133,7 @@ export async function renderExecution(el, ctx) {
     if (!ex) return;
     const doc = state.workflow?.document || {};
     const defs = new Map((doc.steps || []).map((s) => [s.id, s]));
-    head.replaceChildren(
+    fill(head,
       h("p", { "data-execution-status": ex.status },
         "Workflow ", h("strong", {}, ex.workflow_id), ` version ${ex.workflow_version} · status `, badge(ex.status),
         ` · started ${when(ex.started_at)}`, ex.finished_at ? ` · finished ${when(ex.finished_at)}` : "",
@@ -141,6 +142,7 @@ export async function renderExecution(el, ctx) {
       (ex.steps || []).some((s) => s.approval?.pending)
         ? h("p", {}, h("a", { href: links.approvals(ex.execution_id) }, "Steps of this execution wait for approval")) : null);
     abortForm.hidden = ENDED.has(ex.status);
+    abortForm.style.display = ENDED.has(ex.status) ? "none" : "";
     graph.replaceChildren(drawDag(ex), h("p", { class: "muted" },
       "Solid edges: the executed path; thick blue: the critical path; dashed: not reached."));
     const rows = (ex.steps || []).map((s) => {
@@ -188,7 +190,7 @@ export async function renderExecution(el, ctx) {
       return h("li", { "data-check": d.outcome, class: t.inflection ? "inflection" : null },
         h("span", { class: passed ? "ok" : "deny" }, passed ? "passed" : `failed (${d.outcome})`),
         ` · call ${t.step_index}${t.model ? ` (${t.model})` : ""}`,
-        d.policy_ids?.length ? [" · policies ", ...d.policy_ids.map((p, i) => [i ? ", " : "", h("a", { href: links.policy(p) }, p)])] : "",
+        d.policy_ids?.length ? [" · policies ", ...d.policy_ids.map((p, i) => [i ? ", " : "", h("a", { href: links.policy(p) }, p)])].flat() : "",
         (d.reasons || []).length ? h("ul", {}, d.reasons.map((r) => h("li", {}, `${r.policy_id ? `${r.policy_id}: ` : ""}${r.message || r.reason || JSON.stringify(r)}`))) : null);
     });
     const approval = s.approval;
@@ -218,7 +220,8 @@ export async function renderExecution(el, ctx) {
     // A run stopped by policy opens its incident a moment later, through another service:
     // look again (a few times) until its id shows.
     const waiting = [...state.runs.values()].some((r) => r.status === "stopped_by_policy" && !r.incident_ids.length)
-      || (state.execution.steps || []).some((s) => s.run_id && !state.traces.get(s.run_id));
+      || (state.execution.steps || []).some((s) => s.run_id && (!state.traces.get(s.run_id)
+        || (STEP_ENDED.has(s.state) && !RUN_ENDED.has(state.runs.get(s.run_id)?.status))));
     if (waiting && polls < 40) { polls += 1; schedule(polls < 20 ? 1000 : 3000); }
   };
   const schedule = (delay = 250) => {

@@ -97,3 +97,12 @@ export function dayStart(value) {
 export function isoDay(d) {
   return d.toISOString().slice(0, 10);
 }
+
+/** Children without the null, undefined and false that conditional parts leave, flattened. */
+function kids(list) {
+  return list.flat(Infinity).filter((k) => k !== null && k !== undefined && k !== false);
+}
+/** el.replaceChildren, skipping empty conditional parts. */
+export function fill(el, ...children) { el.replaceChildren(...kids(children)); }
+/** el.append, skipping empty conditional parts. */
+export function add(el, ...children) { el.append(...kids(children)); }

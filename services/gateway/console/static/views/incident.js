@@ -1,6 +1,6 @@
 // One incident (#/view/incident/I): what happened, its timeline, acknowledge and resolve, the
 // links to its run, policy, trace, cost and replay, and its debrief as a file.
-import { badge, links, tokens, when } from "./flow-common.js";
+import { badge, fill, links, tokens, when } from "./flow-common.js";
 
 const DEBRIEFS = [["md", "Markdown"], ["html", "HTML"], ["pdf", "PDF"], ["json", "JSON"]];
 
@@ -35,7 +35,7 @@ export async function renderIncident(el, ctx) {
       catch (e) { toast(`${e.code || "error"}: ${e.message}`, "error"); }
     } }, h("label", { for: "resolution" }, "Resolution (what was done)"), h("div", {}, note), h("button", { type: "submit" }, "Resolve"));
 
-    body.replaceChildren(
+    fill(body,
       h("h2", {}, inc.title),
       h("p", { "data-status": inc.status }, "Status ", badge(inc.status), " · severity ", badge(inc.severity),
         ` · policy ${inc.policy_id} · call ${inc.step_index} · opened ${when(inc.opened_at)}`),

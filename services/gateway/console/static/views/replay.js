@@ -1,7 +1,7 @@
 // A run's replay (#/view/replay/R): a scrubber over the run's events (stream versions), each
 // point the run folded from the event store up to it (GET /v1/runs/{id}/replay?at_version=N),
 // with the inflection point (the stopping step) marked, and the trace's calls beside it.
-import { badge, links, tokens, usd, when } from "./flow-common.js";
+import { add, badge, links, tokens, usd, when } from "./flow-common.js";
 
 export async function renderReplay(el, ctx) {
   const { api, h, empty, failure, id } = ctx;
@@ -45,7 +45,7 @@ export async function renderReplay(el, ctx) {
   }
 
   const incidents = run.incident_ids || [];
-  el.append(
+  add(el,
     h("p", {}, `Run ${run.run_id} of agent ${run.agent_id} · `, badge(run.status),
       ` · ${tokens(run.tokens_used)} tokens · ${usd(run.cost_usd)} · started ${when(run.started_at)}`),
     h("p", { class: "links" },
@@ -69,7 +69,7 @@ export async function renderReplay(el, ctx) {
   const jump = stopVersion ? h("button", { type: "button", onclick: () => { slider.value = stopVersion; show(); slider.focus(); } }, "Go to the inflection point") : null;
   const marker = stopVersion ? h("div", { "aria-hidden": "true", style: "position:relative;height:14px;max-width:640px" },
     h("span", { class: "deny", style: `position:absolute;left:calc(${((stopVersion - 1) / Math.max(1, total - 1)) * 100}% - 4px)` }, "▲ stop")) : null;
-  el.append(
+  add(el,
     h("h2", {}, "Timeline"),
     h("label", { for: "replay-scrubber" }, `Event of the run (1 to ${total})`),
     h("div", {}, slider), marker,
