@@ -209,12 +209,16 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
     key = http.headers["Authorization"].removeprefix("Bearer ")
     await asyncio.to_thread(_person, whole_system, tenant, admin, "admin")
     with _serving(whole_system, key, threading.Event()):
-        started = await asyncio.to_thread(http.post, "/v1/workflows/release/executions", json={})
-        execution = started.json()["execution_id"]
+        execution, other = [
+            (
+                await asyncio.to_thread(http.post, "/v1/workflows/release/executions", json={})
+            ).json()["execution_id"]
+            for _ in range(2)
+        ]
 
         def waiting() -> bool:
-            queue = http.get("/v1/approvals").json()["approvals"]
-            return any(a["execution_id"] == execution for a in queue)
+            queue = {a["execution_id"] for a in http.get("/v1/approvals").json()["approvals"]}
+            return {execution, other} <= queue
 
         await asyncio.to_thread(wait_for, waiting, 60, "ship waiting for approval", 0.5)
 
@@ -244,6 +248,17 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
             return bool(http.get(f"/v1/executions/{execution}").json()["status"] == "completed")
 
         await asyncio.to_thread(wait_for, completed, 60, "the approved execution completed", 0.5)
+
+        # The other execution is aborted from its flow view, with a reason.
+        await _show(page, f"#/view/execution/{other}")
+        await page.locator("tr[data-step='ship'] [data-state='waiting']").wait_for()
+        await page.get_by_label("Reason to abort").fill("superseded by the approved release")
+        await page.get_by_role("button", name="Abort execution").click()
+        await page.locator("[data-execution-status='aborted']").wait_for()
+        assert await page.get_by_role("button", name="Abort execution").is_hidden()
+        aborted = (await asyncio.to_thread(http.get, f"/v1/executions/{other}")).json()
+        assert aborted["status"] == "aborted"
+        assert "superseded by the approved release" in aborted["reason"]
     shown = (await asyncio.to_thread(http.get, f"/v1/executions/{execution}")).json()
     ship = next(s for s in shown["steps"] if s["step_id"] == "ship")
     assert ship["approval"]["approvers"] == [f"user:{admin}"]
