@@ -138,9 +138,16 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
         await shot(page, "view-execution")
 
     await _show(page, "#/view/executions")
-    await page.locator(f"tr[data-execution='{execution}'] [data-state='failed']").wait_for()
+    listed = page.locator(f"tr[data-execution='{execution}'] [data-state='failed']")
+    await listed.wait_for()
     assert await axe(page) == []
     await shot(page, "view-executions")
+    await page.get_by_label("Status").select_option("completed")
+    await page.get_by_role("button", name="Filter").click()
+    await page.get_by_text("No execution matches.", exact=False).wait_for()
+    await page.get_by_label("Status").select_option("failed")
+    await page.get_by_role("button", name="Filter").click()
+    await listed.wait_for()
 
     # Scrub the replay of the stopped attempt to its inflection point, by keyboard.
     await _show(page, f"#/view/replay/{run_id}")
