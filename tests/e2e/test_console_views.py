@@ -30,15 +30,32 @@ from tests.e2e.conftest import RunningSystem, mctl, wait_for
 pytestmark = pytest.mark.e2e
 
 PASSWORD = "a passphrase long enough"
-WORKFLOW = """
-name: {name}
+# A gated release: the last step waits for approval.
+RELEASE = """
+name: release
 steps:
   - id: prepare
     agent: scribe
-  - id: {last}
+  - id: ship
     agent: scribe
     depends_on: [prepare]
-    risk_tier: {tier}
+    risk_tier: irreversible
+"""
+# A fan-out and fan-in: policy stops ``write``, so ``publish`` is never reached.
+NOTES = """
+name: notes
+steps:
+  - id: prepare
+    agent: scribe
+  - id: write
+    agent: scribe
+    depends_on: [prepare]
+  - id: index
+    agent: scribe
+    depends_on: [prepare]
+  - id: publish
+    agent: scribe
+    depends_on: [write, index]
 """
 
 
@@ -71,7 +88,7 @@ def _serving(system: RunningSystem, key: str, gate: threading.Event) -> Iterator
         thread.join(30)
 
 
-def _setup(system: RunningSystem, tenant: str, name: str, last: str, tier: str) -> httpx.Client:
+def _setup(system: RunningSystem, tenant: str, document: str) -> httpx.Client:
     key = system.key_for(tenant)
     http = httpx.Client(
         base_url=system.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
@@ -79,7 +96,7 @@ def _setup(system: RunningSystem, tenant: str, name: str, last: str, tier: str) 
     assert http.post("/v1/agents", json={"agent_id": "scribe"}).status_code == 201
     saved = http.post(
         "/v1/workflows",
-        content=WORKFLOW.format(name=name, last=last, tier=tier),
+        content=document,
         headers={"Content-Type": "application/yaml"},
     )
     assert saved.status_code == 201, saved.text
@@ -95,7 +112,7 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
     whole_system: RunningSystem, page: Any
 ) -> None:
     tenant = f"cviews{_uid()}"
-    http = await asyncio.to_thread(_setup, whole_system, tenant, "notes", "write", "read_only")
+    http = await asyncio.to_thread(_setup, whole_system, tenant, NOTES)
     key = http.headers["Authorization"].removeprefix("Bearer ")
     gate = threading.Event()
     with _serving(whole_system, key, gate):
@@ -132,8 +149,11 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
         chosen = "section[data-step='write'] li[data-attempt='1'][data-chosen='true']"
         await page.locator(f"{chosen} [data-state='stopped_by_policy']").wait_for()
         assert await page.evaluate("() => window.notReloaded === true")
-        edges = page.locator("svg.dag path[data-edge='prepare->write'][data-executed='true']")
-        assert await edges.count() == 1
+        dag = page.locator("svg.dag")
+        assert await dag.locator("path[data-edge='prepare->write'][data-executed='true']").count()
+        assert await dag.locator("path[data-edge='write->publish'][data-executed='false']").count()
+        assert await dag.locator("g[data-step='publish'][data-state='waiting']").count()
+        assert "write: blocked" in (await dag.get_attribute("aria-label") or "")
         assert await axe(page) == []
         await shot(page, "view-execution")
 
@@ -212,7 +232,7 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
 ) -> None:
     uid = _uid()
     tenant, admin = f"cappr{uid}", f"ada-{uid}"
-    http = await asyncio.to_thread(_setup, whole_system, tenant, "release", "ship", "irreversible")
+    http = await asyncio.to_thread(_setup, whole_system, tenant, RELEASE)
     key = http.headers["Authorization"].removeprefix("Bearer ")
     await asyncio.to_thread(_person, whole_system, tenant, admin, "admin")
     with _serving(whole_system, key, threading.Event()):

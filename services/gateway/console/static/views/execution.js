@@ -68,7 +68,7 @@ function drawDag(execution) {
   const summary = steps.map((s) => `${s.step_id}: ${s.state}`).join("; ");
   return svg("svg", { viewBox: `0 0 ${vw} ${vh}`, width: vw, height: vh, role: "img", class: "dag",
     "aria-label": `Workflow graph of ${steps.length} steps. ${summary}. Critical path: ${(execution.critical_path || []).join(" → ") || "none yet"}.` },
-  svg("defs", {}, svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 5, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto-start-reverse" },
+  svg("defs", {}, svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 5, refY: 5, markerWidth: 10, markerHeight: 10, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse" },
     svg("path", { d: "M0,0 L10,5 L0,10 z", fill: "#57606a" }))),
   edges, nodes);
 }
