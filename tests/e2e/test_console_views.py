@@ -64,14 +64,22 @@ def _uid() -> str:
 
 
 @contextmanager
-def _serving(system: RunningSystem, key: str, gate: threading.Event) -> Iterator[Worker]:
-    """A worker for the agent ``scribe``: each step makes one small call; the step ``write``
-    then waits for ``gate`` and asks for a call that takes the run past 10,000 tokens."""
+def _serving(
+    system: RunningSystem, key: str, watched: threading.Event, gate: threading.Event
+) -> Iterator[Worker]:
+    """A worker for the agent ``scribe``: each step makes one small call. The step ``write``
+    reports its call's usage so far once ``watched`` is set, then records the call, waits for
+    ``gate`` and asks for a call that takes the run past 10,000 tokens."""
     worker = Worker(system.gateway_url, key, poll_s=1)
 
     @worker.agent("scribe")
     async def scribe(step: Step) -> Any:
         await step.admit(model="gpt-4o-mini", input_tokens=300, max_output_tokens=100)
+        if step.step_id == "write":
+            await asyncio.to_thread(watched.wait, 120)
+            await step.report_usage(
+                model="gpt-4o-mini", input_tokens=300, output_tokens=40, force=True
+            )
         await step.record(model="gpt-4o-mini", input_tokens=300, output_tokens=90, output="ok")
         if step.step_id == "write":
             await asyncio.to_thread(gate.wait, 120)
@@ -83,6 +91,7 @@ def _serving(system: RunningSystem, key: str, gate: threading.Event) -> Iterator
     try:
         yield worker
     finally:
+        watched.set()
         gate.set()
         worker.stop()
         thread.join(30)
@@ -114,8 +123,8 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
     tenant = f"cviews{_uid()}"
     http = await asyncio.to_thread(_setup, whole_system, tenant, NOTES)
     key = http.headers["Authorization"].removeprefix("Bearer ")
-    gate = threading.Event()
-    with _serving(whole_system, key, gate):
+    watched, gate = threading.Event(), threading.Event()
+    with _serving(whole_system, key, watched, gate):
         started = await asyncio.to_thread(http.post, "/v1/workflows/notes/executions", json={})
         assert started.status_code == 201, started.text
         execution = started.json()["execution_id"]
@@ -127,6 +136,11 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
         await page.locator("[data-connection='open']").wait_for()
         await page.locator("tr[data-step='prepare'] [data-state='completed']").wait_for()
         await page.locator("tr[data-step='write'] [data-state='running']").wait_for()
+        # The call's usage so far shows as it streams.
+        watched.set()
+        live = page.locator("tr[data-step='write'] [data-live]")
+        await live.wait_for()
+        assert "live: 340 tokens" in await live.inner_text()
         await page.locator("section[data-step='write'] [data-check='allow']").wait_for()
         assert await page.locator("[data-execution-status='running']").count() == 1
         gate.set()
@@ -235,7 +249,7 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
     http = await asyncio.to_thread(_setup, whole_system, tenant, RELEASE)
     key = http.headers["Authorization"].removeprefix("Bearer ")
     await asyncio.to_thread(_person, whole_system, tenant, admin, "admin")
-    with _serving(whole_system, key, threading.Event()):
+    with _serving(whole_system, key, threading.Event(), threading.Event()):
         execution, other = [
             (
                 await asyncio.to_thread(http.post, "/v1/workflows/release/executions", json={})

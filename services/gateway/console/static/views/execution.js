@@ -32,6 +32,11 @@ function layout(steps) {
   return { pos, width: columns.length, height: Math.max(1, ...columns.map((c) => c.length)) };
 }
 
+/** The highest call a trace holds a record of (0: none, or no trace yet). */
+function recordedIn(trace) {
+  return Math.max(0, ...(trace?.steps || []).filter((t) => t.status !== "denied").map((t) => t.step_index));
+}
+
 const W = 170, H = 58, GX = 60, GY = 22, PAD = 12;
 
 function drawDag(execution) {
@@ -76,7 +81,7 @@ function drawDag(execution) {
 export async function renderExecution(el, ctx) {
   const { api, sse, h, empty, failure, toast, onLeave, id } = ctx;
   if (!id) { el.append(empty("No execution chosen: open one from the executions list."), h("a", { href: "#/view/executions" }, "Executions")); return; }
-  const state = { execution: null, workflow: null, runs: new Map(), traces: new Map(), live: new Map(), left: false };
+  const state = { execution: null, workflow: null, runs: new Map(), traces: new Map(), recorded: new Map(), live: new Map(), left: false };
   const connection = h("p", { role: "status", class: "muted", "data-connection": "connecting" }, "Live updates: connecting…");
   const head = h("div", {});
   const graph = h("div", { class: "dag-wrap", style: "overflow-x:auto;margin:8px 0" });
@@ -221,7 +226,8 @@ export async function renderExecution(el, ctx) {
     // look again (a few times) until its id shows.
     const waiting = [...state.runs.values()].some((r) => r.status === "stopped_by_policy" && !r.incident_ids.length)
       || (state.execution.steps || []).some((s) => s.run_id && (!state.traces.get(s.run_id)
-        || (STEP_ENDED.has(s.state) && !RUN_ENDED.has(state.runs.get(s.run_id)?.status))));
+        || (STEP_ENDED.has(s.state) && !RUN_ENDED.has(state.runs.get(s.run_id)?.status))))
+      || (state.execution.steps || []).some((s) => s.run_id && recordedIn(state.traces.get(s.run_id)) < (state.recorded.get(s.run_id) || 0));
     if (waiting && polls < 40) { polls += 1; schedule(polls < 20 ? 1000 : 3000); }
   };
   const schedule = (delay = 250) => {
@@ -238,6 +244,11 @@ export async function renderExecution(el, ctx) {
   };
   const stop = sse(`/v1/executions/${encodeURIComponent(id)}/events`, (type, data) => {
     polls = 0;
+    if (type === "run.step_recorded" && data?.payload?.run_id) {
+      // The trace is a projection: it may answer before it holds this call; look until it does.
+      const { run_id: runId, step_index: n } = data.payload;
+      state.recorded.set(runId, Math.max(state.recorded.get(runId) || 0, Number(n) || 0));
+    }
     if (type === "usage") {
       state.live.set(data.step_id, data);
       renderAll();
