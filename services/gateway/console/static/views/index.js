@@ -1,3 +1,17 @@
 // The views: {name: {title, nav (listed in the side navigation), render: async (el, ctx) => void}};
 // ctx.id is the route's id (#/view/<name>/<id>), ctx.query its query.
-export const VIEWS = {};
+import { renderExecutions } from "./executions.js";
+import { renderExecution } from "./execution.js";
+import { renderApprovals } from "./approvals.js";
+import { renderReplay } from "./replay.js";
+import { renderIncident } from "./incident.js";
+import { renderEvidence } from "./evidence.js";
+
+export const VIEWS = {
+  executions: { title: "Workflow executions", nav: true, render: renderExecutions },
+  execution: { title: "Execution flow", nav: false, render: renderExecution },
+  approvals: { title: "Approval queue", nav: true, render: renderApprovals },
+  replay: { title: "Run replay", nav: false, render: renderReplay },
+  incident: { title: "Incident", nav: false, render: renderIncident },
+  evidence: { title: "Evidence exports", nav: true, render: renderEvidence },
+};
