@@ -1,3 +1,7 @@
 // The views: {name: {title, nav (listed in the side navigation), render: async (el, ctx) => void}};
 // ctx.id is the route's id (#/view/<name>/<id>), ctx.query its query.
-export const VIEWS = {};
+import { diff } from "./diff.js";
+
+export const VIEWS = {
+  diff,
+};

