@@ -115,3 +115,97 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     await acknowledge.click()
     await page.locator("ul.acks li", has_text=f"user:{user}").wait_for()
     assert page.offsite == []
+
+
+async def _step(page: Any, number: int) -> None:
+    await page.get_by_role("heading", name=f"Step {number} of 7", exact=False).wait_for()
+
+
+async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_creates(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    base = whole_system.gateway_url
+    tenant, key, user, _ = await _setup(whole_system, "operator")
+    agent_id = f"wizard-{uuid.uuid4().hex[:8]}"
+    await _sign_in(page, base, user, tenant)
+    await page.goto(f"{base}/#/view/agent-new")
+    await _step(page, 1)
+
+    # A locked field: the tenant governs the owner; an operator may not choose it, and is told why.
+    owner = page.get_by_label("Owner: the person or team answerable for it")
+    await page.locator("details.why").first.wait_for()
+    assert await owner.is_disabled() and await owner.input_value() == user
+    await page.get_by_text("Why is this locked?").first.click()
+    why = page.locator("#agent-identity-owner-why")
+    assert "governed by the tenant: only an admin may change it" in await why.inner_text()
+    assert "governed_fields" in await why.inner_text()
+
+    await page.get_by_label("Agent id").fill(agent_id)
+    await page.get_by_label("Name").fill("Ticket triage")
+    await page.get_by_label("Role: what the agent is for").fill("Sorts support tickets")
+    await page.get_by_text(f"Draft of {agent_id} saved (version 1, draft).").wait_for()
+
+    # A warn: no step limit declared (limits are locked too); going on needs acknowledging it.
+    next_ = page.get_by_role("button", name="Next")
+    await next_.click()
+    warn = page.locator("[data-banner='warn']")
+    await warn.wait_for()
+    assert "max_steps" in await warn.inner_text()
+    await next_.click()
+    await warn.wait_for()
+    assert await page.get_by_role("heading", name="Step 1 of 7", exact=False).is_visible()
+    await page.get_by_label("I acknowledge these warnings").check()
+    await next_.click()
+    await _step(page, 2)
+    await page.get_by_label("Model", exact=True).fill("gpt-4o")
+    await next_.click()
+
+    # A deny: two tools that together are forbidden; the step cannot be left until it is fixed.
+    await _step(page, 3)
+    tools = page.get_by_label("Tools, one per line", exact=False)
+    await tools.fill("shell\nhttp_request: calls web APIs")
+    await next_.click()
+    deny = page.locator("[data-banner='deny']")
+    await deny.wait_for()
+    assert "tool_combinations" in await deny.inner_text()
+    assert "shell + http_request" in await deny.inner_text()
+    assert await page.get_by_role("heading", name="Step 3 of 7", exact=False).is_visible()
+    assert await axe(page) == []
+    await shot(page, "view-agent-new")
+    await tools.fill("shell")
+    await next_.click()
+    await _step(page, 4)
+    await next_.click()
+    await _step(page, 5)
+    await next_.click()
+    await _step(page, 6)
+    assert await page.get_by_label("Maximum steps per run").is_disabled()
+    await next_.click()
+    await _step(page, 7)
+    assert "Ticket triage" in await page.get_by_label("The agent spec").inner_text()
+
+    # Create: validated against the sandbox and moved there; the agent's page opens.
+    await page.get_by_role("button", name="Create the agent in the sandbox").click()
+    await page.wait_for_url(f"**/#/view/agent/{agent_id}")
+    await page.get_by_role("heading", name="Per environment").wait_for()
+    assert "sandbox" in await page.locator("dl.kv").inner_text()
+
+    def registered() -> dict[str, Any]:
+        resp = httpx.get(f"{base}/v1/agents/{agent_id}", headers={"X-API-Key": key}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        answer: dict[str, Any] = resp.json()
+        return answer
+
+    created = await asyncio.to_thread(registered)
+    assert created["state"] == "sandbox"
+    assert created["spec"]["identity"]["owner"] == user
+    assert created["spec"]["tools"] == [{"name": "shell"}]
+    assert created["validation"]["passed"] is True
+    assert await axe(page) == []
+    await shot(page, "view-agent")
+
+    await page.goto(f"{base}/#/view/agents")
+    await page.get_by_role("link", name=agent_id).wait_for()
+    assert await axe(page) == []
+    await shot(page, "view-agents")
+    assert page.offsite == []
