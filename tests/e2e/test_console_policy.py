@@ -13,10 +13,12 @@ from typing import Any
 import httpx
 import pytest
 
+from libs import policy_bundles as artifacts
 from tests.e2e.browser import axe, shot
-from tests.e2e.conftest import RunningSystem
+from tests.e2e.conftest import RunningSystem, wait_for
 from tests.e2e.test_policy_bundles import PASSWORD
-from tests.e2e.test_promotions import _person
+from tests.e2e.test_promotions import _freeze, _high_incident, _person
+from tests.integration.helpers.policy_bundles import new_key, repo_files, signed
 
 pytestmark = pytest.mark.e2e
 
@@ -208,4 +210,82 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
     await page.get_by_role("link", name=agent_id).wait_for()
     assert await axe(page) == []
     await shot(page, "view-agents")
+    assert page.offsite == []
+
+
+def _bundle_in_canary_and_a_freeze(base: str, key: str, token: str) -> str:
+    """A bundle of the tenant's own activated in production as a canary, and an open high
+    incident there (production frozen); the bundle's digest."""
+    signing_key = new_key()
+    archive = signed(signing_key, repo_files(revision="7"), key_id="release")
+    with (
+        httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": key}) as http,
+        httpx.Client(
+            base_url=base, timeout=60, headers={"Authorization": f"Bearer {token}"}
+        ) as admin,
+    ):
+        pem = {"public_key": artifacts.public_pem(signing_key)}
+        assert admin.put("/v1/policy-signing-keys/release", json=pem).status_code == 200
+        resp = http.post(
+            "/v1/policy-bundles",
+            params={"environment": "production"},
+            content=archive,
+            headers={"Content-Type": "application/gzip"},
+        )
+        assert resp.status_code == 201, resp.text
+        digest = str(resp.json()["bundle_digest"])
+        resp = http.post(
+            f"/v1/policy-bundles/{digest}:activate", params={"environment": "production"}
+        )
+        assert resp.status_code == 200 and resp.json()["reload"]["status"] == "canary", resp.text
+        _high_incident(http, "production")
+        wait_for(lambda: _freeze(http, "production")["frozen"], what="the production freeze")
+    return digest
+
+
+async def test_the_policy_view_shows_bundles_the_freeze_a_canary_a_simulation_and_exceptions(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    base = whole_system.gateway_url
+    tenant, key, user, token = await _setup(whole_system, "admin")
+    digest = await asyncio.to_thread(_bundle_in_canary_and_a_freeze, base, key, token)
+    await _sign_in(page, base, user, tenant)
+    await page.goto(f"{base}/#/view/policy")
+
+    # The freeze is on top, naming its incident; the bundle is listed with its canary.
+    freeze = page.locator("[data-banner='freeze']")
+    await freeze.wait_for()
+    assert "Promotions into production are frozen" in await freeze.inner_text()
+    assert "high" in await freeze.inner_text()
+    bundles = page.get_by_role("table", name="Bundles uploaded to production")
+    assert "7" in await bundles.inner_text()
+    canary = page.locator("[data-reload-status='canary']")
+    await canary.wait_for()
+    assert digest[:19] in await page.get_by_role("table", name="Reloads, newest first").inner_text()
+    assert await axe(page) == []
+    await shot(page, "view-policy")
+
+    # Promote the canary: production decides with the tenant's bundle, and drift shows.
+    await page.get_by_role("button", name="Promote").click()
+    await page.locator("[data-reload-status='promoted']").wait_for()
+    drift = page.locator("[data-banner='drift']")
+    await drift.wait_for()
+    assert "policy_bundle_digest" in await drift.inner_text()
+
+    # A simulation of the bundle: its report per policy.
+    await page.get_by_role("button", name="Simulate").click()
+    await page.locator("[data-simulation-status='done']").wait_for(timeout=60_000)
+    assert "decisions replayed" in await page.locator("#simulation-report").inner_text()
+
+    # An exception granted with an expiry, then revoked.
+    await page.get_by_label("Policy id").fill("token_limit")
+    await page.get_by_label("Agent or run id").fill("greedy-production")
+    await page.get_by_label("Reason", exact=True).fill("a migration this week")
+    await page.get_by_role("button", name="Grant").click()
+    revoke = page.get_by_role("button", name="Revoke", exact=False)
+    await revoke.wait_for()
+    assert "(in " in await page.get_by_role("table", name="Policy exceptions").inner_text()
+    await revoke.click()
+    await page.locator("[data-exception-status='revoked']").wait_for()
+    assert await axe(page) == []
     assert page.offsite == []

@@ -3,10 +3,12 @@
 import { diff } from "./diff.js";
 import { agent, agents } from "./agents.js";
 import { agentNew } from "./wizard.js";
+import { policy } from "./policy.js";
 
 export const VIEWS = {
   diff,
   agents,
   agent,
   "agent-new": agentNew,
+  policy,
 };
