@@ -6,6 +6,10 @@ import { renderApprovals } from "./approvals.js";
 import { renderReplay } from "./replay.js";
 import { renderIncident } from "./incident.js";
 import { renderEvidence } from "./evidence.js";
+import { diff } from "./diff.js";
+import { agent, agents } from "./agents.js";
+import { agentNew } from "./wizard.js";
+import { policy } from "./policy.js";
 
 export const VIEWS = {
   executions: { title: "Workflow executions", nav: true, render: renderExecutions },
@@ -14,4 +18,9 @@ export const VIEWS = {
   replay: { title: "Run replay", nav: false, render: renderReplay },
   incident: { title: "Incident", nav: false, render: renderIncident },
   evidence: { title: "Evidence exports", nav: true, render: renderEvidence },
+  diff,
+  agents,
+  agent,
+  "agent-new": agentNew,
+  policy,
 };
