@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from services.gateway.demo import DEMO_TENANT
 from services.gateway.keys import run_with_pool
 from services.gateway.users import create_user, grant_role
 from tests.e2e.browser import axe, shot, sign_in_with_key
@@ -23,7 +24,6 @@ from tests.e2e.conftest import DemoRun, RunningSystem
 
 pytestmark = pytest.mark.e2e
 
-DEMO_TENANT = "demo"
 # What a page shows when it shows an entity: its heading carries data-entity and data-id.
 SHOWS = {
     "run": "[data-entity='run'][data-id='{id}']",
