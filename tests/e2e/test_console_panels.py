@@ -16,6 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from services.gateway.demo import DEMO_TENANT
 from services.gateway.keys import run_with_pool
 from services.gateway.users import create_user, grant_role
 from tests.e2e.browser import axe, shot, sign_in_with_key
@@ -23,12 +24,22 @@ from tests.e2e.conftest import DemoRun, RunningSystem
 
 pytestmark = pytest.mark.e2e
 
-DEMO_TENANT = "demo"
 # What a page shows when it shows an entity: its heading carries data-entity and data-id.
 SHOWS = {
     "run": "[data-entity='run'][data-id='{id}']",
     "incident": "[data-entity='incident'][data-id='{id}']",
     "policy": "[data-entity='policy'][data-id='{id}']",
+}
+# The entity a panel's detail levels (O3 to O5) show, named by the route's query.
+ENTITY_OF = {
+    "ACT-LLM-LIVE": "run",
+    "ACT-LLM-COMP": "run",
+    "LOG-REC-LLM": "run",
+    "ANL-INS-COST": "run",
+    "INC-EV-ACT": "incident",
+    "INC-EV-RES": "incident",
+    "INC-EV-HIST": "incident",
+    "POL-GOV-ACT": "policy",
 }
 # Links to views another part of the console renders: the URL conventions they follow.
 VIEW_LINKS = {
@@ -89,6 +100,10 @@ async def test_every_panel_renders_at_every_level_with_no_accessibility_violatio
             await goto(page, base, f"#/panel/{panel}/{level}{'?' + query if detail else ''}")
             body = page.locator(f"main .panel-body[data-panel='{panel}'][data-level='{level}']")
             assert await body.count() == 1, (panel, level)
+            kind = ENTITY_OF.get(panel)
+            if detail and kind:
+                shown = body.locator(SHOWS[kind].format(id=ids[f"{kind}_id"]))
+                assert await shown.count() >= 1, f"{panel}/{level} does not show its {kind}"
             errors = await page.locator("main .error").all_inner_texts()
             violations = await axe(page)
             if errors or violations:

@@ -298,6 +298,10 @@ export function dataTable(ctx, { caption, columns, filters = [], paging = "clien
 // -- charts --------------------------------------------------------------------------------
 
 const PALETTE = ["#0a58ca", "#b42318", "#1a7f37", "#8a5a00", "#6f42c1", "#0e7490", "#be185d", "#4d5562"];
+// Series that mean the same thing have the same colour on every chart.
+const MEANING = { deny: "#b42318", stopped: "#b42318", critical: "#b42318", warn: "#8a5a00", high: "#c2410c", medium: "#8a5a00",
+  allow: "#1a7f37", completed: "#1a7f37", low: "#0e7490", failed: "#4d5562", opened: "#b42318", resolved: "#1a7f37" };
+const colourOf = (label, i) => MEANING[label] || PALETTE[i % PALETTE.length];
 
 /**
  * A Chart.js chart with a text alternative: the canvas carries an aria-label summary and a
@@ -319,7 +323,7 @@ export function chart({ title, type = "bar", labels, series, summary, emptyText,
       type,
       data: { labels, datasets: series.map((s, i) => round
         ? { label: s.label, data: s.data, backgroundColor: labels.map((_, j) => PALETTE[j % PALETTE.length]) }
-        : { label: s.label, data: s.data, backgroundColor: PALETTE[i % PALETTE.length], borderColor: PALETTE[i % PALETTE.length] }) },
+        : { label: s.label, data: s.data, backgroundColor: colourOf(s.label, i), borderColor: colourOf(s.label, i) }) },
       options: { responsive: true, maintainAspectRatio: false, animation: false,
         scales: round ? {} : { x: { stacked }, y: { stacked, beginAtZero: true } } },
     });
