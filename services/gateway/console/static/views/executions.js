@@ -4,7 +4,7 @@ import { badge, dayStart, field, links, when } from "./flow-common.js";
 const STATUSES = ["", "pending", "running", "completed", "failed", "aborted"];
 
 export async function renderExecutions(el, ctx) {
-  const { api, h, empty, failure, query } = ctx;
+  const { api, h, empty, failure, query, viewHref } = ctx;
   const status = h("select", { id: "ex-status", name: "status" },
     STATUSES.map((s) => h("option", { value: s, selected: s === (query.status || "") }, s || "any")));
   const workflow = h("input", { id: "ex-workflow", name: "workflow_id", value: query.workflow_id || "", autocomplete: "off" });
@@ -39,7 +39,8 @@ export async function renderExecutions(el, ctx) {
         h("thead", {}, h("tr", {}, ["Execution", "Workflow", "Status", "Started", "Finished", "Approvals"].map((c) => h("th", { scope: "col" }, c)))),
         h("tbody", {}, rows.map((x) => h("tr", { "data-execution": x.execution_id },
           h("td", {}, h("a", { href: links.execution(x.execution_id) }, x.execution_id)),
-          h("td", {}, `${x.workflow_id} v${x.workflow_version}`),
+          h("td", {}, h("a", { href: viewHref("executions", null, { workflow_id: x.workflow_id }), "aria-label": `Executions of ${x.workflow_id}` }, x.workflow_id),
+            ` v${x.workflow_version}`),
           h("td", {}, badge(x.status)),
           h("td", {}, when(x.started_at)),
           h("td", {}, when(x.finished_at)),
