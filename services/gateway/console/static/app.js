@@ -71,10 +71,12 @@ export async function download(path, filename, query) {
 /**
  * Follow a Server-Sent Events route. EventSource cannot send headers, so the stream is read
  * with fetch; on a dropped connection it reconnects with Last-Event-ID, as EventSource would.
- * onEvent(type, data, id) is called per message. Returns a function that stops it.
+ * onEvent(type, data, id) is called per message; onState(state, error) hears "open",
+ * "retrying", "failed" (a 4xx that retrying cannot change, with the API's error) and "closed".
+ * Returns a function that stops it.
  */
 export function sse(path, onEvent, { query, onState } = {}) {
-  let lastId = null, stopped = false, controller = null;
+  let lastId = null, stopped = false, controller = null, wait = 1000;
   const run = async () => {
     while (!stopped) {
       controller = new AbortController();
@@ -84,7 +86,21 @@ export function sse(path, onEvent, { query, onState } = {}) {
         const headers = { Accept: "text/event-stream", ...authHeaders() };
         if (lastId) headers["Last-Event-ID"] = lastId;
         const res = await fetch(url, { headers, signal: controller.signal });
-        if (!res.ok) throw new ApiError(res.status, "sse", `${res.status}`);
+        if (!res.ok) {
+          // A refusal that asking again cannot change (not found, forbidden, bad input) ends
+          // the stream; load (429, 503) and server errors are retried, after Retry-After.
+          if (res.status >= 400 && res.status < 500 && res.status !== 408 && res.status !== 429) {
+            stopped = true;
+            let message = `${res.status}`;
+            try { message = (await res.json()).error.message; } catch { /* not JSON */ }
+            onState && onState("failed", new ApiError(res.status, "sse", message));
+            break;
+          }
+          const after = Number(res.headers.get("Retry-After"));
+          if (after > 0) wait = Math.min(after * 1000, 30000);
+          throw new ApiError(res.status, "sse", `${res.status}`);
+        }
+        wait = 1000;
         onState && onState("open");
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
         let buf = "";
@@ -113,7 +129,10 @@ export function sse(path, onEvent, { query, onState } = {}) {
         if (stopped) break;
         onState && onState("retrying");
       }
-      if (!stopped) await new Promise((r) => setTimeout(r, 1000));
+      if (!stopped) {
+        await new Promise((r) => setTimeout(r, wait));
+        wait = Math.min(wait * 2, 10000);  // back off while the server stays away
+      }
     }
     onState && onState("closed");
   };
@@ -147,7 +166,7 @@ export function h(tag, attrs = {}, ...children) {
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }

@@ -102,7 +102,7 @@ export const ACTIVITY = [
           if (String(type).startsWith("run.")) refresh();
         }, { onState: (s) => {
           if (s === "open") { failures = 0; state.textContent = "Live: updated as runs start, step and end (GET /v1/live)."; }
-          if (s === "retrying" && ++failures >= 2) {
+          if (s === "failed" || (s === "retrying" && ++failures >= 2)) {
             stop();
             state.replaceChildren("Live updates are not available (GET /v1/live did not answer); ",
               h("button", { type: "button", onclick: () => { rows = null; table.reload(); } }, "Refresh"));

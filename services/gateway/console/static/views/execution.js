@@ -237,8 +237,9 @@ export async function renderExecution(el, ctx) {
 
   await refresh();
   if (!state.execution) return;
-  const setConn = (s) => {
-    const text = { open: "connected", retrying: "reconnecting…", closed: "closed (the execution has ended)" }[s] || s;
+  const setConn = (s, error) => {
+    const text = { open: "connected", retrying: "reconnecting…", closed: "closed (the execution has ended)",
+      failed: `refused (${error?.message || "the stream was refused"})` }[s] || s;
     connection.dataset.connection = s;
     connection.textContent = `Live updates: ${text}`;
   };
