@@ -101,11 +101,17 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     assert await _count(page, "tr[data-row]") < 100
     await page.keyboard.press("PageUp")
     await page.locator(f"tr[data-row='{ROWS - 30}']").wait_for()
+    # A row shown whole, with its mark.
+    await page.keyboard.press("End")
+    await page.get_by_role("button", name=f"Row {ROWS}: show it whole").click()
+    detail = page.get_by_role("region", name="The row shown whole")
+    await detail.get_by_text("/tools/tool-09999/scope").wait_for()
+    assert "locked: tools.tool-09999" in await detail.inner_text()
 
     # The side-by-side view shows the same rows, left and right.
     await page.get_by_role("button", name="Side by side").click()
     await page.get_by_role("columnheader", name="Left").wait_for()
-    assert '"read"' in await page.locator(f"tr[data-row='{ROWS - 30}']").inner_text()
+    assert '"read"' in await last.inner_text()
 
     # A filter narrows the 10,000 rows to the locked one.
     await page.get_by_label("locked only").check()
