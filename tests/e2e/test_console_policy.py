@@ -152,6 +152,7 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
     await page.get_by_label("Name").fill("Ticket triage")
     await page.get_by_label("Role: what the agent is for").fill("Sorts support tickets")
     await page.get_by_text(f"Draft of {agent_id} saved (version 1, draft).").wait_for()
+    assert await page.get_by_label("Agent id").is_disabled()  # the draft lives under it now
 
     # A warn: no step limit declared (limits are locked too); going on needs acknowledging it.
     next_ = page.get_by_role("button", name="Next")
@@ -204,6 +205,8 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
         answer: dict[str, Any] = resp.json()
         return answer
 
+    # Promoting is an admin's: an operator sees the button, disabled.
+    assert await page.get_by_role("button", name="Promote to production").is_disabled()
     created = await asyncio.to_thread(registered)
     assert created["state"] == "sandbox"
     assert created["spec"]["identity"]["owner"] == user
