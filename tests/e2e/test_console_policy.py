@@ -255,7 +255,7 @@ def _bundle_in_canary_and_a_freeze(base: str, key: str, token: str) -> str:
     return digest
 
 
-async def test_the_policy_view_shows_bundles_the_freeze_a_canary_a_simulation_and_exceptions(
+async def test_the_policy_view_shows_bundles_freeze_drift_a_canary_a_simulation_and_exceptions(
     whole_system: RunningSystem, page: Any
 ) -> None:
     base = whole_system.gateway_url
@@ -283,6 +283,13 @@ async def test_the_policy_view_shows_bundles_the_freeze_a_canary_a_simulation_an
     drift = page.locator("[data-banner='drift']")
     await drift.wait_for()
     assert "policy_bundle_digest" in await drift.inner_text()
+    # An admin accepts the drift, and lets promotions through the freeze, each with a reason.
+    await page.locator("#drift-reason").fill("production trials the tenant's bundle")
+    await page.get_by_role("button", name="Accept this drift").click()
+    await page.locator("[data-banner='drift']", has_text=f"Accepted by user:{user}").wait_for()
+    await page.locator("#freeze-production").fill("the hotfix for this incident")
+    await page.get_by_role("button", name="Let promotions into production through").click()
+    await page.locator("[data-banner='freeze']").wait_for(state="detached")
 
     # A simulation of the bundle: its report per policy.
     await page.get_by_role("button", name="Simulate").click()
