@@ -122,6 +122,15 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     await shot(page, "view-diff")
     await acknowledge.click()
     await page.locator("ul.acks li", has_text=f"user:{user}").wait_for()
+
+    # Without a hash, the view makes a diff: two specs pasted, compared, opened.
+    await page.goto(f"{base}/#/view/diff")
+    await page.get_by_label("Old spec (JSON)").fill('{"role": "sorts"}')
+    await page.get_by_label("New spec (JSON)").fill('{"role": "sorts and answers"}')
+    assert await axe(page) == []
+    await page.get_by_role("button", name="Compare specs").click()
+    await page.locator("tr[data-row='0']", has_text="/role").wait_for()
+    assert await _count(page, "tr[data-row]") == 1
     assert page.offsite == []
 
 
