@@ -147,6 +147,10 @@ async function viewer(el, ctx) {
           status.textContent = `Loading rows ${pages.rows.length + 1} to ${last}…`;
           await pages.until(last);
         }
+        // Near the end of what is held: ask for the next page before the reader gets there.
+        if (!order && !pages.complete && pages.rows.length - last < PAGE / 2) {
+          pages.until(pages.rows.length + 1).catch(() => { /* shown when the rows are needed */ });
+        }
         const rows = [];
         for (let i = first; i < last; i += 1) {
           const row = rowAt(i);
