@@ -101,11 +101,17 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     assert await _count(page, "tr[data-row]") < 100
     await page.keyboard.press("PageUp")
     await page.locator(f"tr[data-row='{ROWS - 30}']").wait_for()
+    # A row shown whole, with its mark.
+    await page.keyboard.press("End")
+    await page.get_by_role("button", name=f"Row {ROWS}: show it whole").click()
+    detail = page.get_by_role("region", name="The row shown whole")
+    await detail.get_by_text("/tools/tool-09999/scope").wait_for()
+    assert "locked: tools.tool-09999" in await detail.inner_text()
 
     # The side-by-side view shows the same rows, left and right.
     await page.get_by_role("button", name="Side by side").click()
     await page.get_by_role("columnheader", name="Left").wait_for()
-    assert '"read"' in await page.locator(f"tr[data-row='{ROWS - 30}']").inner_text()
+    assert '"read"' in await last.inner_text()
 
     # A filter narrows the 10,000 rows to the locked one.
     await page.get_by_label("locked only").check()
@@ -116,6 +122,15 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     await shot(page, "view-diff")
     await acknowledge.click()
     await page.locator("ul.acks li", has_text=f"user:{user}").wait_for()
+
+    # Without a hash, the view makes a diff: two specs pasted, compared, opened.
+    await page.goto(f"{base}/#/view/diff")
+    await page.get_by_label("Old spec (JSON)").fill('{"role": "sorts"}')
+    await page.get_by_label("New spec (JSON)").fill('{"role": "sorts and answers"}')
+    assert await axe(page) == []
+    await page.get_by_role("button", name="Compare specs").click()
+    await page.locator("tr[data-row='0']", has_text="/role").wait_for()
+    assert await _count(page, "tr[data-row]") == 1
     assert page.offsite == []
 
 
@@ -146,6 +161,7 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
     await page.get_by_label("Name").fill("Ticket triage")
     await page.get_by_label("Role: what the agent is for").fill("Sorts support tickets")
     await page.get_by_text(f"Draft of {agent_id} saved (version 1, draft).").wait_for()
+    assert await page.get_by_label("Agent id").is_disabled()  # the draft lives under it now
 
     # A warn: no step limit declared (limits are locked too); going on needs acknowledging it.
     next_ = page.get_by_role("button", name="Next")
@@ -198,6 +214,8 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
         answer: dict[str, Any] = resp.json()
         return answer
 
+    # Promoting is an admin's: an operator sees the button, disabled.
+    assert await page.get_by_role("button", name="Promote to production").is_disabled()
     created = await asyncio.to_thread(registered)
     assert created["state"] == "sandbox"
     assert created["spec"]["identity"]["owner"] == user
@@ -246,7 +264,7 @@ def _bundle_in_canary_and_a_freeze(base: str, key: str, token: str) -> str:
     return digest
 
 
-async def test_the_policy_view_shows_bundles_the_freeze_a_canary_a_simulation_and_exceptions(
+async def test_the_policy_view_shows_bundles_freeze_drift_a_canary_a_simulation_and_exceptions(
     whole_system: RunningSystem, page: Any
 ) -> None:
     base = whole_system.gateway_url
@@ -274,6 +292,13 @@ async def test_the_policy_view_shows_bundles_the_freeze_a_canary_a_simulation_an
     drift = page.locator("[data-banner='drift']")
     await drift.wait_for()
     assert "policy_bundle_digest" in await drift.inner_text()
+    # An admin accepts the drift, and lets promotions through the freeze, each with a reason.
+    await page.locator("#drift-reason").fill("production trials the tenant's bundle")
+    await page.get_by_role("button", name="Accept this drift").click()
+    await page.locator("[data-banner='drift']", has_text=f"Accepted by user:{user}").wait_for()
+    await page.locator("#freeze-production").fill("the hotfix for this incident")
+    await page.get_by_role("button", name="Let promotions into production through").click()
+    await page.locator("[data-banner='freeze']").wait_for(state="detached")
 
     # A simulation of the bundle: its report per policy.
     await page.get_by_role("button", name="Simulate").click()

@@ -72,7 +72,7 @@ const COLUMNS = {
 function cells(h, row, view) {
   const change = h("td", {}, h("span", { class: `change ${row.change}` }, row.change));
   const lead = [
-    h("td", { class: "num" }, String(row.index + 1)),
+    h("td", { class: "num" }, h("button", { type: "button", class: "link", "data-detail": String(row.index), "aria-label": `Row ${row.index + 1}: show it whole` }, String(row.index + 1))),
     h("td", { class: "cell", title: row.section }, row.section),
     h("td", { class: "cell", title: row.path }, row.path),
     change,
@@ -146,6 +146,10 @@ async function viewer(el, ctx) {
         if (!order && last > pages.rows.length) {
           status.textContent = `Loading rows ${pages.rows.length + 1} to ${last}…`;
           await pages.until(last);
+        }
+        // Near the end of what is held: ask for the next page before the reader gets there.
+        if (!order && !pages.complete && pages.rows.length - last < PAGE / 2) {
+          pages.until(pages.rows.length + 1).catch(() => { /* shown when the rows are needed */ });
         }
         const rows = [];
         for (let i = first; i < last; i += 1) {
@@ -251,6 +255,24 @@ async function viewer(el, ctx) {
     });
   }
 
+  // One row whole: its values as indented JSON, its notes and the policies it touches.
+  const detail = h("section", { id: "diff-row-detail", "aria-live": "polite", "aria-label": "The row shown whole" });
+  scroller.addEventListener("click", (ev) => {
+    const button = ev.target.closest("button[data-detail]");
+    if (!button) return;
+    const row = pages.rows[Number(button.dataset.detail)];
+    const pretty = (v) => (v === undefined || v === null ? "—" : typeof v === "string" ? v : JSON.stringify(v, null, 2));
+    const sides = view === "side-by-side" ? [row.left && row.left.text, row.right && row.right.text] : [row.old, row.new];
+    detail.replaceChildren(
+      h("h2", {}, `Row ${row.index + 1}: ${row.change} ${row.kind} `, h("code", {}, row.path)),
+      h("p", {}, `Section ${row.section}. `, marks(h, row)),
+      h("div", { class: "sides" },
+        h("div", {}, h("h3", {}, view === "side-by-side" ? "Left" : "Old"), h("pre", { class: "spec", tabindex: "0" }, pretty(sides[0]))),
+        h("div", {}, h("h3", {}, view === "side-by-side" ? "Right" : "New"), h("pre", { class: "spec", tabindex: "0" }, pretty(sides[1])))),
+      row.policies.length ? h("p", {}, "Policies: ", row.policies.map((id, i) => [i ? ", " : "", h("a", { href: ctx.panelHref("POL-GOV-ACT", "O3", { policy_id: id }) }, id)])) : null,
+      row.notes.length ? h("ul", {}, row.notes.map((n) => h("li", {}, n))) : null);
+  });
+
   el.append(
     identity, summary,
     h("div", { class: "filters", role: "group", "aria-label": "Filter the rows" },
@@ -259,7 +281,7 @@ async function viewer(el, ctx) {
       h("label", { for: "diff-locked", class: "inline" }, locked, " locked only"),
       h("label", { for: "diff-enforced", class: "inline" }, enforced, " enforced only"),
       toggle),
-    status, scroller,
+    status, scroller, detail,
     h("section", { "aria-labelledby": "diff-ack-h" },
       h("h2", { id: "diff-ack-h" }, "Acknowledgement"), ackNote,
       h("label", { for: "diff-ack-anyway", class: "inline" }, ackCheck, " I reviewed this diff without scrolling to its end"),

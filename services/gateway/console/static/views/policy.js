@@ -18,6 +18,19 @@ async function section(el, ctx, id, title, fill) {
   try { await fill(body); } catch (e) { body.replaceChildren(failure(e)); }
 }
 
+/** A reason box and a button that POSTs {reason} (plus what `extra` adds) to `path`, for admins. */
+function withReason(ctx, id, label, action) {
+  const { h, failure, toast, navigate, viewHref } = ctx;
+  const reason = h("input", { id, size: "36" });
+  const out = h("span", { "aria-live": "polite" });
+  return h("form", { class: "filters", onsubmit: async (ev) => {
+    ev.preventDefault();
+    out.replaceChildren();
+    if (!reason.value.trim()) { out.replaceChildren(failure("Give a reason: it is recorded.")); return; }
+    try { await action(reason.value.trim()); toast(`${label}: done.`); navigate(viewHref("policy")); } catch (e) { out.replaceChildren(failure(e)); }
+  } }, h("label", { for: id }, "Reason (admins; recorded)", reason), h("button", { type: "submit" }, label), out);
+}
+
 async function banners(el, ctx) {
   const { api, h, failure, panelHref } = ctx;
   const out = h("div", { id: "policy-banners" });
@@ -31,6 +44,8 @@ async function banners(el, ctx) {
       banner.querySelector("ul").replaceChildren(...env.incidents.map((i) => h("li", {},
         h("a", { href: panelHref("INC-EV-ACT", "O3", { incident_id: i.incident_id }) }, i.title || i.incident_id),
         ` (${i.severity}, opened ${when(i.opened_at)})${i.overridden_by ? `, overridden by ${i.overridden_by}` : ""}`)));
+      banner.append(withReason(ctx, `freeze-${env.environment}`, `Let promotions into ${env.environment} through`,
+        (reason) => api(`/v1/policy-freeze/${env.environment}:override`, { method: "POST", body: { reason } })));
       out.append(banner);
     }
   }
@@ -44,6 +59,14 @@ async function banners(el, ctx) {
     ];
     const banner = reasonsBanner(h, d.blocking.length ? "deny" : "warn", "Sandbox and production have drifted: they do not decide with the same policy", lines);
     banner.dataset.banner = "drift";
+    if (d.blocking.length || !(d.recorded && d.recorded.acknowledged_by)) {
+      // Accept the drift as it is now: record it (check), then acknowledge that very fingerprint.
+      banner.append(withReason(ctx, "drift-reason", "Accept this drift", async (reason) => {
+        const checked = await api("/v1/policy-drift:check", { method: "POST" });
+        if (!checked.recorded) throw new Error("No drift on record any more: nothing to accept.");
+        await api("/v1/policy-drift:acknowledge", { method: "POST", body: { reason, fingerprint: checked.recorded.fingerprint } });
+      }));
+    }
     out.append(banner);
   }
 }

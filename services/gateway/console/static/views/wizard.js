@@ -17,7 +17,7 @@ const AUTOSAVE_MS = 800;
 // Each field: its spec path (dotted), label, and how its value is read.
 const STEPS = [
   { id: "identity", title: "Identity and role", sections: ["identity", "role"], fields: [
-    { path: "agent_id", label: "Agent id (letters, digits, . _ -)" },
+    { path: "agent_id", label: "Agent id (letters, digits, . _ -; fixed once the draft is saved)" },
     { path: "identity.name", label: "Name" },
     { path: "identity.description", label: "Description", type: "textarea" },
     { path: "identity.owner", label: "Owner: the person or team answerable for it" },
@@ -130,6 +130,7 @@ export const agentNew = {
     function applyLocks(lockedFields, runbooks) {
       locks = lockedFields;
       for (const f of FIELDS) {
+        if (f.path === "agent_id") continue; // fixed once the draft is saved, never by policy
         const lock = lockedFields.find((l) => covers(l.field, f.path));
         const wrap = wraps[f.path];
         wrap.querySelector(".why")?.remove();
@@ -175,16 +176,20 @@ export const agentNew = {
       try {
         const res = await api("/v1/agents/draft", { method: "POST", body });
         resumed = id; lastSaved = key;
+        // The draft now lives under this id: a new id would be another agent.
+        inputs.agent_id.disabled = true;
         saved.textContent = res.changed === false ? `Draft of ${id} up to date (version ${res.version}).` : `Draft of ${id} saved (version ${res.version}, ${res.state}).`;
         return res;
       } catch (e) { saved.replaceChildren(failure(e)); return null; }
     }
     const flush = () => { clearTimeout(saveTimer); saving = saving.then(save, save); return saving; };
     el.addEventListener("input", (ev) => {
-      if (!ev.target.dataset?.path) return;
+      // Not while the id is typed: a pause in it would save a draft under half an id.
+      if (!ev.target.dataset?.path || ev.target === inputs.agent_id) return;
       clearTimeout(saveTimer);
       saveTimer = setTimeout(flush, AUTOSAVE_MS);
     });
+    inputs.agent_id.addEventListener("change", () => { if (ID_PATTERN.test(agentId())) flush(); });
     ctx.onLeave(() => { clearTimeout(saveTimer); });
 
     // -- policy: validate and the create hook, on leaving a step --------------------------------
