@@ -16,7 +16,7 @@ panel calls. Each call is then sent by ``--clients`` processes at once, each ``-
 times in a row after two warm-ups; p50 and p95 are over every request. The budget, execution,
 approval, key and member calls read PostgreSQL tables this script does not fill.
 
-    python scripts/bench_console.py --events 1000000 --clients 4 --repeat 25
+    python scripts/bench_console.py --events 1000000 --clients 4 --repeat 20
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--days", type=int, default=30, help="the span of the generated events")
     ap.add_argument("--clients", type=int, default=4, help="client processes at once")
-    ap.add_argument("--repeat", type=int, default=25, help="requests per client per call")
+    ap.add_argument("--repeat", type=int, default=20, help="requests per client per call")
     args = ap.parse_args()
     period = datetime.now(UTC).strftime("%Y-%m")
     paths = calls(period)
@@ -258,24 +258,27 @@ def main() -> None:
     ):
         health = measure_http(
             pool, system.gateway, "", {"healthz": "/healthz"}, args.clients, args.repeat
+        )["healthz"][0]
+        print(
+            f"{args.events:,} events, {args.clients} client processes x {args.repeat} requests "
+            f"per call; floor GET /healthz p50 {pct(health, 50):.1f} ms, "
+            f"p95 {pct(health, 95):.1f} ms"
         )
         # The projections were filled before the system started: the first answers warm it.
         measure_http(pool, system.gateway, system.key, paths, args.clients, 2)
-        measured = measure_http(pool, system.gateway, system.key, paths, args.clients, args.repeat)
-
-    h = health["healthz"][0]
-    print(
-        f"{args.events:,} events, {args.clients} client processes x {args.repeat} requests per "
-        f"call; floor GET /healthz p50 {pct(h, 50):.1f} ms, p95 {pct(h, 95):.1f} ms"
-    )
-    print(f"{'call':36} {'p50 ms':>8} {'p95 ms':>8} {'bare p50':>9} {'bare p95':>9} {'fail':>5}")
-    for name, (times, failed) in measured.items():
-        floor = bare.get(name)
-        b50 = f"{pct(floor, 50):9.1f}" if floor else f"{'-':>9}"
-        b95 = f"{pct(floor, 95):9.1f}" if floor else f"{'-':>9}"
-        p50 = pct(times, 50) if times else float("nan")
-        p95 = pct(times, 95) if times else float("nan")
-        print(f"{name:36} {p50:8.1f} {p95:8.1f} {b50} {b95} {failed:5}")
+        print(f"{'call':36} {'p50 ms':>8} {'p95 ms':>8} {'bare p50':>9} {'bare p95':>9} "
+              f"{'fail':>5}")  # fmt: skip
+        for name, path in paths.items():
+            measured = measure_http(
+                pool, system.gateway, system.key, {name: path}, args.clients, args.repeat
+            )
+            times, failed = measured[name]
+            floor = bare.get(name)
+            b50 = f"{pct(floor, 50):9.1f}" if floor else f"{'-':>9}"
+            b95 = f"{pct(floor, 95):9.1f}" if floor else f"{'-':>9}"
+            p50 = pct(times, 50) if times else float("nan")
+            p95 = pct(times, 95) if times else float("nan")
+            print(f"{name:36} {p50:8.1f} {p95:8.1f} {b50} {b95} {failed:5}", flush=True)
 
 
 if __name__ == "__main__":
