@@ -32,6 +32,10 @@ DEFAULT_DAYS = 30
 MAX_ROWS = 5000
 """The most rows an analytics answer holds (``truncated`` says when there were more)."""
 MAX_PERIODS = 120
+TOP_AGENTS = 20
+"""``cost_by_agent_day`` shows this many agents, those that spent most over the window."""
+OTHER_AGENTS = "(other agents)"
+"""The series of ``cost_by_agent_day`` that sums every other agent."""
 MAX_LINES = 5000
 PERIOD_PATTERN = r"^\d{4}-(0[1-9]|1[0-2])$"
 _PERIOD = re.compile(PERIOD_PATTERN)
@@ -58,13 +62,22 @@ _SQL: dict[str, tuple[tuple[str, ...], str]] = {
         "input_tokens + output_tokens AS tokens "
         f"FROM {DB}.cost_by_model_day WHERE {TENANT} AND day >= {_SINCE} ORDER BY day, model",
     ),
+    # The TOP_AGENTS agents that spent most over the window, each on its own, and the rest summed
+    # as OTHER_AGENTS: a chart needs a few series, and one row per agent and day would be
+    # thousands of rows (700 agents over 30 days: 14,000) that no chart can draw.
     "cost_by_agent_day": (
         ("day", "agent_id", "cost_usd", "tokens"),
-        "SELECT toDate(occurred_at) AS day, agent_id, "
+        "SELECT day, series AS agent_id, cost_usd, tokens FROM ("
+        f"SELECT tenant_id, toDate(occurred_at) AS day, if(agent_id IN ("
+        f"SELECT agent_id FROM {DB}.costs FINAL WHERE {TENANT} "
+        f"AND toDate(occurred_at) >= {_SINCE} GROUP BY agent_id "
+        f"ORDER BY sumIf(total_cost_usd, {_PRICED}) DESC, "
+        f"sum(input_tokens + output_tokens) DESC, agent_id LIMIT {TOP_AGENTS}"
+        f"), agent_id, '{OTHER_AGENTS}') AS series, "
         f"if(countIf({_PRICED}) > 0, sumIf(total_cost_usd, {_PRICED}), NULL) AS cost_usd, "
         "sum(input_tokens + output_tokens) AS tokens "
         f"FROM {DB}.costs FINAL WHERE {TENANT} AND toDate(occurred_at) >= {_SINCE} "
-        "GROUP BY day, agent_id ORDER BY day, agent_id",
+        f"GROUP BY tenant_id, day, series) WHERE {TENANT} ORDER BY day, agent_id",
     ),
     # Like the analysts' denials_by_policy view (migration 27), but over the window only.
     "denials_by_policy": (

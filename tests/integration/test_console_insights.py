@@ -14,7 +14,7 @@ from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import IncidentResolved, RunCompleted, RunStarted
 from libs.errors import InvalidInput, NotFound
-from services.audit_replay.insights import ANALYTICS_VIEWS
+from services.audit_replay.insights import ANALYTICS_VIEWS, OTHER_AGENTS, TOP_AGENTS
 from tests.integration.test_projections import Audit, audit  # noqa: F401
 from tests.unit.test_audit_domain import POLICY, bundle_event, flow
 
@@ -132,6 +132,30 @@ async def test_each_analytics_view_answers_the_tenants_own_figures_in_its_window
     for days in (0, 367, "7"):
         with pytest.raises(InvalidInput, match="between 1 and 366"):
             await audit.call("analytics", tenant, view="productivity", days=days)
+
+
+async def test_cost_by_agent_day_shows_the_top_spenders_and_sums_the_rest(
+    audit: Audit, unique: Any
+) -> None:
+    """Two agents more than the chart's series: the 20 that spent most (equal spend: by tokens,
+    then by id) each on their own, the other two summed as one series."""
+    tenant = unique("acme")
+    agents = [f"agent-{i:02d}" for i in range(TOP_AGENTS + 2)]
+    envs = [bundle_event()]
+    for agent in agents:
+        envs += flow(tenant, unique(f"run-{agent}-"), agent=agent)
+    await audit.projected(await audit.append(envs))
+    answer = await audit.call("analytics", tenant, view="cost_by_agent_day")
+    rows = _table(answer)
+    today = datetime.now(UTC).date().isoformat()
+    assert [r["agent_id"] for r in rows] == [OTHER_AGENTS, *agents[:TOP_AGENTS]]
+    assert rows[0] == {
+        "day": today,
+        "agent_id": OTHER_AGENTS,
+        "cost_usd": "0.0015000000",
+        "tokens": 860,
+    }
+    assert {r["cost_usd"] for r in rows[1:]} == {"0.0007500000"}
 
 
 async def test_statements_sum_each_month_and_charge_back_by_agent_and_model(
