@@ -58,3 +58,22 @@ async def test_the_api_docs_render_offline(whole_system: RunningSystem, page: An
     await page.locator(".swagger-ui .opblock").first.wait_for()
     assert await page.locator(".swagger-ui .opblock").count() > 50
     assert page.offsite == []
+
+
+async def test_a_proxy_error_at_sign_in_is_named_by_its_status(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    """A proxy in front of the gateway answering an HTML error page: the form names the status
+    rather than failing to read it as JSON."""
+
+    async def bad_gateway(route: Any) -> None:
+        await route.fulfill(status=502, content_type="text/html", body="<h1>Bad Gateway</h1>")
+
+    await page.route("**/v1/auth/token", bad_gateway)
+    await page.goto(f"{whole_system.gateway_url}/#/login")
+    await page.get_by_label("Username").fill("someone")
+    await page.get_by_label("Password", exact=True).fill("secret-password")
+    await page.get_by_role("button", name="Sign in").click()
+    alert = page.get_by_role("alert")
+    await alert.wait_for()
+    assert await alert.inner_text() == "error: 502 Bad Gateway"

@@ -253,8 +253,12 @@ function loginForm(main) {
           method: "POST", headers: { "Content-Type": "application/json" },
           body: JSON.stringify({ username: user.value, password: pass.value }),
         });
-        const body = await res.json();
-        if (!res.ok) throw new ApiError(res.status, body.error.code, body.error.message);
+        // A proxy in front of the gateway may answer an error that is not JSON: name its status.
+        const body = await res.json().catch(() => null);
+        if (!res.ok) {
+          throw new ApiError(res.status, body?.error?.code || "error",
+            body?.error?.message || `${res.status} ${res.statusText}`);
+        }
         const tenants = Object.keys(body.tenants || {});
         session.save({ token: body.access_token, tenant: tenant.value || tenants[0] || null, user: user.value });
       }
