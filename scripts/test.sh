@@ -33,6 +33,8 @@ echo "== ruff, mypy"
 .venv/bin/ruff format --check .
 .venv/bin/mypy libs services scripts
 work="$(mktemp -d)"
+# Printed so that a run that ends for want of space says how much it had at the start.
+echo "== disk free under $(dirname "$work"): $(df -h --output=avail "$work" | tail -1 | tr -d ' ')"
 trap 'rm -rf "$work"' EXIT
 echo "== pytest: integration in the background (its output follows at the end)"
 .venv/bin/python -m pytest tests/integration -p no:cacheprovider --durations=15 \
