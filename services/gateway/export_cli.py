@@ -12,13 +12,21 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from libs.contracts.limits import UUID_PATTERN
 from libs.runtime.cli_support import CliError, DataDirOption, command_group, one_line_errors
-from services.gateway.cli_http import Api, ApiKeyOption, UrlOption, api_key_headers, gateway_url
+from services.gateway.cli_http import (
+    REQUEST_TIMEOUT_S,
+    Api,
+    ApiKeyOption,
+    UrlOption,
+    api_key_headers,
+    gateway_url,
+)
 
 export_app = command_group(
     "export", "Export runs and workflow executions with their hashes and checkpoint proof."
@@ -26,6 +34,9 @@ export_app = command_group(
 
 POLL_S = 0.5
 WAIT_S = 3600.0
+# A download may take as long as it needs while bytes arrive; a gateway that goes silent this long
+# mid-file is given up on, rather than hanging the command.
+DOWNLOAD_IDLE_S = 60.0
 
 OutputOption = Annotated[
     Path,
@@ -48,7 +59,8 @@ def _download(api: Api, job_id: str, output: Path) -> int:
     path = f"{_job_path(job_id)}/download"
     written = 0
     partial = output.with_name(output.name + ".partial")
-    with api.http.stream("GET", path, timeout=None) as response:
+    timeout = httpx.Timeout(REQUEST_TIMEOUT_S, read=DOWNLOAD_IDLE_S)
+    with api.http.stream("GET", path, timeout=timeout) as response:
         if not response.is_success:
             response.read()
             raise CliError(f"GET {path}: {response.status_code} {response.text[:200]}")
@@ -57,6 +69,12 @@ def _download(api: Api, job_id: str, output: Path) -> int:
                 for chunk in response.iter_bytes():
                     f.write(chunk)
                     written += len(chunk)
+        except httpx.ReadTimeout:
+            partial.unlink(missing_ok=True)
+            raise CliError(
+                f"GET {path}: the gateway sent nothing for {DOWNLOAD_IDLE_S:g} s after "
+                f"{written} bytes; nothing was written (run `mctl export download` again)"
+            ) from None
         except BaseException:
             # A download cut short leaves nothing behind: output only ever holds a whole file.
             partial.unlink(missing_ok=True)

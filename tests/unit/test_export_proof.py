@@ -484,3 +484,50 @@ def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: 
     assert got.exit_code == 1, got.output
     assert "error:" in got.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_from_a_gateway_gone_silent_ends_with_an_error_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer sends the headers and a first line, then holds the connection open, sending
+    nothing, until the command has given up."""
+    from services.gateway import export_cli
+
+    monkeypatch.setattr(export_cli, "DOWNLOAD_IDLE_S", 0.5)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    client_gone = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                b'Content-Length: 100000\r\n\r\n{"kind": "header"}\n'
+            )
+            # Silent until the client closes its side (recv answers b"" then), with a deadline
+            # so that a client that never gives up fails the test instead of hanging it.
+            conn.settimeout(30)
+            try:
+                if conn.recv(1) == b"":
+                    client_gone.set()
+            except TimeoutError:
+                pass
+
+    server = threading.Thread(target=serve)
+    server.start()
+    job_id = "0193e1a0-0000-7000-8000-000000000000"
+    out = tmp_path / "out.ndjson"
+    url = f"http://127.0.0.1:{port}"
+    try:
+        got = CliRunner().invoke(
+            app, ["export", "download", job_id, "-o", str(out), "--url", url, "--api-key", "k"]
+        )
+    finally:
+        server.join(timeout=40)
+        listener.close()
+    assert client_gone.is_set(), "the command held the connection for 30 s"
+    assert got.exit_code == 1, got.output
+    assert "the gateway sent nothing for 0.5 s after 19 bytes" in got.output
+    assert list(tmp_path.iterdir()) == []
