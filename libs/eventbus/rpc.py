@@ -21,7 +21,8 @@ first part, how many there are (``Mc-Chunks``), a token (``Mc-Chunk-Token``) and
 for the others (``Mc-Chunk-Subject``: ``mc.rpc.<service>._part.<replica>``, served in the
 service's queue group by the replica that holds the answer, so it is a request like any other
 under the bus's permissions). The client asks for each next part with one request and joins them.
-The replica keeps an answer until its last part is taken or :data:`PART_TTL_S` passes, at most
+The replica keeps an answer until its last part is taken or :data:`PART_TTL_S` passes (a timer
+frees it then, so a caller that went away does not keep it in memory), at most
 :data:`MAX_HELD_BYTES` of them at once. Without that header such an answer is ``too_large`` as
 before; over :data:`MAX_CHUNKED_BYTES` it is ``too_large`` either way (page such reads instead).
 """
@@ -600,6 +601,9 @@ class RpcServer:
         token = uuid.uuid4().hex
         self._held[token] = (time.monotonic() + PART_TTL_S, body, room)
         self._held_bytes += len(body)
+        # Freed at its deadline even when no other large answer comes to sweep it: a caller that
+        # gave up after the first part would otherwise leave up to MAX_HELD_BYTES in memory.
+        asyncio.get_running_loop().call_later(PART_TTL_S, self._release, token)
         headers = {
             CHUNKS_HEADER: str(count),
             CHUNK_TOKEN_HEADER: token,
@@ -609,6 +613,11 @@ class RpcServer:
             await self.nc.publish(raw.reply, body[:room], headers=headers)
         except Exception:
             log.warning("rpc.reply_failed", subject=raw.subject, parts=count)
+
+    @property
+    def held_bytes(self) -> int:
+        """The bytes of answers in parts this replica still holds for their callers."""
+        return self._held_bytes
 
     def _drop_expired(self) -> None:
         now = time.monotonic()

@@ -12,6 +12,7 @@ import structlog
 from opentelemetry import trace
 from pydantic import BaseModel, Field
 
+from libs.contracts.subjects import rpc_subject
 from libs.errors import (
     DeadlineExceeded,
     InvalidInput,
@@ -20,6 +21,7 @@ from libs.errors import (
     TooLarge,
     TransientError,
 )
+from libs.eventbus import rpc
 from libs.eventbus.jetstream import connect
 from libs.eventbus.rpc import PART_ERROR_HEADER, Meta, RpcClient, RpcServer
 from libs.observability import configure_logging, tracer
@@ -197,4 +199,40 @@ async def test_an_answer_larger_than_a_message_comes_in_parts_and_is_joined(syst
     finally:
         for server in servers:
             await server.stop()
+        await nc.close()
+
+
+async def test_an_answer_whose_caller_took_only_its_first_part_is_freed_at_its_deadline(
+    system, unique, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that asks for an answer in parts and goes away after the first leaves nothing held
+    once the parts' time is up, with no other large answer coming to sweep it."""
+    monkeypatch.setattr(rpc, "PART_TTL_S", 0.5)
+    service = unique("svc")
+    nc = await connect(system.nats_url, "test")
+    big = "x" * (2 * nc.max_payload)
+
+    async def large(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+        return {"text": big}
+
+    server = RpcServer(nc, service)
+    server.route("large", large)
+    await server.start()
+    try:
+        first = await nc.request(
+            rpc_subject(service, "large"),
+            b"{}",
+            timeout=10,
+            headers={rpc.CHUNKS_REQUEST_HEADER: "1"},
+        )
+        assert first.headers is not None and int(first.headers[rpc.CHUNKS_HEADER]) >= 2
+        assert server.held_bytes > 2 * nc.max_payload
+        await wait_until(lambda: server.held_bytes == 0, timeout=10, what="the held answer freed")
+        gone = await nc.request(
+            first.headers[rpc.CHUNK_SUBJECT_HEADER],
+            json.dumps({"token": first.headers[rpc.CHUNK_TOKEN_HEADER], "index": 1}).encode(),
+        )
+        assert b"parts are gone" in gone.data
+    finally:
+        await server.stop()
         await nc.close()
