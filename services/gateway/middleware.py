@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from libs.errors import Overloaded
 from services.gateway.entrypoints import CORRELATION_HEADER, correlation_id_from
 from services.gateway.keys import KeyVerifier
+from services.gateway.live import MEDIA_TYPE as EVENT_STREAM_MEDIA_TYPE
 from services.gateway.ratelimit import RATE_LIMITED, RateLimiter
 from services.gateway.shedding import (
     RETRY_AFTER_S,
@@ -38,6 +39,20 @@ API_PREFIX = "/v1/"
 # count it as shed.
 RATE_LIMITED_KEY = "mc.rate_limited"
 _CORRELATION_KEY = CORRELATION_HEADER.lower().encode()
+
+
+def answers_event_stream(route: BaseRoute) -> bool:
+    """Whether the route's documented answer is Server-Sent Events.
+
+    Such a request stays open for as long as its client follows it, so it is bounded by the
+    count of open streams (:class:`services.gateway.live.StreamSlots`), never by the in-flight
+    bound of short requests: counted there, 16 open consoles would hold every query place and
+    the gateway would refuse all other reads. Read off the route's own declaration, so a new
+    stream route cannot be forgotten in a list.
+    """
+    responses = getattr(route, "responses", None) or {}
+    ok = responses.get(200) or responses.get("200") or {}
+    return EVENT_STREAM_MEDIA_TYPE in (ok.get("content") or {})
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,11 @@ class LoadShedding:
     def _match(self, method: str, path: str) -> RouteMetrics | None:
         if self._templates is None:
             self._templates = [
-                _Template(r.path_regex, frozenset(r.methods or ()), self.metrics.route(m, r.path))
+                _Template(
+                    r.path_regex,
+                    frozenset(r.methods or ()),
+                    self.metrics.route(m, r.path, stream=answers_event_stream(r)),
+                )
                 for r in self._routes()
                 if isinstance(r, Route) and r.path.startswith(API_PREFIX)
                 for m in sorted(r.methods or ())

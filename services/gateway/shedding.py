@@ -49,9 +49,6 @@ _AGENT_ROUTES = frozenset(
         ("POST", "/v1/runs/{run_id}/steps/{step_index}/usage"),
     }
 )
-_STREAM_ROUTES = frozenset(
-    {("GET", "/v1/runs/{run_id}/events"), ("GET", "/v1/executions/{execution_id}/events")}
-)
 
 # From well under the admission path's p50 to past the gateway's slowest RPC deadline.
 _LATENCY_BUCKETS = (
@@ -74,10 +71,11 @@ _LATENCY_BUCKETS = (
 )
 
 
-def route_class_of(method: str, path: str) -> str:
-    """:data:`AGENT` for the routes an agent calls around every step, :data:`STREAM` for the
-    event streams, else :data:`QUERY`."""
-    if (method, path) in _STREAM_ROUTES:
+def route_class_of(method: str, path: str, *, stream: bool = False) -> str:
+    """:data:`STREAM` for a route that answers an event stream (``stream``: the caller reads it
+    off the route, see :func:`services.gateway.middleware.answers_event_stream`), :data:`AGENT`
+    for the routes an agent calls around every step, else :data:`QUERY`."""
+    if stream:
         return STREAM
     return AGENT if (method, path) in _AGENT_ROUTES else QUERY
 
@@ -195,9 +193,9 @@ class GatewayMetrics:
             in_flight.labels(name).set_function(_reader(limiter.in_flight, name))
             limit.labels(name).set_function(_reader(limiter.bound, name))
 
-    def route(self, method: str, path: str) -> RouteMetrics:
+    def route(self, method: str, path: str, *, stream: bool = False) -> RouteMetrics:
         """The metrics of one route, with its label values bound once."""
-        return RouteMetrics(self, method, path, route_class_of(method, path))
+        return RouteMetrics(self, method, path, route_class_of(method, path, stream=stream))
 
 
 def _reader(values: Mapping[str, float], route_class: str) -> Callable[[], float]:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from starlette.routing import Route
 
+from libs.settings import Settings
+from services.gateway.bootstrap import create_app
+from services.gateway.middleware import LoadShedding, answers_event_stream
 from services.gateway.shedding import (
     AGENT,
     MIN_LIMIT,
     QUERY,
+    STREAM,
     GatewayMetrics,
     InFlightLimiter,
     route_class_of,
@@ -113,3 +118,35 @@ def test_a_class_without_a_target_keeps_its_bound() -> None:
     assert limiter.try_enter(QUERY)
     limiter.leave(QUERY, 600.0)
     assert limiter.bound[QUERY] == 3
+
+
+def test_every_event_stream_route_is_bounded_by_open_streams_not_by_query_places() -> None:
+    """A stream held open by a console must not take one of the few in-flight places of short
+    requests; the class is read off each route's declared answer, so no stream is missed."""
+    app = create_app(Settings())
+    spec = app.openapi()
+    streams = {
+        (method.upper(), path)
+        for path, item in spec["paths"].items()
+        for method, op in item.items()
+        if "text/event-stream" in op.get("responses", {}).get("200", {}).get("content", {})
+    }
+    assert {
+        ("GET", "/v1/live"),
+        ("GET", "/v1/runs/{run_id}/events"),
+        ("GET", "/v1/executions/{execution_id}/events"),
+    } <= streams
+    # The routes the load shedding reads, as it reads them.
+    shedding = next(m for m in app.user_middleware if m.cls is LoadShedding)
+    routes = [r for r in shedding.kwargs["routes"]() if isinstance(r, Route)]
+    classified = {
+        (method, route.path)
+        for route in routes
+        if answers_event_stream(route)
+        for method in route.methods or ()
+    }
+    assert classified == streams
+    for method, path in streams:
+        assert route_class_of(method, path, stream=True) == STREAM
+    runs = next(r for r in routes if r.path == "/v1/runs" and "GET" in (r.methods or ()))
+    assert not answers_event_stream(runs)
