@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+from contextlib import AsyncExitStack
 from typing import Any
 from urllib.parse import quote
 
@@ -261,3 +262,77 @@ async def test_a_person_signs_in_with_the_login_form(
     assert f"user:{user}" in text and "viewer" in text
     assert await axe(page) == []
     await shot(page, "panel-profile-person")
+
+
+async def test_the_live_panel_says_a_tenant_is_at_its_stream_limit_and_follows_once_freed(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    """A tenant that already holds its limit of open event streams gets 429 for one more: the
+    panel shows the gateway's reason while it waits, and follows once a stream is closed."""
+    base = whole_system.gateway_url
+    key = await asyncio.to_thread(whole_system.key_for, f"t-limit-{secrets.token_hex(4)}")
+    async with (
+        httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=30) as c,
+        AsyncExitStack() as held,
+    ):
+        # Hold streams until the gateway refuses one: whatever the limit is configured to be.
+        for _ in range(256):
+            stream = await held.enter_async_context(c.stream("GET", "/v1/live"))
+            if stream.status_code == 429:
+                break
+            assert stream.status_code == 200, stream.status_code
+        else:
+            raise AssertionError("the gateway never refused a stream")
+        # The held streams take no place of the short requests: signing in is served.
+        await sign_in_with_key(page, base, key)
+        await page.goto(f"{base}/#/panel/ACT-LLM-LIVE/O2")
+        status = page.locator("main [role='status']").filter(has_text="Live updates waiting")
+        await status.wait_for(timeout=15_000)
+        text = await status.inner_text()
+        assert "event streams open, its limit" in text, text
+        assert "(429)" in text and "trying again in 1 s" in text, text
+        await shot(page, "live-panel-at-the-stream-limit")
+    # The held streams are closed: the panel's next try is served.
+    await (
+        page.locator("main [role='status']")
+        .filter(has_text="updated as runs start")
+        .wait_for(timeout=15_000)
+    )
+
+
+async def test_a_tables_filters_are_kept_in_the_address_across_a_detail_and_back(
+    whole_system: RunningSystem, demo_run: DemoRun, page: Any
+) -> None:
+    """Filters applied to a table are written into the URL: Back from a row's detail page, or a
+    reload, shows the same filtered rows."""
+    base, ids = await signed_in(whole_system, page)
+    await goto(page, base, "#/panel/ACT-LLM-COMP/O2")
+    table = page.locator("main .datatable").first
+    await table.get_by_label("Status").select_option("stopped_by_policy")
+    await table.get_by_role("button", name="Apply filters").click()
+    await page.wait_for_function("() => location.hash.includes('status=stopped_by_policy')")
+    await settled(page)
+
+    async def shown() -> list[str]:
+        await page.wait_for_function("() => document.querySelector('main tbody tr[data-key]')")
+        return await table.locator("tbody tr[data-key]").evaluate_all(
+            "(rows) => rows.map((r) => r.dataset.key)"
+        )
+
+    first = await shown()
+    assert ids["run_id"] in first
+    key = await asyncio.to_thread(whole_system.key_for, DEMO_TENANT)
+    async with httpx.AsyncClient(base_url=base, headers={"X-API-Key": key}, timeout=30) as c:
+        stopped = (await c.get("/v1/runs", params={"status": "stopped_by_policy"})).json()["runs"]
+    assert set(first) <= {r["run_id"] for r in stopped}
+    await table.locator(f"tbody tr[data-key='{ids['run_id']}'] a[data-link='run']").first.click()
+    await page.locator(f"[data-entity='run'][data-id='{ids['run_id']}']").first.wait_for()
+    await page.go_back()
+    await settled(page)
+    assert await page.locator("main .datatable").first.get_by_label("Status").input_value() == (
+        "stopped_by_policy"
+    )
+    assert await shown() == first
+    await page.reload()
+    await settled(page)
+    assert await shown() == first

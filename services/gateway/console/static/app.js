@@ -72,7 +72,9 @@ export async function download(path, filename, query) {
  * Follow a Server-Sent Events route. EventSource cannot send headers, so the stream is read
  * with fetch; on a dropped connection it reconnects with Last-Event-ID, as EventSource would.
  * onEvent(type, data, id) is called per message; onState(state, error) hears "open",
- * "retrying", "failed" (a 4xx that retrying cannot change, with the API's error) and "closed".
+ * "retrying" (with, when the server refused for load, an ApiError whose message is the API's
+ * reason and whose retryIn is the wait in seconds), "failed" (a 4xx that retrying cannot change,
+ * with the API's error) and "closed". retryMessage(error) words a "retrying" error for a page.
  * Returns a function that stops it.
  */
 export function sse(path, onEvent, { query, onState } = {}) {
@@ -98,7 +100,13 @@ export function sse(path, onEvent, { query, onState } = {}) {
           }
           const after = Number(res.headers.get("Retry-After"));
           if (after > 0) wait = Math.min(after * 1000, 30000);
-          throw new ApiError(res.status, "sse", `${res.status}`);
+          // The reason is shown while waiting: a tenant at its limit of open streams (429)
+          // should read that, not a bare "reconnecting".
+          let reason = null;
+          try { reason = (await res.json()).error; } catch { /* not JSON */ }
+          const refused = new ApiError(res.status, reason?.code || "sse", reason?.message || `${res.status}`);
+          refused.retryIn = Math.round(wait / 1000);
+          throw refused;
         }
         wait = 1000;
         onState && onState("open");
@@ -127,7 +135,7 @@ export function sse(path, onEvent, { query, onState } = {}) {
         }
       } catch (e) {
         if (stopped) break;
-        onState && onState("retrying");
+        onState && onState("retrying", e instanceof ApiError ? e : undefined);
       }
       if (!stopped) {
         await new Promise((r) => setTimeout(r, wait));
@@ -138,6 +146,12 @@ export function sse(path, onEvent, { query, onState } = {}) {
   };
   run();
   return () => { stopped = true; controller && controller.abort(); };
+}
+
+/** Words for sse()'s "retrying" state: the server's reason and the wait when it gave one. */
+export function retryMessage(error) {
+  if (!error || !error.retryIn) return "reconnecting…";
+  return `waiting: ${error.message} (${error.status}); trying again in ${error.retryIn} s`;
 }
 
 /** Go to a route (a hash). */
@@ -204,7 +218,7 @@ export async function view(name, el, id, query = {}) {
 }
 
 /** What panels and views receive (plus query, onLeave and, for views, id). */
-export const ctx = { api, sse, download, navigate, panelHref, viewHref, view, h, toast, empty, failure, session };
+export const ctx = { api, sse, retryMessage, download, navigate, panelHref, viewHref, view, h, toast, empty, failure, session };
 
 // -- rendering ------------------------------------------------------------------------------
 

@@ -100,8 +100,14 @@ export const ACTIVITY = [
         const stop = ctx.sse("/v1/live", (type, data) => {
           if (type === "snapshot") { rows = data.runs || []; table.reload(); return; }
           if (String(type).startsWith("run.")) refresh();
-        }, { onState: (s) => {
+        }, { onState: (s, error) => {
           if (s === "open") { failures = 0; state.textContent = "Live: updated as runs start, step and end (GET /v1/live)."; }
+          // A refusal for load (a tenant at its limit of open streams) says so and keeps
+          // trying; the panel gives up only on a stream that keeps failing for no stated reason.
+          if (s === "retrying" && error?.retryIn) {
+            state.textContent = `Live updates ${ctx.retryMessage(error)}.`;
+            return;
+          }
           if (s === "failed" || (s === "retrying" && ++failures >= 2)) {
             stop();
             state.replaceChildren("Live updates are not available (GET /v1/live did not answer); ",

@@ -166,6 +166,25 @@ let tableSeq = 0;
  * Sorting orders the rows of the page shown; "Find in rows" narrows them by text. Every
  * control is a labelled input or a <button>, so Tab and Enter/Space operate it all.
  */
+/**
+ * Put a table's applied filters into the page's address, so that a reload, a shared link or the
+ * Back button from a detail page shows the same rows. The address is replaced, not pushed: each
+ * filter change is not a page of its own in the history. A filter with an initial value that
+ * was cleared is written empty ("status="), which the table reads as "any", not as the initial.
+ */
+function writeFilters(filters, values) {
+  const hash = location.hash || "#/";
+  const cut = hash.indexOf("?");
+  const params = new URLSearchParams(cut < 0 ? "" : hash.slice(cut + 1));
+  for (const f of filters) {
+    if (values[f.name]) params.set(f.name, values[f.name]);
+    else if (f.initial) params.set(f.name, "");
+    else params.delete(f.name);
+  }
+  const q = params.toString();
+  history.replaceState(history.state, "", `${cut < 0 ? hash : hash.slice(0, cut)}${q ? `?${q}` : ""}`);
+}
+
 export function dataTable(ctx, { caption, columns, filters = [], paging = "client", pageSize = 25, load, emptyText, rowKey }) {
   const id = `t${++tableSeq}`;
   const state = { filters: {}, sort: null, dir: 1, page: 0, cursors: [null], rows: [], next: null, all: null, find: "" };
@@ -198,6 +217,7 @@ export function dataTable(ctx, { caption, columns, filters = [], paging = "clien
     state.filters = {};
     for (const { f, input } of inputs) if (input.value) state.filters[f.name] = input.value;
     state.page = 0; state.cursors = [null]; state.all = null;
+    writeFilters(filters, state.filters);
     fetchPage();
   });
   root.append(form, status, body, pager);

@@ -151,7 +151,11 @@ export async function liveRun(el, ctx) {
     list.append(h("li", {}, h("time", {}, fmt.time(e?.occurred_at)), " ", h("strong", {}, e?.event_type || type),
       e?.payload?.step_index !== undefined ? ` step ${e.payload.step_index}` : ""));
     if (type === "end") state.textContent = "The run has ended.";
-  }, { onState: (s) => { state.textContent = s === "open" ? "Following the run's events (live)." : s === "retrying" ? "Connection lost; reconnecting…" : "Stopped following."; } });
+  }, { onState: (s, error) => {
+    state.textContent = s === "open" ? "Following the run's events (live)."
+      : s === "retrying" ? (error ? `Live events ${ctx.retryMessage(error)}` : "Connection lost; reconnecting…")
+      : "Stopped following.";
+  } });
   ctx.onLeave(stop);
 }
 

@@ -238,7 +238,7 @@ export async function renderExecution(el, ctx) {
   await refresh();
   if (!state.execution) return;
   const setConn = (s, error) => {
-    const text = { open: "connected", retrying: "reconnecting…", closed: "closed (the execution has ended)",
+    const text = { open: "connected", retrying: ctx.retryMessage(error), closed: "closed (the execution has ended)",
       failed: `refused (${error?.message || "the stream was refused"})` }[s] || s;
     connection.dataset.connection = s;
     connection.textContent = `Live updates: ${text}`;
