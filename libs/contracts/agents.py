@@ -36,6 +36,11 @@ ORIGINS: tuple[Origin, ...] = (
     "import",
 )
 LifecycleState = Literal["draft", "sandbox", "governed", "disabled"]
+VersionMadeBy = Literal["draft", "fork", "promote"]
+"""What set the spec a stored version holds: a draft save, the fork that opened the version, or
+the promotion that made it."""
+MAX_AGENT_VERSION = 2**31 - 1
+"""The largest version number a request may name (a bound JSON numbers carry everywhere)."""
 TriggerType = Literal["manual", "workflow", "event", "schedule", "none"]
 MemoryKind = Literal["none", "session", "persistent"]
 

@@ -17,7 +17,13 @@ from fastapi import APIRouter, Body, Depends, Path, Query, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from libs import errors
-from libs.contracts.agents import REGISTRY_AGENT_ID_PATTERN, LifecycleState, Origin
+from libs.contracts.agents import (
+    MAX_AGENT_VERSION,
+    REGISTRY_AGENT_ID_PATTERN,
+    LifecycleState,
+    Origin,
+    VersionMadeBy,
+)
 from libs.contracts.policy import Environment
 from services.gateway.schemas import Name, Reason, json_without_nul
 
@@ -31,6 +37,9 @@ AgentIdPath = Annotated[
         description="The registered agent's id: 1-100 letters, digits and ._- (first a letter "
         "or digit).",
     ),
+]
+VersionPath = Annotated[
+    int, Path(ge=1, le=MAX_AGENT_VERSION, description="The version: 1 to the agent's newest.")
 ]
 Spec = Annotated[dict[str, Any], AfterValidator(json_without_nul)]
 
@@ -148,6 +157,38 @@ class AgentView(_Result):
     created: bool | None = None
 
 
+class AgentVersionSummary(_Result):
+    """One stored version: its spec's hash, when and how the spec was set (``made_by``: a draft
+    save, the fork that opened the version, or the promotion that made it, ``from_version``
+    being where a fork or promotion started), whether it is the newest version (``current``) and
+    whether production runs it (``governed``)."""
+
+    version: int
+    spec_hash: str
+    saved_at: str | None
+    made_by: VersionMadeBy
+    from_version: int | None
+    current: bool
+    governed: bool
+
+
+class AgentVersions(_Result):
+    """The agent's versions, newest first (without their specs)."""
+
+    agent_id: str
+    version: int
+    state: LifecycleState
+    governed_version: int | None
+    versions: list[AgentVersionSummary]
+
+
+class AgentVersionSpec(AgentVersionSummary):
+    """One stored version with its spec."""
+
+    agent_id: str
+    spec: dict[str, Any]
+
+
 class AgentSummary(_Result):
     """One agent of the listing."""
 
@@ -233,6 +274,22 @@ def agent_routes(router: APIRouter, read: Any, author: Any, govern: Any) -> None
         """The agent, to resume editing: its newest version, what runs where, its last
         validation (404 ``agent_not_found``)."""
         return await call.answer("admission", "agent_get", {"agent_id": agent_id})
+
+    @router.get("/agents/{agent_id}/versions", response_model=AgentVersions, tags=tags)
+    async def list_agent_versions(agent_id: AgentIdPath, call: Read) -> Any:
+        """Every version the agent has had, newest first, without the specs: each one's spec
+        hash, when its spec was saved, what made it (draft, fork or promote) and whether it is
+        the newest (``current``) or the one production runs (``governed``). 404
+        ``agent_not_found``."""
+        return await call.answer("admission", "agent_versions", {"agent_id": agent_id})
+
+    @router.get("/agents/{agent_id}/versions/{version}", response_model=AgentVersionSpec, tags=tags)
+    async def get_agent_version(agent_id: AgentIdPath, version: VersionPath, call: Read) -> Any:
+        """One version's spec, as its last draft save left it (or as its fork or promotion
+        started it). 404 ``agent_not_found`` or ``agent_version_not_found``; a version below 1
+        is 422."""
+        payload = {"agent_id": agent_id, "version": version}
+        return await call.answer("admission", "agent_version", payload)
 
     @router.get("/agents/{agent_id}/actions", response_model=AgentActions, tags=tags)
     async def get_agent_actions(agent_id: AgentIdPath, call: Read) -> Any:

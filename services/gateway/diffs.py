@@ -62,9 +62,10 @@ class DiffIn(BaseModel):
     new_digest: Digest | None = None
     old_spec: Json | None = None
     new_spec: Json | None = None
-    # Agent versions: once the agent registry answers for one agent version's spec over the
-    # bus, `agent_id` with `old_version` and `new_version` belong here, resolved to the two specs
-    # in `diff_payload` (and recorded as the inputs' identities).
+    # Two stored agent versions are diffed as their specs, read first from
+    # GET /v1/agents/{agent_id}/versions/{version}. Naming `agent_id` with two versions here
+    # instead would spare the client those reads; the newest version's spec changes with each
+    # draft save, so the request kept by its hash would still have to hold the specs.
     locked_fields: list[FieldName] = Field(default_factory=list, max_length=diffing.MAX_FIELDS)
     enforced_fields: list[FieldName] = Field(default_factory=list, max_length=diffing.MAX_FIELDS)
     limit: int = Field(default=diffing.DEFAULT_LIMIT, ge=1, le=diffing.MAX_LIMIT)

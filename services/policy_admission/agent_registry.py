@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from libs.contracts.agents import REGISTRY_AGENT_ID_PATTERN, LifecycleState, Origin, spec_hash
+from libs.contracts.agents import (
+    MAX_AGENT_VERSION,
+    REGISTRY_AGENT_ID_PATTERN,
+    LifecycleState,
+    Origin,
+    spec_hash,
+)
 from libs.contracts.envelope import DomainEvent, EventEnvelope, TenantId
 from libs.contracts.limits import MAX_ACTOR, MAX_NAME, MAX_REASON
 from libs.contracts.policy import ENVIRONMENTS, Environment, PolicyHook
@@ -24,7 +30,14 @@ from libs.eventbus.repository import EventMeta, Repository, begin
 from libs.eventbus.rpc import RpcServer
 from libs.eventbus.uow import UnitOfWork
 from services.policy_admission import agents
-from services.policy_admission.agents import AGENTS, Agent, AgentGate, PolicyView
+from services.policy_admission.agents import (
+    AGENT_HISTORIES,
+    AGENTS,
+    Agent,
+    AgentGate,
+    AgentHistory,
+    PolicyView,
+)
 from services.policy_admission.drift_handlers import DriftWatch
 from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.hooks import HookActor, HookContext, evaluate_hook
@@ -32,6 +45,9 @@ from services.policy_admission.promotion_guard import ensure_promotable
 from services.policy_admission.tenant_bundles import CHANGES_LOCK, TenantPolicies, log_change
 
 MAX_LISTED = 500
+HISTORIES_CACHED = 256
+"""Agents whose versions are kept in memory: each holds a spec per version (up to 64 KiB each),
+and versions are read when a person looks, not on every decision."""
 
 
 class AgentRegistry:
@@ -41,6 +57,7 @@ class AgentRegistry:
         self.tenants = tenants
         self.store = tenants.store
         self.agents = Repository(tenants.store, AGENTS, max_retries=4)
+        self.histories = Repository(tenants.store, AGENT_HISTORIES, cache_size=HISTORIES_CACHED)
 
     def policy(self, tenant_id: str, environment: Environment) -> PolicyView:
         """What decides for ``tenant_id`` in ``environment`` now (in memory)."""
@@ -90,6 +107,10 @@ class AgentRegistry:
         if not agent.exists:
             raise NotFound(f"agent_not_found: no agent {agent_id!r} in the registry")
         return agent
+
+    async def history(self, tenant_id: str, agent_id: str) -> AgentHistory:
+        """The agent with every version's spec (not checked to exist: the views say so)."""
+        return await self.histories.load(tenant_id, agents.agent_entity(agent_id))
 
     async def change(
         self,
@@ -318,9 +339,15 @@ class DisableCall(_AgentCall):
 
 
 class GetCall(_Call):
-    """``agent_get`` and ``agent_actions``."""
+    """``agent_get``, ``agent_actions`` and ``agent_versions``."""
 
     agent_id: str = AgentIdField
+
+
+class VersionCall(GetCall):
+    """``agent_version``: one version of the agent."""
+
+    version: int = Field(ge=1, le=MAX_AGENT_VERSION)
 
 
 class ListCall(_Call):
@@ -361,6 +388,17 @@ def agent_routes(
     async def agent_get(body: GetCall) -> dict[str, Any]:
         """The agent: its newest version, the governed one, its last validation."""
         return agents.agent_view(await registry.get(body.tenant_id, body.agent_id))
+
+    @server.handler("agent_versions")
+    async def agent_versions(body: GetCall) -> dict[str, Any]:
+        """The agent's versions, newest first, without their specs."""
+        return agents.versions_view(await registry.history(body.tenant_id, body.agent_id))
+
+    @server.handler("agent_version")
+    async def agent_version(body: VersionCall) -> dict[str, Any]:
+        """One version of the agent with its spec."""
+        history = await registry.history(body.tenant_id, body.agent_id)
+        return agents.version_view(history, body.version)
 
     @server.handler("agent_list")
     async def agent_list(body: ListCall) -> dict[str, Any]:

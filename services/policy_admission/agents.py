@@ -21,6 +21,9 @@ Lifecycle, per environment::
 * Production runs the governed version; the sandbox runs the newest version. A run of a
   registered agent is denied (:func:`admission_denial`) in an environment where it is disabled,
   and in production while it has no governed version.
+* Every version stays readable (:class:`AgentHistory`, folded from the same stream): its spec
+  is the one its last draft save recorded, or, never edited, the one its fork or promotion
+  started it from.
 
 No I/O here.
 """
@@ -39,6 +42,7 @@ from libs.contracts.agents import (
     SPEC_SECTIONS,
     AgentSpec,
     LifecycleState,
+    VersionMadeBy,
     spec_hash,
 )
 from libs.contracts.canonical import canonical_json
@@ -234,6 +238,84 @@ AGENTS = Aggregate[Agent](
     initial=lambda tenant_id, entity_id: Agent(agent_id=entity_id.removeprefix("agent-")),
     fold=_fold,
 )
+
+
+# --- stored versions -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """One version of the agent as its stream keeps it: the spec it holds and what set it."""
+
+    version: int
+    spec: Mapping[str, Any]
+    spec_hash: str
+    saved_at: datetime
+    """When its spec was set (its last draft save, else its fork or promotion)."""
+    made_by: VersionMadeBy
+    from_version: int | None
+    """The version a fork or a promotion opened it from; ``None`` for version 1."""
+
+
+@dataclass(frozen=True)
+class AgentHistory:
+    """The agent (:class:`Agent`, folded as ever) and every version it has had."""
+
+    agent: Agent
+    versions: Mapping[int, StoredVersion] = field(default_factory=dict)
+
+
+def _stored_version(
+    versions: Mapping[int, StoredVersion], event: DomainEvent, at: datetime
+) -> StoredVersion | None:
+    """The version ``event`` sets, or ``None`` when it sets none."""
+    if isinstance(event, AgentDraftSaved):
+        # Autosave saves one version many times: the last save is the version's spec.
+        before = versions.get(event.version)
+        return StoredVersion(
+            version=event.version,
+            spec=event.spec,
+            spec_hash=event.spec_hash,
+            saved_at=at,
+            made_by="draft",
+            from_version=before.from_version if before is not None else None,
+        )
+    if isinstance(event, AgentForked | AgentPromoted):
+        # Both open version N + 1 with the spec of the version they start from.
+        source = versions.get(event.from_version)
+        return StoredVersion(
+            version=event.version,
+            spec=source.spec if source is not None else {},
+            spec_hash=event.spec_hash,
+            saved_at=at,
+            made_by="fork" if isinstance(event, AgentForked) else "promote",
+            from_version=event.from_version,
+        )
+    return None
+
+
+def evolve_history(history: AgentHistory, event: DomainEvent, at: datetime) -> AgentHistory:
+    """``history`` after ``event``."""
+    stored = _stored_version(history.versions, event, at)
+    versions = history.versions if stored is None else {**history.versions, stored.version: stored}
+    return AgentHistory(agent=evolve(history.agent, event, at), versions=versions)
+
+
+def _fold_history(history: AgentHistory, recorded: Sequence[Recorded]) -> AgentHistory:
+    for r in recorded:
+        history = evolve_history(history, r.event, r.envelope.occurred_at)
+    return history
+
+
+AGENT_HISTORIES = Aggregate[AgentHistory](
+    category=AGENT_CATEGORY,
+    initial=lambda tenant_id, entity_id: AgentHistory(
+        agent=Agent(agent_id=entity_id.removeprefix("agent-"))
+    ),
+    fold=_fold_history,
+)
+"""The agent's stream folded with every version's spec (read when someone asks for versions;
+commands and admission fold :data:`AGENTS`, which keeps the newest spec only)."""
 
 
 # --- validation (the one policy port) ------------------------------------------------------------
@@ -736,4 +818,53 @@ def actions_view(agent: Agent) -> dict[str, Any]:
             if isinstance(t, dict) and isinstance(t.get("name"), str)
         ],
         "runnable_in": [e for e in ENVIRONMENTS if admission_denial(agent.gate(), "", e) is None],
+    }
+
+
+def _version_summary(agent: Agent, stored: StoredVersion) -> dict[str, Any]:
+    return {
+        "version": stored.version,
+        "spec_hash": stored.spec_hash,
+        "saved_at": _iso(stored.saved_at),
+        "made_by": stored.made_by,
+        "from_version": stored.from_version,
+        "current": stored.version == agent.version,
+        "governed": agent.governed is not None and agent.governed.version == stored.version,
+    }
+
+
+def versions_view(history: AgentHistory) -> dict[str, Any]:
+    """The agent's versions, newest first, without their specs (``agent_not_found``, 404, if it
+    was never saved). ``current`` marks the newest version, ``governed`` the one production
+    runs."""
+    agent = history.agent
+    _require(agent)
+    return {
+        "agent_id": agent.agent_id,
+        "version": agent.version,
+        "state": agent.lifecycle,
+        "governed_version": agent.governed.version if agent.governed is not None else None,
+        "versions": [
+            _version_summary(agent, history.versions[n])
+            for n in sorted(history.versions, reverse=True)
+        ],
+    }
+
+
+def version_view(history: AgentHistory, version: int) -> dict[str, Any]:
+    """One version with its spec: ``agent_not_found`` (404) for an agent never saved,
+    ``agent_version_not_found`` (404) for a version it never had."""
+    agent = history.agent
+    _require(agent)
+    stored = history.versions.get(version)
+    if stored is None:
+        known = sorted(history.versions)
+        raise NotFound(
+            f"agent_version_not_found: agent {agent.agent_id!r} has no version {version}; its "
+            f"versions are {known[0]} to {known[-1]}"
+        )
+    return {
+        "agent_id": agent.agent_id,
+        **_version_summary(agent, stored),
+        "spec": dict(stored.spec),
     }

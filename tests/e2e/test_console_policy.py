@@ -1,8 +1,9 @@
 """The console's policy, agent and diff views in Chromium, against a running system: the agent
 wizard stopped by a deny, held by a warn until acknowledged and explaining a locked field before
-it creates the agent; the policy lifecycle view with its bundles and a freeze banner; a
-10,000-row diff scrolled to its end with only a window of rows in the page, then acknowledged.
-Each view is checked with axe and saved as a screenshot."""
+it creates the agent; an agent's stored versions listed and two of them diffed; the policy
+lifecycle view with its bundles and a freeze banner; a 10,000-row diff scrolled to its end with
+only a window of rows in the page, then acknowledged. Each view is checked with axe and saved as
+a screenshot."""
 
 from __future__ import annotations
 
@@ -228,6 +229,81 @@ async def test_the_wizard_blocks_on_a_deny_holds_on_a_warn_explains_a_lock_then_
     await page.get_by_role("link", name=agent_id).wait_for()
     assert await axe(page) == []
     await shot(page, "view-agents")
+    assert page.offsite == []
+
+
+def _three_versions(base: str, key: str, token: str, agent_id: str) -> dict[str, Any]:
+    """An agent at version 3 through the API: version 1 saved twice (role "second" last),
+    promoted to version 2 by the admin, forked to version 3 and edited (role "third")."""
+    spec: dict[str, Any] = {
+        "identity": {"name": "Versioned", "owner": "team-a"},
+        "role": "first",
+        "model": {"model": "gpt-4o"},
+        "tools": [{"name": "search"}],
+    }
+    admin = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=60) as http:
+
+        def ok(resp: httpx.Response) -> dict[str, Any]:
+            assert resp.status_code in (200, 201), resp.text
+            answer: dict[str, Any] = resp.json()
+            return answer
+
+        for role in ("first", "second"):
+            ok(
+                http.post(
+                    "/v1/agents/draft", json={"agent_id": agent_id, "spec": {**spec, "role": role}}
+                )
+            )
+        ok(http.put("/v1/approval-rules", json={"irreversible": {"required": 0}}, headers=admin))
+        ok(http.post(f"/v1/agents/{agent_id}/sandbox"))
+        assert ok(http.post(f"/v1/agents/{agent_id}/promote", headers=admin))["version"] == 2
+        assert ok(http.post(f"/v1/agents/{agent_id}/fork"))["version"] == 3
+        edited = {"agent_id": agent_id, "spec": {**spec, "role": "third"}}
+        assert ok(http.post("/v1/agents/draft", json=edited))["version"] == 3
+        return ok(http.get(f"/v1/agents/{agent_id}/versions"))
+
+
+async def test_the_agent_page_lists_its_stored_versions_and_diffs_two_of_them(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    base = whole_system.gateway_url
+    tenant, key, user, token = await _setup(whole_system, "admin")
+    agent_id = f"versioned-{uuid.uuid4().hex[:8]}"
+    listing = await asyncio.to_thread(_three_versions, base, key, token, agent_id)
+    await _sign_in(page, base, user, tenant)
+    await page.goto(f"{base}/#/view/agent/{agent_id}")
+
+    versions = page.get_by_role("table", name="The agent's stored versions, newest first")
+    await versions.wait_for()
+    rows = versions.locator("tbody tr")
+    assert await rows.count() == 3
+    newest, governed, first = [await rows.nth(i).inner_text() for i in range(3)]
+    assert newest.startswith("3") and "draft save (fork of 2)" in newest
+    assert "current (draft)" in newest and listing["versions"][0]["spec_hash"] in newest
+    assert governed.startswith("2") and "promotion of 1" in governed
+    assert "governed: production runs it" in governed
+    assert first.startswith("1") and "draft save" in first
+    # By default the newest version against the governed one.
+    old, new = page.get_by_label("Old version"), page.get_by_label("New version")
+    assert (await old.input_value(), await new.input_value()) == ("2", "3")
+    # Pasting a spec is an option still; the page no longer says versions cannot be fetched.
+    assert await page.get_by_text("Compare the newest spec with a pasted one").count() == 1
+    assert await page.get_by_text("cannot be fetched", exact=False).count() == 0
+    assert await axe(page) == []
+    await shot(page, "view-agent-versions")
+
+    # Version 1 (its second save) against version 3: the role is the one change.
+    await old.select_option("1")
+    await page.get_by_role("button", name="Diff the two versions").click()
+    await page.wait_for_url("**/#/view/diff/sha256*")
+    row = page.locator("tr[data-row='0']")
+    await row.wait_for()
+    assert await _count(page, "tr[data-row]") == 1
+    text = await row.inner_text()
+    assert "/role" in text and "second" in text and "third" in text and "first" not in text
+    assert listing["versions"][2]["spec_hash"] in await page.locator("main").inner_text()
+    assert await axe(page) == []
     assert page.offsite == []
 
 

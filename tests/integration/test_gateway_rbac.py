@@ -198,6 +198,11 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/agent-registry"): ("/v1/agent-registry?state=draft", None),
     ("GET", "/v1/agents/{agent_id}"): ("/v1/agents/rbac-registry-agent", None),
     ("GET", "/v1/agents/{agent_id}/actions"): ("/v1/agents/rbac-registry-agent/actions", None),
+    ("GET", "/v1/agents/{agent_id}/versions"): ("/v1/agents/rbac-registry-agent/versions", None),
+    ("GET", "/v1/agents/{agent_id}/versions/{version}"): (
+        "/v1/agents/rbac-registry-agent/versions/1",
+        None,
+    ),
     ("POST", "/v1/agents/{agent_id}/sandbox"): ("/v1/agents/rbac-registry-agent/sandbox", None),
     ("POST", "/v1/agents/{agent_id}/fork"): ("/v1/agents/rbac-registry-agent/fork", None),
     ("POST", "/v1/agents/{agent_id}/promote"): ("/v1/agents/rbac-registry-agent/promote", None),

@@ -1,6 +1,7 @@
 // The agent registry: the tenant's agents (#/view/agents) and one agent (#/view/agent/A): its
-// versions and state per environment, the last validation, the lifecycle actions allowed now
-// (sandbox, promote, fork, disable) and a diff of its spec. See docs/agents.md.
+// state per environment, the last validation, the lifecycle actions allowed now (sandbox,
+// promote, fork, disable), its stored versions, and a diff of two of them (or of its newest spec
+// and a pasted one). See docs/agents.md.
 import { table, useStyles, when } from "./pol-common.js";
 
 const STATES = ["", "draft", "sandbox", "governed", "disabled"];
@@ -44,12 +45,11 @@ export const agent = {
     const { api, h, failure, empty, toast, viewHref, navigate } = ctx;
     const id = ctx.id;
     if (!id) { el.append(empty("Name an agent: open one from the list of agents."), h("a", { href: viewHref("agents") }, "All agents")); return; }
-    let a, actions, me;
+    const path = `/v1/agents/${encodeURIComponent(id)}`;
+    let a, actions, me, history;
     try {
-      [a, actions, me] = await Promise.all([
-        api(`/v1/agents/${encodeURIComponent(id)}`),
-        api(`/v1/agents/${encodeURIComponent(id)}/actions`),
-        api("/v1/auth/whoami"),
+      [a, actions, me, history] = await Promise.all([
+        api(path), api(`${path}/actions`), api("/v1/auth/whoami"), api(`${path}/versions`),
       ]);
     } catch (e) { el.append(failure(e)); return; }
     const out = h("div", { "aria-live": "polite", id: "agent-outcome" });
@@ -120,22 +120,61 @@ export const agent = {
         })),
       out);
 
-    // -- diffs: this version's spec against another --------------------------------------------
+    // -- versions: the stored ones, two of them diffed ------------------------------------------
+    const diffOut = h("div", { "aria-live": "polite", id: "agent-diff-outcome" });
+    const openDiff = async (old, neu) => {
+      const page = await api("/v1/diffs", { method: "POST", body: { old_spec: old, new_spec: neu, limit: 1 } });
+      navigate(viewHref("diff", page.diff_hash));
+    };
+    const versions = history.versions;
+    const made = (v) => ({
+      draft: v.from_version ? `draft save (fork of ${v.from_version})` : "draft save",
+      fork: `fork of ${v.from_version}`,
+      promote: `promotion of ${v.from_version}`,
+    })[v.made_by] || v.made_by;
+    const marker = (v) => [v.current ? `current (${history.state})` : null, v.governed ? "governed: production runs it" : null].filter(Boolean).join(", ") || "—";
+    el.append(h("h3", {}, "Versions"),
+      table(h, "The agent's stored versions, newest first", [
+        ["Version", (v) => String(v.version)],
+        ["Saved at", (v) => when(v.saved_at)],
+        ["Made by", made],
+        ["State", marker],
+        ["Spec hash", (v) => h("code", {}, v.spec_hash)],
+      ], versions));
+    if (versions.length > 1) {
+      const label = (v) => `${v.version}${v.current ? " (current)" : ""}${v.governed ? " (governed)" : ""}`;
+      const choose = (sel, chosen) => h("select", { id: sel }, versions.map((v) => h("option", { value: String(v.version), selected: v.version === chosen }, label(v))));
+      // By default the newest version against the governed one, else against the one before it.
+      const newest = versions[0].version;
+      const governed = history.governed_version;
+      const oldest = governed !== null && governed !== newest ? governed : versions[1].version;
+      const oldSel = choose("agent-diff-old-version", oldest), newSel = choose("agent-diff-new-version", newest);
+      el.append(h("div", { class: "filters", role: "group", "aria-label": "Diff two versions" },
+        h("label", { for: "agent-diff-old-version" }, "Old version", oldSel),
+        h("label", { for: "agent-diff-new-version" }, "New version", newSel),
+        h("button", { type: "button", onclick: async () => {
+          diffOut.replaceChildren();
+          if (oldSel.value === newSel.value) { diffOut.replaceChildren(failure("Choose two different versions.")); return; }
+          try {
+            const [old, neu] = await Promise.all([oldSel.value, newSel.value].map((v) => api(`${path}/versions/${v}`)));
+            await openDiff(old.spec, neu.spec);
+          } catch (e) { diffOut.replaceChildren(failure(e)); }
+        } }, "Diff the two versions")));
+    } else {
+      el.append(h("p", { class: "muted" }, "Only version 1 so far: promoting it opens version 2, and forking the governed version the next."));
+    }
+
+    // A spec kept elsewhere (another agent's, an exported one) against the newest.
     const other = h("textarea", { id: "agent-diff-old", rows: "8", cols: "70" }, JSON.stringify(a.spec, null, 2));
-    const diffOut = h("div", { "aria-live": "polite" });
-    el.append(h("h3", {}, "Diff"),
-      h("p", {}, "The registry serves an agent's newest spec only, so earlier versions cannot be fetched here yet. Compare the newest spec with another spec (a governed version's, kept elsewhere, say): edit it below, then open the diff."),
-      h("div", { class: "field" }, h("label", { for: "agent-diff-old" }, "The other spec (JSON), as the old side"), other),
-      h("div", { class: "actions" }, h("button", { type: "button", onclick: async () => {
-        diffOut.replaceChildren();
-        let old;
-        try { old = JSON.parse(other.value); } catch (e) { diffOut.replaceChildren(failure(`The other spec is not JSON: ${e.message}`)); return; }
-        try {
-          const page = await api("/v1/diffs", { method: "POST", body: { old_spec: old, new_spec: a.spec, limit: 1 } });
-          navigate(viewHref("diff", page.diff_hash));
-        } catch (e) { diffOut.replaceChildren(failure(e)); }
-      } }, "Open the diff")),
-      diffOut,
+    el.append(diffOut,
+      h("details", {}, h("summary", {}, "Compare the newest spec with a pasted one"),
+        h("div", { class: "field" }, h("label", { for: "agent-diff-old" }, "The other spec (JSON), as the old side"), other),
+        h("div", { class: "actions" }, h("button", { type: "button", onclick: async () => {
+          diffOut.replaceChildren();
+          let old;
+          try { old = JSON.parse(other.value); } catch (e) { diffOut.replaceChildren(failure(`The other spec is not JSON: ${e.message}`)); return; }
+          try { await openDiff(old, a.spec); } catch (e) { diffOut.replaceChildren(failure(e)); }
+        } }, "Open the diff"))),
       h("details", {}, h("summary", {}, "The newest spec"), h("pre", { class: "spec" }, JSON.stringify(a.spec, null, 2))));
   },
 };
