@@ -17,8 +17,10 @@ query filters on it, so no answer ever holds another tenant's rows.
 * ``costs``: ``group_by`` (run, agent, model, workflow, day), ``run_id?`` →
   ``{group_by, rows, totals}``; each row with its token counts and cost per usage component,
   the provider-reported cost and how many steps' figures differ from ours.
-* ``replay``: ``run_id``, ``at_position?``, ``at_version?`` →
-  ``{state, events_applied, inflection_point, at_position}``, folded from the event store.
+* ``replay``: ``run_id``, ``at_position?``, ``at_version?`` or ``at_step?`` (not with either
+  other) → ``{state, events_applied, inflection_point, at_position, at_version, at_step,
+  events_total}``, folded from the event store; ``events_total`` is how many events the run's
+  stream holds (the highest ``at_version``).
 * ``export``: ``run_id``, ``format`` (json, csv) → ``{content_type, body}``.
 * ``search``: ``run_id?``, ``agent_id?``, ``workflow_id?``, ``execution_id?``, ``policy_id?``,
   ``outcome?``, ``incident_id?``, ``actor?``, ``event_type?``, ``since?``, ``until?``, ``q?``
@@ -77,6 +79,7 @@ from services.audit_replay.domain import (
     ReplayState,
     RunRow,
     cost_summary,
+    events_through_step,
     evolve_execution,
     evolve_replay,
     execution_replay_answer,
@@ -84,6 +87,7 @@ from services.audit_replay.domain import (
     inflection_point,
     iso,
     replay_answer,
+    run_stream,
     run_view,
     trace_csv,
     trace_steps,
@@ -537,21 +541,34 @@ class AuditQueries:
     # --- replay, export, operations -------------------------------------------------------------
 
     async def replay(self, p: Params) -> dict[str, Any]:
-        """The run rebuilt from the event store, folded up to a position or run version."""
+        """The run rebuilt from the event store, folded up to a position, run version or step,
+        with how many events the run's stream holds."""
         tenant = _tenant(p)
         run_id = _text(p, "run_id", required=True)
         assert run_id is not None
         at_position = _int(p, "at_position", default=None, low=1)
         at_version = _int(p, "at_version", default=None, low=1)
+        at_step = _int(p, "at_step", default=None, low=0)
+        if at_step is not None and (at_position is not None or at_version is not None):
+            other = "at_position" if at_position is not None else "at_version"
+            raise InvalidInput(f"at_step and {other} both choose the point: give one of them")
         history = await read_run_history(
             self.store, tenant, run_id, at_position=at_position, at_version=at_version
         )
         if not history:
             raise NotFound(f"run {run_id} has no events at that point")
+        if at_step is not None:
+            # The step's last event is a store position: fold the history up to it.
+            through = events_through_step(history, at_step)
+            if through is None:
+                raise InvalidInput(f"at_step {at_step} does not exist in run {run_id}")
+            history = history[:through]
         state = ReplayState()
         for env in history:
             state = evolve_replay(state, env)
-        return replay_answer(state)
+        stream = run_stream(tenant, run_id)
+        counts = await self.store.stream_counts(tenant, [stream])
+        return {**replay_answer(state), "events_total": counts.get(stream, 0)}
 
     async def export(self, p: Params) -> dict[str, Any]:
         """A run's trace as a JSON document or as CSV (one row per step)."""

@@ -227,10 +227,13 @@ class Requests:
 
     @staticmethod
     def replay(
-        run_id: str, at_position: int | None = None, at_version: int | None = None
+        run_id: str,
+        at_position: int | None = None,
+        at_version: int | None = None,
+        at_step: int | None = None,
     ) -> ApiRequest[Any]:
         """``GET /v1/runs/{run_id}/replay``."""
-        params = {"at_position": at_position, "at_version": at_version}
+        params = {"at_position": at_position, "at_version": at_version, "at_step": at_step}
         return _json("GET", f"/v1/runs/{_seg(run_id)}/replay", params=params)
 
     @staticmethod
@@ -390,10 +393,14 @@ class MissionControlClient:
         return self.send(Requests.trace(run_id))
 
     def replay(
-        self, run_id: str, at_position: int | None = None, at_version: int | None = None
+        self,
+        run_id: str,
+        at_position: int | None = None,
+        at_version: int | None = None,
+        at_step: int | None = None,
     ) -> Any:
-        """A run replayed from the log."""
-        return self.send(Requests.replay(run_id, at_position, at_version))
+        """A run replayed from the log, to a store position, run version or step."""
+        return self.send(Requests.replay(run_id, at_position, at_version, at_step))
 
     def export(self, run_id: str, format: str = "json") -> bytes:
         """A run's audit record as a file."""
@@ -516,10 +523,14 @@ class AsyncMissionControlClient:
         return await self.send(Requests.trace(run_id))
 
     async def replay(
-        self, run_id: str, at_position: int | None = None, at_version: int | None = None
+        self,
+        run_id: str,
+        at_position: int | None = None,
+        at_version: int | None = None,
+        at_step: int | None = None,
     ) -> Any:
-        """A run replayed from the log."""
-        return await self.send(Requests.replay(run_id, at_position, at_version))
+        """A run replayed from the log, to a store position, run version or step."""
+        return await self.send(Requests.replay(run_id, at_position, at_version, at_step))
 
     async def export(self, run_id: str, format: str = "json") -> bytes:
         """A run's audit record as a file."""

@@ -486,6 +486,16 @@ OptionalId = Annotated[str | None, Query(pattern=ID_PATTERN)]
 OptionalAgentId = Annotated[str | None, Query(pattern=AGENT_ID_PATTERN)]
 OptionalPolicyId = Annotated[str | None, Query(pattern=POLICY_ID_PATTERN)]
 StorePosition = Annotated[int | None, Query(ge=1, le=2**63 - 1)]
+RunStep = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=MAX_STEP_INDEX,
+        description="Replay to the end of this step: after its record and everything of it "
+        "(admission, cost, a denial's stop and incident) stored before the next step began; 0 is "
+        "the run before its first step. Not with at_position or at_version.",
+    ),
+]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {
@@ -803,9 +813,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         call: Read,
         at_position: StorePosition = None,
         at_version: StorePosition = None,
+        at_step: RunStep = None,
     ) -> Any:
-        """The run as it stood at a store position or stream version, rebuilt from the log."""
-        query = {"run_id": run_id, "at_position": at_position, "at_version": at_version}
+        """The run as it stood at a store position, a version of its run stream, or the end of
+        one of its steps (``at_step``, not with the others), rebuilt from the log; with how
+        many events the run's stream holds (``events_total``)."""
+        query = {
+            "run_id": run_id,
+            "at_position": at_position,
+            "at_version": at_version,
+            "at_step": at_step,
+        }
         return await call.answer("audit", "replay", _present(query))
 
     @router.get(

@@ -407,12 +407,21 @@ class TraceResponse(_Result):
 
 
 class ReplayResponse(_Result):
-    """The run folded from the event store up to a point (``state`` null: nothing there yet)."""
+    """The run folded from the event store up to a point (``state`` null: nothing there yet).
+
+    ``at_version`` is the run stream's version at that point and ``events_total`` how many
+    events the run's stream holds (its last version), so a client stepping through
+    ``at_version=1..events_total`` knows the end from one answer. ``at_step`` is the step the
+    point is in: the highest step index among the events replayed (0 before the first step).
+    """
 
     state: Run | None
     events_applied: int
     inflection_point: InflectionPoint | None
     at_position: int | None
+    at_version: int
+    at_step: int
+    events_total: int
 
 
 # --- incidents ------------------------------------------------------------------------------------

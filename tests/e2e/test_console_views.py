@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import pytest
@@ -184,10 +185,28 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
     await listed.wait_for()
 
     # Scrub the replay of the stopped attempt to its inflection point, by keyboard.
+    replay_path = f"/v1/runs/{run_id}/replay"
+    whole = (await asyncio.to_thread(http.get, replay_path)).json()
+    stopped = whole["state"]["stopped_at_step"]
+    asked: list[dict[str, list[str]]] = []  # the query of each replay request the page makes
+
+    def note(request: Any) -> None:
+        url = urlsplit(request.url)
+        if unquote(url.path) == replay_path:
+            asked.append(parse_qs(url.query))
+
+    page.on("request", note)
     await _show(page, f"#/view/replay/{run_id}")
     scrubber = page.get_by_label("Event of the run", exact=False)
     await scrubber.wait_for()
     total = int(await scrubber.get_attribute("max"))
+    await page.locator(f"output[data-version='{total}']").wait_for()
+    # The count comes with the first answer: besides it, one request for the stopped call's end
+    # (the inflection point) and one for the point shown, none probing for the end.
+    assert total == whole["events_total"]
+    assert sorted(asked, key=str) == sorted(
+        [{}, {"at_step": [str(stopped)]}, {"at_version": [str(total)]}], key=str
+    )
     await scrubber.focus()
     await page.keyboard.press("Home")
     output = page.locator("output[for='replay-scrubber']")
@@ -204,6 +223,21 @@ async def test_an_execution_stops_live_then_its_replay_and_incident(
     assert await output.get_attribute("data-status") == "stopped_by_policy"
     await page.keyboard.press("ArrowLeft")
     await page.locator("output[data-inflection='false'][data-status='running']").wait_for()
+    # Go to the end of the first call: the scrubber lands on the run stream's event there.
+    first = (await asyncio.to_thread(http.get, replay_path, params={"at_step": 1})).json()
+    await page.get_by_label("Go to the end of call", exact=False).fill("1")
+    await page.get_by_role("button", name="Go", exact=True).click()
+    landed = page.locator("output[data-end-of-call='1']")
+    await landed.wait_for()
+    assert await landed.get_attribute("data-step") == "1"
+    assert await landed.get_attribute("data-version") == str(first["at_version"])
+    assert await landed.get_attribute("data-status") == "running"
+    assert await scrubber.input_value() == str(first["at_version"])
+    assert "After call 1" in await output.inner_text()
+    # Moving the scrubber again shows events, not the call.
+    await scrubber.focus()
+    await page.keyboard.press("End")
+    await page.locator(f"output[data-end-of-call=''][data-version='{total}']").wait_for()
     assert await axe(page) == []
     await shot(page, "view-replay")
 

@@ -373,6 +373,7 @@ async def test_bad_input_is_4xx_with_a_message_naming_the_field(
         ("GET", "/v1/exports/1%27%20OR%201=1/download", None, "path.job_id"),
         ("GET", "/v1/runs/white%20space/full-export", None, "path.run_id"),
         ("GET", "/v1/executions/e1/replay?at_position=0", None, "query.at_position"),
+        ("GET", "/v1/runs/r1/replay?at_step=-1", None, "query.at_step"),
         ("GET", f"/v1/executions/e1/replay?at_version={2**63}", None, "query.at_version"),
     ]
     for method, path, body, field in cases:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from libs.errors import Conflict, TransientError
+from libs.errors import Conflict, InvalidInput, NotFound, TransientError
 from tests.conftest import wait_until
 from tests.integration.test_projections import Audit, audit, snapshot
 from tests.unit.test_audit_domain import bundle_event, flow
@@ -102,3 +102,41 @@ async def test_queries_answer_unavailable_while_a_rebuild_runs(audit: Audit, uni
         assert (await audit.call("lag", tenant))["rebuilding"] is True
     assert (await rebuild)["position"] == last
     assert await snapshot(audit, tenant, run) == before
+
+
+async def test_replay_to_a_step_and_the_runs_event_count(audit: Audit, unique: Any) -> None:
+    tenant, run = unique("acme"), unique("run")
+    envs = flow(tenant, run)
+    positions = [await audit.append([e]) for e in envs]
+    # The run stream holds started, step 1, step 2 and the stop: every answer says 4.
+    whole = await audit.call("replay", tenant, run_id=run)
+    assert whole["events_total"] == 4
+    assert whole["at_version"] == 4
+    assert whole["at_step"] == 3
+    early = await audit.call("replay", tenant, run_id=run, at_version=2)
+    assert early["events_total"] == 4
+    assert early["at_step"] == 1
+
+    # Step 1 ends with its cost (envs[3]), before step 2's admission.
+    step1 = await audit.call("replay", tenant, run_id=run, at_step=1)
+    assert step1 == await audit.call("replay", tenant, run_id=run, at_position=positions[3])
+    assert step1["at_step"] == 1
+    assert step1["at_version"] == 2
+    assert step1["state"]["cost_usd"] == "0.0007500000"
+    # The denied step ends with its stop and incident: the whole run here.
+    assert await audit.call("replay", tenant, run_id=run, at_step=3) == whole
+    start = await audit.call("replay", tenant, run_id=run, at_step=0)
+    assert start["events_applied"] == 1  # run.started alone
+    assert start["at_step"] == 0
+    assert start["state"]["status"] == "running"
+
+    with pytest.raises(InvalidInput, match=f"at_step 4 does not exist in run {run}"):
+        await audit.call("replay", tenant, run_id=run, at_step=4)
+    with pytest.raises(InvalidInput, match="at_step and at_version both choose the point"):
+        await audit.call("replay", tenant, run_id=run, at_step=1, at_version=2)
+    with pytest.raises(InvalidInput, match="at_step and at_position both choose the point"):
+        await audit.call("replay", tenant, run_id=run, at_step=1, at_position=positions[3])
+    with pytest.raises(InvalidInput, match="at_step must be an integer >= 0"):
+        await audit.call("replay", tenant, run_id=run, at_step=-1)
+    with pytest.raises(NotFound):
+        await audit.call("replay", tenant, run_id=unique("none"), at_step=1)

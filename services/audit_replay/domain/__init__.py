@@ -33,10 +33,12 @@ from services.audit_replay.domain.projection import Projection, project, project
 from services.audit_replay.domain.replay import (
     ExecutionReplay,
     ReplayState,
+    events_through_step,
     evolve_execution,
     evolve_replay,
     execution_replay_answer,
     replay_answer,
+    step_of,
 )
 from services.audit_replay.domain.rows import (
     IncidentRow,
@@ -81,6 +83,7 @@ __all__ = [
     "decision_view",
     "dumps",
     "event_row",
+    "events_through_step",
     "evolve_execution",
     "evolve_incident",
     "evolve_replay",
@@ -107,6 +110,7 @@ __all__ = [
     "run_totals",
     "run_view",
     "safe_decode",
+    "step_of",
     "step_row",
     "step_view",
     "trace_csv",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,40 @@ class ReplayState:
     incidents: dict[str, IncidentRow] = field(default_factory=dict)
     events_applied: int = 0
     position: int = 0
+    step: int = 0
+    """The highest step index among the events folded in (0: before the run's first step)."""
+
+
+def step_of(env: EventEnvelope) -> int | None:
+    """The step index an event of a run belongs to, or ``None`` for an event of no one step.
+
+    Admission decisions, recorded steps, costs, violations, a policy stop and an incident's
+    opening each carry the ``step_index`` they are about; the run's start and end, and an
+    incident's later events, carry none.
+    """
+    value = env.payload.get("step_index")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def events_through_step(history: Sequence[EventEnvelope], step: int) -> int | None:
+    """How many of a run's events (in store order) replaying "to step ``step``" folds.
+
+    The point is the last event of that step that comes before the next step begins: its
+    admission decision, its record, its cost, and for a denied step the violation, the stop
+    and the incident opened, but not the run's end or a later step's admission. Step 0 is the
+    run before its first step (every event before the first that carries a step index).
+    ``None`` when no event of the history belongs to ``step``.
+    """
+    if step == 0:
+        return next((i for i, env in enumerate(history) if step_of(env) is not None), len(history))
+    end: int | None = None
+    for i, env in enumerate(history):
+        of = step_of(env)
+        if of == step:
+            end = i + 1
+        elif of is not None and of > step and end is not None:
+            break  # the next step has begun: anything of this step after it is left out
+    return end
 
 
 def evolve_replay(state: ReplayState, env: EventEnvelope) -> ReplayState:
@@ -41,6 +76,7 @@ def evolve_replay(state: ReplayState, env: EventEnvelope) -> ReplayState:
     event = safe_decode(env)
     state.events_applied += 1
     state.position = max(state.position, env.position or 0)
+    state.step = max(state.step, step_of(env) or 0)
     if event is None:
         return state
     state.run = evolve_run(state.run, env, event)
@@ -59,7 +95,11 @@ def evolve_replay(state: ReplayState, env: EventEnvelope) -> ReplayState:
 
 
 def replay_answer(state: ReplayState) -> dict[str, Any]:
-    """The ``replay`` result: the run as the ``run`` query would show it, at that point."""
+    """The ``replay`` result: the run as the ``run`` query would show it, at that point.
+
+    ``at_version`` is the run stream's version folded in (the scrubber's axis), ``at_step`` the
+    step the point is in (:attr:`ReplayState.step`).
+    """
     inflection = inflection_point(state.run, state.decisions.values())
     if state.run is None:
         view: dict[str, Any] | None = None
@@ -72,6 +112,8 @@ def replay_answer(state: ReplayState) -> dict[str, Any]:
         "events_applied": state.events_applied,
         "inflection_point": inflection,
         "at_position": state.position,
+        "at_version": state.run.stream_version if state.run is not None else 0,
+        "at_step": state.step,
     }
 
 

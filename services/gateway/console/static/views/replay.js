@@ -1,7 +1,8 @@
 // A run's replay (#/view/replay/R): a scrubber over the run's events (stream versions), each
 // point the run folded from the event store up to it (GET /v1/runs/{id}/replay?at_version=N),
-// with the inflection point (the stopping step) marked, and the trace's calls beside it.
-import { add, badge, links, tokens, usd, when } from "./flow-common.js";
+// with the inflection point (the stopping step) marked, a jump to the end of any call
+// (?at_step=N), and the trace's calls beside it.
+import { add, badge, field, links, tokens, usd, when } from "./flow-common.js";
 
 export async function renderReplay(el, ctx) {
   const { api, h, empty, failure, id } = ctx;
@@ -12,36 +13,23 @@ export async function renderReplay(el, ctx) {
     [trace, whole] = await Promise.all([api(`${path}/trace`), api(`${path}/replay`)]);
   } catch (e) { el.append(failure(e)); return; }
   const run = trace.run;
-  if (!whole.state) { el.append(empty("The event store holds no event of this run yet.")); return; }
+  // The scrubber's points are the run stream's events (its versions 1..N); each point folds
+  // every event of the run stored up to it (its decisions and costs too). Every replay answer
+  // says N (events_total).
+  const total = whole.events_total;
+  if (!whole.state || !total) { el.append(empty("The event store holds no event of this run yet.")); return; }
   const cache = new Map();
   const at = async (v) => {
     if (!cache.has(v)) cache.set(v, await api(`${path}/replay`, { query: { at_version: v } }));
     return cache.get(v);
   };
-  const exists = async (v) => { try { await at(v); return true; } catch { return false; } };
-  // The scrubber's points are the run stream's events (its versions 1..N); each point folds
-  // every event of the run stored up to it (its decisions and costs too). N is found by
-  // doubling, then halving: the store answers 422 for a version it does not hold.
-  let total = 0;
-  if (await exists(1)) {
-    let lo = 1, hi = 2;
-    while (await exists(hi)) { lo = hi; hi *= 2; }
-    while (hi - lo > 1) { const mid = Math.floor((lo + hi) / 2); if (await exists(mid)) lo = mid; else hi = mid; }
-    total = lo;
-  }
-  if (!total) { el.append(empty("The event store holds no event of this run yet.")); return; }
-  // The inflection point: the first version at which the run is stopped (a stop never undoes,
-  // so a binary search over versions finds it).
+  const atCall = (n) => api(`${path}/replay`, { query: { at_step: n } });
+  // The inflection point: the first version at which the run is stopped, the run stream's
+  // version at the end of the stopped call.
   const inflection = whole.inflection_point || trace.inflection_point;
   let stopVersion = null;
   if (inflection && whole.state.stopped_at_step != null) {
-    let lo = 1, hi = total;
-    while (lo < hi) {
-      const mid = Math.floor((lo + hi) / 2);
-      const r = await at(mid);
-      if (r.state && r.state.stopped_at_step != null) hi = mid; else lo = mid + 1;
-    }
-    stopVersion = lo;
+    try { stopVersion = (await atCall(whole.state.stopped_at_step)).at_version || null; } catch (e) { el.append(failure(e)); return; }
   }
 
   const incidents = run.incident_ids || [];
@@ -67,6 +55,10 @@ export async function renderReplay(el, ctx) {
   const output = h("output", { for: "replay-scrubber", "aria-live": "polite", class: "card", style: "display:block" });
   const calls = h("ol", { class: "timeline", "aria-label": "Calls of the run" });
   const jump = stopVersion ? h("button", { type: "button", onclick: () => { slider.value = stopVersion; show(); slider.focus(); } }, "Go to the inflection point") : null;
+  const lastCall = trace.steps.reduce((m, t) => Math.max(m, t.step_index), 0);
+  const callInput = h("input", { id: "replay-call", type: "number", min: 0, max: lastCall, step: 1, required: true, value: whole.at_step });
+  const toCall = h("form", { class: "filters", "aria-label": "Go to a call", onsubmit: (ev) => { ev.preventDefault(); goToCall(Number(callInput.value)); } },
+    field(`Go to the end of call (0 to ${lastCall}; 0 is before the first)`, callInput), h("button", { type: "submit" }, "Go"));
   const marker = stopVersion ? h("div", { "aria-hidden": "true", style: "position:relative;height:14px;max-width:640px" },
     h("span", { class: "deny", style: `position:absolute;left:calc(${((stopVersion - 1) / Math.max(1, total - 1)) * 100}% - 4px)` }, "▲ stop")) : null;
   add(el,
@@ -74,23 +66,23 @@ export async function renderReplay(el, ctx) {
     h("label", { for: "replay-scrubber" }, `Event of the run (1 to ${total})`),
     h("div", {}, slider), marker,
     h("p", { id: "replay-help", class: "muted" }, "Arrow keys move one event, Page Up/Down ten, Home and End the first and last."),
-    jump, output, h("h2", {}, "Calls"), calls);
+    jump, toCall, output, h("h2", {}, "Calls"), calls);
   slider.style.width = "100%"; slider.style.maxWidth = "640px";
 
   let seq = 0;
-  const show = async () => {
-    const v = Number(slider.value);
-    const mine = ++seq;
-    slider.setAttribute("aria-valuetext", `event ${v} of ${total}${v === stopVersion ? ", the inflection point" : ""}`);
-    let r;
-    try { r = await at(v); } catch (e) { output.replaceChildren(failure(e)); return; }
-    if (mine !== seq) return;
+  // One answer shown: the run after event v of the run stream (after call n when reached by it).
+  const render = (v, r, n) => {
     const s = r.state;
+    const where = `event ${v} of ${total}${v === stopVersion ? ", the inflection point" : ""}`;
+    slider.setAttribute("aria-valuetext", n == null ? where : `end of call ${n}, ${where}`);
     output.dataset.version = String(v);
+    output.dataset.step = String(r.at_step);
+    output.dataset.endOfCall = n == null ? "" : String(n);
     output.dataset.status = s ? s.status : "none";
     output.dataset.inflection = v === stopVersion ? "true" : "false";
     output.replaceChildren(
-      h("div", { class: "label" }, `After event ${v} of ${total}${v === stopVersion ? " — the inflection point" : ""}`),
+      h("div", { class: "label" }, n == null ? `After event ${v} of ${total}` : `After call ${n} (event ${v} of ${total})`,
+        v === stopVersion ? " — the inflection point" : ""),
       s ? h("div", {}, "Status ", badge(s.status), ` · ${tokens(s.tokens_used)} tokens · cost ${usd(s.cost_usd)} · last call ${s.last_step_index}`,
         s.stopped_at_step != null ? h("span", { class: "deny" }, ` · stopped at call ${s.stopped_at_step}${s.stop_reason ? `: ${s.stop_reason}` : ""}`) : "")
         : h("div", { class: "muted" }, "Nothing of the run yet."));
@@ -102,6 +94,23 @@ export async function renderReplay(el, ctx) {
     t.cost ? ` · ${usd(t.cost.total_cost_usd)}` : "", t.inflection ? h("strong", {}, " · inflection") : "",
     t.decision && t.decision.outcome !== "allow" ? h("div", { class: "deny" }, (t.decision.reasons || []).map((x) => x.message || x.policy_id).join("; ")) : null)));
   };
+  // Answers may arrive out of order: only the latest request's is shown.
+  const latest = async (load, then) => {
+    const mine = ++seq;
+    let r;
+    try { r = await load(); } catch (e) { if (mine === seq) output.replaceChildren(failure(e)); return; }
+    if (mine === seq) then(r);
+  };
+  const show = () => {
+    const v = Number(slider.value);
+    return latest(() => at(v), (r) => render(v, r, null));
+  };
+  // A call's end folds its cost too, which may be stored after the run stream's event there, so
+  // the answer is shown as it is and the scrubber moves to the run stream's version at that end.
+  const goToCall = (n) => latest(() => atCall(n), (r) => {
+    slider.value = String(Math.max(1, r.at_version));
+    render(Number(slider.value), r, n);
+  });
   slider.addEventListener("input", show);
   await show();
 }
