@@ -393,3 +393,31 @@ async def test_the_policy_view_shows_bundles_freeze_drift_a_canary_a_simulation_
     await page.locator("[data-exception-status='revoked']").wait_for()
     assert await axe(page) == []
     assert page.offsite == []
+
+
+async def test_a_freeze_that_starts_while_the_policy_view_is_open_shows_without_a_reload(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    """The banners follow the tenant's events: a high incident freezes production while the view
+    is open, and its banner appears on the same page, naming the incident."""
+    base = whole_system.gateway_url
+    tenant, key, user, _ = await _setup(whole_system, "admin")
+    await _sign_in(page, base, user, tenant)
+    await page.goto(f"{base}/#/view/policy")
+    await page.locator("#pol-bundles").wait_for()
+    await page.evaluate("() => { window.notReloaded = true; }")
+    assert await page.locator("[data-banner='freeze']").count() == 0
+
+    def freeze_production() -> str:
+        with httpx.Client(base_url=base, timeout=60, headers={"X-API-Key": key}) as http:
+            run_id = _high_incident(http, "production")
+            wait_for(lambda: _freeze(http, "production")["frozen"], what="the production freeze")
+            return run_id
+
+    await asyncio.to_thread(freeze_production)
+    freeze = page.locator("[data-banner='freeze']")
+    await freeze.wait_for(timeout=20_000)
+    assert "Promotions into production are frozen" in await freeze.inner_text()
+    assert await page.evaluate("() => window.notReloaded === true")
+    assert await axe(page) == []
+    await shot(page, "policy-freeze-live")

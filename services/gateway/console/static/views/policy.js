@@ -31,12 +31,42 @@ function withReason(ctx, id, label, action) {
   } }, h("label", { for: id }, "Reason (admins; recorded)", reason), h("button", { type: "submit" }, label), out);
 }
 
+/**
+ * The freeze and drift banners, kept live: a freeze or drift that starts, ends, is overridden or
+ * accepted (policy.freeze_* and policy.drift_* events on GET /v1/live) redraws them without a
+ * reload. While an admin is typing a reason in a banner, it is not redrawn under them: a note
+ * says it changed, with a button to show it.
+ */
 async function banners(el, ctx) {
-  const { api, h, failure, panelHref } = ctx;
+  const { h } = ctx;
   const out = h("div", { id: "policy-banners" });
   el.append(out);
+  const draw = async () => out.replaceChildren(...await bannerParts(ctx));
+  await draw();
+  let timer = null;
+  const changed = () => {
+    if ([...out.querySelectorAll("input")].some((i) => i.value)) {
+      if (!out.querySelector("[data-banners-stale]")) {
+        out.prepend(h("p", { class: "muted", role: "status", "data-banners-stale": "" },
+          "The freeze or drift has changed since this was shown. ",
+          h("button", { type: "button", onclick: draw }, "Show it now")));
+      }
+      return;
+    }
+    draw();
+  };
+  const stop = ctx.sse("/v1/live", (type) => {
+    if (/^policy\.(freeze|drift)_/.test(String(type))) { clearTimeout(timer); timer = setTimeout(changed, 300); }
+  });
+  ctx.onLeave(() => { stop(); clearTimeout(timer); });
+}
+
+/** The banners as they stand: one per frozen environment, one for drift, or none. */
+async function bannerParts(ctx) {
+  const { api, h, failure, panelHref } = ctx;
+  const out = [];
   const [freeze, drift] = await Promise.allSettled([api("/v1/policy-freeze"), api("/v1/policy-drift")]);
-  if (freeze.status === "rejected") out.append(failure(freeze.reason));
+  if (freeze.status === "rejected") out.push(failure(freeze.reason));
   else {
     for (const env of freeze.value.environments.filter((e) => e.frozen)) {
       const banner = reasonsBanner(h, "deny", `Promotions into ${env.environment} are frozen: ${env.incidents.length} open incident${env.incidents.length === 1 ? "" : "s"} at or above ${env.threshold}`, []);
@@ -46,10 +76,10 @@ async function banners(el, ctx) {
         ` (${i.severity}, opened ${when(i.opened_at)})${i.overridden_by ? `, overridden by ${i.overridden_by}` : ""}`)));
       banner.append(withReason(ctx, `freeze-${env.environment}`, `Let promotions into ${env.environment} through`,
         (reason) => api(`/v1/policy-freeze/${env.environment}:override`, { method: "POST", body: { reason } })));
-      out.append(banner);
+      out.push(banner);
     }
   }
-  if (drift.status === "rejected") out.append(failure(drift.reason));
+  if (drift.status === "rejected") out.push(failure(drift.reason));
   else if (drift.value.drifted || drift.value.blocking.length) {
     const d = drift.value;
     const lines = [
@@ -67,8 +97,9 @@ async function banners(el, ctx) {
         await api("/v1/policy-drift:acknowledge", { method: "POST", body: { reason, fingerprint: checked.recorded.fingerprint } });
       }));
     }
-    out.append(banner);
+    out.push(banner);
   }
+  return out;
 }
 
 async function bundles(body, ctx, policies) {
