@@ -67,3 +67,17 @@ async def sign_in_with_key(page: Page, base_url: str, api_key: str) -> None:
     await page.get_by_label("API key").fill(api_key)
     await page.get_by_role("button", name="Sign in").click()
     await page.locator("main [data-panel='OVR-SUM-HIGH']").wait_for()
+
+
+async def sign_in_as_person(
+    page: Page, base_url: str, user: str, password: str, tenant: str | None = None
+) -> None:
+    """Open the console and sign in with a username and password (naming ``tenant`` when
+    given); waits for the first panel."""
+    await page.goto(f"{base_url}/#/login")
+    await page.get_by_label("Username").fill(user)
+    await page.get_by_label("Password").fill(password)
+    if tenant:
+        await page.get_by_label("Tenant", exact=False).fill(tenant)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.locator("main [data-panel='OVR-SUM-HIGH']").wait_for()

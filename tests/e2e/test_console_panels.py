@@ -1,7 +1,8 @@
 """The console's 26 panels in Chromium, over the demo's data: every panel at every O-level it has
 renders without an error and without a serious or critical accessibility violation; the links
 between a run, its incident and its policy lead to pages showing that entity; the tables and the
-navigation work from the keyboard; a person signs in with the login form.
+navigation work from the keyboard; a person signs in with the login form; an admin issues and
+revokes an API key, which a viewer may not.
 
 One page and one sign-in serve the tour of the panels (a loop), so the file stays quick."""
 
@@ -20,8 +21,8 @@ import pytest
 from services.gateway.demo import DEMO_TENANT
 from services.gateway.keys import run_with_pool
 from services.gateway.users import create_user, grant_role
-from tests.e2e.browser import axe, shot, sign_in_with_key
-from tests.e2e.conftest import DemoRun, RunningSystem
+from tests.e2e.browser import axe, shot, sign_in_as_person, sign_in_with_key
+from tests.e2e.conftest import DemoRun, RunningSystem, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -250,11 +251,7 @@ async def test_a_person_signs_in_with_the_login_form(
 
     await asyncio.to_thread(run_with_pool, whole_system.admin_url, provision)
     base = whole_system.gateway_url
-    await page.goto(f"{base}/#/login")
-    await page.get_by_label("Username").fill(user)
-    await page.get_by_label("Password").fill(password)
-    await page.get_by_role("button", name="Sign in").click()
-    await page.locator("main [data-panel='OVR-SUM-HIGH']").wait_for()
+    await sign_in_as_person(page, base, user, password)
     await settled(page)
     assert (await page.locator("#who").inner_text()) == f"{user} · {DEMO_TENANT}"
     await goto(page, base, "#/panel/ACC-PRO-OVR/O3")
@@ -336,3 +333,124 @@ async def test_a_tables_filters_are_kept_in_the_address_across_a_detail_and_back
     await page.reload()
     await settled(page)
     assert await shown() == first
+
+
+def _refusal(base: str, user: str, password: str, method: str, path: str) -> str:
+    """The API's own message when ``user`` calls ``method path`` and is refused (403)."""
+    with httpx.Client(base_url=base, timeout=30) as http:
+        signed = http.post("/v1/auth/token", json={"username": user, "password": password})
+        assert signed.status_code == 200, signed.text
+        token = signed.json()["access_token"]
+        answer = http.request(method, path, headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 403, answer.text
+    return str(answer.json()["error"]["message"])
+
+
+def _keys_seen_with(base: str, key: str) -> httpx.Response:
+    """``GET /v1/api-keys`` (a read of the tenant) sent with ``key``."""
+    return httpx.get(f"{base}/v1/api-keys", headers={"X-API-Key": key}, timeout=30)
+
+
+async def _answer_dialog(page: Any, accept: bool) -> list[str]:
+    """Answer the page's next dialog (accept or dismiss it); the list receives its message."""
+    seen: list[str] = []
+
+    async def answer(dialog: Any) -> None:
+        seen.append(dialog.message)
+        await (dialog.accept() if accept else dialog.dismiss())
+
+    page.once("dialog", answer)
+    return seen
+
+
+async def test_an_admin_issues_and_revokes_an_api_key_and_a_viewer_may_not(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    uid = secrets.token_hex(4)
+    tenant, admin, viewer = f"ckeys{uid}", f"keys-admin-{uid}", f"keys-viewer-{uid}"
+    password = secrets.token_urlsafe(16)
+    base = whole_system.gateway_url
+    # Provisioning the tenant issues it a first key, the one the viewer tries to revoke.
+    first = await asyncio.to_thread(whole_system.key_for, tenant)
+    first_id = first.split("_")[1]
+
+    async def provision(pool: Any) -> None:
+        for user, role in ((admin, "admin"), (viewer, "viewer")):
+            await create_user(pool, user, password, actor="test")
+            await grant_role(pool, user, tenant, role, actor="test")
+
+    await asyncio.to_thread(run_with_pool, whole_system.admin_url, provision)
+    keys_page = "#/panel/CON-API-KEYS/O3"
+    await sign_in_as_person(page, base, admin, password)
+    await goto(page, base, keys_page)
+
+    # Issued: shown once, with a warning, and listed (active) below at once.
+    await page.get_by_role("button", name="Issue a new API key").click()
+    field = page.get_by_label("New API key")
+    await field.wait_for()
+    secret = await field.input_value()
+    key_id = secret.split("_")[1]
+    note = await page.locator("main .banner[role='note']").inner_text()
+    assert key_id in note and "shown once" in note
+    listed = page.locator("main tr").filter(has_text=key_id)
+    await listed.get_by_role("button", name=f"Revoke {key_id}").wait_for()
+    assert await axe(page) == []
+    await shot(page, "panel-CON-API-KEYS-issued")
+    used = await asyncio.to_thread(_keys_seen_with, base, secret)
+    assert used.status_code == 200, used.text
+    assert key_id in {k["key_id"] for k in used.json()["keys"]}
+
+    # Once the page is left, the secret is nowhere: not in the page, its fields, its address,
+    # its title or the tab's storage; going back renders the panel afresh, without it.
+    where = """(secret) => [document.documentElement.outerHTML, document.title, location.href,
+        JSON.stringify({...sessionStorage}), JSON.stringify({...localStorage}),
+        ...[...document.querySelectorAll('input, textarea')].map((i) => i.value)]
+        .filter((text) => text.includes(secret)).length"""
+    await goto(page, base, "#/panel/CON-API-KEYS/O2")
+    assert await page.evaluate(where, secret) == 0
+    await page.go_back()
+    await settled(page)
+    await listed.get_by_role("button", name=f"Revoke {key_id}").wait_for()
+    assert await page.get_by_label("New API key").count() == 0
+    assert await page.evaluate(where, secret) == 0
+
+    # Revoking asks first: dismissed, nothing changes; accepted, the API refuses the key.
+    asked = await _answer_dialog(page, accept=False)
+    await listed.get_by_role("button", name=f"Revoke {key_id}").click()
+    assert asked and key_id in asked[0]
+    assert (await asyncio.to_thread(_keys_seen_with, base, secret)).status_code == 200
+    asked = await _answer_dialog(page, accept=True)
+    await listed.get_by_role("button", name=f"Revoke {key_id}").click()
+    await page.locator("#toast").filter(has_text=f"Key {key_id} revoked").wait_for()
+    assert asked and key_id in asked[0]
+    await asyncio.to_thread(
+        wait_for,
+        lambda: _keys_seen_with(base, secret).status_code == 401,
+        10,
+        "the revoked key refused",
+    )
+    await listed.get_by_text("active").wait_for(state="detached")
+    assert await listed.get_by_role("button").count() == 0
+    assert await axe(page) == []
+    await shot(page, "panel-CON-API-KEYS-revoked")
+
+    # A viewer is offered the actions, and the API refuses them with its own message.
+    await page.locator("#logout").click()
+    await sign_in_as_person(page, base, viewer, password)
+    await goto(page, base, keys_page)
+    await page.get_by_role("button", name="Issue a new API key").click()
+    refused = page.locator("main [role='alert']")
+    await refused.wait_for()
+    message = await asyncio.to_thread(_refusal, base, viewer, password, "POST", "/v1/api-keys")
+    assert await refused.inner_text() == f"forbidden: {message}"
+    assert await page.get_by_label("New API key").count() == 0
+    assert await axe(page) == []
+    await shot(page, "panel-CON-API-KEYS-refused")
+    await _answer_dialog(page, accept=True)
+    await page.get_by_role("button", name=f"Revoke {first_id}").click()
+    message = await asyncio.to_thread(
+        _refusal, base, viewer, password, "POST", f"/v1/api-keys/{first_id}:revoke"
+    )
+    await page.locator("#toast.error").filter(has_text=message).wait_for()
+    assert (await asyncio.to_thread(_keys_seen_with, base, first)).status_code == 200
+    assert page.offsite == []

@@ -1,6 +1,7 @@
 """The console's workflow and incident views in Chromium, against the whole system: an
 execution watched live while policy stops it, its replay scrubbed to the stop, its incident
-acknowledged and resolved, a step approved in the approval queue, and evidence downloaded.
+acknowledged and resolved, a step approved in the approval queue, another rejected there with a
+reason, a third shown overdue and then escalated once its SLA runs out, and evidence downloaded.
 
 Workflows are served by :class:`services.gateway.worker.Worker` in a thread of this process; a
 step waits on an event the test sets once the page shows it running, so the stop happens while
@@ -15,8 +16,8 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -25,7 +26,7 @@ import httpx
 import pytest
 
 from services.gateway.worker import Step, Worker
-from tests.e2e.browser import axe, shot, sign_in_with_key
+from tests.e2e.browser import axe, shot, sign_in_as_person, sign_in_with_key
 from tests.e2e.conftest import RunningSystem, mctl, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -275,15 +276,25 @@ def _person(system: RunningSystem, tenant: str, name: str, role: str) -> None:
     mctl("user", "grant", name, tenant, role, *db)
 
 
+@asynccontextmanager
+async def _gated_release(
+    system: RunningSystem, name: str
+) -> AsyncIterator[tuple[httpx.Client, str, str]]:
+    """A fresh tenant with the workflow ``release`` saved, an admin named after ``name`` and a
+    worker serving the steps: the tenant's client (with its key), the tenant and the admin."""
+    uid = _uid()
+    tenant, admin = f"c{name}{uid}", f"{name}-{uid}"
+    http = await asyncio.to_thread(_setup, system, tenant, RELEASE)
+    key = http.headers["Authorization"].removeprefix("Bearer ")
+    await asyncio.to_thread(_person, system, tenant, admin, "admin")
+    with _serving(system, key, threading.Event(), threading.Event()):
+        yield http, tenant, admin
+
+
 async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
     whole_system: RunningSystem, page: Any
 ) -> None:
-    uid = _uid()
-    tenant, admin = f"cappr{uid}", f"ada-{uid}"
-    http = await asyncio.to_thread(_setup, whole_system, tenant, RELEASE)
-    key = http.headers["Authorization"].removeprefix("Bearer ")
-    await asyncio.to_thread(_person, whole_system, tenant, admin, "admin")
-    with _serving(whole_system, key, threading.Event(), threading.Event()):
+    async with _gated_release(whole_system, "appr") as (http, tenant, admin):
         execution, other = [
             (
                 await asyncio.to_thread(http.post, "/v1/workflows/release/executions", json={})
@@ -297,12 +308,7 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
 
         await asyncio.to_thread(wait_for, waiting, 60, "ship waiting for approval", 0.5)
 
-        await page.goto(f"{whole_system.gateway_url}/#/login")
-        await page.get_by_label("Username").fill(admin)
-        await page.get_by_label("Password").fill(PASSWORD)
-        await page.get_by_label("Tenant", exact=False).fill(tenant)
-        await page.get_by_role("button", name="Sign in").click()
-        await page.locator("main [data-panel='OVR-SUM-HIGH']").wait_for()
+        await sign_in_as_person(page, whole_system.gateway_url, admin, PASSWORD, tenant)
         await _show(page, f"#/view/approvals?execution_id={execution}")
         row = page.locator(f"tr[data-approval='{execution}/ship']")
         await row.wait_for()
@@ -357,4 +363,129 @@ async def test_a_step_is_approved_in_the_queue_and_evidence_downloaded(
     assert signed["signature"]["tenant_id"] == tenant
     assert await axe(page) == []
     await shot(page, "view-evidence")
+    assert page.offsite == []
+
+
+def _waiting_release(http: httpx.Client) -> str:
+    """Start an execution of ``release``; its id once ``ship`` waits in the approval queue."""
+    started = http.post("/v1/workflows/release/executions", json={})
+    assert started.status_code == 201, started.text
+    execution = str(started.json()["execution_id"])
+
+    def queued() -> bool:
+        return execution in {
+            a["execution_id"] for a in http.get("/v1/approvals").json()["approvals"]
+        }
+
+    wait_for(queued, 60, "ship waiting for approval", 0.5)
+    return execution
+
+
+def _ship(http: httpx.Client, execution: str) -> dict[str, Any]:
+    """The execution as the API shows it, and its step ``ship``."""
+    shown = http.get(f"/v1/executions/{execution}").json()
+    return {**shown, "ship": next(s for s in shown["steps"] if s["step_id"] == "ship")}
+
+
+async def test_a_step_is_rejected_in_the_queue_with_its_reason(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    reason = "the release window closed"
+    async with _gated_release(whole_system, "rej") as (http, tenant, admin):
+        execution = await asyncio.to_thread(_waiting_release, http)
+        await sign_in_as_person(page, whole_system.gateway_url, admin, PASSWORD, tenant)
+        await _show(page, f"#/view/approvals?execution_id={execution}")
+        await page.locator(f"tr[data-approval='{execution}/ship']").wait_for()
+        await page.get_by_label("Reason for ship").fill(reason)
+        assert await axe(page) == []
+        await page.get_by_role("button", name="Reject ship").click()
+        await page.get_by_text("No step of this execution waits for approval.").wait_for()
+        await page.locator("#toast").filter(has_text=f"ship of {execution}: rejected.").wait_for()
+        assert await axe(page) == []
+        await shot(page, "view-approvals-rejected")
+
+        # The rejection, with its reason and who gave it, is the execution's end.
+        shown = await asyncio.to_thread(_ship, http, execution)
+        assert shown["status"] == "failed"
+        assert shown["reason"] == f"step 'ship' was rejected by user:{admin}: {reason}"
+        assert shown["ship"]["state"] == "blocked" and shown["ship"]["reason"] == reason
+        assert shown["ship"]["attempt"] == 0 and shown["ship"]["approval"]["pending"] is False
+
+        await _show(page, f"#/view/execution/{execution}")
+        await page.locator("[data-execution-status='failed']").wait_for()
+        step = page.locator("tr[data-step='ship']")
+        await step.locator("[data-state='blocked']").wait_for()
+        assert reason in await step.inner_text()
+        assert await page.locator("[data-reason]").inner_text() == shown["reason"]
+        assert await page.locator("tr[data-step='prepare'] [data-state='completed']").count()
+        assert await page.get_by_role("button", name="Abort execution").is_hidden()
+        assert await axe(page) == []
+        await shot(page, "view-execution-rejected")
+    assert page.offsite == []
+
+
+# Short enough for a test to wait out; long enough that the page is open before it runs out
+# and that the escalated request is still waiting when the page is refreshed.
+SLA_S = 8
+
+
+async def test_an_approval_past_its_sla_shows_overdue_then_escalated(
+    whole_system: RunningSystem, page: Any
+) -> None:
+    async with _gated_release(whole_system, "esc") as (http, tenant, admin):
+        # The SLA is the tenant's approval rule of the tier (the workflow has none): an admin
+        # sets it before the execution starts, which copies it.
+        signed = await asyncio.to_thread(
+            http.post, "/v1/auth/token", json={"username": admin, "password": PASSWORD}
+        )
+        token = signed.json()["access_token"]
+        rule = {"required": 1, "role": "approver", "sla_s": SLA_S, "on_expiry": "escalate"}
+        set_rules = await asyncio.to_thread(
+            http.put,
+            "/v1/approval-rules",
+            json={"irreversible": rule},
+            headers={"Authorization": f"Bearer {token}", "X-Tenant-Id": tenant},
+        )
+        assert set_rules.status_code == 200, set_rules.text
+        await sign_in_as_person(page, whole_system.gateway_url, admin, PASSWORD, tenant)
+        execution = await asyncio.to_thread(_waiting_release, http)
+        await _show(page, f"#/view/approvals?execution_id={execution}")
+        row = page.locator(f"tr[data-approval='{execution}/ship']")
+        await row.wait_for()
+        left = row.locator("[data-sla-left] span")
+        assert not (await left.inner_text()).startswith("overdue")
+        await row.get_by_role("cell", name="no", exact=True).wait_for()
+        assert "role approver" in await row.inner_text()
+
+        # The countdown runs out on the page: overdue, in the colour of a denial.
+        await row.locator("[data-sla-left] span.deny").wait_for(timeout=(SLA_S + 20) * 1000)
+        assert (await left.inner_text()).startswith("overdue by ")
+        assert await axe(page) == []
+        await shot(page, "view-approvals-overdue")
+
+        # The engine's sweep escalates it to an admin, with a fresh SLA; the refreshed queue
+        # shows it escalated.
+        def escalated() -> bool:
+            return bool(_ship(http, execution)["ship"]["approval"]["escalated"])
+
+        await asyncio.to_thread(wait_for, escalated, 30, "the approval escalated", 0.2)
+        await page.get_by_role("button", name="Refresh the queue").click()
+        await row.get_by_role("cell", name="escalated", exact=True).wait_for()
+        assert "role admin" in await row.inner_text()
+        assert not (await left.inner_text()).startswith("overdue")
+        assert await axe(page) == []
+        await shot(page, "view-approvals-escalated")
+
+        # An admin decides the escalated step.
+        await page.get_by_label("Reason for ship").fill("approved on escalation")
+        await page.get_by_role("button", name="Approve ship").click()
+        await page.get_by_text("No step of this execution waits for approval.").wait_for()
+
+        def completed() -> dict[str, Any] | None:
+            shown = _ship(http, execution)
+            return shown if shown["status"] == "completed" else None
+
+        shown = await asyncio.to_thread(wait_for, completed, 60, "the execution completed", 0.5)
+        assert shown["ship"]["approval"]["approvers"] == [f"user:{admin}"]
+        assert shown["ship"]["approval"]["escalated"] is True
     assert page.offsite == []

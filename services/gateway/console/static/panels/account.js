@@ -45,6 +45,11 @@ export const CONNECTIVITY = [
       },
       O3: async (el, ctx) => {
         const shown = h("div", { "aria-live": "polite" });
+        const listing = h("div", {});
+        const list = async () => {
+          const res = await optional(ctx, "/v1/api-keys");
+          listing.replaceChildren(res ? keysTable(ctx, res.keys, true) : missing("Revoking keys", "GET /v1/api-keys"));
+        };
         const create = h("button", { type: "button", class: "primary", onclick: async () => {
           try {
             const res = await ctx.api("/v1/api-keys", { method: "POST", body: {} });
@@ -52,11 +57,13 @@ export const CONNECTIVITY = [
             shown.replaceChildren(h("p", { class: "banner warn", role: "note" }, `Key ${res.key_id} was issued. Copy it now: it is shown once and never again.`),
               h("label", { for: "new-key" }, "New API key"), secret);
             secret.select();
-          } catch (e) { shown.replaceChildren(ctx.failure(e)); }
+          } catch (e) { shown.replaceChildren(ctx.failure(e)); return; }
+          // The new key joins the list below (so it can be revoked from here); a failure to
+          // list must not take the key, shown once, off the page.
+          await list().catch((e) => listing.replaceChildren(ctx.failure(e)));
         } }, "Issue a new API key");
-        put(el, section("Issue a key", create, shown));
-        const res = await optional(ctx, "/v1/api-keys");
-        put(el, section("Revoke a key", res ? keysTable(ctx, res.keys, true) : missing("Revoking keys", "GET /v1/api-keys")));
+        put(el, section("Issue a key", create, shown), section("Revoke a key", listing));
+        await list();
       },
     },
   },
