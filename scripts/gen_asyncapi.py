@@ -44,6 +44,7 @@ from services.audit_replay.evidence_queries import EvidenceQueries
 from services.cost.entrypoints import build_rpc_server as cost_rpc
 from services.incident.entrypoints import RPC_SERVICE as INCIDENT
 from services.incident.entrypoints import build_rpc as incident_rpc
+from services.policy_admission.entrypoints import diff_routes, simulation_routes
 from services.policy_admission.entrypoints import rpc_server as admission_rpc
 from services.workflow_engine.entrypoints import RPC_SERVICE as WORKFLOW
 from services.workflow_engine.entrypoints import build_live_rpc
@@ -67,8 +68,13 @@ def _servers() -> list[RpcServer]:
     # The handlers are never called: registering a route only reads the handler's signature.
     unused: Any = None
     nc = NATS()
+    admission = admission_rpc(nc, unused)
+    # The diff and simulation requests are registered only beside the tenants' bundles, which
+    # a bare server has none of: add them here so the document names them.
+    diff_routes(admission, unused)
+    simulation_routes(admission, unused)
     return [
-        admission_rpc(nc, unused),
+        admission,
         build_live_rpc(workflow_rpc(RpcServer(nc, WORKFLOW), unused), unused),
         incident_rpc(RpcServer(nc, INCIDENT), unused),
         cost_rpc(nc, unused),

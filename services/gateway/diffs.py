@@ -1,7 +1,7 @@
 """Request and answer shapes of the gateway's diff routes (in ``entrypoints``): ``POST
-/v1/diffs``, ``GET /v1/diffs/{diff_hash}`` and ``POST /v1/diffs/{diff_hash}/acknowledge``. They
-forward to policy-admission (``mc.rpc.admission.*_diff``) with the caller's tenant. See
-``docs/policies.md``, "Diffs".
+/v1/diffs``, ``GET /v1/diffs``, ``GET /v1/diffs/{diff_hash}`` and ``POST
+/v1/diffs/{diff_hash}/acknowledge``. They forward to policy-admission (``mc.rpc.admission.*_diff``
+and ``list_diffs``) with the caller's tenant. See ``docs/policies.md``, "Diffs".
 """
 
 from __future__ import annotations
@@ -162,6 +162,29 @@ class DiffPage(_Result):
     offset: int
     total: int
     rows: list[DiffRow]
+    next_cursor: str | None
+
+
+class DiffListed(_Result):
+    """A diff in a listing, without its rows: what it compared (``old`` and ``new``: two
+    bundle digests, or two agent specs' hashes), its counts, and who asked for it last and
+    when. Diffs stored before listings existed may lack these (null)."""
+
+    diff_hash: str
+    kind: Literal["bundles", "documents"] | None
+    old: dict[str, str] | None
+    new: dict[str, str] | None
+    summary: DiffSummary | None
+    requested_by: str | None
+    requested_at: str
+    created_at: str
+
+
+class DiffListing(_Result):
+    """A page of the tenant's diffs, the most recently asked for first; pass ``next_cursor``
+    as ``cursor`` for the next (null: this is the last page)."""
+
+    diffs: list[DiffListed]
     next_cursor: str | None
 
 

@@ -51,6 +51,7 @@ from services.gateway.diffs import (
     DiffCursorQuery,
     DiffHashPath,
     DiffIn,
+    DiffListing,
     DiffPage,
     LimitQuery,
     ViewQuery,
@@ -112,10 +113,13 @@ from services.gateway.policy_hooks import (
 )
 from services.gateway.policy_simulations import (
     CSV_MEDIA_TYPE,
+    ListLimitQuery,
     PolicySimulationIn,
+    PolicySimulationListing,
     PolicySimulationView,
     SimulationFormat,
     SimulationIdPath,
+    SimulationStatus,
 )
 from services.gateway.promotions import promotion_routes
 from services.gateway.rbac import Permission, Principal, authorize
@@ -1190,8 +1194,17 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         """Compare two of the tenant's bundles (by digest) or two agent specs: the diff's
         ``diff_hash``, its summary and the first page of rows, each marked locked or enforced
         with its policy notes. Page on with ``GET /v1/diffs/{diff_hash}``."""
-        result = await call("admission", "create_diff", diff_payload(body), timeout=DIFF_TIMEOUT_S)
+        payload = {**diff_payload(body), "actor": call.actor}
+        result = await call("admission", "create_diff", payload, timeout=DIFF_TIMEOUT_S)
         return json_response(result)
+
+    @router.get("/diffs", response_model=DiffListing, tags=["policies"])
+    async def list_diffs(call: Read, cursor: CursorQuery = None, limit: ListLimitQuery = 50) -> Any:
+        """The tenant's diffs without their rows, the most recently asked for first, a page at
+        a time (``cursor``: the previous page's ``next_cursor``): what each compared, its
+        counts, and who asked for it."""
+        payload = _present({"cursor": cursor, "limit": limit})
+        return await call.answer("admission", "list_diffs", payload)
 
     @router.get("/diffs/{diff_hash}", response_model=DiffPage, tags=["policies"])
     async def get_diff(
@@ -1228,6 +1241,19 @@ def build_router(rpc: Callable[[], RpcClient], auth: Callable[[], Authenticator]
         prevented, per policy. Runs as a job: poll ``GET /v1/policy-simulations/{id}``."""
         payload = {**body.model_dump(mode="json", exclude_none=True), "actor": call.actor}
         return await call.answer("admission", "start_simulation", payload, status=202)
+
+    @router.get("/policy-simulations", response_model=PolicySimulationListing, tags=["policies"])
+    async def list_policy_simulations(
+        call: Read,
+        status: SimulationStatus | None = None,
+        cursor: CursorQuery = None,
+        limit: ListLimitQuery = 50,
+    ) -> Any:
+        """The tenant's simulations without their reports, newest first, a page at a time
+        (``cursor``: the previous page's ``next_cursor``), of one ``status`` or all; a done
+        one's totals as ``summary``."""
+        payload = _present({"status": status, "cursor": cursor, "limit": limit})
+        return await call.answer("admission", "list_simulations", payload)
 
     @router.get(
         "/policy-simulations/{simulation_id}",

@@ -1,6 +1,6 @@
 """Request and answer shapes of the gateway's policy simulation routes (in ``entrypoints``); the
-routes forward to policy-admission (``mc.rpc.admission.start_simulation`` and
-``get_simulation``) with the caller's tenant. See ``docs/policies.md``, "Simulation".
+routes forward to policy-admission (``mc.rpc.admission.start_simulation``, ``get_simulation``
+and ``list_simulations``) with the caller's tenant. See ``docs/policies.md``, "Simulation".
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ CSV_MEDIA_TYPE = "text/csv; charset=utf-8"
 SimulationIdPath = Annotated[
     str, Path(pattern=SIMULATION_ID_PATTERN, description="The simulation's id.")
 ]
+SimulationStatus = Literal["queued", "running", "done", "failed"]
+LIST_LIMIT = 200
+ListLimitQuery = Annotated[int, Query(ge=1, le=LIST_LIMIT, description="Items per page, 1 to 200.")]
 SimulationFormat = Annotated[
     Literal["json", "csv"] | None,
     Query(description="json (the default) or csv: the report's per-policy rows as CSV."),
@@ -83,31 +86,53 @@ class SimulationFlip(_Result):
     exceptions: list[str]
 
 
-class SimulationReport(_Result):
-    """What the candidate would have done to the window's decisions."""
+class SimulationSummary(_Result):
+    """A done simulation's totals (its report's head, without the per-policy rows)."""
 
-    bundle_digest: str
     decisions: int
     flipped: int
     waived: int
     errors: int
     runs_stopped: int
     prevented_cost_usd: str
+
+
+class SimulationReport(SimulationSummary):
+    """What the candidate would have done to the window's decisions."""
+
+    bundle_digest: str
     policies: list[SimulationPolicy]
     stopped_runs: list[SimulationStop]
     flipped_decisions: list[SimulationFlip]
 
 
-class PolicySimulationView(_Result):
-    """A simulation job: ``queued``, ``running`` (see ``progress``), ``done`` (with its
-    ``report``) or ``failed`` (with its ``error``)."""
-
+class _SimulationJob(_Result):
     simulation_id: str
-    status: Literal["queued", "running", "done", "failed"]
+    status: SimulationStatus
     request: dict[str, Any]
     requested_by: str
     progress: dict[str, Any]
-    report: SimulationReport | None
     error: str | None
     created_at: str
     updated_at: str
+
+
+class PolicySimulationView(_SimulationJob):
+    """A simulation job: ``queued``, ``running`` (see ``progress``), ``done`` (with its
+    ``report``) or ``failed`` (with its ``error``)."""
+
+    report: SimulationReport | None
+
+
+class PolicySimulationListed(_SimulationJob):
+    """A simulation in a listing: the job without its report; ``summary`` once it is done."""
+
+    summary: SimulationSummary | None
+
+
+class PolicySimulationListing(_Result):
+    """A page of the tenant's simulations, newest first; pass ``next_cursor`` as ``cursor`` for
+    the next (null: this is the last page)."""
+
+    simulations: list[PolicySimulationListed]
+    next_cursor: str | None

@@ -2,9 +2,10 @@
 acknowledgements.
 
 A diff is computed by :mod:`libs.diffing` (pure, CPU only, off the event loop). What was asked
-for is kept in ``policy_admission.diffs`` by (tenant, ``diff_hash``); the rows are kept in
-memory (the last :data:`CACHE_SIZE` diffs) and computed again from the request by any replica
-that does not hold them, which gives the same rows and hash.
+for is kept in ``policy_admission.diffs`` by (tenant, ``diff_hash``), with what it compared, its
+counts and who asked for it last, so ``list_diffs`` lists a tenant's diffs without computing
+any; the rows are kept in memory (the last :data:`CACHE_SIZE` diffs) and computed again from the
+request by any replica that does not hold them, which gives the same rows and hash.
 
 Acknowledgements: ``policy.diff_acknowledged`` in ``<tenant>/policy/diff-<hex>`` (category
 ``policy``), one per person and diff; the pure decision is :func:`acknowledge`.
@@ -16,10 +17,11 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from psycopg.types.json import Jsonb
 
 from libs import diffing
 from libs import policy_bundles as artifacts
@@ -29,6 +31,7 @@ from libs.errors import InvalidInput, NotFound
 from libs.eventbus.db import transaction
 from libs.eventbus.repository import Aggregate, EventMeta, Recorded, Repository
 from libs.eventbus.store import EventStore
+from services.policy_admission.listing import Page, page_of
 
 POLICY_CATEGORY = "policy"
 CACHE_SIZE = 16
@@ -156,18 +159,54 @@ class Diffs:
             self._cache.popitem(last=False)
 
     async def create(
-        self, tenant_id: str, request: Mapping[str, Any], *, limit: int, view: diffing.View
+        self,
+        tenant_id: str,
+        request: Mapping[str, Any],
+        actor: str,
+        *,
+        limit: int,
+        view: diffing.View,
     ) -> dict[str, Any]:
-        """Compute the diff, keep what was asked by its hash, answer its summary and first page."""
+        """Compute the diff, keep what was asked by its hash (with what it compared, its counts
+        and who asked: the listing's row), answer its summary and first page."""
         diff = await self._compute(tenant_id, request)
         async with transaction(self.store.pool) as conn:
+            # Asked for again: the same row, now the most recently asked for, by this actor.
             await conn.execute(
-                "INSERT INTO policy_admission.diffs (tenant_id, diff_hash, request) "
-                "VALUES (%s, %s, %s) ON CONFLICT (tenant_id, diff_hash) DO NOTHING",
-                (tenant_id, diff.diff_hash, orjson.dumps(dict(request))),
-            )
+                "INSERT INTO policy_admission.diffs (tenant_id, diff_hash, request, kind,"
+                " old_identity, new_identity, summary, requested_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (tenant_id, diff_hash) DO UPDATE SET"
+                " kind = EXCLUDED.kind, old_identity = EXCLUDED.old_identity,"
+                " new_identity = EXCLUDED.new_identity, summary = EXCLUDED.summary,"
+                " requested_by = EXCLUDED.requested_by, requested_at = now()",
+                (
+                    tenant_id, diff.diff_hash, orjson.dumps(dict(request)), diff.kind,
+                    Jsonb(dict(diff.old)), Jsonb(dict(diff.new)), Jsonb(diff.summary()), actor,
+                ),
+            )  # fmt: skip
         self._keep(tenant_id, diff)
         return _answer(diff, diffing.page(diff, cursor=None, limit=limit, view=view))
+
+    async def listing(self, tenant_id: str, page: Page) -> dict[str, Any]:
+        """The tenant's diffs without their rows, the most recently asked for first, and the
+        next page's cursor."""
+        after_at, after_hash = page.after or (None, None)
+        async with transaction(self.store.pool) as conn:
+            cur = await conn.execute(
+                "SELECT diff_hash, kind, old_identity, new_identity, summary, requested_by,"
+                " requested_at, created_at FROM policy_admission.diffs"
+                " WHERE tenant_id = %(tenant)s AND (%(after_at)s::timestamptz IS NULL"
+                "      OR (requested_at, diff_hash) < (%(after_at)s, %(after_hash)s::text))"
+                " ORDER BY requested_at DESC, diff_hash DESC LIMIT %(limit)s",
+                {
+                    "tenant": tenant_id, "after_at": after_at, "after_hash": after_hash,
+                    "limit": page.limit + 1,
+                },
+            )  # fmt: skip
+            rows = await cur.fetchall()
+        shown, cursor = page_of(rows, page, "requested_at", "diff_hash")
+        return {"diffs": [_listed(r) for r in shown], "next_cursor": cursor}
 
     async def load(self, tenant_id: str, diff_hash: str) -> diffing.Diff:
         """The diff with ``diff_hash`` (from memory, else computed again); 404
@@ -222,6 +261,19 @@ class Diffs:
     async def acknowledgements(self, tenant_id: str, diff_hash: str) -> Acknowledgements:
         """Who acknowledged the diff (for promotions)."""
         return await self.acks.load(tenant_id, diff_entity(diff_hash))
+
+
+def _listed(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "diff_hash": row["diff_hash"],
+        "kind": row["kind"],
+        "old": row["old_identity"],
+        "new": row["new_identity"],
+        "summary": row["summary"],
+        "requested_by": row["requested_by"],
+        "requested_at": row["requested_at"].astimezone(UTC).isoformat(),
+        "created_at": row["created_at"].astimezone(UTC).isoformat(),
+    }
 
 
 def _answer(diff: diffing.Diff, page: dict[str, Any]) -> dict[str, Any]:

@@ -42,8 +42,19 @@ from services.policy_admission.freeze_handlers import Freezes
 from services.policy_admission.handlers import AdmissionHandler
 from services.policy_admission.hook_handler import HookHandler
 from services.policy_admission.hooks import HookActor, HookContext, parse_hook
+from services.policy_admission.listing import (
+    DEFAULT_LIMIT,
+    MAX_CURSOR,
+    MAX_LIMIT,
+    Page,
+    decode_cursor,
+)
 from services.policy_admission.promotion_handlers import promotion_routes
-from services.policy_admission.simulation_jobs import SimulationJobs, SimulationRequest
+from services.policy_admission.simulation_jobs import (
+    SIMULATION_ID_PATTERN,
+    SimulationJobs,
+    SimulationRequest,
+)
 from services.policy_admission.tenant_bundles import TenantPolicies
 
 RPC_SERVICE = "admission"
@@ -217,6 +228,18 @@ class AlignDriftCall(_Admin):
     source: Environment
 
 
+class _Listing(_Call):
+    """A page of a listing, newest first: ``cursor`` is the previous page's ``next_cursor``."""
+
+    cursor: str | None = Field(default=None, min_length=1, max_length=MAX_CURSOR)
+    limit: int = Field(default=DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+
+    def page(self, what: str, key_pattern: str) -> Page:
+        """Where the page starts and its size; a cursor this service did not make is a 422."""
+        after = decode_cursor(self.cursor, what, key_pattern) if self.cursor else None
+        return Page(after=after, limit=self.limit)
+
+
 class ListExceptionsCall(_Call):
     """``list_exceptions``: all of them, or those of one status."""
 
@@ -224,7 +247,8 @@ class ListExceptionsCall(_Call):
 
 
 FieldName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME)]
-DiffHash = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
+DIFF_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+DiffHash = Annotated[str, StringConstraints(pattern=DIFF_HASH_PATTERN)]
 
 
 class _Page(_Call):
@@ -234,8 +258,9 @@ class _Page(_Call):
 
 class CreateDiffCall(_Page):
     """``create_diff``: two bundle digests of the tenant, or two JSON documents (agent specs),
-    with the fields held locked or enforced."""
+    with the fields held locked or enforced; ``actor`` is recorded as who asked for it."""
 
+    actor: Actor = "service:gateway"
     kind: Literal["bundles", "documents"]
     old_digest: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
     new_digest: str | None = Field(default=None, pattern=BUNDLE_DIGEST_PATTERN)
@@ -264,6 +289,10 @@ class CreateDiffCall(_Page):
         }
 
 
+class ListDiffsCall(_Listing):
+    """``list_diffs``: the tenant's diffs, the most recently asked for first."""
+
+
 class GetDiffCall(_Page):
     """``get_diff``: a page of a diff's rows."""
 
@@ -289,7 +318,14 @@ def diff_routes(server: RpcServer, diffs: Diffs) -> None:
     @server.handler("create_diff")
     async def create_diff(body: CreateDiffCall) -> dict[str, Any]:
         """Compute a diff; its hash, summary and first page."""
-        return await diffs.create(body.tenant_id, body.request(), limit=body.limit, view=body.view)
+        return await diffs.create(
+            body.tenant_id, body.request(), body.actor, limit=body.limit, view=body.view
+        )
+
+    @server.handler("list_diffs")
+    async def list_diffs(body: ListDiffsCall) -> dict[str, Any]:
+        """The tenant's diffs without their rows, the most recently asked for first."""
+        return await diffs.listing(body.tenant_id, body.page("diffs", DIFF_HASH_PATTERN))
 
     @server.handler("get_diff")
     async def get_diff(body: GetDiffCall) -> dict[str, Any]:
@@ -321,6 +357,12 @@ class GetSimulationCall(_Call):
     format: Literal["json", "csv"] = "json"
 
 
+class ListSimulationsCall(_Listing):
+    """``list_simulations``: the tenant's jobs, newest first, of one ``status`` or all."""
+
+    status: Literal["queued", "running", "done", "failed"] | None = None
+
+
 def simulation_routes(server: RpcServer, jobs: SimulationJobs) -> None:
     """Policy simulations (``docs/policies.md``, "Simulation")."""
 
@@ -334,6 +376,12 @@ def simulation_routes(server: RpcServer, jobs: SimulationJobs) -> None:
     async def get_simulation(body: GetSimulationCall) -> dict[str, Any]:
         """A simulation's status and progress, and its report once done."""
         return await jobs.get(body.tenant_id, body.simulation_id, body.format)
+
+    @server.handler("list_simulations")
+    async def list_simulations(body: ListSimulationsCall) -> dict[str, Any]:
+        """The tenant's simulations without their reports, newest first."""
+        page = body.page("simulations", SIMULATION_ID_PATTERN)
+        return await jobs.listing(body.tenant_id, body.status, page)
 
 
 class HookCall(_Call):

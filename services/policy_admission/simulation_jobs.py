@@ -37,6 +37,7 @@ from libs.eventbus.store import EventStore
 from libs.policy_bundles import BundleNotFound
 from libs.redaction import redact_text
 from services.policy_admission import exceptions as waivers
+from services.policy_admission.listing import Page, page_of
 from services.policy_admission.simulation import (
     RecordedDecision,
     Tally,
@@ -115,21 +116,37 @@ def _costs(rows: dict[str, list[list[Any]]]) -> dict[str, dict[int, Decimal | No
     }
 
 
-def _view(row: dict[str, Any], fmt: str = "json") -> dict[str, Any]:
-    view = {
+def _job(row: dict[str, Any]) -> dict[str, Any]:
+    """What a view and a listing show of a job, without its report."""
+    return {
         "simulation_id": row["simulation_id"],
         "status": row["status"],
         "request": row["request"],
         "requested_by": row["requested_by"],
         "progress": row["progress"],
-        "report": row["report"],
         "error": row["error"],
         "created_at": row["created_at"].astimezone(UTC).isoformat(),
         "updated_at": row["updated_at"].astimezone(UTC).isoformat(),
     }
+
+
+def _view(row: dict[str, Any], fmt: str = "json") -> dict[str, Any]:
+    view = {**_job(row), "report": row["report"]}
     if fmt == "csv":
         view["csv"] = None if row["report"] is None else report_csv(row["report"])
     return view
+
+
+SIMULATION_ID_PATTERN = r"^[0-9a-f-]{36}$"
+
+# A done job's report can hold thousands of flips: a listing takes only its totals, in SQL, so
+# the reports never leave the database.
+_SUMMARY_SQL = (
+    "CASE WHEN report IS NULL THEN NULL ELSE jsonb_build_object("
+    "'decisions', report->'decisions', 'flipped', report->'flipped', 'waived', report->'waived', "
+    "'errors', report->'errors', 'runs_stopped', report->'runs_stopped', "
+    "'prevented_cost_usd', report->'prevented_cost_usd') END"
+)
 
 
 class SimulationJobs:
@@ -192,6 +209,31 @@ class SimulationJobs:
         if row is None:
             raise NotFound(f"simulation_not_found: no simulation {simulation_id!r}")
         return _view(row, fmt)
+
+    async def listing(self, tenant_id: str, status: str | None, page: Page) -> dict[str, Any]:
+        """The tenant's jobs, newest first, without their reports (a done job's totals as
+        ``summary``), of one ``status`` or all; and the next page's cursor."""
+        after_at, after_id = page.after or (None, None)
+        async with transaction(self.store.pool) as conn:
+            cur = await conn.execute(
+                "SELECT simulation_id, status, request, requested_by, progress, error,"
+                f" created_at, updated_at, {_SUMMARY_SQL} AS summary"
+                " FROM policy_admission.simulations WHERE tenant_id = %(tenant)s"
+                " AND (%(status)s::text IS NULL OR status = %(status)s)"
+                " AND (%(after_at)s::timestamptz IS NULL"
+                "      OR (created_at, simulation_id) < (%(after_at)s, %(after_id)s::text))"
+                " ORDER BY created_at DESC, simulation_id DESC LIMIT %(limit)s",
+                {
+                    "tenant": tenant_id, "status": status, "after_at": after_at,
+                    "after_id": after_id, "limit": page.limit + 1,
+                },
+            )  # fmt: skip
+            rows = await cur.fetchall()
+        shown, cursor = page_of(rows, page, "created_at", "simulation_id")
+        return {
+            "simulations": [{**_job(r), "summary": r["summary"]} for r in shown],
+            "next_cursor": cursor,
+        }
 
     # -- running -------------------------------------------------------------------------------
 

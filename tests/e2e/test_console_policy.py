@@ -1,15 +1,17 @@
 """The console's policy, agent and diff views in Chromium, against a running system: the agent
 wizard stopped by a deny, held by a warn until acknowledged and explaining a locked field before
 it creates the agent; an agent's stored versions listed and two of them diffed; the policy
-lifecycle view with its bundles and a freeze banner; a 10,000-row diff scrolled to its end with
-only a window of rows in the page, then acknowledged. Each view is checked with axe and saved as
-a screenshot."""
+lifecycle view with its bundles, a freeze banner (also one that starts while the view is open)
+and a simulation found again in the recent simulations; a 10,000-row diff scrolled to its end
+with only a window of rows in the page, then acknowledged, and found again in the recent diffs.
+Each view is checked with axe and saved as a screenshot."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from typing import Any
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -132,6 +134,23 @@ async def test_a_10000_row_diff_scrolls_to_its_end_with_a_window_of_rows_and_is_
     await page.get_by_role("button", name="Compare specs").click()
     await page.locator("tr[data-row='0']", has_text="/role").wait_for()
     assert await _count(page, "tr[data-row]") == 1
+    specs_hash = unquote(page.url.rsplit("/", 1)[1])
+
+    # Both diffs are in the recent diffs, the one just asked for first; a link opens one.
+    await page.goto(f"{base}/#/view/diff")
+    recent = page.get_by_role("table", name="Recent diffs")
+    await recent.wait_for()
+    keys = await recent.locator("tbody tr").evaluate_all("rows => rows.map(r => r.dataset.key)")
+    assert keys == [specs_hash, created["diff_hash"]]
+    big = recent.locator(f"tr[data-key='{created['diff_hash']}']")
+    assert "10,000 rows" in await big.inner_text()
+    assert "agent specs" in await big.inner_text()
+    assert "user:" + user in await recent.locator(f"tr[data-key='{specs_hash}']").inner_text()
+    assert await axe(page) == []
+    await shot(page, "view-diff-recent")
+    await page.locator(f"a[data-diff='{created['diff_hash']}']").click()
+    await page.wait_for_url(f"**/#/view/diff/{quote(created['diff_hash'], safe='')}")
+    await page.locator("tr[data-row='0']").wait_for()
     assert page.offsite == []
 
 
@@ -379,6 +398,30 @@ async def test_the_policy_view_shows_bundles_freeze_drift_a_canary_a_simulation_
     # A simulation of the bundle: its report per policy.
     await page.get_by_role("button", name="Simulate").click()
     await page.locator("[data-simulation-status='done']").wait_for(timeout=60_000)
+    assert "decisions replayed" in await page.locator("#simulation-report").inner_text()
+    simulation_id = page.url.split("simulation_id=", 1)[1]
+
+    # It is in the recent simulations, done with its totals; its link opens it again.
+    recent = page.get_by_role("table", name="Recent simulations")
+    listed = recent.locator(f"tr[data-key='{simulation_id}']", has_text="decisions flipped")
+    await listed.wait_for()
+    assert "done" in await listed.inner_text()
+    assert f"user:{user}" in await listed.inner_text()
+    assert await axe(page) == []
+    await shot(page, "view-policy-simulations")
+    await page.goto(f"{base}/#/view/policy")
+    await page.get_by_role("table", name="Recent simulations").wait_for()
+    assert await page.locator("[data-simulation-status]").count() == 0
+    # Filtered by status through the API: none failed; the done one is there.
+    filters = page.get_by_role("search", name="Filter Recent simulations")
+    await filters.get_by_label("Status").select_option("failed")
+    await filters.get_by_role("button", name="Apply filters").click()
+    await page.get_by_text("No simulation yet", exact=False).wait_for()
+    await filters.get_by_label("Status").select_option("done")
+    await filters.get_by_role("button", name="Apply filters").click()
+    await page.locator(f"a[data-simulation='{simulation_id}']").click()
+    await page.wait_for_url(f"**/#/view/policy?simulation_id={simulation_id}")
+    await page.locator("[data-simulation-status='done']").wait_for()
     assert "decisions replayed" in await page.locator("#simulation-report").inner_text()
 
     # An exception granted with an expiry, then revoked.

@@ -126,6 +126,18 @@ async def test_two_uploaded_bundles_diffed_paged_and_acknowledged(
     assert first["summary"]["files"] == {"added": 0, "removed": 0, "changed": 4}
     assert first["total"] == len(expected.rows) > 40
     assert len(first["rows"]) == 10 and first["next_cursor"]
+    # Listed without its rows: the two bundles compared, its counts, and who asked for it.
+    resp = await gw.http.get("/v1/diffs", headers=reader)
+    assert resp.status_code == 200, resp.text
+    [listed] = resp.json()["diffs"]
+    assert (listed["diff_hash"], listed["kind"], listed["old"], listed["new"]) == (
+        diff_hash,
+        "bundles",
+        {"bundle_digest": old},
+        {"bundle_digest": new},
+    )
+    assert listed["summary"] == expected.summary()
+    assert listed["requested_by"].startswith("api-key:")
 
     # Every row once, in order, alternating views and replicas (any replica answers).
     rows, cursor, view = list(first["rows"]), first["next_cursor"], "side-by-side"
@@ -189,6 +201,8 @@ async def test_two_uploaded_bundles_diffed_paged_and_acknowledged(
     _error(resp, 404, "bundle_not_found")
     resp = await gw.http.get(f"/v1/diffs/{diff_hash}", headers=stranger)
     _error(resp, 404, "diff_not_found")
+    resp = await gw.http.get("/v1/diffs", headers=stranger)
+    assert resp.status_code == 200 and resp.json()["diffs"] == [], resp.text
     missing = {**body, "new_digest": "sha256:" + "e" * 64}
     _error(await gw.http.post("/v1/diffs", json=missing, headers=reader), 404, "bundle_not_found")
     both = {**body, "old_spec": {}, "new_spec": {}}

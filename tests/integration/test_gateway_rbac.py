@@ -274,6 +274,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
         {"reason": "rbac sample"},
     ),
     ("POST", "/v1/diffs"): ("/v1/diffs", {"old_spec": {"a": 1}, "new_spec": {"a": 2}}),
+    ("GET", "/v1/diffs"): ("/v1/diffs", None),
     ("GET", "/v1/diffs/{diff_hash}"): (f"/v1/diffs/sha256:{'0' * 64}", None),
     ("POST", "/v1/diffs/{diff_hash}/acknowledge"): (
         f"/v1/diffs/sha256:{'0' * 64}/acknowledge",
@@ -287,6 +288,7 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
             "until": "2026-11-02T00:00:00Z",
         },
     ),
+    ("GET", "/v1/policy-simulations"): ("/v1/policy-simulations", None),
     ("GET", "/v1/policy-simulations/{simulation_id}"): (
         "/v1/policy-simulations/00000000-0000-0000-0000-000000000000",
         None,

@@ -4,8 +4,10 @@
 // in the DOM (a table between two spacer rows), so a 10,000-row diff scrolls as a 10-row one.
 //
 // Without an id, the view is a form that creates a diff (POST /v1/diffs) from two uploaded
-// bundles or two agent specs, then opens it.
-import { useStyles } from "./pol-common.js";
+// bundles or two agent specs, then opens it; below it, the tenant's recent diffs (GET
+// /v1/diffs), each opening its viewer.
+import { dataTable } from "../panels/lib.js";
+import { useStyles, when } from "./pol-common.js";
 
 const ROW_HEIGHT = 30; // px; every row is one line (long values are cut, the whole in a tooltip)
 const VIEWPORT_ROWS = 16; // rows in sight at once
@@ -305,6 +307,38 @@ async function viewer(el, ctx) {
   await draw();
 }
 
+const shortHash = (value) => (value ? `${value.slice(0, 19)}…` : "—");
+
+/** The tenant's diffs, the most recently asked for first, a page at a time. */
+function recentDiffs(ctx) {
+  const { api, h, viewHref } = ctx;
+  const side = (x) => (x ? x.bundle_digest || x.document : null);
+  const n = (v) => Number(v).toLocaleString("en");
+  const counts = (s) => (s
+    ? `${n(s.rows)} row${s.rows === 1 ? "" : "s"}: ${n(s.added)} added, ${n(s.removed)} removed, ${n(s.changed)} changed${s.locked ? `, ${n(s.locked)} locked` : ""}`
+    : "—");
+  return dataTable(ctx, {
+    caption: "Recent diffs",
+    paging: "cursor",
+    pageSize: 10,
+    rowKey: (d) => d.diff_hash,
+    emptyText: "No diff yet: compare two bundles or two agent specs above.",
+    columns: [
+      { key: "diff_hash", label: "Diff", render: (d) => h("a", { href: viewHref("diff", d.diff_hash), "data-diff": d.diff_hash, title: d.diff_hash }, shortHash(d.diff_hash)) },
+      { key: "kind", label: "Of", render: (d) => (d.kind === "bundles" ? "bundles" : d.kind === "documents" ? "agent specs" : "—") },
+      { key: "compared", label: "Compared", value: (d) => `${side(d.old) || ""} ${side(d.new) || ""}`,
+        render: (d) => (d.old && d.new ? h("span", {}, h("code", { title: side(d.old) }, shortHash(side(d.old))), " → ", h("code", { title: side(d.new) }, shortHash(side(d.new)))) : "—") },
+      { key: "rows", label: "Rows", value: (d) => (d.summary ? d.summary.rows : null), render: (d) => counts(d.summary) },
+      { key: "requested_by", label: "Asked by" },
+      { key: "requested_at", label: "When", render: (d) => when(d.requested_at) },
+    ],
+    load: async ({ cursor, limit }) => {
+      const res = await api("/v1/diffs", { query: { cursor: cursor || undefined, limit } });
+      return { rows: res.diffs, next: res.next_cursor };
+    },
+  });
+}
+
 /** The form that makes a diff: two bundles of the tenant, or two agent specs as JSON. */
 async function creator(el, ctx) {
   const { api, h, failure, navigate, viewHref } = ctx;
@@ -318,7 +352,7 @@ async function creator(el, ctx) {
   try {
     for (const environment of ["production", "sandbox"]) {
       const listing = await api("/v1/policy-bundles", { query: { environment } });
-      for (const b of listing.bundles) digests.append(h("option", { value: b.digest }, `${environment} revision ${b.revision}`));
+      for (const b of listing.bundles) digests.append(h("option", { value: b.bundle_digest }, `${environment} revision ${b.revision}`));
     }
     oldDigest.setAttribute("list", "diff-digests"); newDigest.setAttribute("list", "diff-digests");
   } catch { /* the digests are typed then */ }
@@ -349,6 +383,9 @@ async function creator(el, ctx) {
       h("label", { for: "diff-new-spec" }, "New spec (JSON)"), newSpec,
       h("button", { type: "submit" }, "Compare specs")),
     out);
+  const recent = recentDiffs(ctx);
+  el.append(h("h2", {}, "Recent diffs"), recent);
+  await recent.ready;
 }
 
 export const diff = {

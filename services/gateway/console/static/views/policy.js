@@ -1,7 +1,9 @@
 // The policy lifecycle of the tenant (#/view/policy[?simulation_id=S]): the freeze and drift
 // banners when either is active, what decides in each environment and the uploaded bundles,
 // the reloads and their canaries (promote, abort), simulations of a bundle against recorded
-// decisions, and the policy exceptions with their expiry (grant, revoke). See docs/policies.md.
+// decisions with the recent ones listed, and the policy exceptions with their expiry (grant,
+// revoke). See docs/policies.md.
+import { dataTable, fmt } from "../panels/lib.js";
 import { reasonsBanner, table, useStyles, when } from "./pol-common.js";
 
 const ENVIRONMENTS = ["production", "sandbox"];
@@ -181,6 +183,41 @@ function report(h, sim) {
       : h("p", { class: "empty" }, "No policy would decide differently in this window."));
 }
 
+/** The tenant's simulations, newest first, a page at a time (GET /v1/policy-simulations). */
+function recentSimulations(ctx) {
+  const { api, h, viewHref } = ctx;
+  const outcome = (s) => {
+    if (s.summary) return `${s.summary.flipped} of ${s.summary.decisions} decisions flipped, ${s.summary.runs_stopped} runs stopped`;
+    if (s.status === "failed") return (s.error || "failed").slice(0, 120);
+    if (s.status === "running" && s.progress.fraction !== undefined) return `${Math.round(s.progress.fraction * 100)}% done`;
+    return "—";
+  };
+  return dataTable(ctx, {
+    caption: "Recent simulations",
+    paging: "cursor",
+    pageSize: 10,
+    rowKey: (s) => s.simulation_id,
+    filters: [{ name: "status", label: "Status", options: ["", "queued", "running", "done", "failed"] }],
+    emptyText: "No simulation yet: simulate an uploaded bundle above.",
+    columns: [
+      { key: "simulation_id", label: "Simulation", render: (s) => h("a", {
+        href: viewHref("policy", null, { simulation_id: s.simulation_id }), "data-simulation": s.simulation_id, title: s.simulation_id,
+      }, `${s.simulation_id.slice(0, 8)}…`) },
+      { key: "status", label: "Status", render: (s) => fmt.status(s.status) },
+      { key: "bundle", label: "Bundle", value: (s) => s.request.bundle_digest, render: (s) => h("span", {}, code(h, s.request.bundle_digest), ` in ${s.request.environment}`) },
+      { key: "window", label: "Window", value: (s) => s.request.since,
+        render: (s) => `${when(s.request.since)} to ${when(s.request.until)}${s.request.agent_id ? `, agent ${s.request.agent_id}` : ""}` },
+      { key: "requested_by", label: "Requested by" },
+      { key: "outcome", label: "Outcome", sort: false, render: outcome },
+      { key: "created_at", label: "Started", render: (s) => when(s.created_at) },
+    ],
+    load: async ({ filters, cursor, limit }) => {
+      const res = await api("/v1/policy-simulations", { query: { ...filters, cursor: cursor || undefined, limit } });
+      return { rows: res.simulations, next: res.next_cursor };
+    },
+  });
+}
+
 async function simulations(body, ctx) {
   const { api, h, failure, navigate, viewHref, onLeave } = ctx;
   const out = h("div", { "aria-live": "polite", id: "simulation" });
@@ -215,18 +252,24 @@ async function simulations(body, ctx) {
     h("label", { for: "sim-until" }, "Until (UTC)", until),
     h("label", { for: "sim-agent" }, "Agent (optional)", agent),
     start), out);
+  const recent = recentSimulations(ctx);
+  body.append(h("h3", {}, "Recent simulations"), recent);
+  await recent.ready;
   const id = ctx.query.simulation_id;
   if (!id) return;
-  let timer = null, stopped = false;
+  let timer = null, stopped = false, waited = false;
   onLeave(() => { stopped = true; clearTimeout(timer); });
   const poll = async () => {
     try {
       const sim = await api(`/v1/policy-simulations/${encodeURIComponent(id)}`);
       const head = h("p", { "data-simulation-status": sim.status }, `Simulation ${sim.simulation_id} of ${short(sim.request.bundle_digest)}, by ${sim.requested_by}: ${sim.status}`,
         sim.status === "running" && sim.progress.fraction !== undefined ? ` (${Math.round(sim.progress.fraction * 100)}%, ${sim.progress.decisions || 0} decisions)` : "");
+      const ended = sim.status === "done" || sim.status === "failed";
       if (sim.status === "done") out.replaceChildren(head, report(h, sim));
       else if (sim.status === "failed") out.replaceChildren(head, failure(sim.error || "failed"));
-      else { out.replaceChildren(head); if (!stopped) timer = setTimeout(poll, POLL_MS); }
+      else { out.replaceChildren(head); waited = true; if (!stopped) timer = setTimeout(poll, POLL_MS); }
+      // The list showed it unfinished: show it as it ended.
+      if (ended && waited && !stopped) recent.reload();
     } catch (e) { out.replaceChildren(failure(e)); }
   };
   await poll();
