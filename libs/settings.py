@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     sse_max_streams: int = Field(default=256, ge=1, alias="MC_SSE_MAX_STREAMS")
     sse_max_streams_per_tenant: int = Field(default=16, ge=1, alias="MC_SSE_MAX_STREAMS_PER_TENANT")
     sse_heartbeat_s: float = Field(default=15.0, ge=1, le=60, alias="MC_SSE_HEARTBEAT_S")
+    # audit-replay's answers of the console's reads (services/audit_replay/answers.py): the
+    # megabytes kept (0: nothing kept, nothing shared), and how old an aggregate's answer may be
+    # once the projections moved (0: only while they have not).
+    answer_cache_mb: int = Field(default=64, ge=0, le=16_384, alias="MC_ANSWER_CACHE_MB")
+    analytics_max_staleness_ms: int = Field(
+        default=1000, ge=0, le=60_000, alias="MC_ANALYTICS_MAX_STALENESS_MS"
+    )
 
     # --- NATS credentials (libs/runtime/busauth.py) ---------------------------------------------
     # Each process connects as a NATS user of its own. ``mctl up`` points each child at its

@@ -16,7 +16,13 @@ panel calls. Each call is then sent by ``--clients`` processes at once, each ``-
 times in a row after two warm-ups; p50 and p95 are over every request. The budget, execution,
 approval, key and member calls read PostgreSQL tables this script does not fill.
 
-    python scripts/bench_console.py --events 1000000 --clients 4 --repeat 20
+Every client sends the same request, and nothing writes to the projections while they ask, so
+audit-replay's answer cache (``services/audit_replay/answers.py``) computes each answer once and
+serves the other requests from memory: those are the figures of shared answers.
+``--no-answer-cache`` starts audit-replay with ``MC_ANSWER_CACHE_MB=0`` (nothing kept, nothing
+shared), the figures of requests that each cost their own statements.
+
+    python scripts/bench_console.py --events 1000000 --clients 4 --repeat 20 [--no-answer-cache]
 """
 
 from __future__ import annotations
@@ -234,6 +240,12 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=30, help="the span of the generated events")
     ap.add_argument("--clients", type=int, default=4, help="client processes at once")
     ap.add_argument("--repeat", type=int, default=20, help="requests per client per call")
+    ap.add_argument(
+        "--no-answer-cache",
+        action="store_true",
+        help="audit-replay keeps and shares no answer (MC_ANSWER_CACHE_MB=0): every request "
+        "runs its own statements",
+    )
     args = ap.parse_args()
     period = datetime.now(UTC).strftime("%Y-%m")
     paths = calls(period)
@@ -252,6 +264,8 @@ def main() -> None:
 
     # The panels' reads are not rate limited here: the benchmark is one key's burst.
     os.environ.update({"MC_RATE_LIMIT_KEY_RPS": "0", "MC_RATE_LIMIT_TENANT_RPS": "0"})
+    if args.no_answer_cache:
+        os.environ["MC_ANSWER_CACHE_MB"] = "0"
     with (
         whole_system(TENANT_ID, prefix="mc-bench-console-", prepare=prepare) as system,
         multiprocessing.get_context("spawn").Pool(args.clients) as pool,
@@ -262,7 +276,8 @@ def main() -> None:
         print(
             f"{args.events:,} events, {args.clients} client processes x {args.repeat} requests "
             f"per call; floor GET /healthz p50 {pct(health, 50):.1f} ms, "
-            f"p95 {pct(health, 95):.1f} ms"
+            f"p95 {pct(health, 95):.1f} ms; answer cache "
+            f"{'off' if args.no_answer_cache else 'on (shared answers)'}"
         )
         # The projections were filled before the system started: the first answers warm it.
         measure_http(pool, system.gateway, system.key, paths, args.clients, 2)

@@ -12,6 +12,8 @@ from fastapi import APIRouter
 from libs.eventbus.rpc import RpcServer
 from libs.evidence_signing import evidence_signing_key
 from libs.runtime.service_host import ServiceContext, run_service
+from libs.settings import Settings
+from services.audit_replay.answers import AnswerCache
 from services.audit_replay.clickhouse import Clickhouse, open_clickhouse
 from services.audit_replay.entrypoints import AuditQueries, rpc_server
 from services.audit_replay.evidence_queries import EvidenceQueries
@@ -53,7 +55,12 @@ class AuditReplayService:
         key = evidence_signing_key(ctx.settings.evidence_signing_key, ctx.settings.data_dir)
         evidence = EvidenceQueries(ctx.store, key)
         self.queries = AuditQueries(
-            self.ch, self.projector, ctx.store, self.lag, store_reads=evidence.routes()
+            self.ch,
+            self.projector,
+            ctx.store,
+            self.lag,
+            store_reads=evidence.routes(),
+            answers=answer_cache(self.projector, ctx.settings),
         )
         self.rpc = rpc_server(ctx.nc, self.queries)
         await self.rpc.start()
@@ -98,6 +105,19 @@ class AuditReplayService:
         return bool(
             self._schema_ready and self.consumers and all(c.running for c in self.consumers)
         )
+
+
+def answer_cache(projector: Projector, settings: Settings) -> AnswerCache[bytes] | None:
+    """The cache of the console's reads' answers (``MC_ANSWER_CACHE_MB``, 0: none), valid while
+    ``projector``'s data version stands (aggregates: ``MC_ANALYTICS_MAX_STALENESS_MS`` more)."""
+    if settings.answer_cache_mb == 0:
+        return None
+    return AnswerCache(
+        lambda: projector.data_version,
+        size=len,
+        max_staleness=settings.analytics_max_staleness_ms / 1000,
+        max_bytes=settings.answer_cache_mb * 1024 * 1024,
+    )
 
 
 def main() -> None:

@@ -44,6 +44,12 @@ query filters on it, so no answer ever holds another tenant's rows.
   ``statements`` → ``{statements}``; ``statement``: ``period`` (``YYYY-MM``) → the month's
   usage and chargeback lines by agent and model (see :mod:`services.audit_replay.insights`).
 
+The console's listings and aggregates (:data:`CACHED_READS`) are answered from
+:class:`~services.audit_replay.answers.AnswerCache` while the projections have not moved, and
+identical requests arriving together share one computation; the aggregates
+(:data:`RELAXED_READS`) may be up to ``MC_ANALYTICS_MAX_STALENESS_MS`` old (see
+:mod:`services.audit_replay.answers`).
+
 While a rebuild runs, every query that reads the projections (all but ``replay``, which reads the
 event store, ``lag`` and ``rebuild``) answers ``unavailable`` ("projections are being rebuilt,
 retry shortly") instead of partial lists or a false "not found" from half-built tables.
@@ -72,6 +78,7 @@ from libs.errors import (
 from libs.eventbus.rpc import RpcServer
 from libs.eventbus.store import EventStore
 from services.audit_replay import insights, simulation_reads
+from services.audit_replay.answers import AnswerCache, answer_key
 from services.audit_replay.clickhouse import TENANT, Clickhouse, tenant_filter
 from services.audit_replay.domain import (
     ExecutionReplay,
@@ -140,6 +147,14 @@ NOT_PROJECTION_READS = frozenset(
     }
 )
 REBUILDING_MESSAGE = "projections are being rebuilt, retry shortly"
+# The reads the console's panels repeat: kept by the answer cache, shared while computed.
+CACHED_READS = frozenset(
+    {"runs", "incidents", "policies", "costs", "analytics", "statements", "statement"}
+)
+# Of those, the aggregates over weeks of costs and decisions, which may be served a little stale
+# (up to the cache's max_staleness) once the projections moved. The listings are not: a person
+# who stops a run or acknowledges an incident expects the next listing to show it.
+RELAXED_READS = frozenset({"costs", "analytics", "statements", "statement"})
 
 # A cost counts as priced only when it carries an amount; anything else is "unpriced".
 _PRICED = "(pricing_status = 'priced' AND total_cost_usd IS NOT NULL)"
@@ -206,8 +221,11 @@ class AuditQueries:
         store: EventStore,
         lag: LagMonitor,
         store_reads: Mapping[str, Callable[[Params], Awaitable[Any]]] | None = None,
+        answers: AnswerCache[bytes] | None = None,
     ) -> None:
         self.ch = ch
+        # The JSON of the console's reads' answers (None: every request computes its own).
+        self.answers = answers
         # Further methods that read the event store, not the projections (the evidence
         # documents of services/audit_replay/evidence_queries.py).
         self.store_reads = dict(store_reads or {})
@@ -251,6 +269,8 @@ class AuditQueries:
         for method, fn in self.routes().items():
             if method in NOT_PROJECTION_READS or method in self.store_reads:
                 server.route(method, _plain(fn))
+            elif method in CACHED_READS and self.answers is not None:
+                server.route(method, self._cached_read(method, fn, self.answers))
             else:
                 server.route(method, self._projection_read(fn))
 
@@ -278,6 +298,30 @@ class AuditQueries:
             if projector.rebuilding or projector.rebuilds_started != seen:
                 raise TransientError(REBUILDING_MESSAGE)
             return result
+
+        return handler
+
+    def _cached_read(
+        self, method: str, fn: Callable[[Params], Awaitable[Any]], answers: AnswerCache[bytes]
+    ) -> Callable[[dict[str, Any], dict[str, str]], Awaitable[Any]]:
+        """:meth:`_projection_read` of ``fn`` through the answer cache.
+
+        The answer is kept as its JSON (its exact size, nothing a caller could change) and
+        handed to the bus as is. A rebuild refuses the request before the cache is asked, and an
+        answer spoiled by a rebuild that began while it was computed is an error, never kept.
+        """
+        read = self._projection_read(fn)
+        relaxed = method in RELAXED_READS
+
+        async def handler(payload: dict[str, Any], headers: dict[str, str]) -> Any:
+            if self.projector.rebuilding:
+                raise TransientError(REBUILDING_MESSAGE)
+            key = answer_key(_tenant(payload), method, payload)
+
+            async def compute() -> bytes:
+                return orjson.dumps(await read(payload, headers))
+
+            return orjson.Fragment(await answers.get(key, compute, relaxed=relaxed))
 
         return handler
 

@@ -154,6 +154,9 @@ class Projector:
         self.rebuilding = False
         self.rebuilds_started = 0
         """Rebuilds begun by this process: a query that saw it change read half-built tables."""
+        self.writes = 0
+        """Writes to the tables (flushes and rebuilds, failed ones included): see
+        :attr:`data_version`."""
         self.refolds = 0
         """Runs and incidents re-folded from the store because of a late event."""
         self._lock = asyncio.Lock()
@@ -165,6 +168,19 @@ class Projector:
         self._runs: OrderedDict[Key, RunRow] = OrderedDict()
         self._incidents: OrderedDict[Key, IncidentRow] = OrderedDict()
         self._tickers: list[asyncio.Task[None]] = []
+
+    @property
+    def data_version(self) -> tuple[int, int]:
+        """Moves whenever what the projection tables hold may have changed.
+
+        The lanes' flushed positions are not enough: an event that arrives late (below its lane's
+        position) is written, and its run re-folded, without moving them, and a flush that fails
+        half-way has written some tables. So every flush and rebuild counts, once its writes are
+        done (or have failed): an answer computed after this moved has read them. The first
+        member, the rebuilds begun, is the epoch no kept answer crosses
+        (:mod:`services.audit_replay.answers`).
+        """
+        return (self.rebuilds_started, self.writes)
 
     async def start(self) -> None:
         """Create the schema, read the projected positions back and start the interval flushes."""
@@ -330,6 +346,7 @@ class Projector:
             raise
         finally:
             state.writing_runs, state.writing_incidents = set(), set()
+            self.writes += 1
         if taken.position > state.flushed_position:
             state.flushed_position, state.flushed_recorded_at = taken.position, taken.recorded_at
         _settle(taken.waiter, None)
@@ -542,6 +559,7 @@ class Projector:
                     s.flushed_recorded_at = s.recorded_at = last_at
                 self.projected_position, self.last_recorded_at = last, last_at
         finally:
+            self.writes += 1
             self.rebuilding = False
         duration = time.monotonic() - started
         log.info("audit.rebuild_finished", events=events, seconds=round(duration, 2))

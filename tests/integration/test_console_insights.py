@@ -5,6 +5,8 @@ chDB → the ``analytics``, ``statements`` and ``statement`` requests of audit-r
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,8 +15,10 @@ import pytest
 from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope
 from libs.contracts.events import IncidentResolved, RunCompleted, RunStarted
-from libs.errors import InvalidInput, NotFound
+from libs.errors import InvalidInput, NotFound, TransientError
+from services.audit_replay.answers import AnswerCache
 from services.audit_replay.insights import ANALYTICS_VIEWS, OTHER_AGENTS, TOP_AGENTS
+from tests.conftest import wait_until
 from tests.integration.test_projections import Audit, audit  # noqa: F401
 from tests.unit.test_audit_domain import POLICY, bundle_event, flow
 
@@ -201,3 +205,88 @@ async def test_statements_sum_each_month_and_charge_back_by_agent_and_model(
     for bad in ("2026-13", "2026-1", "january"):
         with pytest.raises(InvalidInput, match="YYYY-MM"):
             await audit.call("statement", tenant, period=bad)
+
+
+def _incident_count(policies: dict[str, Any]) -> int:
+    (policy,) = [p for p in policies["policies"] if p["policy_id"] == POLICY]
+    return int(policy["incident_count"])
+
+
+async def _with_answer_cache(audit: Audit, **settings: Any) -> AnswerCache[bytes]:
+    """Restart the service with the answer cache on (the default settings, and ``settings``)."""
+    update = {"answer_cache_mb": 64, **settings}
+    await audit.service.stop()
+    audit.ctx = replace(audit.ctx, settings=audit.ctx.settings.model_copy(update=update))
+    await audit.start_service()
+    queries = audit.service.queries
+    assert queries is not None and queries.answers is not None
+    return queries.answers
+
+
+async def test_a_kept_listing_never_outlives_a_write_the_lanes_flushed(
+    audit: Audit, unique: Any
+) -> None:
+    """The listings are kept while the projections do not move, per tenant, and the first
+    answer after a flush holds what it wrote (services/audit_replay/answers.py)."""
+    tenant, other = unique("acme"), unique("globex")
+    done, stopped = unique("done"), unique("stopped")
+    answers = await _with_answer_cache(audit)
+    await audit.projected(await audit.append([bundle_event(), *_completed(tenant, done, "a1")]))
+
+    listing = await audit.call("runs", tenant)
+    assert [r["run_id"] for r in listing["runs"]] == [done]
+    incidents = await audit.call("incidents", tenant)
+    assert incidents["incidents"] == []
+    policies = await audit.call("policies", tenant)
+    assert _incident_count(policies) == 0
+    hits = answers.stats.hits
+    assert await audit.call("runs", tenant) == listing
+    assert await audit.call("incidents", tenant) == incidents
+    assert await audit.call("policies", tenant) == policies
+    assert answers.stats.hits == hits + 3  # the repeats cost no statement
+    # Same method and parameters, another tenant: its own answer, not the kept one.
+    assert (await audit.call("runs", other))["runs"] == []
+
+    await audit.projected(await audit.append(flow(tenant, stopped)))
+    after = {r["run_id"]: r["status"] for r in (await audit.call("runs", tenant))["runs"]}
+    assert after == {done: "completed", stopped: "stopped_by_policy"}
+    (incident,) = (await audit.call("incidents", tenant))["incidents"]
+    assert incident["run_id"] == stopped
+    assert _incident_count(await audit.call("policies", tenant)) == 1
+
+    # While a rebuild runs a kept answer is refused like any other read, and none kept before
+    # it is served after it.
+    projector = audit.service.projector
+    assert projector is not None
+    listing = await audit.call("runs", tenant)
+    async with projector._lock:  # holds the rebuild at its start
+        rebuild = asyncio.create_task(audit.call("rebuild", tenant))
+        await wait_until(lambda: projector.rebuilding, what="the rebuild to start")
+        with pytest.raises(TransientError, match="projections are being rebuilt"):
+            await audit.call("runs", tenant)
+    await rebuild
+    computed = answers.stats.computed
+    assert await audit.call("runs", tenant) == listing
+    assert answers.stats.computed == computed + 1
+
+
+async def test_without_staleness_an_aggregate_holds_every_flushed_write(
+    audit: Audit, unique: Any
+) -> None:
+    """With ``MC_ANALYTICS_MAX_STALENESS_MS=0`` the aggregates are exact too."""
+    answers = await _with_answer_cache(audit, analytics_max_staleness_ms=0)
+    tenant = unique("acme")
+    await audit.projected(await audit.append([bundle_event(), *flow(tenant, unique("a"))]))
+
+    async def runs_by_agent() -> dict[str, int]:
+        rows = _table(await audit.call("analytics", tenant, view="productivity"))
+        return {r["agent_id"]: r["runs"] for r in rows}
+
+    assert await runs_by_agent() == {"agent-1": 1}
+    hits = answers.stats.hits
+    assert await runs_by_agent() == {"agent-1": 1}
+    assert answers.stats.hits == hits + 1
+    await audit.projected(await audit.append(flow(tenant, unique("b"), agent="agent-2")))
+    assert await runs_by_agent() == {"agent-1": 1, "agent-2": 1}
+    statements = (await audit.call("statements", tenant))["statements"]
+    assert [s["runs"] for s in statements] == [2]

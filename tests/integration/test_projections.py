@@ -85,8 +85,12 @@ async def audit(own_system: System, tmp_path: Path) -> AsyncIterator[Audit]:
     relay = Relay(own_system.service_url, js, idle_wait=0.2)
     relay_task = asyncio.create_task(relay.run())
     ch = Clickhouse(embedded_dsn(tmp_path / "clickhouse"))
-    # Its own data dir: the evidence signing key is generated there.
-    settings = Settings.model_validate({"MC_DATA_DIR": str(tmp_path / "data")})
+    # Its own data dir: the evidence signing key is generated there. No answer cache: these
+    # tests compare answers around writes made behind the service's back (a second projector);
+    # tests/integration/test_console_insights.py starts the service with it.
+    settings = Settings.model_validate(
+        {"MC_DATA_DIR": str(tmp_path / "data"), "MC_ANSWER_CACHE_MB": "0"}
+    )
     ctx = ServiceContext.wire("audit-replay", settings, nc, pool)
     a = Audit(nc, js, pool, store, ch, ctx, AuditReplayService(ch), RpcClient(nc))
     try:
