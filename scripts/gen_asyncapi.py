@@ -87,6 +87,7 @@ def _bare_audit_queries() -> AuditQueries:
     """The audit service's queries, with the evidence methods, holding no connections."""
     queries = AuditQueries.__new__(AuditQueries)
     queries.store_reads = EvidenceQueries.__new__(EvidenceQueries).routes()
+    queries.answers = None  # no answer cache: the routes are only listed here
     return queries
 
 
