@@ -55,6 +55,8 @@ class AuditReplayService:
         self.queries = AuditQueries(
             self.ch, self.projector, ctx.store, self.lag, store_reads=evidence.routes()
         )
+        # SOC2 evidence jobs are built, resumed and served by the export jobs' machinery.
+        evidence.attach_jobs(self.queries.exports)
         self.rpc = rpc_server(ctx.nc, self.queries)
         await self.rpc.start()
         self._consumer_tasks = [
