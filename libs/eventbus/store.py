@@ -417,6 +417,44 @@ class EventStore:
             cur = await c.execute(q, args)
             return [row_to_envelope(r) for r in await cur.fetchall()]
 
+    async def read_occurred(
+        self,
+        tenant_id: str,
+        start: datetime,
+        end: datetime,
+        *,
+        up_to_position: int,
+        after_position: int = 0,
+        limit: int = 5000,
+    ) -> list[EventEnvelope]:
+        """Up to ``limit`` of the tenant's events that occurred in ``[start, end)``, after
+        ``after_position`` and at or below ``up_to_position``, in store order (page on with the
+        last one's position). Only those rows leave the database: a period's documents need not
+        decode the tenant's whole log. Scoped to the tenant like :meth:`read_history`."""
+        async with transaction(self.pool) as c:
+            await scope_to_tenant(c, tenant_id)
+            cur = await c.execute(
+                f"SELECT {_COLUMNS} FROM eventstore.events WHERE tenant_id = %s "
+                "AND position > %s AND position <= %s AND occurred_at >= %s AND occurred_at < %s "
+                "ORDER BY position LIMIT %s",
+                (tenant_id, after_position, up_to_position, start, end, limit),
+            )
+            return [row_to_envelope(r) for r in await cur.fetchall()]
+
+    async def count_occurred(
+        self, tenant_id: str, start: datetime, end: datetime, *, up_to_position: int
+    ) -> int:
+        """How many events :meth:`read_occurred` pages through for the same arguments."""
+        async with transaction(self.pool) as c:
+            await scope_to_tenant(c, tenant_id)
+            cur = await c.execute(
+                "SELECT count(*) AS n FROM eventstore.events WHERE tenant_id = %s "
+                "AND position <= %s AND occurred_at >= %s AND occurred_at < %s",
+                (tenant_id, up_to_position, start, end),
+            )
+            row = await cur.fetchone()
+        return int(row["n"]) if row else 0
+
     async def linked_streams(
         self, tenant_id: str, event_type: str, key: str, values: Sequence[str]
     ) -> list[str]:

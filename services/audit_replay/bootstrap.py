@@ -62,6 +62,8 @@ class AuditReplayService:
             store_reads=evidence.routes(),
             answers=answer_cache(self.projector, ctx.settings),
         )
+        # SOC2 evidence jobs are built, resumed and served by the export jobs' machinery.
+        evidence.attach_jobs(self.queries.exports)
         self.rpc = rpc_server(ctx.nc, self.queries)
         await self.rpc.start()
         self._consumer_tasks = [

@@ -3,6 +3,11 @@ store (the system of record) rather than the projections.
 
 * ``evidence_soc2``: ``from``, ``to`` (ISO 8601 with a time zone), ``format`` (json, csv, pdf)
   → the signed SOC2 evidence of the tenant's period.
+* ``evidence_soc2_job_create``: ``from``, ``to``, ``format``, ``requested_by`` → the same
+  document built as a job (:class:`~services.audit_replay.exports.ExportJobs`, pinned when
+  created); ``evidence_soc2_job``: ``job_id`` → the job, its progress the period's events read
+  of the total; ``evidence_soc2_job_part``: ``job_id``, ``seq`` → ``{seq, data_b64, next,
+  document}`` (a done job's file a part at a time, and its type, name, sha256 and signature).
 * ``debrief``: ``incident_id``, ``format`` (md, html, pdf, json) → one incident's debrief.
 * ``debriefs``: ``from``, ``to``, ``format`` → every incident opened in the period, debriefed.
 * ``attest``: ``standard`` (soc2, iso27001), ``from``, ``to``, ``actor`` → generates a compliance
@@ -33,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import EventEnvelope, new_uuid7
 from libs.contracts.events import AttestationGenerated
-from libs.errors import Conflict, InvalidInput, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound, PermanentError
 from libs.eventbus.anchor import CHECKPOINT_STREAM
 from libs.eventbus.store import START, EventStore
 from libs.evidence_signing import sha256_hex, sign_statement, signed_json
@@ -56,6 +61,7 @@ from services.audit_replay.domain.evidence import (
     soc2_evidence,
 )
 from services.audit_replay.entrypoints import _tenant, _text
+from services.audit_replay.exports import PART_BYTES, Emit, ExportJobs, JobProgress
 from services.audit_replay.handlers import read_run_history
 from services.audit_replay.reports.render import render
 
@@ -76,8 +82,11 @@ DEBRIEF_FORMATS = ("md", "html", "pdf", "json")
 # matplotlib's pyplot is not thread-safe: one document renders at a time.
 _RENDER_LOCK = threading.Lock()
 
+SOC2_JOB = "evidence_soc2"
 Params = Mapping[str, Any]
 Document = tuple[bytes, dict[str, Any]]
+Read = Callable[[int], Awaitable[None]]
+"""Told how many events were read so far."""
 
 
 def parse_instant(p: Params, name: str) -> datetime:
@@ -117,11 +126,15 @@ class EvidenceQueries:
     def __init__(self, store: EventStore, key: Ed25519PrivateKey) -> None:
         self.store = store
         self.key = key
+        self.jobs: ExportJobs | None = None
 
     def routes(self) -> dict[str, Callable[[Params], Awaitable[Any]]]:
         """Method name → handler."""
         return {
             "evidence_soc2": self.evidence_soc2,
+            "evidence_soc2_job_create": self.evidence_soc2_job_create,
+            "evidence_soc2_job": self.evidence_soc2_job,
+            "evidence_soc2_job_part": self.evidence_soc2_job_part,
             "debrief": self.debrief,
             "debriefs": self.debriefs,
             "attest": self.attest,
@@ -147,6 +160,35 @@ class EvidenceQueries:
                 break
             cursor = page.cursor
         return out
+
+    async def period_events(
+        self, period: Period, as_of: int, progress: Read | None = None
+    ) -> list[EventEnvelope]:
+        """What SOC2 evidence of ``period`` is made from: the tenant's events that occurred in
+        it and the shared policy bundle's, at or below position ``as_of``, read by time range
+        rather than the whole log; ``progress`` is told how many of them were read so far."""
+        out = [
+            e
+            for e in await self.store.read_stream(stream_id_for(SHARED_TENANT, "policy", "bundle"))
+            if (e.position or 0) <= as_of
+        ]
+        after = read = 0
+        while True:
+            page = await self.store.read_occurred(
+                period.tenant,
+                period.start,
+                period.end,
+                up_to_position=as_of,
+                after_position=after,
+                limit=READ_BATCH,
+            )
+            out += page
+            read += len(page)
+            if progress is not None:
+                await progress(read)
+            if len(page) < READ_BATCH:
+                return out
+            after = page[-1].position or after
 
     async def checkpoint(self, as_of: int) -> dict[str, Any] | None:
         """The newest signed checkpoint at or below position ``as_of`` (``None``: none yet)."""
@@ -226,15 +268,14 @@ class EvidenceQueries:
             statement = sign_statement(self.key, body, meta)
         return body, statement
 
-    async def evidence_soc2(self, p: Params) -> dict[str, Any]:
-        """The signed SOC2 evidence of a period."""
-        tenant = _tenant(p)
-        period = parse_period(tenant, p)
-        fmt = _choice(p, "format", SOC2_FORMATS)
+    def _soc2(
+        self, tenant: str, period: Period, fmt: str, progress: Read | None = None
+    ) -> Callable[[int, datetime], Awaitable[Document]]:
+        """How the SOC2 evidence of ``period`` is built at a pin (position, time)."""
 
         async def build(as_of: int, at: datetime) -> Document:
             checkpoint = await self.checkpoint(as_of)
-            events = await self.tenant_events(tenant, as_of)
+            events = await self.period_events(period, as_of, progress)
             doc = soc2_evidence(
                 events, period, generated_at=at, as_of_position=as_of, checkpoint=checkpoint
             )
@@ -261,7 +302,99 @@ class EvidenceQueries:
                 "signature": statement,
             }
 
-        return await self._document(build)
+        return build
+
+    async def evidence_soc2(self, p: Params) -> dict[str, Any]:
+        """The signed SOC2 evidence of a period."""
+        tenant = _tenant(p)
+        period = parse_period(tenant, p)
+        fmt = _choice(p, "format", SOC2_FORMATS)
+        return await self._document(self._soc2(tenant, period, fmt))
+
+    # --- SOC2 evidence as a job -----------------------------------------------------------------
+
+    def attach_jobs(self, jobs: ExportJobs) -> None:
+        """Build SOC2 evidence jobs with the export jobs' machinery (their table, parts,
+        progress and take-over)."""
+        self.jobs = jobs
+        jobs.register(SOC2_JOB, self._build_soc2_job)
+
+    def _jobs(self) -> ExportJobs:
+        if self.jobs is None:
+            raise PermanentError("evidence jobs are not running in this process")
+        return self.jobs
+
+    async def evidence_soc2_job_create(self, p: Params) -> dict[str, Any]:
+        """Start building a period's SOC2 evidence in the background, pinned now (the store's
+        head and the time); the job (``queued``)."""
+        tenant = _tenant(p)
+        period = parse_period(tenant, p)
+        fmt = _choice(p, "format", SOC2_FORMATS)
+        actor = _text(p, "requested_by") or "unknown"
+        as_of = await self.store.head_position()
+        at = datetime.now(UTC).replace(microsecond=0)
+        params = {
+            "from": period.start.isoformat(),
+            "to": period.end.isoformat(),
+            "format": fmt,
+            "as_of_position": as_of,
+            "generated_at": at.isoformat(),
+        }
+        total = await self.store.count_occurred(
+            tenant, period.start, period.end, up_to_position=as_of
+        )
+        subject = f"{params['from']}/{params['to']}"
+        row = await self._jobs().insert(tenant, SOC2_JOB, subject, actor, total, params)
+        return evidence_job_view(row)
+
+    async def evidence_soc2_job(self, p: Params) -> dict[str, Any]:
+        """One SOC2 evidence job: status and progress (events read of the total)."""
+        job_id = _text(p, "job_id", required=True)
+        assert job_id is not None
+        return evidence_job_view(await self._jobs().row(_tenant(p), job_id, (SOC2_JOB,)))
+
+    async def evidence_soc2_job_part(self, p: Params) -> dict[str, Any]:
+        """One part of a done job's document (base64) with the document's type, name, sha256
+        and signature statement."""
+        job_id = _text(p, "job_id", required=True)
+        assert job_id is not None
+        seq = p.get("seq", 0)
+        if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+            raise InvalidInput("seq must be a part number (0 or more)")
+        data, nxt, result = await self._jobs().raw_part(_tenant(p), job_id, seq, (SOC2_JOB,))
+        return {
+            "seq": seq,
+            "data_b64": base64.b64encode(data).decode(),
+            "next": nxt,
+            "document": result,
+        }
+
+    async def _build_soc2_job(
+        self, row: dict[str, Any], emit: Emit, progress: JobProgress
+    ) -> dict[str, Any]:
+        tenant, params, total = row["tenant_id"], row["params"], int(row["total"])
+        period = parse_period(tenant, params)
+        read = 0
+
+        async def events_read(done: int) -> None:
+            nonlocal read
+            read = done
+            await progress(done, total)
+
+        build = self._soc2(tenant, period, _choice(params, "format", SOC2_FORMATS), events_read)
+        # Pinned when the job was created: a job built again makes the same bytes.
+        pin = (int(params["as_of_position"]), parse_instant(params, "generated_at"))
+        answer = await self._document(build, fixed=pin)
+        body = base64.b64decode(answer.pop("body_b64"))
+        for start in range(0, len(body), PART_BYTES):
+            await emit(body[start : start + PART_BYTES])
+        checkpoint = answer["signature"].get("checkpoint") or {}
+        return {
+            "done": read,
+            "total": max(total, read),
+            "checkpoint_seq": checkpoint.get("seq"),
+            "result": answer,
+        }
 
     async def debrief(self, p: Params) -> dict[str, Any]:
         """One incident's executive debrief."""
@@ -494,4 +627,25 @@ def attestation_record(env: EventEnvelope) -> dict[str, Any]:
         "checkpoint_seq": p.get("checkpoint_seq"),
         "requested_by": p["requested_by"],
         "event_id": str(env.event_id),
+    }
+
+
+def evidence_job_view(row: dict[str, Any]) -> dict[str, Any]:
+    """An evidence job as the API shows it."""
+    params, result = row["params"] or {}, row["result"] or {}
+    return {
+        "job_id": row["job_id"],
+        "status": row["status"],
+        "period": {"from": params.get("from"), "to": params.get("to")},
+        "format": params.get("format"),
+        "as_of_position": params.get("as_of_position"),
+        "requested_by": row["requested_by"],
+        "progress": {"done": int(row["done"]), "total": int(row["total"])},
+        "bytes": int(row["bytes"]),
+        "attempts": int(row["attempts"]),
+        "filename": result.get("filename"),
+        "sha256": result.get("sha256"),
+        "error": row["error"],
+        "created_at": row["created_at"].astimezone(UTC).isoformat(),
+        "updated_at": row["updated_at"].astimezone(UTC).isoformat(),
     }

@@ -15,6 +15,10 @@ parts of whole lines (``audit_replay.export_parts``) and downloaded one part per
 left unfinished when its process stopped is built again from the start by the next one (exports
 have no side effects, so a second build is the same file but for its ``created_at``); one
 interrupted :data:`MAX_ATTEMPTS` times fails, naming why.
+
+Other long documents reuse the jobs (their table, parts, progress and take-over): a module
+registers how to build its kind (:meth:`ExportJobs.register`; the SOC2 evidence of
+:mod:`services.audit_replay.evidence_queries`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import structlog
+from psycopg.types.json import Jsonb
 
 from libs.contracts import new_uuid7
 from libs.contracts.envelope import stream_id_for
@@ -58,6 +63,11 @@ CONTENT_TYPE = "application/x-ndjson"
 
 Emit = Callable[[bytes], Awaitable[None]]
 Progress = Callable[[int], Awaitable[None]]
+JobProgress = Callable[[int, int], Awaitable[None]]
+"""Reports a job's progress: items done of the total."""
+JobBuild = Callable[[dict[str, Any], Emit, JobProgress], Awaitable[dict[str, Any]]]
+"""Builds a job from its row: writes its file to ``emit`` and reports progress; answers the
+columns to set once done (``done``, ``total``, and ``checkpoint_seq`` or ``result``)."""
 
 
 @dataclass(frozen=True)
@@ -223,70 +233,109 @@ class ExportJobs:
         self.store = store
         self.checkpoints = checkpoints
         self._running: dict[str, asyncio.Task[None]] = {}
+        self.builders: dict[str, JobBuild] = {k: self._build_export for k in SUBJECT_TYPES}
+
+    def register(self, kind: str, build: JobBuild) -> None:
+        """Build the jobs whose ``subject_type`` is ``kind`` with ``build`` (another service
+        module's documents, kept in the same table and parts)."""
+        self.builders[kind] = build
 
     async def create(
         self, tenant_id: str, subject_type: str, subject_id: str, actor: str
     ) -> dict[str, Any]:
         """Check the subject exists, record the job and start it; its view (``queued``)."""
         plan = await plan_export(self.store, tenant_id, subject_type, subject_id)
+        return job_view(await self.insert(tenant_id, subject_type, subject_id, actor, plan.total))
+
+    async def insert(
+        self,
+        tenant_id: str,
+        kind: str,
+        subject_id: str,
+        actor: str,
+        total: int,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Record a ``queued`` job of ``kind`` and start building it; its row."""
         job_id = str(new_uuid7())
         async with transaction(self.store.pool) as conn:
             cur = await conn.execute(
                 "INSERT INTO audit_replay.export_jobs (job_id, tenant_id, subject_type, "
-                "subject_id, requested_by, status, total) "
-                "VALUES (%s, %s, %s, %s, %s, 'queued', %s) RETURNING *",
-                (job_id, tenant_id, subject_type, subject_id, actor, plan.total),
+                "subject_id, requested_by, status, total, params) "
+                "VALUES (%s, %s, %s, %s, %s, 'queued', %s, %s) RETURNING *",
+                (
+                    job_id,
+                    tenant_id,
+                    kind,
+                    subject_id,
+                    actor,
+                    total,
+                    None if params is None else Jsonb(params),
+                ),
             )
             row = await cur.fetchone()
         assert row is not None
         self._spawn(job_id)
-        return job_view(row)
+        return row
 
-    async def _row(self, tenant_id: str, job_id: str) -> dict[str, Any]:
+    async def row(
+        self, tenant_id: str, job_id: str, kinds: tuple[str, ...] = SUBJECT_TYPES
+    ) -> dict[str, Any]:
+        """One job's row, of the tenant and of one of ``kinds``; 404 otherwise."""
         async with transaction(self.store.pool) as conn:
             cur = await conn.execute(
-                "SELECT * FROM audit_replay.export_jobs WHERE tenant_id = %s AND job_id = %s",
-                (tenant_id, job_id),
+                "SELECT * FROM audit_replay.export_jobs WHERE tenant_id = %s AND job_id = %s "
+                "AND subject_type = ANY(%s)",
+                (tenant_id, job_id, list(kinds)),
             )
             row: dict[str, Any] | None = await cur.fetchone()
         if row is None:
-            raise NotFound(f"export job {job_id} not found")
+            raise NotFound(f"{_noun(kinds)} job {job_id} not found")
         return row
 
     async def get(self, tenant_id: str, job_id: str) -> dict[str, Any]:
         """One job of the tenant; 404 for another tenant's."""
-        return job_view(await self._row(tenant_id, job_id))
+        return job_view(await self.row(tenant_id, job_id))
 
     async def recent(self, tenant_id: str, limit: int) -> list[dict[str, Any]]:
         """The tenant's jobs, newest first."""
         async with transaction(self.store.pool) as conn:
             cur = await conn.execute(
                 "SELECT * FROM audit_replay.export_jobs WHERE tenant_id = %s "
-                "ORDER BY created_at DESC, job_id DESC LIMIT %s",
-                (tenant_id, limit),
+                "AND subject_type = ANY(%s) ORDER BY created_at DESC, job_id DESC LIMIT %s",
+                (tenant_id, list(SUBJECT_TYPES), limit),
             )
             return [job_view(r) for r in await cur.fetchall()]
 
     async def part(self, tenant_id: str, job_id: str, seq: int) -> dict[str, Any]:
         """Part ``seq`` of a finished job's file, and the next part's number (``None`` at the
         end); 409 while the job is not done."""
+        data, nxt, _ = await self.raw_part(tenant_id, job_id, seq)
+        return {"seq": seq, "data": data.decode(), "next": nxt}
+
+    async def raw_part(
+        self, tenant_id: str, job_id: str, seq: int, kinds: tuple[str, ...] = SUBJECT_TYPES
+    ) -> tuple[bytes, int | None, dict[str, Any]]:
+        """Part ``seq`` of a finished job of one of ``kinds``, the next part's number (``None``
+        at the end) and the job's ``result``; 409 while the job is not done."""
+        noun = _noun(kinds)
         async with transaction(self.store.pool) as conn:
             # The job and the part in one read: a download asks for every part in turn.
             cur = await conn.execute(
-                "SELECT j.status, j.parts, p.data FROM audit_replay.export_jobs j "
+                "SELECT j.status, j.parts, j.result, p.data FROM audit_replay.export_jobs j "
                 "LEFT JOIN audit_replay.export_parts p ON p.job_id = j.job_id AND p.seq = %s "
-                "WHERE j.tenant_id = %s AND j.job_id = %s",
-                (seq, tenant_id, job_id),
+                "WHERE j.tenant_id = %s AND j.job_id = %s AND j.subject_type = ANY(%s)",
+                (seq, tenant_id, job_id, list(kinds)),
             )
             row = await cur.fetchone()
         if row is None:
-            raise NotFound(f"export job {job_id} not found")
+            raise NotFound(f"{noun} job {job_id} not found")
         if row["status"] != "done":
-            raise Conflict(f"export job {job_id} is {row['status']}, not done")
+            raise Conflict(f"{noun} job {job_id} is {row['status']}, not done")
         if row["data"] is None:
-            raise NotFound(f"export job {job_id} has {row['parts']} parts, no part {seq}")
+            raise NotFound(f"{noun} job {job_id} has {row['parts']} parts, no part {seq}")
         nxt = seq + 1 if seq + 1 < int(row["parts"]) else None
-        return {"seq": seq, "data": bytes(row["data"]).decode(), "next": nxt}
+        return bytes(row["data"]), nxt, dict(row["result"] or {})
 
     # -- running -------------------------------------------------------------------------------
 
@@ -374,13 +423,12 @@ class ExportJobs:
             await self._update(job_id, status="failed", error=message)
 
     async def _build(self, job_id: str, row: dict[str, Any]) -> None:
-        plan = await plan_export(
-            self.store, row["tenant_id"], row["subject_type"], row["subject_id"]
-        )
+        build = self.builders.get(row["subject_type"])
+        if build is None:
+            raise PermanentError(f"no builder for {row['subject_type']} jobs")
         buf = bytearray()
         parts = 0
         size = 0
-        written = 0
 
         async def flush() -> None:
             nonlocal parts, buf
@@ -406,20 +454,33 @@ class ExportJobs:
                 if len(buf) >= PART_BYTES:
                     await flush()
 
-        async def progress(done: int) -> None:
+        async def progress(done: int, total: int) -> None:
+            await self._update(job_id, done=done, total=max(total, done), bytes=size)
+
+        columns = await build(row, emit, progress)
+        if "result" in columns:
+            columns["result"] = Jsonb(columns["result"])
+        await flush()
+        await self._update(job_id, status="done", bytes=size, parts=parts, **columns)
+        log.info("export.done", job_id=job_id, kind=row["subject_type"], bytes=size, parts=parts)
+
+    async def _build_export(
+        self, row: dict[str, Any], emit: Emit, progress: JobProgress
+    ) -> dict[str, Any]:
+        plan = await plan_export(
+            self.store, row["tenant_id"], row["subject_type"], row["subject_id"]
+        )
+        written = 0
+
+        async def written_so_far(done: int) -> None:
             nonlocal written
             written = done
-            await self._update(job_id, done=done, total=max(plan.total, done), bytes=size)
+            await progress(done, plan.total)
 
-        seq = await write_export(self.store, self.checkpoints, plan, emit, progress)
-        await flush()
-        await self._update(
-            job_id,
-            status="done",
-            done=written,
-            total=max(plan.total, written),
-            bytes=size,
-            parts=parts,
-            checkpoint_seq=seq,
-        )
-        log.info("export.done", job_id=job_id, events=plan.total, bytes=size, parts=parts)
+        seq = await write_export(self.store, self.checkpoints, plan, emit, written_so_far)
+        return {"done": written, "total": max(plan.total, written), "checkpoint_seq": seq}
+
+
+def _noun(kinds: tuple[str, ...]) -> str:
+    """How a job of ``kinds`` is named in errors."""
+    return "export" if set(kinds) <= set(SUBJECT_TYPES) else "evidence"

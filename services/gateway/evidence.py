@@ -6,17 +6,25 @@ RPC layer carries an answer larger than a NATS message in parts); these routes r
 file.
 The signature statement comes back in ``X-Evidence-Signature`` (base64 of its JSON: save it as
 ``FILE.sig`` beside the file); a JSON document carries it inside as well.
+
+SOC2 evidence of a long period is also built as a job (``/v1/evidence/soc2/jobs``): started with
+a POST, polled for its progress (the period's events read of the total), then downloaded a part
+at a time with the same headers.
 """
 
 # No ``from __future__ import annotations``: FastAPI resolves the routes' dependency annotations,
 # which are local to evidence_routes.
 import base64
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 import orjson
 from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from libs.contracts.limits import UUID_PATTERN
 
 # Long documents: the audit service reads a whole period of the log and renders it.
 DOCUMENT_TIMEOUT_S = 120.0
@@ -84,20 +92,76 @@ def _file_responses(*types: str) -> dict[int | str, dict[str, Any]]:
 async def fetch_document(call: Any, method: str, payload: dict[str, Any]) -> Response:
     """The document ``audit.<method>`` makes, as a downloadable file."""
     answer = await call("audit", method, payload, timeout=DOCUMENT_TIMEOUT_S)
-    statement = base64.b64encode(orjson.dumps(answer["signature"])).decode()
     return Response(
         base64.b64decode(answer["body_b64"]),
         media_type=str(answer["content_type"]),
-        headers={
-            "Content-Disposition": f'attachment; filename="{answer["filename"]}"',
-            SIGNATURE_HEADER: statement,
-            SHA256_HEADER: str(answer["sha256"]),
-        },
+        headers=_signed_headers(answer),
     )
 
 
 def _period(start: Any, end: Any) -> dict[str, str]:
     return {"from": start.isoformat(), "to": end.isoformat()}
+
+
+def _signed_headers(document: dict[str, Any]) -> dict[str, str]:
+    """A document's download headers: its name, signature statement and sha256."""
+    statement = base64.b64encode(orjson.dumps(document["signature"])).decode()
+    return {
+        "Content-Disposition": f'attachment; filename="{document["filename"]}"',
+        SIGNATURE_HEADER: statement,
+        SHA256_HEADER: str(document["sha256"]),
+    }
+
+
+class EvidenceJobIn(BaseModel):
+    """What SOC2 evidence to build: a period and a format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: AwareDatetime = Field(alias="from", description="Start of the period, included.")
+    to: AwareDatetime = Field(description="End of the period, excluded.")
+    format: Soc2Format = "pdf"
+
+
+class EvidencePeriod(BaseModel):
+    """A job's period, ``[from, to)``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    start: str = Field(alias="from")
+    to: str
+
+
+class EvidenceProgress(BaseModel):
+    """The period's events read of those the document is made from."""
+
+    done: int
+    total: int
+
+
+class EvidenceJob(BaseModel):
+    """A SOC2 evidence job: ``queued``, ``running``, ``done`` (download it) or ``failed``
+    (``error`` says why). It is pinned when started: the store position read up to."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job_id: str
+    status: Literal["queued", "running", "done", "failed"]
+    period: EvidencePeriod
+    format: Soc2Format
+    as_of_position: int
+    requested_by: str
+    progress: EvidenceProgress
+    bytes: int
+    attempts: int
+    filename: str | None
+    sha256: str | None
+    error: str | None
+    created_at: str
+    updated_at: str
+
+
+EvidenceJobIdPath = Annotated[str, Path(pattern=UUID_PATTERN, description="The evidence job's id.")]
 
 
 class AttestationIn(BaseModel):
@@ -188,8 +252,54 @@ def evidence_routes(router: APIRouter, evidence: Any, attest: Any) -> None:
     ) -> Response:
         """The tenant's SOC2 evidence for a period, control by control (CC6.1, CC6.2/6.3, CC7.2,
         CC7.3/7.4, CC8.1), every figure traceable to event ids; signed, with the event store's
-        newest signed checkpoint. Verify it offline with `mctl verify-evidence FILE`."""
+        newest signed checkpoint. Verify it offline with `mctl verify-evidence FILE`. Built
+        within the request: for long periods start it as a job (`POST
+        /v1/evidence/soc2/jobs`), which shows its progress."""
         return await fetch_document(call, "evidence_soc2", {**_period(start, to), "format": format})
+
+    @router.post("/evidence/soc2/jobs", response_model=EvidenceJob, status_code=202, tags=tags)
+    async def create_soc2_job(body: EvidenceJobIn, call: Evidence) -> Any:
+        """Build a period's SOC2 evidence in the background (for long periods of busy tenants,
+        where `GET /v1/evidence/soc2` would keep the request open while the period's events are
+        read and the document built). Poll `GET /v1/evidence/soc2/jobs/{job_id}` for its
+        progress and download it from `.../download` once `done`; the job is pinned to the
+        store's head when started."""
+        payload = {**_period(body.start, body.to), "format": body.format}
+        return await call.answer(
+            "audit", "evidence_soc2_job_create", {**payload, "requested_by": call.actor}, 202
+        )
+
+    @router.get("/evidence/soc2/jobs/{job_id}", response_model=EvidenceJob, tags=tags)
+    async def get_soc2_job(job_id: EvidenceJobIdPath, call: Evidence) -> Any:
+        """A SOC2 evidence job's status and progress (the period's events read of the total)."""
+        return await call.answer("audit", "evidence_soc2_job", {"job_id": job_id})
+
+    @router.get(
+        "/evidence/soc2/jobs/{job_id}/download",
+        tags=tags,
+        response_class=StreamingResponse,
+        responses=_file_responses("application/pdf", "text/csv", "application/json"),
+    )
+    async def download_soc2_job(job_id: EvidenceJobIdPath, call: Evidence) -> Response:
+        """A done job's signed document, as `GET /v1/evidence/soc2` answers it (signature
+        statement in `X-Evidence-Signature`), streamed a part at a time (409 while not done)."""
+        method = "evidence_soc2_job_part"
+        first = await call("audit", method, {"job_id": job_id, "seq": 0})
+
+        async def parts() -> AsyncIterator[bytes]:
+            part = first
+            while True:
+                yield base64.b64decode(part["data_b64"])
+                if part.get("next") is None:
+                    return
+                part = await call("audit", method, {"job_id": job_id, "seq": part["next"]})
+
+        document = first["document"]
+        return StreamingResponse(
+            parts(),
+            media_type=str(document["content_type"]),
+            headers=_signed_headers(document),
+        )
 
     @router.get(
         "/incidents/{incident_id}/debrief",

@@ -83,9 +83,9 @@ def _download(api: Api, job_id: str, output: Path) -> int:
     return written
 
 
-def _follow(api: Api, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
-    """Poll the job until it is done or failed, with a progress bar on stderr."""
-    path = _job_path(job["job_id"])
+def follow_job(api: Api, job: dict[str, Any], wait_s: float, path: str) -> dict[str, Any]:
+    """Poll the job at ``path`` until it is done or failed, with a progress bar on stderr
+    (its ``progress``: events done of the total)."""
     deadline = time.monotonic() + wait_s
     console = Console(stderr=True)
     with Progress(
@@ -100,7 +100,7 @@ def _follow(api: Api, job: dict[str, Any], wait_s: float) -> dict[str, Any]:
         task = bar.add_task(job["status"], total=max(int(job["progress"]["total"]), 1))
         while job["status"] in ("queued", "running"):
             if time.monotonic() > deadline:
-                raise CliError(f"the export is still {job['status']}; see GET {path}")
+                raise CliError(f"the job is still {job['status']}; see GET {path}")
             time.sleep(POLL_S)
             job = api.send("GET", path)
             progress = job["progress"]
@@ -127,7 +127,7 @@ def _export(
             "POST", "/v1/exports", json={"subject_type": subject_type, "subject_id": subject_id}
         )
         typer.echo(f"export job {job['job_id']}", err=True)
-        job = _follow(api, job, wait_s)
+        job = follow_job(api, job, wait_s, _job_path(job["job_id"]))
         if job["status"] == "failed":
             raise CliError(f"the export failed: {job.get('error')}")
         size = _download(api, job["job_id"], output)

@@ -4,6 +4,8 @@ verify-evidence`` accepts the files and names a tampered one."""
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import subprocess
 import sys
@@ -12,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from services.gateway.demo import DEMO_TENANT
-from tests.e2e.conftest import DemoRun, RunningSystem, mctl
+from tests.e2e.conftest import DemoRun, RunningSystem, mctl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -174,3 +177,88 @@ def test_an_admin_attests_and_the_history_lists_it(whole_system: RunningSystem) 
     assert pdf.headers["x-evidence-sha256"] == record["pdf_sha256"]
     bad = admin.post("/v1/attestations", json={**body, "standard": "pci"})
     assert bad.status_code == 422 and "standard" in bad.text
+
+
+def _pinned_out(body: bytes) -> dict[str, object]:
+    """The evidence without what depends on when and where in the log it was made."""
+    doc: dict[str, object] = orjson.loads(body)["evidence"]
+    for name in ("generated_at", "as_of_position", "checkpoint"):
+        doc.pop(name)
+    return doc
+
+
+def test_soc2_evidence_as_a_job_through_the_gateway_and_mctl(
+    whole_system: RunningSystem, tmp_path: Path
+) -> None:
+    tenant, other = (f"evj{uuid.uuid4().hex[:10]}" for _ in range(2))
+    key = whole_system.key_for(tenant)
+    base = whole_system.gateway_url
+    http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    now = datetime.now(UTC)
+    period = {
+        "from": (now - timedelta(days=1)).isoformat(),
+        "to": (now + timedelta(hours=1)).isoformat(),
+    }
+
+    started = http.post("/v1/evidence/soc2/jobs", json={**period, "format": "json"})
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["status"] == "queued"
+    # The tenant's own events of the period so far: its creation and its key's issue.
+    assert job["progress"]["done"] == 0 and job["progress"]["total"] >= 2
+    path = f"/v1/evidence/soc2/jobs/{job['job_id']}"
+
+    def finished() -> dict[str, object] | None:
+        got: dict[str, object] = http.get(path).json()
+        return got if got["status"] in ("done", "failed") else None
+
+    done = wait_for(finished, timeout=60, what="the evidence job to finish")
+    assert done["status"] == "done", done
+    assert done["progress"] == {"done": job["progress"]["total"], "total": job["progress"]["total"]}
+    file = http.get(f"{path}/download")
+    assert file.status_code == 200, file.text
+    assert file.headers["content-type"].startswith("application/json")
+    assert file.headers["x-evidence-sha256"] == done["sha256"]
+    statement = orjson.loads(base64.b64decode(file.headers["x-evidence-signature"]))
+    assert statement["as_of_position"] == job["as_of_position"]
+    sync = http.get("/v1/evidence/soc2", params={**period, "format": "json"})
+    assert sync.status_code == 200, sync.text
+    assert _pinned_out(file.content) == _pinned_out(sync.content)
+    saved = tmp_path / "job.json"
+    saved.write_bytes(file.content)
+    assert _verify(whole_system.data_dir, saved).returncode == 0
+
+    stranger = {"Authorization": f"Bearer {whole_system.key_for(other)}"}
+    assert http.get(path, headers=stranger).status_code == 404
+    assert http.get(f"{path}/download", headers=stranger).status_code == 404
+    for body, word in (
+        ({"from": period["to"], "to": period["from"]}, "period is empty"),
+        ({"to": period["to"]}, "from"),
+        ({**period, "format": "docx"}, "format"),
+    ):
+        bad = http.post("/v1/evidence/soc2/jobs", json=body)
+        assert bad.status_code == 422, (body, bad.text)
+        assert word in bad.text.lower(), bad.text
+
+    # mctl: the job with its progress bar (rendered as on a terminal), then FILE and FILE.sig.
+    out = tmp_path / "evidence.pdf"
+    env = {**os.environ, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "0", "NO_COLOR": "1"}
+    command = [sys.executable, "-m", "libs.runtime.cli", "evidence", "soc2", "-o", str(out)]
+    command += ["--from", period["from"], "--to", period["to"], "--url", base, "--api-key", key]
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert re.search(r"^evidence job [0-9a-f-]{36}$", proc.stderr, re.M), proc.stderr
+    bar = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stderr)
+    assert re.search(r"^done .*\b(\d+)/\1 events", bar, re.M), bar
+    assert out.read_bytes().startswith(b"%PDF-")
+    ok = _verify(whole_system.data_dir, out)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(f"ok: soc2-evidence of {tenant}"), ok.stdout

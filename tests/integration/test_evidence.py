@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from libs.contracts import envelope_for, stream_id_for
 from libs.contracts.envelope import DomainEvent, EventEnvelope
@@ -30,11 +31,12 @@ from libs.contracts.events import (
     UserCreated,
     UserRoleGranted,
 )
-from libs.errors import InvalidInput, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound
 from libs.eventbus.anchor import Anchorer
+from libs.eventbus.db import transaction
 from libs.evidence_signing import SIG_SUFFIX, verify_file
 from services.audit_replay.domain.attestation import content_sha256
-from tests.conftest import System
+from tests.conftest import System, wait_until
 from tests.integration.test_projections import Audit, audit
 from tests.unit.test_audit_domain import POLICY, bundle_event, flow
 
@@ -406,3 +408,126 @@ async def test_attestations_are_recorded_listed_and_regenerate_to_their_hashes(
         await audit.call("attestation", tenant, attestation_id="nope", format="pdf")
     with pytest.raises(InvalidInput, match="standard must be one of"):
         await audit.call("attest", tenant, standard="pci", actor="user:carol", **period)
+
+
+async def _evidence_job(audit: Audit, tenant: str, job_id: str) -> tuple[dict[str, Any], bytes]:
+    """Wait for an evidence job to finish; its view and its downloaded document."""
+    job: dict[str, Any] = {}
+
+    async def finished() -> bool:
+        nonlocal job
+        job = await audit.call("evidence_soc2_job", tenant, job_id=job_id)
+        return job["status"] in ("done", "failed")
+
+    await wait_until(finished, timeout=60, what="the evidence job to finish")
+    assert job["status"] == "done", job
+    data, seq = bytearray(), 0
+    while seq is not None:
+        part = await audit.call("evidence_soc2_job_part", tenant, job_id=job_id, seq=seq)
+        data += base64.b64decode(part["data_b64"])
+        seq = part["next"]
+    assert part["document"]["sha256"] == job["sha256"]
+    return job, bytes(data)
+
+
+def _without_generation_time(body: bytes) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(body)["evidence"]
+    doc.pop("generated_at")
+    return doc
+
+
+async def test_soc2_evidence_as_a_job_is_the_document_the_request_answers(
+    audit: Audit, own_system: System, unique: Any, tmp_path: Path
+) -> None:
+    tenant, other = unique("acme"), unique("other")
+    await seed_store(audit, own_system, tenant, unique)
+    period = {"from": FROM, "to": TO}
+    job = await audit.call(
+        "evidence_soc2_job_create", tenant, format="json", requested_by="user:carol", **period
+    )
+    assert job["status"] == "queued"
+    assert job["requested_by"] == "user:carol"
+    # The period's events are read (not the one before it), and counted as they are.
+    start, end = datetime.fromisoformat(FROM), datetime.fromisoformat(TO)
+    tenant_events = len(
+        [
+            e
+            for e in await audit.store.read_all(0, 10_000, tenant_id=tenant)
+            if start <= e.occurred_at < end
+        ]
+    )
+    assert 0 < tenant_events < len(await audit.store.read_all(0, 10_000, tenant_id=tenant))
+    assert job["progress"] == {"done": 0, "total": tenant_events}
+
+    done, body = await _evidence_job(audit, tenant, job["job_id"])
+    # Every event the document is made from was read and counted.
+    assert done["progress"] == {"done": tenant_events, "total": tenant_events}
+    assert done["bytes"] == len(body)
+    assert "sha256:" + hashlib.sha256(body).hexdigest() == done["sha256"]
+    assert done["filename"].startswith(f"soc2-evidence-{tenant}-")
+    path = save(tmp_path, "job.json", body)
+    statement, problems = verify_file(path)
+    assert problems == []
+    assert statement["as_of_position"] == job["as_of_position"]
+    sync, _ = await fetch(audit, "evidence_soc2", tenant, format="json", **period)
+    assert _without_generation_time(body) == _without_generation_time(sync)
+
+    # The job is its tenant's alone, and not an export job.
+    with pytest.raises(NotFound, match="not found"):
+        await audit.call("evidence_soc2_job", other, job_id=job["job_id"])
+    with pytest.raises(NotFound, match="not found"):
+        await audit.call("evidence_soc2_job_part", other, job_id=job["job_id"], seq=0)
+    with pytest.raises(NotFound, match="not found"):
+        await audit.call("export_job", tenant, job_id=job["job_id"])
+    assert await audit.call("export_jobs", tenant) == {"jobs": []}
+    with pytest.raises(InvalidInput, match="period is empty"):
+        await audit.call(
+            "evidence_soc2_job_create", tenant, format="pdf", **{"from": TO, "to": FROM}
+        )
+    with pytest.raises(InvalidInput, match="format must be"):
+        await audit.call("evidence_soc2_job_create", tenant, format="docx", **period)
+
+
+async def test_an_unfinished_evidence_job_is_built_again_after_a_restart(
+    audit: Audit, own_system: System, unique: Any, tmp_path: Path
+) -> None:
+    tenant = unique("acme")
+    await seed_store(audit, own_system, tenant, unique)
+    job_id = "00000000-0000-7000-8000-0000000000ee"
+    as_of = await audit.store.head_position()
+    params = {
+        "from": FROM,
+        "to": TO,
+        "format": "pdf",
+        "as_of_position": as_of,
+        "generated_at": NOW.isoformat(),
+    }
+    async with transaction(audit.pool) as conn:
+        # As a process that stopped while building it left it: running, partly written.
+        await conn.execute(
+            "INSERT INTO audit_replay.export_jobs (job_id, tenant_id, subject_type, subject_id, "
+            "requested_by, status, attempts, done, total, params) "
+            "VALUES (%s, %s, 'evidence_soc2', 'period', 'test', 'running', 1, 3, 9, %s)",
+            (job_id, tenant, Jsonb(params)),
+        )
+        await conn.execute(
+            "INSERT INTO audit_replay.export_parts (job_id, seq, data) VALUES (%s, 0, %s)",
+            (job_id, b"half a document"),
+        )
+    with pytest.raises(Conflict, match="running"):
+        await audit.call("evidence_soc2_job_part", tenant, job_id=job_id, seq=0)
+    await audit.service.stop()
+    await audit.start_service()
+
+    done, body = await _evidence_job(audit, tenant, job_id)
+    assert done["attempts"] == 2
+    # Built again from the start at its pin: a whole signed PDF, generated when recorded.
+    assert body.startswith(b"%PDF-") and b"half a document" not in body
+    path = save(tmp_path, done["filename"], body)
+    part = await audit.call("evidence_soc2_job_part", tenant, job_id=job_id, seq=0)
+    statement = part["document"]["signature"]
+    save(tmp_path, done["filename"], body, statement)
+    _, problems = verify_file(path)
+    assert problems == []
+    assert statement["generated_at"] == NOW.isoformat()
+    assert statement["as_of_position"] == as_of

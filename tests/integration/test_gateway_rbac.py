@@ -102,6 +102,15 @@ SAMPLES: dict[tuple[str, str], tuple[str, Any]] = {
     ("GET", "/v1/members"): ("/v1/members", None),
     ("GET", "/v1/incidents"): ("/v1/incidents", None),
     ("GET", "/v1/evidence/soc2"): (f"/v1/evidence/soc2?from={PERIOD}&format=json", None),
+    ("POST", "/v1/evidence/soc2/jobs"): (
+        "/v1/evidence/soc2/jobs",
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z", "format": "json"},
+    ),
+    ("GET", "/v1/evidence/soc2/jobs/{job_id}"): (f"/v1/evidence/soc2/jobs/{NO_RELOAD}", None),
+    ("GET", "/v1/evidence/soc2/jobs/{job_id}/download"): (
+        f"/v1/evidence/soc2/jobs/{NO_RELOAD}/download",
+        None,
+    ),
     ("GET", "/v1/incidents/{incident_id}/debrief"): (
         f"/v1/incidents/{NO_INCIDENT}/debrief",
         None,
