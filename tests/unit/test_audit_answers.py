@@ -67,10 +67,21 @@ async def test_an_answer_is_kept_while_the_projections_do_not_move() -> None:
     w = World()
     cache = w.cache()
     assert await cache.get(KEY, w.answer("first")) == "first"
-    w.now += 3600  # time alone does not end an exact answer
+    w.now += 59  # time alone does not end an exact answer within its maximum age
     assert await cache.get(KEY, w.answer("second")) == "first"
     assert w.computed == ["first"]
     assert (cache.stats.hits, cache.stats.computed) == (1, 1)
+
+
+async def test_an_answer_is_computed_again_after_its_maximum_age_although_nothing_moved() -> None:
+    """An answer over "the last 30 days" depends on the clock: a quiet tenant whose projections
+    do not move over midnight must still get tomorrow's window."""
+    w = World()
+    cache = w.cache(max_age=60.0)
+    assert await cache.get(KEY, w.answer("today")) == "today"
+    w.now += 60.5
+    assert await cache.get(KEY, w.answer("tomorrow")) == "tomorrow"
+    assert w.computed == ["today", "tomorrow"]
 
 
 async def test_a_write_to_the_projections_ends_an_exact_answer_at_once() -> None:
@@ -92,8 +103,8 @@ async def test_a_relaxed_answer_outlives_a_write_by_at_most_the_staleness_bound(
     assert await cache.get(KEY, w.answer("within"), relaxed=True) == "before"
     w.now += 0.001
     assert await cache.get(KEY, w.answer("after"), relaxed=True) == "after"
-    # The new answer is valid under the new version, whatever its age.
-    w.now += 3600
+    # The new answer is valid under the new version, up to its maximum age.
+    w.now += 59
     assert await cache.get(KEY, w.answer("later"), relaxed=True) == "after"
     assert w.computed == ["before", "after"]
 
@@ -258,6 +269,6 @@ async def test_the_bytes_kept_stay_within_the_bound() -> None:
 
 
 def test_bounds_must_be_positive() -> None:
-    for kw in ({"max_staleness": -1.0}, {"max_entries": 0}, {"max_bytes": 0}):
+    for kw in ({"max_staleness": -1.0}, {"max_age": 0.0}, {"max_entries": 0}, {"max_bytes": 0}):
         with pytest.raises(ValueError):
             World().cache(**kw)

@@ -105,7 +105,9 @@ export function sse(path, onEvent, { query, onState } = {}) {
           let reason = null;
           try { reason = (await res.json()).error; } catch { /* not JSON */ }
           const refused = new ApiError(res.status, reason?.code || "sse", reason?.message || `${res.status}`);
-          refused.retryIn = Math.round(wait / 1000);
+          // Only a refusal for load says when to come back; a server error is not a wait the
+          // page should show as expected (the Live panel gives up on those after two tries).
+          if (after > 0) refused.retryIn = Math.round(wait / 1000);
           throw refused;
         }
         wait = 1000;
