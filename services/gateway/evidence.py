@@ -15,7 +15,6 @@ at a time with the same headers.
 # No ``from __future__ import annotations``: FastAPI resolves the routes' dependency annotations,
 # which are local to evidence_routes.
 import base64
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -25,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from libs.contracts.limits import UUID_PATTERN
+from services.gateway.exports import job_parts
 
 # Long documents: the audit service reads a whole period of the log and renders it.
 DOCUMENT_TIMEOUT_S = 120.0
@@ -283,20 +283,15 @@ def evidence_routes(router: APIRouter, evidence: Any, attest: Any) -> None:
     async def download_soc2_job(job_id: EvidenceJobIdPath, call: Evidence) -> Response:
         """A done job's signed document, as `GET /v1/evidence/soc2` answers it (signature
         statement in `X-Evidence-Signature`), streamed a part at a time (409 while not done)."""
-        method = "evidence_soc2_job_part"
-        first = await call("audit", method, {"job_id": job_id, "seq": 0})
-
-        async def parts() -> AsyncIterator[bytes]:
-            part = first
-            while True:
-                yield base64.b64decode(part["data_b64"])
-                if part.get("next") is None:
-                    return
-                part = await call("audit", method, {"job_id": job_id, "seq": part["next"]})
-
+        first, parts = await job_parts(
+            call,
+            "evidence_soc2_job_part",
+            job_id,
+            lambda part: base64.b64decode(part["data_b64"]),
+        )
         document = first["document"]
         return StreamingResponse(
-            parts(),
+            parts,
             media_type=str(document["content_type"]),
             headers=_signed_headers(document),
         )

@@ -10,7 +10,7 @@ answers 413.
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, and some of
 # them name the dependencies local to export_routes.
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -23,6 +23,33 @@ from services.gateway.workflows import EXECUTION_ID_PATTERN, ExecutionIdPath
 
 EXPORT_TIMEOUT_S = 60.0
 NDJSON = "application/x-ndjson"
+
+
+async def job_parts(
+    call: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
+    method: str,
+    job_id: str,
+    decode: Callable[[dict[str, Any]], bytes],
+) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+    """A done audit-replay job's first part and the bytes of all its parts, each asked for with
+    ``method`` when the response reaches it (exports and evidence jobs keep their files in parts).
+
+    The first part is asked for before anything is sent, so its refusal (404, 409 while the job
+    is not done) is the response's status rather than a cut file.
+    """
+    first: dict[str, Any] = await call("audit", method, {"job_id": job_id, "seq": 0})
+
+    async def parts() -> AsyncIterator[bytes]:
+        part = first
+        while True:
+            yield decode(part)
+            if part.get("next") is None:
+                return
+            part = await call("audit", method, {"job_id": job_id, "seq": part["next"]})
+
+    return first, parts()
+
+
 JOB_ID_PATTERN = UUID_PATTERN
 JobIdPath = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The export job's id.")]
 Position = Annotated[int | None, Query(ge=1, le=2**62)]
@@ -220,20 +247,11 @@ def export_routes(router: APIRouter, read: Any, export: Any) -> None:
     )
     async def download_export(job_id: JobIdPath, call: Read) -> Response:
         """A done job's file, streamed a part at a time (409 while it is not done)."""
-        first = await call("audit", "export_job_part", {"job_id": job_id, "seq": 0})
-
-        async def parts() -> AsyncIterator[bytes]:
-            part = first
-            while True:
-                yield str(part["data"]).encode()
-                if part.get("next") is None:
-                    return
-                part = await call(
-                    "audit", "export_job_part", {"job_id": job_id, "seq": part["next"]}
-                )
-
+        _, parts = await job_parts(
+            call, "export_job_part", job_id, lambda part: str(part["data"]).encode()
+        )
         return StreamingResponse(
-            parts(),
+            parts,
             media_type=NDJSON,
             headers={"Content-Disposition": f'attachment; filename="export-{job_id}.ndjson"'},
         )
