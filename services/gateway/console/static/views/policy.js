@@ -57,9 +57,18 @@ async function banners(el, ctx) {
     }
     draw();
   };
+  // The banners hold one of the tenant's live streams: when it is refused or lost, they say
+  // they are not following instead of silently going stale.
+  const following = h("p", { class: "muted", role: "status", "data-banners-live": "" });
+  el.append(following);
   const stop = ctx.sse("/v1/live", (type) => {
     if (/^policy\.(freeze|drift)_/.test(String(type))) { clearTimeout(timer); timer = setTimeout(changed, 300); }
-  });
+  }, { onState: (s, error) => {
+    following.textContent = s === "open" ? ""
+      : s === "retrying" ? `The banners are not following changes: ${ctx.retryMessage(error)}`
+      : s === "failed" ? `The banners are not following changes (${error?.message || "refused"}); reload to see the current state.`
+      : "";
+  } });
   ctx.onLeave(() => { stop(); clearTimeout(timer); });
 }
 
