@@ -455,8 +455,11 @@ def test_mctl_export_refuses_what_is_no_job_id_before_asking_the_gateway(
     assert not out.exists()
 
 
-def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: Path) -> None:
-    """A peer that closes the connection before the length it announced has been sent."""
+def _download_from_one_line_peer(
+    tmp_path: Path, then: Callable[[socket.socket], None], join_s: float
+) -> Result:
+    """``mctl export download`` from a peer that announces 100,000 bytes, sends one line of 19
+    and then does ``then`` with the connection (closes it when ``then`` returns)."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
 
@@ -468,6 +471,7 @@ def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: 
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                 b'Content-Length: 100000\r\n\r\n{"kind": "header"}\n'
             )
+            then(conn)
 
     server = threading.Thread(target=serve)
     server.start()
@@ -475,12 +479,17 @@ def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: 
     out = tmp_path / "out.ndjson"
     url = f"http://127.0.0.1:{port}"
     try:
-        got = CliRunner().invoke(
+        return CliRunner().invoke(
             app, ["export", "download", job_id, "-o", str(out), "--url", url, "--api-key", "k"]
         )
     finally:
-        server.join(timeout=10)
+        server.join(timeout=join_s)
         listener.close()
+
+
+def test_a_download_cut_short_leaves_neither_the_file_nor_its_partial(tmp_path: Path) -> None:
+    """A peer that closes the connection before the length it announced has been sent."""
+    got = _download_from_one_line_peer(tmp_path, lambda conn: None, join_s=10)
     assert got.exit_code == 1, got.output
     assert "error:" in got.output
     assert list(tmp_path.iterdir()) == []
@@ -494,39 +503,19 @@ def test_a_download_from_a_gateway_gone_silent_ends_with_an_error_instead_of_han
     from services.gateway import export_cli
 
     monkeypatch.setattr(export_cli, "DOWNLOAD_IDLE_S", 0.5)
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
     client_gone = threading.Event()
 
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                b'Content-Length: 100000\r\n\r\n{"kind": "header"}\n'
-            )
-            # Silent until the client closes its side (recv answers b"" then), with a deadline
-            # so that a client that never gives up fails the test instead of hanging it.
-            conn.settimeout(30)
-            try:
-                if conn.recv(1) == b"":
-                    client_gone.set()
-            except TimeoutError:
-                pass
+    def stay_silent(conn: socket.socket) -> None:
+        # Silent until the client closes its side (recv answers b"" then), with a deadline so
+        # that a client that never gives up fails the test instead of hanging it.
+        conn.settimeout(30)
+        try:
+            if conn.recv(1) == b"":
+                client_gone.set()
+        except TimeoutError:
+            pass
 
-    server = threading.Thread(target=serve)
-    server.start()
-    job_id = "0193e1a0-0000-7000-8000-000000000000"
-    out = tmp_path / "out.ndjson"
-    url = f"http://127.0.0.1:{port}"
-    try:
-        got = CliRunner().invoke(
-            app, ["export", "download", job_id, "-o", str(out), "--url", url, "--api-key", "k"]
-        )
-    finally:
-        server.join(timeout=40)
-        listener.close()
+    got = _download_from_one_line_peer(tmp_path, stay_silent, join_s=40)
     assert client_gone.is_set(), "the command held the connection for 30 s"
     assert got.exit_code == 1, got.output
     assert "the gateway sent nothing for 0.5 s after 19 bytes" in got.output
